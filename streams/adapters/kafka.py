@@ -1,0 +1,61 @@
+"""Kafka admin (explicit topic creation) and client settings, with confluent-kafka."""
+from __future__ import annotations
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.config import Config
+
+
+class KafkaUnavailable(RuntimeError):
+    pass
+
+
+def client_config(config: Config, **extra) -> dict:
+    return {"bootstrap.servers": config.bootstrap_servers, **extra}
+
+
+def producer_config(config: Config, **extra) -> dict:
+    # murmur2_random is the Java client's (and Faust's) partitioner: a key lands
+    # on the same partition whoever produces it.
+    return client_config(config, **{"partitioner": "murmur2_random", "enable.idempotence": True,
+                                    "linger.ms": 5, **extra})
+
+
+def topic_specs(config: Config) -> dict[str, dict]:
+    """Every topic with its partitions and settings. Changelog topics are Faust's own."""
+    t = config.topics
+    day = str(24 * 3600 * 1000)
+    week = str(7 * 24 * 3600 * 1000)
+    return {
+        t.requests: {"retention.ms": week},
+        t.tasks: {"retention.ms": day},
+        t.retries: {"retention.ms": day},
+        t.events: {"retention.ms": day},
+        t.completed: {"retention.ms": week},
+        t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000)},
+    }
+
+
+def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
+    """Create missing topics with the configured partitions and replication; return those created."""
+    admin = AdminClient(client_config(config))
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"Kafka at {config.bootstrap_servers} does not answer: {exc}") from None
+    wanted = topic_specs(config)
+    new = [NewTopic(name, config.partitions, config.replication_factor, config=cfg)
+           for name, cfg in wanted.items() if name not in existing]
+    created = []
+    if new:
+        for name, future in admin.create_topics(new, request_timeout=timeout).items():
+            try:
+                future.result()
+                created.append(name)
+            except KafkaException as exc:
+                if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: another worker won the race
+                    raise
+    # Partitions are never grown here: the events topic must keep the partition
+    # count of the join table's changelog (co-partitioning). See the README.
+    return created

@@ -1,0 +1,127 @@
+"""The object store through boto3: any S3 endpoint (AWS, S3Proxy, MinIO...)."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+
+from streams.config import Config
+from streams.core.errors import (
+    PipelineError, SourceNotFound, SourceTooLarge, StorageRejected, StorageUnavailable,
+)
+
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+                    "InternalError", "RequestTimeTooSkewed", "503", "500", "502", "504"}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc or not parts.path.strip("/"):
+        raise SourceNotFound(f"not an s3://bucket/key location: {uri[:200]}")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def _classify(exc: Exception, what: str) -> PipelineError:
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _NOT_FOUND_CODES or status == 404:
+            return SourceNotFound(f"{what}: not found")
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return StorageUnavailable(f"{what}: S3 answered {code or status}")
+        return StorageRejected(f"{what}: S3 refused ({code or status})")
+    if isinstance(exc, (BotoConnectionError, BotoCoreError, OSError)):
+        return StorageUnavailable(f"{what}: S3 unreachable ({type(exc).__name__})")
+    return StorageUnavailable(f"{what}: {type(exc).__name__}")
+
+
+class ObjectStore:
+    """Set up once (client, bucket probe), then get and put."""
+
+    def __init__(self, config: Config, *, connect_timeout: float | None = None, read_timeout: float | None = None):
+        self.config = config
+        self.bucket = config.bucket
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=config.s3_endpoint_url,
+            region_name=config.s3_region,
+            config=BotoConfig(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 2, "mode": "standard"},
+                connect_timeout=connect_timeout or config.limits.connect_timeout_s,
+                read_timeout=read_timeout or config.limits.read_timeout_s,
+                max_pool_connections=32,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status not in (404, 400):
+                raise _classify(exc, f"bucket {self.bucket}") from None
+        except Exception as exc:
+            raise _classify(exc, f"bucket {self.bucket}") from None
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise _classify(exc, f"bucket {self.bucket}") from None
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def url(self, key: str) -> str:
+        return self.config.object_url(key)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except Exception as exc:
+            raise _classify(exc, f"upload s3://{self.bucket}/{key}") from None
+
+    def get(self, uri: str, max_bytes: int) -> bytes:
+        """Read an object, refusing it past ``max_bytes`` (size from HEAD, then a reader that stops)."""
+        bucket, key = parse_s3_uri(uri)
+        try:
+            obj = self.client.get_object(Bucket=bucket, Key=key)
+            length = obj.get("ContentLength")
+            if length is not None and length > max_bytes:
+                obj["Body"].close()
+                raise SourceTooLarge(f"{uri} is {length} bytes, more than the limit of {max_bytes}")
+            data = obj["Body"].read(max_bytes + 1)
+        except PipelineError:
+            raise
+        except Exception as exc:
+            raise _classify(exc, uri) from None
+        if len(data) > max_bytes:
+            raise SourceTooLarge(f"{uri} is more than the limit of {max_bytes} bytes")
+        return data
+
+    def head(self, key: str) -> dict | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise _classify(exc, key) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise _classify(exc, key) from None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(o["Key"] for o in page.get("Contents", []))
+        return keys

@@ -1,0 +1,1 @@
+"""The roles: thin ``async for`` loops that decode, call the core, and send."""

@@ -1,0 +1,119 @@
+"""Join: a Faust table keyed by workflow id, fed by the events topic (plans, results,
+clock ticks) that is co-partitioned with it. Emits exactly one final event per workflow."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import faust
+
+from streams import serde
+from streams.adapters.objectstore import ObjectStore
+from streams.agents.common import log, now_ms, send
+from streams.app import Topics
+from streams.config import Config
+from streams.core import join as core
+from streams.core.models import DeadlineCheck, TaskResult, WorkflowCompleted, WorkflowPlan
+from streams.serde import SerdeError
+
+
+class Joiner:
+    def __init__(self, config: Config, topics: Topics, table: faust.Table, store: ObjectStore):
+        self.config = config
+        self.topics = topics
+        self.table = table
+        self.store = store
+        self.timeout_ms = int(config.workflow_timeout_s * 1000)
+        self.retention_ms = int(config.finished_retention_s * 1000)
+        self._ticked: dict[bytes, float] = {}
+        self.emitted = 0
+
+    async def handle(self, key: bytes, value: bytes) -> None:
+        try:
+            kind, body = serde.decode_join_event(value)
+        except SerdeError as exc:
+            log.error("join: ignoring an undecodable event for key %r: %s", key, exc)
+            return
+        now = now_ms()
+        state = self.load(key)
+        if kind == "WorkflowPlan":
+            outcome = core.record_plan(state, WorkflowPlan.from_dict(body), now)
+        elif kind == "TaskResult":
+            outcome = core.record_result(state, TaskResult.from_dict(body), now)
+        else:
+            outcome = core.check_deadline(state, now, default_timeout_ms=self.timeout_ms,
+                                          retention_ms=self.retention_ms)
+        if outcome.final is not None:
+            await self.emit(key, outcome.final)
+        if outcome.changed:
+            if outcome.state is None:
+                if key in self.table:
+                    del self.table[key]
+            else:
+                self.table[key] = json.dumps(outcome.state).encode()  # assigned back: the changelog sees it
+
+    def load(self, key: bytes) -> core.State | None:
+        raw = self.table.get(key)
+        return json.loads(raw) if raw else None
+
+    async def emit(self, key: bytes, final: WorkflowCompleted) -> None:
+        await send(self.topics.completed, key=key, value=serde.encode("WorkflowCompleted", final.to_dict()))
+        self.emitted += 1
+        log.info("workflow %s %s: %d of %d outputs", final.workflowId, final.status,
+                 len(final.outputs), final.taskCount)
+        staged = f"{self.config.staging_prefix}{final.workflowId}/source"
+        asyncio.get_running_loop().run_in_executor(None, self._forget_source, staged)
+
+    def _forget_source(self, key: str) -> None:
+        try:
+            self.store.delete(key)
+        except Exception as exc:  # best effort: a leftover staged copy is only storage
+            log.debug("could not delete staged source %s: %s", key, exc)
+
+    async def tick(self) -> None:
+        """The clock: ask the stream to time out or forget what is due (the table changes only in the stream)."""
+        now = now_ms()
+        mono = time.monotonic()
+        for key, raw in list(self.table.items()):
+            try:
+                state = json.loads(raw)
+            except (TypeError, ValueError):
+                continue
+            if core.needs_attention(state, now, default_timeout_ms=self.timeout_ms,
+                                    retention_ms=self.retention_ms):
+                if mono - self._ticked.get(key, 0.0) < 10.0:
+                    continue
+                self._ticked[key] = mono
+                await send(self.topics.events, key=key, value=serde.encode_join_event(
+                    "DeadlineCheck", DeadlineCheck(state["workflowId"], now).to_dict()))
+        if len(self._ticked) > 10000:
+            self._ticked = {k: v for k, v in self._ticked.items() if mono - v < 10.0}
+
+
+def register(app: faust.App, config: Config, topics: Topics) -> Joiner:
+    # keys and values are bytes (the app's raw serializer); values are the JSON of core.join's state
+    table = app.Table("workflows", default=None, partitions=config.partitions, key_type=bytes, value_type=bytes)
+    joiner = Joiner(config, topics, table, ObjectStore(config))
+
+    @app.agent(topics.events, name="imagefork.join")
+    async def join_events(stream):
+        async for event in stream.events():
+            if event.key is None:
+                log.error("join: ignoring an event without a key at offset %s", event.message.offset)
+                continue
+            try:
+                await joiner.handle(event.key, event.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("join failed on %r", event.key)
+
+    @app.timer(interval=config.deadline_check_interval_s)
+    async def deadlines():
+        try:
+            await joiner.tick()
+        except Exception:
+            log.exception("join clock failed")
+
+    return joiner

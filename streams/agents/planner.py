@@ -1,0 +1,157 @@
+"""Planner: request -> (validate, stage the source once) -> plan to the join + one task per format x size."""
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import faust
+
+from streams import serde
+from streams.adapters.objectstore import ObjectStore
+from streams.adapters.source import fetch_http
+from streams.agents.common import log, now_ms, send
+from streams.app import Topics
+from streams.config import Config
+from streams.core.errors import PipelineError, RequestInvalid
+from streams.core.imaging import probe_image
+from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
+from streams.core.planning import make_plan, plan_tasks, retry_delay_s, valid_workflow_id
+from streams.serde import SerdeError
+
+
+class Planner:
+    def __init__(self, config: Config, topics: Topics, store: ObjectStore):
+        self.config = config
+        self.topics = topics
+        self.store = store
+
+    # --- the steps ------------------------------------------------------------
+    async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str]) -> None:
+        try:
+            doc = serde.decode_request_bytes(value if value is not None else b"")
+        except SerdeError as exc:
+            return await self.dead_letter(key, value, "NOT_A_REQUEST", str(exc), where)
+        if not isinstance(doc, dict):
+            return await self.dead_letter(key, value, "NOT_A_REQUEST",
+                                          f"value is JSON {type(doc).__name__}, not a request object", where)
+        workflow_id, key_problem = self.workflow_id(key, doc)
+        now = now_ms()
+        deadline = now + int(self.config.workflow_timeout_s * 1000)
+        location = doc.get("fileLocation") if isinstance(doc.get("fileLocation"), str) else ""
+        correlation = doc.get("correlationId") if isinstance(doc.get("correlationId"), str) else None
+        try:
+            if key_problem:
+                raise RequestInvalid([("key", key_problem)])
+            request = self.parse(doc)
+        except RequestInvalid as exc:
+            log.info("workflow %s rejected: %s", workflow_id, exc.message)
+            return await self.send_plan(WorkflowPlan(
+                workflowId=workflow_id, correlationId=correlation, fileLocation=location[:2048], taskRefs=(),
+                submittedAt=now, deadline=deadline,
+                failure=PlanFailure(REJECTED, exc.code, exc.message)))
+        try:
+            source_uri = await self.stage_source(request.fileLocation, workflow_id, deadline)
+        except PipelineError as exc:
+            log.info("workflow %s failed at its source: %s", workflow_id, exc)
+            return await self.send_plan(WorkflowPlan(
+                workflowId=workflow_id, correlationId=request.correlationId, fileLocation=request.fileLocation,
+                taskRefs=(), submittedAt=now, deadline=deadline,
+                failure=PlanFailure(FAILED, exc.code, exc.message)))
+        tasks = plan_tasks(request, workflow_id, source_uri=source_uri, deadline=deadline,
+                           output_prefix=self.config.output_prefix)
+        await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline))
+        for task in tasks:
+            await send(self.topics.tasks, key=f"{workflow_id}/{task.taskRef}".encode(),
+                       value=serde.encode("ResizeTask", task.to_dict()))
+        log.info("workflow %s planned: %d tasks", workflow_id, len(tasks))
+
+    def parse(self, doc: dict):
+        from streams.core.planning import parse_request
+        lim = self.config.limits
+        return parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks)
+
+    @staticmethod
+    def workflow_id(key: bytes | None, doc: dict) -> tuple[str, str | None]:
+        """The message key, else the field, else a new UUID; a key we cannot use is reported."""
+        if key:
+            try:
+                text = key.decode("utf-8")
+            except UnicodeDecodeError:
+                return key.hex()[:128], "message key is not UTF-8"
+            if not valid_workflow_id(text):
+                safe = "".join(c if c.isalnum() or c in "._:-" else "_" for c in text)[:128] or "invalid"
+                return safe, "message key must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"
+            return text, None
+        field = doc.get("workflowId")
+        if isinstance(field, str) and valid_workflow_id(field):
+            return field, None
+        return str(uuid.uuid4()), None
+
+    async def stage_source(self, location: str, workflow_id: str, deadline: int) -> str:
+        """Fetch once per workflow, check the header, and keep a copy the resize workers read."""
+        attempt = 1
+        while True:
+            try:
+                return await asyncio.to_thread(self._stage, location, workflow_id)
+            except PipelineError as exc:
+                retry = self.config.retry
+                if not exc.transient or attempt > retry.max_retries:
+                    if exc.transient:
+                        exc.message += f" (after {attempt} attempts)"
+                    raise
+                delay = retry_delay_s(attempt, policy=retry.policy, delay_s=retry.delay_s,
+                                      max_delay_s=retry.max_delay_s, jitter=random.random())
+                if now_ms() + delay * 1000 >= deadline:
+                    raise
+                log.warning("workflow %s: source attempt %d failed (%s); retrying in %.1fs",
+                            workflow_id, attempt, exc, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    def _stage(self, location: str, workflow_id: str) -> str:
+        lim = self.config.limits
+        if location.startswith("s3://"):
+            data = self.store.get(location, lim.max_source_bytes)
+            probe_image(data, lim)
+            return location
+        data = fetch_http(location, lim, self.config.fetch_allow_networks)
+        probe_image(data, lim)
+        key = f"{self.config.staging_prefix}{workflow_id}/source"
+        self.store.put(key, data, "application/octet-stream")
+        return self.store.uri(key)
+
+    async def send_plan(self, plan: WorkflowPlan) -> None:
+        await send(self.topics.events, key=plan.workflowId.encode(),
+                   value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
+
+    async def dead_letter(self, key: bytes | None, value: bytes | None, code: str, reason: str,
+                          where: dict[str, str]) -> None:
+        log.warning("dead-lettered %s: %s", where, reason)
+        headers = {"imagefork.error.code": code.encode(), "imagefork.error.reason": reason[:1000].encode(),
+                   **{f"imagefork.source.{k}": str(v).encode() for k, v in where.items()}}
+        await send(self.topics.dead_letter, key=key, value=value, headers=headers)
+
+
+def register(app: faust.App, config: Config, topics: Topics) -> Planner:
+    planner = Planner(config, topics, ObjectStore(config))
+
+    @app.agent(topics.requests, concurrency=config.planner_concurrency, name="imagefork.planner")
+    async def plan_requests(stream):
+        async for event in stream.events():
+            msg = event.message
+            where = {"topic": msg.topic, "partition": str(msg.partition), "offset": str(msg.offset)}
+            try:
+                await planner.handle(event.key, event.value, where)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not lose the request: park it with the reason
+                log.exception("planner failed on %s", where)
+                await planner.dead_letter(event.key, event.value, "INTERNAL",
+                                          f"{type(exc).__name__}: {exc}", where)
+
+    @app.task
+    async def prepare():
+        await asyncio.to_thread(planner.store.ensure_bucket)
+
+    return planner

@@ -1,0 +1,135 @@
+"""The submit/await side, with confluent-kafka: produce a request, follow it to its final event."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Callable, Iterable
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from streams import serde
+from streams.adapters.kafka import client_config, producer_config
+from streams.config import Config
+from streams.core.models import WorkflowCompleted
+
+Progress = Callable[[str, int, int | None], None]
+
+
+class SubmitError(RuntimeError):
+    pass
+
+
+class Follower:
+    """Reads the events and completed topics from *now* on (assigned before the request is sent,
+    so nothing can slip by) and reports progress and final events per workflow id."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.consumer = Consumer(client_config(
+            config, **{"group.id": f"imagefork-client-{uuid.uuid4()}", "enable.auto.commit": False,
+                       "isolation.level": "read_committed", "auto.offset.reset": "latest"}))
+        assignment = []
+        for topic in (config.topics.events, config.topics.completed):
+            meta = self.consumer.list_topics(topic, timeout=30).topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise SubmitError(f"topic {topic} is not there (are the workers or `imagefork topics` run?)")
+            for p in meta.partitions:
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                assignment.append(TopicPartition(topic, p, high))
+        self.consumer.assign(assignment)
+        self.done: dict[str, int] = {}
+        self.total: dict[str, int | None] = {}
+        self.finals: dict[str, WorkflowCompleted] = {}
+
+    def wait(self, ids: Iterable[str], timeout: float, progress: Progress | None = None) -> dict[str, WorkflowCompleted]:
+        wanted = set(ids)
+        deadline = time.monotonic() + timeout
+        while not wanted <= set(self.finals):
+            if time.monotonic() > deadline:
+                missing = sorted(wanted - set(self.finals))
+                raise TimeoutError(f"no final event within {timeout:.0f}s for {', '.join(missing[:5])}")
+            msg = self.consumer.poll(0.2)
+            if msg is None or msg.error() is not None:
+                continue
+            key = (msg.key() or b"").decode("utf-8", "replace")
+            if key not in wanted:
+                continue
+            if msg.topic() == self.config.topics.completed:
+                self.finals.setdefault(key, WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value())))
+                if progress:
+                    progress(key, self.done.get(key, 0), self.total.get(key))
+                continue
+            try:
+                kind, body = serde.decode_join_event(msg.value())
+            except serde.SerdeError:
+                continue
+            if kind == "WorkflowPlan":
+                self.total[key] = len(body["taskRefs"])
+            elif kind == "TaskResult":
+                self.done[key] = self.done.get(key, 0) + 1
+            if progress:
+                progress(key, self.done.get(key, 0), self.total.get(key))
+        return {i: self.finals[i] for i in wanted}
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class Client:
+    def __init__(self, config: Config):
+        self.config = config
+        self.producer = Producer(producer_config(config))
+
+    def submit(self, request: dict | bytes, workflow_id: str | None = None, *, avro: bool = False) -> str:
+        """Produce one request; the key is the workflow id (given, from the document, or a new UUID)."""
+        if isinstance(request, dict):
+            workflow_id = workflow_id or request.get("workflowId") or str(uuid.uuid4())
+            if avro:
+                body = {"maintainAspectRatio": True, "workflowId": None, "correlationId": None, **request}
+                value = serde.encode("ImageRequest", body)
+            else:
+                value = json.dumps(request).encode()
+        else:
+            value = request
+        errors: list[str] = []
+
+        def delivered(err, _msg):
+            if err is not None:
+                errors.append(str(err))
+
+        self.producer.produce(self.config.topics.requests, key=workflow_id.encode() if workflow_id else None,
+                              value=value, on_delivery=delivered)
+        remaining = self.producer.flush(30)
+        if remaining or errors:
+            raise SubmitError(f"request not delivered to {self.config.bootstrap_servers}: "
+                              f"{errors[0] if errors else 'timed out'}")
+        return workflow_id or ""
+
+    def close(self) -> None:
+        self.producer.flush(10)
+
+
+def consume_completed(config: Config, ids: Iterable[str], timeout: float, from_beginning: bool = True
+                      ) -> list[WorkflowCompleted]:
+    """Every final event for ``ids`` on the completed topic (tests use this to count them)."""
+    wanted = set(ids)
+    consumer = Consumer(client_config(config, **{
+        "group.id": f"imagefork-audit-{uuid.uuid4()}", "enable.auto.commit": False,
+        "auto.offset.reset": "earliest" if from_beginning else "latest"}))
+    try:
+        consumer.subscribe([config.topics.completed])
+        found: list[WorkflowCompleted] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error() is not None:
+                continue
+            if (msg.key() or b"").decode() in wanted:
+                found.append(WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value())))
+        return found
+    finally:
+        consumer.close()
+
+
+__all__ = ["Client", "Follower", "SubmitError", "consume_completed", "KafkaException"]

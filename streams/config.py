@@ -1,0 +1,216 @@
+"""The only configuration: defaults -> environment -> validate().
+
+Every process of the project (workers, client, demo, tests) reads the same
+environment variables, so sourcing the file written by ``imagefork stack up``
+points any of them at a stack.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tiff")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_source_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 60_000_000
+    max_dimension: int = 10_000
+    max_tasks: int = 1000
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_redirects: int = 5
+
+
+@dataclass(frozen=True)
+class Encoding:
+    png_compress_level: int = 1
+    jpeg_quality: int = 85
+    webp_quality: int = 80
+    webp_method: int = 2
+    gif_colors: int = 256
+
+
+@dataclass(frozen=True)
+class Retry:
+    max_retries: int = 3
+    policy: str = "exponential"  # or "fixed"
+    delay_s: float = 2.0
+    max_delay_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Topics:
+    requests: str = "imagefork.requests"
+    tasks: str = "imagefork.tasks"
+    retries: str = "imagefork.tasks.retry"
+    events: str = "imagefork.events"
+    completed: str = "imagefork.completed"
+    dead_letter: str = "imagefork.requests.dlq"
+
+    def all(self) -> list[str]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass(frozen=True)
+class Config:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    s3_endpoint_url: str | None = None
+    s3_public_url: str | None = None
+    s3_region: str = "us-east-1"
+    bucket: str = "imagefork"
+    output_prefix: str = ""
+    staging_prefix: str = "_staging/"
+    topics: Topics = field(default_factory=Topics)
+    partitions: int = 6
+    replication_factor: int = 1
+    processing_guarantee: str = "exactly_once"
+    workflow_timeout_s: float = 300.0
+    deadline_check_interval_s: float = 1.0
+    finished_retention_s: float = 24 * 3600.0
+    resize_concurrency: int = 0  # 0: one per core
+    resize_pool: str = "process"  # or "thread"
+    planner_concurrency: int = 4
+    fetch_allow: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    encoding: Encoding = field(default_factory=Encoding)
+    retry: Retry = field(default_factory=Retry)
+    log_level: str = "warning"
+
+    @property
+    def resize_slots(self) -> int:
+        return self.resize_concurrency or (os.cpu_count() or 1)
+
+    @property
+    def fetch_allow_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.fetch_allow)
+
+    def object_url(self, key: str) -> str:
+        base = self.s3_public_url or self.s3_endpoint_url
+        if base:
+            return f"{base.rstrip('/')}/{self.bucket}/{key}"
+        return f"https://{self.bucket}.s3.{self.s3_region}.amazonaws.com/{key}"
+
+    def validate(self) -> "Config":
+        checks = [
+            (self.partitions >= 1, "IMAGEFORK_PARTITIONS must be >= 1"),
+            (self.replication_factor >= 1, "IMAGEFORK_REPLICATION_FACTOR must be >= 1"),
+            (self.processing_guarantee in ("exactly_once", "at_least_once"),
+             "IMAGEFORK_PROCESSING_GUARANTEE must be exactly_once or at_least_once"),
+            (self.workflow_timeout_s > 0, "IMAGEFORK_WORKFLOW_TIMEOUT_S must be > 0"),
+            (self.resize_pool in ("process", "thread"), "IMAGEFORK_RESIZE_POOL must be process or thread"),
+            (self.resize_concurrency >= 0, "IMAGEFORK_RESIZE_CONCURRENCY must be >= 0"),
+            (self.planner_concurrency >= 1, "IMAGEFORK_PLANNER_CONCURRENCY must be >= 1"),
+            (self.retry.policy in ("fixed", "exponential"), "IMAGEFORK_RETRY_POLICY must be fixed or exponential"),
+            (self.retry.max_retries >= 0, "IMAGEFORK_MAX_RETRIES must be >= 0"),
+            (0 <= self.encoding.png_compress_level <= 9, "IMAGEFORK_PNG_COMPRESS_LEVEL must be 0..9"),
+            (1 <= self.encoding.jpeg_quality <= 100, "IMAGEFORK_JPEG_QUALITY must be 1..100"),
+            (0 <= self.encoding.webp_method <= 6, "IMAGEFORK_WEBP_METHOD must be 0..6"),
+            (1 <= self.encoding.webp_quality <= 100, "IMAGEFORK_WEBP_QUALITY must be 1..100"),
+            (self.limits.max_pixels > 0 and self.limits.max_source_bytes > 0, "limits must be > 0"),
+            (self.bucket != "", "S3_BUCKET must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        try:
+            self.fetch_allow_networks
+        except ValueError as exc:
+            raise ConfigError(f"IMAGEFORK_FETCH_ALLOW: {exc}") from None
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
+        env = os.environ if env is None else env
+        reader = _EnvReader(env)
+        d_lim, d_enc, d_ret, d_top = Limits(), Encoding(), Retry(), Topics()
+        topics = Topics(**{
+            f.name: reader.str(f"IMAGEFORK_TOPIC_{f.name.upper()}", getattr(d_top, f.name))
+            for f in fields(Topics)
+        })
+        limits = Limits(
+            max_source_bytes=reader.int("IMAGEFORK_MAX_SOURCE_BYTES", d_lim.max_source_bytes),
+            max_pixels=reader.int("IMAGEFORK_MAX_PIXELS", d_lim.max_pixels),
+            max_dimension=reader.int("IMAGEFORK_MAX_DIMENSION", d_lim.max_dimension),
+            max_tasks=reader.int("IMAGEFORK_MAX_TASKS", d_lim.max_tasks),
+            connect_timeout_s=reader.float("IMAGEFORK_CONNECT_TIMEOUT_S", d_lim.connect_timeout_s),
+            read_timeout_s=reader.float("IMAGEFORK_READ_TIMEOUT_S", d_lim.read_timeout_s),
+            max_redirects=reader.int("IMAGEFORK_MAX_REDIRECTS", d_lim.max_redirects),
+        )
+        encoding = Encoding(
+            png_compress_level=reader.int("IMAGEFORK_PNG_COMPRESS_LEVEL", d_enc.png_compress_level),
+            jpeg_quality=reader.int("IMAGEFORK_JPEG_QUALITY", d_enc.jpeg_quality),
+            webp_quality=reader.int("IMAGEFORK_WEBP_QUALITY", d_enc.webp_quality),
+            webp_method=reader.int("IMAGEFORK_WEBP_METHOD", d_enc.webp_method),
+        )
+        retry = Retry(
+            max_retries=reader.int("IMAGEFORK_MAX_RETRIES", d_ret.max_retries),
+            policy=reader.str("IMAGEFORK_RETRY_POLICY", d_ret.policy).lower(),
+            delay_s=reader.float("IMAGEFORK_RETRY_DELAY_S", d_ret.delay_s),
+            max_delay_s=reader.float("IMAGEFORK_RETRY_MAX_DELAY_S", d_ret.max_delay_s),
+        )
+        d = cls()
+        allow = reader.str("IMAGEFORK_FETCH_ALLOW", "")
+        return cls(
+            bootstrap_servers=reader.str("KAFKA_BOOTSTRAP_SERVERS", d.bootstrap_servers),
+            s3_endpoint_url=reader.str("S3_ENDPOINT_URL", "") or None,
+            s3_public_url=reader.str("S3_PUBLIC_URL", "") or None,
+            s3_region=reader.str("AWS_REGION", reader.str("AWS_DEFAULT_REGION", d.s3_region)),
+            bucket=reader.str("S3_BUCKET", d.bucket),
+            output_prefix=reader.str("IMAGEFORK_OUTPUT_PREFIX", d.output_prefix),
+            staging_prefix=reader.str("IMAGEFORK_STAGING_PREFIX", d.staging_prefix),
+            topics=topics,
+            partitions=reader.int("IMAGEFORK_PARTITIONS", d.partitions),
+            replication_factor=reader.int("IMAGEFORK_REPLICATION_FACTOR", d.replication_factor),
+            processing_guarantee=reader.str("IMAGEFORK_PROCESSING_GUARANTEE", d.processing_guarantee),
+            workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),
+            deadline_check_interval_s=reader.float("IMAGEFORK_DEADLINE_CHECK_INTERVAL_S",
+                                                   d.deadline_check_interval_s),
+            finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),
+            resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),
+            resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),
+            planner_concurrency=reader.int("IMAGEFORK_PLANNER_CONCURRENCY", d.planner_concurrency),
+            fetch_allow=tuple(p.strip() for p in allow.split(",") if p.strip()),
+            limits=limits,
+            encoding=encoding,
+            retry=retry,
+            log_level=reader.str("IMAGEFORK_LOG_LEVEL", d.log_level).lower(),
+        ).validate()
+
+    def with_(self, **changes) -> "Config":
+        return replace(self, **changes).validate()
+
+
+class _EnvReader:
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def str(self, name: str, default: str) -> str:
+        value = self.env.get(name)
+        return default if value is None or value == "" else value
+
+    def int(self, name: str, default: int) -> int:
+        raw = self.env.get(name)
+        if raw in (None, ""):
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+    def float(self, name: str, default: float) -> float:
+        raw = self.env.get(name)
+        if raw in (None, ""):
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None

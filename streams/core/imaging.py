@@ -1,0 +1,242 @@
+"""Bytes in, encoded image out: an ordered list of small steps over one context.
+
+check limits -> open (header only) -> check pixels -> draft -> load -> orient
+-> normalise mode -> resize -> convert for the target -> encode.
+Pixel limits are checked from the header, before any pixel is allocated.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from streams.config import Encoding, Limits
+from streams.core.errors import ImageTooLarge, ImageUndecodable, UnsupportedFormat
+from streams.core.models import CONTENT_TYPES
+
+# We enforce our own pixel limit before decoding; Pillow's global one would
+# raise a different error at a different place.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "tiff": "TIFF"}
+# Modes each encoder takes as they are; anything else is converted first.
+_TARGET_MODES = {
+    "PNG": ("1", "L", "LA", "RGB", "RGBA", "P"),
+    "JPEG": ("L", "RGB"),
+    "WEBP": ("RGB", "RGBA"),
+    "GIF": ("P", "L"),
+    "TIFF": ("1", "L", "LA", "RGB", "RGBA", "CMYK"),
+}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    format: str
+    width: int
+    height: int
+    maintain_aspect_ratio: bool = True
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    width: int
+    height: int
+    format: str
+    content_type: str
+
+
+@dataclass
+class _Context:
+    spec: OutputSpec
+    limits: Limits
+    encoding: Encoding
+    image: Image.Image | None = None
+    icc_profile: bytes | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def target_size(src_w: int, src_h: int, spec: OutputSpec) -> tuple[int, int]:
+    """maintainAspectRatio: fit inside the box, enlarging too; else exactly the box."""
+    if not spec.maintain_aspect_ratio:
+        return spec.width, spec.height
+    scale = min(spec.width / src_w, spec.height / src_h)
+    return max(1, round(src_w * scale)), max(1, round(src_h * scale))
+
+
+def open_image(data: bytes, limits: Limits) -> Image.Image:
+    """Open lazily (header only) and refuse what breaks the limits."""
+    if len(data) > limits.max_source_bytes:
+        raise ImageTooLarge(f"source is {len(data)} bytes, more than the limit of {limits.max_source_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageUndecodable("source is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, TypeError, struct_error(), EOFError) as exc:
+        raise ImageUndecodable(f"source image header is damaged ({type(exc).__name__})") from None
+    except Image.DecompressionBombError as exc:  # pragma: no cover - MAX_IMAGE_PIXELS is off
+        raise ImageTooLarge(str(exc)) from None
+    check_pixels(im.width, im.height, limits)
+    return im
+
+
+def check_pixels(width: int, height: int, limits: Limits) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageUndecodable(f"source declares an empty size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"source is {width}x{height} = {width * height} pixels, more than the limit of {limits.max_pixels}")
+
+
+def struct_error():
+    import struct
+    return struct.error
+
+
+def probe_image(data: bytes, limits: Limits) -> tuple[str, int, int]:
+    """Format and size from the header, within the limits (used by the planner to fail fast)."""
+    im = open_image(data, limits)
+    try:
+        return im.format or "unknown", im.width, im.height
+    finally:
+        im.close()
+
+
+def decode(data: bytes, limits: Limits, *, draft_box: tuple[int, int] | None = None) -> Image.Image:
+    """Open, check, and load the first frame, EXIF-oriented. ``draft_box`` lets JPEG decode at a reduced scale."""
+    im = open_image(data, limits)
+    try:
+        if draft_box and im.format == "JPEG":
+            im.draft(im.mode if im.mode in ("RGB", "L") else "RGB", draft_box)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.load()
+            im = _orient(im)
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct_error(), IndexError) as exc:
+        raise ImageUndecodable(f"source image data is damaged or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
+    except MemoryError:
+        raise ImageTooLarge("source image does not fit in memory") from None
+    return im
+
+
+def _orient(im: Image.Image) -> Image.Image:
+    try:
+        oriented = ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block must not lose the image
+        return im
+    if oriented is not im:
+        oriented.info.setdefault("icc_profile", im.info.get("icc_profile"))
+    return oriented if oriented is not None else im
+
+
+def normalise_mode(im: Image.Image) -> Image.Image:
+    """Bring exotic modes to L/LA/RGB/RGBA with correct values."""
+    mode = im.mode
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return im
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        return im.convert("RGBA" if has_alpha else "RGB")
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) grey: scale to 8 bits instead of clipping at 255.
+        top = 65535 if mode.startswith("I;16") else max(1, im.getextrema()[1] or 1)
+        wide = im if mode == "I" else im.convert("I")
+        if top <= 255:
+            return wide.convert("L")
+        return wide.point(lambda v: v * (255.0 / top)).convert("L")
+    if mode == "F":
+        lo, hi = im.getextrema()
+        span = (hi - lo) or 1.0
+        return im.point(lambda v: (v - lo) * 255.0 / span).convert("L")
+    if mode == "La":
+        return im.convert("LA")
+    if mode == "RGBa":
+        return im.convert("RGBA")
+    if mode == "CMYK":
+        return im.convert("RGB")
+    if mode in ("RGBX", "YCbCr", "LAB", "HSV"):
+        return im.convert("RGB")
+    return im.convert("RGBA" if "A" in mode else "RGB")
+
+
+def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    if im.size == size:
+        return im
+    shrinking = size[0] < im.width and size[1] < im.height
+    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0 if shrinking else None)
+
+
+def convert_for(im: Image.Image, pil_format: str, gif_colors: int = 256) -> Image.Image:
+    """Make the image something the encoder writes right: JPEG has no alpha (flatten on white)."""
+    allowed = _TARGET_MODES[pil_format]
+    if im.mode in allowed:
+        return im
+    if pil_format == "GIF":
+        if im.mode in ("RGBA", "LA"):
+            rgba = im.convert("RGBA")
+            alpha = rgba.getchannel("A")
+            pal = rgba.convert("RGB").quantize(colors=max(2, gif_colors - 1), method=Image.Quantize.MEDIANCUT)
+            mask = alpha.point(lambda a: 255 if a < 128 else 0)
+            pal.paste(gif_colors - 1, mask=mask)
+            pal.info["transparency"] = gif_colors - 1
+            return pal
+        return im.convert("RGB").quantize(colors=gif_colors, method=Image.Quantize.MEDIANCUT)
+    if im.mode in ("RGBA", "LA"):
+        if "A" in "".join(allowed) and im.mode == "LA":
+            return im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        rgba = im.convert("RGBA")
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg if "RGB" in allowed else bg.convert("L")
+    return im.convert("RGB" if "RGB" in allowed else "L")
+
+
+def encode(im: Image.Image, fmt: str, encoding: Encoding, icc_profile: bytes | None = None) -> bytes:
+    pil_format = PIL_FORMATS[fmt]
+    out = io.BytesIO()
+    params: dict = {}
+    if icc_profile and pil_format in ("PNG", "JPEG", "WEBP", "TIFF"):
+        params["icc_profile"] = icc_profile
+    if pil_format == "PNG":
+        params.update(compress_level=encoding.png_compress_level)
+    elif pil_format == "JPEG":
+        params.update(quality=encoding.jpeg_quality, optimize=False, progressive=False)
+    elif pil_format == "WEBP":
+        params.update(quality=encoding.webp_quality, method=encoding.webp_method)
+    elif pil_format == "TIFF":
+        params.update(compression="tiff_adobe_deflate")
+    im.save(out, pil_format, **params)
+    return out.getvalue()
+
+
+def resize_image(data: bytes | Image.Image, spec: OutputSpec, limits: Limits, encoding: Encoding) -> EncodedImage:
+    """The whole step list for one output. ``data`` may be an already decoded image (a cache hit)."""
+    fmt = spec.format.lower()
+    if fmt not in PIL_FORMATS:
+        raise UnsupportedFormat(f"output format {spec.format!r} is not supported")
+    if isinstance(data, Image.Image):
+        im = data
+    else:
+        header = open_image(data, limits)
+        box = target_size(header.width, header.height, spec)
+        header.close()
+        im = normalise_mode(decode(data, limits, draft_box=box))
+    icc = im.info.get("icc_profile")
+    size = target_size(im.width, im.height, spec)
+    out = convert_for(resize(im, size), PIL_FORMATS[fmt], encoding.gif_colors)
+    body = encode(out, fmt, encoding, icc)
+    return EncodedImage(body, out.width, out.height, fmt, CONTENT_TYPES[fmt])
+
+
+def prepare_source(data: bytes, limits: Limits, *, draft_box: tuple[int, int] | None = None) -> Image.Image:
+    """Decode once for many outputs: oriented, mode-normalised, ready for ``resize_image``."""
+    im = normalise_mode(decode(data, limits, draft_box=draft_box))
+    im.load()
+    return im

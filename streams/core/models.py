@@ -1,0 +1,218 @@
+"""The records that cross topics. Field names follow schemas/*.avsc exactly;
+``to_dict``/``from_dict`` sit beside each record so the serde stays generic."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CONTENT_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "tiff": "image/tiff",
+}
+
+# workflow statuses
+COMPLETED, FAILED, TIMED_OUT, REJECTED = "COMPLETED", "FAILED", "TIMED_OUT", "REJECTED"
+# task statuses
+SUCCEEDED = "SUCCEEDED"
+
+
+@dataclass(frozen=True)
+class Size:
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    fileLocation: str
+    outputFormats: tuple[str, ...]
+    outputSizes: tuple[Size, ...]
+    maintainAspectRatio: bool = True
+    workflowId: str | None = None
+    correlationId: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fileLocation": self.fileLocation,
+            "outputFormats": list(self.outputFormats),
+            "outputSizes": [asdict(s) for s in self.outputSizes],
+            "maintainAspectRatio": self.maintainAspectRatio,
+            "workflowId": self.workflowId,
+            "correlationId": self.correlationId,
+        }
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class ResizeTask(_Record):
+    workflowId: str
+    taskRef: str
+    index: int
+    total: int
+    sourceUri: str
+    fileLocation: str
+    format: str
+    width: int
+    height: int
+    maintainAspectRatio: bool
+    outputKey: str
+    deadline: int
+    attempt: int = 1
+    notBefore: int = 0
+
+
+@dataclass(frozen=True)
+class TaskOutput(_Record):
+    taskRef: str
+    format: str
+    width: int
+    height: int
+    bytes: int
+    contentType: str
+    s3Uri: str
+    url: str
+
+
+@dataclass(frozen=True)
+class TaskError(_Record):
+    taskRef: str
+    code: str
+    message: str
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    workflowId: str
+    taskRef: str
+    status: str  # SUCCEEDED | FAILED
+    attempts: int
+    finishedAt: int
+    output: TaskOutput | None = None
+    error: TaskError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workflowId": self.workflowId,
+            "taskRef": self.taskRef,
+            "status": self.status,
+            "attempts": self.attempts,
+            "finishedAt": self.finishedAt,
+            "output": self.output.to_dict() if self.output else None,
+            "error": self.error.to_dict() if self.error else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskResult":
+        return cls(
+            workflowId=d["workflowId"],
+            taskRef=d["taskRef"],
+            status=d["status"],
+            attempts=d["attempts"],
+            finishedAt=d["finishedAt"],
+            output=TaskOutput.from_dict(d["output"]) if d.get("output") else None,
+            error=TaskError.from_dict(d["error"]) if d.get("error") else None,
+        )
+
+
+@dataclass(frozen=True)
+class PlanFailure(_Record):
+    status: str  # REJECTED | FAILED
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkflowPlan:
+    workflowId: str
+    fileLocation: str
+    taskRefs: tuple[str, ...]
+    submittedAt: int
+    deadline: int
+    correlationId: str | None = None
+    failure: PlanFailure | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workflowId": self.workflowId,
+            "correlationId": self.correlationId,
+            "fileLocation": self.fileLocation,
+            "taskRefs": list(self.taskRefs),
+            "submittedAt": self.submittedAt,
+            "deadline": self.deadline,
+            "failure": self.failure.to_dict() if self.failure else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WorkflowPlan":
+        return cls(
+            workflowId=d["workflowId"],
+            correlationId=d.get("correlationId"),
+            fileLocation=d["fileLocation"],
+            taskRefs=tuple(d["taskRefs"]),
+            submittedAt=d["submittedAt"],
+            deadline=d["deadline"],
+            failure=PlanFailure.from_dict(d["failure"]) if d.get("failure") else None,
+        )
+
+
+@dataclass(frozen=True)
+class DeadlineCheck(_Record):
+    workflowId: str
+    at: int
+
+
+@dataclass(frozen=True)
+class WorkflowCompleted:
+    workflowId: str
+    correlationId: str | None
+    status: str
+    fileLocation: str
+    fileLocations: tuple[str, ...]
+    outputs: tuple[TaskOutput, ...]
+    errors: tuple[TaskError, ...]
+    taskCount: int
+    submittedAt: int
+    completedAt: int
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workflowId": self.workflowId,
+            "correlationId": self.correlationId,
+            "status": self.status,
+            "fileLocation": self.fileLocation,
+            "fileLocations": list(self.fileLocations),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "errors": [e.to_dict() for e in self.errors],
+            "taskCount": self.taskCount,
+            "submittedAt": self.submittedAt,
+            "completedAt": self.completedAt,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WorkflowCompleted":
+        return cls(
+            workflowId=d["workflowId"],
+            correlationId=d.get("correlationId"),
+            status=d["status"],
+            fileLocation=d["fileLocation"],
+            fileLocations=tuple(d["fileLocations"]),
+            outputs=tuple(TaskOutput.from_dict(o) for o in d["outputs"]),
+            errors=tuple(TaskError.from_dict(e) for e in d["errors"]),
+            taskCount=d["taskCount"],
+            submittedAt=d["submittedAt"],
+            completedAt=d["completedAt"],
+        )

@@ -1,0 +1,187 @@
+"""Request -> tasks: validate the seed's document, then fan out one task per format x size."""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+from streams.core.errors import RequestInvalid
+from streams.core.models import CONTENT_TYPES, ImageRequest, ResizeTask, Size, WorkflowPlan
+
+TASK_NAME = "image_convert_resize"
+SCHEMES = ("http", "https", "s3")
+_WORKFLOW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_MAX_ID_TEXT = 512
+
+
+def task_ref(fmt: str, size: Size, index: int) -> str:
+    """The seed's reference name: ``image_convert_resize_{format}_{w}x{h}_{i}``."""
+    return f"{TASK_NAME}_{fmt}_{size.width}x{size.height}_{index}"
+
+
+def extension(fmt: str) -> str:
+    return fmt
+
+
+def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
+                  formats: Iterable[str] = tuple(CONTENT_TYPES)) -> ImageRequest:
+    """Read and validate one request document; every problem is reported with its field."""
+    if not isinstance(doc, dict):
+        raise RequestInvalid([("$", f"must be a JSON object, got {type(doc).__name__}")])
+    problems: list[tuple[str, str]] = []
+    known = tuple(formats)
+
+    location = doc.get("fileLocation")
+    if not isinstance(location, str) or not location.strip():
+        problems.append(("fileLocation", "is required and must be a non-empty string"))
+    else:
+        location = location.strip()
+        problems.extend(_check_location(location))
+
+    out_formats: list[str] = []
+    raw_formats = doc.get("outputFormats")
+    if not isinstance(raw_formats, list) or not raw_formats:
+        problems.append(("outputFormats", "is required and must be a non-empty list"))
+    else:
+        for i, f in enumerate(raw_formats):
+            name = f.strip().lower().lstrip(".") if isinstance(f, str) else None
+            if name not in known:
+                problems.append((f"outputFormats[{i}]", f"{f!r} is not one of {', '.join(known)}"))
+            else:
+                out_formats.append(name)
+
+    sizes: list[Size] = []
+    raw_sizes = doc.get("outputSizes")
+    if not isinstance(raw_sizes, list) or not raw_sizes:
+        problems.append(("outputSizes", "is required and must be a non-empty list of {width, height}"))
+    else:
+        for i, s in enumerate(raw_sizes):
+            if not isinstance(s, dict):
+                problems.append((f"outputSizes[{i}]", "must be an object {width, height}"))
+                continue
+            dims = []
+            for axis in ("width", "height"):
+                value, why = _dimension(s.get(axis), max_dimension)
+                if why:
+                    problems.append((f"outputSizes[{i}].{axis}", why))
+                dims.append(value)
+            if all(d is not None for d in dims):
+                sizes.append(Size(dims[0], dims[1]))
+
+    keep, why = _boolean(doc.get("maintainAspectRatio", True))
+    if why:
+        problems.append(("maintainAspectRatio", why))
+
+    ids = {}
+    for name in ("workflowId", "correlationId"):
+        value = doc.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > _MAX_ID_TEXT):
+            problems.append((name, f"must be a string of at most {_MAX_ID_TEXT} characters"))
+        else:
+            ids[name] = value or None
+    if ids.get("workflowId") is not None and not valid_workflow_id(ids["workflowId"]):
+        problems.append(("workflowId", "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"))
+
+    if not problems and len(out_formats) * len(sizes) > max_tasks:
+        problems.append(("outputSizes",
+                         f"{len(out_formats)} formats x {len(sizes)} sizes = "
+                         f"{len(out_formats) * len(sizes)} tasks, more than the limit of {max_tasks}"))
+    if problems:
+        raise RequestInvalid(problems)
+    return ImageRequest(
+        fileLocation=location,
+        outputFormats=tuple(out_formats),
+        outputSizes=tuple(sizes),
+        maintainAspectRatio=keep,
+        workflowId=ids.get("workflowId"),
+        correlationId=ids.get("correlationId"),
+    )
+
+
+def valid_workflow_id(value: str) -> bool:
+    return bool(_WORKFLOW_ID.match(value))
+
+
+def _check_location(location: str) -> list[tuple[str, str]]:
+    try:
+        parts = urlsplit(location)
+    except ValueError as exc:
+        return [("fileLocation", f"is not a URL: {exc}")]
+    if parts.scheme.lower() not in SCHEMES:
+        return [("fileLocation", f"scheme must be one of {', '.join(SCHEMES)}, got {parts.scheme or 'none'!r}")]
+    if not parts.netloc:
+        return [("fileLocation", "has no host (or bucket)")]
+    if parts.scheme.lower() == "s3" and not parts.path.strip("/"):
+        return [("fileLocation", "s3:// location needs a key: s3://bucket/key")]
+    if any(c in location for c in "\r\n\t "):
+        return [("fileLocation", "must not contain whitespace")]
+    return []
+
+
+def _dimension(value: Any, maximum: int) -> tuple[int | None, str | None]:
+    if isinstance(value, bool):
+        return None, "must be an integer, got a boolean"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        return None, f"is required and must be an integer, got {value!r}"[:200]
+    if not 1 <= value <= maximum:
+        return None, f"must be between 1 and {maximum}, got {value}"
+    return value, None
+
+
+def _boolean(value: Any) -> tuple[bool, str | None]:
+    if isinstance(value, bool):
+        return value, None
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true", None
+    return True, f"must be true or false, got {value!r}"[:200]
+
+
+def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, deadline: int,
+               output_prefix: str = "") -> list[ResizeTask]:
+    """One task per format x size, in the seed's order (formats outer, sizes inner)."""
+    total = len(request.outputFormats) * len(request.outputSizes)
+    tasks = []
+    for fmt in request.outputFormats:
+        for size in request.outputSizes:
+            i = len(tasks)
+            ref = task_ref(fmt, size, i)
+            tasks.append(ResizeTask(
+                workflowId=workflow_id,
+                taskRef=ref,
+                index=i,
+                total=total,
+                sourceUri=source_uri,
+                fileLocation=request.fileLocation,
+                format=fmt,
+                width=size.width,
+                height=size.height,
+                maintainAspectRatio=request.maintainAspectRatio,
+                outputKey=f"{output_prefix}{workflow_id}/{ref}.{extension(fmt)}",
+                deadline=deadline,
+            ))
+    return tasks
+
+
+def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], *,
+              submitted_at: int, deadline: int) -> WorkflowPlan:
+    return WorkflowPlan(
+        workflowId=workflow_id,
+        correlationId=request.correlationId,
+        fileLocation=request.fileLocation,
+        taskRefs=tuple(t.taskRef for t in tasks),
+        submittedAt=submitted_at,
+        deadline=deadline,
+    )
+
+
+def retry_delay_s(attempt: int, *, policy: str, delay_s: float, max_delay_s: float,
+                  jitter: float = 0.0) -> float:
+    """Delay before attempt ``attempt + 1``. ``jitter`` in [0, 1) spreads exponential delays."""
+    if policy == "fixed":
+        return delay_s
+    base = min(max_delay_s, delay_s * (2 ** max(0, attempt - 1)))
+    return base * (0.5 + jitter / 2) if jitter else base

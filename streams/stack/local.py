@@ -1,0 +1,360 @@
+"""Fetch (once, with mvn, into a cache outside the repo), start, probe and stop
+a single-node Apache Kafka 4.x in KRaft mode and S3Proxy with its filesystem backend.
+
+Everything listens on 127.0.0.1 on free ports. The state folder holds the data,
+the logs, the processes we started (with a marker in their command line, so
+``down`` never kills a stranger) and ``stack.env``, the KEY=VALUE file that
+points every imagefork process at this stack.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+KAFKA_VERSION = os.environ.get("IMAGEFORK_KAFKA_VERSION", "4.1.1")
+S3PROXY_VERSION = os.environ.get("IMAGEFORK_S3PROXY_VERSION", "2.6.0")
+LOG4J_VERSION = "2.24.3"
+
+ACCESS_KEY = "imagefork"
+SECRET_KEY = "imagefork-local-secret"
+BUCKET = "imagefork"
+
+
+class StackError(RuntimeError):
+    """One clear line saying what is missing or what failed."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("IMAGEFORK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imagefork")
+    return Path(base)
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("IMAGEFORK_STACK_DIR") or cache_dir() / "stack")
+
+
+# --- fetching ----------------------------------------------------------------
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>imagefork.stack</groupId><artifactId>{name}</artifactId><version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+{deps}
+  </dependencies>
+</project>
+"""
+_DEP = "    <dependency><groupId>{g}</groupId><artifactId>{a}</artifactId><version>{v}</version></dependency>"
+
+COMPONENTS = {
+    "kafka": [("org.apache.kafka", "kafka_2.13", KAFKA_VERSION),
+              ("org.apache.logging.log4j", "log4j-slf4j-impl", LOG4J_VERSION)],
+    "s3proxy": [("org.gaul", "s3proxy", S3PROXY_VERSION)],
+}
+
+
+def _require(tool: str, why: str) -> str:
+    path = shutil.which(tool)
+    if not path:
+        raise StackError(f"{tool} is not on PATH: {why}")
+    return path
+
+
+def fetch(component: str) -> Path:
+    """The folder of jars for ``component``, fetched from Maven Central on first use."""
+    deps = COMPONENTS[component]
+    version = "-".join(v for _, _, v in deps)
+    libs = cache_dir() / component / version / "libs"
+    marker = libs.parent / ".complete"
+    if marker.exists():
+        return libs
+    mvn = _require("mvn", "Maven is needed to fetch Kafka and S3Proxy from Maven Central")
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    if libs.exists():
+        shutil.rmtree(libs)
+    pom = libs.parent / "pom.xml"
+    pom.write_text(_POM.format(name=component, deps="\n".join(_DEP.format(g=g, a=a, v=v) for g, a, v in deps)))
+    proc = subprocess.run([mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+                           f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not any(libs.glob("*.jar")):
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise StackError(f"mvn could not fetch {component} ({', '.join(f'{g}:{a}:{v}' for g, a, v in deps)}): "
+                         + " | ".join(tail))
+    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return libs
+
+
+# --- helpers -------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def _java() -> str:
+    java = _require("java", "Java 17+ is needed to run Kafka and S3Proxy")
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    try:
+        major = int(out.split('"')[1].split(".")[0])
+    except (IndexError, ValueError):
+        major = 0
+    if major and major < 17:
+        raise StackError(f"Java 17+ is needed to run Kafka 4, found {out.splitlines()[0]}")
+    return java
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    port: int
+
+
+class LocalStack:
+    def __init__(self, state_dir: Path | str | None = None):
+        self.dir = Path(state_dir) if state_dir else default_state_dir()
+        self.state_file = self.dir / "state.json"
+        self.env_file = self.dir / "stack.env"
+
+    # --- state ---
+    def _load(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save(self, state: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    @property
+    def marker(self) -> str:
+        return f"-Dimagefork.stack={self.dir.resolve()}"
+
+    def running(self) -> bool:
+        state = self._load()
+        return bool(state) and all(_alive(s["pid"], self.marker) for s in state.get("services", {}).values())
+
+    def env(self) -> dict[str, str]:
+        state = self._load()
+        return dict(state.get("env", {}))
+
+    # --- up / down ---
+    def up(self, timeout: float = 120.0) -> dict[str, str]:
+        if self.running():
+            return self.env()
+        self.down(quiet=True)
+        java = _java()
+        kafka_libs, s3_libs = fetch("kafka"), fetch("s3proxy")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = self._load()
+        ports = state.get("ports") or {}
+        if not ports or any(_port_open(p) for p in ports.values()):
+            ports = {"kafka": free_port(), "controller": free_port(), "s3": free_port()}
+        state = {"ports": ports, "services": {}, "env": {}}
+        self._save(state)
+        try:
+            state["services"]["kafka"] = self._start_kafka(java, kafka_libs, ports)
+            self._save(state)
+            state["services"]["s3proxy"] = self._start_s3proxy(java, s3_libs, ports)
+            self._save(state)
+            env = {
+                "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports['kafka']}",
+                "S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
+                "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_REGION": "us-east-1",
+                "S3_BUCKET": BUCKET,
+            }
+            state["env"] = env
+            self._save(state)
+            self._wait_kafka(env["KAFKA_BOOTSTRAP_SERVERS"], timeout)
+            self._wait_s3(env, timeout)
+        except BaseException:
+            self.down(quiet=True)
+            raise
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        return env
+
+    def down(self, quiet: bool = False) -> list[str]:
+        state = self._load()
+        stopped = []
+        for name, svc in state.get("services", {}).items():
+            if self._stop_pid(svc["pid"]):
+                stopped.append(name)
+        if state:
+            state["services"] = {}
+            self._save(state)
+        return stopped
+
+    def _stop_pid(self, pid: int, grace: float = 15.0) -> bool:
+        if not _alive(pid, self.marker):
+            return False
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return False
+        end = time.monotonic() + grace
+        while time.monotonic() < end and _alive(pid, self.marker):
+            _reap(pid)
+            time.sleep(0.1)
+        if _alive(pid, self.marker):
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        _reap(pid)
+        return True
+
+    # --- Kafka, for the broker-restart tests ---
+    def stop_kafka(self) -> None:
+        state = self._load()
+        svc = state["services"].pop("kafka", None)
+        if svc:
+            self._stop_pid(svc["pid"])
+        self._save(state)
+
+    def start_kafka(self, timeout: float = 120.0) -> None:
+        state = self._load()
+        state["services"]["kafka"] = self._start_kafka(_java(), fetch("kafka"), state["ports"])
+        self._save(state)
+        self._wait_kafka(state["env"]["KAFKA_BOOTSTRAP_SERVERS"], timeout)
+
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> int:
+        log = open(self.dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=self.dir, env={**os.environ, **(env or {})}, start_new_session=True)
+        log.close()
+        return proc.pid
+
+    def _start_kafka(self, java: str, libs: Path, ports: dict) -> dict:
+        data = self.dir / "kafka-data"
+        props = self.dir / "server.properties"
+        props.write_text("\n".join([
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{ports['controller']}",
+            f"listeners=PLAINTEXT://127.0.0.1:{ports['kafka']},CONTROLLER://127.0.0.1:{ports['controller']}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{ports['kafka']}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={data}",
+            "num.partitions=6",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=6",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "transaction.state.log.num.partitions=6",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=true",
+            "log.retention.hours=24",
+            "log.segment.bytes=67108864",
+            "",
+        ]))
+        log4j = self.dir / "log4j2.properties"
+        log4j.write_text("rootLogger.level=WARN\nrootLogger.appenderRef.stdout.ref=STDOUT\n"
+                         "appender.stdout.type=Console\nappender.stdout.name=STDOUT\n"
+                         "appender.stdout.layout.type=PatternLayout\n"
+                         "appender.stdout.layout.pattern=[%d] %p %m (%c)%n\n")
+        base = [java, self.marker, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
+                f"-Dlog4j2.configurationFile={log4j}", "-Djava.awt.headless=true", "-cp", f"{libs}/*"]
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            proc = subprocess.run(base + ["kafka.tools.StorageTool", "format", "-t", cluster_id,
+                                          "-c", str(props)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise StackError(f"Kafka storage format failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
+        pid = self._spawn("kafka", base + ["kafka.Kafka", str(props)])
+        return {"pid": pid, "port": ports["kafka"]}
+
+    def _start_s3proxy(self, java: str, libs: Path, ports: dict) -> dict:
+        data = self.dir / "s3-data"
+        data.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "s3proxy.conf"
+        conf.write_text("\n".join([
+            f"s3proxy.endpoint=http://127.0.0.1:{ports['s3']}",
+            "s3proxy.authorization=aws-v2-or-v4",
+            f"s3proxy.identity={ACCESS_KEY}",
+            f"s3proxy.credential={SECRET_KEY}",
+            "jclouds.provider=filesystem",
+            f"jclouds.filesystem.basedir={data}",
+            "",
+        ]))
+        pid = self._spawn("s3proxy", [java, self.marker, "-Xmx384m", "-XX:TieredStopAtLevel=1",
+                                      "-cp", f"{libs}/*", "org.gaul.s3proxy.Main", "--properties", str(conf)],
+                          env={"LOG_LEVEL": "warn"})
+        return {"pid": pid, "port": ports["s3"]}
+
+    def _wait_kafka(self, bootstrap: str, timeout: float) -> None:
+        from confluent_kafka.admin import AdminClient
+        end = time.monotonic() + timeout
+        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+        while time.monotonic() < end:
+            self._check_alive("kafka")
+            try:
+                admin.list_topics(timeout=2)
+                # the controller must also accept topic creation
+                return
+            except Exception:
+                time.sleep(0.5)
+        raise StackError(f"Kafka did not answer on {bootstrap} within {timeout:.0f}s; see {self.dir}/kafka.log")
+
+    def _wait_s3(self, env: dict, timeout: float) -> None:
+        import boto3
+        from botocore.config import Config as BotoConfig
+        end = time.monotonic() + timeout
+        s3 = boto3.session.Session().client(
+            "s3", endpoint_url=env["S3_ENDPOINT_URL"], aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+            config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=1))
+        last = None
+        while time.monotonic() < end:
+            self._check_alive("s3proxy")
+            try:
+                existing = [b["Name"] for b in s3.list_buckets().get("Buckets", [])]
+                if BUCKET not in existing:
+                    s3.create_bucket(Bucket=BUCKET)
+                return
+            except Exception as exc:
+                last = exc
+                time.sleep(0.5)
+        raise StackError(f"S3Proxy did not answer on {env['S3_ENDPOINT_URL']} within {timeout:.0f}s ({last}); "
+                         f"see {self.dir}/s3proxy.log")
+
+    def _check_alive(self, name: str) -> None:
+        svc = self._load().get("services", {}).get(name)
+        if svc and not _alive(svc["pid"], self.marker):
+            log = self.dir / f"{name}.log"
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+            hint = " (port in use?)" if any("Address already in use" in t for t in tail) else ""
+            raise StackError(f"{name} exited at start{hint}: {' | '.join(tail)[-400:]}")
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,65 @@
+"""Run one role as a Faust worker, or all three as child processes."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from streams.config import Config
+
+
+def run_role(role: str, config: Config) -> int:
+    import faust
+
+    from streams.adapters.kafka import ensure_topics
+    from streams.agents import join, planner, resize
+    from streams.app import create_app, declare_topics
+
+    logging.basicConfig(level=config.log_level.upper(),
+                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("imagefork").setLevel(min(logging.INFO, logging.getLogger().level))
+    created = ensure_topics(config)
+    if created:
+        logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
+    app = create_app(role, config)
+    topics = declare_topics(app, config)
+    {"planner": planner.register, "resize": resize.register, "join": join.register}[role](app, config, topics)
+    log = logging.getLogger("imagefork")
+
+    async def ready(sender, **kwargs):
+        log.info("imagefork ready: %s (%d partitions assigned)", role, len(app.consumer.assignment()))
+
+    app.on_rebalance_complete.connect(ready)
+    worker = faust.Worker(app, loglevel=config.log_level, quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def run_all(config: Config) -> int:
+    """``worker all``: one child process per role; if one dies, stop the others and exit non-zero."""
+    children = {role: subprocess.Popen([sys.executable, "-m", "streams", "worker", role])
+                for role in ("join", "resize", "planner")}
+
+    def stop(*_):
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        while all(c.poll() is None for c in children.values()):
+            time.sleep(0.5)
+        code = next((c.returncode for c in children.values() if c.returncode not in (None, 0)), 0)
+    finally:
+        stop()
+        for child in children.values():
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return code
