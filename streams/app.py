@@ -25,7 +25,7 @@ def create_app(role: str, config: Config) -> faust.App:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     return faust.App(
-        f"imagefork-{role}",
+        config.group_id(role),
         broker=[f"kafka://{server.strip()}" for server in config.bootstrap_servers.split(",")],
         key_serializer="raw",
         value_serializer="raw",

@@ -66,6 +66,8 @@ class Config:
     s3_endpoint_url: str | None = None
     s3_public_url: str | None = None
     s3_region: str = "us-east-1"
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
     bucket: str = "imagefork"
     output_prefix: str = ""
     staging_prefix: str = "_staging/"
@@ -84,6 +86,11 @@ class Config:
     encoding: Encoding = field(default_factory=Encoding)
     retry: Retry = field(default_factory=Retry)
     log_level: str = "warning"
+    namespace: str = ""
+
+    def group_id(self, role: str) -> str:
+        """The consumer group (and Faust app id) of a role; the namespace keeps test runs apart."""
+        return f"{self.namespace}imagefork-{role}"
 
     @property
     def resize_slots(self) -> int:
@@ -132,8 +139,9 @@ class Config:
         env = os.environ if env is None else env
         reader = _EnvReader(env)
         d_lim, d_enc, d_ret, d_top = Limits(), Encoding(), Retry(), Topics()
+        namespace = reader.str("IMAGEFORK_NAMESPACE", "")
         topics = Topics(**{
-            f.name: reader.str(f"IMAGEFORK_TOPIC_{f.name.upper()}", getattr(d_top, f.name))
+            f.name: reader.str(f"IMAGEFORK_TOPIC_{f.name.upper()}", namespace + getattr(d_top, f.name))
             for f in fields(Topics)
         })
         limits = Limits(
@@ -164,6 +172,8 @@ class Config:
             s3_endpoint_url=reader.str("S3_ENDPOINT_URL", "") or None,
             s3_public_url=reader.str("S3_PUBLIC_URL", "") or None,
             s3_region=reader.str("AWS_REGION", reader.str("AWS_DEFAULT_REGION", d.s3_region)),
+            aws_access_key_id=reader.str("AWS_ACCESS_KEY_ID", "") or None,
+            aws_secret_access_key=reader.str("AWS_SECRET_ACCESS_KEY", "") or None,
             bucket=reader.str("S3_BUCKET", d.bucket),
             output_prefix=reader.str("IMAGEFORK_OUTPUT_PREFIX", d.output_prefix),
             staging_prefix=reader.str("IMAGEFORK_STAGING_PREFIX", d.staging_prefix),
@@ -183,6 +193,7 @@ class Config:
             encoding=encoding,
             retry=retry,
             log_level=reader.str("IMAGEFORK_LOG_LEVEL", d.log_level).lower(),
+            namespace=namespace,
         ).validate()
 
     def with_(self, **changes) -> "Config":

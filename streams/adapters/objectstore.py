@@ -48,6 +48,9 @@ class ObjectStore:
             "s3",
             endpoint_url=config.s3_endpoint_url,
             region_name=config.s3_region,
+            # None falls back to boto3's own chain (environment, profile, instance role)
+            aws_access_key_id=config.aws_access_key_id,
+            aws_secret_access_key=config.aws_secret_access_key,
             config=BotoConfig(
                 s3={"addressing_style": "path"},
                 retries={"max_attempts": 2, "mode": "standard"},

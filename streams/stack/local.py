@@ -164,12 +164,14 @@ class LocalStack:
         return dict(state.get("env", {}))
 
     # --- up / down ---
-    def up(self, timeout: float = 120.0) -> dict[str, str]:
+    def up(self, timeout: float = 120.0, *, kafka: bool = True) -> dict[str, str]:
+        """Start Kafka and S3Proxy (or S3Proxy alone, with ``kafka=False``) and wait until both answer."""
         if self.running():
             return self.env()
         self.down(quiet=True)
         java = _java()
-        kafka_libs, s3_libs = fetch("kafka"), fetch("s3proxy")
+        kafka_libs = fetch("kafka") if kafka else None
+        s3_libs = fetch("s3proxy")
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self._load()
         ports = state.get("ports") or {}
@@ -178,8 +180,9 @@ class LocalStack:
         state = {"ports": ports, "services": {}, "env": {}}
         self._save(state)
         try:
-            state["services"]["kafka"] = self._start_kafka(java, kafka_libs, ports)
-            self._save(state)
+            if kafka:
+                state["services"]["kafka"] = self._start_kafka(java, kafka_libs, ports)
+                self._save(state)
             state["services"]["s3proxy"] = self._start_s3proxy(java, s3_libs, ports)
             self._save(state)
             env = {
@@ -192,7 +195,10 @@ class LocalStack:
             }
             state["env"] = env
             self._save(state)
-            self._wait_kafka(env["KAFKA_BOOTSTRAP_SERVERS"], timeout)
+            if kafka:
+                self._wait_kafka(env["KAFKA_BOOTSTRAP_SERVERS"], timeout)
+            else:
+                del env["KAFKA_BOOTSTRAP_SERVERS"]
             self._wait_s3(env, timeout)
         except BaseException:
             self.down(quiet=True)
@@ -283,7 +289,7 @@ class LocalStack:
                 f"-Dlog4j2.configurationFile={log4j}", "-Djava.awt.headless=true", "-cp", f"{libs}/*"]
         if not (data / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            proc = subprocess.run(base + ["kafka.tools.StorageTool", "format", "-t", cluster_id,
+            proc = subprocess.run(base + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
                                           "-c", str(props)], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise StackError(f"Kafka storage format failed: {(proc.stdout + proc.stderr).strip()[-300:]}")

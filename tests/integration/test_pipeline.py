@@ -1,0 +1,139 @@
+"""The whole pipeline against the real broker and the real S3 server."""
+import json
+
+import pytest
+
+from streams.demo import seed_request
+
+pytestmark = pytest.mark.integration
+
+
+def run(pipeline, requests: dict[str, dict], timeout=120, **submit):
+    follower = pipeline.follower()
+    try:
+        for wf, req in requests.items():
+            pipeline.submit(req, wf, **submit)
+        return follower.wait(list(requests), timeout)
+    finally:
+        follower.close()
+
+
+def test_seed_request_gives_nine_objects_and_one_final_event(pipeline, files):
+    finals = run(pipeline, {"seed-1": seed_request(files.url("sample.png"))})
+    final = finals["seed-1"]
+    assert final.status == "COMPLETED", final.errors
+    assert len(final.outputs) == 9 and len(final.fileLocations) == 9
+    sizes = {(o.format, o.width, o.height) for o in final.outputs}
+    assert sizes == {(f, s, s) for f in ("png", "jpg", "webp") for s in (300, 200, 1200)}  # 1200: enlarged
+    assert [o.taskRef for o in final.outputs][:3] == [
+        "image_convert_resize_png_300x300_0", "image_convert_resize_png_200x200_1",
+        "image_convert_resize_png_1200x1200_2"]
+    assert final.fileLocations == tuple(o.url for o in final.outputs)
+    assert all(url.startswith(pipeline.config.s3_endpoint_url) for url in final.fileLocations)
+    pipeline.check_outputs(final)
+    keys = pipeline.store.list_keys("seed-1/")
+    assert len(keys) == 9
+    assert len(pipeline.finals_for(["seed-1"])) == 1
+
+
+def test_three_requests_together_do_not_mix(pipeline, files):
+    reqs = {
+        "mix-a": {**seed_request(files.url("sample.png")), "outputFormats": ["png"]},
+        "mix-b": {"fileLocation": files.url("alpha.png"), "outputFormats": ["jpg", "webp"],
+                  "outputSizes": [{"width": 64, "height": 64}], "maintainAspectRatio": "false"},
+        "mix-c": {"fileLocation": files.url("sample.png"), "outputFormats": ["webp"],
+                  "outputSizes": [{"width": 10, "height": 20}, {"width": 90, "height": 30}],
+                  "maintainAspectRatio": True},
+    }
+    finals = run(pipeline, reqs)
+    assert [finals[w].status for w in reqs] == ["COMPLETED"] * 3
+    assert len(finals["mix-a"].outputs) == 3 and len(finals["mix-b"].outputs) == 2
+    assert {(o.width, o.height) for o in finals["mix-b"].outputs} == {(64, 64)}
+    assert [(o.width, o.height) for o in finals["mix-c"].outputs] == [(10, 10), (30, 30)]
+    for wf, final in finals.items():
+        assert all(f"/{wf}/" in url for url in final.fileLocations)
+        pipeline.check_outputs(final)
+    assert len(pipeline.finals_for(list(reqs))) == 3
+
+
+def test_missing_source_fails_instead_of_hanging(pipeline, files):
+    finals = run(pipeline, {"missing-1": seed_request(files.url("no-such-file.png"))}, timeout=60)
+    final = finals["missing-1"]
+    assert final.status == "FAILED" and final.outputs == ()
+    assert final.errors[0].code == "SOURCE_NOT_FOUND" and "404" in final.errors[0].message
+
+
+@pytest.mark.parametrize("name,code", [("not-an-image.png", "IMAGE_UNDECODABLE"),
+                                       ("truncated.png", "IMAGE_UNDECODABLE"),
+                                       ("bomb.png", "IMAGE_TOO_LARGE")])
+def test_hostile_sources_fail_with_a_clear_error(pipeline, files, name, code):
+    wf = f"hostile-{name.split('.')[0]}"
+    final = run(pipeline, {wf: seed_request(files.url(name))}, timeout=60)[wf]
+    assert final.status == "FAILED"
+    assert {e.code for e in final.errors} == {code}, final.errors
+
+
+def test_invalid_request_is_rejected_with_the_field(pipeline, files):
+    req = {**seed_request(files.url("sample.png")), "outputSizes": [{"width": 0, "height": 10}]}
+    final = run(pipeline, {"rejected-1": req}, timeout=60)["rejected-1"]
+    assert final.status == "REJECTED" and "outputSizes[0].width" in final.errors[0].message
+    assert pipeline.store.list_keys("rejected-1/") == []
+
+
+def test_metadata_address_is_refused(pipeline):
+    req = seed_request("http://169.254.169.254/latest/meta-data/iam")
+    final = run(pipeline, {"ssrf-1": req}, timeout=60)["ssrf-1"]
+    assert final.status == "FAILED" and final.errors[0].code == "SOURCE_FORBIDDEN"
+
+
+def test_avro_request_and_s3_source(pipeline, files):
+    pipeline.store.put("inputs/sample.png", (files.url("sample.png") and
+                                             __import__("streams.demo", fromlist=["SAMPLE"]).SAMPLE.read_bytes()),
+                       "image/png")
+    req = {"fileLocation": f"s3://{pipeline.config.bucket}/inputs/sample.png", "outputFormats": ["jpeg"],
+           "outputSizes": [{"width": 120, "height": 60}], "maintainAspectRatio": False,
+           "correlationId": "corr-7"}
+    final = run(pipeline, {"avro-1": req}, avro=True)["avro-1"]
+    assert final.status == "COMPLETED" and final.correlationId == "corr-7"
+    assert (final.outputs[0].width, final.outputs[0].height, final.outputs[0].format) == (120, 60, "jpeg")
+    pipeline.check_outputs(final)
+
+
+def test_malformed_messages_go_to_the_dead_letter_topic_and_nothing_stops(pipeline, files):
+    from confluent_kafka import Consumer
+    from streams.adapters.kafka import client_config
+    bad = [b"\x00\x01garbage", b"{not json", json.dumps([1, 2, 3]).encode(), b"\xc3\x01" + b"\x07" * 20]
+    for value in bad:
+        pipeline.client.producer.produce(pipeline.config.topics.requests, key=b"bad", value=value)
+    pipeline.client.producer.flush(10)
+    final = run(pipeline, {"after-bad": {**seed_request(files.url("sample.png")), "outputFormats": ["jpg"]}})
+    assert final["after-bad"].status == "COMPLETED"
+    consumer = Consumer(client_config(pipeline.config, **{"group.id": "dlq-check", "auto.offset.reset": "earliest"}))
+    consumer.subscribe([pipeline.config.topics.dead_letter])
+    seen = []
+    import time
+    end = time.monotonic() + 20
+    while len(seen) < len(bad) and time.monotonic() < end:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            seen.append(msg)
+    consumer.close()
+    assert sorted(m.value() for m in seen) == sorted(bad)
+    for m in seen:
+        headers = dict(m.headers())
+        assert headers["imagefork.error.code"] == b"NOT_A_REQUEST"
+        assert headers["imagefork.error.reason"] and headers["imagefork.source.offset"]
+
+
+def test_same_workflow_twice_gives_one_final_event(pipeline, files):
+    req = {**seed_request(files.url("sample.png")), "outputFormats": ["webp"]}
+    follower = pipeline.follower()
+    pipeline.submit(req, "twice-1")
+    pipeline.submit(req, "twice-1")
+    final = follower.wait(["twice-1"], 120)["twice-1"]
+    follower.close()
+    assert final.status == "COMPLETED"
+    import time
+    time.sleep(5)  # let the second copy run through
+    assert len(pipeline.finals_for(["twice-1"])) == 1
+    assert len(pipeline.store.list_keys("twice-1/")) == 3

@@ -1,0 +1,131 @@
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from streams.core.errors import RequestInvalid
+from streams.core.models import Size
+from streams.core.planning import parse_request, plan_tasks, retry_delay_s
+
+SEED = {
+    "fileLocation": "https://example.com/media/FJY7ud0XEAYVCS8?format=png&name=900x900",
+    "outputFormats": ["png", "jpg", "webp"],
+    "outputSizes": [{"width": 300, "height": 300}, {"width": 200, "height": 200}, {"width": 1200, "height": 1200}],
+}
+
+
+def parse(doc, max_dimension=10000, max_tasks=1000):
+    return parse_request(doc, max_dimension=max_dimension, max_tasks=max_tasks)
+
+
+def test_seed_document_parses_with_defaults():
+    req = parse(SEED)
+    assert req.outputFormats == ("png", "jpg", "webp")
+    assert req.outputSizes == (Size(300, 300), Size(200, 200), Size(1200, 1200))
+    assert req.maintainAspectRatio is True and req.workflowId is None
+
+
+def test_fan_out_names_count_and_inputs():
+    req = parse(SEED)
+    tasks = plan_tasks(req, "wf-1", source_uri="s3://b/_staging/wf-1/source", deadline=99, output_prefix="out/")
+    assert len(tasks) == 9
+    assert [t.taskRef for t in tasks] == [
+        "image_convert_resize_png_300x300_0", "image_convert_resize_png_200x200_1",
+        "image_convert_resize_png_1200x1200_2", "image_convert_resize_jpg_300x300_3",
+        "image_convert_resize_jpg_200x200_4", "image_convert_resize_jpg_1200x1200_5",
+        "image_convert_resize_webp_300x300_6", "image_convert_resize_webp_200x200_7",
+        "image_convert_resize_webp_1200x1200_8"]
+    t = tasks[5]
+    assert (t.format, t.width, t.height, t.index, t.total) == ("jpg", 1200, 1200, 5, 9)
+    assert t.outputKey == "out/wf-1/image_convert_resize_jpg_1200x1200_5.jpg"
+    assert t.sourceUri == "s3://b/_staging/wf-1/source" and t.fileLocation == SEED["fileLocation"]
+    assert len({t.outputKey for t in tasks}) == 9
+
+
+@pytest.mark.parametrize("value,expected", [(True, True), (False, False), ("true", True), ("false", False),
+                                            ("TRUE", True), (" False ", False)])
+def test_maintain_aspect_ratio_accepts_seed_strings(value, expected):
+    assert parse({**SEED, "maintainAspectRatio": value}).maintainAspectRatio is expected
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"fileLocation": None}, "fileLocation"),
+    ({"fileLocation": "ftp://x/y.png"}, "fileLocation"),
+    ({"fileLocation": "file:///etc/passwd"}, "fileLocation"),
+    ({"fileLocation": "s3://bucket-only"}, "fileLocation"),
+    ({"fileLocation": "http:///nohost"}, "fileLocation"),
+    ({"outputFormats": []}, "outputFormats"),
+    ({"outputFormats": "png"}, "outputFormats"),
+    ({"outputFormats": ["png", "bmp"]}, "outputFormats[1]"),
+    ({"outputFormats": [7]}, "outputFormats[0]"),
+    ({"outputSizes": []}, "outputSizes"),
+    ({"outputSizes": [{"width": 0, "height": 10}]}, "outputSizes[0].width"),
+    ({"outputSizes": [{"width": 10, "height": 10001}]}, "outputSizes[0].height"),
+    ({"outputSizes": [{"width": -5, "height": 10}]}, "outputSizes[0].width"),
+    ({"outputSizes": [{"width": True, "height": 10}]}, "outputSizes[0].width"),
+    ({"outputSizes": [{"width": 1.5, "height": 10}]}, "outputSizes[0].width"),
+    ({"outputSizes": [{"height": 10}]}, "outputSizes[0].width"),
+    ({"outputSizes": [[10, 10]]}, "outputSizes[0]"),
+    ({"maintainAspectRatio": "yes"}, "maintainAspectRatio"),
+    ({"maintainAspectRatio": 1}, "maintainAspectRatio"),
+    ({"workflowId": "a/b"}, "workflowId"),
+    ({"workflowId": 12}, "workflowId"),
+])
+def test_invalid_requests_name_the_field(change, field):
+    with pytest.raises(RequestInvalid) as info:
+        parse({**SEED, **change})
+    assert field in [f for f, _ in info.value.problems], info.value.problems
+
+
+def test_not_an_object():
+    for doc in ([1, 2], "x", 3, None):
+        with pytest.raises(RequestInvalid):
+            parse(doc)
+
+
+def test_bounded_fan_out():
+    doc = {**SEED, "outputSizes": [{"width": i, "height": i} for i in range(1, 401)]}
+    with pytest.raises(RequestInvalid, match="1200 tasks"):
+        parse(doc)
+    assert len(parse(doc, max_tasks=1200).outputSizes) == 400
+
+
+def test_numeric_strings_and_case_are_normalised():
+    req = parse({**SEED, "outputFormats": ["PNG", " Webp "], "outputSizes": [{"width": "30", "height": 40.0}]})
+    assert req.outputFormats == ("png", "webp") and req.outputSizes == (Size(30, 40),)
+
+
+def test_retry_delays():
+    assert retry_delay_s(1, policy="fixed", delay_s=15, max_delay_s=60) == 15
+    assert [retry_delay_s(a, policy="exponential", delay_s=1, max_delay_s=5) for a in (1, 2, 3, 4, 5)] == [1, 2, 4, 5, 5]
+    assert 2 <= retry_delay_s(2, policy="exponential", delay_s=2, max_delay_s=30, jitter=0.99) <= 4
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["fileLocation", "outputFormats", "outputSizes", "maintainAspectRatio",
+                                        "workflowId", "correlationId", "extra"]), json_values))
+def test_any_document_parses_or_names_its_problems(doc):
+    try:
+        req = parse(doc)
+    except RequestInvalid as exc:
+        assert exc.problems and all(isinstance(f, str) and why for f, why in exc.problems)
+        return
+    assert req.outputFormats and req.outputSizes
+    assert all(1 <= s.width <= 10000 and 1 <= s.height <= 10000 for s in req.outputSizes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["png", "jpg", "jpeg", "webp", "gif", "tiff"]), min_size=1, max_size=5),
+       st.lists(st.tuples(st.integers(1, 10000), st.integers(1, 10000)), min_size=1, max_size=8),
+       st.booleans())
+def test_valid_documents_fan_out_to_formats_times_sizes(formats, sizes, keep):
+    doc = {"fileLocation": "s3://bucket/key.png", "outputFormats": formats,
+           "outputSizes": [{"width": w, "height": h} for w, h in sizes], "maintainAspectRatio": keep}
+    tasks = plan_tasks(parse(doc), "wf", source_uri="s3://bucket/key.png", deadline=1)
+    assert len(tasks) == len(formats) * len(sizes)
+    assert len({t.taskRef for t in tasks}) == len(tasks)
+    assert [t.index for t in tasks] == list(range(len(tasks)))
