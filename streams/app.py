@@ -38,6 +38,9 @@ def create_app(role: str, config: Config) -> faust.App:
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=0.5,
+        # a killed worker's partitions move to the others after this long
+        broker_session_timeout=config.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, config.session_timeout_s / 5),
         stream_wait_empty=False,
         table_standby_replicas=0,
         table_cleanup_interval=3600.0,

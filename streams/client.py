@@ -49,28 +49,43 @@ class Follower:
             if time.monotonic() > deadline:
                 missing = sorted(wanted - set(self.finals))
                 raise TimeoutError(f"no final event within {timeout:.0f}s for {', '.join(missing[:5])}")
-            msg = self.consumer.poll(0.2)
-            if msg is None or msg.error() is not None:
-                continue
-            key = (msg.key() or b"").decode("utf-8", "replace")
-            if key not in wanted:
-                continue
-            if msg.topic() == self.config.topics.completed:
-                self.finals.setdefault(key, WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value())))
-                if progress:
-                    progress(key, self.done.get(key, 0), self.total.get(key))
-                continue
+            self.pump(0.2, wanted, progress)
+        return {i: self.finals[i] for i in wanted}
+
+    def pump(self, seconds: float, wanted: set[str] | None = None, progress: Progress | None = None) -> None:
+        """Read what arrives for ``seconds`` (all workflows when ``wanted`` is None)."""
+        end = time.monotonic() + seconds
+        while True:
+            msg = self.consumer.poll(max(0.0, min(0.2, end - time.monotonic())))
+            if msg is not None and msg.error() is None:
+                self._take(msg, wanted, progress)
+            if time.monotonic() >= end:
+                return
+
+    def _take(self, msg, wanted: set[str] | None, progress: Progress | None) -> None:
+        key = (msg.key() or b"").decode("utf-8", "replace")
+        if wanted is not None and key not in wanted:
+            return
+        if msg.topic() == self.config.topics.completed:
+            try:
+                final = WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value()))
+            except serde.SerdeError:
+                return
+            self.finals.setdefault(key, final)
+        else:
             try:
                 kind, body = serde.decode_join_event(msg.value())
             except serde.SerdeError:
-                continue
+                return
             if kind == "WorkflowPlan":
                 self.total[key] = len(body["taskRefs"])
             elif kind == "TaskResult":
                 self.done[key] = self.done.get(key, 0) + 1
-            if progress:
-                progress(key, self.done.get(key, 0), self.total.get(key))
-        return {i: self.finals[i] for i in wanted}
+        if progress:
+            progress(key, self.done.get(key, 0), self.total.get(key))
+
+    def results_seen(self) -> int:
+        return sum(self.done.values())
 
     def close(self) -> None:
         self.consumer.close()

@@ -76,6 +76,7 @@ class Config:
     replication_factor: int = 1
     processing_guarantee: str = "exactly_once"
     workflow_timeout_s: float = 300.0
+    session_timeout_s: float = 15.0
     deadline_check_interval_s: float = 1.0
     finished_retention_s: float = 24 * 3600.0
     resize_concurrency: int = 0  # 0: one per core
@@ -182,6 +183,7 @@ class Config:
             replication_factor=reader.int("IMAGEFORK_REPLICATION_FACTOR", d.replication_factor),
             processing_guarantee=reader.str("IMAGEFORK_PROCESSING_GUARANTEE", d.processing_guarantee),
             workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),
+            session_timeout_s=reader.float("IMAGEFORK_SESSION_TIMEOUT_S", d.session_timeout_s),
             deadline_check_interval_s=reader.float("IMAGEFORK_DEADLINE_CHECK_INTERVAL_S",
                                                    d.deadline_check_interval_s),
             finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),

@@ -52,6 +52,9 @@ class Joiner:
                     del self.table[key]
             else:
                 self.table[key] = json.dumps(outcome.state).encode()  # assigned back: the changelog sees it
+        if outcome.final is not None:
+            # close the window in which a crash could replay this event with the final event already out
+            await self.table.app.producer.flush()
 
     def load(self, key: bytes) -> core.State | None:
         raw = self.table.get(key)

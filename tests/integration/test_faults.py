@@ -1,0 +1,121 @@
+"""Crash and fault tests against real processes: every request ends with exactly one final event."""
+import time
+from collections import Counter
+
+import pytest
+
+from streams.demo import seed_request
+from tests.integration.faults import TcpProxy
+from tests.integration.pipeline import wait_until
+
+pytestmark = pytest.mark.integration
+
+SMALL = [{"width": 120, "height": 120}, {"width": 64, "height": 48}]
+
+
+def small_request(files, formats=("png", "jpg", "webp")):
+    return {"fileLocation": files.url("sample.png"), "outputFormats": list(formats), "outputSizes": SMALL,
+            "maintainAspectRatio": True}
+
+
+def assert_exactly_one_completed(pipeline, ids, finals):
+    assert all(finals[i].status == "COMPLETED" for i in ids), {i: finals[i].errors for i in ids
+                                                                if finals[i].status != "COMPLETED"}
+    counts = Counter(f.workflowId for f in pipeline.finals_for(ids, settle=5))
+    assert counts == Counter({i: 1 for i in ids}), counts
+    for i in ids:
+        pipeline.check_outputs(finals[i])
+
+
+def test_sigkill_one_of_two_resize_workers_mid_run(make_pipeline, files):
+    p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6")
+    p.start("join")
+    victim = p.start("resize", name="resize-a")
+    survivor = p.start("resize", name="resize-b")
+    p.start("planner")
+    follower = p.follower()
+    ids = [f"kill-resize-{i}" for i in range(24)]
+    for wf in ids:
+        p.submit(small_request(files), wf)
+    # kill once work is flowing: some results are in, many are not
+    assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 10, 90), p.logs()
+    victim.kill()
+    finals = follower.wait(ids, 180)
+    follower.close()
+    assert survivor.alive()
+    assert_exactly_one_completed(p, ids, finals)
+
+
+def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, files):
+    p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6")
+    join = p.start("join")
+    p.start("resize")
+    follower = p.follower()
+    ids = [f"kill-join-{i}" for i in range(6)]
+    for wf in ids:
+        p.submit(small_request(files), wf)
+    planner = p.start("planner")
+    # wait until the join has taken part of the results, then kill it mid-run
+    assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 12, 120), p.logs()
+    join.kill()
+    planner.kill()  # the planner has done its part; results keep flowing to the events topic
+    time.sleep(2)
+    p.start("join", name="join-restarted")
+    finals = follower.wait(ids, 180)
+    follower.close()
+    assert_exactly_one_completed(p, ids, finals)
+
+
+def test_broker_restart_mid_run(make_pipeline, files, stack_env, local_stack):
+    import os
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("the broker is not ours to restart (KAFKA_BOOTSTRAP_SERVERS given)")
+    # a broker of our own, so the other tests never see it go away
+    stack = local_stack(kafka=True)
+    env = {**stack_env, **stack.env()}
+    from tests.integration.pipeline import Pipeline
+    p = Pipeline(env, "restart.", files and __import__("pathlib").Path(stack.dir) / "logs",
+                 IMAGEFORK_SESSION_TIMEOUT_S="10")
+    try:
+        p.start_all()
+        follower = p.follower()
+        ids = [f"restart-{i}" for i in range(10)]
+        for wf in ids[:5]:
+            p.submit(small_request(files), wf)
+        assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 5, 90), p.logs()
+        stack.stop_kafka()
+        time.sleep(3)
+        stack.start_kafka()
+        for wf in ids[5:]:
+            p.submit(small_request(files), wf)
+        finals = follower.wait(ids, 240)
+        follower.close()
+        assert_exactly_one_completed(p, ids, finals)
+        assert all(w.alive() for w in p.workers), p.logs()
+    finally:
+        p.stop()
+
+
+def test_s3_outage_tasks_retry_then_succeed(make_pipeline, files, stack_env):
+    s3_port = int(stack_env["S3_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proxy = TcpProxy(s3_port)
+    try:
+        p = make_pipeline(IMAGEFORK_MAX_RETRIES="8", IMAGEFORK_RETRY_DELAY_S="0.5", IMAGEFORK_RETRY_MAX_DELAY_S="2")
+        p.start("join")
+        p.start("resize", S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", IMAGEFORK_CONNECT_TIMEOUT_S="1",
+                IMAGEFORK_READ_TIMEOUT_S="2")
+        p.start("planner")
+        proxy.cut()
+        follower = p.follower()
+        ids = ["s3-outage-1", "s3-outage-2"]
+        for wf in ids:
+            p.submit(small_request(files, formats=("png", "jpg")), wf)
+        assert wait_until(lambda: proxy.cut_count >= 4, 60), "the resize worker never tried S3"
+        time.sleep(3)
+        proxy.restore()
+        finals = follower.wait(ids, 120)
+        follower.close()
+        assert_exactly_one_completed(p, ids, finals)
+        assert proxy.cut_count >= 4
+    finally:
+        proxy.close()
