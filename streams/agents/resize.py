@@ -96,6 +96,7 @@ class Resizer:
         await send(self.topics.events, key=task.workflowId.encode(),
                    value=serde.encode_join_event("TaskResult", result.to_dict()))
         self.done += 1
+        log.info("task %s/%s %s (attempt %d)", task.workflowId, task.taskRef, result.status, task.attempt)
 
     async def release(self, value: bytes) -> None:
         """Retry topic: wait until the task's not-before time (or its deadline), then put it back."""

@@ -119,3 +119,38 @@ def test_s3_outage_tasks_retry_then_succeed(make_pipeline, files, stack_env):
         assert proxy.cut_count >= 4
     finally:
         proxy.close()
+
+
+def test_lost_tasks_end_in_timed_out(make_pipeline, files):
+    """No resize worker at all: the join's deadline still ends the workflow, listing what is missing."""
+    p = make_pipeline(IMAGEFORK_WORKFLOW_TIMEOUT_S="6")
+    p.start("join")
+    p.start("planner")
+    follower = p.follower()
+    p.submit(small_request(files, formats=("png",)), "timeout-1")
+    final = follower.wait(["timeout-1"], 60)["timeout-1"]
+    follower.close()
+    assert final.status == "TIMED_OUT" and final.outputs == ()
+    assert {e.code for e in final.errors} == {"TIMED_OUT"} and len(final.errors) == 2
+    # a late resize worker's results are ignored: still exactly one final event
+    p.start("resize")
+    time.sleep(6)
+    assert len(p.finals_for(["timeout-1"])) == 1
+
+
+def test_two_resize_workers_share_the_work(make_pipeline, files):
+    p = make_pipeline()
+    p.start("join")
+    a = p.start("resize", name="resize-a")
+    b = p.start("resize", name="resize-b")
+    p.start("planner")
+    follower = p.follower()
+    ids = [f"share-{i}" for i in range(8)]
+    for wf in ids:
+        p.submit(small_request(files), wf)
+    finals = follower.wait(ids, 120)
+    follower.close()
+    assert all(f.status == "COMPLETED" for f in finals.values())
+    done_a = a.log_path.read_text().count(" SUCCEEDED (attempt")
+    done_b = b.log_path.read_text().count(" SUCCEEDED (attempt")
+    assert done_a > 0 and done_b > 0 and done_a + done_b >= 48, (done_a, done_b)
