@@ -27,6 +27,7 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q -ra tests/integration
 
 bench: $(STAMP)
+	$(PY) bench/encoders.py
 	$(PY) bench/pipeline.py
 
 stack-up: $(STAMP)

@@ -3,11 +3,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 import faust
 
+from streams.core.planning import retry_delay_s
+
 log = logging.getLogger("imagefork")
+
+
+def dead_letter_headers(code: str, reason: str, where: dict[str, str]) -> dict[str, bytes]:
+    """The headers of a dead-lettered message: why, and where it came from."""
+    return {"imagefork.error.code": code.encode(), "imagefork.error.reason": reason[:1000].encode(),
+            **{f"imagefork.source.{k}": str(v).encode() for k, v in where.items()}}
+
+
+def backoff_s(retry, attempt: int) -> float:
+    """The configured delay before the next attempt, with jitter."""
+    return retry_delay_s(attempt, policy=retry.policy, delay_s=retry.delay_s, max_delay_s=retry.max_delay_s,
+                         jitter=random.random())
 
 
 def now_ms() -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 
 import faust
@@ -10,13 +9,13 @@ import faust
 from streams import serde
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.source import fetch_http
-from streams.agents.common import log, now_ms, send
+from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, send
 from streams.app import Topics
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid
 from streams.core.imaging import probe_image
 from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
-from streams.core.planning import make_plan, plan_tasks, retry_delay_s, valid_workflow_id
+from streams.core.planning import make_plan, plan_tasks, valid_workflow_id
 from streams.serde import SerdeError
 
 
@@ -100,8 +99,7 @@ class Planner:
                     if exc.transient:
                         exc.message += f" (after {attempt} attempts)"
                     raise
-                delay = retry_delay_s(attempt, policy=retry.policy, delay_s=retry.delay_s,
-                                      max_delay_s=retry.max_delay_s, jitter=random.random())
+                delay = backoff_s(retry, attempt)
                 if now_ms() + delay * 1000 >= deadline:
                     raise
                 log.warning("workflow %s: source attempt %d failed (%s); retrying in %.1fs",
@@ -128,9 +126,7 @@ class Planner:
     async def dead_letter(self, key: bytes | None, value: bytes | None, code: str, reason: str,
                           where: dict[str, str]) -> None:
         log.warning("dead-lettered %s: %s", where, reason)
-        headers = {"imagefork.error.code": code.encode(), "imagefork.error.reason": reason[:1000].encode(),
-                   **{f"imagefork.source.{k}": str(v).encode() for k, v in where.items()}}
-        await send(self.topics.dead_letter, key=key, value=value, headers=headers)
+        await send(self.topics.dead_letter, key=key, value=value, headers=dead_letter_headers(code, reason, where))
 
 
 def register(app: faust.App, config: Config, topics: Topics) -> Planner:

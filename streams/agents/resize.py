@@ -6,8 +6,6 @@ never blocks a partition; the retry agent puts them back on the task topic.
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -15,11 +13,10 @@ import faust
 
 from streams import serde
 from streams.agents import resize_job
-from streams.agents.common import log, now_ms, send
+from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, send
 from streams.app import Topics
 from streams.config import Config
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
-from streams.core.planning import retry_delay_s
 from streams.serde import SerdeError
 
 
@@ -50,9 +47,8 @@ class Resizer:
             task = ResizeTask.from_dict(serde.decode("ResizeTask", value))
         except SerdeError as exc:
             log.error("dropping undecodable task at %s: %s", where, exc)
-            await send(self.topics.dead_letter, key=None, value=value, headers={
-                "imagefork.error.code": b"NOT_A_TASK", "imagefork.error.reason": str(exc).encode(),
-                **{f"imagefork.source.{k}": str(v).encode() for k, v in where.items()}})
+            await send(self.topics.dead_letter, key=None, value=value,
+                       headers=dead_letter_headers("NOT_A_TASK", str(exc), where))
             return
         if now_ms() >= task.deadline:
             return await self.report(task, {"ok": False, "code": "DEADLINE_EXCEEDED", "transient": False,
@@ -76,9 +72,7 @@ class Resizer:
                     "message": "the resize process died while working on this task"}
 
     async def schedule_retry(self, task: ResizeTask, outcome: dict) -> None:
-        r = self.config.retry
-        delay = retry_delay_s(task.attempt, policy=r.policy, delay_s=r.delay_s, max_delay_s=r.max_delay_s,
-                              jitter=random.random())
+        delay = backoff_s(self.config.retry, task.attempt)
         log.warning("task %s/%s attempt %d failed (%s: %s); retry in %.1fs", task.workflowId, task.taskRef,
                     task.attempt, outcome["code"], outcome["message"], delay)
         retry = ResizeTask(**{**task.to_dict(), "attempt": task.attempt + 1,
