@@ -59,7 +59,7 @@ def main() -> int:
         mark = "**" if value == DEFAULTS[fmt] else ""
         lines.append(f"| {fmt} | {mark}{knob}={value}{mark} | {seconds * 1000:.0f} | {size:,} | "
                      f"{seconds / b[3]:.2f}x | {size / b[4]:.2f}x |")
-    lines += ["", "Why these defaults: PNG level 1 is about 4x faster than Pillow's default 6 for about 10-15 % "
+    lines += ["", "Why these defaults: PNG level 1 is several times faster than Pillow's default 6 for some 10 % "
               "more bytes; WebP method 2 sits between method 0 (fastest, largest) and Pillow's default 4; "
               "JPEG quality 85 without `optimize` is the common web setting."]
     out = ROOT / "docs" / "benchmarks.md"

@@ -152,9 +152,10 @@ def compute_time_of_seed(config: Config) -> float:
     return best
 
 
-def run_pipeline(env: dict, config: Config, url: str, n: int, w: int, log_dir: Path, idle_runs: int) -> dict:
-    ns = f"bench{w}-{uuid.uuid4().hex[:6]}."
-    env = {**env, "IMAGEFORK_NAMESPACE": ns, "IMAGEFORK_RESIZE_CONCURRENCY": str(max(1, CORES // w))}
+def run_pipeline(env: dict, config: Config, url: str, n: int, w: int, slots: int, log_dir: Path,
+                 idle_runs: int) -> dict:
+    ns = f"bench{w}x{slots}-{uuid.uuid4().hex[:6]}."
+    env = {**env, "IMAGEFORK_NAMESPACE": ns, "IMAGEFORK_RESIZE_CONCURRENCY": str(slots)}
     cfg = Config.from_env({**os.environ, **env})
     ensure_topics(cfg)
     workers = {"join": [WorkerProcess("join", env, log_dir, f"{ns}join")],
@@ -199,7 +200,7 @@ def run_pipeline(env: dict, config: Config, url: str, n: int, w: int, log_dir: P
         finals = [follower.finals[i] for i in ids if i in follower.finals]
         assert len(finals) == n and all(f.status == "COMPLETED" for f in finals), "pipeline run incomplete"
         lat = [arrived[i] - sent[i] for i in ids]
-        return {"w": w, "requests": n, "images": 9 * n, "seconds": elapsed, "requests_per_s": n / elapsed,
+        return {"w": w, "slots": slots, "requests": n, "images": 9 * n, "seconds": elapsed, "requests_per_s": n / elapsed,
                 "images_per_s": 9 * n / elapsed, "latency_p50": pct(lat, .5), "latency_p95": pct(lat, .95),
                 "latency_p99": pct(lat, .99), "idle_latency_p50": pct(idle, .5),
                 "idle_latencies": idle, "cpu_s_per_image": cpu / (9 * n),
@@ -224,7 +225,7 @@ def write_reports(out: Path, report: dict) -> None:
         lines.append(f"| baseline ({k} pool) | {x['requests_per_s']:.2f} | {x['images_per_s']:.1f} | | | | | | |")
     for p in report["pipeline"]:
         r = p["peak_rss_mb"]
-        lines.append(f"| pipeline W={p['w']} | {p['requests_per_s']:.2f} | {p['images_per_s']:.1f} | "
+        lines.append(f"| pipeline W={p['w']}, {p['slots']} slot(s) each | {p['requests_per_s']:.2f} | {p['images_per_s']:.1f} | "
                      f"{p['latency_p50']:.2f} | {p['latency_p95']:.2f} | {p['latency_p99']:.2f} | "
                      f"{p['idle_latency_p50']:.3f} | {p['cpu_s_per_image']:.3f} | "
                      f"{r.get('planner')}/{r.get('resize')}/{r.get('join')} |")
@@ -237,15 +238,16 @@ def write_reports(out: Path, report: dict) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        ws = [p["w"] for p in report["pipeline"]]
+        scaling = [p for p in report["pipeline"] if p["slots"] == 1]
+        ws = [p["w"] for p in scaling]
         fig, ax1 = plt.subplots(figsize=(6, 4))
-        ax1.plot(ws, [p["images_per_s"] for p in report["pipeline"]], "o-", label="pipeline images/s")
+        ax1.plot(ws, [p["images_per_s"] for p in scaling], "o-", label="pipeline images/s (1 slot per worker)")
         ax1.axhline(b["process"]["images_per_s"], color="gray", ls="--", label="baseline images/s")
         ax1.set_xlabel("resize workers (W)")
         ax1.set_ylabel("images/s")
         ax1.set_xticks(ws)
         ax2 = ax1.twinx()
-        ax2.plot(ws, [p["latency_p50"] for p in report["pipeline"]], "s-", color="tab:red", label="p50 latency (s)")
+        ax2.plot(ws, [p["latency_p50"] for p in scaling], "s-", color="tab:red", label="p50 latency (s)")
         ax2.set_ylabel("p50 end-to-end latency under load (s)")
         fig.legend(loc="lower center", ncol=3, fontsize=7)
         fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -258,7 +260,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--idle-runs", type=int, default=7)
-    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--runs", default=f"1x{CORES},1x1,2x1",
+                    help="resize workers x slots per worker, comma separated")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="imagefork-bench-"))
@@ -278,9 +281,10 @@ def main() -> int:
             print(f"baseline {k}: {v['requests_per_s']:.2f} requests/s, {v['images_per_s']:.1f} images/s",
                   file=sys.stderr)
         pipes = []
-        for w in [int(x) for x in args.workers.split(",")]:
-            p = run_pipeline(env, config, url, args.requests, w, tmp / "logs", args.idle_runs)
-            print(f"pipeline W={w}: {p['requests_per_s']:.2f} requests/s, p50 {p['latency_p50']:.2f}s, "
+        for run in args.runs.split(","):
+            w, slots = (int(x) for x in run.split("x"))
+            p = run_pipeline(env, config, url, args.requests, w, slots, tmp / "logs", args.idle_runs)
+            print(f"pipeline W={w}x{slots}: {p['requests_per_s']:.2f} requests/s, p50 {p['latency_p50']:.2f}s, "
                   f"idle p50 {p['idle_latency_p50']:.3f}s", file=sys.stderr)
             pipes.append(p)
         best_base = max(base.values(), key=lambda x: x["requests_per_s"])
@@ -291,8 +295,9 @@ def main() -> int:
             "idle p50 latency / (compute / cores)": pipes[0]["idle_latency_p50"] / (seed_compute / CORES),
             "idle p50 latency - compute / cores (s)": pipes[0]["idle_latency_p50"] - seed_compute / CORES,
         }
-        if len(pipes) > 1:
-            ratios["W=2 / W=1 throughput"] = pipes[1]["requests_per_s"] / pipes[0]["requests_per_s"]
+        one = {p["w"]: p for p in pipes if p["slots"] == 1}
+        if 1 in one and 2 in one:
+            ratios["W=2 / W=1 throughput (1 slot per worker)"] = one[2]["requests_per_s"] / one[1]["requests_per_s"]
         report = {"machine": f"{CORES} cores, {round(psutil.virtual_memory().total / 2**30)} GiB, "
                              f"{os.uname().sysname} {os.uname().machine}",
                   "command": "make bench", "date": time.strftime("%Y-%m-%d"), "requests": args.requests,

@@ -49,7 +49,9 @@ class Follower:
             if time.monotonic() > deadline:
                 missing = sorted(wanted - set(self.finals))
                 raise TimeoutError(f"no final event within {timeout:.0f}s for {', '.join(missing[:5])}")
-            self.pump(0.2, wanted, progress)
+            msg = self.consumer.poll(0.2)
+            if msg is not None and msg.error() is None:
+                self._take(msg, wanted, progress)
         return {i: self.finals[i] for i in wanted}
 
     def pump(self, seconds: float, wanted: set[str] | None = None, progress: Progress | None = None) -> None:

@@ -80,7 +80,7 @@ class Config:
     deadline_check_interval_s: float = 1.0
     finished_retention_s: float = 24 * 3600.0
     resize_concurrency: int = 0  # 0: one per core
-    resize_pool: str = "process"  # or "thread"
+    resize_pool: str = "thread"  # or "process" (measured: threads are faster, see docs/bench.md)
     planner_concurrency: int = 4
     fetch_allow: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)

@@ -18,9 +18,14 @@ def run_role(role: str, config: Config) -> int:
     from streams.agents import join, planner, resize
     from streams.app import create_app, declare_topics
 
-    logging.basicConfig(level=config.log_level.upper(),
-                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("imagefork").setLevel(min(logging.INFO, logging.getLogger().level))
+    # imagefork's own lines (ready, planned, task done, warnings) always show at INFO on stderr;
+    # IMAGEFORK_LOG_LEVEL sets Faust's and the libraries' level.
+    own = logging.getLogger("imagefork")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s"))
+    own.addHandler(handler)
+    own.propagate = False
+    own.setLevel(min(logging.INFO, logging.getLevelName(config.log_level.upper())))
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))

@@ -56,13 +56,25 @@ def init(config: Config) -> None:
     _cache = SourceCache(max(config.limits.max_pixels, 1))
 
 
+_loading: dict[str, threading.Lock] = {}
+
+
 def _source(uri: str) -> Image.Image:
+    """The decoded source, fetched and decoded once per process even when threads ask at once."""
     im = _cache.get(uri)
-    if im is None:
-        data = _store.get(uri, _config.limits.max_source_bytes)
-        im = prepare_source(data, _config.limits)
-        del data
-        _cache.put(uri, im)
+    if im is not None:
+        return im
+    with _lock:
+        loading = _loading.setdefault(uri, threading.Lock())
+    with loading:
+        im = _cache.get(uri)
+        if im is None:
+            data = _store.get(uri, _config.limits.max_source_bytes)
+            im = prepare_source(data, _config.limits)
+            del data
+            _cache.put(uri, im)
+    with _lock:
+        _loading.pop(uri, None)
     return im
 
 

@@ -157,7 +157,8 @@ class LocalStack:
 
     def running(self) -> bool:
         state = self._load()
-        return bool(state) and all(_alive(s["pid"], self.marker) for s in state.get("services", {}).values())
+        services = state.get("services") or {}
+        return bool(services) and all(_alive(s["pid"], self.marker) for s in services.values())
 
     def env(self) -> dict[str, str]:
         state = self._load()
@@ -309,9 +310,13 @@ class LocalStack:
             f"jclouds.filesystem.basedir={data}",
             "",
         ]))
-        pid = self._spawn("s3proxy", [java, self.marker, "-Xmx384m", "-XX:TieredStopAtLevel=1",
-                                      "-cp", f"{libs}/*", "org.gaul.s3proxy.Main", "--properties", str(conf)],
-                          env={"LOG_LEVEL": "warn"})
+        logback = self.dir / "logback.xml"
+        # S3Proxy's jar logs every Jetty event at DEBUG otherwise, which costs more than the requests
+        logback.write_text('<configuration><appender name="O" class="ch.qos.logback.core.ConsoleAppender">'
+                           '<encoder><pattern>%d %level %logger{20}: %msg%n</pattern></encoder></appender>'
+                           '<root level="WARN"><appender-ref ref="O"/></root></configuration>\n')
+        pid = self._spawn("s3proxy", [java, self.marker, "-Xmx512m", f"-Dlogback.configurationFile={logback}",
+                                      "-cp", f"{libs}/*", "org.gaul.s3proxy.Main", "--properties", str(conf)])
         return {"pid": pid, "port": ports["s3"]}
 
     def _wait_kafka(self, bootstrap: str, timeout: float) -> None:
