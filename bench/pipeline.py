@@ -41,6 +41,7 @@ from streams.stack.local import LocalStack  # noqa: E402
 from streams.stack.processes import FileServer, WorkerProcess, wait_for_log  # noqa: E402
 
 CORES = os.cpu_count() or 1
+STACK_PIDS: dict[str, dict] = {}
 
 
 def pct(values, q):
@@ -60,6 +61,7 @@ class TreeSampler:
         self.peak = {role: 0 for role in pids}
         self._stop = threading.Event()
         self.cpu_start = self.cpu()
+        self.roles_start = self.cpu_by_role()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -70,9 +72,10 @@ class TreeSampler:
         except psutil.Error:
             return []
 
-    def cpu(self) -> float:
-        total = 0.0
-        for pids in self.pids.values():
+    def cpu_by_role(self) -> dict[str, float]:
+        out = {}
+        for role, pids in self.pids.items():
+            total = 0.0
             for pid in pids:
                 for p in self._procs(pid):
                     try:
@@ -80,7 +83,11 @@ class TreeSampler:
                         total += t.user + t.system
                     except psutil.Error:
                         pass
-        return total
+            out[role] = total
+        return out
+
+    def cpu(self) -> float:
+        return sum(v for k, v in self.cpu_by_role().items() if k in ("planner", "resize", "join"))
 
     def _run(self):
         while not self._stop.is_set():
@@ -98,6 +105,8 @@ class TreeSampler:
 
     def stop(self) -> tuple[dict[str, int], float]:
         cpu = self.cpu() - self.cpu_start
+        now = self.cpu_by_role()
+        self.role_cpu = {k: round(now[k] - self.roles_start.get(k, 0.0), 2) for k in now}
         self._stop.set()
         self.thread.join()
         return self.peak, cpu
@@ -178,7 +187,8 @@ def run_pipeline(env: dict, config: Config, url: str, n: int, w: int, slots: int
             follower.wait([wf], 120)
             idle.append(time.perf_counter() - t)
         # throughput: N at once
-        sampler = TreeSampler({role: [p.pid for p in ws] for role, ws in workers.items()})
+        sampler = TreeSampler({**{role: [p.pid for p in ws] for role, ws in workers.items()},
+                               **{name: [svc["pid"]] for name, svc in STACK_PIDS.items()}})
         sent, arrived = {}, {}
         start = time.perf_counter()
         ids = []
@@ -204,7 +214,8 @@ def run_pipeline(env: dict, config: Config, url: str, n: int, w: int, slots: int
                 "images_per_s": 9 * n / elapsed, "latency_p50": pct(lat, .5), "latency_p95": pct(lat, .95),
                 "latency_p99": pct(lat, .99), "idle_latency_p50": pct(idle, .5),
                 "idle_latencies": idle, "cpu_s_per_image": cpu / (9 * n),
-                "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in peak.items()}}
+                "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in peak.items()},
+                "cpu_seconds_by_process": sampler.role_cpu}
     finally:
         for ws in workers.values():
             for wp in ws:
@@ -229,6 +240,11 @@ def write_reports(out: Path, report: dict) -> None:
                      f"{p['latency_p50']:.2f} | {p['latency_p95']:.2f} | {p['latency_p99']:.2f} | "
                      f"{p['idle_latency_p50']:.3f} | {p['cpu_s_per_image']:.3f} | "
                      f"{r.get('planner')}/{r.get('resize')}/{r.get('join')} |")
+    lines += ["", "Where the CPU went during each throughput run (seconds, process trees):", "",
+              "| run | " + " | ".join(report["pipeline"][0]["cpu_seconds_by_process"]) + " |",
+              "|---|" + "---|" * len(report["pipeline"][0]["cpu_seconds_by_process"])]
+    for p in report["pipeline"]:
+        lines.append(f"| W={p['w']}x{p['slots']} | " + " | ".join(str(v) for v in p["cpu_seconds_by_process"].values()) + " |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
     lines += ["", f"Seed request compute time (decode once + 9 resize/encode, one process): "
@@ -268,6 +284,7 @@ def main() -> int:
     stack = LocalStack(tmp / "stack")
     print("starting the local stack...", file=sys.stderr)
     env = {**stack.up(), "IMAGEFORK_FETCH_ALLOW": "127.0.0.0/8", "IMAGEFORK_PARTITIONS": "6"}
+    STACK_PIDS.update(json.loads(stack.state_file.read_text())["services"])
     os.environ.update(env)
     server = FileServer(SAMPLE.parent)
     try:

@@ -59,22 +59,23 @@ def init(config: Config) -> None:
 _loading: dict[str, threading.Lock] = {}
 
 
-def _source(uri: str) -> Image.Image:
+def _source(uri: str, max_box: tuple[int, int]) -> Image.Image:
     """The decoded source, fetched and decoded once per process even when threads ask at once."""
-    im = _cache.get(uri)
+    key = f"{uri}#{max_box[0]}x{max_box[1]}"
+    im = _cache.get(key)
     if im is not None:
         return im
     with _lock:
-        loading = _loading.setdefault(uri, threading.Lock())
+        loading = _loading.setdefault(key, threading.Lock())
     with loading:
-        im = _cache.get(uri)
+        im = _cache.get(key)
         if im is None:
             data = _store.get(uri, _config.limits.max_source_bytes)
-            im = prepare_source(data, _config.limits)
+            im = prepare_source(data, _config.limits, max_box=max_box)
             del data
-            _cache.put(uri, im)
+            _cache.put(key, im)
     with _lock:
-        _loading.pop(uri, None)
+        _loading.pop(key, None)
     return im
 
 
@@ -82,7 +83,7 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
     if _config is None:
         raise RuntimeError("resize_job.init() was not called in this process")
     try:
-        im = _source(task["sourceUri"])
+        im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)))
         spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"])
         out = resize_image(im, spec, _config.limits, _config.encoding)
         _store.put(task["outputKey"], out.data, out.content_type)

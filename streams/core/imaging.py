@@ -235,8 +235,24 @@ def resize_image(data: bytes | Image.Image, spec: OutputSpec, limits: Limits, en
     return EncodedImage(body, out.width, out.height, fmt, CONTENT_TYPES[fmt])
 
 
-def prepare_source(data: bytes, limits: Limits, *, draft_box: tuple[int, int] | None = None) -> Image.Image:
-    """Decode once for many outputs: oriented, mode-normalised, ready for ``resize_image``."""
-    im = normalise_mode(decode(data, limits, draft_box=draft_box))
+def draft_box_for(data: bytes, limits: Limits, max_box: tuple[int, int]) -> tuple[int, int] | None:
+    """The smallest decode size that still covers every output of a request whose largest box is ``max_box``.
+
+    Exact (non-fitting) outputs may stretch one axis and EXIF may swap the axes, so the box is a square
+    of the largest side, covered on both axes."""
+    side = max(max_box)
+    if not side:
+        return None
+    header = open_image(data, limits)
+    w, h = header.width, header.height
+    header.close()
+    scale = max(side / w, side / h)
+    return (max(1, round(w * scale)), max(1, round(h * scale))) if scale < 1 else None
+
+
+def prepare_source(data: bytes, limits: Limits, *, max_box: tuple[int, int] = (0, 0)) -> Image.Image:
+    """Decode once for many outputs: oriented, mode-normalised, ready for ``resize_image``.
+    With ``max_box``, a JPEG is decoded at the smallest reduced scale that still covers it."""
+    im = normalise_mode(decode(data, limits, draft_box=draft_box_for(data, limits, max_box)))
     im.load()
     return im

@@ -71,6 +71,8 @@ class ResizeTask(_Record):
     deadline: int
     attempt: int = 1
     notBefore: int = 0
+    maxWidth: int = 0
+    maxHeight: int = 0
 
 
 @dataclass(frozen=True)

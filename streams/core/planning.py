@@ -144,6 +144,8 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
                output_prefix: str = "") -> list[ResizeTask]:
     """One task per format x size, in the seed's order (formats outer, sizes inner)."""
     total = len(request.outputFormats) * len(request.outputSizes)
+    max_w = max(s.width for s in request.outputSizes)
+    max_h = max(s.height for s in request.outputSizes)
     tasks = []
     for fmt in request.outputFormats:
         for size in request.outputSizes:
@@ -162,6 +164,8 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
                 maintainAspectRatio=request.maintainAspectRatio,
                 outputKey=f"{output_prefix}{workflow_id}/{ref}.{extension(fmt)}",
                 deadline=deadline,
+                maxWidth=max_w,
+                maxHeight=max_h,
             ))
     return tasks
 

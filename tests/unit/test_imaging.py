@@ -167,3 +167,18 @@ def test_animated_gif_takes_first_frame():
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:])
     _, decoded = run(out.getvalue(), "png", 20, 20)
     assert decoded.convert("RGB").getpixel((10, 10))[0] > 200
+
+
+def test_jpeg_draft_decodes_smaller_but_outputs_keep_their_size():
+    from streams.core.imaging import prepare_source
+    data = encode(photo((3200, 2400)), "JPEG", quality=90)
+    full = prepare_source(data, LIM)
+    small = prepare_source(data, LIM, max_box=(300, 300))
+    assert full.size == (3200, 2400) and small.size[0] < 3200 and min(small.size) >= 300
+    for im in (full, small):
+        out = resize_image(im, OutputSpec("png", 300, 300, True), LIM, ENC)
+        assert (out.width, out.height) == (300, 225)
+    stretched = prepare_source(data, LIM, max_box=(50, 1000))
+    assert stretched.height >= 1000  # an exact 50x1000 output still has the rows it needs
+    oriented = prepare_source(jpeg_with_orientation(6, size=(1600, 800)), LIM, max_box=(400, 400))
+    assert min(oriented.size) >= 400
