@@ -34,10 +34,13 @@ def create_app(role: str, config: Config) -> faust.App:
         store="memory://",
         topic_partitions=config.partitions,
         topic_replication_factor=config.replication_factor,
-        processing_guarantee="at_least_once",
+        # the join commits its changelog writes, its final events and its input offsets in one
+        # Kafka transaction; planner and resize are at-least-once (their duplicates are harmless)
+        processing_guarantee=config.processing_guarantee if role == "join" else "at_least_once",
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
-        broker_commit_interval=0.5,
+        # the join's commit is a transaction commit: it bounds how soon a final event is visible
+        broker_commit_interval=0.05 if role == "join" else 0.5,
         # a killed worker's partitions move to the others after this long
         broker_session_timeout=config.session_timeout_s,
         broker_heartbeat_interval=max(0.5, config.session_timeout_s / 5),

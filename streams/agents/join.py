@@ -28,6 +28,7 @@ class Joiner:
         self.retention_ms = int(config.finished_retention_s * 1000)
         self._ticked: dict[bytes, float] = {}
         self.emitted = 0
+        self._ticker = None
 
     async def handle(self, key: bytes, value: bytes) -> None:
         try:
@@ -52,9 +53,13 @@ class Joiner:
                     del self.table[key]
             else:
                 self.table[key] = json.dumps(outcome.state).encode()  # assigned back: the changelog sees it
-        if outcome.final is not None:
-            # close the window in which a crash could replay this event with the final event already out
-            await self.table.app.producer.flush()
+            # Faust queues changelog writes in a buffer; hand this one to the producer before the event
+            # is acked, so no offset commit (a transaction commit under exactly_once) can pass it.
+            await self.table.app.producer.buffer.flush()
+            if outcome.final is not None and self.config.processing_guarantee == "at_least_once":
+                # no transaction: wait for the changelog's ack, to narrow the window in which a crash
+                # could replay this event with its final event already out
+                await self.table.app.producer.flush()
 
     def load(self, key: bytes) -> core.State | None:
         raw = self.table.get(key)
@@ -67,6 +72,22 @@ class Joiner:
                  len(final.outputs), final.taskCount)
         staged = f"{self.config.staging_prefix}{final.workflowId}/source"
         asyncio.get_running_loop().run_in_executor(None, self._forget_source, staged)
+
+    async def send_tick(self, key: bytes, tick: DeadlineCheck) -> None:
+        """Ticks go out on a plain (idempotent, non-transactional) producer: under exactly_once a send
+        from a timer would sit in a transaction that only a processed input commits. A tick is safe
+        to repeat; the table decides."""
+        from aiokafka import AIOKafkaProducer
+        if self._ticker is None:
+            ticker = AIOKafkaProducer(bootstrap_servers=self.config.bootstrap_servers.split(","),
+                                      enable_idempotence=True, acks="all")
+            await ticker.start()
+            self._ticker = ticker
+        try:
+            await self._ticker.send_and_wait(self.topics.events.get_topic_name(), key=key,
+                                             value=serde.encode_join_event("DeadlineCheck", tick.to_dict()))
+        except Exception as exc:  # the next tick tries again
+            log.warning("could not send a deadline tick for %r: %s", key, exc)
 
     def _forget_source(self, key: str) -> None:
         try:
@@ -88,8 +109,7 @@ class Joiner:
                 if mono - self._ticked.get(key, 0.0) < 10.0:
                     continue
                 self._ticked[key] = mono
-                await send(self.topics.events, key=key, value=serde.encode_join_event(
-                    "DeadlineCheck", DeadlineCheck(state["workflowId"], now).to_dict()))
+                await self.send_tick(key, DeadlineCheck(state["workflowId"], now))
         if len(self._ticked) > 10000:
             self._ticked = {k: v for k, v in self._ticked.items() if mono - v < 10.0}
 
@@ -111,6 +131,16 @@ def register(app: faust.App, config: Config, topics: Topics) -> Joiner:
                 raise
             except Exception:
                 log.exception("join failed on %r", event.key)
+
+    if config.processing_guarantee == "exactly_once":
+        # Faust's transactional producer picks the transaction of the *destination* partition's
+        # co-partitioned group. Subscribing to the completed topic (same partition count and key
+        # as the events topic) puts it in that group, so the final event joins the same
+        # transaction as the changelog write and the input offset.
+        @app.agent(topics.completed, name="imagefork.join.completed")
+        async def own_final_events(stream):
+            async for _ in stream:
+                pass
 
     @app.timer(interval=config.deadline_check_interval_s)
     async def deadlines():
