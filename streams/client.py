@@ -125,6 +125,7 @@ class Client:
 
     def close(self) -> None:
         self.producer.flush(10)
+        self.producer = None
 
 
 def consume_completed(config: Config, ids: Iterable[str], timeout: float, from_beginning: bool = True

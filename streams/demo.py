@@ -54,6 +54,8 @@ def run_demo(keep_stack: bool = False) -> int:
         say(f"submitted workflow {workflow_id}: png, jpg, webp x 300x300, 200x200, 1200x1200")
         final = follower.wait([workflow_id], 300, progress_bar())[workflow_id]
         follower.close()
+        client.close()
+        del client, follower  # librdkafka handles go before the broker does
         print_final(final)
         say(f"done in {time.monotonic() - started:.2f}s (end to end, as the client saw it)")
         return 0 if final.status == "COMPLETED" else 1
