@@ -14,6 +14,7 @@ ROLES = ("planner", "resize", "join")
 @dataclass(frozen=True)
 class Topics:
     requests: faust.TopicT
+    request_retries: faust.TopicT
     tasks: faust.TopicT
     retries: faust.TopicT
     events: faust.TopicT
@@ -34,13 +35,11 @@ def create_app(role: str, config: Config) -> faust.App:
         store="memory://",
         topic_partitions=config.partitions,
         topic_replication_factor=config.replication_factor,
-        # the join commits its changelog writes, its final events and its input offsets in one
-        # Kafka transaction; planner and resize are at-least-once (their duplicates are harmless)
-        processing_guarantee=config.processing_guarantee if role == "join" else "at_least_once",
+        # at-least-once everywhere; see the README ("Delivery guarantees") for why not exactly_once
+        processing_guarantee="at_least_once",
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
-        # the join's commit is a transaction commit: it bounds how soon a final event is visible
-        broker_commit_interval=0.05 if role == "join" else 0.5,
+        broker_commit_interval=0.5,
         # a killed worker's partitions move to the others after this long
         broker_session_timeout=config.session_timeout_s,
         broker_heartbeat_interval=max(0.5, config.session_timeout_s / 5),
@@ -59,6 +58,7 @@ def declare_topics(app: faust.App, config: Config) -> Topics:
 
     return Topics(
         requests=topic(t.requests),
+        request_retries=topic(t.request_retries),
         tasks=topic(t.tasks),
         retries=topic(t.retries),
         events=topic(t.events),

@@ -50,6 +50,7 @@ class Retry:
 @dataclass(frozen=True)
 class Topics:
     requests: str = "imagefork.requests"
+    request_retries: str = "imagefork.requests.retry"
     tasks: str = "imagefork.tasks"
     retries: str = "imagefork.tasks.retry"
     events: str = "imagefork.events"
@@ -74,10 +75,10 @@ class Config:
     topics: Topics = field(default_factory=Topics)
     partitions: int = 6
     replication_factor: int = 1
-    processing_guarantee: str = "exactly_once"
     workflow_timeout_s: float = 300.0
     session_timeout_s: float = 15.0
     deadline_check_interval_s: float = 1.0
+    repair_after_s: float = 15.0
     finished_retention_s: float = 24 * 3600.0
     resize_concurrency: int = 0  # 0: one per core
     resize_pool: str = "thread"  # or "process" (measured: threads are faster, see docs/bench.md)
@@ -111,8 +112,6 @@ class Config:
         checks = [
             (self.partitions >= 1, "IMAGEFORK_PARTITIONS must be >= 1"),
             (self.replication_factor >= 1, "IMAGEFORK_REPLICATION_FACTOR must be >= 1"),
-            (self.processing_guarantee in ("exactly_once", "at_least_once"),
-             "IMAGEFORK_PROCESSING_GUARANTEE must be exactly_once or at_least_once"),
             (self.workflow_timeout_s > 0, "IMAGEFORK_WORKFLOW_TIMEOUT_S must be > 0"),
             (self.resize_pool in ("process", "thread"), "IMAGEFORK_RESIZE_POOL must be process or thread"),
             (self.resize_concurrency >= 0, "IMAGEFORK_RESIZE_CONCURRENCY must be >= 0"),
@@ -181,11 +180,11 @@ class Config:
             topics=topics,
             partitions=reader.int("IMAGEFORK_PARTITIONS", d.partitions),
             replication_factor=reader.int("IMAGEFORK_REPLICATION_FACTOR", d.replication_factor),
-            processing_guarantee=reader.str("IMAGEFORK_PROCESSING_GUARANTEE", d.processing_guarantee),
             workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),
             session_timeout_s=reader.float("IMAGEFORK_SESSION_TIMEOUT_S", d.session_timeout_s),
             deadline_check_interval_s=reader.float("IMAGEFORK_DEADLINE_CHECK_INTERVAL_S",
                                                    d.deadline_check_interval_s),
+            repair_after_s=reader.float("IMAGEFORK_REPAIR_AFTER_S", d.repair_after_s),
             finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),
             resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),
             resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),

@@ -104,7 +104,7 @@ def decode_request_bytes(data: bytes) -> Any:
     if is_single_object(data):
         return decode("ImageRequest", data)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a leading BOM, as some editors write, is not an error
     except UnicodeDecodeError:
         raise SerdeError("value is neither UTF-8 JSON nor an Avro single-object ImageRequest") from None
     try:

@@ -29,6 +29,7 @@ def topic_specs(config: Config) -> dict[str, dict]:
     week = str(7 * 24 * 3600 * 1000)
     return {
         t.requests: {"retention.ms": week},
+        t.request_retries: {"retention.ms": day},
         t.tasks: {"retention.ms": day},
         t.retries: {"retention.ms": day},
         t.events: {"retention.ms": day},

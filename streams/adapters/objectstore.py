@@ -85,9 +85,10 @@ class ObjectStore:
     def url(self, key: str) -> str:
         return self.config.object_url(key)
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
+                                   Metadata=metadata or {})
         except Exception as exc:
             raise _classify(exc, f"upload s3://{self.bucket}/{key}") from None
 

@@ -14,7 +14,8 @@ from streams.agents.common import log, now_ms, send
 from streams.app import Topics
 from streams.config import Config
 from streams.core import join as core
-from streams.core.models import DeadlineCheck, TaskResult, WorkflowCompleted, WorkflowPlan
+from streams.core.models import SUCCEEDED, DeadlineCheck, TaskOutput, TaskResult, WorkflowCompleted, WorkflowPlan
+from streams.core.planning import format_of, output_key
 from streams.serde import SerdeError
 
 
@@ -29,6 +30,7 @@ class Joiner:
         self._ticked: dict[bytes, float] = {}
         self.emitted = 0
         self._ticker = None
+        self._repaired: dict[bytes, float] = {}
 
     async def handle(self, key: bytes, value: bytes) -> None:
         try:
@@ -54,11 +56,11 @@ class Joiner:
             else:
                 self.table[key] = json.dumps(outcome.state).encode()  # assigned back: the changelog sees it
             # Faust queues changelog writes in a buffer; hand this one to the producer before the event
-            # is acked, so no offset commit (a transaction commit under exactly_once) can pass it.
+            # is acked, so no offset commit can pass it.
             await self.table.app.producer.buffer.flush()
-            if outcome.final is not None and self.config.processing_guarantee == "at_least_once":
-                # no transaction: wait for the changelog's ack, to narrow the window in which a crash
-                # could replay this event with its final event already out
+            if outcome.final is not None:
+                # wait for the changelog's ack too: this narrows the window in which a crash could
+                # replay this event with its final event already out to the time between two acks
                 await self.table.app.producer.flush()
 
     def load(self, key: bytes) -> core.State | None:
@@ -73,10 +75,35 @@ class Joiner:
         staged = f"{self.config.staging_prefix}{final.workflowId}/source"
         asyncio.get_running_loop().run_in_executor(None, self._forget_source, staged)
 
-    async def send_tick(self, key: bytes, tick: DeadlineCheck) -> None:
-        """Ticks go out on a plain (idempotent, non-transactional) producer: under exactly_once a send
-        from a timer would sit in a transaction that only a processed input commits. A tick is safe
-        to repeat; the table decides."""
+    def find_outputs(self, state: core.State) -> list[TaskResult]:
+        """Repair: a workflow stalled with tasks missing. The outputs are deterministic S3 objects that
+        describe themselves, so a result that never reached the table (lost in a crash) is rebuilt
+        from its object, and fed back through the stream like any result."""
+        found = []
+        workflow_id = state["workflowId"]
+        for ref in core.missing_refs(state):
+            fmt = format_of(ref)
+            if fmt is None:
+                continue
+            key = output_key(self.config.output_prefix, workflow_id, ref, fmt)
+            try:
+                head = self.store.head(key)
+            except Exception:
+                continue
+            meta = (head or {}).get("Metadata", {})
+            if not head or meta.get("imagefork-task") != ref:
+                continue
+            output = TaskOutput(ref, meta.get("imagefork-format", fmt), int(meta.get("imagefork-width", 0)),
+                                int(meta.get("imagefork-height", 0)), int(head.get("ContentLength", 0)),
+                                head.get("ContentType", ""), self.store.uri(key), self.store.url(key))
+            found.append(TaskResult(workflow_id, ref, SUCCEEDED, 0, now_ms(), output=output))
+        if found:
+            log.warning("workflow %s stalled: recovered %d result(s) from their objects", workflow_id, len(found))
+        return found
+
+    async def send_tick(self, key: bytes, tick: DeadlineCheck | TaskResult) -> None:
+        """Ticks go out on a plain idempotent producer of their own, apart from the stream's sends
+        (a tick is safe to repeat; the table decides)."""
         from aiokafka import AIOKafkaProducer
         if self._ticker is None:
             ticker = AIOKafkaProducer(bootstrap_servers=self.config.bootstrap_servers.split(","),
@@ -85,7 +112,7 @@ class Joiner:
             self._ticker = ticker
         try:
             await self._ticker.send_and_wait(self.topics.events.get_topic_name(), key=key,
-                                             value=serde.encode_join_event("DeadlineCheck", tick.to_dict()))
+                                             value=serde.encode_join_event(type(tick).__name__, tick.to_dict()))
         except Exception as exc:  # the next tick tries again
             log.warning("could not send a deadline tick for %r: %s", key, exc)
 
@@ -110,6 +137,14 @@ class Joiner:
                     continue
                 self._ticked[key] = mono
                 await self.send_tick(key, DeadlineCheck(state["workflowId"], now))
+            elif core.stalled(state, now, int(self.config.repair_after_s * 1000)):
+                if mono - self._repaired.get(key, 0.0) < self.config.repair_after_s:
+                    continue
+                self._repaired[key] = mono
+                for result in await asyncio.to_thread(self.find_outputs, state):
+                    await self.send_tick(key, result)
+        if len(self._repaired) > 10000:
+            self._repaired = {k: v for k, v in self._repaired.items() if mono - v < self.config.repair_after_s}
         if len(self._ticked) > 10000:
             self._ticked = {k: v for k, v in self._ticked.items() if mono - v < 10.0}
 
@@ -131,16 +166,6 @@ def register(app: faust.App, config: Config, topics: Topics) -> Joiner:
                 raise
             except Exception:
                 log.exception("join failed on %r", event.key)
-
-    if config.processing_guarantee == "exactly_once":
-        # Faust's transactional producer picks the transaction of the *destination* partition's
-        # co-partitioned group. Subscribing to the completed topic (same partition count and key
-        # as the events topic) puts it in that group, so the final event joins the same
-        # transaction as the changelog write and the input offset.
-        @app.agent(topics.completed, name="imagefork.join.completed")
-        async def own_final_events(stream):
-            async for _ in stream:
-                pass
 
     @app.timer(interval=config.deadline_check_interval_s)
     async def deadlines():

@@ -26,7 +26,8 @@ class Planner:
         self.store = store
 
     # --- the steps ------------------------------------------------------------
-    async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str]) -> None:
+    async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
+                     attempt: int = 1, submitted_at: int | None = None) -> None:
         try:
             doc = serde.decode_request_bytes(value if value is not None else b"")
         except SerdeError as exc:
@@ -35,7 +36,7 @@ class Planner:
             return await self.dead_letter(key, value, "NOT_A_REQUEST",
                                           f"value is JSON {type(doc).__name__}, not a request object", where)
         workflow_id, key_problem = self.workflow_id(key, doc)
-        now = now_ms()
+        now = submitted_at or now_ms()
         deadline = now + int(self.config.workflow_timeout_s * 1000)
         location = doc.get("fileLocation") if isinstance(doc.get("fileLocation"), str) else ""
         correlation = doc.get("correlationId") if isinstance(doc.get("correlationId"), str) else None
@@ -50,8 +51,12 @@ class Planner:
                 submittedAt=now, deadline=deadline,
                 failure=PlanFailure(REJECTED, exc.code, exc.message)))
         try:
-            source_uri = await self.stage_source(request.fileLocation, workflow_id, deadline)
+            source_uri = await asyncio.to_thread(self._stage, request.fileLocation, workflow_id)
         except PipelineError as exc:
+            if exc.transient and await self.schedule_retry(workflow_id, value, attempt, now, deadline, exc):
+                return
+            if exc.transient:
+                exc.message += f" (after {attempt} attempts)"
             log.info("workflow %s failed at its source: %s", workflow_id, exc)
             return await self.send_plan(WorkflowPlan(
                 workflowId=workflow_id, correlationId=request.correlationId, fileLocation=request.fileLocation,
@@ -73,40 +78,44 @@ class Planner:
 
     @staticmethod
     def workflow_id(key: bytes | None, doc: dict) -> tuple[str, str | None]:
-        """The message key, else the field, else a new UUID; a key we cannot use is reported."""
+        """The message key, else the field, else a new UUID. An id that cannot name S3 keys is
+        reported (the request is REJECTED under that same id, so its sender finds the final event)."""
+        rule = "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"
         if key:
-            try:
-                text = key.decode("utf-8")
-            except UnicodeDecodeError:
-                return key.hex()[:128], "message key is not UTF-8"
-            if not valid_workflow_id(text):
-                safe = "".join(c if c.isalnum() or c in "._:-" else "_" for c in text)[:128] or "invalid"
-                return safe, "message key must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"
-            return text, None
+            text = key.decode("utf-8", "replace")[:512]
+            return text, (None if valid_workflow_id(text) else f"message key {rule}")
         field = doc.get("workflowId")
-        if isinstance(field, str) and valid_workflow_id(field):
-            return field, None
+        if isinstance(field, str) and field:
+            return field[:512], None  # an invalid field is reported by parse_request
         return str(uuid.uuid4()), None
 
-    async def stage_source(self, location: str, workflow_id: str, deadline: int) -> str:
-        """Fetch once per workflow, check the header, and keep a copy the resize workers read."""
-        attempt = 1
-        while True:
+    async def schedule_retry(self, workflow_id: str, value: bytes, attempt: int, submitted_at: int,
+                             deadline: int, exc: PipelineError) -> bool:
+        """Park the request on the retry topic with a not-before time; False when retries are spent."""
+        delay = backoff_s(self.config.retry, attempt)
+        not_before = now_ms() + int(delay * 1000)
+        if attempt > self.config.retry.max_retries or not_before >= deadline:
+            return False
+        log.warning("workflow %s: source attempt %d failed (%s); retry in %.1fs", workflow_id, attempt, exc, delay)
+        await send(self.topics.request_retries, key=workflow_id.encode(), value=value, headers={
+            "imagefork.attempt": str(attempt + 1).encode(), "imagefork.not-before": str(not_before).encode(),
+            "imagefork.submitted-at": str(submitted_at).encode()})
+        return True
+
+    async def release(self, key: bytes, value: bytes, headers: dict, where: dict[str, str]) -> None:
+        """Retry topic: wait until the request's not-before time, then plan it again (a waiting
+        request holds one of many light slots of this agent, never the request partitions)."""
+        def number(name: str, default: int) -> int:
+            raw = headers.get(name)
             try:
-                return await asyncio.to_thread(self._stage, location, workflow_id)
-            except PipelineError as exc:
-                retry = self.config.retry
-                if not exc.transient or attempt > retry.max_retries:
-                    if exc.transient:
-                        exc.message += f" (after {attempt} attempts)"
-                    raise
-                delay = backoff_s(retry, attempt)
-                if now_ms() + delay * 1000 >= deadline:
-                    raise
-                log.warning("workflow %s: source attempt %d failed (%s); retrying in %.1fs",
-                            workflow_id, attempt, exc, delay)
-                await asyncio.sleep(delay)
-                attempt += 1
+                return int(raw.decode() if isinstance(raw, bytes) else raw)
+            except (TypeError, ValueError, AttributeError):
+                return default
+        wait_ms = number("imagefork.not-before", 0) - now_ms()
+        if wait_ms > 0:
+            await asyncio.sleep(wait_ms / 1000)
+        await self.handle(key, value, where, attempt=number("imagefork.attempt", 2),
+                          submitted_at=number("imagefork.submitted-at", 0) or None)
 
     def _stage(self, location: str, workflow_id: str) -> str:
         lim = self.config.limits
@@ -146,6 +155,19 @@ def register(app: faust.App, config: Config, topics: Topics) -> Planner:
                 log.exception("planner failed on %s", where)
                 await planner.dead_letter(event.key, event.value, "INTERNAL",
                                           f"{type(exc).__name__}: {exc}", where)
+
+    @app.agent(topics.request_retries, concurrency=64, name="imagefork.planner.retry")
+    async def release_retries(stream):
+        async for event in stream.events():
+            msg = event.message
+            where = {"topic": msg.topic, "partition": str(msg.partition), "offset": str(msg.offset)}
+            try:
+                await planner.release(event.key, event.value, dict(event.headers or {}), where)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("planner retry failed on %s", where)
+                await planner.dead_letter(event.key, event.value, "INTERNAL", f"{type(exc).__name__}: {exc}", where)
 
     @app.task
     async def prepare():

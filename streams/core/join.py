@@ -92,7 +92,21 @@ def progress(state: State) -> tuple[int, int | None]:
     return len(state.get("results", {})), (len(plan["taskRefs"]) if plan else None)
 
 
+def missing_refs(state: State) -> list[str]:
+    """Task references of the plan with no result yet (empty without a plan)."""
+    plan = state.get("plan")
+    if not plan or is_finished(state):
+        return []
+    return [ref for ref in plan["taskRefs"] if ref not in state["results"]]
+
+
+def stalled(state: State, now: int, after_ms: int) -> bool:
+    """An open workflow with a plan that has made no progress for ``after_ms``."""
+    return bool(missing_refs(state)) and now - state.get("updatedAt", state["firstSeen"]) >= after_ms
+
+
 def _maybe_complete(state: State, now: int) -> Outcome:
+    state = {**state, "updatedAt": now}
     plan = state["plan"]
     if plan is None or any(ref not in state["results"] for ref in plan["taskRefs"]):
         return Outcome(state)

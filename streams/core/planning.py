@@ -23,6 +23,19 @@ def extension(fmt: str) -> str:
     return fmt
 
 
+def output_key(prefix: str, workflow_id: str, ref: str, fmt: str) -> str:
+    return f"{prefix}{workflow_id}/{ref}.{extension(fmt)}"
+
+
+def format_of(ref: str) -> str | None:
+    """The format in a task reference ``image_convert_resize_{format}_{w}x{h}_{i}``."""
+    head = f"{TASK_NAME}_"
+    if not ref.startswith(head):
+        return None
+    parts = ref[len(head):].rsplit("_", 2)
+    return parts[0] if len(parts) == 3 else None
+
+
 def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
                   formats: Iterable[str] = tuple(CONTENT_TYPES)) -> ImageRequest:
     """Read and validate one request document; every problem is reported with its field."""
@@ -162,7 +175,7 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
                 width=size.width,
                 height=size.height,
                 maintainAspectRatio=request.maintainAspectRatio,
-                outputKey=f"{output_prefix}{workflow_id}/{ref}.{extension(fmt)}",
+                outputKey=output_key(output_prefix, workflow_id, ref, fmt),
                 deadline=deadline,
                 maxWidth=max_w,
                 maxHeight=max_h,

@@ -155,3 +155,74 @@ def test_two_resize_workers_share_the_work(make_pipeline, files):
     done_a = a.log_path.read_text().count(" SUCCEEDED (attempt")
     done_b = b.log_path.read_text().count(" SUCCEEDED (attempt")
     assert done_a > 0 and done_b > 0 and done_a + done_b >= 48, (done_a, done_b)
+
+
+def test_flaky_source_is_retried_without_blocking_other_requests(make_pipeline, files):
+    """A source answering 503 three times: the request waits on the retry topic, then completes;
+    a request behind it on the same planner completes meanwhile."""
+    import http.server
+    import threading
+    from streams.demo import SAMPLE
+    body = SAMPLE.read_bytes()
+    calls = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            calls.append(time.monotonic())
+            if len(calls) <= 3:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        p = make_pipeline(IMAGEFORK_MAX_RETRIES="5", IMAGEFORK_RETRY_DELAY_S="1", IMAGEFORK_RETRY_MAX_DELAY_S="2",
+                          IMAGEFORK_PLANNER_CONCURRENCY="1")
+        p.start_all()
+        follower = p.follower()
+        flaky = {**small_request(files, formats=("png",)),
+                 "fileLocation": f"http://127.0.0.1:{httpd.server_address[1]}/sample.png"}
+        p.submit(flaky, "flaky-1")
+        p.submit(small_request(files, formats=("jpg",)), "steady-1")
+        finals = follower.wait(["flaky-1", "steady-1"], 120)
+        follower.close()
+        assert finals["flaky-1"].status == "COMPLETED" and finals["steady-1"].status == "COMPLETED"
+        assert len(calls) == 4
+        assert finals["steady-1"].completedAt < finals["flaky-1"].completedAt  # it did not wait behind
+        assert len(p.finals_for(["flaky-1", "steady-1"])) == 2
+    finally:
+        httpd.shutdown()
+
+
+def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
+    """A result that never reaches the join (lost anywhere) is rebuilt from the self-describing output
+    object once the workflow stalls, so the workflow completes instead of timing out."""
+    from streams import serde
+    from streams.core.models import WorkflowPlan
+    from streams.core.planning import output_key
+    p = make_pipeline()
+    p.start("join")
+    follower = p.follower()
+    wf, refs = "lost-result-1", ("image_convert_resize_png_10x10_0", "image_convert_resize_jpg_10x10_1")
+    for ref, fmt, ctype in zip(refs, ("png", "jpg"), ("image/png", "image/jpeg")):
+        p.store.put(output_key("", wf, ref, fmt), b"x" * 42, ctype, metadata={
+            "imagefork-task": ref, "imagefork-format": fmt, "imagefork-width": "10", "imagefork-height": "7"})
+    now = int(time.time() * 1000)
+    plan = WorkflowPlan(wf, "http://example.invalid/x.png", refs, now, now + 60_000)
+    p.client.producer.produce(p.config.topics.events, key=wf.encode(),
+                              value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
+    p.client.producer.flush(10)
+    final = follower.wait([wf], 60)[wf]
+    follower.close()
+    assert final.status == "COMPLETED"
+    assert [(o.taskRef, o.width, o.height, o.bytes) for o in final.outputs] == [
+        (refs[0], 10, 7, 42), (refs[1], 10, 7, 42)]

@@ -100,3 +100,13 @@ def test_resubmitted_plan_after_completion_emits_nothing():
     state, _ = feed([PLAN, ok("a"), ok("b"), ok("c")])
     again = join.record_plan(state, PLAN, 3000)
     assert again.final is None and not again.changed
+
+
+def test_stalled_workflows_and_their_missing_refs():
+    from streams.core.planning import format_of
+    state, _ = feed([PLAN, ok("a")], now=1000)
+    assert join.missing_refs(state) == ["b", "c"]
+    assert not join.stalled(state, 1500, after_ms=1000) and join.stalled(state, 2000, after_ms=1000)
+    done, _ = feed([PLAN, ok("a"), ok("b"), ok("c")])
+    assert join.missing_refs(done) == [] and not join.stalled(done, 10**9, after_ms=1)
+    assert format_of("image_convert_resize_webp_64x48_5") == "webp" and format_of("other") is None

@@ -67,6 +67,7 @@ def test_request_bytes_json_or_avro():
     doc = RECORDS["ImageRequest"]
     assert serde.decode_request_bytes(json.dumps(doc).encode()) == doc
     assert serde.decode_request_bytes(serde.encode("ImageRequest", doc)) == doc
+    assert serde.decode_request_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode()) == doc
     for bad in (b"\xff\xfe", b"{not json", b"\xc3\x01garbagegarbage"):
         with pytest.raises(serde.SerdeError):
             serde.decode_request_bytes(bad)
