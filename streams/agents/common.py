@@ -13,6 +13,12 @@ from streams.core.planning import retry_delay_s
 log = logging.getLogger("imagefork")
 
 
+def origin(event) -> dict[str, str]:
+    """Where a consumed message came from, for logs and dead-letter headers."""
+    msg = event.message
+    return {"topic": msg.topic, "partition": str(msg.partition), "offset": str(msg.offset)}
+
+
 def dead_letter_headers(code: str, reason: str, where: dict[str, str]) -> dict[str, bytes]:
     """The headers of a dead-lettered message: why, and where it came from."""
     return {"imagefork.error.code": code.encode(), "imagefork.error.reason": reason[:1000].encode(),

@@ -9,7 +9,7 @@ import faust
 from streams import serde
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.source import fetch_http
-from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, send
+from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, origin, send
 from streams.app import Topics
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid
@@ -145,8 +145,7 @@ def register(app: faust.App, config: Config, topics: Topics) -> Planner:
     @app.agent(topics.requests, concurrency=config.planner_concurrency, name="imagefork.planner")
     async def plan_requests(stream):
         async for event in stream.events():
-            msg = event.message
-            where = {"topic": msg.topic, "partition": str(msg.partition), "offset": str(msg.offset)}
+            where = origin(event)
             try:
                 await planner.handle(event.key, event.value, where)
             except asyncio.CancelledError:
@@ -159,8 +158,7 @@ def register(app: faust.App, config: Config, topics: Topics) -> Planner:
     @app.agent(topics.request_retries, concurrency=64, name="imagefork.planner.retry")
     async def release_retries(stream):
         async for event in stream.events():
-            msg = event.message
-            where = {"topic": msg.topic, "partition": str(msg.partition), "offset": str(msg.offset)}
+            where = origin(event)
             try:
                 await planner.release(event.key, event.value, dict(event.headers or {}), where)
             except asyncio.CancelledError:

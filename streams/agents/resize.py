@@ -13,7 +13,7 @@ import faust
 
 from streams import serde
 from streams.agents import resize_job
-from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, send
+from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, origin, send
 from streams.app import Topics
 from streams.config import Config
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
@@ -111,8 +111,7 @@ def register(app: faust.App, config: Config, topics: Topics) -> Resizer:
     @app.agent(topics.tasks, concurrency=config.resize_slots, name="imagefork.resize")
     async def resize_tasks(stream):
         async for event in stream.events():
-            msg = event.message
-            where = {"topic": msg.topic, "partition": str(msg.partition), "offset": str(msg.offset)}
+            where = origin(event)
             try:
                 await resizer.handle(event.value, where)
             except asyncio.CancelledError:
