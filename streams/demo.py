@@ -25,6 +25,9 @@ def run_demo(keep_stack: bool = False) -> int:
 
     say = lambda msg: print(f"==> {msg}", file=sys.stderr, flush=True)  # noqa: E731
     stack = LocalStack(default_state_dir().parent / "demo-stack")
+    if not stack.running():
+        import shutil
+        shutil.rmtree(stack.dir, ignore_errors=True)  # every demo starts from empty topics and bucket
     say("starting the local stack (Apache Kafka in KRaft mode + S3Proxy; fetched with mvn on first use)")
     env = stack.up()
     for k, v in env.items():
