@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -34,7 +33,6 @@ from streams.agents import resize_job  # noqa: E402
 from streams.client import Client, Follower  # noqa: E402
 from streams.config import Config  # noqa: E402
 from streams.core.imaging import OutputSpec, prepare_source, resize_image  # noqa: E402
-from streams.core.models import ResizeTask  # noqa: E402
 from streams.core.planning import parse_request, plan_tasks  # noqa: E402
 from streams.demo import SAMPLE, seed_request  # noqa: E402
 from streams.stack.local import LocalStack  # noqa: E402

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Callable, Iterable
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streams import serde
 from streams.adapters.kafka import client_config, producer_config
@@ -150,4 +150,4 @@ def consume_completed(config: Config, ids: Iterable[str], timeout: float, from_b
         consumer.close()
 
 
-__all__ = ["Client", "Follower", "SubmitError", "consume_completed", "KafkaException"]
+__all__ = ["Client", "Follower", "SubmitError", "consume_completed"]

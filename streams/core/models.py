@@ -2,7 +2,7 @@
 ``to_dict``/``from_dict`` sit beside each record so the serde stays generic."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 CONTENT_TYPES = {
@@ -188,7 +188,6 @@ class WorkflowCompleted:
     taskCount: int
     submittedAt: int
     completedAt: int
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

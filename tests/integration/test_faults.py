@@ -4,7 +4,6 @@ from collections import Counter
 
 import pytest
 
-from streams.demo import seed_request
 from tests.integration.faults import TcpProxy
 from tests.integration.pipeline import wait_until
 

@@ -1,7 +1,6 @@
 """docker-compose.yml cannot run here (no Docker engine): check that it is wired to real entry points."""
 from pathlib import Path
 
-import pytest
 
 from streams.cli import main
 
