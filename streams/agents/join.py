@@ -28,7 +28,6 @@ class Joiner:
         self.timeout_ms = int(config.workflow_timeout_s * 1000)
         self.retention_ms = int(config.finished_retention_s * 1000)
         self._ticked: dict[bytes, float] = {}
-        self.emitted = 0
         self._ticker = None
         self._repaired: dict[bytes, float] = {}
 
@@ -69,7 +68,6 @@ class Joiner:
 
     async def emit(self, key: bytes, final: WorkflowCompleted) -> None:
         await send(self.topics.completed, key=key, value=serde.encode("WorkflowCompleted", final.to_dict()))
-        self.emitted += 1
         log.info("workflow %s %s: %d of %d outputs", final.workflowId, final.status,
                  len(final.outputs), final.taskCount)
         staged = f"{self.config.staging_prefix}{final.workflowId}/source"

@@ -15,7 +15,7 @@ from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid
 from streams.core.imaging import probe_image
 from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
-from streams.core.planning import make_plan, plan_tasks, valid_workflow_id
+from streams.core.planning import make_plan, parse_request, plan_tasks, valid_workflow_id
 from streams.serde import SerdeError
 
 
@@ -72,7 +72,6 @@ class Planner:
         log.info("workflow %s planned: %d tasks", workflow_id, len(tasks))
 
     def parse(self, doc: dict):
-        from streams.core.planning import parse_request
         lim = self.config.limits
         return parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks)
 

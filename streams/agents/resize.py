@@ -35,7 +35,6 @@ class Resizer:
         self.config = config
         self.topics = topics
         self.pool: Executor | None = None
-        self.done = 0
 
     def ensure_pool(self) -> Executor:
         if self.pool is None:
@@ -89,7 +88,6 @@ class Resizer:
                                 error=TaskError(task.taskRef, outcome["code"], outcome["message"], task.attempt))
         await send(self.topics.events, key=task.workflowId.encode(),
                    value=serde.encode_join_event("TaskResult", result.to_dict()))
-        self.done += 1
         log.info("task %s/%s %s (attempt %d)", task.workflowId, task.taskRef, result.status, task.attempt)
 
     async def release(self, value: bytes) -> None:

@@ -7,6 +7,7 @@ Pixel limits are checked from the header, before any pixel is allocated.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -77,7 +78,7 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageUndecodable("source is not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, TypeError, struct_error(), EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, TypeError, struct.error, EOFError) as exc:
         raise ImageUndecodable(f"source image header is damaged ({type(exc).__name__})") from None
     except Image.DecompressionBombError as exc:  # pragma: no cover - MAX_IMAGE_PIXELS is off
         raise ImageTooLarge(str(exc)) from None
@@ -91,11 +92,6 @@ def check_pixels(width: int, height: int, limits: Limits) -> None:
     if width * height > limits.max_pixels:
         raise ImageTooLarge(
             f"source is {width}x{height} = {width * height} pixels, more than the limit of {limits.max_pixels}")
-
-
-def struct_error():
-    import struct
-    return struct.error
 
 
 def probe_image(data: bytes, limits: Limits) -> tuple[str, int, int]:
@@ -117,7 +113,7 @@ def decode(data: bytes, limits: Limits, *, draft_box: tuple[int, int] | None = N
             warnings.simplefilter("ignore")
             im.load()
             im = _orient(im)
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct_error(), IndexError) as exc:
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError) as exc:
         raise ImageUndecodable(f"source image data is damaged or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
     except MemoryError:
         raise ImageTooLarge("source image does not fit in memory") from None
