@@ -8,7 +8,7 @@ import faust
 
 from streams.config import Config
 
-ROLES = ("planner", "resize", "join")
+ROLES = ("planner", "resize")  # the Faust roles; the join is a confluent-kafka loop (agents/join.py)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ def consume_completed(config: Config, ids: Iterable[str], timeout: float, from_b
     wanted = set(ids)
     consumer = Consumer(client_config(config, **{
         "group.id": f"imagefork-audit-{uuid.uuid4()}", "enable.auto.commit": False,
+        "isolation.level": "read_committed",  # final events are written in the join's transactions
         "auto.offset.reset": "earliest" if from_beginning else "latest"}))
     try:
         consumer.subscribe([config.topics.completed])

@@ -56,6 +56,7 @@ class Topics:
     events: str = "imagefork.events"
     completed: str = "imagefork.completed"
     dead_letter: str = "imagefork.requests.dlq"
+    join_state: str = "imagefork.join.state"  # the join's changelog (compacted)
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -80,6 +81,9 @@ class Config:
     deadline_check_interval_s: float = 1.0
     repair_after_s: float = 15.0
     finished_retention_s: float = 24 * 3600.0
+    join_batch: int = 500  # events per join transaction, at most
+    join_instance: str = ""  # the join's transactional.id suffix; default: host name + a free slot
+    transaction_timeout_s: float = 10.0  # a dead join's open transaction is aborted after this
     resize_concurrency: int = 0  # 0: one per core
     resize_pool: str = "thread"  # or "process" (measured: threads are faster, see docs/bench.md)
     planner_concurrency: int = 4
@@ -116,6 +120,9 @@ class Config:
             (self.resize_pool in ("process", "thread"), "IMAGEFORK_RESIZE_POOL must be process or thread"),
             (self.resize_concurrency >= 0, "IMAGEFORK_RESIZE_CONCURRENCY must be >= 0"),
             (self.planner_concurrency >= 1, "IMAGEFORK_PLANNER_CONCURRENCY must be >= 1"),
+            (1 <= self.join_batch <= 100_000, "IMAGEFORK_JOIN_BATCH must be 1..100000"),
+            (1 <= self.transaction_timeout_s <= 900, "IMAGEFORK_TRANSACTION_TIMEOUT_S must be 1..900"),
+            (self.finished_retention_s > 0, "IMAGEFORK_FINISHED_RETENTION_S must be > 0"),
             (self.retry.policy in ("fixed", "exponential"), "IMAGEFORK_RETRY_POLICY must be fixed or exponential"),
             (self.retry.max_retries >= 0, "IMAGEFORK_MAX_RETRIES must be >= 0"),
             (0 <= self.encoding.png_compress_level <= 9, "IMAGEFORK_PNG_COMPRESS_LEVEL must be 0..9"),
@@ -186,6 +193,9 @@ class Config:
                                                    d.deadline_check_interval_s),
             repair_after_s=reader.float("IMAGEFORK_REPAIR_AFTER_S", d.repair_after_s),
             finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),
+            join_batch=reader.int("IMAGEFORK_JOIN_BATCH", d.join_batch),
+            join_instance=reader.str("IMAGEFORK_JOIN_INSTANCE", d.join_instance),
+            transaction_timeout_s=reader.float("IMAGEFORK_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s),
             resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),
             resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),
             planner_concurrency=reader.int("IMAGEFORK_PLANNER_CONCURRENCY", d.planner_concurrency),

@@ -28,9 +28,11 @@ def run_role(role: str, config: Config) -> int:
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
+    if role == "join":  # a transactional confluent-kafka loop, not a Faust app (see agents/join.py)
+        return join.run(config)
     app = create_app(role, config)
     topics = declare_topics(app, config)
-    {"planner": planner.register, "resize": resize.register, "join": join.register}[role](app, config, topics)
+    {"planner": planner.register, "resize": resize.register}[role](app, config, topics)
     log = logging.getLogger("imagefork")
 
     async def ready(sender, **kwargs):

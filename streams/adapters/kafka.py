@@ -23,7 +23,8 @@ def producer_config(config: Config, **extra) -> dict:
 
 
 def topic_specs(config: Config) -> dict[str, dict]:
-    """Every topic with its partitions and settings. Changelog topics are Faust's own."""
+    """Every topic with its settings; all have ``config.partitions`` partitions (the join's state
+    topic must match the events topic partition for partition)."""
     t = config.topics
     day = str(24 * 3600 * 1000)
     week = str(7 * 24 * 3600 * 1000)
@@ -35,6 +36,11 @@ def topic_specs(config: Config) -> dict[str, dict]:
         t.events: {"retention.ms": day},
         t.completed: {"retention.ms": week},
         t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000)},
+        # the join's state: compacted, and compacted soon (small segments, low dirty ratio), so a
+        # restart replays little more than the live rows; tombstones stay a day for slow readers
+        t.join_state: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),
+                       "segment.bytes": str(16 * 1024 * 1024), "min.cleanable.dirty.ratio": "0.2",
+                       "delete.retention.ms": day},
     }
 
 

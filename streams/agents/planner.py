@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import faust
 
@@ -15,7 +14,7 @@ from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid
 from streams.core.imaging import probe_image
 from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
-from streams.core.planning import make_plan, parse_request, plan_tasks, valid_workflow_id
+from streams.core.planning import make_plan, parse_request, plan_tasks, run_id_of, staging_key, valid_workflow_id
 from streams.serde import SerdeError
 
 
@@ -27,7 +26,9 @@ class Planner:
 
     # --- the steps ------------------------------------------------------------
     async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
-                     attempt: int = 1, submitted_at: int | None = None) -> None:
+                     attempt: int = 1, submitted_at: int | None = None, run_id: str | None = None) -> None:
+        # one run id per request message: a replay of this message is the same run, a resubmission another
+        run_id = run_id or run_id_of(where["topic"], where["partition"], where["offset"])
         try:
             doc = serde.decode_request_bytes(value if value is not None else b"")
         except SerdeError as exc:
@@ -35,7 +36,7 @@ class Planner:
         if not isinstance(doc, dict):
             return await self.dead_letter(key, value, "NOT_A_REQUEST",
                                           f"value is JSON {type(doc).__name__}, not a request object", where)
-        workflow_id, key_problem = self.workflow_id(key, doc)
+        workflow_id, key_problem = self.workflow_id(key, doc, run_id)
         now = submitted_at or now_ms()
         deadline = now + int(self.config.workflow_timeout_s * 1000)
         location = doc.get("fileLocation") if isinstance(doc.get("fileLocation"), str) else ""
@@ -48,23 +49,24 @@ class Planner:
             log.info("workflow %s rejected: %s", workflow_id, exc.message)
             return await self.send_plan(WorkflowPlan(
                 workflowId=workflow_id, correlationId=correlation, fileLocation=location[:2048], taskRefs=(),
-                submittedAt=now, deadline=deadline,
+                submittedAt=now, deadline=deadline, runId=run_id,
                 failure=PlanFailure(REJECTED, exc.code, exc.message)))
         try:
-            source_uri = await asyncio.to_thread(self._stage, request.fileLocation, workflow_id)
+            source_uri = await asyncio.to_thread(self._stage, request.fileLocation, workflow_id, run_id)
         except PipelineError as exc:
-            if exc.transient and await self.schedule_retry(workflow_id, value, attempt, now, deadline, exc):
+            if exc.transient and await self.schedule_retry(workflow_id, value, attempt, now, deadline, exc, run_id):
                 return
             if exc.transient:
                 exc.message += f" (after {attempt} attempts)"
             log.info("workflow %s failed at its source: %s", workflow_id, exc)
             return await self.send_plan(WorkflowPlan(
                 workflowId=workflow_id, correlationId=request.correlationId, fileLocation=request.fileLocation,
-                taskRefs=(), submittedAt=now, deadline=deadline,
+                taskRefs=(), submittedAt=now, deadline=deadline, runId=run_id,
                 failure=PlanFailure(FAILED, exc.code, exc.message)))
         tasks = plan_tasks(request, workflow_id, source_uri=source_uri, deadline=deadline,
-                           output_prefix=self.config.output_prefix)
-        await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline))
+                           output_prefix=self.config.output_prefix, run_id=run_id)
+        await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline,
+                                       run_id=run_id))
         # largest outputs first: the longest tasks start first, so the workflow ends sooner
         for task in sorted(tasks, key=lambda t: t.width * t.height, reverse=True):
             await send(self.topics.tasks, key=f"{workflow_id}/{task.taskRef}".encode(),
@@ -76,9 +78,11 @@ class Planner:
         return parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks)
 
     @staticmethod
-    def workflow_id(key: bytes | None, doc: dict) -> tuple[str, str | None]:
-        """The message key, else the field, else a new UUID. An id that cannot name S3 keys is
-        reported (the request is REJECTED under that same id, so its sender finds the final event)."""
+    def workflow_id(key: bytes | None, doc: dict, run_id: str) -> tuple[str, str | None]:
+        """The message key, else the field, else ``req-{run id}`` (from the message's topic, partition
+        and offset, so a replay of the request topic does not make a second workflow). An id that cannot
+        name S3 keys is reported (the request is REJECTED under that same id, so its sender finds the
+        final event)."""
         rule = "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"
         if key:
             text = key.decode("utf-8", "replace")[:512]
@@ -86,10 +90,10 @@ class Planner:
         field = doc.get("workflowId")
         if isinstance(field, str) and field:
             return field[:512], None  # an invalid field is reported by parse_request
-        return str(uuid.uuid4()), None
+        return f"req-{run_id}", None
 
     async def schedule_retry(self, workflow_id: str, value: bytes, attempt: int, submitted_at: int,
-                             deadline: int, exc: PipelineError) -> bool:
+                             deadline: int, exc: PipelineError, run_id: str) -> bool:
         """Park the request on the retry topic with a not-before time; False when retries are spent."""
         delay = backoff_s(self.config.retry, attempt)
         not_before = now_ms() + int(delay * 1000)
@@ -98,7 +102,7 @@ class Planner:
         log.warning("workflow %s: source attempt %d failed (%s); retry in %.1fs", workflow_id, attempt, exc, delay)
         await send(self.topics.request_retries, key=workflow_id.encode(), value=value, headers={
             "imagefork.attempt": str(attempt + 1).encode(), "imagefork.not-before": str(not_before).encode(),
-            "imagefork.submitted-at": str(submitted_at).encode()})
+            "imagefork.submitted-at": str(submitted_at).encode(), "imagefork.run-id": run_id.encode()})
         return True
 
     async def release(self, key: bytes, value: bytes, headers: dict, where: dict[str, str]) -> None:
@@ -113,10 +117,12 @@ class Planner:
         wait_ms = number("imagefork.not-before", 0) - now_ms()
         if wait_ms > 0:
             await asyncio.sleep(wait_ms / 1000)
+        run_id = headers.get("imagefork.run-id")
         await self.handle(key, value, where, attempt=number("imagefork.attempt", 2),
-                          submitted_at=number("imagefork.submitted-at", 0) or None)
+                          submitted_at=number("imagefork.submitted-at", 0) or None,
+                          run_id=run_id.decode("ascii", "replace") if isinstance(run_id, bytes) else None)
 
-    def _stage(self, location: str, workflow_id: str) -> str:
+    def _stage(self, location: str, workflow_id: str, run_id: str) -> str:
         lim = self.config.limits
         if location.startswith("s3://"):
             data = self.store.get(location, lim.max_source_bytes)
@@ -124,7 +130,7 @@ class Planner:
             return location
         data = fetch_http(location, lim, self.config.fetch_allow_networks)
         probe_image(data, lim)
-        key = f"{self.config.staging_prefix}{workflow_id}/source"
+        key = staging_key(self.config.staging_prefix, workflow_id, run_id)
         self.store.put(key, data, "application/octet-stream")
         return self.store.uri(key)
 

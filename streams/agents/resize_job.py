@@ -86,10 +86,11 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
         im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)))
         spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"])
         out = resize_image(im, spec, _config.limits, _config.encoding)
-        # the object describes itself, so the join can recover a result it lost (see agents/join.py)
+        # the object describes itself, so the join can recover a result it lost (see agents/join.py) and names its run
         _store.put(task["outputKey"], out.data, out.content_type, metadata={
             "imagefork-task": task["taskRef"], "imagefork-format": out.format,
-            "imagefork-width": str(out.width), "imagefork-height": str(out.height)})
+            "imagefork-width": str(out.width), "imagefork-height": str(out.height),
+            "imagefork-run": task.get("runId", "")})
         return {"ok": True, "output": {
             "taskRef": task["taskRef"], "format": out.format, "width": out.width, "height": out.height,
             "bytes": len(out.data), "contentType": out.content_type,

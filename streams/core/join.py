@@ -1,128 +1,231 @@
-"""The join's bookkeeping, as plain functions over a JSON-able state dict.
+"""The join's state for the partitions one process owns: plain data and verbs, no I/O.
 
-An aggregation in three verbs: a plan arrives, a result arrives, the clock
-ticks. Each returns the new state and, at most once per workflow, the final
-event. A finished workflow keeps only a small marker (status and time) so that
-late, duplicated or replayed messages cannot open it again; the marker is
-dropped after the retention period.
+A workflow is open from its first event (normally its plan) until it finishes; then
+only a small *finished marker* (status, time, run id) stays, so that late, duplicated
+or replayed events and resubmissions of the same id cannot open it again. Markers
+expire after the retention period.
 
-State shape::
+Every verb returns an :class:`Outcome`: the *rows* to write to the changelog (one
+small row per plan, per task result and per marker, so the work per result does not
+grow with the fan-out) and, at most once per workflow, the final event. Applying the
+same rows in order (see :meth:`JoinState.restore`) rebuilds the same state.
 
-    {"workflowId": str, "plan": {...} | None, "results": {taskRef: {...}}, "firstSeen": ms,
-     "finished": None | {"status": str, "at": ms}}
+The clock is an index, not a scan: a heap of open workflows by deadline and a queue
+of markers by finishing time, so a tick costs in proportion to what is due.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
 
 from streams.core.models import (
     COMPLETED, FAILED, SUCCEEDED, TIMED_OUT,
     TaskError, TaskResult, WorkflowCompleted, WorkflowPlan,
 )
 
-State = dict[str, Any]
+PLAN, RESULT, MARKER = "plan", "result", "marker"
 
 
 @dataclass(frozen=True)
+class Marker:
+    """What is left of a finished workflow."""
+    status: str
+    at: int
+    runId: str = ""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One changelog change: ``value`` None deletes the row."""
+    kind: str  # PLAN | RESULT | MARKER
+    workflowId: str
+    taskRef: str = ""
+    value: WorkflowPlan | TaskResult | Marker | None = None
+
+
+@dataclass
 class Outcome:
-    state: State | None  # None: delete the key
+    rows: list[Row] = field(default_factory=list)
     final: WorkflowCompleted | None = None
-    changed: bool = True
+    # (workflow id, run id) of a plan that was not taken (a resubmission): its staged source can go
+    discarded: tuple[str, str] | None = None
+    ignored: str = ""  # why the event changed nothing ("" when it did)
 
 
-def new_state(workflow_id: str, now: int) -> State:
-    return {"workflowId": workflow_id, "plan": None, "results": {}, "firstSeen": now, "finished": None}
+class Workflow:
+    """An open workflow: its plan (once known) and one result per task."""
+    __slots__ = ("workflowId", "plan", "results", "firstSeen", "updatedAt", "index", "done", "failed")
+
+    def __init__(self, workflow_id: str, now: int):
+        self.workflowId = workflow_id
+        self.plan: WorkflowPlan | None = None
+        self.results: dict[str, TaskResult] = {}
+        self.firstSeen = now
+        self.updatedAt = now
+        self.index: frozenset[str] = frozenset()  # the plan's task refs
+        self.done = 0  # results counted against the plan
+        self.failed = 0  # of which not SUCCEEDED
+
+    def deadline(self, default_timeout_ms: int) -> int:
+        return self.plan.deadline if self.plan else self.firstSeen + default_timeout_ms
+
+    def missing_refs(self) -> list[str]:
+        if self.plan is None:
+            return []
+        return [ref for ref in self.plan.taskRefs if ref not in self.results]
+
+    def progress(self) -> tuple[int, int | None]:
+        return (self.done, len(self.plan.taskRefs)) if self.plan else (len(self.results), None)
 
 
-def is_finished(state: State | None) -> bool:
-    return bool(state and state.get("finished"))
+class JoinState:
+    """The open workflows and finished markers of one partition."""
+
+    def __init__(self, *, default_timeout_ms: int, retention_ms: int):
+        self.default_timeout_ms = default_timeout_ms
+        self.retention_ms = retention_ms
+        self.open: dict[str, Workflow] = {}
+        self.finished: dict[str, Marker] = {}
+        self._deadlines: list[tuple[int, str]] = []  # (deadline, workflow id); stale entries skipped
+        self._expiry: deque[tuple[int, str]] = deque()  # (finished at, workflow id), in finishing order
+
+    # --- the verbs ------------------------------------------------------------------------
+    def record_plan(self, plan: WorkflowPlan, now: int) -> Outcome:
+        wf = plan.workflowId
+        marker = self.finished.get(wf)
+        if marker is not None:
+            return Outcome(discarded=(wf, plan.runId) if plan.runId != marker.runId else None,
+                           ignored="finished")
+        flow = self.open.get(wf)
+        if flow is not None and flow.plan is not None:
+            if plan.runId == flow.plan.runId:
+                return Outcome(ignored="duplicate plan")
+            return Outcome(discarded=(wf, plan.runId), ignored="another run is open")
+        if flow is None:
+            flow = self._open(wf, now)
+        rows = [Row(PLAN, wf, value=plan)]
+        flow.plan, flow.index, flow.updatedAt = plan, frozenset(plan.taskRefs), now
+        for ref, res in list(flow.results.items()):  # results that came first: keep this run's own
+            if res.runId != plan.runId or ref not in flow.index:
+                del flow.results[ref]
+                rows.append(Row(RESULT, wf, ref))
+        flow.done = len(flow.results)
+        flow.failed = sum(1 for r in flow.results.values() if r.status != SUCCEEDED)
+        heapq.heappush(self._deadlines, (plan.deadline, wf))
+        if plan.failure is not None:
+            return self._finish(flow, plan.failure.status, now, rows)
+        return self._maybe_complete(flow, now, rows)
+
+    def record_result(self, result: TaskResult, now: int) -> Outcome:
+        wf = result.workflowId
+        if wf in self.finished:
+            return Outcome(ignored="finished")
+        flow = self.open.get(wf)
+        if flow is None:
+            flow = self._open(wf, now)
+        ref = result.taskRef
+        if flow.plan is not None and (ref not in flow.index or result.runId != flow.plan.runId):
+            return Outcome(ignored="not in the plan's run")
+        previous = flow.results.get(ref)
+        if previous is not None and not (previous.status != SUCCEEDED and result.status == SUCCEEDED):
+            return Outcome(ignored="duplicate")  # a task counts once; a later success replaces a failure
+        flow.results[ref] = result
+        flow.updatedAt = now
+        if previous is None:
+            flow.done += 1
+        else:
+            flow.failed -= 1
+        if result.status != SUCCEEDED:
+            flow.failed += 1
+        return self._maybe_complete(flow, now, [Row(RESULT, wf, ref, result)])
+
+    def due(self, now: int, limit: int = 2000) -> list[Outcome]:
+        """The clock: time out open workflows past their deadline and forget markers past
+        retention; at most ``limit`` of each per call (the rest on the next tick)."""
+        outcomes: list[Outcome] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now and len(outcomes) < limit:
+            deadline, wf = heapq.heappop(heap)
+            flow = self.open.get(wf)
+            if flow is None or flow.deadline(self.default_timeout_ms) != deadline:
+                continue  # finished, or its deadline moved (a later entry stands for it)
+            outcomes.append(self._finish(flow, TIMED_OUT, now, []))
+        expired = 0
+        queue = self._expiry
+        while queue and queue[0][0] + self.retention_ms <= now and expired < limit:
+            at, wf = queue.popleft()
+            marker = self.finished.get(wf)
+            if marker is None or marker.at != at:
+                continue
+            del self.finished[wf]
+            outcomes.append(Outcome([Row(MARKER, wf)]))
+            expired += 1
+        return outcomes
+
+    def stalled(self, now: int, after_ms: int) -> list[Workflow]:
+        """Open workflows with a plan and missing results that made no progress for ``after_ms``."""
+        return [f for f in self.open.values()
+                if f.plan is not None and f.done < len(f.plan.taskRefs) and now - f.updatedAt >= after_ms]
+
+    def next_due(self) -> int | None:
+        """When the clock next has something to do (epoch ms), or None."""
+        times = []
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        if self._expiry:
+            times.append(self._expiry[0][0] + self.retention_ms)
+        return min(times) if times else None
+
+    # --- restore --------------------------------------------------------------------------
+    def restore(self, plans: list[WorkflowPlan], results: list[TaskResult], markers: dict[str, Marker],
+                now: int) -> None:
+        """Rebuild from the changelog's surviving rows (what compaction would keep)."""
+        for wf, marker in sorted(markers.items(), key=lambda kv: kv[1].at):
+            self.finished[wf] = marker
+            self._expiry.append((marker.at, wf))
+        for plan in plans:
+            flow = self._open(plan.workflowId, plan.submittedAt)
+            flow.plan, flow.index = plan, frozenset(plan.taskRefs)
+            heapq.heappush(self._deadlines, (plan.deadline, plan.workflowId))
+        for res in results:
+            flow = self.open.get(res.workflowId) or self._open(res.workflowId, res.finishedAt)
+            flow.results[res.taskRef] = res
+        for flow in self.open.values():
+            flow.done = len(flow.results)
+            flow.failed = sum(1 for r in flow.results.values() if r.status != SUCCEEDED)
+            # progress is measured from the restore: a restart does not make every workflow look stalled
+            flow.updatedAt = now
+
+    # --- inside ---------------------------------------------------------------------------
+    def _open(self, wf: str, now: int) -> Workflow:
+        flow = self.open[wf] = Workflow(wf, now)
+        heapq.heappush(self._deadlines, (now + self.default_timeout_ms, wf))
+        return flow
+
+    def _maybe_complete(self, flow: Workflow, now: int, rows: list[Row]) -> Outcome:
+        plan = flow.plan
+        if plan is None or flow.done < len(plan.taskRefs):
+            return Outcome(rows)
+        return self._finish(flow, FAILED if flow.failed else COMPLETED, now, rows)
+
+    def _finish(self, flow: Workflow, status: str, now: int, rows: list[Row]) -> Outcome:
+        wf = flow.workflowId
+        final = build_final(flow, status, now)
+        del self.open[wf]
+        marker = Marker(status, now, flow.plan.runId if flow.plan else "")
+        self.finished[wf] = marker
+        self._expiry.append((now, wf))
+        # the state rows go (tombstones, so compaction reclaims them) and the marker stays
+        refs = set(flow.results) | {r.taskRef for r in rows if r.kind == RESULT}
+        rows = ([Row(PLAN, wf)] if flow.plan is not None else []) + [Row(RESULT, wf, ref) for ref in refs]
+        rows.append(Row(MARKER, wf, value=marker))
+        return Outcome(rows, final)
 
 
-def record_plan(state: State | None, plan: WorkflowPlan, now: int) -> Outcome:
-    state = state or new_state(plan.workflowId, now)
-    if is_finished(state) or state["plan"] is not None:
-        return Outcome(state, changed=False)  # a resubmission or a replay: the first plan stands
-    state = {**state, "plan": plan.to_dict()}
-    if plan.failure is not None:
-        return _finish(state, plan.failure.status, now)
-    return _maybe_complete(state, now)
-
-
-def record_result(state: State | None, result: TaskResult, now: int) -> Outcome:
-    state = state or new_state(result.workflowId, now)
-    if is_finished(state):
-        return Outcome(state, changed=False)
-    plan = state["plan"]
-    if plan is not None and result.taskRef not in plan["taskRefs"]:
-        return Outcome(state, changed=False)
-    previous = state["results"].get(result.taskRef)
-    if previous is not None and not (previous["status"] != SUCCEEDED and result.status == SUCCEEDED):
-        return Outcome(state, changed=False)  # duplicates never count twice
-    state = {**state, "results": {**state["results"], result.taskRef: result.to_dict()}}
-    return _maybe_complete(state, now)
-
-
-def deadline_of(state: State, default_timeout_ms: int) -> int:
-    plan = state.get("plan")
-    return plan["deadline"] if plan else state["firstSeen"] + default_timeout_ms
-
-
-def check_deadline(state: State | None, now: int, *, default_timeout_ms: int, retention_ms: int) -> Outcome:
-    """The clock: time out an open workflow past its deadline; forget a finished one past retention."""
-    if state is None:
-        return Outcome(None, changed=False)
-    if is_finished(state):
-        if now - state["finished"]["at"] >= retention_ms:
-            return Outcome(None)
-        return Outcome(state, changed=False)
-    if now >= deadline_of(state, default_timeout_ms):
-        return _finish(state, TIMED_OUT, now)
-    return Outcome(state, changed=False)
-
-
-def needs_attention(state: State, now: int, *, default_timeout_ms: int, retention_ms: int) -> bool:
-    if is_finished(state):
-        return now - state["finished"]["at"] >= retention_ms
-    return now >= deadline_of(state, default_timeout_ms)
-
-
-def progress(state: State) -> tuple[int, int | None]:
-    plan = state.get("plan")
-    return len(state.get("results", {})), (len(plan["taskRefs"]) if plan else None)
-
-
-def missing_refs(state: State) -> list[str]:
-    """Task references of the plan with no result yet (empty without a plan)."""
-    plan = state.get("plan")
-    if not plan or is_finished(state):
-        return []
-    return [ref for ref in plan["taskRefs"] if ref not in state["results"]]
-
-
-def stalled(state: State, now: int, after_ms: int) -> bool:
-    """An open workflow with a plan that has made no progress for ``after_ms``."""
-    return bool(missing_refs(state)) and now - state.get("updatedAt", state["firstSeen"]) >= after_ms
-
-
-def _maybe_complete(state: State, now: int) -> Outcome:
-    state = {**state, "updatedAt": now}
-    plan = state["plan"]
-    if plan is None or any(ref not in state["results"] for ref in plan["taskRefs"]):
-        return Outcome(state)
-    failed = any(state["results"][ref]["status"] != SUCCEEDED for ref in plan["taskRefs"])
-    return _finish(state, FAILED if failed else COMPLETED, now)
-
-
-def _finish(state: State, status: str, now: int) -> Outcome:
-    final = build_final(state, status, now)
-    return Outcome({**new_state(state["workflowId"], state["firstSeen"]),
-                    "finished": {"status": status, "at": now}}, final)
-
-
-def build_final(state: State, status: str, now: int) -> WorkflowCompleted:
-    plan = WorkflowPlan.from_dict(state["plan"]) if state.get("plan") else None
-    results = {ref: TaskResult.from_dict(r) for ref, r in state["results"].items()}
+def build_final(flow: Workflow, status: str, now: int) -> WorkflowCompleted:
+    plan = flow.plan
+    results = flow.results
     refs = list(plan.taskRefs) if plan else sorted(results)
     outputs = [results[r].output for r in refs if r in results and results[r].status == SUCCEEDED]
     errors: list[TaskError] = []
@@ -137,14 +240,14 @@ def build_final(state: State, status: str, now: int) -> WorkflowCompleted:
         elif res.status != SUCCEEDED and res.error is not None:
             errors.append(res.error)
     return WorkflowCompleted(
-        workflowId=state["workflowId"],
+        workflowId=flow.workflowId,
         correlationId=plan.correlationId if plan else None,
         status=status,
         fileLocation=plan.fileLocation if plan else "",
-        fileLocations=tuple(o.url for o in outputs),
-        outputs=tuple(outputs),
+        fileLocations=tuple(o.url for o in outputs if o is not None),
+        outputs=tuple(o for o in outputs if o is not None),
         errors=tuple(errors),
         taskCount=len(refs),
-        submittedAt=plan.submittedAt if plan else state["firstSeen"],
+        submittedAt=plan.submittedAt if plan else flow.firstSeen,
         completedAt=now,
     )

@@ -73,6 +73,7 @@ class ResizeTask(_Record):
     notBefore: int = 0
     maxWidth: int = 0
     maxHeight: int = 0
+    runId: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class TaskResult:
     finishedAt: int
     output: TaskOutput | None = None
     error: TaskError | None = None
+    runId: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +116,7 @@ class TaskResult:
             "finishedAt": self.finishedAt,
             "output": self.output.to_dict() if self.output else None,
             "error": self.error.to_dict() if self.error else None,
+            "runId": self.runId,
         }
 
     @classmethod
@@ -126,6 +129,7 @@ class TaskResult:
             finishedAt=d["finishedAt"],
             output=TaskOutput.from_dict(d["output"]) if d.get("output") else None,
             error=TaskError.from_dict(d["error"]) if d.get("error") else None,
+            runId=d.get("runId") or "",
         )
 
 
@@ -145,6 +149,7 @@ class WorkflowPlan:
     deadline: int
     correlationId: str | None = None
     failure: PlanFailure | None = None
+    runId: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +160,7 @@ class WorkflowPlan:
             "submittedAt": self.submittedAt,
             "deadline": self.deadline,
             "failure": self.failure.to_dict() if self.failure else None,
+            "runId": self.runId,
         }
 
     @classmethod
@@ -167,6 +173,7 @@ class WorkflowPlan:
             submittedAt=d["submittedAt"],
             deadline=d["deadline"],
             failure=PlanFailure.from_dict(d["failure"]) if d.get("failure") else None,
+            runId=d.get("runId") or "",
         )
 
 

@@ -1,6 +1,7 @@
 """Request -> tasks: validate the seed's document, then fan out one task per format x size."""
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Iterable
 from urllib.parse import urlsplit
@@ -154,7 +155,7 @@ def _boolean(value: Any) -> tuple[bool, str | None]:
 
 
 def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, deadline: int,
-               output_prefix: str = "") -> list[ResizeTask]:
+               output_prefix: str = "", run_id: str = "") -> list[ResizeTask]:
     """One task per format x size, in the seed's order (formats outer, sizes inner)."""
     total = len(request.outputFormats) * len(request.outputSizes)
     max_w = max(s.width for s in request.outputSizes)
@@ -179,12 +180,13 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
                 deadline=deadline,
                 maxWidth=max_w,
                 maxHeight=max_h,
+                runId=run_id,
             ))
     return tasks
 
 
 def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], *,
-              submitted_at: int, deadline: int) -> WorkflowPlan:
+              submitted_at: int, deadline: int, run_id: str = "") -> WorkflowPlan:
     return WorkflowPlan(
         workflowId=workflow_id,
         correlationId=request.correlationId,
@@ -192,7 +194,19 @@ def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], 
         taskRefs=tuple(t.taskRef for t in tasks),
         submittedAt=submitted_at,
         deadline=deadline,
+        runId=run_id,
     )
+
+
+def run_id_of(topic: str, partition: int | str, offset: int | str) -> str:
+    """The run id of a request message: the same message (replayed) always gets the same one,
+    another message (a resubmission) another one."""
+    return hashlib.blake2b(f"{topic}/{partition}/{offset}".encode(), digest_size=8).hexdigest()
+
+
+def staging_key(prefix: str, workflow_id: str, run_id: str) -> str:
+    """Where the planner stages a fetched source for one run of a workflow."""
+    return f"{prefix}{workflow_id}/{run_id}/source" if run_id else f"{prefix}{workflow_id}/source"
 
 
 def retry_delay_s(attempt: int, *, policy: str, delay_s: float, max_delay_s: float,

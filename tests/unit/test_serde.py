@@ -13,7 +13,7 @@ RECORDS = {
     "ImageRequest": {"fileLocation": "s3://b/k", "outputFormats": ["png"], "outputSizes": [{"width": 1, "height": 2}],
                      "maintainAspectRatio": False, "workflowId": "w", "correlationId": None},
     "ResizeTask": ResizeTask("w", "r0", 0, 1, "s3://b/s", "http://x/y", "png", 3, 4, True, "w/r0.png", 99, 2, 5).to_dict(),
-    "TaskResult": TaskResult("w", "r0", "SUCCEEDED", 1, 7, output=OUT).to_dict(),
+    "TaskResult": TaskResult("w", "r0", "SUCCEEDED", 1, 7, output=OUT, runId="r1").to_dict(),
     "WorkflowPlan": WorkflowPlan("w", "http://x", ("r0", "r1"), 1, 2, "c",
                                  PlanFailure("REJECTED", "REQUEST_INVALID", "x")).to_dict(),
     "DeadlineCheck": DeadlineCheck("w", 5).to_dict(),
@@ -22,6 +22,7 @@ RECORDS = {
     "TaskError": ERR.to_dict(),
     "Size": {"width": 1, "height": 2},
     "PlanFailure": {"status": "FAILED", "code": "c", "message": "m"},
+    "JoinMarker": {"status": "COMPLETED", "at": 5, "runId": "r1"},
 }
 
 

@@ -1,0 +1,112 @@
+"""The join's changelog: a compacted topic, one small row per plan, per task result and per
+finished marker, written to the same partition number as the event that caused it.
+
+Keys: ``P`` + workflow id (the plan), ``R`` + workflow id + ``NUL`` + task ref (one result),
+``F`` + workflow id (the finished marker). Plan and result rows hold the event's own bytes (an
+Avro ``JoinEvent``), so the hot path writes what it read without encoding it again; a marker is
+an Avro ``JoinMarker``. A ``None`` value is a tombstone.
+"""
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from streams import serde
+from streams.core.join import MARKER, PLAN, RESULT, JoinState, Marker, Row
+from streams.core.models import TaskResult, WorkflowPlan
+
+_PREFIX = {PLAN: b"P", RESULT: b"R", MARKER: b"F"}
+
+
+def row_key(row: Row) -> bytes:
+    key = _PREFIX[row.kind] + row.workflowId.encode()
+    return key + b"\x00" + row.taskRef.encode() if row.kind == RESULT else key
+
+
+def row_value(row: Row, raw: bytes | None = None) -> bytes | None:
+    """The row's bytes; ``raw`` is the event that carried ``row.value`` (written as it came)."""
+    if row.value is None:
+        return None
+    if row.kind == MARKER:
+        m = row.value
+        return serde.encode("JoinMarker", {"status": m.status, "at": m.at, "runId": m.runId})
+    if raw is not None:
+        return raw
+    kind = "WorkflowPlan" if row.kind == PLAN else "TaskResult"
+    return serde.encode_join_event(kind, row.value.to_dict())
+
+
+def load_state(rows: dict[bytes, bytes], state: JoinState, now: int) -> None:
+    """Fill ``state`` from the rows that survive (key -> last value)."""
+    plans, results, markers = [], [], {}
+    for key, value in rows.items():
+        tag = key[:1]
+        if tag == b"F":
+            m = serde.decode("JoinMarker", value)
+            markers[key[1:].decode()] = Marker(m["status"], m["at"], m.get("runId") or "")
+            continue
+        kind, body = serde.decode_join_event(value)
+        if tag == b"P" and kind == "WorkflowPlan":
+            plans.append(WorkflowPlan.from_dict(body))
+        elif tag == b"R" and kind == "TaskResult":
+            results.append(TaskResult.from_dict(body))
+    state.restore(plans, results, markers, now)
+
+
+class ChangelogReader:
+    """Reads changelog partitions from the start to their committed end (read_committed)."""
+
+    def __init__(self, client_config: dict, topic: str):
+        self.topic = topic
+        self.consumer = Consumer({**client_config, "group.id": f"{topic}.restore", "enable.auto.commit": False,
+                                  "isolation.level": "read_committed", "enable.partition.eof": True,
+                                  "fetch.max.bytes": 64 * 1024 * 1024,
+                                  "max.partition.fetch.bytes": 16 * 1024 * 1024})
+
+    def read(self, partitions: list[int], timeout_s: float = 300.0) -> dict[int, dict[bytes, bytes]]:
+        """The surviving rows per partition (a tombstone removes its key), read to the end."""
+        rows: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
+        if not partitions:
+            return rows
+        ends = {}
+        for p in partitions:
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
+            ends[p] = high
+        pending = {p for p in partitions if ends[p] > 0}
+        if not pending:
+            return rows
+        self.consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in pending])
+        give_up = time.monotonic() + timeout_s
+        try:
+            while pending:
+                if time.monotonic() > give_up:
+                    raise TimeoutError(f"changelog {self.topic} partitions {sorted(pending)} not read "
+                                       f"to their end within {timeout_s:.0f}s")
+                batch = self.consumer.consume(10_000, timeout=0.5)
+                for msg in batch:
+                    err = msg.error()
+                    p = msg.partition()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            pending.discard(p)
+                        continue
+                    table = rows[p]
+                    value = msg.value()
+                    if value is None:
+                        table.pop(msg.key(), None)
+                    else:
+                        table[msg.key()] = value
+                    if msg.offset() + 1 >= ends[p]:
+                        pending.discard(p)
+                if not batch and pending:
+                    # the last offsets may be transaction markers, which no message reports
+                    for tp in self.consumer.position([TopicPartition(self.topic, p) for p in pending]):
+                        if tp.offset >= ends[tp.partition]:
+                            pending.discard(tp.partition)
+        finally:
+            self.consumer.unassign()
+        return rows
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -1,0 +1,98 @@
+"""Repair: find, in S3, the results of a stalled workflow that are really lost.
+
+Outputs are deterministic, self-describing objects (metadata: task, format, size, run id). The
+join asks for a repair only when it has read its events partition to the end and the workflow has
+made no progress for a while; an object is taken as a lost result only if it belongs to the
+workflow's current run and was written longer ago than ``repair_after_s`` (a result sent right
+after its upload has had ample time to arrive). The lookups run in a small pool, off the join's
+loop, a bounded number of workflows at a time, each with a growing pause between attempts.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from streams.adapters.objectstore import ObjectStore
+from streams.agents.common import log, now_ms
+from streams.config import Config
+from streams.core.join import Workflow
+from streams.core.models import SUCCEEDED, TaskOutput, TaskResult
+from streams.core.planning import format_of, output_key
+
+
+class Repairer:
+    def __init__(self, config: Config, store: ObjectStore, workers: int = 4):
+        self.config = config
+        self.store = store
+        self.after_ms = int(config.repair_after_s * 1000)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="repair")
+        self.workers = workers
+        self.found: queue.SimpleQueue[tuple[int, list[TaskResult]]] = queue.SimpleQueue()
+        self._in_flight: set[str] = set()
+        self._next: dict[str, tuple[int, float]] = {}  # workflow id -> (attempts, not before, monotonic)
+
+    def consider(self, partition: int, stalled: list[Workflow]) -> None:
+        """Start lookups for stalled workflows whose pause is over, while the pool has room."""
+        mono = time.monotonic()
+        for flow in stalled:
+            if len(self._in_flight) >= self.workers:
+                return
+            wf = flow.workflowId
+            attempts, not_before = self._next.get(wf, (0, 0.0))
+            if wf in self._in_flight or mono < not_before:
+                continue
+            self._next[wf] = (attempts + 1, mono + min(300.0, self.config.repair_after_s * 2 ** attempts))
+            self._in_flight.add(wf)
+            missing = flow.missing_refs()
+            run_id = flow.plan.runId if flow.plan else ""
+            self.pool.submit(self._look, partition, wf, run_id, missing)
+
+    def forget(self, open_ids) -> None:
+        """Drop the pauses of workflows that are no longer open."""
+        if len(self._next) > 1000:
+            self._next = {wf: v for wf, v in self._next.items() if wf in open_ids}
+
+    def take(self) -> list[tuple[int, list[TaskResult]]]:
+        out = []
+        while True:
+            try:
+                out.append(self.found.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _look(self, partition: int, workflow_id: str, run_id: str, refs: list[str]) -> None:
+        try:
+            found = self.find(workflow_id, run_id, refs)
+            if found:
+                log.warning("workflow %s: %d result(s) were lost; recovered them from their objects",
+                            workflow_id, len(found))
+                self.found.put((partition, found))
+        except Exception as exc:  # the next attempt, after a longer pause, tries again
+            log.warning("repair lookup for workflow %s failed: %s: %s", workflow_id, type(exc).__name__, exc)
+        finally:
+            self._in_flight.discard(workflow_id)
+
+    def find(self, workflow_id: str, run_id: str, refs: list[str]) -> list[TaskResult]:
+        found = []
+        older_than = time.time() - self.config.repair_after_s
+        for ref in refs:
+            fmt = format_of(ref)
+            if fmt is None:
+                continue
+            key = output_key(self.config.output_prefix, workflow_id, ref, fmt)
+            head = self.store.head(key)
+            meta = (head or {}).get("Metadata", {})
+            if not head or meta.get("imagefork-task") != ref or meta.get("imagefork-run", "") != run_id:
+                continue
+            modified = head.get("LastModified")
+            if modified is not None and modified.timestamp() > older_than:
+                continue  # written recently: its result is most likely on its way
+            output = TaskOutput(ref, meta.get("imagefork-format", fmt), int(meta.get("imagefork-width", 0)),
+                                int(meta.get("imagefork-height", 0)), int(head.get("ContentLength", 0)),
+                                head.get("ContentType", ""), self.store.uri(key), self.store.url(key))
+            found.append(TaskResult(workflow_id, ref, SUCCEEDED, 0, now_ms(), output=output, runId=run_id))
+        return found
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
