@@ -61,7 +61,7 @@ class ChangelogReader:
         self.topic = topic
         self.consumer = Consumer({**client_config, "group.id": f"{topic}.restore", "enable.auto.commit": False,
                                   "isolation.level": "read_committed", "enable.partition.eof": True,
-                                  "fetch.max.bytes": 64 * 1024 * 1024,
+                                  "fetch.max.bytes": 64 * 1024 * 1024, "fetch.wait.max.ms": 10,
                                   "max.partition.fetch.bytes": 16 * 1024 * 1024})
 
     def read(self, partitions: list[int], timeout_s: float = 300.0) -> dict[int, dict[bytes, bytes]]:
@@ -83,7 +83,7 @@ class ChangelogReader:
                 if time.monotonic() > give_up:
                     raise TimeoutError(f"changelog {self.topic} partitions {sorted(pending)} not read "
                                        f"to their end within {timeout_s:.0f}s")
-                batch = self.consumer.consume(10_000, timeout=0.5)
+                batch = self.consumer.consume(10_000, timeout=0.1)
                 for msg in batch:
                     err = msg.error()
                     p = msg.partition()

@@ -73,6 +73,10 @@ class JoinWorker:
         group = config.group_id("join")
         self.consumer = Consumer(client_config(config, **{
             "group.id": group,
+            # static membership: a join restarted on the same slot (after a crash or a deploy) takes its
+            # partitions back at once instead of after the dead process's session timeout; the price is
+            # that a join stopped for good hands its partitions on only after that timeout
+            "group.instance.id": f"{group}-{self.instance}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "auto.offset.reset": "earliest",
@@ -107,8 +111,9 @@ class JoinWorker:
             self._restore(parts)
             for tp in committed:
                 self.positions[tp.partition] = tp.offset if tp.offset >= 0 else 0
+        if not self.ready or parts:
+            log.info("imagefork ready: join (%d partitions assigned, +%s)", len(self.states), sorted(parts))
         self.ready = True
-        log.info("imagefork ready: join (%d partitions assigned, +%s)", len(self.states), parts)
 
     def _revoked(self, consumer, partitions) -> None:
         # called from inside poll(): no transaction is open then, so everything handled is committed
@@ -139,18 +144,19 @@ class JoinWorker:
                                 on_lost=self._revoked)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
-        last_tick = 0.0
+        last_repair = 0.0
         try:
             while not self.stopping:
                 batch = self._fetch(0.2)
-                mono = time.monotonic()
-                tick = mono - last_tick >= 0.1
+                now = now_ms()
+                due = any((t := s.next_due()) is not None and t <= now for s in self.states.values())
                 repaired = self.repair.take()
-                if batch or repaired or tick:
-                    self._transact(batch, repaired, tick)
-                    if tick:
-                        last_tick = mono
-                        self._consider_repairs()
+                if batch or repaired or due:
+                    self._transact(batch, repaired, due)
+                mono = time.monotonic()
+                if mono - last_repair >= 1.0:
+                    last_repair = mono
+                    self._consider_repairs()
         finally:
             self._close()
         return 0

@@ -47,7 +47,7 @@ def test_sigkill_one_of_two_resize_workers_mid_run(make_pipeline, files):
 
 def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, files):
     """SIGKILL the join three times mid-run; each restart recovers the table from its changelog.
-    Every workflow still ends with exactly one final event (the join is exactly_once)."""
+    Every workflow still ends with exactly one final event (the join is transactional)."""
     p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6")
     join = p.start("join")
     p.start("resize")
@@ -59,11 +59,62 @@ def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, fi
     for round_, seen in enumerate((10, 30, 50)):
         assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= seen, 120), p.logs()
         join.kill()
-        time.sleep(1)
         join = p.start("join", name=f"join-restarted-{round_}")
     finals = follower.wait(ids, 180)
     follower.close()
     assert_exactly_one_completed(p, ids, finals)
+
+
+def test_storm_of_sigkills_on_every_role(make_pipeline, files):
+    """200 requests in 20 waves; after each wave the join is SIGKILLed and restarted (20 kills), every
+    fourth wave a resize worker too, every seventh the planner. Each request still ends COMPLETED with
+    exactly one final event (read with read_committed) and all its objects."""
+    p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6")
+    join = p.start("join")
+    resize = [p.start("resize", name="resize-a"), p.start("resize", name="resize-b")]
+    planner = p.start("planner")
+    follower = p.follower()
+    ids = [f"storm-{i}" for i in range(200)]
+    request = {**small_request(files, formats=("png", "jpg")), "outputSizes": [{"width": 40, "height": 30}]}
+    for wave in range(20):
+        for wf in ids[wave * 10:(wave + 1) * 10]:
+            p.submit(request, wf)
+        follower.pump(0.3 + (wave % 3) * 0.4)  # kill at different moments of the work
+        join.kill()
+        if wave % 4 == 1:
+            victim = resize.pop(0)
+            victim.kill()
+            resize.append(p.start("resize", name=f"resize-{wave}", wait=False))
+        if wave % 7 == 3:
+            planner.kill()
+            planner = p.start("planner", name=f"planner-{wave}", wait=False)
+        join = p.start("join", name=f"join-{wave}")
+    finals = follower.wait(ids, 600)
+    follower.close()
+    assert_exactly_one_completed(p, ids, finals)
+
+
+def test_a_thousand_wide_request_through_the_whole_stack(make_pipeline, files):
+    """One request with 1,000 outputs (5 formats x 200 sizes): one final event listing all 1,000, in
+    plan order, and every object there."""
+    p = make_pipeline(IMAGEFORK_WORKFLOW_TIMEOUT_S="600")
+    p.start_all()
+    follower = p.follower()
+    formats = ["png", "jpg", "webp", "gif", "tiff"]
+    sizes = [{"width": 8 + i, "height": 6 + i % 50} for i in range(200)]
+    p.submit({"fileLocation": files.url("alpha.png"), "outputFormats": formats, "outputSizes": sizes,
+              "maintainAspectRatio": False}, "wide-1000")
+    final = follower.wait(["wide-1000"], 600)["wide-1000"]
+    follower.close()
+    assert final.status == "COMPLETED", final.errors[:3]
+    assert final.taskCount == 1000 and len(final.outputs) == 1000 and len(final.fileLocations) == 1000
+    expected = [f"image_convert_resize_{f}_{s['width']}x{s['height']}_{i * 200 + j}"
+                for i, f in enumerate(formats) for j, s in enumerate(sizes)]
+    assert [o.taskRef for o in final.outputs] == expected
+    assert [(o.width, o.height) for o in final.outputs[:200]] == [(s["width"], s["height"]) for s in sizes]
+    keys = set(p.store.list_keys("wide-1000/"))
+    assert {o.s3Uri.split("/", 3)[3] for o in final.outputs} <= keys
+    assert len(p.finals_for(["wide-1000"], settle=3)) == 1
 
 
 def test_broker_restart_mid_run(make_pipeline, files, stack_env, local_stack):
