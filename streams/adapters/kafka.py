@@ -7,6 +7,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streams.config import Config
 
 
+# the largest record the join writes (a wide final event); its topics accept it
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
 class KafkaUnavailable(RuntimeError):
     pass
 
@@ -34,13 +38,13 @@ def topic_specs(config: Config) -> dict[str, dict]:
         t.tasks: {"retention.ms": day},
         t.retries: {"retention.ms": day},
         t.events: {"retention.ms": day},
-        t.completed: {"retention.ms": week},
+        t.completed: {"retention.ms": week, "max.message.bytes": str(MAX_MESSAGE_BYTES)},
         t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000)},
         # the join's state: compacted, and compacted soon (small segments, low dirty ratio), so a
         # restart replays little more than the live rows; tombstones stay a day for slow readers
         t.join_state: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),
                        "segment.bytes": str(16 * 1024 * 1024), "min.cleanable.dirty.ratio": "0.2",
-                       "delete.retention.ms": day},
+                       "delete.retention.ms": day, "max.message.bytes": str(MAX_MESSAGE_BYTES)},
     }
 
 

@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from streams import serde
 from streams.adapters.changelog import ChangelogReader, load_state, row_key, row_value
-from streams.adapters.kafka import client_config, producer_config
+from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, producer_config
 from streams.adapters.objectstore import ObjectStore
 from streams.agents.common import dead_letter_headers, log, now_ms
 from streams.agents.repair import Repairer
@@ -90,6 +90,9 @@ class JoinWorker:
             "transaction.timeout.ms": int(config.transaction_timeout_s * 1000),
             "acks": "all",
             "linger.ms": 2,
+            # a 1,000-wide final event is some 300 KB: compressed batches, and room for long ids and URLs
+            "compression.type": "lz4",
+            "message.max.bytes": MAX_MESSAGE_BYTES,
         }))
         self.reader = ChangelogReader(client_config(config), self.topics.join_state)
         self.store = ObjectStore(config)

@@ -27,7 +27,7 @@ from streams.core.models import (
 PLAN, RESULT, MARKER = "plan", "result", "marker"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Marker:
     """What is left of a finished workflow."""
     status: str
@@ -35,7 +35,7 @@ class Marker:
     runId: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
     """One changelog change: ``value`` None deletes the row."""
     kind: str  # PLAN | RESULT | MARKER
