@@ -137,3 +137,5 @@ def test_same_workflow_twice_gives_one_final_event(pipeline, files):
     time.sleep(5)  # let the second copy run through
     assert len(pipeline.finals_for(["twice-1"])) == 1
     assert len(pipeline.store.list_keys("twice-1/")) == 3
+    # each run staged its own copy of the source (its run id in the key); the join removed both
+    assert pipeline.store.list_keys(f"{pipeline.config.staging_prefix}twice-1/") == []

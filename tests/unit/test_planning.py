@@ -129,3 +129,15 @@ def test_valid_documents_fan_out_to_formats_times_sizes(formats, sizes, keep):
     assert len(tasks) == len(formats) * len(sizes)
     assert len({t.taskRef for t in tasks}) == len(tasks)
     assert [t.index for t in tasks] == list(range(len(tasks)))
+
+
+def test_run_ids_and_ids_without_key_are_deterministic_per_request_message():
+    from streams.agents.planner import Planner
+    from streams.core.planning import run_id_of, staging_key
+    run = run_id_of("imagefork.requests", "3", "1234")
+    assert run == run_id_of("imagefork.requests", 3, 1234)  # a replay of the same message: the same run
+    assert run != run_id_of("imagefork.requests", 3, 1235)  # a resubmission: another run
+    assert Planner.workflow_id(None, {}, run) == (f"req-{run}", None)
+    assert Planner.workflow_id(b"given", {"workflowId": "field"}, run) == ("given", None)
+    assert Planner.workflow_id(None, {"workflowId": "field"}, run) == ("field", None)
+    assert staging_key("_staging/", "wf", run) == f"_staging/wf/{run}/source"
