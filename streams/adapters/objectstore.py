@@ -1,6 +1,8 @@
 """The object store through boto3: any S3 endpoint (AWS, S3Proxy, MinIO...)."""
 from __future__ import annotations
 
+import base64
+import hashlib
 from urllib.parse import urlsplit
 
 import boto3
@@ -38,6 +40,16 @@ def _classify(exc: Exception, what: str) -> PipelineError:
     return StorageUnavailable(f"{what}: {type(exc).__name__}")
 
 
+def _content_md5(request, **_):
+    """DeleteObjects needs a body checksum. botocore >= 1.36 sends CRC32 headers, which S3-compatible
+    servers such as S3Proxy answer with 501 NotImplemented; Content-MD5 is what every S3 accepts."""
+    for name in [h for h in request.headers.keys()
+                 if h.lower().startswith("x-amz-checksum-") or h.lower() == "x-amz-sdk-checksum-algorithm"]:
+        del request.headers[name]
+    body = request.body if isinstance(request.body, bytes) else (request.body or "").encode()
+    request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
 class ObjectStore:
     """Set up once (client, bucket probe), then get and put."""
 
@@ -62,6 +74,8 @@ class ObjectStore:
                 response_checksum_validation="when_required",
             ),
         )
+
+        self.client.meta.events.register("before-sign.s3.DeleteObjects", _content_md5)
 
     def ensure_bucket(self) -> None:
         try:
@@ -123,6 +137,15 @@ class ObjectStore:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             raise _classify(exc, key) from None
+
+    def delete_many(self, keys: list[str]) -> list[str]:
+        """Delete up to 1,000 keys in one request; return the keys that could not be deleted."""
+        try:
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": k} for k in keys], "Quiet": True})
+        except Exception as exc:
+            raise _classify(exc, f"delete {len(keys)} objects") from None
+        return [e.get("Key", "") for e in answer.get("Errors", []) if e.get("Code") != "NoSuchKey"]
 
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []

@@ -20,7 +20,6 @@ import signal
 import socket
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -29,6 +28,7 @@ from streams import serde
 from streams.adapters.changelog import ChangelogReader, load_state, row_key, row_value
 from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, producer_config
 from streams.adapters.objectstore import ObjectStore
+from streams.agents.cleanup import SourceCleaner
 from streams.agents.common import dead_letter_headers, log, now_ms
 from streams.agents.repair import Repairer
 from streams.config import Config
@@ -97,7 +97,7 @@ class JoinWorker:
         self.reader = ChangelogReader(client_config(config), self.topics.join_state)
         self.store = ObjectStore(config)
         self.repair = Repairer(config, self.store)
-        self.cleanup = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cleanup")
+        self.cleanup = SourceCleaner(self.store)
         self.states: dict[int, JoinState] = {}
         self.positions: dict[int, int] = {}  # next offset to read, per owned partition
         self.stopping = False
@@ -217,7 +217,7 @@ class JoinWorker:
         for p, o in offsets.items():
             self.positions[p] = o
         for workflow_id, run_id in after:
-            self.cleanup.submit(self._forget_source, staging_key(self.config.staging_prefix, workflow_id, run_id))
+            self.cleanup.delete(staging_key(self.config.staging_prefix, workflow_id, run_id))
 
     def _handle(self, p: int, state: JoinState, msg, now: int, after: list) -> None:
         raw = msg.value()
@@ -247,10 +247,12 @@ class JoinWorker:
         topic = self.topics.join_state
         for row in outcome.rows:
             produce(topic, row_key(row), row_value(row, raw if row.value is record else None), p)
-        if outcome.final is not None:
-            self._emit(outcome.final)
-            run_id = next((r.value.runId for r in outcome.rows if r.kind == MARKER and r.value), "")
-            after.append((outcome.final.workflowId, run_id))
+        final = outcome.final
+        if final is not None:
+            self._emit(final)
+            if final.taskCount and not final.fileLocation.startswith("s3://"):  # its source was staged
+                run_id = next((r.value.runId for r in outcome.rows if r.kind == MARKER and r.value), "")
+                after.append((final.workflowId, run_id))
         if outcome.discarded is not None:
             after.append(outcome.discarded)
 
@@ -330,12 +332,6 @@ class JoinWorker:
         return high is not None and high >= 0 and self.positions.get(p, -1) >= high
 
     # --- around --------------------------------------------------------------------------------
-    def _forget_source(self, key: str) -> None:
-        try:
-            self.store.delete(key)
-        except Exception as exc:  # best effort: a leftover staged copy is only storage
-            log.debug("could not delete staged source %s: %s", key, exc)
-
     def _check_partitions(self) -> None:
         meta = self.consumer.list_topics(timeout=30).topics
         events, state = meta.get(self.topics.events), meta.get(self.topics.join_state)
@@ -354,7 +350,7 @@ class JoinWorker:
         self.producer.flush(10)
         self.reader.close()
         self.repair.close()
-        self.cleanup.shutdown(wait=True, cancel_futures=False)
+        self.cleanup.close()
 
 
 def run(config: Config) -> int:

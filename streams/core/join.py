@@ -86,7 +86,9 @@ class JoinState:
         self.default_timeout_ms = default_timeout_ms
         self.retention_ms = retention_ms
         self.open: dict[str, Workflow] = {}
-        self.finished: dict[str, Marker] = {}
+        # finished markers as plain (status, at, run id) tuples: tuples of strings and ints are untracked
+        # by the garbage collector, so a million markers cost no full-collection pauses
+        self.finished: dict[str, tuple[str, int, str]] = {}
         self._deadlines: list[tuple[int, str]] = []  # (deadline, workflow id); stale entries skipped
         self._expiry: deque[tuple[int, str]] = deque()  # (finished at, workflow id), in finishing order
 
@@ -95,8 +97,7 @@ class JoinState:
         wf = plan.workflowId
         marker = self.finished.get(wf)
         if marker is not None:
-            return Outcome(discarded=(wf, plan.runId) if plan.runId != marker.runId else None,
-                           ignored="finished")
+            return Outcome(discarded=(wf, plan.runId) if plan.runId != marker[2] else None, ignored="finished")
         flow = self.open.get(wf)
         if flow is not None and flow.plan is not None:
             if plan.runId == flow.plan.runId:
@@ -156,7 +157,7 @@ class JoinState:
         while queue and queue[0][0] + self.retention_ms <= now and expired < limit:
             at, wf = queue.popleft()
             marker = self.finished.get(wf)
-            if marker is None or marker.at != at:
+            if marker is None or marker[1] != at:
                 continue
             del self.finished[wf]
             outcomes.append(Outcome([Row(MARKER, wf)]))
@@ -177,13 +178,21 @@ class JoinState:
             times.append(self._expiry[0][0] + self.retention_ms)
         return min(times) if times else None
 
+    def marker(self, wf: str) -> Marker | None:
+        m = self.finished.get(wf)
+        return Marker(*m) if m is not None else None
+
+    def remember(self, wf: str, marker: Marker) -> None:
+        """Keep a finished marker (markers must come in finishing order: the expiry queue is FIFO)."""
+        self.finished[wf] = (marker.status, marker.at, marker.runId)
+        self._expiry.append((marker.at, wf))
+
     # --- restore --------------------------------------------------------------------------
     def restore(self, plans: list[WorkflowPlan], results: list[TaskResult], markers: dict[str, Marker],
                 now: int) -> None:
         """Rebuild from the changelog's surviving rows (what compaction would keep)."""
         for wf, marker in sorted(markers.items(), key=lambda kv: kv[1].at):
-            self.finished[wf] = marker
-            self._expiry.append((marker.at, wf))
+            self.remember(wf, marker)
         for plan in plans:
             flow = self._open(plan.workflowId, plan.submittedAt)
             flow.plan, flow.index = plan, frozenset(plan.taskRefs)
@@ -214,8 +223,7 @@ class JoinState:
         final = build_final(flow, status, now)
         del self.open[wf]
         marker = Marker(status, now, flow.plan.runId if flow.plan else "")
-        self.finished[wf] = marker
-        self._expiry.append((now, wf))
+        self.remember(wf, marker)
         # the state rows go (tombstones, so compaction reclaims them) and the marker stays
         refs = set(flow.results) | {r.taskRef for r in rows if r.kind == RESULT}
         rows = ([Row(PLAN, wf)] if flow.plan is not None else []) + [Row(RESULT, wf, ref) for ref in refs]

@@ -37,7 +37,7 @@ def test_in_order():
     f = finals[0]
     assert f.status == "COMPLETED" and f.fileLocations == ("http://s3/b/a", "http://s3/b/b", "http://s3/b/c")
     assert f.correlationId == "corr" and f.taskCount == 3 and f.submittedAt == 1000
-    assert state.open == {} and state.finished["wf"] == Marker("COMPLETED", 2000, "r1")
+    assert state.open == {} and state.marker("wf") == Marker("COMPLETED", 2000, "r1")
 
 
 def test_one_small_row_per_result_and_tombstones_at_the_end():
@@ -170,14 +170,13 @@ def test_changelog_codec_round_trip():
     marker = next(r for r in done[-1].rows if r.kind == MARKER)
     again2 = new_state()
     load_state({row_key(marker): row_value(marker)}, again2, 5)
-    assert again2.finished["wf"].status == "COMPLETED" and again2.finished["wf"].runId == "r1"
+    assert again2.marker("wf") == marker.value and marker.value.status == "COMPLETED" and marker.value.runId == "r1"
 
 
 def test_a_tick_costs_what_is_due_not_the_size_of_the_table():
     state = new_state(retention=1000)
     for i in range(200_000):  # finished markers, oldest first
-        state.finished[f"w{i}"] = Marker("COMPLETED", i, "")
-        state._expiry.append((i, f"w{i}"))
+        state.remember(f"w{i}", Marker("COMPLETED", i, ""))
     outs = state.due(1000 + 1999)  # 2,000 markers are due: only they are looked at
     assert len(outs) == 2000 and len(state.finished) == 198_000 and len(state._expiry) == 198_000
     assert state.due(1000 + 1999) == [] and len(state._expiry) == 198_000

@@ -1,0 +1,59 @@
+"""Deletes the staged sources of finished workflows: in batches (one S3 request per 1,000 keys), on a
+thread of its own, so that a burst of final events costs the join a queue append each."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from streams.adapters.objectstore import ObjectStore
+from streams.agents.common import log
+
+
+class SourceCleaner:
+    BATCH = 1000
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="cleanup", daemon=True)
+        self._thread.start()
+
+    def delete(self, key: str) -> None:
+        self._queue.put(key)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, for at most ``timeout`` seconds."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("join: staged sources still queued for deletion at exit (left in the bucket)")
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            first = self._queue.get()
+            batch = [] if first is None else [first]
+            closing = first is None
+            while len(batch) < self.BATCH:
+                try:
+                    key = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if key is None:
+                    closing = True
+                    break
+                batch.append(key)
+            if batch:
+                self._delete(batch)
+
+    def _delete(self, keys: list[str]) -> None:
+        for attempt in range(3):
+            try:
+                failed = self.store.delete_many(keys)
+                if failed:
+                    log.warning("could not delete %d staged source(s), e.g. %s", len(failed), failed[0])
+                return
+            except Exception as exc:  # best effort: a leftover staged copy is only storage
+                log.warning("deleting %d staged source(s) failed (%s); attempt %d", len(keys), exc, attempt + 1)
+                time.sleep(1.0 + attempt)
