@@ -29,6 +29,7 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/encoders.py
 	$(PY) bench/timeline.py
+	$(PY) bench/join.py
 	$(PY) bench/pipeline.py  # last: its last line is the throughput ratio
 
 stack-up: $(STAMP)

@@ -86,18 +86,19 @@ class JoinState:
         self.default_timeout_ms = default_timeout_ms
         self.retention_ms = retention_ms
         self.open: dict[str, Workflow] = {}
-        # finished markers as plain (status, at, run id) tuples: tuples of strings and ints are untracked
-        # by the garbage collector, so a million markers cost no full-collection pauses
-        self.finished: dict[str, tuple[str, int, str]] = {}
+        # finished markers packed as "status at runId" strings: a dict of strings only is never tracked
+        # by the garbage collector, so a million markers cost no collection pauses (a tuple value would
+        # put the whole dict back in the youngest generation, to be walked by every young collection)
+        self.finished: dict[str, str] = {}
         self._deadlines: list[tuple[int, str]] = []  # (deadline, workflow id); stale entries skipped
         self._expiry: deque[tuple[int, str]] = deque()  # (finished at, workflow id), in finishing order
 
     # --- the verbs ------------------------------------------------------------------------
     def record_plan(self, plan: WorkflowPlan, now: int) -> Outcome:
         wf = plan.workflowId
-        marker = self.finished.get(wf)
+        marker = self.marker(wf)
         if marker is not None:
-            return Outcome(discarded=(wf, plan.runId) if plan.runId != marker[2] else None, ignored="finished")
+            return Outcome(discarded=(wf, plan.runId) if plan.runId != marker.runId else None, ignored="finished")
         flow = self.open.get(wf)
         if flow is not None and flow.plan is not None:
             if plan.runId == flow.plan.runId:
@@ -156,8 +157,8 @@ class JoinState:
         queue = self._expiry
         while queue and queue[0][0] + self.retention_ms <= now and expired < limit:
             at, wf = queue.popleft()
-            marker = self.finished.get(wf)
-            if marker is None or marker[1] != at:
+            marker = self.marker(wf)
+            if marker is None or marker.at != at:
                 continue
             del self.finished[wf]
             outcomes.append(Outcome([Row(MARKER, wf)]))
@@ -179,12 +180,15 @@ class JoinState:
         return min(times) if times else None
 
     def marker(self, wf: str) -> Marker | None:
-        m = self.finished.get(wf)
-        return Marker(*m) if m is not None else None
+        packed = self.finished.get(wf)
+        if packed is None:
+            return None
+        status, at, run_id = packed.split(" ", 2)
+        return Marker(status, int(at), run_id)
 
     def remember(self, wf: str, marker: Marker) -> None:
         """Keep a finished marker (markers must come in finishing order: the expiry queue is FIFO)."""
-        self.finished[wf] = (marker.status, marker.at, marker.runId)
+        self.finished[wf] = f"{marker.status} {marker.at} {marker.runId}"
         self._expiry.append((marker.at, wf))
 
     # --- restore --------------------------------------------------------------------------
