@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import os
 import signal
 import socket
 import tempfile
@@ -50,7 +51,7 @@ def instance_id(config: Config) -> tuple[str, object | None]:
     open transaction is aborted at once instead of after the transaction timeout."""
     if config.join_instance:
         return config.join_instance, None
-    folder = Path(tempfile.gettempdir()) / "imagefork-locks"
+    folder = Path(tempfile.gettempdir()) / f"imagefork-locks-{os.getuid()}"
     folder.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname() or "host"
     for slot in range(1024):
