@@ -354,6 +354,8 @@ class JoinWorker:
                             f"{self.topics.events} has {len(events.partitions)}: they must match")
 
     def _close(self) -> None:
+        log.info("join: stopping after %(events)d events, %(finals)d final events, %(transactions)d "
+                 "transactions, %(aborts)d aborted", self.stats)
         try:
             self.consumer.close()  # a static member: its partitions wait for it for one session timeout
         except KafkaException as exc:
@@ -371,5 +373,8 @@ def run(config: Config) -> int:
     except JoinFatal as exc:
         log.error("join: %s", exc)
         return 2
+    except (KafkaException, TimeoutError) as exc:  # e.g. the state could not be restored: start again later
+        log.error("join: stopped: %s: %s", type(exc).__name__, exc)
+        return 3
 
 
