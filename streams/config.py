@@ -82,6 +82,7 @@ class Config:
     repair_after_s: float = 15.0
     finished_retention_s: float = 24 * 3600.0
     join_batch: int = 500  # events per join transaction, at most
+    join_commit_interval_ms: int = 100  # a transaction without a final event commits after this
     join_instance: str = ""  # the join's transactional.id suffix; default: host name + a free slot
     transaction_timeout_s: float = 10.0  # a dead join's open transaction is aborted after this
     resize_concurrency: int = 0  # 0: one per core
@@ -121,6 +122,7 @@ class Config:
             (self.resize_concurrency >= 0, "IMAGEFORK_RESIZE_CONCURRENCY must be >= 0"),
             (self.planner_concurrency >= 1, "IMAGEFORK_PLANNER_CONCURRENCY must be >= 1"),
             (1 <= self.join_batch <= 100_000, "IMAGEFORK_JOIN_BATCH must be 1..100000"),
+            (0 <= self.join_commit_interval_ms <= 60_000, "IMAGEFORK_JOIN_COMMIT_INTERVAL_MS must be 0..60000"),
             (1 <= self.transaction_timeout_s <= 900, "IMAGEFORK_TRANSACTION_TIMEOUT_S must be 1..900"),
             (self.finished_retention_s > 0, "IMAGEFORK_FINISHED_RETENTION_S must be > 0"),
             (self.retry.policy in ("fixed", "exponential"), "IMAGEFORK_RETRY_POLICY must be fixed or exponential"),
@@ -194,6 +196,7 @@ class Config:
             repair_after_s=reader.float("IMAGEFORK_REPAIR_AFTER_S", d.repair_after_s),
             finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),
             join_batch=reader.int("IMAGEFORK_JOIN_BATCH", d.join_batch),
+            join_commit_interval_ms=reader.int("IMAGEFORK_JOIN_COMMIT_INTERVAL_MS", d.join_commit_interval_ms),
             join_instance=reader.str("IMAGEFORK_JOIN_INSTANCE", d.join_instance),
             transaction_timeout_s=reader.float("IMAGEFORK_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s),
             resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),

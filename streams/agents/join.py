@@ -65,6 +65,23 @@ def instance_id(config: Config) -> tuple[str, object | None]:
     raise JoinFatal("no free join slot on this host (1024 joins running?)")
 
 
+class Txn:
+    """The open transaction: what it holds besides the records already produced into it."""
+
+    def __init__(self):
+        self.close()
+
+    def begin(self) -> None:
+        self.open, self.since = True, time.monotonic()
+
+    def close(self) -> None:
+        self.open, self.since = False, 0.0
+        self.offsets: dict[int, int] = {}  # next offset per events partition, committed with it
+        self.after: list[tuple[str, str]] = []  # (workflow id, run id) whose staged source goes once committed
+        self.events = 0
+        self.finals = 0  # final events wait in it: commit at once
+
+
 class JoinWorker:
     TICK_BUDGET = 2000  # timeouts and expiries per clock pass, at most; the rest on the next pass
 
@@ -103,6 +120,7 @@ class JoinWorker:
         self.repair = Repairer(config, self.store)
         self.cleanup = SourceCleaner(self.store)
         self.states: dict[int, JoinState] = {}
+        self.txn = Txn()
         self.positions: dict[int, int] = {}  # next offset to read, per owned partition
         self.stopping = False
         self.ready = False
@@ -123,12 +141,25 @@ class JoinWorker:
         self.ready = True
 
     def _revoked(self, consumer, partitions) -> None:
-        # called from inside poll(): no transaction is open then, so everything handled is committed
+        # called from inside poll(), still in the old generation: what was handled so far is committed
+        # now, before the partitions go (their next owner resumes from these offsets)
+        if self.txn.open:
+            self._commit()
         for tp in partitions:
             self.states.pop(tp.partition, None)
             self.positions.pop(tp.partition, None)
         if partitions:
             log.info("join: %d partitions revoked, %d kept", len(partitions), len(self.states))
+
+    def _lost(self, consumer, partitions) -> None:
+        # the partitions were taken while we could not answer: the open transaction cannot commit (its
+        # generation is gone); abort it and rebuild what we keep from the committed state
+        for tp in partitions:
+            self.states.pop(tp.partition, None)
+            self.positions.pop(tp.partition, None)
+        log.warning("join: %d partitions lost", len(partitions))
+        if self.txn.open:
+            self._abort(KafkaError(KafkaError._FAIL, "partitions lost"))
 
     def _restore(self, parts: list[int]) -> None:
         started = time.monotonic()
@@ -153,22 +184,30 @@ class JoinWorker:
         self._check_partitions()
         self.producer.init_transactions(60)
         self.consumer.subscribe([self.topics.events], on_assign=self._assigned, on_revoke=self._revoked,
-                                on_lost=self._revoked)
+                                on_lost=self._lost)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         last_repair = 0.0
+        interval = self.config.join_commit_interval_ms / 1000
         try:
             while not self.stopping:
-                batch = self._fetch(0.2)
+                wait = 0.2 if not self.txn.open else max(0.0, self.txn.since + interval - time.monotonic())
+                batch = self._fetch(wait)
                 now = now_ms()
                 due = any((t := s.next_due()) is not None and t <= now for s in self.states.values())
                 repaired = self.repair.take()
                 if batch or repaired or due:
-                    self._transact(batch, repaired, due)
+                    self._process(batch, repaired, due)
+                txn = self.txn
+                if txn.open and (txn.finals or txn.events >= self.config.join_batch
+                                 or time.monotonic() - txn.since >= interval):
+                    self._commit()
                 mono = time.monotonic()
                 if mono - last_repair >= 1.0:
                     last_repair = mono
                     self._consider_repairs()
+            if self.txn.open:
+                self._commit()
         finally:
             self._close()
         return 0
@@ -183,14 +222,15 @@ class JoinWorker:
         rest = self.consumer.consume(self.config.join_batch - 1, timeout=0) if self.config.join_batch > 1 else []
         return [first, *rest]
 
-    def _transact(self, batch: list, repaired: list, tick: bool) -> None:
-        """One transaction: the batch's state rows, final events and dead letters, the clock's
-        outcomes, repaired results, and the offsets of the batch."""
-        after: list[tuple[str, str]] = []  # (workflow id, run id) whose staged source can go once committed
-        offsets: dict[int, int] = {}
+    def _process(self, batch: list, repaired: list, tick: bool) -> None:
+        """Apply a batch, repaired results and the clock's outcomes inside the open transaction (one is
+        begun if none is open): state rows, final events, dead letters, and the batch's offsets."""
+        txn = self.txn
         now = now_ms()
-        self.producer.begin_transaction()
         try:
+            if not txn.open:
+                self.producer.begin_transaction()
+                txn.begin()
             for msg in batch:
                 p = msg.partition()
                 if msg.error() is not None:
@@ -199,36 +239,53 @@ class JoinWorker:
                 state = self.states.get(p)
                 if state is None:
                     continue  # not ours any more: its new owner reads it from the committed offset
-                self._handle(p, state, msg, now, after)
-                offsets[p] = msg.offset() + 1
+                self._handle(p, state, msg, now, txn.after)
+                txn.offsets[p] = msg.offset() + 1
+                txn.events += 1
             for p, results in repaired:
                 state = self.states.get(p)
                 for result in results if state is not None else ():
-                    self._apply(p, state.record_result(result, now), None, None, after)
+                    self._apply(p, state.record_result(result, now), None, None, txn.after)
             if tick:
                 budget = self.TICK_BUDGET  # shared by the partitions: one pass stays short
                 for p, state in self.states.items():
                     for outcome in state.due(now, limit=max(1, budget)):
-                        self._apply(p, outcome, None, None, after)
+                        self._apply(p, outcome, None, None, txn.after)
                         budget -= 1
-            if offsets:
-                tps = [TopicPartition(self.topics.events, p, o) for p, o in offsets.items()]
-                self.producer.send_offsets_to_transaction(tps, self.consumer.consumer_group_metadata(), 60)
-            self._commit()
         except KafkaException as exc:
             self._abort(exc.args[0])
-            return
-        except Exception as exc:  # a bug in this loop: nothing of the batch is committed; start it again
+        except Exception as exc:  # a bug in this loop: nothing of the transaction is committed; start again
             log.exception("join: batch failed")
             self._abort(KafkaError(KafkaError._FAIL, f"{type(exc).__name__}: {exc}"))
             time.sleep(1.0)
-            return
+
+    def _commit(self) -> bool:
+        """Commit the open transaction with its offsets; on failure abort it and restore."""
+        txn = self.txn
+        try:
+            if txn.offsets:
+                tps = [TopicPartition(self.topics.events, p, o) for p, o in txn.offsets.items()]
+                self.producer.send_offsets_to_transaction(tps, self.consumer.consumer_group_metadata(), 60)
+            for attempt in range(10):
+                try:
+                    self.producer.commit_transaction(60)
+                    break
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if err.retriable() and not err.txn_requires_abort() and not err.fatal() and attempt < 9:
+                        time.sleep(0.2 * (attempt + 1))
+                        continue
+                    raise
+        except KafkaException as exc:
+            self._abort(exc.args[0])
+            return False
         self.stats["transactions"] += 1
-        self.stats["events"] += len(batch)
-        for p, o in offsets.items():
-            self.positions[p] = o
-        for workflow_id, run_id in after:
+        self.stats["events"] += txn.events
+        self.positions.update(txn.offsets)
+        for workflow_id, run_id in txn.after:
             self.cleanup.delete(staging_key(self.config.staging_prefix, workflow_id, run_id))
+        txn.close()
+        return True
 
     def _handle(self, p: int, state: JoinState, msg, now: int, after: list) -> None:
         raw = msg.value()
@@ -271,6 +328,7 @@ class JoinWorker:
         self._produce(self.topics.completed, final.workflowId.encode(),
                       serde.encode("WorkflowCompleted", final.to_dict()))
         self.stats["finals"] += 1
+        self.txn.finals += 1
         log.info("workflow %s %s: %d of %d outputs", final.workflowId, final.status,
                  len(final.outputs), final.taskCount)
 
@@ -294,18 +352,6 @@ class JoinWorker:
             except BufferError:  # the local queue is full: let deliveries drain
                 self.producer.poll(0.05)
 
-    def _commit(self) -> None:
-        for attempt in range(10):
-            try:
-                self.producer.commit_transaction(60)
-                return
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.retriable() and not err.txn_requires_abort() and not err.fatal() and attempt < 9:
-                    time.sleep(0.2 * (attempt + 1))
-                    continue
-                raise
-
     def _abort(self, err: KafkaError) -> None:
         """The transaction cannot commit: abort it and rebuild the owned partitions from what is
         committed (the in-memory state ran ahead of it)."""
@@ -313,7 +359,9 @@ class JoinWorker:
             raise JoinFatal(f"join transaction failed for good: {err}") from None
         self.stats["aborts"] += 1
         log.warning("join: transaction aborted (%s); restoring from the changelog", err)
-        self.producer.abort_transaction(60)
+        if self.txn.open:
+            self.txn.close()
+            self.producer.abort_transaction(60)
         parts = sorted(self.states)
         if not parts:
             return
