@@ -82,7 +82,7 @@ class Config:
     repair_after_s: float = 15.0
     finished_retention_s: float = 24 * 3600.0
     join_batch: int = 500  # events per join transaction, at most
-    join_commit_interval_ms: int = 100  # a transaction without a final event commits after this
+    join_commit_interval_ms: int = 1000  # a transaction without a final event commits after this
     join_instance: str = ""  # the join's transactional.id suffix; default: host name + a free slot
     transaction_timeout_s: float = 10.0  # a dead join's open transaction is aborted after this
     resize_concurrency: int = 0  # 0: one per core

@@ -391,12 +391,19 @@ class JoinWorker:
         return high is not None and high >= 0 and self.positions.get(p, -1) >= high
 
     # --- around --------------------------------------------------------------------------------
-    def _check_partitions(self) -> None:
-        meta = self.consumer.list_topics(timeout=30).topics
-        events, state = meta.get(self.topics.events), meta.get(self.topics.join_state)
-        if events is None or state is None or events.error or state.error:
-            raise JoinFatal(f"topics {self.topics.events} and {self.topics.join_state} must exist "
-                            "(run `imagefork topics`)")
+    def _check_partitions(self, patience_s: float = 30.0) -> None:
+        """The events and state topics exist (a topic just created may take a moment to show in the
+        metadata) and the state topic has a partition for every events partition."""
+        give_up = time.monotonic() + patience_s
+        while True:
+            meta = self.consumer.list_topics(timeout=30).topics
+            events, state = meta.get(self.topics.events), meta.get(self.topics.join_state)
+            if events and state and not events.error and not state.error and events.partitions:
+                break
+            if time.monotonic() > give_up:
+                raise JoinFatal(f"topics {self.topics.events} and {self.topics.join_state} must exist "
+                                "(run `imagefork topics`)")
+            time.sleep(0.5)
         if len(state.partitions) < len(events.partitions):
             raise JoinFatal(f"{self.topics.join_state} has {len(state.partitions)} partitions but "
                             f"{self.topics.events} has {len(events.partitions)}: they must match")

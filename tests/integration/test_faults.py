@@ -94,6 +94,31 @@ def test_storm_of_sigkills_on_every_role(make_pipeline, files):
     assert_exactly_one_completed(p, ids, finals)
 
 
+def test_a_second_join_takes_over_a_killed_ones_partitions(make_pipeline, files):
+    """Two joins share the partitions (a cooperative rebalance hands half over mid-run, committing what
+    was handled); then one is SIGKILLed for good. Its open transaction is aborted by the broker, the other
+    join takes its partitions after the session timeout, restores their state and finishes every
+    workflow: exactly one final event each."""
+    p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6", IMAGEFORK_TRANSACTION_TIMEOUT_S="5")
+    first = p.start("join", name="join-a")
+    p.start("resize")
+    p.start("planner")
+    follower = p.follower()
+    ids = [f"takeover-{i}" for i in range(30)]
+    for wf in ids[:15]:
+        p.submit(small_request(files), wf)
+    assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 20, 90), p.logs()
+    second = p.start("join", name="join-b")
+    for wf in ids[15:]:
+        p.submit(small_request(files), wf)
+    assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 100, 90), p.logs()
+    first.kill()
+    finals = follower.wait(ids, 180)
+    follower.close()
+    assert second.alive()
+    assert_exactly_one_completed(p, ids, finals)
+
+
 def test_a_thousand_wide_request_through_the_whole_stack(make_pipeline, files):
     """One request with 1,000 outputs (5 formats x 200 sizes): one final event listing all 1,000, in
     plan order, and every object there."""
