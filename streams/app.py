@@ -35,7 +35,8 @@ def create_app(role: str, config: Config) -> faust.App:
         store="memory://",
         topic_partitions=config.partitions,
         topic_replication_factor=config.replication_factor,
-        # at-least-once everywhere; see the README ("Delivery guarantees") for why not exactly_once
+        # planner and resize are at-least-once (idempotent outputs); the join is transactional on its own
+        # (agents/join.py); see the README ("Delivery guarantees")
         processing_guarantee="at_least_once",
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",

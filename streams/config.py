@@ -78,7 +78,6 @@ class Config:
     replication_factor: int = 1
     workflow_timeout_s: float = 300.0
     session_timeout_s: float = 15.0
-    deadline_check_interval_s: float = 1.0
     repair_after_s: float = 15.0
     finished_retention_s: float = 24 * 3600.0
     join_batch: int = 500  # events per join transaction, at most
@@ -191,8 +190,6 @@ class Config:
             replication_factor=reader.int("IMAGEFORK_REPLICATION_FACTOR", d.replication_factor),
             workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),
             session_timeout_s=reader.float("IMAGEFORK_SESSION_TIMEOUT_S", d.session_timeout_s),
-            deadline_check_interval_s=reader.float("IMAGEFORK_DEADLINE_CHECK_INTERVAL_S",
-                                                   d.deadline_check_interval_s),
             repair_after_s=reader.float("IMAGEFORK_REPAIR_AFTER_S", d.repair_after_s),
             finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),
             join_batch=reader.int("IMAGEFORK_JOIN_BATCH", d.join_batch),
