@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from streams import serde
 from streams.core.join import MARKER, PLAN, RESULT, JoinState, Marker, Row
@@ -59,6 +60,7 @@ class ChangelogReader:
 
     def __init__(self, client_config: dict, topic: str):
         self.topic = topic
+        self.admin = AdminClient(client_config)
         self.consumer = Consumer({**client_config, "group.id": f"{topic}.restore", "enable.auto.commit": False,
                                   "isolation.level": "read_committed", "enable.partition.eof": True,
                                   "fetch.max.bytes": 64 * 1024 * 1024, "fetch.wait.max.ms": 10,
@@ -69,10 +71,7 @@ class ChangelogReader:
         rows: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
         if not partitions:
             return rows
-        ends = {}
-        for p in partitions:
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
-            ends[p] = high
+        ends = self.committed_ends(partitions)
         pending = {p for p in partitions if ends[p] > 0}
         if not pending:
             return rows
@@ -107,6 +106,22 @@ class ChangelogReader:
         finally:
             self.consumer.unassign()
         return rows
+
+    def committed_ends(self, partitions: list[int]) -> dict[int, int]:
+        """The last stable offset of each partition: the end of what committed transactions wrote.
+        (The high watermark would include the records of a transaction still open, which a
+        read_committed reader can never pass until that transaction ends.)"""
+        asked = {TopicPartition(self.topic, p): OffsetSpec.latest() for p in partitions}
+        give_up = time.monotonic() + 60
+        while True:
+            try:
+                futures = self.admin.list_offsets(asked, isolation_level=IsolationLevel.READ_COMMITTED,
+                                                  request_timeout=30)
+                return {tp.partition: future.result().offset for tp, future in futures.items()}
+            except KafkaException:  # leaders not known yet (a topic just made, a broker restarting)
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.5)
 
     def close(self) -> None:
         self.consumer.close()

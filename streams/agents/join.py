@@ -42,6 +42,10 @@ from streams.core.planning import staging_key
 from streams.serde import SerdeError
 
 
+class ConsumerFailed(RuntimeError):
+    """The consumer hit a fatal error: the join rejoins the group with a new one."""
+
+
 class JoinFatal(RuntimeError):
     """The join cannot go on (fenced by another instance with the same transactional id, or the
     broker refused the transaction for good); the process exits and a supervisor restarts it."""
@@ -94,12 +98,12 @@ class JoinWorker:
         self.retention_ms = int(config.finished_retention_s * 1000)
         self.instance, self._lock = instance_id(config)
         group = config.group_id("join")
-        self.consumer = Consumer(client_config(config, **{
+        # No static membership (group.instance.id): it would hand a restarted join its partitions
+        # without waiting out the dead one's session, but after a broker restart librdkafka fenced the
+        # consumer against itself ("Static consumer fenced by other consumer with same
+        # group.instance.id", a fatal error) in our broker-restart test.
+        self.consumer_config = client_config(config, **{
             "group.id": group,
-            # static membership: a join restarted on the same slot (after a crash or a deploy) takes its
-            # partitions back at once instead of after the dead process's session timeout; the price is
-            # that a join stopped for good hands its partitions on only after that timeout
-            "group.instance.id": f"{group}-{self.instance}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "auto.offset.reset": "earliest",
@@ -107,7 +111,8 @@ class JoinWorker:
             "session.timeout.ms": int(config.session_timeout_s * 1000),
             "heartbeat.interval.ms": max(500, int(config.session_timeout_s * 1000 / 5)),
             "fetch.wait.max.ms": 100,
-        }))
+        })
+        self.consumer = Consumer(self.consumer_config)
         self.producer = Producer(producer_config(config, **{
             "transactional.id": f"{group}-{self.instance}",
             "transaction.timeout.ms": int(config.transaction_timeout_s * 1000),
@@ -131,11 +136,16 @@ class JoinWorker:
     # --- partitions come and go ------------------------------------------------------------
     def _assigned(self, consumer, partitions) -> None:
         parts = [tp.partition for tp in partitions]
+        if parts and self.txn.open:
+            self._commit()  # what was handled for the partitions we keep, before the new ones are read
         if parts:
             # committed() waits for a transaction that is still committing offsets to these partitions
             # (require_stable), so the changelog read next is at least as new as the offsets we resume at
-            committed = consumer.committed(partitions, timeout=max(60.0, 3 * self.config.transaction_timeout_s))
-            self._restore(parts)
+            try:
+                committed = consumer.committed(partitions, timeout=max(60.0, 3 * self.config.transaction_timeout_s))
+                self._restore(parts)
+            except (KafkaException, TimeoutError) as exc:
+                raise ConsumerFailed(f"restoring partitions {parts} failed: {exc}") from None
             for tp in committed:
                 self.positions[tp.partition] = tp.offset if tp.offset >= 0 else 0
         if not self.ready or parts:
@@ -185,25 +195,16 @@ class JoinWorker:
     def run(self) -> int:
         self._check_partitions()
         self.producer.init_transactions(60)
-        self.consumer.subscribe([self.topics.events], on_assign=self._assigned, on_revoke=self._revoked,
-                                on_lost=self._lost)
+        self._subscribe()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         last_repair = 0.0
-        interval = self.config.join_commit_interval_ms / 1000
         try:
             while not self.stopping:
-                wait = 0.2 if not self.txn.open else max(0.0, self.txn.since + interval - time.monotonic())
-                batch = self._fetch(wait)
-                now = now_ms()
-                due = any((t := s.next_due()) is not None and t <= now for s in self.states.values())
-                repaired = self.repair.take()
-                if batch or repaired or due:
-                    self._process(batch, repaired, due)
-                txn = self.txn
-                if txn.open and (txn.finals or txn.events >= self.config.join_batch
-                                 or time.monotonic() - txn.since >= interval):
-                    self._commit()
+                try:
+                    self._step()
+                except ConsumerFailed as exc:
+                    self._rejoin(str(exc))
                 mono = time.monotonic()
                 if mono - last_repair >= 1.0:
                     last_repair = mono
@@ -217,12 +218,69 @@ class JoinWorker:
     def _stop(self, *_):
         self.stopping = True
 
+    def _subscribe(self) -> None:
+        self.consumer.subscribe([self.topics.events], on_assign=self._assigned, on_revoke=self._revoked,
+                                on_lost=self._lost)
+
+    def _step(self) -> None:
+        """One turn: read what is there, apply it, commit when it is time."""
+        interval = self.config.join_commit_interval_ms / 1000
+        txn = self.txn
+        wait = 0.2 if not txn.open else max(0.0, txn.since + interval - time.monotonic())
+        batch = self._fetch(wait)
+        now = now_ms()
+        due = any((t := s.next_due()) is not None and t <= now for s in self.states.values())
+        repaired = self.repair.take()
+        if batch or repaired or due:
+            self._process(batch, repaired, due)
+        if txn.open and (txn.finals or txn.events >= self.config.join_batch
+                         or time.monotonic() - txn.since >= interval):
+            self._commit()
+
+    def _rejoin(self, reason: str) -> None:
+        """The consumer failed for good (a fatal error): drop the open transaction and every partition's
+        state, and join the group again with a new consumer (the partitions come back restored)."""
+        log.warning("join: the consumer failed (%s); joining the group again", reason)
+        if self.txn.open:
+            self.txn.close()
+            self._retrying("abort the transaction", lambda: self.producer.abort_transaction(30))
+        self.states.clear()
+        self.positions.clear()
+        try:
+            self.consumer.close()
+        except Exception as exc:  # it is broken already
+            log.debug("join: closing the failed consumer: %s", exc)
+        self.consumer = Consumer(self.consumer_config)
+        self._subscribe()
+
+    def _retrying(self, what: str, call, patience_s: float = 300.0):
+        """Run a transactional call, again while it fails with a retriable error (a broker away)."""
+        give_up = time.monotonic() + patience_s
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal():
+                    raise JoinFatal(f"cannot {what}: {err}") from None
+                if not err.retriable() or err.txn_requires_abort() or time.monotonic() > give_up:
+                    raise
+                log.warning("join: could not %s (%s); retrying in %.1fs", what, err, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def _fetch(self, timeout: float) -> list:
         first = self.consumer.poll(timeout)
         if first is None:
             return []
         rest = self.consumer.consume(self.config.join_batch - 1, timeout=0) if self.config.join_batch > 1 else []
-        return [first, *rest]
+        batch = [first, *rest]
+        for msg in batch:
+            err = msg.error()
+            if err is not None and err.fatal():
+                raise ConsumerFailed(str(err))
+        return batch
 
     def _process(self, batch: list, repaired: list, tick: bool) -> None:
         """Apply a batch, repaired results and the clock's outcomes inside the open transaction (one is
@@ -262,22 +320,18 @@ class JoinWorker:
             time.sleep(1.0)
 
     def _commit(self) -> bool:
-        """Commit the open transaction with its offsets; on failure abort it and restore."""
+        """Commit the open transaction with its offsets (retrying while the broker is away); when it
+        cannot commit, abort it and restore."""
         txn = self.txn
         try:
             if txn.offsets:
                 tps = [TopicPartition(self.topics.events, p, o) for p, o in txn.offsets.items()]
-                self.producer.send_offsets_to_transaction(tps, self.consumer.consumer_group_metadata(), 60)
-            for attempt in range(10):
                 try:
-                    self.producer.commit_transaction(60)
-                    break
+                    group = self.consumer.consumer_group_metadata()
                 except KafkaException as exc:
-                    err = exc.args[0]
-                    if err.retriable() and not err.txn_requires_abort() and not err.fatal() and attempt < 9:
-                        time.sleep(0.2 * (attempt + 1))
-                        continue
-                    raise
+                    raise ConsumerFailed(str(exc)) from None
+                self._retrying("send the offsets", lambda: self.producer.send_offsets_to_transaction(tps, group, 60))
+            self._retrying("commit", lambda: self.producer.commit_transaction(60))
         except KafkaException as exc:
             self._abort(exc.args[0])
             return False
@@ -363,18 +417,24 @@ class JoinWorker:
         log.warning("join: transaction aborted (%s); restoring from the changelog", err)
         if self.txn.open:
             self.txn.close()
-            self.producer.abort_transaction(60)
+            self._retrying("abort the transaction", lambda: self.producer.abort_transaction(60))
         parts = sorted(self.states)
         if not parts:
             return
         self.states.clear()
         tps = [TopicPartition(self.topics.events, p) for p in parts]
-        committed = self.consumer.committed(tps, timeout=60)
+        try:
+            committed = self._retrying("read the committed offsets", lambda: self.consumer.committed(tps, timeout=60))
+        except KafkaException as exc:
+            raise ConsumerFailed(str(exc)) from None
         self._restore(parts)
-        for tp in committed:
-            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            self.consumer.seek(TopicPartition(self.topics.events, tp.partition, offset))
-            self.positions[tp.partition] = max(0, tp.offset)
+        try:
+            for tp in committed:
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self.consumer.seek(TopicPartition(self.topics.events, tp.partition, offset))
+                self.positions[tp.partition] = max(0, tp.offset)
+        except KafkaException as exc:  # cannot rewind: start over with fresh assignments
+            raise ConsumerFailed(f"rewinding to the committed offsets failed: {exc}") from None
 
     # --- repair --------------------------------------------------------------------------------
     def _consider_repairs(self) -> None:
@@ -414,7 +474,7 @@ class JoinWorker:
         log.info("join: stopping after %(events)d events, %(finals)d final events, %(transactions)d "
                  "transactions, %(aborts)d aborted", self.stats)
         try:
-            self.consumer.close()  # a static member: its partitions wait for it for one session timeout
+            self.consumer.close()  # leaves the group: the partitions move at once
         except KafkaException as exc:
             log.warning("join: closing the consumer: %s", exc)
         self.producer.flush(10)
@@ -424,6 +484,8 @@ class JoinWorker:
 
 
 def run(config: Config) -> int:
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack to the log
     worker = JoinWorker(config)
     try:
         return worker.run()

@@ -278,6 +278,24 @@ def test_flaky_source_is_retried_without_blocking_other_requests(make_pipeline, 
         httpd.shutdown()
 
 
+def test_a_healthy_backlog_is_never_repaired(make_pipeline, files):
+    """One resize slot and a repair threshold shorter than the backlog: workflows wait behind others
+    with no progress, yet nothing is "recovered" (their outputs do not exist yet, or were written just
+    now and their results are on the way)."""
+    p = make_pipeline(IMAGEFORK_REPAIR_AFTER_S="2", IMAGEFORK_RESIZE_CONCURRENCY="1")
+    join = p.start("join")
+    p.start("resize")
+    p.start("planner")
+    follower = p.follower()
+    ids = [f"backlog-{i}" for i in range(20)]
+    for wf in ids:
+        p.submit(small_request(files), wf)
+    finals = follower.wait(ids, 180)
+    follower.close()
+    assert_exactly_one_completed(p, ids, finals)
+    assert "recovered" not in join.log_path.read_text(), join.log_tail(20)
+
+
 def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     """A result that never reaches the join (lost anywhere) is rebuilt from the self-describing output
     object once the workflow stalls, so the workflow completes instead of timing out."""
