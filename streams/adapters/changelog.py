@@ -60,6 +60,7 @@ class ChangelogReader:
 
     def __init__(self, client_config: dict, topic: str):
         self.topic = topic
+        self.client_config = client_config
         self.admin = AdminClient(client_config)
         self.consumer = Consumer({**client_config, "group.id": f"{topic}.restore", "enable.auto.commit": False,
                                   "isolation.level": "read_committed", "enable.partition.eof": True,
@@ -118,10 +119,14 @@ class ChangelogReader:
                 futures = self.admin.list_offsets(asked, isolation_level=IsolationLevel.READ_COMMITTED,
                                                   request_timeout=30)
                 return {tp.partition: future.result().offset for tp, future in futures.items()}
-            except KafkaException:  # leaders not known yet (a topic just made, a broker restarting)
-                if time.monotonic() > give_up:
+            except KafkaException:  # leaders not known yet (a topic just made), or stale (a broker restarted:
+                if time.monotonic() > give_up:  # FENCED_LEADER_EPOCH): ask again with a fresh client
                     raise
                 time.sleep(0.5)
+                self.admin = AdminClient(self.client_config)
 
     def close(self) -> None:
-        self.consumer.close()
+        try:
+            self.consumer.close()
+        except Exception:  # closing a client that failed: nothing more to do
+            pass

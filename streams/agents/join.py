@@ -251,6 +251,8 @@ class JoinWorker:
         except Exception as exc:  # it is broken already
             log.debug("join: closing the failed consumer: %s", exc)
         self.consumer = Consumer(self.consumer_config)
+        self.reader.close()
+        self.reader = ChangelogReader(client_config(self.config), self.topics.join_state)
         self._subscribe()
 
     def _retrying(self, what: str, call, patience_s: float = 300.0):
