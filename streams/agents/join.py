@@ -113,7 +113,7 @@ class JoinWorker:
             "fetch.wait.max.ms": 100,
         })
         self.consumer = Consumer(self.consumer_config)
-        self.producer = Producer(producer_config(config, **{
+        self.producer_config = producer_config(config, **{
             "transactional.id": f"{group}-{self.instance}",
             "transaction.timeout.ms": int(config.transaction_timeout_s * 1000),
             "acks": "all",
@@ -121,7 +121,9 @@ class JoinWorker:
             # a 1,000-wide final event is some 300 KB: compressed batches, and room for long ids and URLs
             "compression.type": "lz4",
             "message.max.bytes": MAX_MESSAGE_BYTES,
-        }))
+        })
+        self.producer = Producer(self.producer_config)
+        self._retired: list[Producer] = []
         self.reader = ChangelogReader(client_config(config), self.topics.join_state)
         self.store = ObjectStore(config)
         self.repair = Repairer(config, self.store)
@@ -243,7 +245,7 @@ class JoinWorker:
         log.warning("join: the consumer failed (%s); joining the group again", reason)
         if self.txn.open:
             self.txn.close()
-            self._retrying("abort the transaction", lambda: self.producer.abort_transaction(30))
+            self._new_producer("the open transaction is dropped")
         self.states.clear()
         self.positions.clear()
         try:
@@ -255,7 +257,29 @@ class JoinWorker:
         self.reader = ChangelogReader(client_config(self.config), self.topics.join_state)
         self._subscribe()
 
-    def _retrying(self, what: str, call, patience_s: float = 300.0):
+    def _new_producer(self, reason: str) -> None:
+        """Replace a producer stuck in a transaction (e.g. across a broker restart): the new one takes
+        the same transactional id, which aborts whatever the old one left open."""
+        log.info("join: %s; starting a new transactional producer", reason)
+        old, self.producer = self.producer, Producer(self.producer_config)
+        try:
+            old.purge()
+        except Exception:  # it is broken already
+            pass
+        # kept, not destroyed: destroying a producer with a transactional request in flight can block
+        # (this happens rarely: a crash-free join replaces its producer only around broker failures)
+        self._retired.append(old)
+        give_up = time.monotonic() + 300
+        while True:
+            try:
+                self.producer.init_transactions(60)
+                return
+            except KafkaException as exc:
+                if exc.args[0].fatal() or time.monotonic() > give_up:
+                    raise JoinFatal(f"no transactional producer: {exc.args[0]}") from None
+                time.sleep(1.0)
+
+    def _retrying(self, what: str, call, patience_s: float = 30.0):
         """Run a transactional call, again while it fails with a retriable error (a broker away)."""
         give_up = time.monotonic() + patience_s
         delay = 0.2
@@ -332,8 +356,10 @@ class JoinWorker:
                     group = self.consumer.consumer_group_metadata()
                 except KafkaException as exc:
                     raise ConsumerFailed(str(exc)) from None
-                self._retrying("send the offsets", lambda: self.producer.send_offsets_to_transaction(tps, group, 60))
-            self._retrying("commit", lambda: self.producer.commit_transaction(60))
+                # one attempt each: a call retried after a time-out could block far past its own timeout
+                # (seen across a broker restart); a failed commit aborts through a new producer instead
+                self.producer.send_offsets_to_transaction(tps, group, 30)
+            self.producer.commit_transaction(30)
         except KafkaException as exc:
             self._abort(exc.args[0])
             return False
@@ -418,8 +444,10 @@ class JoinWorker:
         self.stats["aborts"] += 1
         log.warning("join: transaction aborted (%s); restoring from the changelog", err)
         if self.txn.open:
+            # not abort_transaction(): after a broker restart it can hang; a new producer with the same
+            # transactional id aborts the open transaction on the broker (epoch bump), always
             self.txn.close()
-            self._retrying("abort the transaction", lambda: self.producer.abort_transaction(60))
+            self._new_producer("the open transaction is dropped")
         parts = sorted(self.states)
         if not parts:
             return
