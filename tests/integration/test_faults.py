@@ -26,6 +26,19 @@ def assert_exactly_one_completed(pipeline, ids, finals):
         pipeline.check_outputs(finals[i])
 
 
+def until_results(p, follower, n: int, timeout: float = 90) -> None:
+    """Wait until ``n`` task results have gone by (work is flowing)."""
+    assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= n, timeout), p.logs()
+
+
+def finish(p, follower, ids, timeout: float = 180):
+    """Every request's final event: COMPLETED, exactly one each, with all its objects."""
+    finals = follower.wait(ids, timeout)
+    follower.close()
+    assert_exactly_one_completed(p, ids, finals)
+    return finals
+
+
 def test_sigkill_one_of_two_resize_workers_mid_run(make_pipeline, files):
     p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6")
     p.start("join")
@@ -36,13 +49,10 @@ def test_sigkill_one_of_two_resize_workers_mid_run(make_pipeline, files):
     ids = [f"kill-resize-{i}" for i in range(24)]
     for wf in ids:
         p.submit(small_request(files), wf)
-    # kill once work is flowing: some results are in, many are not
-    assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 10, 90), p.logs()
+    until_results(p, follower, 10)  # kill once work is flowing: some results are in, many are not
     victim.kill()
-    finals = follower.wait(ids, 180)
-    follower.close()
+    finish(p, follower, ids)
     assert survivor.alive()
-    assert_exactly_one_completed(p, ids, finals)
 
 
 def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, files):
@@ -57,12 +67,10 @@ def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, fi
         p.submit(small_request(files), wf)
     p.start("planner")
     for round_, seen in enumerate((10, 30, 50)):
-        assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= seen, 120), p.logs()
+        until_results(p, follower, seen, 120)
         join.kill()
         join = p.start("join", name=f"join-restarted-{round_}")
-    finals = follower.wait(ids, 180)
-    follower.close()
-    assert_exactly_one_completed(p, ids, finals)
+    finish(p, follower, ids)
 
 
 def test_storm_of_sigkills_on_every_role(make_pipeline, files):
@@ -89,9 +97,7 @@ def test_storm_of_sigkills_on_every_role(make_pipeline, files):
             planner.kill()
             planner = p.start("planner", name=f"planner-{wave}", wait=False)
         join = p.start("join", name=f"join-{wave}")
-    finals = follower.wait(ids, 600)
-    follower.close()
-    assert_exactly_one_completed(p, ids, finals)
+    finish(p, follower, ids, 600)
 
 
 def test_a_second_join_takes_over_a_killed_ones_partitions(make_pipeline, files):
@@ -107,16 +113,14 @@ def test_a_second_join_takes_over_a_killed_ones_partitions(make_pipeline, files)
     ids = [f"takeover-{i}" for i in range(30)]
     for wf in ids[:15]:
         p.submit(small_request(files), wf)
-    assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 20, 90), p.logs()
+    until_results(p, follower, 20)
     second = p.start("join", name="join-b")
     for wf in ids[15:]:
         p.submit(small_request(files), wf)
-    assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 100, 90), p.logs()
+    until_results(p, follower, 100)
     first.kill()
-    finals = follower.wait(ids, 180)
-    follower.close()
+    finish(p, follower, ids)
     assert second.alive()
-    assert_exactly_one_completed(p, ids, finals)
 
 
 def test_a_thousand_wide_request_through_the_whole_stack(make_pipeline, files):
@@ -158,15 +162,13 @@ def test_broker_restart_mid_run(make_pipeline, files, stack_env, local_stack):
         ids = [f"restart-{i}" for i in range(10)]
         for wf in ids[:5]:
             p.submit(small_request(files), wf)
-        assert wait_until(lambda: follower.pump(0.2) or follower.results_seen() >= 5, 90), p.logs()
+        until_results(p, follower, 5)
         stack.stop_kafka()
         time.sleep(3)
         stack.start_kafka()
         for wf in ids[5:]:
             p.submit(small_request(files), wf)
-        finals = follower.wait(ids, 240)
-        follower.close()
-        assert_exactly_one_completed(p, ids, finals)
+        finish(p, follower, ids, 240)
         assert all(w.alive() for w in p.workers), p.logs()
     finally:
         p.stop()
@@ -189,9 +191,7 @@ def test_s3_outage_tasks_retry_then_succeed(make_pipeline, files, stack_env):
         assert wait_until(lambda: proxy.cut_count >= 4, 60), "the resize worker never tried S3"
         time.sleep(3)
         proxy.restore()
-        finals = follower.wait(ids, 120)
-        follower.close()
-        assert_exactly_one_completed(p, ids, finals)
+        finish(p, follower, ids, 120)
         assert proxy.cut_count >= 4
     finally:
         proxy.close()
@@ -290,9 +290,7 @@ def test_a_healthy_backlog_is_never_repaired(make_pipeline, files):
     ids = [f"backlog-{i}" for i in range(20)]
     for wf in ids:
         p.submit(small_request(files), wf)
-    finals = follower.wait(ids, 180)
-    follower.close()
-    assert_exactly_one_completed(p, ids, finals)
+    finish(p, follower, ids)
     assert "recovered" not in join.log_path.read_text(), join.log_tail(20)
 
 
