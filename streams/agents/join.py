@@ -159,21 +159,22 @@ class JoinWorker:
         # now, before the partitions go (their next owner resumes from these offsets)
         if self.txn.open:
             self._commit()
-        for tp in partitions:
-            self.states.pop(tp.partition, None)
-            self.positions.pop(tp.partition, None)
+        self._drop(partitions)
         if partitions:
             log.info("join: %d partitions revoked, %d kept", len(partitions), len(self.states))
 
     def _lost(self, consumer, partitions) -> None:
         # the partitions were taken while we could not answer: the open transaction cannot commit (its
         # generation is gone); abort it and rebuild what we keep from the committed state
-        for tp in partitions:
-            self.states.pop(tp.partition, None)
-            self.positions.pop(tp.partition, None)
+        self._drop(partitions)
         log.warning("join: %d partitions lost", len(partitions))
         if self.txn.open:
             self._abort(KafkaError(KafkaError._FAIL, "partitions lost"))
+
+    def _drop(self, partitions) -> None:
+        for tp in partitions:
+            self.states.pop(tp.partition, None)
+            self.positions.pop(tp.partition, None)
 
     def _restore(self, parts: list[int]) -> None:
         started = time.monotonic()
@@ -243,9 +244,7 @@ class JoinWorker:
         """The consumer failed for good (a fatal error): drop the open transaction and every partition's
         state, and join the group again with a new consumer (the partitions come back restored)."""
         log.warning("join: the consumer failed (%s); joining the group again", reason)
-        if self.txn.open:
-            self.txn.close()
-            self._new_producer("the open transaction is dropped")
+        self._drop_transaction()
         self.states.clear()
         self.positions.clear()
         try:
@@ -256,6 +255,13 @@ class JoinWorker:
         self.reader.close()
         self.reader = ChangelogReader(client_config(self.config), self.topics.join_state)
         self._subscribe()
+
+    def _drop_transaction(self) -> None:
+        """Forget the open transaction. Not abort_transaction(): after a broker restart it could hang;
+        a new producer with the same transactional id makes the broker abort it (epoch bump), always."""
+        if self.txn.open:
+            self.txn.close()
+            self._new_producer("the open transaction is dropped")
 
     def _new_producer(self, reason: str) -> None:
         """Replace a producer stuck in a transaction (e.g. across a broker restart): the new one takes
@@ -280,7 +286,7 @@ class JoinWorker:
                 time.sleep(1.0)
 
     def _retrying(self, what: str, call, patience_s: float = 30.0):
-        """Run a transactional call, again while it fails with a retriable error (a broker away)."""
+        """Run a Kafka call, again while it fails with a retriable error (a broker away)."""
         give_up = time.monotonic() + patience_s
         delay = 0.2
         while True:
@@ -443,11 +449,7 @@ class JoinWorker:
             raise JoinFatal(f"join transaction failed for good: {err}") from None
         self.stats["aborts"] += 1
         log.warning("join: transaction aborted (%s); restoring from the changelog", err)
-        if self.txn.open:
-            # not abort_transaction(): after a broker restart it can hang; a new producer with the same
-            # transactional id aborts the open transaction on the broker (epoch bump), always
-            self.txn.close()
-            self._new_producer("the open transaction is dropped")
+        self._drop_transaction()
         parts = sorted(self.states)
         if not parts:
             return
