@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import faust
 
+from streams.adapters.kafka import faust_credentials
 from streams.config import Config
 
 ROLES = ("planner", "resize")  # the Faust roles; the join is a confluent-kafka loop (agents/join.py)
@@ -28,6 +29,7 @@ def create_app(role: str, config: Config) -> faust.App:
     return faust.App(
         config.group_id(role),
         broker=[f"kafka://{server.strip()}" for server in config.bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(config),
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,

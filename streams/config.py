@@ -17,6 +17,28 @@ class ConfigError(ValueError):
 
 
 FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tiff")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How every Kafka client of the project (Faust/aiokafka and confluent-kafka) connects."""
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def ssl(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,8 @@ class Topics:
     completed: str = "imagefork.completed"
     dead_letter: str = "imagefork.requests.dlq"
     join_state: str = "imagefork.join.state"  # the join's changelog (compacted)
+    task_attempts: str = "imagefork.tasks.attempts"  # resize's crash ledger (compacted)
+    schemas: str = "imagefork.schemas"  # every schema version a writer used, by fingerprint (compacted)
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -65,6 +89,7 @@ class Topics:
 @dataclass(frozen=True)
 class Config:
     bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     s3_endpoint_url: str | None = None
     s3_public_url: str | None = None
     s3_region: str = "us-east-1"
@@ -88,6 +113,9 @@ class Config:
     resize_pool: str = "thread"  # or "process" (measured: threads are faster, see docs/bench.md)
     planner_concurrency: int = 4
     fetch_allow: tuple[str, ...] = ()
+    source_s3_allow: tuple[str, ...] = ()  # "bucket" or "bucket/prefix"; the staging prefix is always allowed
+    max_crashes: int = 2  # a task whose processing killed this many workers ends FAILED (WORKER_CRASHED)
+    memory_budget_mb: int = 1024  # decoded pixels held per resize process: cache + decodes in flight
     limits: Limits = field(default_factory=Limits)
     encoding: Encoding = field(default_factory=Encoding)
     retry: Retry = field(default_factory=Retry)
@@ -112,8 +140,30 @@ class Config:
             return f"{base.rstrip('/')}/{self.bucket}/{key}"
         return f"https://{self.bucket}.s3.{self.s3_region}.amazonaws.com/{key}"
 
+    def s3_source_allowed(self, bucket: str, key: str) -> bool:
+        """Whether an ``s3://bucket/key`` source may be read: the staging prefix of our own bucket, or
+        a bucket (or bucket/prefix) listed in IMAGEFORK_SOURCE_S3_ALLOW."""
+        if bucket == self.bucket and key.startswith(self.staging_prefix):
+            return True
+        for entry in self.source_s3_allow:
+            b, _, prefix = entry.partition("/")
+            if b == bucket and key.startswith(prefix):
+                return True
+        return False
+
     def validate(self) -> "Config":
+        sec = self.kafka_security
         checks = [
+            (sec.protocol in SECURITY_PROTOCOLS, f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}"),
+            (not sec.sasl or sec.sasl_mechanism in SASL_MECHANISMS,
+             f"KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)} with {sec.protocol}"),
+            (not sec.sasl or (sec.sasl_username and sec.sasl_password),
+             f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are needed with {sec.protocol}"),
+            (bool(sec.ssl_certfile) == bool(sec.ssl_keyfile), "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together"),
+            (self.max_crashes >= 1, "IMAGEFORK_MAX_CRASHES must be >= 1"),
+            (self.memory_budget_mb >= 64, "IMAGEFORK_MEMORY_BUDGET_MB must be >= 64"),
+            (all(e and not e.startswith("s3://") for e in self.source_s3_allow),
+             "IMAGEFORK_SOURCE_S3_ALLOW lists bucket or bucket/prefix entries, without s3://"),
             (self.partitions >= 1, "IMAGEFORK_PARTITIONS must be >= 1"),
             (self.replication_factor >= 1, "IMAGEFORK_REPLICATION_FACTOR must be >= 1"),
             (self.workflow_timeout_s > 0, "IMAGEFORK_WORKFLOW_TIMEOUT_S must be > 0"),
@@ -175,8 +225,19 @@ class Config:
         )
         d = cls()
         allow = reader.str("IMAGEFORK_FETCH_ALLOW", "")
+        s3_allow = reader.str("IMAGEFORK_SOURCE_S3_ALLOW", "")
+        security = KafkaSecurity(
+            protocol=reader.str("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
+            sasl_mechanism=reader.str("KAFKA_SASL_MECHANISM", "").upper(),
+            sasl_username=reader.str("KAFKA_SASL_USERNAME", ""),
+            sasl_password=reader.str("KAFKA_SASL_PASSWORD", ""),
+            ssl_cafile=reader.str("KAFKA_SSL_CAFILE", ""),
+            ssl_certfile=reader.str("KAFKA_SSL_CERTFILE", ""),
+            ssl_keyfile=reader.str("KAFKA_SSL_KEYFILE", ""),
+        )
         return cls(
             bootstrap_servers=reader.str("KAFKA_BOOTSTRAP_SERVERS", d.bootstrap_servers),
+            kafka_security=security,
             s3_endpoint_url=reader.str("S3_ENDPOINT_URL", "") or None,
             s3_public_url=reader.str("S3_PUBLIC_URL", "") or None,
             s3_region=reader.str("AWS_REGION", reader.str("AWS_DEFAULT_REGION", d.s3_region)),
@@ -200,6 +261,9 @@ class Config:
             resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),
             planner_concurrency=reader.int("IMAGEFORK_PLANNER_CONCURRENCY", d.planner_concurrency),
             fetch_allow=tuple(p.strip() for p in allow.split(",") if p.strip()),
+            source_s3_allow=tuple(p.strip() for p in s3_allow.split(",") if p.strip()),
+            max_crashes=reader.int("IMAGEFORK_MAX_CRASHES", d.max_crashes),
+            memory_budget_mb=reader.int("IMAGEFORK_MEMORY_BUDGET_MB", d.memory_budget_mb),
             limits=limits,
             encoding=encoding,
             retry=retry,

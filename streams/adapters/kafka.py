@@ -15,8 +15,41 @@ class KafkaUnavailable(RuntimeError):
     pass
 
 
+def security_config(config: Config) -> dict:
+    """The connection settings every confluent-kafka client of the project uses."""
+    sec = config.kafka_security
+    out: dict = {"security.protocol": sec.protocol}
+    if sec.sasl:
+        out.update({"sasl.mechanisms": sec.sasl_mechanism, "sasl.username": sec.sasl_username,
+                    "sasl.password": sec.sasl_password})
+    if sec.ssl_cafile:
+        out["ssl.ca.location"] = sec.ssl_cafile
+    if sec.ssl_certfile:
+        out.update({"ssl.certificate.location": sec.ssl_certfile, "ssl.key.location": sec.ssl_keyfile})
+    return out
+
+
+def faust_credentials(config: Config):
+    """The same settings for Faust (aiokafka): None, or a faust Credentials object."""
+    import ssl
+
+    import faust
+    sec = config.kafka_security
+    context = None
+    if sec.ssl:
+        context = ssl.create_default_context(cafile=sec.ssl_cafile or None)
+        if sec.ssl_certfile:
+            context.load_cert_chain(sec.ssl_certfile, sec.ssl_keyfile)
+    if sec.sasl:
+        return faust.SASLCredentials(username=sec.sasl_username, password=sec.sasl_password,
+                                     mechanism=sec.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
 def client_config(config: Config, **extra) -> dict:
-    return {"bootstrap.servers": config.bootstrap_servers, **extra}
+    return {"bootstrap.servers": config.bootstrap_servers, **security_config(config), **extra}
 
 
 def producer_config(config: Config, **extra) -> dict:
@@ -40,6 +73,11 @@ def topic_specs(config: Config) -> dict[str, dict]:
         t.events: {"retention.ms": day},
         t.completed: {"retention.ms": week, "max.message.bytes": str(MAX_MESSAGE_BYTES)},
         t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000)},
+        # resize's crash ledger: one row per task in flight, a tombstone when it ends
+        t.task_attempts: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),
+                          "min.cleanable.dirty.ratio": "0.2", "delete.retention.ms": str(3600 * 1000)},
+        # every schema version any writer used, keyed by fingerprint; kept for good
+        t.schemas: {"cleanup.policy": "compact"},
         # the join's state: compacted, and compacted soon (small segments, low dirty ratio), so a
         # restart replays little more than the live rows; tombstones stay an hour (a restore takes seconds)
         t.join_state: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),
