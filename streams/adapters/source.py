@@ -2,8 +2,10 @@
 
 The guard resolves the host itself, refuses loopback, private, link-local,
 multicast, reserved and metadata addresses (unless the allow-list names them),
-then connects to the very address it checked, so a DNS answer cannot change
-between check and use. Every redirect is checked the same way.
+also when an IPv6 form embeds or routes to one, then connects only to the very
+addresses it checked, so a DNS answer cannot change between check and use.
+Every redirect is checked the same way. The response headers must arrive
+within one overall deadline, so a server cannot hold a worker by trickling them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,21 @@ from streams.core.errors import (
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Sequence[str]]
 USER_AGENT = "imagefork/0.1 (+https://github.com/imagefork)"
+# A host's DNS answer is chosen by whoever submits its URL: without a cap, a long list of
+# addresses that never answer would hold a worker for connect_timeout_s each.
+MAX_CONNECT_ATTEMPTS = 4
+
+# IPv6 ranges refused whatever they contain (an allow-list entry still overrides them).
+_V6_REFUSED = tuple(ipaddress.IPv6Network(n) for n in (
+    "::/96",           # unspecified, loopback and the deprecated IPv4-compatible ::a.b.c.d
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): translates into networks of the operator's choosing
+    # Teredo: the path goes through a relay and the client's IPv4 is obfuscated, so the real
+    # destination cannot be judged from the address; Teredo is obsolete for servers anyway.
+    "2001::/32",
+    "fec0::/10",       # site-local (deprecated, still routed inside some networks; the stdlib calls it global)
+    "fc00::/7",        # unique-local
+))
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the gateway connects to the IPv4 in the last 32 bits
 
 
 def _resolve(host: str, port: int) -> list[str]:
@@ -34,42 +51,128 @@ def _resolve(host: str, port: int) -> list[str]:
 
 
 def address_allowed(address: str, allow: Sequence[Network]) -> bool:
+    """Whether a connection to ``address`` may be made: an allow-listed or a public destination.
+
+    An IPv4-mapped address is the IPv4 address itself to the kernel, so it is judged (and
+    allow-listed) as that. 6to4 and NAT64 addresses are judged by the IPv4 address their
+    gateway forwards to, since that is where the request ends up.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if any(ip in net for net in allow):
         return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _V6_REFUSED):
+            return False
+        relayed = _relayed_ipv4(ip)
+        if relayed is not None:
+            return _public(relayed)
+    return _public(ip)
+
+
+def _relayed_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a 6to4 relay or a NAT64 gateway delivers ``ip`` to, if it is such an address."""
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally reachable unicast; ``is_global`` alone lets multicast and reserved ranges through."""
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified
                                  or ip.is_loopback or ip.is_link_local or ip.is_private)
 
 
-def pick_address(host: str, port: int, allow: Sequence[Network], resolver: Resolver = _resolve) -> str:
-    addresses = resolver(host, port)
+def pick_addresses(host: str, port: int, allow: Sequence[Network], resolver: Resolver = _resolve) -> list[str]:
+    """The addresses of ``host`` to try, in the resolver's order.
+
+    If any address is refused the whole host is: a DNS answer mixing public and private
+    addresses is how a name is made to point inside, and trying only the good ones would
+    let the attacker pick when the bad one is used.
+    """
+    addresses = list(resolver(host, port))
     if not addresses:
         raise SourceNotFound(f"host {host!r} has no address")
     refused = [a for a in addresses if not address_allowed(a, allow)]
     if refused:
         raise SourceForbidden(f"host {host!r} resolves to a non-public address ({refused[0]}); "
                               f"fetching it is refused (set IMAGEFORK_FETCH_ALLOW to permit)")
-    return addresses[0]
+    return addresses
+
+
+def _connect_first(host: str, port: int, addresses: Sequence[str], timeout: float) -> socket.socket:
+    """A TCP connection to the first of the checked ``addresses`` that accepts one.
+
+    Only a failure to connect moves on to the next address; anything later (TLS, HTTP) is
+    the host's answer and is not retried elsewhere.
+    """
+    tried = addresses[:MAX_CONNECT_ATTEMPTS]
+    for address in tried:
+        sock = _Socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((address, port))
+            return sock
+        except OSError as exc:  # refused, timed out, unreachable
+            sock.close()
+            last = exc
+    of = f" of {len(addresses)}" if len(addresses) > len(tried) else ""
+    raise SourceUnavailable(f"cannot connect to {host}: tried {len(tried)}{of} address(es), "
+                            f"last error {type(last).__name__}: {str(last)[:120]}")
+
+
+class _HeaderDeadline:
+    """Socket mixin: while ``headers_due`` is set, each read waits at most for the time left until then.
+
+    A socket timeout bounds one read only, so a server trickling its status line and headers
+    a byte at a time could hold a worker forever; cutting every read to the time left bounds
+    them all together.
+    """
+    __slots__ = ()
+    headers_due: float | None = None
+
+    def recv_into(self, *args, **kwargs):
+        if self.headers_due is not None:
+            left = self.headers_due - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("response headers are late")
+            self.settimeout(left)
+        return super().recv_into(*args, **kwargs)
+
+
+class _Socket(_HeaderDeadline, socket.socket):
+    pass
+
+
+class _SSLSocket(_HeaderDeadline, ssl.SSLSocket):
+    pass
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float):
+    """Connects to the checked addresses, never to what a new lookup of the host name would give."""
+
+    def __init__(self, host: str, port: int, addresses: Sequence[str], timeout: float):
         super().__init__(host, port, timeout=timeout)
-        self._address = address
+        self._addresses = addresses
 
     def connect(self):
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = _connect_first(self.host, self.port, self._addresses, self.timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
+    """Connects to the checked addresses; the certificate is still verified against the host name."""
+
+    def __init__(self, host: str, port: int, addresses: Sequence[str], timeout: float):
+        context = ssl.create_default_context()
+        context.sslsocket_class = _SSLSocket
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._addresses = addresses
 
     def connect(self):
-        sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock = _connect_first(self.host, self.port, self._addresses, self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -89,9 +192,9 @@ def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
             port = parts.port or (443 if scheme == "https" else 80)
         except ValueError:
             raise SourceNotFound(f"bad port in {url[:200]}") from None
-        address = pick_address(host, port, allow, resolver)
+        addresses = pick_addresses(host, port, allow, resolver)
         cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-        conn = cls(host, port, address, limits.connect_timeout_s)
+        conn = cls(host, port, addresses, limits.connect_timeout_s)
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -100,7 +203,7 @@ def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
             conn.sock.settimeout(limits.read_timeout_s)
             conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5",
                                                "Accept-Encoding": "identity"})
-            resp = conn.getresponse()
+            resp = _await_headers(conn, host, limits)
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 if not location:
@@ -125,6 +228,21 @@ def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
         finally:
             conn.close()
     raise SourceNotFound(f"more than {limits.max_redirects} redirects")
+
+
+def _await_headers(conn: http.client.HTTPConnection, host: str,
+                   limits: Limits) -> http.client.HTTPResponse:
+    """The response, whose status line and headers must all arrive within ``read_timeout_s``."""
+    sock = conn.sock  # getresponse drops conn.sock when the response will close the connection
+    sock.headers_due = time.monotonic() + limits.read_timeout_s
+    try:
+        resp = conn.getresponse()
+    except TimeoutError:
+        raise SourceUnavailable(f"{host} did not send response headers "
+                                f"within {limits.read_timeout_s:g} s") from None
+    sock.headers_due = None
+    sock.settimeout(limits.read_timeout_s)
+    return resp
 
 
 def _read_capped(resp: http.client.HTTPResponse, limits: Limits, started: float) -> bytes:
