@@ -3,21 +3,32 @@
 Frame: ``C3 01`` + the 8-byte little-endian CRC-64-AVRO (Rabin) fingerprint of
 the schema's parsing canonical form + the Avro binary body. Any consumer that
 holds the .avsc files can decode it without a registry.
+
+A record is written with its current schema and read into its current schema whatever version
+wrote it: the fingerprint picks the writer's schema among every version this process knows (the
+current files, ``schemas/history/``, and schemas a resolver found at run time, e.g. on the Kafka
+schemas topic), and Avro schema resolution fills the defaults of fields the writer did not have
+and skips those the reader does not have. So an optional field can be added in a rolling deploy:
+old records reach new readers, and new records reach old readers that can find the new schema.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
-from functools import lru_cache
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import fastavro
-from fastavro.schema import fingerprint, load_schema, to_parsing_canonical_form
+from fastavro.read import SchemaResolutionError
+from fastavro.schema import fingerprint, load_schema, parse_schema, to_parsing_canonical_form
 
 MAGIC = b"\xc3\x01"
 NAMESPACE = "io.imagefork"
+
+# Given a fingerprint no known schema has: the writer schema's JSON text, or None.
+Resolver = Callable[[bytes], str | None]
 
 
 class SerdeError(ValueError):
@@ -25,22 +36,42 @@ class SerdeError(ValueError):
 
 
 def schemas_dir() -> Path:
+    """IMAGEFORK_SCHEMAS_DIR, else the copy a wheel installs as ``streams/schemas``, else the
+    repository's top-level ``schemas/`` (the source of truth, which the wheel's copy is made from)."""
     env = os.environ.get("IMAGEFORK_SCHEMAS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "schemas"
+    package = Path(__file__).resolve().parent
+    installed = package / "schemas"
+    return installed if installed.is_dir() else package.parent / "schemas"
+
+
+def expanded(path: Path) -> dict:
+    """The schema in ``path`` with every named type it references (files beside it) defined inline:
+    self-contained, so it can be kept in history/ or sent to a process that lacks the files."""
+    try:
+        return load_schema(str(path), _write_hint=False)
+    except Exception as exc:  # fastavro raises several types for a missing or broken file
+        raise SerdeError(f"schema {path} does not load: {type(exc).__name__}: {exc}") from None
+
+
+def fingerprint_of(schema: dict) -> bytes:
+    """The 8 bytes a frame carries for ``schema``."""
+    # fastavro spells the Rabin fingerprint as the hex of its little-endian bytes already
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
 
 
 class AvroSchema:
-    def __init__(self, name: str):
-        self.name = name if "." in name else f"{NAMESPACE}.{name}"
-        path = schemas_dir() / f"{self.name}.avsc"
-        if not path.exists():
-            raise SerdeError(f"no schema file {path}")
-        self.parsed = load_schema(str(path), _write_hint=False)
-        self.canonical = to_parsing_canonical_form(self.parsed)
-        # fastavro spells the Rabin fingerprint as the hex of its little-endian bytes already
-        self.fingerprint = bytes.fromhex(fingerprint(self.canonical, "CRC-64-AVRO"))
+    """One record's current schema: every record is written with it, and read into it from any
+    version of the record that ``versions`` knows."""
+
+    def __init__(self, path: Path, versions: Schemas):
+        self.name = path.name[: -len(".avsc")]
+        self.versions = versions
+        self.expanded = expanded(path)
+        # parsed once with fastavro's hints, so reads and writes do not parse the schema again
+        self.parsed = parse_schema(self.expanded)
+        self.fingerprint = fingerprint_of(self.expanded)
         self.header = MAGIC + self.fingerprint
 
     def encode(self, record: dict[str, Any]) -> bytes:
@@ -58,22 +89,140 @@ class AvroSchema:
         data = bytes(data)
         if data[:2] != MAGIC:
             raise SerdeError(f"{self.name}: missing the Avro single-object marker C3 01")
-        if data[2:10] != self.fingerprint:
-            raise SerdeError(f"{self.name}: written with another schema (fingerprint {data[2:10].hex()})")
         buf = io.BytesIO(data[10:])
-        try:
-            record = fastavro.schemaless_reader(buf, self.parsed, return_record_name=True,
-                                                return_record_name_override=True)
-        except Exception as exc:  # fastavro raises many types on garbage
-            raise SerdeError(f"{self.name}: body does not decode: {type(exc).__name__}") from None
+        if data[2:10] == self.fingerprint:  # the hot path: no resolution
+            record = self._read(buf, self.parsed, None)
+        else:
+            record = self._read(buf, self._writer(data[2:10]), self.parsed)
         if buf.tell() != len(data) - 10:
             raise SerdeError(f"{self.name}: {len(data) - 10 - buf.tell()} trailing bytes after the record")
         return record
 
+    def _writer(self, fp: bytes) -> dict:
+        try:
+            writer = self.versions.writer(fp)
+        except SerdeError as exc:
+            raise SerdeError(f"{self.name}: {exc}") from None
+        if writer["name"] != self.name:
+            raise SerdeError(f"{self.name}: written as {writer['name']} (fingerprint {fp.hex()})")
+        return writer
 
-@lru_cache(maxsize=None)
+    def _read(self, buf: io.BytesIO, writer: dict, reader: dict | None) -> dict[str, Any]:
+        try:
+            return fastavro.schemaless_reader(buf, writer, reader, return_record_name=True,
+                                              return_record_name_override=True)
+        except SchemaResolutionError as exc:
+            raise SerdeError(f"{self.name}: this version cannot read the writer's: {exc}") from None
+        except Exception as exc:  # fastavro raises many types on garbage
+            raise SerdeError(f"{self.name}: body does not decode: {type(exc).__name__}") from None
+
+
+class Schemas:
+    """Every schema version one process can read, by fingerprint, and one reader per record.
+
+    The current files are read on first use of each record; history/ and the other current files
+    only when a frame carries a fingerprint that is not its record's current one, so a process that
+    only meets current records never pays for them. ``resolver`` is asked last, for fingerprints
+    that none of those has (a newer writer's schema); what it returns is kept for good.
+    """
+
+    def __init__(self, directory: Path, resolver: Resolver | None = None):
+        self.directory = directory
+        self.resolver = resolver
+        self._readers: dict[str, AvroSchema] = {}
+        self._writers: dict[bytes, dict] = {}  # fingerprint -> parsed schema, any version
+        self._scanned = False
+
+    def reader(self, name: str) -> AvroSchema:
+        found = self._readers.get(name)
+        if found is None:
+            full = name if "." in name else f"{NAMESPACE}.{name}"
+            found = self._readers[name] = self._readers.get(full) or self._load(full)
+        return found
+
+    def _load(self, full_name: str) -> AvroSchema:
+        path = self.directory / f"{full_name}.avsc"
+        if not path.exists():
+            raise SerdeError(f"no schema file {path}")
+        loaded = self._readers[full_name] = AvroSchema(path, self)
+        self._writers[loaded.fingerprint] = loaded.parsed
+        return loaded
+
+    def encode(self, name: str, record: dict[str, Any]) -> bytes:
+        return self.reader(name).encode(record)
+
+    def decode(self, name: str, data: bytes) -> dict[str, Any]:
+        return self.reader(name).decode(data)
+
+    def names(self) -> list[str]:
+        return sorted(p.name[: -len(".avsc")] for p in self.directory.glob(f"{NAMESPACE}.*.avsc"))
+
+    def current(self) -> dict[bytes, str]:
+        """Every current schema, fingerprint -> self-contained JSON: what a writer publishes so
+        that readers without this version can find it."""
+        return {r.fingerprint: json.dumps(r.expanded) for r in map(self.reader, self.names())}
+
+    def writer(self, fp: bytes) -> dict:
+        """The parsed schema whose fingerprint is ``fp``: a known version, else the resolver's."""
+        found = self._writers.get(fp)
+        if found is None and not self._scanned:
+            self._scan()
+            found = self._writers.get(fp)
+        if found is None and self.resolver is not None:
+            text = self.resolver(fp)
+            if text is not None:
+                found = self.learn(text, fp)
+        if found is None:
+            raise SerdeError(f"written with a schema this process does not know (fingerprint {fp.hex()}"
+                             f"{'' if self.resolver else '; no schema resolver installed'})")
+        return found
+
+    def learn(self, text: str, fp: bytes) -> dict:
+        """Keep the schema ``text`` (JSON), which must be the one with fingerprint ``fp``."""
+        try:
+            parsed = parse_schema(json.loads(text))
+        except Exception as exc:  # a broken entry must not pass for the schema that was asked
+            raise SerdeError(f"the schema given for fingerprint {fp.hex()} does not parse: {exc}") from None
+        got = fingerprint_of(parsed)
+        if got != fp:
+            raise SerdeError(f"the schema given for fingerprint {fp.hex()} has fingerprint {got.hex()}")
+        self._writers[fp] = parsed
+        return parsed
+
+    def _scan(self) -> None:
+        for name in self.names():
+            self.reader(name)
+        for path in sorted((self.directory / "history").glob("*.avsc")):
+            parsed = parse_schema(json.loads(path.read_text()))
+            self._writers[fingerprint_of(parsed)] = parsed
+        self._scanned = True
+
+
+_default: Schemas | None = None
+_default_lock = threading.Lock()
+
+
+def registry() -> Schemas:
+    """The process's schemas, from ``schemas_dir()`` (looked up on first use)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Schemas(schemas_dir())
+    return _default
+
+
 def schema(name: str) -> AvroSchema:
-    return AvroSchema(name)
+    return registry().reader(name)
+
+
+def set_resolver(resolver: Resolver | None) -> None:
+    """Where ``decode`` looks for a writer schema no file here has (None: nowhere)."""
+    registry().resolver = resolver
+
+
+def current_schemas() -> dict[bytes, str]:
+    return registry().current()
 
 
 def is_single_object(data: bytes) -> bool:
@@ -81,11 +230,11 @@ def is_single_object(data: bytes) -> bool:
 
 
 def encode(name: str, record: dict[str, Any]) -> bytes:
-    return schema(name).encode(record)
+    return registry().reader(name).encode(record)
 
 
 def decode(name: str, data: bytes) -> dict[str, Any]:
-    return schema(name).decode(data)
+    return registry().reader(name).decode(data)
 
 
 # --- the join's input: a union of plan, result and deadline check -----------

@@ -39,6 +39,12 @@ def test_every_schema_file_is_covered():
     assert files == set(RECORDS) | {"JoinEvent"}
 
 
+def test_schemas_dir_override(monkeypatch, tmp_path):
+    assert (serde.schemas_dir() / "io.imagefork.JoinEvent.avsc").exists()
+    monkeypatch.setenv("IMAGEFORK_SCHEMAS_DIR", str(tmp_path))
+    assert serde.schemas_dir() == tmp_path
+
+
 @pytest.mark.parametrize("kind", ["WorkflowPlan", "TaskResult", "DeadlineCheck"])
 def test_join_event_union_round_trip(kind):
     data = serde.encode_join_event(kind, RECORDS[kind])

@@ -1,0 +1,259 @@
+"""Schema evolution: every kept version and today's read each other, so a rolling deploy can add
+an optional field. A ``serde.Schemas`` over a temporary folder stands for a process of another
+version (it knows only the files in that folder, plus what its resolver finds)."""
+import io
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import fastavro
+import pytest
+from fastavro.utils import generate_many
+
+from streams import serde
+from streams.adapters.schemas import SchemaTopicError, SchemaTopicResolver, publish_schemas
+from streams.config import Config
+from tests.unit.test_serde import RECORDS
+
+CURRENT = serde.schemas_dir()
+HISTORY = sorted((CURRENT / "history").glob("*.avsc"))
+SAMPLES = {**RECORDS,
+           "JoinEvent": {"workflowId": "w", "body": ("io.imagefork.TaskResult", RECORDS["TaskResult"])},
+           "JoinEvent.plan": {"workflowId": "w", "body": ("io.imagefork.WorkflowPlan", RECORDS["WorkflowPlan"])}}
+# what the writers before schemas/history/ existed put on the topics (their fingerprints, from git history)
+RELEASED = {"JoinEvent": ["e8b539d590cddb8c"], "ResizeTask": ["e5980020971ed5f6", "69e7355a500d5d0e"],
+            "TaskResult": ["744ec077da67bd0c"], "WorkflowPlan": ["d2440972960e87d8"]}
+
+
+def load(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def record_of(path) -> str:
+    """``io.imagefork.TaskResult.v1.avsc`` -> ``TaskResult``."""
+    return path.name.split(".")[2]
+
+
+def current(name: str) -> dict:
+    return serde.expanded(CURRENT / f"io.imagefork.{name}.avsc")
+
+
+def named_types(schema, out: dict) -> dict:
+    if isinstance(schema, list):
+        for branch in schema:
+            named_types(branch, out)
+    elif isinstance(schema, dict):
+        if schema["type"] in ("record", "enum", "fixed"):
+            out[schema["name"]] = schema
+        for field in schema.get("fields", ()):
+            named_types(field["type"], out)
+        if "items" in schema:
+            named_types(schema["items"], out)
+    return out
+
+
+def conform(value, schema, names=None):
+    """``value`` as a reader with ``schema`` gets it: a field the value lacks gets its default, a key
+    the schema lacks is dropped (Avro schema resolution, for the types these schemas use)."""
+    names = named_types(schema, {}) if names is None else names
+    schema = names.get(schema, schema) if isinstance(schema, str) else schema
+    if isinstance(schema, list):
+        if isinstance(value, tuple):  # (record name, record): a union of several records
+            return value[0], conform(value[1], value[0], names)
+        branches = [names.get(b, b) if isinstance(b, str) else b for b in schema]
+        records = [b for b in branches if isinstance(b, dict) and b["type"] == "record"]
+        return conform(value, records[0], names) if isinstance(value, dict) else value
+    if isinstance(schema, dict) and schema["type"] == "record":
+        return {f["name"]: conform(value[f["name"]], f["type"], names) if f["name"] in value else f["default"]
+                for f in schema["fields"]}
+    if isinstance(schema, dict) and schema["type"] == "array":
+        return [conform(v, schema["items"], names) for v in value]
+    return value
+
+
+def process_with(folder, versions: dict[str, dict]) -> serde.Schemas:
+    """A process whose schema files are today's but for ``versions`` (name -> schema); no history."""
+    folder.mkdir()
+    for path in CURRENT.glob("io.imagefork.*.avsc"):
+        shutil.copy(path, folder / path.name)
+    for name, schema in versions.items():
+        (folder / f"io.imagefork.{name}.avsc").write_text(json.dumps(schema))
+    return serde.Schemas(folder)
+
+
+def with_foo(schema: dict) -> dict:
+    """A made-up next version: one optional field more."""
+    return {**schema, "fields": [*schema["fields"], {"name": "foo", "type": "string", "default": "bar"}]}
+
+
+# --- the kept versions ----------------------------------------------------------------------
+def test_history_holds_self_contained_numbered_versions():
+    versions: dict[str, list[int]] = {}
+    for path in HISTORY:
+        schema = load(path)
+        assert schema["name"] == f"io.imagefork.{record_of(path)}"
+        fastavro.parse_schema(schema)  # raises on a named type defined in another file
+        versions.setdefault(record_of(path), []).append(int(path.name.split(".")[3][1:]))
+    assert all(sorted(v) == list(range(1, len(v) + 1)) for v in versions.values())
+    fingerprints = [serde.fingerprint_of(load(p)) for p in HISTORY]
+    fingerprints += [serde.schema(n).fingerprint for n in serde.registry().names()]
+    assert len(set(fingerprints)) == len(fingerprints), "a kept version equals another or a current one"
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_every_released_fingerprint_is_known(name):
+    process = serde.Schemas(CURRENT)
+    for fp in RELEASED[name]:
+        assert process.writer(bytes.fromhex(fp))["name"] == f"io.imagefork.{name}"
+
+
+@pytest.mark.parametrize("path", HISTORY, ids=lambda p: p.name)
+def test_current_schema_reads_random_records_of_every_version(path):
+    """fastavro alone, on generated records: every kept version resolves to today's schema."""
+    old, new = fastavro.parse_schema(load(path)), current(record_of(path))
+    parsed_new = fastavro.parse_schema(new)
+    random.seed(path.name)
+    for record in generate_many(old, 50):
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, old, record)
+        as_written = fastavro.schemaless_reader(io.BytesIO(out.getvalue()), old, None, True, True)
+        as_read = fastavro.schemaless_reader(io.BytesIO(out.getvalue()), old, parsed_new, True, True)
+        assert as_read == conform(as_written, new)
+
+
+# --- through serde: both directions of a rolling deploy ---------------------------------------
+@pytest.mark.parametrize("path", HISTORY, ids=lambda p: p.name)
+def test_old_writer_new_reader_gets_defaults(path, tmp_path):
+    name, old = record_of(path), load(path)
+    written = conform(SAMPLES[name], old)
+    data = process_with(tmp_path / "old", {name: old}).encode(name, written)
+    assert data[2:10] == serde.fingerprint_of(old)
+    expected = conform(written, current(name))
+    assert serde.Schemas(CURRENT).decode(name, data) == expected
+    assert serde.decode(name, data) == expected  # the process's own registry knows history too
+    if name == "JoinEvent":
+        assert serde.decode_join_event(data) == ("TaskResult", expected["body"][1])
+        assert expected["body"][1]["runId"] == ""
+
+
+@pytest.mark.parametrize("path", HISTORY, ids=lambda p: p.name)
+def test_new_writer_old_reader_with_a_resolver(path, tmp_path):
+    name, old = record_of(path), load(path)
+    data = serde.encode(name, SAMPLES[name])
+    reader = process_with(tmp_path / "old", {name: old})
+    with pytest.raises(serde.SerdeError, match=data[2:10].hex()):
+        reader.decode(name, data)
+    reader.resolver = serde.current_schemas().get
+    assert reader.decode(name, data) == conform(SAMPLES[name], old)
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLES))
+def test_an_added_optional_field_both_ways(sample, tmp_path):
+    name = sample.split(".")[0]
+    v3 = process_with(tmp_path / "v3", {name: with_foo(current(name))})
+    today = serde.Schemas(CURRENT)
+    record = SAMPLES[sample]
+    # v3 writes, today reads (v3's schema found by the resolver): foo is skipped
+    data = v3.encode(name, {**record, "foo": "hello"})
+    with pytest.raises(serde.SerdeError, match="no schema resolver"):
+        today.decode(name, data)
+    today.resolver = v3.current().get
+    assert today.decode(name, data) == record
+    # today writes, v3 reads: foo gets its default
+    data = today.encode(name, record)
+    v3.resolver = today.current().get
+    assert v3.decode(name, data) == {**record, "foo": "bar"}
+
+
+def test_an_added_field_in_an_embedded_record(tmp_path):
+    """TaskResult v3 changes JoinEvent too: the v3 process's JoinEvent embeds TaskResult with foo."""
+    v3 = process_with(tmp_path / "v3", {"TaskResult": with_foo(current("TaskResult"))})
+    today = serde.Schemas(CURRENT, resolver=v3.current().get)
+    result = {**RECORDS["TaskResult"], "foo": "hello"}
+    data = v3.encode("JoinEvent", {"workflowId": "w", "body": ("io.imagefork.TaskResult", result)})
+    assert today.decode("JoinEvent", data) == SAMPLES["JoinEvent"]
+    v3.resolver = today.current().get
+    assert v3.decode("JoinEvent", today.encode("JoinEvent", SAMPLES["JoinEvent"]))["body"][1]["foo"] == "bar"
+
+
+def test_the_process_resolver_is_asked_once_per_fingerprint(tmp_path):
+    v3 = process_with(tmp_path / "v3", {"DeadlineCheck": with_foo(current("DeadlineCheck"))})
+    data = v3.encode("DeadlineCheck", {"workflowId": "w", "at": 1, "foo": "x"})
+    asked = []
+
+    def resolver(fp):
+        asked.append(fp)
+        return v3.current().get(fp)
+
+    serde.set_resolver(resolver)
+    try:
+        assert serde.decode("DeadlineCheck", data) == {"workflowId": "w", "at": 1}
+        assert serde.decode("DeadlineCheck", data) == {"workflowId": "w", "at": 1}
+    finally:
+        serde.set_resolver(None)
+    assert asked == [data[2:10]]
+
+
+# --- fingerprints nobody knows ------------------------------------------------------------------
+UNKNOWN = b"\xc3\x01" + bytes.fromhex("0123456789abcdef") + b"\x02w\x02"
+
+
+def test_unknown_fingerprint_without_resolver_is_a_serde_error():
+    with pytest.raises(serde.SerdeError, match="0123456789abcdef.*no schema resolver installed"):
+        serde.Schemas(CURRENT).decode("DeadlineCheck", UNKNOWN)
+    with pytest.raises(serde.SerdeError, match="0123456789abcdef"):
+        serde.decode("DeadlineCheck", UNKNOWN)
+
+
+@pytest.mark.parametrize("answer, match", [
+    (None, "does not know"),
+    ('{"type": "record"', "does not parse"),
+    (json.dumps(current("Size")), "has fingerprint"),  # a real schema, not the one asked for
+])
+def test_resolver_answers_are_checked(answer, match):
+    with pytest.raises(serde.SerdeError, match=match):
+        serde.Schemas(CURRENT, resolver=lambda fp: answer).decode("DeadlineCheck", UNKNOWN)
+
+
+def test_a_known_schema_of_another_record_is_refused():
+    data = serde.encode("DeadlineCheck", {"workflowId": "w", "at": 1})
+    with pytest.raises(serde.SerdeError, match="written as io.imagefork.DeadlineCheck"):
+        serde.Schemas(CURRENT).decode("WorkflowCompleted", data)
+
+
+# --- adding a version -----------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("git") is None, reason="the archive script reads git history")
+def test_archive_keeps_what_a_change_replaces(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(CURRENT, repo / "schemas")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "v"], check=True)
+    path = repo / "schemas" / "io.imagefork.TaskResult.avsc"
+    path.write_text(json.dumps(with_foo(json.loads(path.read_text()))))
+    script = [sys.executable, str(repo / "schemas" / "history" / "archive")]
+    printed = subprocess.run(script, check=True, capture_output=True, text=True).stdout.split()
+    kept = {p.split("/")[-1]: load(repo / "schemas" / "history" / p.split("/")[-1]) for p in printed}
+    n_result = len([p for p in HISTORY if record_of(p) == "TaskResult"]) + 1
+    n_event = len([p for p in HISTORY if record_of(p) == "JoinEvent"]) + 1
+    assert {k: serde.fingerprint_of(v) for k, v in kept.items()} == {
+        f"io.imagefork.TaskResult.v{n_result}.avsc": serde.schema("TaskResult").fingerprint,
+        f"io.imagefork.JoinEvent.v{n_event}.avsc": serde.schema("JoinEvent").fingerprint}
+    assert subprocess.run(script, check=True, capture_output=True, text=True).stdout == ""
+
+
+# --- the schemas topic, with no broker to reach (the real one: tests/integration/test_schemas.py) --
+def test_publish_without_a_broker_is_a_clear_error():
+    with pytest.raises(SchemaTopicError, match="cannot publish the schemas to imagefork.schemas at 127.0.0.1:1"):
+        publish_schemas(Config(bootstrap_servers="127.0.0.1:1"), timeout_s=1)
+
+
+def test_resolver_without_a_broker_answers_none_and_waits_before_asking_again():
+    resolver = SchemaTopicResolver(Config(bootstrap_servers="127.0.0.1:1"), min_interval_s=60, timeout_s=1)
+    assert resolver(bytes(8)) is None
+    asked_at = resolver.read_at
+    assert resolver(bytes.fromhex("0123456789abcdef")) is None and resolver.read_at == asked_at
+    resolver.close()
