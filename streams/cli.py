@@ -30,9 +30,20 @@ def _stack(args) -> int:
 
 
 def _worker(args) -> int:
+    from streams.adapters.kafka import KafkaUnavailable
+    from streams.adapters.schemas import SchemaTopicError
     from streams.worker import run_all, run_role
-    config = Config.from_env()
-    return run_all(config) if args.role == "all" else run_role(args.role, config)
+    # what stops a worker at start (bad settings, a broker that refuses us or does not answer) is
+    # one line on stderr and a non-zero exit, not a traceback
+    try:
+        config = Config.from_env()
+        return run_all(config) if args.role == "all" else run_role(args.role, config)
+    except ConfigError as exc:
+        print(f"imagefork: configuration: {exc}", file=sys.stderr)
+        return 2
+    except (KafkaUnavailable, SchemaTopicError) as exc:
+        print(f"imagefork: {exc}", file=sys.stderr)
+        return 1
 
 
 def _topics(args) -> int:

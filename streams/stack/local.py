@@ -5,12 +5,20 @@ Everything listens on 127.0.0.1 on free ports. The state folder holds the data,
 the logs, the processes we started (with a marker in their command line, so
 ``down`` never kills a stranger) and ``stack.env``, the KEY=VALUE file that
 points every imagefork process at this stack.
+
+Kafka has two client listeners: PLAINTEXT (``KAFKA_BOOTSTRAP_SERVERS``, what every
+process uses by default) and SASL_PLAINTEXT with SCRAM-SHA-256 on its own port
+(``IMAGEFORK_STACK_SASL_BOOTSTRAP``, with ``IMAGEFORK_STACK_SASL_USERNAME`` and
+``IMAGEFORK_STACK_SASL_PASSWORD``), to try the client security settings against. The
+SCRAM user is created when the storage is formatted (KRaft keeps SCRAM credentials
+in the metadata log); the broker and the controller talk PLAINTEXT among themselves.
 """
 from __future__ import annotations
 
 import base64
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +35,14 @@ LOG4J_VERSION = "2.24.3"
 ACCESS_KEY = "imagefork"
 SECRET_KEY = "imagefork-local-secret"
 BUCKET = "imagefork"
+
+# the SASL listener's user, created by ``kafka-storage format --add-scram``
+SASL_MECHANISM = "SCRAM-SHA-256"
+SASL_USERNAME = "imagefork"
+# bumped when the storage must be formatted differently; an older (or unmarked) data folder is
+# formatted again. 2: the SCRAM user above.
+KAFKA_LAYOUT = 2
+PORTS = ("kafka", "sasl", "controller", "s3")
 
 
 class StackError(RuntimeError):
@@ -139,6 +155,8 @@ class LocalStack:
         self.dir = Path(state_dir) if state_dir else default_state_dir()
         self.state_file = self.dir / "state.json"
         self.env_file = self.dir / "stack.env"
+        # how kafka-data was formatted (layout, cluster id, the SCRAM user and its password)
+        self.format_file = self.dir / "kafka-format.json"
 
     # --- state ---
     def _load(self) -> dict:
@@ -150,6 +168,7 @@ class LocalStack:
     def _save(self, state: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(state, indent=2))
+        os.chmod(self.state_file, 0o600)  # its env holds the SCRAM password
 
     @property
     def marker(self) -> str:
@@ -164,10 +183,15 @@ class LocalStack:
         state = self._load()
         return dict(state.get("env", {}))
 
+    def _outdated(self) -> bool:
+        """A Kafka started by an older imagefork (no SASL listener): ``up`` restarts it."""
+        state = self._load()
+        return "kafka" in (state.get("services") or {}) and "IMAGEFORK_STACK_SASL_BOOTSTRAP" not in state.get("env", {})
+
     # --- up / down ---
     def up(self, timeout: float = 120.0, *, kafka: bool = True) -> dict[str, str]:
         """Start Kafka and S3Proxy (or S3Proxy alone, with ``kafka=False``) and wait until both answer."""
-        if self.running():
+        if self.running() and not self._outdated():
             return self.env()
         self.down(quiet=True)
         java = _java()
@@ -176,8 +200,8 @@ class LocalStack:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self._load()
         ports = state.get("ports") or {}
-        if not ports or any(_port_open(p) for p in ports.values()):
-            ports = {"kafka": free_port(), "controller": free_port(), "s3": free_port()}
+        if sorted(ports) != sorted(PORTS) or any(_port_open(p) for p in ports.values()):
+            ports = {name: free_port() for name in PORTS}
         state = {"ports": ports, "services": {}, "env": {}}
         self._save(state)
         try:
@@ -194,10 +218,19 @@ class LocalStack:
                 "AWS_REGION": "us-east-1",
                 "S3_BUCKET": BUCKET,
             }
+            if kafka:
+                sasl = self.sasl_credentials()
+                env.update({
+                    "IMAGEFORK_STACK_SASL_BOOTSTRAP": f"127.0.0.1:{ports['sasl']}",
+                    "IMAGEFORK_STACK_SASL_MECHANISM": sasl["mechanism"],
+                    "IMAGEFORK_STACK_SASL_USERNAME": sasl["username"],
+                    "IMAGEFORK_STACK_SASL_PASSWORD": sasl["password"],
+                })
             state["env"] = env
             self._save(state)
             if kafka:
                 self._wait_kafka(env["KAFKA_BOOTSTRAP_SERVERS"], timeout)
+                self._wait_kafka_sasl(env, timeout)
             else:
                 del env["KAFKA_BOOTSTRAP_SERVERS"]
             self._wait_s3(env, timeout)
@@ -205,6 +238,7 @@ class LocalStack:
             self.down(quiet=True)
             raise
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        os.chmod(self.env_file, 0o600)  # it holds the SCRAM password
         return env
 
     def down(self, quiet: bool = False) -> list[str]:
@@ -263,11 +297,17 @@ class LocalStack:
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{ports['controller']}",
-            f"listeners=PLAINTEXT://127.0.0.1:{ports['kafka']},CONTROLLER://127.0.0.1:{ports['controller']}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{ports['kafka']}",
+            f"listeners=PLAINTEXT://127.0.0.1:{ports['kafka']},SASL_PLAINTEXT://127.0.0.1:{ports['sasl']},"
+            f"CONTROLLER://127.0.0.1:{ports['controller']}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{ports['kafka']},SASL_PLAINTEXT://127.0.0.1:{ports['sasl']}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+            # the SASL listener: SCRAM-SHA-256 only, checked against the credentials in the metadata log
+            f"sasl.enabled.mechanisms={SASL_MECHANISM}",
+            f"listener.name.sasl_plaintext.sasl.enabled.mechanisms={SASL_MECHANISM}",
+            f"listener.name.sasl_plaintext.{SASL_MECHANISM.lower()}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
             f"log.dirs={data}",
             "num.partitions=6",
             "offsets.topic.replication.factor=1",
@@ -288,14 +328,46 @@ class LocalStack:
                          "appender.stdout.layout.pattern=[%d] %p %m (%c)%n\n")
         base = [java, self.marker, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
                 f"-Dlog4j2.configurationFile={log4j}", "-Djava.awt.headless=true", "-cp", f"{libs}/*"]
-        if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            proc = subprocess.run(base + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
-                                          "-c", str(props)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise StackError(f"Kafka storage format failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
+        self._format_kafka(base, props, data)
         pid = self._spawn("kafka", base + ["kafka.Kafka", str(props)])
-        return {"pid": pid, "port": ports["kafka"]}
+        return {"pid": pid, "port": ports["kafka"], "sasl_port": ports["sasl"]}
+
+    def _format_record(self) -> dict:
+        try:
+            return json.loads(self.format_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def sasl_credentials(self) -> dict[str, str]:
+        """The SCRAM user of the SASL listener: mechanism, username, password."""
+        return dict(self._format_record().get("sasl") or {})
+
+    def _format_kafka(self, base: list[str], props: Path, data: Path) -> None:
+        """Format ``data`` with the SCRAM user, unless it is formatted already with this layout.
+
+        A folder formatted by an older imagefork (no record, or an older layout) has no SCRAM user
+        and cannot get one at format time: it is formatted again (its topics are lost; it is a
+        local test stack)."""
+        record = self._format_record()
+        formatted = (data / "meta.properties").exists()
+        if formatted and record.get("layout") == KAFKA_LAYOUT and record.get("sasl", {}).get("password"):
+            return
+        self.format_file.unlink(missing_ok=True)
+        if data.exists():
+            shutil.rmtree(data)
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        password = secrets.token_hex(16)  # hex: nothing to quote in the --add-scram syntax
+        proc = subprocess.run(base + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                                      "-c", str(props),
+                                      "--add-scram", f"{SASL_MECHANISM}=[name={SASL_USERNAME},password={password}]"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise StackError(f"Kafka storage format failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
+        record = {"layout": KAFKA_LAYOUT, "cluster_id": cluster_id,
+                  "sasl": {"mechanism": SASL_MECHANISM, "username": SASL_USERNAME, "password": password}}
+        fd = os.open(self.format_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2)
 
     def _start_s3proxy(self, java: str, libs: Path, ports: dict) -> dict:
         data = self.dir / "s3-data"
@@ -332,6 +404,30 @@ class LocalStack:
             except Exception:
                 time.sleep(0.5)
         raise StackError(f"Kafka did not answer on {bootstrap} within {timeout:.0f}s; see {self.dir}/kafka.log")
+
+    def _wait_kafka_sasl(self, env: dict, timeout: float) -> None:
+        """The SASL listener accepts the SCRAM user (the PLAINTEXT one answers already)."""
+        from confluent_kafka.admin import AdminClient
+        bootstrap = env["IMAGEFORK_STACK_SASL_BOOTSTRAP"]
+        errors: list = []
+        admin = AdminClient({"bootstrap.servers": bootstrap, "security.protocol": "SASL_PLAINTEXT",
+                             "sasl.mechanisms": env["IMAGEFORK_STACK_SASL_MECHANISM"],
+                             "sasl.username": env["IMAGEFORK_STACK_SASL_USERNAME"],
+                             "sasl.password": env["IMAGEFORK_STACK_SASL_PASSWORD"],
+                             "log_level": 0, "error_cb": errors.append})
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self._check_alive("kafka")
+            try:
+                admin.list_topics(timeout=2)
+                return
+            except Exception:
+                admin.poll(0)
+                time.sleep(0.5)
+        last = errors[-1].str() if errors else "no answer"
+        raise StackError(f"Kafka's SASL listener on {bootstrap} did not accept the stack's SCRAM user "
+                         f"{env['IMAGEFORK_STACK_SASL_USERNAME']} within {timeout:.0f}s ({last}); "
+                         f"see {self.dir}/kafka.log")
 
     def _wait_s3(self, env: dict, timeout: float) -> None:
         import boto3
