@@ -21,6 +21,7 @@ class Topics:
     events: faust.TopicT
     completed: faust.TopicT
     dead_letter: faust.TopicT
+    task_attempts: faust.TopicT
 
 
 def create_app(role: str, config: Config) -> faust.App:
@@ -67,4 +68,5 @@ def declare_topics(app: faust.App, config: Config) -> Topics:
         events=topic(t.events),
         completed=topic(t.completed),
         dead_letter=topic(t.dead_letter),
+        task_attempts=topic(t.task_attempts),
     )

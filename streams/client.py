@@ -25,7 +25,9 @@ class Follower:
     so nothing can slip by) and reports progress and final events per workflow id."""
 
     def __init__(self, config: Config):
+        from streams.adapters.schemas import install_resolver
         self.config = config
+        install_resolver(config)  # final events of workers newer than this client decode too
         self.consumer = Consumer(client_config(
             config, **{"group.id": f"imagefork-client-{uuid.uuid4()}", "enable.auto.commit": False,
                        "isolation.level": "read_committed", "auto.offset.reset": "latest"}))
@@ -97,12 +99,14 @@ class Client:
     def __init__(self, config: Config):
         self.config = config
         self.producer = Producer(producer_config(config))
+        self._published = False
 
     def submit(self, request: dict | bytes, workflow_id: str | None = None, *, avro: bool = False) -> str:
         """Produce one request; the key is the workflow id (given, from the document, or a new UUID)."""
         if isinstance(request, dict):
             workflow_id = workflow_id or request.get("workflowId") or str(uuid.uuid4())
             if avro:
+                self._publish_schemas()
                 body = {"maintainAspectRatio": True, "workflowId": None, "correlationId": None, **request}
                 value = serde.encode("ImageRequest", body)
             else:
@@ -122,6 +126,13 @@ class Client:
             raise SubmitError(f"request not delivered to {self.config.bootstrap_servers}: "
                               f"{errors[0] if errors else 'timed out'}")
         return workflow_id or ""
+
+    def _publish_schemas(self) -> None:
+        """An Avro writer publishes its schemas first, so a planner older than this client reads it."""
+        if not self._published:
+            from streams.adapters.schemas import publish_schemas
+            publish_schemas(self.config)
+            self._published = True
 
     def close(self) -> None:
         self.producer.flush(10)

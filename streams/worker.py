@@ -14,6 +14,7 @@ def run_role(role: str, config: Config) -> int:
     import faust
 
     from streams.adapters.kafka import ensure_topics
+    from streams.adapters.schemas import install_resolver, publish_schemas
     from streams.agents import join, planner, resize
     from streams.app import create_app, declare_topics
 
@@ -28,6 +29,9 @@ def run_role(role: str, config: Config) -> int:
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
+    # before any write: a reader older than this worker finds its schemas there (a rolling deploy)
+    publish_schemas(config)
+    install_resolver(config)
     if role == "join":  # a transactional confluent-kafka loop, not a Faust app (see agents/join.py)
         return join.run(config)
     app = create_app(role, config)
@@ -46,6 +50,8 @@ def run_role(role: str, config: Config) -> int:
 
 def run_all(config: Config) -> int:
     """``worker all``: one child process per role; if one dies, stop the others and exit non-zero."""
+    from streams.adapters.kafka import ensure_topics
+    ensure_topics(config)  # a broker that refuses us or is away is one line here, not one per child
     children = {role: subprocess.Popen([sys.executable, "-m", "streams", "worker", role])
                 for role in ("join", "resize", "planner")}
 

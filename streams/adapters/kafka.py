@@ -87,12 +87,82 @@ def topic_specs(config: Config) -> dict[str, dict]:
 
 
 def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
-    """Create missing topics with the configured partitions and replication; return those created."""
-    admin = AdminClient(client_config(config))
-    try:
-        existing = admin.list_topics(timeout=timeout).topics
-    except KafkaException as exc:
-        raise KafkaUnavailable(f"Kafka at {config.bootstrap_servers} does not answer: {exc}") from None
+    """Create missing topics with the configured partitions and replication; return those created.
+
+    The first Kafka call of every worker, so it says in one line what is wrong: credentials the
+    broker refuses (or a SASL handshake it rejects) end it at once with ``KafkaUnavailable``; a
+    broker that does not answer ends it after ``timeout`` seconds, saying where it looked."""
+    import logging
+    import re
+    import time
+
+    from confluent_kafka import KafkaError
+
+    servers = config.bootstrap_servers
+    sec = config.kafka_security
+    errors: list[KafkaError] = []
+    last_log: list[str] = []
+
+    class _Log:
+        """librdkafka's lines go to DEBUG (they repeat every reconnect); the last failure is kept for
+        the message."""
+        def log(self, level, fmt, *args):
+            line = fmt % args if args else fmt
+            if " FAIL " in f" {line} " or line.startswith("FAIL"):
+                last_log[:] = [line.split("]: ", 1)[-1]]
+            logging.getLogger("imagefork.kafka").debug("librdkafka: %s", line)
+
+    def clean(text: str) -> str:
+        # "sasl_plaintext://127.0.0.1:9093/bootstrap: <what> (after 305ms in state AUTH_REQ)" -> "<what>"
+        text = re.sub(r"^\S+/(bootstrap|\d+): ", "", text.strip())
+        return re.sub(r" \(after \d+ms in state \w+\)$", "", text)
+
+    auth_codes = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
+                  KafkaError.ILLEGAL_SASL_STATE, KafkaError.UNSUPPORTED_SASL_MECHANISM}
+    transient = {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._RESOLVE, KafkaError._ALL_BROKERS_DOWN}
+
+    def refused() -> KafkaUnavailable | None:
+        for err in errors:
+            reason = clean(err.str())
+            if err.code() in auth_codes or ("SASL" in reason and err.code() not in transient):
+                if re.search(r"supported mechanisms:\s*$", reason):  # a listener without SASL answered
+                    return KafkaUnavailable(f"Kafka at {servers} offers no SASL mechanism there, so it cannot "
+                                            f"check the credentials of {sec.sasl_username} ({sec.sasl_mechanism}): "
+                                            f"{reason.rstrip()} (none; a listener for another security protocol?)")
+                who = sec.sasl_username or "(no user)"
+                return KafkaUnavailable(f"Kafka at {servers} refused the credentials of {who} "
+                                        f"({sec.sasl_mechanism or sec.protocol}): {reason}")
+            if err.code() == KafkaError._SSL:
+                return KafkaUnavailable(f"Kafka at {servers}: the TLS handshake failed ({sec.protocol}): {reason}")
+        return None
+
+    def unreachable(last: str) -> KafkaUnavailable:
+        reasons = [clean(e.str()) for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
+        reason = reasons[-1] if reasons else clean(last_log[-1]) if last_log else last
+        hint = ""
+        if "closed by peer" in reason or "Disconnected" in reason:
+            hint = f" (is it a listener for another security protocol than {sec.protocol}?)"
+        return KafkaUnavailable(f"Kafka at {servers} is not reachable (no answer within {timeout:.0f}s, "
+                                f"{sec.protocol}): {reason}{hint}")
+
+    admin = AdminClient(client_config(config, error_cb=errors.append, logger=_Log()))
+    deadline = time.monotonic() + timeout
+    step = 1.0
+    while True:
+        # list_topics blocks for its whole timeout when the broker refuses us, and errors reach
+        # error_cb only through poll(): ask in short steps and look at the errors in between
+        try:
+            existing = admin.list_topics(timeout=max(0.1, min(step, deadline - time.monotonic()))).topics
+            break
+        except KafkaException as exc:
+            last = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
+        admin.poll(0.1)
+        failure = refused()
+        if failure:
+            raise failure
+        if time.monotonic() >= deadline:
+            raise unreachable(last)
+        step = min(step * 2, 5.0)
     wanted = topic_specs(config)
     new = [NewTopic(name, config.partitions, config.replication_factor, config=cfg)
            for name, cfg in wanted.items() if name not in existing]
@@ -103,8 +173,13 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
                 future.result()
                 created.append(name)
             except KafkaException as exc:
-                if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: another worker won the race
-                    raise
+                err = exc.args[0]
+                if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:  # another worker won the race
+                    continue
+                if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+                    raise KafkaUnavailable(f"Kafka at {servers} does not let {sec.sasl_username or 'this client'} "
+                                           f"create topic {name}: {err.str()}") from None
+                raise
     # Partitions are never grown here: the events topic must keep the partition
     # count of the join table's changelog (co-partitioning). See the README.
     return created

@@ -35,22 +35,39 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class SendRejected(RuntimeError):
+    """The broker refused a record for good: retrying cannot help (the policy dead-letters the input)."""
+
+
+# aiokafka errors that no retry cures; an unknown topic gets a short patience (it may be being created)
+_NEVER_RETRIED = {"MessageSizeTooLargeError", "RecordTooLargeError", "TopicAuthorizationFailedError",
+                  "ClusterAuthorizationFailedError", "TransactionalIdAuthorizationFailed", "InvalidTopicError",
+                  "SaslAuthenticationFailedError", "InvalidRecordError", "CorruptRecordException"}
+_UNKNOWN_TOPIC_PATIENCE_S = 30.0
+
+
 async def send(topic: faust.TopicT, *, key: bytes | None, value: bytes, headers: dict | None = None,
-               patience_s: float = 600.0) -> None:
+               patience_s: float = 600.0, partition: int | None = None) -> None:
     """Send and wait for the broker's ack; retry (with backoff) while the broker is away.
 
     An agent only moves on (and so commits the input's offset) once its outputs are
-    acknowledged: at-least-once end to end.
+    acknowledged: at-least-once end to end. A record the broker refuses for good raises
+    ``SendRejected`` at once instead of blocking its partition.
     """
     delay, waited = 0.2, 0.0
     while True:
         try:
-            pending = await topic.send(key=key, value=value, headers=headers, force=True)
+            pending = await topic.send(key=key, value=value, headers=headers, partition=partition, force=True)
             await pending
             return
         except (asyncio.CancelledError, AttributeError, TypeError, NameError):
             raise
         except Exception as exc:  # aiokafka raises several error types while a broker is away
+            kind = type(exc).__name__
+            if kind in _NEVER_RETRIED or (kind == "UnknownTopicOrPartitionError"
+                                          and waited >= _UNKNOWN_TOPIC_PATIENCE_S):
+                raise SendRejected(f"{topic.get_topic_name()} refused a record of {len(value or b'')} bytes: "
+                                   f"{kind}: {exc}") from None
             if waited >= patience_s:
                 raise
             log.warning("send to %s failed (%s: %s); retrying in %.1fs",

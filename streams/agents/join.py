@@ -39,6 +39,7 @@ from streams.config import Config
 from streams.core.join import MARKER, JoinState, Outcome
 from streams.core.models import TaskResult, WorkflowCompleted, WorkflowPlan
 from streams.core.planning import staging_key
+from streams.metrics import DEAD_LETTERS, MESSAGES
 from streams.serde import SerdeError
 
 
@@ -94,6 +95,9 @@ class JoinWorker:
     def __init__(self, config: Config):
         self.config = config
         self.topics = config.topics
+        # counted as read (an aborted transaction's events are read, and counted, again)
+        self._processed = MESSAGES.labels("join", "processed")
+        self._dead_lettered = MESSAGES.labels("join", "dead_lettered")
         self.timeout_ms = int(config.workflow_timeout_s * 1000)
         self.retention_ms = int(config.finished_retention_s * 1000)
         self.instance, self._lock = instance_id(config)
@@ -386,6 +390,7 @@ class JoinWorker:
                                  "(the join's state is partitioned by workflow id)")
         except SerdeError as exc:
             return self._dead_letter(msg, "NOT_A_JOIN_EVENT", str(exc))
+        self._processed.inc()
         if kind not in ("WorkflowPlan", "TaskResult"):
             return  # DeadlineCheck: the clock is internal now; older producers' ticks change nothing
         try:
@@ -425,8 +430,11 @@ class JoinWorker:
     def _dead_letter(self, msg, code: str, reason: str) -> None:
         where = {"topic": msg.topic(), "partition": str(msg.partition()), "offset": str(msg.offset())}
         log.warning("join: dead-lettered %s: %s", where, reason)
-        headers = [*(msg.headers() or []), *dead_letter_headers(code, reason, where).items()]
+        headers = [*(msg.headers() or []), *dead_letter_headers(code, reason, where).items(),
+                   ("imagefork.attempts", b"1"), ("imagefork.agent", b"join")]
         self._produce(self.topics.dead_letter, msg.key(), msg.value(), None, headers)
+        DEAD_LETTERS.labels("join", code).inc()
+        self._dead_lettered.inc()
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
                  headers=None) -> None:

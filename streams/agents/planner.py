@@ -8,14 +8,22 @@ import faust
 from streams import serde
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.source import fetch_http
-from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, origin, send
+from streams.agents.common import backoff_s, log, now_ms, send
+from streams.agents.policy import (
+    NOT_BEFORE, Disposition, Message, MessagePolicy, Reject, header_int, wait_not_before,
+)
 from streams.app import Topics
 from streams.config import Config
-from streams.core.errors import PipelineError, RequestInvalid
+from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
 from streams.core.imaging import probe_image
 from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
 from streams.core.planning import make_plan, parse_request, plan_tasks, run_id_of, staging_key, valid_workflow_id
 from streams.serde import SerdeError
+
+
+ATTEMPT = "imagefork.attempt"  # source fetch attempts (the policy's own count is imagefork.attempts)
+SUBMITTED_AT = "imagefork.submitted-at"
+RUN_ID = "imagefork.run-id"
 
 
 class Planner:
@@ -26,16 +34,15 @@ class Planner:
 
     # --- the steps ------------------------------------------------------------
     async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
-                     attempt: int = 1, submitted_at: int | None = None, run_id: str | None = None) -> None:
+                     attempt: int = 1, submitted_at: int | None = None, run_id: str | None = None) -> Disposition:
         # one run id per request message: a replay of this message is the same run, a resubmission another
         run_id = run_id or run_id_of(where["topic"], where["partition"], where["offset"])
         try:
             doc = serde.decode_request_bytes(value if value is not None else b"")
         except SerdeError as exc:
-            return await self.dead_letter(key, value, "NOT_A_REQUEST", str(exc), where)
+            raise Reject("NOT_A_REQUEST", str(exc)) from None
         if not isinstance(doc, dict):
-            return await self.dead_letter(key, value, "NOT_A_REQUEST",
-                                          f"value is JSON {type(doc).__name__}, not a request object", where)
+            raise Reject("NOT_A_REQUEST", f"value is JSON {type(doc).__name__}, not a request object")
         workflow_id, key_problem = self.workflow_id(key, doc, run_id)
         now = submitted_at or now_ms()
         deadline = now + int(self.config.workflow_timeout_s * 1000)
@@ -55,7 +62,7 @@ class Planner:
             source_uri = await asyncio.to_thread(self._stage, request.fileLocation, workflow_id, run_id)
         except PipelineError as exc:
             if exc.transient and await self.schedule_retry(workflow_id, value, attempt, now, deadline, exc, run_id):
-                return
+                return Disposition.RETRIED
             if exc.transient:
                 exc.message += f" (after {attempt} attempts)"
             log.info("workflow %s failed at its source: %s", workflow_id, exc)
@@ -72,6 +79,29 @@ class Planner:
             await send(self.topics.tasks, key=f"{workflow_id}/{task.taskRef}".encode(),
                        value=serde.encode("ResizeTask", task.to_dict()))
         log.info("workflow %s planned: %d tasks", workflow_id, len(tasks))
+        return Disposition.PROCESSED
+
+    async def handle_message(self, msg: Message) -> Disposition:
+        """The request topic. A message back from the retry topic (its handling failed once) keeps its run
+        id and its first submission time, so its deadline counts from the first submission."""
+        run_id = msg.headers.get(RUN_ID)
+        return await self.handle(msg.key, msg.value, msg.where, attempt=header_int(msg.headers, ATTEMPT, 1),
+                                 submitted_at=header_int(msg.headers, SUBMITTED_AT, 0) or None,
+                                 run_id=run_id.decode("ascii", "replace") if run_id else None)
+
+    async def release(self, msg: Message) -> Disposition:
+        """Retry topic: wait until the request's not-before time, then plan it again (a waiting
+        request holds one of many light slots of this agent, never the request partitions)."""
+        await wait_not_before(msg)
+        return await self.handle_message(msg)
+
+    @staticmethod
+    def retry_headers(msg: Message) -> dict[str, bytes]:
+        """What a request keeps when its handling failed and it goes round the retry topic."""
+        where = msg.where
+        return {RUN_ID: msg.headers.get(RUN_ID) or run_id_of(where["topic"], where["partition"],
+                                                             where["offset"]).encode(),
+                SUBMITTED_AT: msg.headers.get(SUBMITTED_AT) or str(now_ms()).encode()}
 
     def parse(self, doc: dict):
         lim = self.config.limits
@@ -101,30 +131,17 @@ class Planner:
             return False
         log.warning("workflow %s: source attempt %d failed (%s); retry in %.1fs", workflow_id, attempt, exc, delay)
         await send(self.topics.request_retries, key=workflow_id.encode(), value=value, headers={
-            "imagefork.attempt": str(attempt + 1).encode(), "imagefork.not-before": str(not_before).encode(),
-            "imagefork.submitted-at": str(submitted_at).encode(), "imagefork.run-id": run_id.encode()})
+            ATTEMPT: str(attempt + 1).encode(), NOT_BEFORE: str(not_before).encode(),
+            SUBMITTED_AT: str(submitted_at).encode(), RUN_ID: run_id.encode()})
         return True
-
-    async def release(self, key: bytes, value: bytes, headers: dict, where: dict[str, str]) -> None:
-        """Retry topic: wait until the request's not-before time, then plan it again (a waiting
-        request holds one of many light slots of this agent, never the request partitions)."""
-        def number(name: str, default: int) -> int:
-            raw = headers.get(name)
-            try:
-                return int(raw.decode() if isinstance(raw, bytes) else raw)
-            except (TypeError, ValueError, AttributeError):
-                return default
-        wait_ms = number("imagefork.not-before", 0) - now_ms()
-        if wait_ms > 0:
-            await asyncio.sleep(wait_ms / 1000)
-        run_id = headers.get("imagefork.run-id")
-        await self.handle(key, value, where, attempt=number("imagefork.attempt", 2),
-                          submitted_at=number("imagefork.submitted-at", 0) or None,
-                          run_id=run_id.decode("ascii", "replace") if isinstance(run_id, bytes) else None)
 
     def _stage(self, location: str, workflow_id: str, run_id: str) -> str:
         lim = self.config.limits
         if location.startswith("s3://"):
+            bucket, _, key = location[len("s3://"):].partition("/")
+            if not self.config.s3_source_allowed(bucket, key):
+                raise SourceForbidden(f"s3://{bucket}/ sources are not allowed here (IMAGEFORK_SOURCE_S3_ALLOW "
+                                      f"lists the buckets and prefixes a request may read)")
             data = self.store.get(location, lim.max_source_bytes)
             probe_image(data, lim)
             return location
@@ -138,39 +155,21 @@ class Planner:
         await send(self.topics.events, key=plan.workflowId.encode(),
                    value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
 
-    async def dead_letter(self, key: bytes | None, value: bytes | None, code: str, reason: str,
-                          where: dict[str, str]) -> None:
-        log.warning("dead-lettered %s: %s", where, reason)
-        await send(self.topics.dead_letter, key=key, value=value, headers=dead_letter_headers(code, reason, where))
-
 
 def register(app: faust.App, config: Config, topics: Topics) -> Planner:
     planner = Planner(config, topics, ObjectStore(config))
+    requests = MessagePolicy("planner", config, dead_letter=topics.dead_letter, retry_topic=topics.request_retries,
+                             retry_headers=Planner.retry_headers)
+    retries = MessagePolicy("planner.retry", config, dead_letter=topics.dead_letter,
+                            retry_topic=topics.request_retries, retry_headers=Planner.retry_headers)
 
     @app.agent(topics.requests, concurrency=config.planner_concurrency, name="imagefork.planner")
     async def plan_requests(stream):
-        async for event in stream.events():
-            where = origin(event)
-            try:
-                await planner.handle(event.key, event.value, where)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug must not lose the request: park it with the reason
-                log.exception("planner failed on %s", where)
-                await planner.dead_letter(event.key, event.value, "INTERNAL",
-                                          f"{type(exc).__name__}: {exc}", where)
+        await requests.consume(stream, planner.handle_message)
 
     @app.agent(topics.request_retries, concurrency=64, name="imagefork.planner.retry")
     async def release_retries(stream):
-        async for event in stream.events():
-            where = origin(event)
-            try:
-                await planner.release(event.key, event.value, dict(event.headers or {}), where)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.exception("planner retry failed on %s", where)
-                await planner.dead_letter(event.key, event.value, "INTERNAL", f"{type(exc).__name__}: {exc}", where)
+        await retries.consume(stream, planner.release)
 
     @app.task
     async def prepare():

@@ -19,6 +19,7 @@ from streams.config import Config
 from streams.core.join import Workflow
 from streams.core.models import SUCCEEDED, TaskOutput, TaskResult
 from streams.core.planning import format_of, output_key
+from streams.metrics import REPAIR_ERRORS
 
 
 class Repairer:
@@ -69,6 +70,7 @@ class Repairer:
                             workflow_id, len(found))
                 self.found.put((partition, found))
         except Exception as exc:  # the next attempt, after a longer pause, tries again
+            REPAIR_ERRORS.inc()
             log.warning("repair lookup for workflow %s failed: %s: %s", workflow_id, type(exc).__name__, exc)
         finally:
             self._in_flight.discard(workflow_id)

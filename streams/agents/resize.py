@@ -2,6 +2,7 @@
 
 Transient failures go to the retry topic with a not-before time, so waiting
 never blocks a partition; the retry agent puts them back on the task topic.
+A task that kills its process is isolated and ends WORKER_CRASHED (agents/crashes.py).
 """
 from __future__ import annotations
 
@@ -13,21 +14,32 @@ import faust
 
 from streams import serde
 from streams.agents import resize_job
-from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, origin, send
+from streams.agents.common import backoff_s, log, now_ms, send
+from streams.agents.crashes import CrashLedger, Entry
+from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, wait_not_before
 from streams.app import Topics
 from streams.config import Config
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
 from streams.serde import SerdeError
 
 
+def _process_pool(config: Config, workers: int, initializer) -> ProcessPoolExecutor:
+    import multiprocessing
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=initializer, initargs=(config,))
+
+
 def make_pool(config: Config) -> Executor:
     if config.resize_pool == "thread":
         resize_job.init(config)
         return ThreadPoolExecutor(max_workers=config.resize_slots, thread_name_prefix="resize")
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=config.resize_slots, mp_context=ctx,
-                               initializer=resize_job.init, initargs=(config,))
+    return _process_pool(config, config.resize_slots, resize_job.init)
+
+
+def crashed_outcome(entry: Entry) -> dict:
+    return {"ok": False, "code": "WORKER_CRASHED", "transient": False,
+            "message": f"processing this task killed {entry.crashes} sandboxed worker process(es) "
+                       f"(and was started {entry.starts} times); it is not tried again"}
 
 
 class Resizer:
@@ -35,40 +47,59 @@ class Resizer:
         self.config = config
         self.topics = topics
         self.pool: Executor | None = None
+        self.sandbox: Executor | None = None
+        self._sandbox_turn = asyncio.Lock()  # one suspect at a time, so a sandbox death has one culprit
+        self.ledger = CrashLedger(config, topics.task_attempts, topics.tasks.get_topic_name())
 
     def ensure_pool(self) -> Executor:
         if self.pool is None:
             self.pool = make_pool(self.config)
         return self.pool
 
-    async def handle(self, value: bytes, where: dict[str, str]) -> None:
+    async def handle(self, msg: Message) -> Disposition:
         try:
-            task = ResizeTask.from_dict(serde.decode("ResizeTask", value))
+            task = ResizeTask.from_dict(serde.decode("ResizeTask", msg.value or b""))
         except SerdeError as exc:
-            log.error("dropping undecodable task at %s: %s", where, exc)
-            await send(self.topics.dead_letter, key=None, value=value,
-                       headers=dead_letter_headers("NOT_A_TASK", str(exc), where))
-            return
+            raise Reject("NOT_A_TASK", str(exc)) from None
         if now_ms() >= task.deadline:
-            return await self.report(task, {"ok": False, "code": "DEADLINE_EXCEEDED", "transient": False,
-                                            "message": "the workflow deadline passed before this task ran"})
-        outcome = await self.run(task)
-        if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
-            return await self.schedule_retry(task, outcome)
-        await self.report(task, outcome)
-
-    async def run(self, task: ResizeTask) -> dict:
-        loop = asyncio.get_running_loop()
+            await self.report(task, {"ok": False, "code": "DEADLINE_EXCEEDED", "transient": False,
+                                     "message": "the workflow deadline passed before this task ran"})
+            return Disposition.PROCESSED
+        entry, suspect = await self.ledger.begin(int(msg.where["partition"]), int(msg.where["offset"]),
+                                                 task.sourceUri)
         try:
-            return await loop.run_in_executor(self.ensure_pool(), resize_job.run, task.to_dict())
-        except BrokenProcessPool:
-            # a worker process died (killed, or a decoder crashed): start a fresh pool; the task retries
-            log.error("resize pool broke while running %s/%s; restarting it", task.workflowId, task.taskRef)
-            broken, self.pool = self.pool, None
-            if broken is not None:
-                broken.shutdown(wait=False, cancel_futures=True)
-            return {"ok": False, "code": "WORKER_CRASHED", "transient": True,
-                    "message": "the resize process died while working on this task"}
+            outcome = crashed_outcome(entry) if entry.crashes >= self.config.max_crashes else \
+                await self.run(task, entry, sandboxed=suspect)
+            if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
+                await self.schedule_retry(task, outcome)
+                return Disposition.RETRIED
+            await self.report(task, outcome)
+            return Disposition.PROCESSED
+        finally:
+            await self.ledger.end(entry)
+
+    async def run(self, task: ResizeTask, entry: Entry, *, sandboxed: bool) -> dict:
+        loop = asyncio.get_running_loop()
+        while not sandboxed:
+            try:
+                return await loop.run_in_executor(self.ensure_pool(), resize_job.run, task.to_dict())
+            except BrokenProcessPool:
+                # a pool process died (killed, or a decoder crashed): which task did it is not known,
+                # so every task it held becomes a suspect and runs once more, alone, in the sandbox
+                log.error("resize pool broke while running %s/%s; restarting it", task.workflowId, task.taskRef)
+                self.pool = _shut(self.pool)
+                sandboxed = True
+        async with self._sandbox_turn:
+            while entry.crashes < self.config.max_crashes:
+                if self.sandbox is None:
+                    self.sandbox = _process_pool(self.config, 1, resize_job.init_sandbox)
+                try:
+                    return await loop.run_in_executor(self.sandbox, resize_job.run, task.to_dict())
+                except BrokenProcessPool:
+                    self.sandbox = _shut(self.sandbox)
+                    log.error("task %s/%s killed its sandbox (%d)", task.workflowId, task.taskRef, entry.crashes + 1)
+                    await self.ledger.crashed(entry)
+        return crashed_outcome(entry)
 
     async def schedule_retry(self, task: ResizeTask, outcome: dict) -> None:
         delay = backoff_s(self.config.retry, task.attempt)
@@ -91,42 +122,40 @@ class Resizer:
                    value=serde.encode_join_event("TaskResult", result.to_dict()))
         log.info("task %s/%s %s (attempt %d)", task.workflowId, task.taskRef, result.status, task.attempt)
 
-    async def release(self, value: bytes) -> None:
+    async def release(self, msg: Message) -> Disposition:
         """Retry topic: wait until the task's not-before time (or its deadline), then put it back."""
         try:
-            task = ResizeTask.from_dict(serde.decode("ResizeTask", value))
+            task = ResizeTask.from_dict(serde.decode("ResizeTask", msg.value or b""))
         except SerdeError as exc:
-            log.error("dropping undecodable retry: %s", exc)
-            return
-        wait_ms = min(task.notBefore, task.deadline) - now_ms()
-        if wait_ms > 0:
-            await asyncio.sleep(wait_ms / 1000)
-        await send(self.topics.tasks, key=f"{task.workflowId}/{task.taskRef}".encode(), value=value)
+            raise Reject("NOT_A_TASK", str(exc)) from None
+        await wait_not_before(msg, min(task.notBefore, task.deadline))
+        await send(self.topics.tasks, key=f"{task.workflowId}/{task.taskRef}".encode(), value=msg.value,
+                   headers=msg.headers)
+        return Disposition.PROCESSED
+
+
+def _shut(pool: Executor | None) -> None:
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return None
 
 
 def register(app: faust.App, config: Config, topics: Topics) -> Resizer:
     resizer = Resizer(config, topics)
+    tasks = MessagePolicy("resize", config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
+    retries = MessagePolicy("resize.retry", config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
 
     @app.agent(topics.tasks, concurrency=config.resize_slots, name="imagefork.resize")
     async def resize_tasks(stream):
-        async for event in stream.events():
-            where = origin(event)
-            try:
-                await resizer.handle(event.value, where)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("resize failed on %s", where)
+        await tasks.consume(stream, resizer.handle)
 
     @app.agent(topics.retries, concurrency=64, name="imagefork.retry")
     async def release_retries(stream):
-        async for event in stream.events():
-            try:
-                await resizer.release(event.value)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("retry release failed")
+        await retries.consume(stream, resizer.release)
+
+    @app.on_partitions_revoked.connect
+    async def forget_ledger(app, revoked, **kwargs):
+        resizer.ledger.forget({tp.partition for tp in revoked if tp.topic == topics.tasks.get_topic_name()})
 
     @app.task
     async def warm_up():

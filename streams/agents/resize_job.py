@@ -1,5 +1,5 @@
 """The CPU side of a resize task, run in a pool (one per core): read the staged
-source (decoded once per process, small LRU), resize and encode (core), upload.
+source (decoded once per process, kept while the memory budget allows), resize and encode (core), upload.
 
 Returns a plain dict so it crosses a process boundary cheaply:
 ``{"ok": True, "output": {...}}`` or ``{"ok": False, "code", "message", "transient"}``.
@@ -16,76 +16,157 @@ from PIL import Image
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.errors import ImageTooLarge, PipelineError
-from streams.core.imaging import OutputSpec, prepare_source, resize_image
+from streams.core.imaging import OutputSpec, draft_box_for, open_image, prepare_source, resize_image
 
 _config: Config | None = None
 _store: ObjectStore | None = None
 _lock = threading.Lock()
 
 
-class SourceCache:
-    """Decoded sources keyed by their staged URI, bounded by total pixels."""
+class MemoryBudget:
+    """Decoded pixels a process may hold: sources in use or cached, plus the decodes in flight.
 
-    def __init__(self, max_pixels: int):
-        self.max_pixels = max_pixels
-        self._items: OrderedDict[str, Image.Image] = OrderedDict()
-        self._lock = threading.Lock()
+    A decode reserves its estimated size (from the header, before any pixel is allocated) and waits
+    while the budget is spent, after the cache has given back the sources nobody uses; an image that
+    could never fit is refused at once. A task holds a lease on its source until it is done, so a
+    source in use is never counted as gone."""
 
-    def get(self, key: str) -> Image.Image | None:
-        with self._lock:
-            im = self._items.get(key)
-            if im is not None:
-                self._items.move_to_end(key)
-            return im
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.entries: OrderedDict[str, list] = OrderedDict()  # key -> [image, bytes, leases]
+        self.held = 0  # bytes of the entries
+        self.reserved = 0
+        self._cond = threading.Condition()
 
-    def put(self, key: str, im: Image.Image) -> None:
-        with self._lock:
-            self._items[key] = im
-            self._items.move_to_end(key)
-            while len(self._items) > 1 and sum(i.width * i.height for i in self._items.values()) > self.max_pixels:
-                self._items.popitem(last=False)
+    @property
+    def cached_bytes(self) -> int:
+        return self.held
+
+    def lease(self, key: str) -> Image.Image | None:
+        with self._cond:
+            entry = self.entries.get(key)
+            if entry is None:
+                return None
+            self.entries.move_to_end(key)
+            entry[2] += 1
+            return entry[0]
+
+    def unlease(self, key: str) -> None:
+        with self._cond:
+            entry = self.entries.get(key)
+            if entry is not None:
+                entry[2] -= 1
+                self._cond.notify_all()
+
+    def reserve(self, nbytes: int, timeout_s: float = 120.0) -> None:
+        if nbytes > self.budget:
+            raise ImageTooLarge(f"decoding this source needs about {nbytes >> 20} MiB, more than this worker's "
+                                f"memory budget of {self.budget >> 20} MiB (IMAGEFORK_MEMORY_BUDGET_MB)")
+        with self._cond:
+            while self.held + self.reserved + nbytes > self.budget:
+                if not self._evict_one() and not self._cond.wait(timeout_s):
+                    raise ImageTooLarge("no memory came free for this decode within "
+                                        f"{timeout_s:.0f}s (IMAGEFORK_MEMORY_BUDGET_MB)", transient=True)
+            self.reserved += nbytes
+
+    def settle(self, nbytes: int, key: str | None = None, im: Image.Image | None = None) -> None:
+        """End a reservation; with ``im``, hold the decoded source, leased once to its decoder."""
+        with self._cond:
+            self.reserved -= nbytes
+            if im is not None and key is not None:
+                size = image_bytes(im)
+                self.entries[key] = [im, size, 1]
+                self.held += size
+            self._cond.notify_all()
+
+    def _evict_one(self) -> bool:
+        for key, (_im, size, leases) in self.entries.items():
+            if leases == 0:
+                del self.entries[key]
+                self.held -= size
+                return True
+        return False
 
 
-_cache: SourceCache | None = None
+def image_bytes(im: Image.Image) -> int:
+    return im.width * im.height * max(1, len(im.getbands())) * (2 if im.mode.startswith("I;16") else 1)
+
+
+def decode_cost(data: bytes, limits, max_box: tuple[int, int]) -> int:
+    """Bytes a decode may hold at its peak: the frame (at its draft size) and one converted copy, 4 bytes a pixel."""
+    header = open_image(data, limits)
+    w, h = header.width, header.height
+    header.close()
+    box = draft_box_for(data, limits, max_box)
+    if box:
+        scale = 1
+        while w // (scale * 2) >= box[0] and h // (scale * 2) >= box[1] and scale < 8:
+            scale *= 2  # JPEG's reduced decode halves the size per step, up to 1/8
+        w, h = -(-w // scale), -(-h // scale)
+    return 2 * w * h * 4
+
+
+_budget: MemoryBudget | None = None
 
 
 def init(config: Config) -> None:
-    global _config, _store, _cache
+    global _config, _store, _budget
     _config = config
     _store = ObjectStore(config)
-    _cache = SourceCache(max(config.limits.max_pixels, 1))
+    _budget = MemoryBudget(config.memory_budget_mb << 20)
+
+
+def init_sandbox(config: Config) -> None:
+    """The suspect's process: the same job, under an address-space limit, so a runaway decode fails
+    there with MemoryError (IMAGE_TOO_LARGE) instead of being killed by the kernel with the worker."""
+    import resource
+    init(config)
+    _budget.budget = max(64 << 20, config.memory_budget_mb << 19)  # one task at a time: half is plenty
+    limit = (config.memory_budget_mb << 20) + (1 << 30)  # the budget, plus the interpreter and libraries
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 _loading: dict[str, threading.Lock] = {}
 
 
-def _source(uri: str, max_box: tuple[int, int]) -> Image.Image:
-    """The decoded source, fetched and decoded once per process even when threads ask at once."""
+def _source(uri: str, max_box: tuple[int, int]) -> tuple[str, Image.Image]:
+    """The decoded source, leased (unlease it when done): fetched and decoded once per process even
+    when threads ask at once."""
     key = f"{uri}#{max_box[0]}x{max_box[1]}"
-    im = _cache.get(key)
+    im = _budget.lease(key)
     if im is not None:
-        return im
+        return key, im
     with _lock:
         loading = _loading.setdefault(key, threading.Lock())
     with loading:
-        im = _cache.get(key)
+        im = _budget.lease(key)
         if im is None:
             data = _store.get(uri, _config.limits.max_source_bytes)
-            im = prepare_source(data, _config.limits, max_box=max_box)
+            cost = decode_cost(data, _config.limits, max_box)
+            _budget.reserve(cost)
+            try:
+                im = prepare_source(data, _config.limits, max_box=max_box)
+            except BaseException:
+                _budget.settle(cost)
+                raise
             del data
-            _cache.put(key, im)
+            _budget.settle(cost, key, im)
     with _lock:
         _loading.pop(key, None)
-    return im
+    return key, im
 
 
 def run(task: dict[str, Any]) -> dict[str, Any]:
     if _config is None:
         raise RuntimeError("resize_job.init() was not called in this process")
     try:
-        im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)))
-        spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"])
-        out = resize_image(im, spec, _config.limits, _config.encoding)
+        key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)))
+        try:
+            spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"])
+            out = resize_image(im, spec, _config.limits, _config.encoding)
+        finally:
+            del im
+            _budget.unlease(key)
         # the object describes itself, so the join can recover a result it lost (see agents/join.py) and names its run
         _store.put(task["outputKey"], out.data, out.content_type, metadata={
             "imagefork-task": task["taskRef"], "imagefork-format": out.format,

@@ -81,6 +81,7 @@ class FileServer:
     """Serve a folder over HTTP on 127.0.0.1 (a free port), in a thread."""
 
     def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
         handler = functools.partial(_QuietHandler, directory=str(folder))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

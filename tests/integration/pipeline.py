@@ -24,6 +24,7 @@ FAST = {
     "IMAGEFORK_RESIZE_CONCURRENCY": "2",
     "IMAGEFORK_LOG_LEVEL": "info",
     "IMAGEFORK_REPAIR_AFTER_S": "5",
+    "IMAGEFORK_SOURCE_S3_ALLOW": "imagefork/inputs/",  # the stack's bucket; tests put s3:// sources there
 }
 
 

@@ -87,9 +87,7 @@ def test_metadata_address_is_refused(pipeline):
 
 
 def test_avro_request_and_s3_source(pipeline, files):
-    pipeline.store.put("inputs/sample.png", (files.url("sample.png") and
-                                             __import__("streams.demo", fromlist=["SAMPLE"]).SAMPLE.read_bytes()),
-                       "image/png")
+    pipeline.store.put("inputs/sample.png", (files.folder / "sample.png").read_bytes(), "image/png")
     req = {"fileLocation": f"s3://{pipeline.config.bucket}/inputs/sample.png", "outputFormats": ["jpeg"],
            "outputSizes": [{"width": 120, "height": 60}], "maintainAspectRatio": False,
            "correlationId": "corr-7"}

@@ -1,0 +1,137 @@
+"""One error policy for every Faust agent: each message ends processed, retried or dead-lettered.
+
+An agent's handler decodes, calls the core and sends; it returns ``PROCESSED`` or ``RETRIED`` (it parked
+the message on a retry topic itself, e.g. a source that did not answer), or raises:
+
+- ``Reject``: the message can never be processed (it does not decode, it is not for us): dead-lettered at
+  once with its code.
+- ``SendRejected``: the broker refused an output for good (too large, not authorised, no such topic):
+  dead-lettered at once, code ``SEND_REJECTED``.
+- anything else (a bug, a dependency that failed in a way nobody classified): the original message goes
+  to the agent's retry topic with ``imagefork.attempts`` + 1 and a not-before time, so waiting never blocks
+  its partition; after ``IMAGEFORK_MAX_RETRIES`` it is dead-lettered as ``INTERNAL`` with its attempts.
+
+Dead letters keep the original key, bytes and headers, and add code, reason, source topic/partition/offset
+and attempts. If even the dead-letter topic cannot be written, the error propagates: the worker stops
+without committing the offset, and the message is read again, never dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import faust
+
+from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, origin, send
+from streams.config import Config
+from streams.metrics import DEAD_LETTERS, MESSAGES
+
+ATTEMPTS = "imagefork.attempts"
+NOT_BEFORE = "imagefork.not-before"
+
+
+class Disposition(enum.Enum):
+    PROCESSED = "processed"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead_lettered"
+
+
+class Reject(Exception):
+    """This message can never be processed; ``code`` says why in one word."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    where: dict[str, str]
+
+    @property
+    def attempts(self) -> int:
+        return header_int(self.headers, ATTEMPTS, 1)
+
+
+def header_int(headers: dict, name: str, default: int) -> int:
+    raw = headers.get(name)
+    try:
+        return int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+    except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        return default
+
+
+def message_of(event) -> Message:
+    headers = {k: (v if isinstance(v, bytes) else str(v).encode())
+               for k, v in dict(event.headers or {}).items()}
+    return Message(event.key, event.value, headers, origin(event))
+
+
+Handler = Callable[[Message], Awaitable["Disposition | None"]]
+
+
+class MessagePolicy:
+    """The wrapper every agent's loop uses; ``retry_topic`` takes messages whose handling failed."""
+
+    def __init__(self, agent: str, config: Config, *, dead_letter: faust.TopicT, retry_topic: faust.TopicT,
+                 retry_headers: Callable[[Message], dict[str, bytes]] | None = None):
+        self.agent = agent
+        self.config = config
+        self.dead_letter_topic = dead_letter
+        self.retry_topic = retry_topic
+        self.retry_headers = retry_headers
+
+    async def consume(self, stream, handler: Handler) -> None:
+        async for event in stream.events():
+            await self.process(message_of(event), handler)
+
+    async def process(self, msg: Message, handler: Handler) -> Disposition:
+        from streams.agents.common import SendRejected
+        try:
+            outcome = await handler(msg) or Disposition.PROCESSED
+        except asyncio.CancelledError:
+            raise
+        except Reject as exc:
+            outcome = await self.dead_letter(msg, exc.code, exc.reason)
+        except SendRejected as exc:
+            outcome = await self.dead_letter(msg, "SEND_REJECTED", str(exc))
+        except Exception as exc:
+            log.exception("%s failed on %s (attempt %d)", self.agent, msg.where, msg.attempts)
+            outcome = await self.retry_or_dead_letter(msg, f"{type(exc).__name__}: {exc}")
+        MESSAGES.labels(self.agent, outcome.value).inc()
+        return outcome
+
+    async def retry_or_dead_letter(self, msg: Message, reason: str) -> Disposition:
+        if msg.attempts > self.config.retry.max_retries:
+            return await self.dead_letter(msg, "INTERNAL", reason)
+        delay = backoff_s(self.config.retry, msg.attempts)
+        headers = {**msg.headers, **(self.retry_headers(msg) if self.retry_headers else {}),
+                   ATTEMPTS: str(msg.attempts + 1).encode(), NOT_BEFORE: str(now_ms() + int(delay * 1000)).encode()}
+        log.warning("%s: retrying %s in %.1fs (attempt %d failed: %s)", self.agent, msg.where, delay,
+                    msg.attempts, reason[:300])
+        try:
+            await send(self.retry_topic, key=msg.key, value=msg.value, headers=headers)
+        except Exception as exc:  # the retry topic refused it: park it where a person will look
+            return await self.dead_letter(msg, "INTERNAL", f"{reason}; then the retry was refused: {exc}")
+        return Disposition.RETRIED
+
+    async def dead_letter(self, msg: Message, code: str, reason: str) -> Disposition:
+        log.warning("%s dead-lettered %s: %s: %s", self.agent, msg.where, code, reason[:300])
+        headers = {**msg.headers, **dead_letter_headers(code, reason, msg.where),
+                   ATTEMPTS: str(msg.attempts).encode(), "imagefork.agent": self.agent.encode()}
+        await send(self.dead_letter_topic, key=msg.key, value=msg.value, headers=headers)
+        DEAD_LETTERS.labels(self.agent, code).inc()
+        return Disposition.DEAD_LETTERED
+
+
+async def wait_not_before(msg: Message, not_before_ms: int = 0) -> None:
+    """A retry topic's agent: sleep until the message's not-before time (the header's or the record's)."""
+    wait_ms = max(header_int(msg.headers, NOT_BEFORE, 0), not_before_ms) - now_ms()
+    if wait_ms > 0:
+        await asyncio.sleep(wait_ms / 1000)

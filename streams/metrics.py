@@ -1,0 +1,13 @@
+"""The project's Prometheus metrics, declared once (prometheus-client's default registry)."""
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+MESSAGES = Counter("imagefork_messages", "Messages consumed, by agent and how each one ended "
+                   "(processed, retried, dead_lettered)", ["agent", "outcome"])
+DEAD_LETTERS = Counter("imagefork_dead_letters", "Messages written to the dead-letter topic, by agent and code",
+                       ["agent", "code"])
+WORKER_CRASHES = Counter("imagefork_worker_crashes", "Resize processes that died on a task: seen as a task "
+                         "found in flight after its worker died (suspected) or a sandbox that died (observed)",
+                         ["kind"])
+REPAIR_ERRORS = Counter("imagefork_repair_errors", "Failed lookups of lost results in the object store")

@@ -1,0 +1,174 @@
+"""The error policy end to end, on real processes: nothing is dropped, a poison pill ends FAILED.
+
+Each message ends processed, retried or dead-lettered (agents/policy.py); every test checks the
+dead letters it expects and that every other request still got exactly one final event."""
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams import serde
+from streams.adapters.kafka import client_config, ensure_topics
+from streams.config import Config
+from tests.integration.pipeline import Pipeline, wait_until
+
+pytestmark = pytest.mark.integration
+
+CRASH_PLUGIN = str(Path(__file__).resolve().parent / "crashplugin")
+SMALL = [{"width": 120, "height": 120}, {"width": 64, "height": 48}]
+
+
+def request(location: str, formats=("png", "jpg")) -> dict:
+    return {"fileLocation": location, "outputFormats": list(formats), "outputSizes": SMALL,
+            "maintainAspectRatio": True}
+
+
+def dead_letters(config: Config, expected: int, timeout: float = 60.0) -> list:
+    """Every dead letter of this test's namespace, once ``expected`` of them are there (read to the end)."""
+    consumer = Consumer(client_config(config, **{"group.id": "dlq-reader", "enable.auto.commit": False}))
+    topic = config.topics.dead_letter
+    try:
+        def ends():
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            return [(p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)) for p in meta.partitions]
+        assert wait_until(lambda: sum(h - lo for _p, (lo, h) in ends()) >= expected, timeout), \
+            f"fewer than {expected} dead letters within {timeout}s"
+        marks = ends()
+        consumer.assign([TopicPartition(topic, p, lo) for p, (lo, _h) in marks])
+        want, seen = sum(h - lo for _p, (lo, h) in marks), []
+        end = time.monotonic() + 30
+        while len(seen) < want and time.monotonic() < end:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                seen.append(msg)
+        return seen
+    finally:
+        consumer.close()
+
+
+def exactly_one_final_each(p: Pipeline, finals: dict) -> None:
+    counts = Counter(f.workflowId for f in p.finals_for(list(finals), settle=5))
+    assert counts == Counter({i: 1 for i in finals}), counts
+
+
+def test_undecodable_messages_on_every_topic_are_dead_lettered_with_their_origin(make_pipeline, files):
+    p = make_pipeline()
+    p.start_all()
+    t = p.config.topics
+    garbage = {t.requests: b"{not json", t.request_retries: b"\x00\x01nope", t.tasks: b"\xc3\x01" + b"\x07" * 20,
+               t.retries: b"tasks? no", t.events: b"\xc3\x01\x00\x00\x00\x00\x00\x00\x00\x00zz"}
+    for topic, value in garbage.items():
+        p.client.producer.produce(topic, key=b"junk/1", value=value, headers={"origin-header": b"kept"})
+    p.client.producer.flush(10)
+    follower = p.follower()
+    p.submit(request(files.url("sample.png")), "after-junk")
+    finals = follower.wait(["after-junk"], 120)
+    follower.close()
+    assert finals["after-junk"].status == "COMPLETED"
+    letters = dead_letters(p.config, len(garbage))
+    assert len(letters) == len(garbage), [m.value() for m in letters]
+    by_topic = {}
+    for m in letters:
+        h = dict(m.headers())
+        by_topic[h["imagefork.source.topic"].decode()] = (m, h)
+    assert set(by_topic) == set(garbage)
+    expected_code = {t.requests: b"NOT_A_REQUEST", t.request_retries: b"NOT_A_REQUEST", t.tasks: b"NOT_A_TASK",
+                     t.retries: b"NOT_A_TASK", t.events: b"NOT_A_JOIN_EVENT"}
+    for topic, (m, h) in by_topic.items():
+        assert m.value() == garbage[topic] and m.key() == b"junk/1"  # the original bytes and key
+        assert h["imagefork.error.code"] == expected_code[topic], (topic, h)
+        assert h["imagefork.error.reason"] and h["imagefork.source.offset"] and h["imagefork.source.partition"]
+        assert h["origin-header"] == b"kept"  # and the original headers
+    exactly_one_final_each(p, finals)
+
+
+def test_a_record_over_the_brokers_limit_is_dead_lettered_at_once(make_pipeline, files):
+    """The events topic takes at most 4 KB here: a plan that big is refused by the broker for good.
+    The request is dead-lettered (SEND_REJECTED) within seconds, not after 10 minutes, and the
+    partition keeps flowing."""
+    p = make_pipeline()
+    admin = AdminClient(client_config(p.config))
+    # the namespace's topics exist already (Pipeline created them): shrink the events topic's limit
+    from confluent_kafka.admin import ConfigResource, ConfigEntry, AlterConfigOpType
+    res = ConfigResource("topic", p.config.topics.events,
+                         incremental_configs=[ConfigEntry("max.message.bytes", "4096",
+                                                          incremental_operation=AlterConfigOpType.SET)])
+    for f in admin.incremental_alter_configs([res]).values():
+        f.result(30)
+    p.start_all()
+    follower = p.follower()
+    big = {**request(files.url("sample.png")), "correlationId": "c" * 6000}
+    started = time.monotonic()
+    p.client.submit(big, "too-big")
+    p.submit(request(files.url("sample.png")), "fits")
+    finals = follower.wait(["fits"], 120)
+    follower.close()
+    letters = dead_letters(p.config, 1, timeout=60)
+    assert time.monotonic() - started < 60
+    assert len(letters) == 1
+    h = dict(letters[0].headers())
+    assert h["imagefork.error.code"] == b"SEND_REJECTED" and b"MessageSizeTooLarge" in h["imagefork.error.reason"], h
+    assert letters[0].key() == b"too-big" and json.loads(letters[0].value())["correlationId"] == "c" * 6000
+    assert finals["fits"].status == "COMPLETED"
+    exactly_one_final_each(p, finals)
+
+
+def test_a_task_that_kills_its_worker_ends_worker_crashed_and_the_fleet_survives(make_pipeline, files, tmp_path):
+    """A source whose decoder aborts the process (a test-only Pillow plugin). The first worker to decode
+    it dies; the task's next owner finds it in the crash ledger and runs it, and every task of that
+    source, in a sandbox: the sandbox dies, the task ends FAILED with WORKER_CRASHED, and the worker
+    lives on. Dead resize workers are restarted here as a supervisor would. Other requests complete."""
+    (Path(files.folder) / "poison.crashme").write_bytes(b"CRASHME\n" + b"\x00" * 64)
+    p = make_pipeline(PYTHONPATH=CRASH_PLUGIN, IMAGEFORK_SESSION_TIMEOUT_S="6", IMAGEFORK_MAX_CRASHES="2")
+    p.start("join")
+    p.start("planner")
+    resize = [p.start("resize", name=f"resize-{i}") for i in range(2)]
+    follower = p.follower()
+    good = [f"good-{i}" for i in range(6)]
+    for wf in good[:3]:
+        p.submit(request(files.url("sample.png")), wf)
+    p.submit(request(files.url("poison.crashme"), formats=("png",)), "poison")  # two tasks
+    for wf in good[3:]:
+        p.submit(request(files.url("sample.png")), wf)
+    deaths, finals, end = 0, {}, time.monotonic() + 240
+    wanted = set(good) | {"poison"}
+    while not wanted <= set(follower.finals) and time.monotonic() < end:
+        follower.pump(1.0, wanted)
+        for i, w in enumerate(resize):
+            if not w.alive():
+                deaths += 1
+                resize[i] = p.start("resize", name=f"resize-{i}-r{deaths}")
+    finals = {i: follower.finals.get(i) for i in wanted}
+    follower.close()
+    assert all(finals.values()), (finals, p.logs())
+    poison = finals["poison"]
+    assert poison.status == "FAILED", poison
+    assert {e.code for e in poison.errors} == {"WORKER_CRASHED"}, poison.errors
+    assert len(poison.errors) == 2
+    assert all(finals[i].status == "COMPLETED" for i in good), {i: finals[i].errors for i in good}
+    # each poison message kills at most one worker process outside the sandbox (here: 2 tasks)
+    assert 1 <= deaths <= 2, deaths
+    exactly_one_final_each(p, finals)
+    for i in good:
+        p.check_outputs(finals[i])
+
+
+def test_s3_sources_outside_the_allow_list_are_refused(make_pipeline, files):
+    p = make_pipeline()
+    p.start_all()
+    sample = (Path(files.folder) / "sample.png").read_bytes()
+    p.store.put("private/secret.png", sample, "image/png")
+    p.store.put(f"{p.config.staging_prefix}shared/ok.png", sample, "image/png")
+    follower = p.follower()
+    p.submit(request(f"s3://{p.config.bucket}/private/secret.png"), "s3-private")
+    p.submit(request(f"s3://{p.config.bucket}/{p.config.staging_prefix}shared/ok.png"), "s3-staging")
+    finals = follower.wait(["s3-private", "s3-staging"], 120)
+    follower.close()
+    assert finals["s3-private"].status == "FAILED"
+    assert [e.code for e in finals["s3-private"].errors] == ["SOURCE_FORBIDDEN"], finals["s3-private"].errors
+    assert finals["s3-staging"].status == "COMPLETED"
+    exactly_one_final_each(p, finals)

@@ -1,0 +1,85 @@
+"""Memory under a hostile mix: many large sources decoded at once stay within IMAGEFORK_MEMORY_BUDGET_MB.
+
+Each run is a fresh process: its peak RSS (ru_maxrss) is compared with its own baseline, taken before any
+source is read. Eight threads (as eight resize slots would) each decode a different 25-megapixel PNG
+(75 MiB decoded) and make two outputs. With a 256 MiB budget the decodes wait for each other; with an
+unlimited budget they do not, which shows the budget is what holds the peak."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, resource, sys, threading
+    from streams.agents import resize_job
+    from streams.config import Config
+
+    def peak_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    class Store:  # the object store is not what is measured: sources from memory, uploads dropped
+        def __init__(self, data): self.data = data
+        def get(self, uri, cap): return self.data
+        def put(self, *a, **kw): pass
+        def uri(self, key): return "s3://b/" + key
+        def url(self, key): return "http://x/" + key
+
+    data = open(sys.argv[1], "rb").read()
+    budget = int(sys.argv[2])
+    resize_job.init(Config(memory_budget_mb=budget))
+    resize_job._store = Store(data)
+    before = peak_mb()
+    results = []
+
+    def work(i):
+        for fmt in ("png", "jpg"):
+            results.append(resize_job.run({"sourceUri": f"s3://b/src-{i}", "taskRef": f"{fmt}_300x300",
+                                           "format": fmt, "width": 300, "height": 300,
+                                           "maintainAspectRatio": True, "outputKey": f"o/{i}.{fmt}"}))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert all(r["ok"] for r in results), results
+    print(json.dumps({"before": before, "peak": peak_mb(), "cached_mb": resize_job._budget.cached_bytes / 2**20}))
+""")
+
+MAKE_SOURCE = textwrap.dedent("""
+    import sys
+    from PIL import Image
+    g = Image.linear_gradient("L").resize((5000, 5000))
+    Image.merge("RGB", (g, g.transpose(Image.Transpose.ROTATE_90), g.transpose(Image.Transpose.ROTATE_180))) \\
+        .save(sys.argv[1], "PNG", compress_level=1)
+""")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("budget") / "big.png"
+    subprocess.run([sys.executable, "-c", MAKE_SOURCE, str(path)], check=True, timeout=120)
+    return path
+
+
+def peak(source, budget_mb: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(source), str(budget_mb)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_many_large_decodes_at_once_stay_within_the_budget(source):
+    bounded = peak(source, 256)
+    # the budget covers decoded pixels (cache + decodes in flight); +100 MiB covers a resize's working copies
+    assert bounded["peak"] - bounded["before"] < 256 + 100, bounded
+    assert bounded["cached_mb"] <= 256, bounded
+    unbounded = peak(source, 8192)
+    assert unbounded["peak"] - unbounded["before"] > bounded["peak"] - bounded["before"] + 150, (bounded, unbounded)
+
+
+def test_a_source_that_could_never_fit_is_refused_before_decoding():
+    from streams.agents.resize_job import MemoryBudget
+    from streams.core.errors import ImageTooLarge
+    with pytest.raises(ImageTooLarge, match="memory budget"):
+        MemoryBudget(64 << 20).reserve(65 << 20)

@@ -1,0 +1,110 @@
+"""The one error policy (agents/policy.py): every message ends processed, retried or dead-lettered."""
+import asyncio
+
+import pytest
+
+from streams.agents.common import SendRejected, send
+from streams.agents.policy import ATTEMPTS, NOT_BEFORE, Disposition, Message, MessagePolicy, Reject
+from streams.config import Config, Retry
+
+
+class MessageSizeTooLargeError(Exception):
+    """Named as aiokafka's: the broker refuses the record for good."""
+
+
+class FakeTopic:
+    def __init__(self, name: str, fail_with: list[Exception] | None = None):
+        self.name = name
+        self.sent: list[dict] = []
+        self.fail_with = list(fail_with or [])
+
+    def get_topic_name(self) -> str:
+        return self.name
+
+    async def send(self, **kw):
+        if self.fail_with:
+            raise self.fail_with.pop(0)
+        self.sent.append(kw)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def make(max_retries=2):
+    config = Config(retry=Retry(max_retries=max_retries, delay_s=0.01, max_delay_s=0.01))
+    dlq, retry = FakeTopic("x.dlq"), FakeTopic("x.retry")
+    return MessagePolicy("test", config, dead_letter=dlq, retry_topic=retry), dlq, retry
+
+
+def msg(attempts: int | None = None) -> Message:
+    headers = {"mine": b"1"} if attempts is None else {"mine": b"1", ATTEMPTS: str(attempts).encode()}
+    return Message(b"k", b"v", headers, {"topic": "in", "partition": "3", "offset": "42"})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_processed():
+    policy, dlq, retry = make()
+
+    async def ok(m):
+        return Disposition.PROCESSED
+    assert run(policy.process(msg(), ok)) is Disposition.PROCESSED
+    assert dlq.sent == [] and retry.sent == []
+
+
+def test_reject_is_dead_lettered_at_once_with_key_bytes_headers_and_origin():
+    policy, dlq, retry = make()
+
+    async def bad(m):
+        raise Reject("NOT_A_TASK", "garbage")
+    assert run(policy.process(msg(), bad)) is Disposition.DEAD_LETTERED
+    (letter,) = dlq.sent
+    h = letter["headers"]
+    assert (letter["key"], letter["value"]) == (b"k", b"v")
+    assert h["mine"] == b"1" and h["imagefork.error.code"] == b"NOT_A_TASK"
+    assert h["imagefork.source.topic"] == b"in" and h["imagefork.source.partition"] == b"3"
+    assert h["imagefork.source.offset"] == b"42" and h[ATTEMPTS] == b"1"
+    assert retry.sent == []
+
+
+def test_unexpected_error_goes_round_the_retry_topic_then_to_the_dead_letters():
+    policy, dlq, retry = make(max_retries=2)
+
+    async def boom(m):
+        raise RuntimeError("bug")
+    assert run(policy.process(msg(), boom)) is Disposition.RETRIED
+    assert retry.sent[0]["headers"][ATTEMPTS] == b"2" and int(retry.sent[0]["headers"][NOT_BEFORE]) > 0
+    assert run(policy.process(msg(2), boom)) is Disposition.RETRIED
+    assert run(policy.process(msg(3), boom)) is Disposition.DEAD_LETTERED
+    h = dlq.sent[0]["headers"]
+    assert h["imagefork.error.code"] == b"INTERNAL" and b"RuntimeError: bug" in h["imagefork.error.reason"]
+    assert h[ATTEMPTS] == b"3"
+
+
+def test_a_refused_record_fails_fast_into_the_dead_letters():
+    policy, dlq, _retry = make()
+    out = FakeTopic("x.events", fail_with=[MessageSizeTooLargeError("too big")])
+
+    async def produces(m):
+        await send(out, key=m.key, value=b"x" * 10)
+    assert run(asyncio.wait_for(policy.process(msg(), produces), 5)) is Disposition.DEAD_LETTERED
+    assert dlq.sent[0]["headers"]["imagefork.error.code"] == b"SEND_REJECTED"
+
+
+def test_a_broker_away_is_waited_out():
+    out = FakeTopic("x.events", fail_with=[ConnectionError("away"), ConnectionError("away")])
+    run(send(out, key=b"k", value=b"v"))
+    assert len(out.sent) == 1
+
+
+def test_when_even_the_dead_letter_topic_fails_the_error_propagates():
+    """Nothing is committed then: the worker stops and the message is read again, never dropped."""
+    policy, dlq, _retry = make()
+    dlq.fail_with = [MessageSizeTooLargeError("no")]
+
+    async def bad(m):
+        raise Reject("X", "y")
+    with pytest.raises(SendRejected):
+        run(policy.process(msg(), bad))
