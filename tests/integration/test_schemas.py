@@ -71,3 +71,42 @@ def test_a_newer_writers_schema_is_found_on_the_topic(stack_env, namespace, tmp_
     finally:
         serde.set_resolver(None)
         resolver.close()
+
+
+def newer_schemas(folder, added: dict[str, dict]):
+    """A copy of the schema folder where each named record has one optional field more."""
+    shutil.copytree(serde.schemas_dir(), folder, ignore=shutil.ignore_patterns("history", "archive", "*.md"))
+    for name, field in added.items():
+        path = folder / f"io.imagefork.{name}.avsc"
+        schema = json.loads(path.read_text())
+        schema["fields"].append(field)
+        path.write_text(json.dumps(schema))
+    return folder
+
+
+def test_a_rolling_deploy_with_new_and_old_workers_side_by_side(make_pipeline, files, tmp_path):
+    """Real processes of two versions at once: a *new* planner and join (their ResizeTask and TaskResult
+    have an optional field more) and an *old* resize worker. The old worker reads the new planner's
+    tasks through the schemas topic; the new join reads the old worker's results by Avro resolution.
+    Every request completes, exactly once."""
+    new = newer_schemas(tmp_path / "v-next", {
+        "ResizeTask": {"name": "priority", "type": "int", "default": 0},
+        "TaskResult": {"name": "note", "type": ["null", "string"], "default": None}})
+    p = make_pipeline()
+    p.start("join", IMAGEFORK_SCHEMAS_DIR=str(new))
+    p.start("resize")  # the old one: the repository's schemas
+    p.start("planner", IMAGEFORK_SCHEMAS_DIR=str(new))
+    follower = p.follower()
+    ids = [f"deploy-{i}" for i in range(3)]
+    for wf in ids:
+        p.submit({"fileLocation": files.url("sample.png"), "outputFormats": ["png", "jpg"],
+                  "outputSizes": [{"width": 100, "height": 80}], "maintainAspectRatio": True}, wf)
+    finals = follower.wait(ids, 180)
+    follower.close()
+    assert all(f.status == "COMPLETED" and len(f.outputs) == 2 for f in finals.values()), \
+        ({i: f.errors for i, f in finals.items()}, p.logs())
+    from collections import Counter
+    assert Counter(f.workflowId for f in p.finals_for(ids, settle=5)) == Counter({i: 1 for i in ids})
+    for f in finals.values():
+        p.check_outputs(f)
+    assert "dead-lettered" not in p.logs()
