@@ -121,6 +121,7 @@ class Config:
     retry: Retry = field(default_factory=Retry)
     log_level: str = "warning"
     namespace: str = ""
+    metrics_listen: str = ""  # host:port for Prometheus metrics of this process; empty: none
 
     def group_id(self, role: str) -> str:
         """The consumer group (and Faust app id) of a role; the namespace keeps test runs apart."""
@@ -162,6 +163,8 @@ class Config:
             (bool(sec.ssl_certfile) == bool(sec.ssl_keyfile), "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together"),
             (self.max_crashes >= 1, "IMAGEFORK_MAX_CRASHES must be >= 1"),
             (self.memory_budget_mb >= 64, "IMAGEFORK_MEMORY_BUDGET_MB must be >= 64"),
+            (not self.metrics_listen or _host_port(self.metrics_listen) is not None,
+             "IMAGEFORK_METRICS_LISTEN must be host:port (port 1-65535)"),
             (all(e and not e.startswith("s3://") for e in self.source_s3_allow),
              "IMAGEFORK_SOURCE_S3_ALLOW lists bucket or bucket/prefix entries, without s3://"),
             (self.partitions >= 1, "IMAGEFORK_PARTITIONS must be >= 1"),
@@ -269,10 +272,22 @@ class Config:
             retry=retry,
             log_level=reader.str("IMAGEFORK_LOG_LEVEL", d.log_level).lower(),
             namespace=namespace,
+            metrics_listen=reader.str("IMAGEFORK_METRICS_LISTEN", ""),
         ).validate()
 
     def with_(self, **changes) -> "Config":
         return replace(self, **changes).validate()
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def metrics_address(config: "Config") -> tuple[str, int] | None:
+    return _host_port(config.metrics_listen) if config.metrics_listen else None
 
 
 class _EnvReader:

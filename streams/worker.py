@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 
-from streams.config import Config
+from streams.config import Config, metrics_address
 
 
 def run_role(role: str, config: Config) -> int:
@@ -29,6 +30,7 @@ def run_role(role: str, config: Config) -> int:
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
+    serve_metrics(config)
     # before any write: a reader older than this worker finds its schemas there (a rolling deploy)
     publish_schemas(config)
     install_resolver(config)
@@ -48,12 +50,26 @@ def run_role(role: str, config: Config) -> int:
     return 0
 
 
+def serve_metrics(config: Config) -> None:
+    """Prometheus metrics of this process on IMAGEFORK_METRICS_LISTEN (prometheus-client's own server)."""
+    address = metrics_address(config)
+    if address:
+        from prometheus_client import start_http_server
+        start_http_server(address[1], addr=address[0])
+        logging.getLogger("imagefork").info("metrics on http://%s:%d/metrics", *address)
+
+
 def run_all(config: Config) -> int:
     """``worker all``: one child process per role; if one dies, stop the others and exit non-zero."""
     from streams.adapters.kafka import ensure_topics
     ensure_topics(config)  # a broker that refuses us or is away is one line here, not one per child
-    children = {role: subprocess.Popen([sys.executable, "-m", "streams", "worker", role])
-                for role in ("join", "resize", "planner")}
+    address = metrics_address(config)
+
+    def env(i: int) -> dict | None:  # each child serves its metrics on the next port
+        return {**os.environ, "IMAGEFORK_METRICS_LISTEN": f"{address[0]}:{address[1] + i}"} if address else None
+
+    children = {role: subprocess.Popen([sys.executable, "-m", "streams", "worker", role], env=env(i))
+                for i, role in enumerate(("join", "resize", "planner"))}
 
     def stop(*_):
         for child in children.values():

@@ -4,16 +4,17 @@ Each message ends processed, retried or dead-lettered (agents/policy.py); every 
 dead letters it expects and that every other request still got exactly one final event."""
 import json
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
-from streams import serde
-from streams.adapters.kafka import client_config, ensure_topics
+from streams.adapters.kafka import client_config
 from streams.config import Config
+from streams.stack.local import free_port
 from tests.integration.pipeline import Pipeline, wait_until
 
 pytestmark = pytest.mark.integration
@@ -57,7 +58,9 @@ def exactly_one_final_each(p: Pipeline, finals: dict) -> None:
 
 def test_undecodable_messages_on_every_topic_are_dead_lettered_with_their_origin(make_pipeline, files):
     p = make_pipeline()
-    p.start_all()
+    ports = {role: free_port() for role in ("join", "resize", "planner")}
+    for role, port in ports.items():
+        p.start(role, IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
     t = p.config.topics
     garbage = {t.requests: b"{not json", t.request_retries: b"\x00\x01nope", t.tasks: b"\xc3\x01" + b"\x07" * 20,
                t.retries: b"tasks? no", t.events: b"\xc3\x01\x00\x00\x00\x00\x00\x00\x00\x00zz"}
@@ -84,6 +87,14 @@ def test_undecodable_messages_on_every_topic_are_dead_lettered_with_their_origin
         assert h["imagefork.error.reason"] and h["imagefork.source.offset"] and h["imagefork.source.partition"]
         assert h["origin-header"] == b"kept"  # and the original headers
     exactly_one_final_each(p, finals)
+    # and every outcome is counted, per agent, on each worker's metrics endpoint
+    expected = {"planner": {"planner": 1, "planner.retry": 1}, "resize": {"resize": 1, "resize.retry": 1},
+                "join": {"join": 1}}
+    for role, port in ports.items():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for agent, n in expected[role].items():
+            line = f'imagefork_messages_total{{agent="{agent}",outcome="dead_lettered"}} {float(n)}'
+            assert line in text, (role, line, [x for x in text.splitlines() if x.startswith("imagefork_")])
 
 
 def test_a_record_over_the_brokers_limit_is_dead_lettered_at_once(make_pipeline, files):
@@ -93,7 +104,6 @@ def test_a_record_over_the_brokers_limit_is_dead_lettered_at_once(make_pipeline,
     p = make_pipeline()
     admin = AdminClient(client_config(p.config))
     # the namespace's topics exist already (Pipeline created them): shrink the events topic's limit
-    from confluent_kafka.admin import ConfigResource, ConfigEntry, AlterConfigOpType
     res = ConfigResource("topic", p.config.topics.events,
                          incremental_configs=[ConfigEntry("max.message.bytes", "4096",
                                                           incremental_operation=AlterConfigOpType.SET)])
