@@ -12,6 +12,7 @@ from streams import serde
 from streams.adapters.kafka import client_config, producer_config
 from streams.config import Config
 from streams.core.models import WorkflowCompleted
+from streams.core.planning import parse_boolean
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -107,7 +108,10 @@ class Client:
             workflow_id = workflow_id or request.get("workflowId") or str(uuid.uuid4())
             if avro:
                 self._publish_schemas()
-                body = {"maintainAspectRatio": True, "workflowId": None, "correlationId": None, **request}
+                keep, why = parse_boolean(request.get("maintainAspectRatio", True))
+                if why:
+                    raise SubmitError(f"maintainAspectRatio {why}")
+                body = {"workflowId": None, "correlationId": None, **request, "maintainAspectRatio": keep}
                 value = serde.encode("ImageRequest", body)
             else:
                 value = json.dumps(request).encode()

@@ -82,7 +82,7 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
             if all(d is not None for d in dims):
                 sizes.append(Size(dims[0], dims[1]))
 
-    keep, why = _boolean(doc.get("maintainAspectRatio", True))
+    keep, why = parse_boolean(doc.get("maintainAspectRatio", True))
     if why:
         problems.append(("maintainAspectRatio", why))
 
@@ -146,7 +146,8 @@ def _dimension(value: Any, maximum: int) -> tuple[int | None, str | None]:
     return value, None
 
 
-def _boolean(value: Any) -> tuple[bool, str | None]:
+def parse_boolean(value: Any) -> tuple[bool, str | None]:
+    """A JSON boolean, or the strings "true"/"false" (as the seed's worker took them); else why not."""
     if isinstance(value, bool):
         return value, None
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):

@@ -81,3 +81,26 @@ def test_request_bytes_json_or_avro():
     deep = b"[" * 100000 + b"]" * 100000
     with pytest.raises(serde.SerdeError):
         serde.decode_request_bytes(deep)
+
+
+def test_avro_submit_keeps_a_string_false():
+    """`imagefork submit --avro` with "maintainAspectRatio": "false" must mean false, as JSON does."""
+    from streams.client import Client
+    from streams.config import Config
+
+    class Producer:
+        def produce(self, topic, key, value, on_delivery):
+            self.value = value
+            on_delivery(None, None)
+
+        def flush(self, timeout):
+            return 0
+
+    client = Client.__new__(Client)
+    client.config, client.producer, client._published = Config(), Producer(), True
+    doc = {"fileLocation": "https://example.com/a.png", "outputFormats": ["png"],
+           "outputSizes": [{"width": 10, "height": 10}], "maintainAspectRatio": "false"}
+    client.submit(doc, "wf-1", avro=True)
+    assert serde.decode("ImageRequest", client.producer.value)["maintainAspectRatio"] is False
+    client.submit({**doc, "maintainAspectRatio": "TRUE"}, "wf-2", avro=True)
+    assert serde.decode("ImageRequest", client.producer.value)["maintainAspectRatio"] is True
