@@ -1,4 +1,4 @@
-"""``imagefork``: stack up|down|env, worker ROLE, submit FILE [--wait], topics, demo."""
+"""imagefork: a Kafka-native image fan-out pipeline. One request in, every format x size out, one final event."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +32,7 @@ def _stack(args) -> int:
 def _worker(args) -> int:
     from streams.adapters.kafka import KafkaUnavailable
     from streams.adapters.schemas import SchemaTopicError
-    from streams.worker import run_all, run_role
+    from streams.worker import StartError, run_all, run_role
     # what stops a worker at start (bad settings, a broker that refuses us or does not answer) is
     # one line on stderr and a non-zero exit, not a traceback
     try:
@@ -41,7 +41,7 @@ def _worker(args) -> int:
     except ConfigError as exc:
         print(f"imagefork: configuration: {exc}", file=sys.stderr)
         return 2
-    except (KafkaUnavailable, SchemaTopicError) as exc:
+    except (KafkaUnavailable, SchemaTopicError, StartError) as exc:
         print(f"imagefork: {exc}", file=sys.stderr)
         return 1
 
@@ -98,6 +98,10 @@ def _submit(args) -> int:
     except ValueError as exc:
         print(f"imagefork: {args.file} is not JSON: {exc}", file=sys.stderr)
         return 2
+    if not isinstance(doc, dict):
+        print(f"imagefork: {args.file} holds a JSON {type(doc).__name__}, not a request object "
+              f"(see the README's contract)", file=sys.stderr)
+        return 2
     follower = Follower(config) if args.wait else None
     client = Client(config)
     workflow_id = client.submit(doc, args.workflow_id, avro=args.avro)
@@ -122,7 +126,9 @@ def _demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streams import __version__
     parser = argparse.ArgumentParser(prog="imagefork", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"imagefork {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="the local Kafka (KRaft) and S3Proxy")
@@ -140,14 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("submit", help="produce a request (the seed's JSON document)")
     p.add_argument("file", help="request JSON file, or - for stdin")
     p.add_argument("--wait", action="store_true", help="follow the workflow and print its final event")
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--workflow-id")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits for the final event (600)")
+    p.add_argument("--workflow-id", help="the workflow id (the message key); default: the document's "
+                                         "workflowId, else a new UUID")
     p.add_argument("--avro", action="store_true", help="send the request Avro-encoded instead of JSON")
     p.add_argument("--json", action="store_true", help="print the final event as JSON")
     p.set_defaults(func=_submit)
 
     p = sub.add_parser("demo", help="the seed request end to end on the local stack")
-    p.add_argument("--keep-stack", action="store_true")
+    p.add_argument("--keep-stack", action="store_true",
+                   help="leave the demo's Kafka and S3 server running afterwards (prints how to stop them)")
     p.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
@@ -159,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from streams.stack.local import StackError
+        from streams.adapters.kafka import KafkaUnavailable
+        from streams.adapters.schemas import SchemaTopicError
         from streams.client import SubmitError
-        if isinstance(exc, (StackError, SubmitError, TimeoutError)):
+        from streams.serde import SerdeError
+        from streams.stack.local import StackError
+        if isinstance(exc, (StackError, SubmitError, TimeoutError, SerdeError, KafkaUnavailable, SchemaTopicError)):
             print(f"imagefork: {exc}", file=sys.stderr)
             return 1
         raise

@@ -30,6 +30,7 @@ def run_role(role: str, config: Config) -> int:
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
+    check_storage(config)
     serve_metrics(config)
     # before any write: a reader older than this worker finds its schemas there (a rolling deploy)
     publish_schemas(config)
@@ -48,6 +49,21 @@ def run_role(role: str, config: Config) -> int:
     worker = faust.Worker(app, loglevel=config.log_level, quiet=True)
     worker.execute_from_commandline()
     return 0
+
+
+class StartError(RuntimeError):
+    """A worker cannot start; the message says which dependency and where, in one line."""
+
+
+def check_storage(config: Config) -> None:
+    """Every role writes to S3: probe it (and create the bucket) before taking any work."""
+    from streams.adapters.objectstore import ObjectStore
+    from streams.core.errors import PipelineError
+    try:
+        ObjectStore(config).ensure_bucket()
+    except PipelineError as exc:
+        where = config.s3_endpoint_url or f"AWS ({config.s3_region})"
+        raise StartError(f"S3 at {where} cannot be used: {exc.message}") from None
 
 
 def serve_metrics(config: Config) -> None:

@@ -1,6 +1,8 @@
 """Kafka admin (explicit topic creation) and client settings, with confluent-kafka."""
 from __future__ import annotations
 
+import logging
+
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -48,8 +50,14 @@ def faust_credentials(config: Config):
     return None
 
 
+# librdkafka's own lines (every failed reconnect, at error level) go to this logger, not straight to
+# stderr: a worker's log shows them; a command-line user gets one line about what went wrong instead
+KAFKA_LOG = logging.getLogger("imagefork.kafka")
+KAFKA_LOG.addHandler(logging.NullHandler())
+
+
 def client_config(config: Config, **extra) -> dict:
-    return {"bootstrap.servers": config.bootstrap_servers, **security_config(config), **extra}
+    return {"bootstrap.servers": config.bootstrap_servers, "logger": KAFKA_LOG, **security_config(config), **extra}
 
 
 def producer_config(config: Config, **extra) -> dict:

@@ -50,7 +50,7 @@ class Planner:
         correlation = doc.get("correlationId") if isinstance(doc.get("correlationId"), str) else None
         try:
             if key_problem:
-                raise RequestInvalid([("key", key_problem)])
+                raise RequestInvalid([("workflowId", key_problem)])
             request = self.parse(doc)
         except RequestInvalid as exc:
             log.info("workflow %s rejected: %s", workflow_id, exc.message)
@@ -116,7 +116,7 @@ class Planner:
         rule = "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"
         if key:
             text = key.decode("utf-8", "replace")[:512]
-            return text, (None if valid_workflow_id(text) else f"message key {rule}")
+            return text, (None if valid_workflow_id(text) else f"(the message key) {rule}")
         field = doc.get("workflowId")
         if isinstance(field, str) and field:
             return field[:512], None  # an invalid field is reported by parse_request
