@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tiff")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
@@ -183,7 +184,18 @@ class Config:
             (1 <= self.encoding.jpeg_quality <= 100, "IMAGEFORK_JPEG_QUALITY must be 1..100"),
             (0 <= self.encoding.webp_method <= 6, "IMAGEFORK_WEBP_METHOD must be 0..6"),
             (1 <= self.encoding.webp_quality <= 100, "IMAGEFORK_WEBP_QUALITY must be 1..100"),
-            (self.limits.max_pixels > 0 and self.limits.max_source_bytes > 0, "limits must be > 0"),
+            (self.limits.max_pixels > 0, "IMAGEFORK_MAX_PIXELS must be > 0"),
+            (self.limits.max_source_bytes > 0, "IMAGEFORK_MAX_SOURCE_BYTES must be > 0"),
+            (self.limits.max_dimension > 0, "IMAGEFORK_MAX_DIMENSION must be > 0"),
+            (self.limits.max_tasks > 0, "IMAGEFORK_MAX_TASKS must be > 0"),
+            (self.limits.connect_timeout_s > 0, "IMAGEFORK_CONNECT_TIMEOUT_S must be > 0"),
+            (self.limits.read_timeout_s > 0, "IMAGEFORK_READ_TIMEOUT_S must be > 0"),
+            (self.limits.max_redirects >= 0, "IMAGEFORK_MAX_REDIRECTS must be >= 0"),
+            (self.retry.delay_s >= 0 and self.retry.max_delay_s >= self.retry.delay_s,
+             "IMAGEFORK_RETRY_DELAY_S must be >= 0 and IMAGEFORK_RETRY_MAX_DELAY_S >= it"),
+            (self.session_timeout_s > 0, "IMAGEFORK_SESSION_TIMEOUT_S must be > 0"),
+            (self.log_level in LOG_LEVELS, f"IMAGEFORK_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}"),
+            (self.repair_after_s > 0, "IMAGEFORK_REPAIR_AFTER_S must be > 0"),
             (self.bucket != "", "S3_BUCKET must not be empty"),
         ]
         for ok, message in checks:

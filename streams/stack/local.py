@@ -124,11 +124,13 @@ def _port_open(port: int) -> bool:
 
 
 def _alive(pid: int, marker: str) -> bool:
+    """Whether ``pid`` is still one of ours: its command line has the marker as a whole argument (a
+    stack in ``/x/stack-2`` is not the one in ``/x/stack``, a reused pid is nobody's)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return marker in cmdline
+    return marker.encode() in args
 
 
 def _java() -> str:
