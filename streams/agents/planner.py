@@ -69,7 +69,7 @@ class Planner:
             return await self.send_plan(WorkflowPlan(
                 workflowId=workflow_id, correlationId=request.correlationId, fileLocation=request.fileLocation,
                 taskRefs=(), submittedAt=now, deadline=deadline, runId=run_id,
-                failure=PlanFailure(FAILED, exc.code, exc.message)))
+                failure=PlanFailure(FAILED, exc.code, exc.message, attempts=attempt)))
         tasks = plan_tasks(request, workflow_id, source_uri=source_uri, deadline=deadline,
                            output_prefix=self.config.output_prefix, run_id=run_id)
         await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline,

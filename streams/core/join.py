@@ -242,7 +242,8 @@ def build_final(flow: Workflow, status: str, now: int) -> WorkflowCompleted:
     outputs = [results[r].output for r in refs if r in results and results[r].status == SUCCEEDED]
     errors: list[TaskError] = []
     if plan and plan.failure:
-        errors.append(TaskError(taskRef="", code=plan.failure.code, message=plan.failure.message))
+        errors.append(TaskError(taskRef="", code=plan.failure.code, message=plan.failure.message,
+                                attempts=plan.failure.attempts))
     for ref in refs:
         res = results.get(ref)
         if res is None:

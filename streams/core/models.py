@@ -138,6 +138,7 @@ class PlanFailure(_Record):
     status: str  # REJECTED | FAILED
     code: str
     message: str
+    attempts: int = 0  # source fetch attempts made
 
 
 @dataclass(frozen=True)

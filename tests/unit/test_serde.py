@@ -21,7 +21,7 @@ RECORDS = {
     "TaskOutput": OUT.to_dict(),
     "TaskError": ERR.to_dict(),
     "Size": {"width": 1, "height": 2},
-    "PlanFailure": {"status": "FAILED", "code": "c", "message": "m"},
+    "PlanFailure": {"status": "FAILED", "code": "c", "message": "m", "attempts": 4},
     "JoinMarker": {"status": "COMPLETED", "at": 5, "runId": "r1"},
 }
 

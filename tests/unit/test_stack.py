@@ -1,0 +1,102 @@
+"""``imagefork stack down`` stops exactly the processes ``stack up`` started (README, "The local stack").
+
+One real stack (Kafka + S3Proxy, about a minute) in a temporary state folder, started and stopped with
+the CLI, with look-alike processes around it that ``down`` must leave alone."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streams.stack.local import LocalStack
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(shutil.which("java") is None, reason="the local stack needs Java 17+"),
+              pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streams", "stack", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _look_alike(marker: str, name: str, folder: Path) -> subprocess.Popen:
+    """A process whose command line looks like the stack's Kafka (java-style flags, main class, config)
+    but carries ``marker`` instead of the stack's own; it sleeps until it is killed."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", marker, "-Xmx768m",
+                             "-XX:+UseG1GC", "-cp", f"{folder}/libs/*", "kafka.Kafka", f"{folder}/server.properties",
+                             name], start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def stopped_stack(tmp_path_factory):
+    """Up (CLI), look-alikes beside it, down (CLI): what was alive before and after."""
+    folder = tmp_path_factory.mktemp("own-stack") / "stack"
+    up = _cli("up", "--dir", str(folder), timeout=400)
+    stack = LocalStack(folder)
+    strangers: dict[str, subprocess.Popen] = {}
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"KAFKA_BOOTSTRAP_SERVERS={stack.env()['KAFKA_BOOTSTRAP_SERVERS']}" in up.stdout
+        state = json.loads(stack.state_file.read_text())
+        own = {name: svc["pid"] for name, svc in state["services"].items()}
+        assert set(own) == {"kafka", "s3proxy"} and all(_alive(p) for p in own.values()), own
+        marker = stack.marker
+        strangers = {
+            # another stack's Kafka (another folder), never recorded by this stack
+            "other-stack": _look_alike(f"-Dimagefork.stack={folder.parent / 'elsewhere'}", "other", folder),
+            # no marker at all
+            "no-marker": _look_alike("-Dimagefork.other=1", "plain", folder),
+            # a process that took over a pid this stack recorded (pid reuse): recorded, but not ours
+            "reused-pid": _look_alike("-Dimagefork.stack.previous=1", "reused", folder),
+            # pid reuse by a process of a stack whose folder name extends this one's (stack -> stack2)
+            "reused-pid-longer-folder": _look_alike(f"{marker}2", "stack2", folder),
+        }
+        for name in ("reused-pid", "reused-pid-longer-folder"):
+            state["services"][name] = {"pid": strangers[name].pid, "port": 0}
+        stack.state_file.write_text(json.dumps(state))
+        time.sleep(0.5)  # let the look-alikes exec (their command lines are in place)
+        assert all(p.poll() is None for p in strangers.values())
+        down = _cli("down", "--dir", str(folder), timeout=120)
+        yield {"down": down, "own": own, "strangers": strangers,
+               "alive": {name: _alive(p.pid) for name, p in strangers.items()},
+               "own_alive": {name: _alive(pid) for name, pid in own.items()}}
+    finally:
+        for p in strangers.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+        stack.down(quiet=True)
+
+
+def test_down_stops_the_stacks_own_processes(stopped_stack):
+    down = stopped_stack["down"]
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert down.stdout.startswith("stopped: ") and "kafka" in down.stdout and "s3proxy" in down.stdout, down.stdout
+    assert stopped_stack["own_alive"] == {"kafka": False, "s3proxy": False}
+
+
+def test_down_leaves_look_alikes_and_reused_pids_alone(stopped_stack):
+    alive = stopped_stack["alive"]
+    assert alive["other-stack"] and alive["no-marker"] and alive["reused-pid"], alive
+
+
+def test_down_leaves_a_process_of_a_stack_whose_folder_name_extends_this_one(stopped_stack):
+    """The marker must match as a whole argument: ``-Dimagefork.stack=/x/stack2`` is not the stack in /x/stack."""
+    assert stopped_stack["alive"]["reused-pid-longer-folder"], stopped_stack["down"].stdout
