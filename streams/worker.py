@@ -1,6 +1,7 @@
 """Run one role as a Faust worker, or all three as child processes."""
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ def run_role(role: str, config: Config) -> int:
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack to the log
     check_storage(config)
     serve_metrics(config)
     # before any write: a reader older than this worker finds its schemas there (a rolling deploy)

@@ -4,8 +4,9 @@ A resize worker writes a row for each task before it works on it (key: the task 
 offset, value: its source, how many times it was started, how many sandboxes it killed) and a tombstone
 when it is done. A worker that dies in a decoder (a segfault, an out-of-memory kill) leaves its rows
 behind. The partition's next owner reads them when it takes the partition over: those tasks, and every
-task of the same source, are *suspects* and run in a one-process sandbox under a memory limit, one at a
-time, so a death there is seen, blamed on exactly that task, and counted. After ``IMAGEFORK_MAX_CRASHES``
+task of the same source, are *suspects*: each runs alone in a one-process sandbox under a memory limit
+(agents/resize.py keeps one per resize slot), so a death there is seen, blamed on exactly that task,
+and counted. After ``IMAGEFORK_MAX_CRASHES``
 sandbox deaths the task ends FAILED with ``WORKER_CRASHED``. A worker killed from outside (SIGKILL,
 a deploy) only makes its tasks suspects: they run once more in the sandbox and succeed.
 

@@ -524,8 +524,6 @@ class JoinWorker:
 
 
 def run(config: Config) -> int:
-    import faulthandler
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack to the log
     worker = JoinWorker(config)
     try:
         return worker.run()

@@ -23,6 +23,9 @@ from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOu
 from streams.serde import SerdeError
 
 
+SANDBOX_TIMEOUT_S = 120.0  # a suspect's run, at most (a task's real work takes seconds)
+
+
 def _process_pool(config: Config, workers: int, initializer) -> ProcessPoolExecutor:
     import multiprocessing
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -47,8 +50,9 @@ class Resizer:
         self.config = config
         self.topics = topics
         self.pool: Executor | None = None
-        self.sandbox: Executor | None = None
-        self._sandbox_turn = asyncio.Lock()  # one suspect at a time, so a sandbox death has one culprit
+        # one-process pools, each running one suspect at a time, so a sandbox death has one culprit
+        self.sandboxes: list[Executor | None] = [None] * config.resize_slots
+        self._free_sandboxes: asyncio.Queue[int] | None = None
         self.ledger = CrashLedger(config, topics.task_attempts, topics.tasks.get_topic_name())
 
     def ensure_pool(self) -> Executor:
@@ -89,16 +93,31 @@ class Resizer:
                 log.error("resize pool broke while running %s/%s; restarting it", task.workflowId, task.taskRef)
                 self.pool = _shut(self.pool)
                 sandboxed = True
-        async with self._sandbox_turn:
+        if self._free_sandboxes is None:
+            self._free_sandboxes = asyncio.Queue()
+            for i in range(len(self.sandboxes)):
+                self._free_sandboxes.put_nowait(i)
+        slot = await self._free_sandboxes.get()
+        try:
             while entry.crashes < self.config.max_crashes:
-                if self.sandbox is None:
-                    self.sandbox = _process_pool(self.config, 1, resize_job.init_sandbox)
+                if self.sandboxes[slot] is None:
+                    self.sandboxes[slot] = _process_pool(self.config, 1, resize_job.init_sandbox)
                 try:
-                    return await loop.run_in_executor(self.sandbox, resize_job.run, task.to_dict())
+                    return await asyncio.wait_for(
+                        loop.run_in_executor(self.sandboxes[slot], resize_job.run, task.to_dict()),
+                        max(1.0, min(SANDBOX_TIMEOUT_S, (task.deadline - now_ms()) / 1000)))
+                except asyncio.TimeoutError:
+                    # a sandbox that hangs must not hold its slot: kill it; the task is retried
+                    self.sandboxes[slot] = _shut(self.sandboxes[slot], kill=True)
+                    log.error("task %s/%s hung in its sandbox; killed it", task.workflowId, task.taskRef)
+                    return {"ok": False, "code": "WORKER_HUNG", "transient": True,
+                            "message": f"the sandboxed run did not finish within {SANDBOX_TIMEOUT_S:.0f}s"}
                 except BrokenProcessPool:
-                    self.sandbox = _shut(self.sandbox)
+                    self.sandboxes[slot] = _shut(self.sandboxes[slot])
                     log.error("task %s/%s killed its sandbox (%d)", task.workflowId, task.taskRef, entry.crashes + 1)
                     await self.ledger.crashed(entry)
+        finally:
+            self._free_sandboxes.put_nowait(slot)
         return crashed_outcome(entry)
 
     async def schedule_retry(self, task: ResizeTask, outcome: dict) -> None:
@@ -134,8 +153,11 @@ class Resizer:
         return Disposition.PROCESSED
 
 
-def _shut(pool: Executor | None) -> None:
+def _shut(pool: Executor | None, kill: bool = False) -> None:
     if pool is not None:
+        if kill:  # the executor has no kill of its own: end its processes, then the pool sees them gone
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
         pool.shutdown(wait=False, cancel_futures=True)
     return None
 
