@@ -1,6 +1,11 @@
-"""The Faust apps, one per role, each its own consumer group, and nothing else."""
+"""The Faust apps, one per role, each its own consumer group, and their data folders; nothing else."""
 from __future__ import annotations
 
+import atexit
+import fcntl
+import glob
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -34,7 +39,7 @@ def create_app(role: str, config: Config) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
-        datadir=tempfile.mkdtemp(prefix=f"imagefork-{role}-"),
+        datadir=data_dir(role),
         store="memory://",
         topic_partitions=config.partitions,
         topic_replication_factor=config.replication_factor,
@@ -51,6 +56,49 @@ def create_app(role: str, config: Config) -> faust.App:
         table_standby_replicas=0,
         table_cleanup_interval=3600.0,
     )
+
+
+_held: list[int] = []  # the locks on this process's data folders live as long as the process
+
+
+def data_dir(role: str) -> str:
+    """A data folder of this process's own for Faust, which creates one at start even with the memory
+    store (and writes nothing there). It is removed when the process exits; one left by a process that
+    could not clean up (SIGKILL, the OOM killer) is removed by the next worker that starts here, or by
+    whoever reaps the dead one (``remove_stale_data_dirs``). The process holds a lock on its folder while
+    it lives, which is how a dead process's folder is told from a live one's."""
+    remove_stale_data_dirs()
+    folder = tempfile.mkdtemp(prefix=f"imagefork-{role}-")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by exec'd children (PEP 446)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held.append(fd)
+    atexit.register(_remove_if_owner, folder, os.getpid())
+    return folder
+
+
+def _remove_if_owner(folder: str, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child that inherited the exit handler
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_data_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the data folders whose process is gone (no lock on them); the paths removed."""
+    removed = []
+    for role in ROLES:
+        for path in glob.glob(os.path.join(tmp or tempfile.gettempdir(), f"imagefork-{role}-*")):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its process is alive
+            finally:
+                os.close(fd)  # on both paths: a lock taken here is released with it
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def declare_topics(app: faust.App, config: Config) -> Topics:

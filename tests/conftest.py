@@ -37,27 +37,40 @@ def local_stack(tmp_path_factory):
 
     def start(kafka: bool = True) -> LocalStack:
         stack = LocalStack(tmp_path_factory.mktemp("stack"))
+        stacks.append(stack)  # before up(): whatever it started goes down at the end, even if it failed
         stack.up(kafka=kafka)
-        stacks.append(stack)
         return stack
 
     yield start
     for stack in stacks:
-        stack.down()
+        stack.down()  # a stack stopped already (say, by its test) stops nothing here
 
 
 @pytest.fixture(scope="session")
-def stack_env(local_stack) -> dict[str, str]:
+def kafka_container():
+    """Testcontainers Kafka when a Docker engine answers (and no broker is given), else None; stopped at
+    the end of the session."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or not docker_answers():
+        yield None
+        return
+    from testcontainers.kafka import KafkaContainer
+    container = KafkaContainer("apache/kafka:4.1.1").with_kraft()
+    try:
+        container.start()
+        yield container
+    finally:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_env(local_stack, kafka_container) -> dict[str, str]:
     env: dict[str, str] = {}
     stack = None
     have_s3 = bool(os.environ.get("S3_ENDPOINT_URL"))
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         env["KAFKA_BOOTSTRAP_SERVERS"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-    elif docker_answers():
-        from testcontainers.kafka import KafkaContainer
-        container = KafkaContainer("apache/kafka:4.1.1").with_kraft()
-        container.start()
-        env["KAFKA_BOOTSTRAP_SERVERS"] = container.get_bootstrap_server()
+    elif kafka_container is not None:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_container.get_bootstrap_server()
     else:
         stack = local_stack(kafka=True)
         env.update(stack.env())

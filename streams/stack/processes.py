@@ -1,6 +1,7 @@
 """Start and stop worker processes and a loopback file server: used by the demo, the tests and the bench."""
 from __future__ import annotations
 
+import atexit
 import functools
 import http.server
 import os
@@ -13,6 +14,9 @@ from pathlib import Path
 
 
 class WorkerProcess:
+    """A worker in a session of its own, so that ``kill`` takes its resize pool too. That also means
+    nothing stops it when its starter dies: whatever the starter has not stopped at exit is SIGKILLed."""
+
     def __init__(self, role: str, env: dict[str, str], log_dir: Path, name: str | None = None):
         self.role = role
         self.name = name or role
@@ -23,6 +27,7 @@ class WorkerProcess:
                                      env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
+        _started.add(self)
 
     @property
     def pid(self) -> int:
@@ -38,24 +43,43 @@ class WorkerProcess:
         except ProcessLookupError:
             pass
         self.proc.wait(10)
+        self._reaped()
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        """SIGTERM (a clean stop: the worker leaves its groups), SIGKILL after ``timeout``."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return self.kill()
+        self._reaped()
+
+    def _reaped(self) -> None:
+        """The worker is gone: what it could not clean up itself (its data folder after a SIGKILL) goes."""
+        _started.discard(self)
+        from streams.app import remove_stale_data_dirs  # Faust's module: imported only once a worker ran
+        remove_stale_data_dirs()
 
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+_started: set[WorkerProcess] = set()  # started and not yet reaped
+
+
+@atexit.register
+def _kill_the_rest() -> None:
+    """Workers run in their own session, so nothing else would stop them when their starter exits
+    without stopping them (an exception in a test's setup, a harness bug)."""
+    for worker in list(_started):
+        worker.kill()
 
 
 def wait_for_log(worker: WorkerProcess, needle: str, timeout: float = 90.0) -> bool:

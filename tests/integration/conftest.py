@@ -1,4 +1,5 @@
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,12 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline(stack_env, tmp_path_factory):
     """One running pipeline (join, resize, planner) shared by a module's tests."""
-    import uuid
-    p = Pipeline(stack_env, f"m{uuid.uuid4().hex[:8]}.", tmp_path_factory.mktemp("logs")).start_all()
-    yield p
-    p.stop()
+    p = Pipeline(stack_env, f"m{uuid.uuid4().hex[:8]}.", tmp_path_factory.mktemp("logs"))
+    try:
+        p.start_all()  # stops what it started if a role does not come up
+        yield p
+    finally:
+        p.stop()
 
 
 @pytest.fixture
@@ -46,5 +49,19 @@ def make_pipeline(stack_env, namespace, tmp_path):
         return p
 
     yield make
+    failures = []
     for p in made:
-        p.stop()
+        try:
+            p.stop()
+        except Exception as exc:  # stop the others all the same
+            failures.append(exc)
+    assert not failures, failures
+
+
+@pytest.fixture
+def own_stack(local_stack):
+    """A Kafka (and S3Proxy) of the test's own, for a test that stops the broker so that no other test
+    sees it go away; stopped when the test ends, not with the session."""
+    stack = local_stack(kafka=True)
+    yield stack
+    stack.down()

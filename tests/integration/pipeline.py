@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 from PIL import Image
 
-from streams.adapters.kafka import ensure_topics
+from streams import serde
+from streams.adapters.kafka import client_config, ensure_topics
 from streams.adapters.objectstore import ObjectStore
 from streams.client import Client, Follower, consume_completed
 from streams.config import Config
@@ -28,16 +33,27 @@ FAST = {
 }
 
 
+def s3_prefixes(namespace: str) -> dict[str, str]:
+    """Output and staging prefixes of the namespace's own. With fixed workflow ids and shared prefixes, a
+    persistent S3 endpoint would still hold a previous run's objects under the same keys: the join's
+    repair (which looks a workflow's outputs up by key) or ``check_outputs`` could take them for this
+    run's and hide a lost result. The namespace is unique per test (per Pipeline)."""
+    ns = namespace.strip(".")
+    return {"IMAGEFORK_OUTPUT_PREFIX": f"{ns}/", "IMAGEFORK_STAGING_PREFIX": f"_staging/{ns}/"}
+
+
 class Pipeline:
     def __init__(self, stack_env: dict[str, str], namespace: str, log_dir: Path, **overrides: str):
-        self.env = {**stack_env, **FAST, "IMAGEFORK_NAMESPACE": namespace, **overrides}
+        self.env = {**stack_env, **FAST, "IMAGEFORK_NAMESPACE": namespace, **s3_prefixes(namespace), **overrides}
         self.config = Config.from_env({**os.environ, **self.env})
         self.log_dir = log_dir
         self.workers: list[WorkerProcess] = []
+        self.followers: list[Follower] = []
         ensure_topics(self.config)
         self.store = ObjectStore(self.config)
         self.store.ensure_bucket()
         self.client = Client(self.config)
+        self._admin: AdminClient | None = None
 
     def start(self, role: str, name: str | None = None, wait: bool = True, **env: str) -> WorkerProcess:
         worker = WorkerProcess(role, {**self.env, **env}, self.log_dir, name=name or f"{role}-{len(self.workers)}")
@@ -47,19 +63,36 @@ class Pipeline:
         return worker
 
     def start_all(self) -> "Pipeline":
-        for role in ("join", "resize", "planner"):
-            self.start(role)
+        """Join, resize and planner, each ready; if one does not start, the ones that did are stopped."""
+        try:
+            for role in ("join", "resize", "planner"):
+                self.start(role)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def follower(self) -> Follower:
-        return Follower(self.config)
+        """A Follower that ``stop`` closes if the test did not (say, its wait timed out)."""
+        follower = Follower(self.config)
+        self.followers.append(follower)
+        return follower
 
     def submit(self, request: dict, workflow_id: str | None = None, **kw) -> str:
         return self.client.submit(request, workflow_id or f"wf-{uuid.uuid4().hex[:12]}", **kw)
 
-    def finals_for(self, ids, settle: float = 3.0):
-        """Every final event on the completed topic for ``ids`` (to count them)."""
-        return consume_completed(self.config, ids, timeout=settle)
+    def finals_for(self, ids, settle: float = 3.0, timeout: float = 60.0):
+        """Every final event for ``ids`` committed on the completed topic now (to count them), read to the
+        end offsets (``consume_completed``). ``settle`` is left from when this counted in a fixed window:
+        it only lengthens the timeout. When events that could cause another final event may not have been
+        handled yet, wait for that first (``wait_join_handled``)."""
+        return consume_completed(self.config, ids, timeout=max(timeout, settle))
+
+    def output_keys(self, workflow_id: str) -> list[str]:
+        return self.store.list_keys(f"{self.config.output_prefix}{workflow_id}/")
+
+    def staged_keys(self, workflow_id: str) -> list[str]:
+        return self.store.list_keys(f"{self.config.staging_prefix}{workflow_id}/")
 
     def object(self, key: str) -> bytes:
         return self.store.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read()
@@ -77,13 +110,119 @@ class Pipeline:
             head = self.store.head(key)
             assert head["ContentType"] == out.contentType
 
+    # --- evidence that the join has handled events -------------------------------------------
+    def events(self, workflow_id: str) -> list[tuple[int, int, str]]:
+        """(partition, offset, kind) of every event of the workflow on the events topic now."""
+        found = []
+        for msg in read_to_end(self.config, self.config.topics.events):
+            if msg.key() == workflow_id.encode():
+                try:
+                    kind, _body = serde.decode_join_event(msg.value() or b"")
+                except serde.SerdeError:
+                    continue
+                found.append((msg.partition(), msg.offset(), kind))
+        return found
+
+    def join_committed(self) -> dict[int, int]:
+        """The join group's committed offsets on the events topic, per partition. The join commits them in
+        the transaction that holds what the events caused (state rows, final events), so an offset past an
+        event means its effects are committed too."""
+        group, topic = self.config.group_id("join"), self.config.topics.events
+        if self._admin is None:
+            self._admin = AdminClient(client_config(self.config))
+        meta = self._admin.list_topics(topic, timeout=30).topics[topic]
+        request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in meta.partitions])
+        try:
+            answer = self._admin.list_consumer_group_offsets([request])[group].result(30)
+        except KafkaException:
+            return {}  # e.g. the group's coordinator is moving: the caller asks again
+        return {tp.partition: tp.offset for tp in answer.topic_partitions if tp.offset >= 0}
+
+    def wait_join_handled(self, workflow_id: str, plans: int, results: int, timeout: float = 120.0) -> None:
+        """Wait until the events topic holds at least ``plans`` plans and ``results`` results of the
+        workflow and the join has committed its offsets past every one of them. Counting final events
+        after this cannot miss one that those events caused: it is committed, in the same transaction."""
+        state = {}
+
+        def handled() -> bool:
+            state["events"] = events = self.events(workflow_id)
+            kinds = Counter(kind for _p, _o, kind in events)
+            if kinds["WorkflowPlan"] < plans or kinds["TaskResult"] < results:
+                return False
+            state["committed"] = committed = self.join_committed()
+            return all(committed.get(p, -1) > offset for p, offset, _kind in events)
+
+        assert wait_until(handled, timeout, interval=0.5), \
+            f"the join did not handle the events of {workflow_id} within {timeout:.0f}s: {state}\n{self.logs()}"
+
+    def open_ledger_rows(self) -> set[tuple[int, bytes]]:
+        """(partition, key) of the tasks a resize worker has started and not finished, from the crash
+        ledger (agents/crashes.py: a row at the start of a task, a tombstone at its end)."""
+        rows = {}
+        for msg in read_to_end(self.config, self.config.topics.task_attempts):
+            rows[(msg.partition(), msg.key())] = msg.value()
+        return {row for row, value in rows.items() if value is not None}
+
+    # --- the end ---------------------------------------------------------------------------
     def stop(self) -> None:
+        """Stop every worker (SIGKILL if SIGTERM does not do), close the followers and the client.
+        Safe to call twice."""
+        errors = []
         for w in self.workers:
-            w.stop(timeout=15)
-        self.client.close()
+            try:
+                w.stop(timeout=15)
+            except Exception as exc:  # stop the others all the same
+                errors.append(f"{w.name}: {exc!r}")
+        for f in self.followers:
+            f.close()
+        if self.client.producer is not None:
+            self.client.close()
+        if not any(w.alive() for w in self.workers):
+            self._remove_join_locks()
+        assert not errors, errors
+
+    def _remove_join_locks(self) -> None:
+        """A join takes a slot lock file named after its group (agents/join.py: instance_id) in a folder
+        every join of the user shares; this pipeline's group is its own, so once its joins are gone,
+        their files would only pile up."""
+        group = self.config.group_id("join")
+        folder = Path(tempfile.gettempdir()) / f"imagefork-locks-{os.getuid()}"
+        for path in folder.glob("*.lock"):
+            slot = path.name[len(group) + 1:-len(".lock")]
+            if path.name.startswith(f"{group}-") and slot.isdigit():
+                path.unlink(missing_ok=True)
 
     def logs(self) -> str:
         return "\n".join(f"--- {w.name}\n{w.log_tail(30)}" for w in self.workers)
+
+
+def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
+    """Every record of ``topic`` up to its end offsets, taken first (read_committed: the last stable
+    offset). No group is joined and no time window is guessed; a partition is done when its position
+    reaches its end (commit markers take offsets no record is returned for)."""
+    consumer = Consumer(client_config(config, **{
+        "group.id": f"imagefork-test-reader-{uuid.uuid4()}", "enable.auto.commit": False,
+        "isolation.level": "read_committed"}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        ends = {}
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        records, pending, deadline = [], dict(ends), time.monotonic() + timeout
+        while pending:
+            assert time.monotonic() < deadline, f"{topic}: {sorted(pending)} not read to the end in {timeout:.0f}s"
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None and msg.offset() < ends[msg.partition()]:
+                records.append(msg)
+            for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
+                if tp.offset >= ends[tp.partition]:
+                    del pending[tp.partition]
+        return records
+    finally:
+        consumer.close()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:

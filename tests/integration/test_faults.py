@@ -1,11 +1,16 @@
 """Crash and fault tests against real processes: every request ends with exactly one final event."""
+import io
+import os
+import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.integration.faults import TcpProxy
-from tests.integration.pipeline import wait_until
+from tests.integration.pipeline import Pipeline, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +38,24 @@ def until_results(p, follower, n: int, timeout: float = 90) -> None:
 
 def finish(p, follower, ids, timeout: float = 180):
     """Every request's final event: COMPLETED, exactly one each, with all its objects."""
-    finals = follower.wait(ids, timeout)
-    follower.close()
+    try:
+        finals = follower.wait(ids, timeout)
+    finally:
+        follower.close()
     assert_exactly_one_completed(p, ids, finals)
     return finals
 
 
+def in_flight_partitions(p) -> set[int]:
+    """The task partitions in which some resize worker has started a task and not finished it."""
+    return {partition for partition, _key in p.open_ledger_rows()}
+
+
 def test_sigkill_one_of_two_resize_workers_mid_run(make_pipeline, files):
-    p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6")
+    """SIGKILL one of two resize workers while it holds tasks. The survivor takes its partitions over,
+    finds the tasks the victim had started in the crash ledger and runs them; every request ends
+    COMPLETED with exactly one final event and all its objects."""
+    p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6", IMAGEFORK_RESIZE_CONCURRENCY="2")
     p.start("join")
     victim = p.start("resize", name="resize-a")
     survivor = p.start("resize", name="resize-b")
@@ -49,10 +64,17 @@ def test_sigkill_one_of_two_resize_workers_mid_run(make_pipeline, files):
     ids = [f"kill-resize-{i}" for i in range(24)]
     for wf in ids:
         p.submit(small_request(files), wf)
-    until_results(p, follower, 10)  # kill once work is flowing: some results are in, many are not
+    until_results(p, follower, 10)  # work is flowing: some results are in, many are not
+    # Kill when the victim surely holds a task: tasks in flight in 3 partitions at once, and the survivor
+    # runs 2 at a time at most, so one of them is the victim's.
+    assert wait_until(lambda: len(in_flight_partitions(p)) >= 3, 90, interval=0.1), \
+        "never saw tasks in flight in 3 partitions at once\n" + p.logs()
     victim.kill()
     finish(p, follower, ids)
     assert survivor.alive()
+    assert " SUCCEEDED (attempt" in victim.log_path.read_text()  # it did work before it died
+    # the survivor took over what the victim had started (agents/crashes.py logs each such task)
+    assert "was in flight when its worker died" in survivor.log_path.read_text(), survivor.log_tail(40)
 
 
 def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, files):
@@ -141,21 +163,16 @@ def test_a_thousand_wide_request_through_the_whole_stack(make_pipeline, files):
                 for i, f in enumerate(formats) for j, s in enumerate(sizes)]
     assert [o.taskRef for o in final.outputs] == expected
     assert [(o.width, o.height) for o in final.outputs[:200]] == [(s["width"], s["height"]) for s in sizes]
-    keys = set(p.store.list_keys("wide-1000/"))
+    keys = set(p.output_keys("wide-1000"))
     assert {o.s3Uri.split("/", 3)[3] for o in final.outputs} <= keys
     assert len(p.finals_for(["wide-1000"], settle=3)) == 1
 
 
-def test_broker_restart_mid_run(make_pipeline, files, stack_env, local_stack):
-    import os
+def test_broker_restart_mid_run(files, stack_env, namespace, tmp_path, request):
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("the broker is not ours to restart (KAFKA_BOOTSTRAP_SERVERS given)")
-    # a broker of our own, so the other tests never see it go away
-    stack = local_stack(kafka=True)
-    env = {**stack_env, **stack.env()}
-    from tests.integration.pipeline import Pipeline
-    p = Pipeline(env, "restart.", files and __import__("pathlib").Path(stack.dir) / "logs",
-                 IMAGEFORK_SESSION_TIMEOUT_S="10")
+    stack = request.getfixturevalue("own_stack")  # a broker of our own: no other test sees it go away
+    p = Pipeline({**stack_env, **stack.env()}, namespace, tmp_path / "logs", IMAGEFORK_SESSION_TIMEOUT_S="10")
     try:
         p.start_all()
         follower = p.follower()
@@ -208,9 +225,9 @@ def test_lost_tasks_end_in_timed_out(make_pipeline, files):
     follower.close()
     assert final.status == "TIMED_OUT" and final.outputs == ()
     assert {e.code for e in final.errors} == {"TIMED_OUT"} and len(final.errors) == 2
-    # a late resize worker's results are ignored: still exactly one final event
+    # a late resize worker's results are ignored: once the join has handled both, still one final event
     p.start("resize")
-    time.sleep(6)
+    p.wait_join_handled("timeout-1", plans=1, results=2)
     assert len(p.finals_for(["timeout-1"])) == 1
 
 
@@ -224,9 +241,7 @@ def test_two_resize_workers_share_the_work(make_pipeline, files):
     ids = [f"share-{i}" for i in range(8)]
     for wf in ids:
         p.submit(small_request(files), wf)
-    finals = follower.wait(ids, 120)
-    follower.close()
-    assert all(f.status == "COMPLETED" for f in finals.values())
+    finish(p, follower, ids, 120)
     done_a = a.log_path.read_text().count(" SUCCEEDED (attempt")
     done_b = b.log_path.read_text().count(" SUCCEEDED (attempt")
     assert done_a > 0 and done_b > 0 and done_a + done_b >= 48, (done_a, done_b)
@@ -268,14 +283,12 @@ def test_flaky_source_is_retried_without_blocking_other_requests(make_pipeline, 
                  "fileLocation": f"http://127.0.0.1:{httpd.server_address[1]}/sample.png"}
         p.submit(flaky, "flaky-1")
         p.submit(small_request(files, formats=("jpg",)), "steady-1")
-        finals = follower.wait(["flaky-1", "steady-1"], 120)
-        follower.close()
-        assert finals["flaky-1"].status == "COMPLETED" and finals["steady-1"].status == "COMPLETED"
+        finals = finish(p, follower, ["flaky-1", "steady-1"], 120)
         assert len(calls) == 4
         assert finals["steady-1"].completedAt < finals["flaky-1"].completedAt  # it did not wait behind
-        assert len(p.finals_for(["flaky-1", "steady-1"])) == 2
     finally:
         httpd.shutdown()
+        httpd.server_close()
 
 
 def test_a_healthy_backlog_is_never_repaired(make_pipeline, files):
@@ -294,6 +307,12 @@ def test_a_healthy_backlog_is_never_repaired(make_pipeline, files):
     assert "recovered" not in join.log_path.read_text(), join.log_tail(20)
 
 
+def encoded(fmt: str, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 90)).save(buf, {"png": "PNG", "jpg": "JPEG"}[fmt])
+    return buf.getvalue()
+
+
 def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     """A result that never reaches the join (lost anywhere) is rebuilt from the self-describing output
     object once the workflow stalls, so the workflow completes instead of timing out."""
@@ -304,16 +323,54 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     p.start("join")
     follower = p.follower()
     wf, refs = "lost-result-1", ("image_convert_resize_png_10x10_0", "image_convert_resize_jpg_10x10_1")
+    sizes = {}
     for ref, fmt, ctype in zip(refs, ("png", "jpg"), ("image/png", "image/jpeg")):
-        p.store.put(output_key("", wf, ref, fmt), b"x" * 42, ctype, metadata={
+        data = encoded(fmt, (10, 7))
+        sizes[ref] = len(data)
+        p.store.put(output_key(p.config.output_prefix, wf, ref, fmt), data, ctype, metadata={
             "imagefork-task": ref, "imagefork-format": fmt, "imagefork-width": "10", "imagefork-height": "7"})
     now = int(time.time() * 1000)
     plan = WorkflowPlan(wf, "http://example.invalid/x.png", refs, now, now + 60_000)
     p.client.producer.produce(p.config.topics.events, key=wf.encode(),
                               value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
     p.client.producer.flush(10)
-    final = follower.wait([wf], 60)[wf]
-    follower.close()
-    assert final.status == "COMPLETED"
-    assert [(o.taskRef, o.width, o.height, o.bytes) for o in final.outputs] == [
-        (refs[0], 10, 7, 42), (refs[1], 10, 7, 42)]
+    finals = finish(p, follower, [wf], 60)
+    assert [(o.taskRef, o.width, o.height, o.bytes) for o in finals[wf].outputs] == [
+        (refs[0], 10, 7, sizes[refs[0]]), (refs[1], 10, 7, sizes[refs[1]])]
+
+
+def data_folders_of(worker) -> list[str]:
+    """The data folders a worker holds open: the one it locks for Faust (streams/app.py: data_dir)."""
+    found = []
+    for fd in Path(f"/proc/{worker.pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if Path(target).name.startswith(f"imagefork-{worker.role}-"):
+            found.append(target)
+    return found
+
+
+def test_workers_leave_no_data_folder_behind(make_pipeline):
+    """Each Faust worker has a data folder in the temp folder. A worker that stops removes its own; a
+    SIGKILLed one cannot, so the next worker to start removes it, and so does WorkerProcess.kill, which
+    reaps it."""
+    p = make_pipeline()
+    planner = p.start("planner")
+    [folder] = data_folders_of(planner)
+    os.killpg(planner.pid, signal.SIGTERM)  # not WorkerProcess.stop: it would reap the folder itself
+    planner.proc.wait(60)
+    assert not os.path.exists(folder), "a stopped worker left its data folder"
+
+    resize = p.start("resize")
+    [folder] = data_folders_of(resize)
+    os.killpg(resize.pid, signal.SIGKILL)  # not WorkerProcess.kill: it would reap the folder itself
+    resize.proc.wait(10)
+    assert os.path.isdir(folder)  # nobody has removed it yet
+    successor = p.start("resize", name="resize-successor")
+    assert not os.path.exists(folder), "the next worker did not remove a killed worker's data folder"
+
+    [folder] = data_folders_of(successor)
+    successor.kill()
+    assert not os.path.exists(folder), "WorkerProcess.kill did not remove the killed worker's data folder"

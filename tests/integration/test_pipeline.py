@@ -1,9 +1,11 @@
 """The whole pipeline against the real broker and the real S3 server."""
 import json
+import time
 
 import pytest
 
 from streams.demo import seed_request
+from tests.integration.pipeline import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +33,7 @@ def test_seed_request_gives_nine_objects_and_one_final_event(pipeline, files):
     assert final.fileLocations == tuple(o.url for o in final.outputs)
     assert all(url.startswith(pipeline.config.s3_endpoint_url) for url in final.fileLocations)
     pipeline.check_outputs(final)
-    keys = pipeline.store.list_keys("seed-1/")
-    assert len(keys) == 9
+    assert len(pipeline.output_keys("seed-1")) == 9
     assert len(pipeline.finals_for(["seed-1"])) == 1
 
 
@@ -77,7 +78,7 @@ def test_invalid_request_is_rejected_with_the_field(pipeline, files):
     req = {**seed_request(files.url("sample.png")), "outputSizes": [{"width": 0, "height": 10}]}
     final = run(pipeline, {"rejected-1": req}, timeout=60)["rejected-1"]
     assert final.status == "REJECTED" and "outputSizes[0].width" in final.errors[0].message
-    assert pipeline.store.list_keys("rejected-1/") == []
+    assert pipeline.output_keys("rejected-1") == []
 
 
 def test_metadata_address_is_refused(pipeline):
@@ -87,8 +88,9 @@ def test_metadata_address_is_refused(pipeline):
 
 
 def test_avro_request_and_s3_source(pipeline, files):
-    pipeline.store.put("inputs/sample.png", (files.folder / "sample.png").read_bytes(), "image/png")
-    req = {"fileLocation": f"s3://{pipeline.config.bucket}/inputs/sample.png", "outputFormats": ["jpeg"],
+    source = f"inputs/{pipeline.config.output_prefix}sample.png"  # IMAGEFORK_SOURCE_S3_ALLOW has inputs/
+    pipeline.store.put(source, (files.folder / "sample.png").read_bytes(), "image/png")
+    req = {"fileLocation": f"s3://{pipeline.config.bucket}/{source}", "outputFormats": ["jpeg"],
            "outputSizes": [{"width": 120, "height": 60}], "maintainAspectRatio": False,
            "correlationId": "corr-7"}
     final = run(pipeline, {"avro-1": req}, avro=True)["avro-1"]
@@ -107,15 +109,16 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_nothing_stops(pipeli
     final = run(pipeline, {"after-bad": {**seed_request(files.url("sample.png")), "outputFormats": ["jpg"]}})
     assert final["after-bad"].status == "COMPLETED"
     consumer = Consumer(client_config(pipeline.config, **{"group.id": "dlq-check", "auto.offset.reset": "earliest"}))
-    consumer.subscribe([pipeline.config.topics.dead_letter])
     seen = []
-    import time
-    end = time.monotonic() + 20
-    while len(seen) < len(bad) and time.monotonic() < end:
-        msg = consumer.poll(0.5)
-        if msg is not None and msg.error() is None:
-            seen.append(msg)
-    consumer.close()
+    try:
+        consumer.subscribe([pipeline.config.topics.dead_letter])
+        end = time.monotonic() + 20
+        while len(seen) < len(bad) and time.monotonic() < end:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                seen.append(msg)
+    finally:
+        consumer.close()
     assert sorted(m.value() for m in seen) == sorted(bad)
     for m in seen:
         headers = dict(m.headers())
@@ -126,14 +129,17 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_nothing_stops(pipeli
 def test_same_workflow_twice_gives_one_final_event(pipeline, files):
     req = {**seed_request(files.url("sample.png")), "outputFormats": ["webp"]}
     follower = pipeline.follower()
-    pipeline.submit(req, "twice-1")
-    pipeline.submit(req, "twice-1")
-    final = follower.wait(["twice-1"], 120)["twice-1"]
-    follower.close()
+    try:
+        pipeline.submit(req, "twice-1")
+        pipeline.submit(req, "twice-1")
+        final = follower.wait(["twice-1"], 120)["twice-1"]
+    finally:
+        follower.close()
     assert final.status == "COMPLETED"
-    import time
-    time.sleep(5)  # let the second copy run through
+    # the second copy runs through: both plans and the 3 results of each run, all handled by the join
+    pipeline.wait_join_handled("twice-1", plans=2, results=6)
     assert len(pipeline.finals_for(["twice-1"])) == 1
-    assert len(pipeline.store.list_keys("twice-1/")) == 3
-    # each run staged its own copy of the source (its run id in the key); the join removed both
-    assert pipeline.store.list_keys(f"{pipeline.config.staging_prefix}twice-1/") == []
+    assert len(pipeline.output_keys("twice-1")) == 3
+    # each run staged its own copy of the source (its run id in the key); the join removes both once
+    # what ended each run is committed
+    assert wait_until(lambda: pipeline.staged_keys("twice-1") == [], 30), pipeline.staged_keys("twice-1")
