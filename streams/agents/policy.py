@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 
 import faust
 
-from streams.agents.common import backoff_s, dead_letter_headers, log, now_ms, origin, send
+from streams.agents.common import SendRejected, backoff_s, dead_letter_headers, log, now_ms, origin, send
 from streams.config import Config
 from streams.metrics import DEAD_LETTERS, MESSAGES
 
@@ -92,7 +92,6 @@ class MessagePolicy:
             await self.process(message_of(event), handler)
 
     async def process(self, msg: Message, handler: Handler) -> Disposition:
-        from streams.agents.common import SendRejected
         try:
             outcome = await handler(msg) or Disposition.PROCESSED
         except asyncio.CancelledError:
