@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streams import serde
-from streams.adapters.kafka import client_config, producer_config
+from streams.adapters.kafka import client_config, producer_config, read_to_end
 from streams.config import Config
 from streams.core.models import WorkflowCompleted
 from streams.core.planning import parse_boolean
@@ -145,47 +145,11 @@ class Client:
 
 def consume_completed(config: Config, ids: Iterable[str], timeout: float) -> list[WorkflowCompleted]:
     """Every final event for ``ids`` committed on the completed topic when this is called (tests count
-    them with it).
-
-    It reads every partition from its start to its end offset, taken first: no consumer group is
-    joined and no time window is guessed, so a slow broker makes the read slower, never short. The
-    topic is written in the join's transactions, so it reads with ``read_committed``, whose end offset
-    is the last stable offset. A partition is done when its position reaches that end, not when a
-    message at ``end - 1`` arrives: commit markers and aborted records take offsets that no message is
-    returned for. If the ends are not reached within ``timeout`` it raises TimeoutError rather than
-    return a count that may be short."""
-    from confluent_kafka import OFFSET_BEGINNING
-
+    them with it), read to the end offsets (``read_to_end``): a slow broker makes it slower, never short."""
     wanted = set(ids)
-    topic = config.topics.completed
-    consumer = Consumer(client_config(config, **{
-        "group.id": f"imagefork-audit-{uuid.uuid4()}",  # required by the client; never joined (assign)
-        "enable.auto.commit": False, "isolation.level": "read_committed"}))
-    try:
-        meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise SubmitError(f"topic {topic} is not there")
-        ends = {}
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
-            if high > low:
-                ends[p] = high  # read_committed: the last stable offset
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        found: list[WorkflowCompleted] = []
-        pending, deadline = dict(ends), time.monotonic() + timeout
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: partitions {sorted(pending)} not read to their end within {timeout:.0f}s")
-            msg = consumer.poll(0.2)
-            if (msg is not None and msg.error() is None and msg.offset() < ends[msg.partition()]
-                    and (msg.key() or b"").decode() in wanted):
-                found.append(WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value())))
-            for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
-                if tp.offset >= ends[tp.partition]:
-                    del pending[tp.partition]
-        return found
-    finally:
-        consumer.close()
+    return [WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value()))
+            for msg in read_to_end(config, config.topics.completed, timeout)
+            if (msg.key() or b"").decode() in wanted]
 
 
 __all__ = ["Client", "Follower", "SubmitError", "consume_completed"]

@@ -17,6 +17,43 @@ class KafkaUnavailable(RuntimeError):
     pass
 
 
+def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
+    """Every committed record of ``topic`` up to its end offsets, taken first (read_committed: the last
+    stable offset). No group is joined and no time window is guessed: a partition is done when its
+    position reaches its end (commit markers take offsets no record is returned for). Raises
+    TimeoutError rather than return a list that may be short."""
+    import time
+    import uuid
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    consumer = Consumer(client_config(config, **{
+        "group.id": f"imagefork-reader-{uuid.uuid4()}",  # required by the client; never joined (assign)
+        "enable.auto.commit": False, "isolation.level": "read_committed"}))
+    try:
+        meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise KafkaUnavailable(f"topic {topic} is not there at {config.bootstrap_servers}")
+        ends = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        records, pending, deadline = [], dict(ends), time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: partitions {sorted(pending)} not read to their end within {timeout:.0f}s")
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None and msg.offset() < ends[msg.partition()]:
+                records.append(msg)
+            for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
+                if tp.offset >= ends[tp.partition]:
+                    del pending[tp.partition]
+        return records
+    finally:
+        consumer.close()
+
+
 def security_config(config: Config) -> dict:
     """The connection settings every confluent-kafka client of the project uses."""
     sec = config.kafka_security

@@ -9,12 +9,12 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from PIL import Image
 
 from streams import serde
-from streams.adapters.kafka import client_config, ensure_topics
+from streams.adapters.kafka import client_config, ensure_topics, read_to_end
 from streams.adapters.objectstore import ObjectStore
 from streams.client import Client, Follower, consume_completed
 from streams.config import Config
@@ -194,35 +194,6 @@ class Pipeline:
 
     def logs(self) -> str:
         return "\n".join(f"--- {w.name}\n{w.log_tail(30)}" for w in self.workers)
-
-
-def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
-    """Every record of ``topic`` up to its end offsets, taken first (read_committed: the last stable
-    offset). No group is joined and no time window is guessed; a partition is done when its position
-    reaches its end (commit markers take offsets no record is returned for)."""
-    consumer = Consumer(client_config(config, **{
-        "group.id": f"imagefork-test-reader-{uuid.uuid4()}", "enable.auto.commit": False,
-        "isolation.level": "read_committed"}))
-    try:
-        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-        ends = {}
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        records, pending, deadline = [], dict(ends), time.monotonic() + timeout
-        while pending:
-            assert time.monotonic() < deadline, f"{topic}: {sorted(pending)} not read to the end in {timeout:.0f}s"
-            msg = consumer.poll(0.2)
-            if msg is not None and msg.error() is None and msg.offset() < ends[msg.partition()]:
-                records.append(msg)
-            for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
-                if tp.offset >= ends[tp.partition]:
-                    del pending[tp.partition]
-        return records
-    finally:
-        consumer.close()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
