@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,42 @@ class ConsumerFailed(RuntimeError):
 class JoinFatal(RuntimeError):
     """The join cannot go on (fenced by another instance with the same transactional id, or the
     broker refused the transaction for good); the process exits and a supervisor restarts it."""
+
+
+def bounded(what: str, call, timeout_s: float):
+    """Run a blocking librdkafka call and give up on it ``timeout_s`` later, whether it returned or not.
+
+    Its own timeout is not enough: ``send_offsets_to_transaction`` can wait forever for a group
+    coordinator it lost across a broker restart (librdkafka #5456, #5511: the coordinator request's
+    timeout is never checked; seen here as a join that stopped committing after the broker-restart
+    test). The call runs in a helper thread; when it is late, :class:`StuckCall` is raised and the
+    caller replaces the producer (a new one with the same transactional id fences the old one and aborts
+    its transaction), leaving the helper thread blocked where it is."""
+    done = threading.Event()
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"join {what}", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise StuckCall(what, timeout_s)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+class StuckCall(KafkaException):
+    """A librdkafka call that did not return in time (see :func:`bounded`): its producer is given up."""
+
+    def __init__(self, what: str, timeout_s: float):
+        super().__init__(KafkaError(KafkaError._TIMED_OUT, f"{what} did not return within {timeout_s:.0f}s",
+                                    retriable=True))
 
 
 def instance_id(config: Config) -> tuple[str, object | None]:
@@ -91,6 +128,7 @@ class Txn:
 
 class JoinWorker:
     TICK_BUDGET = 2000  # timeouts and expiries per clock pass, at most; the rest on the next pass
+    CALL_PATIENCE_S = 45.0  # a transactional call given 30 s that has not returned after this is stuck
 
     def __init__(self, config: Config):
         self.config = config
@@ -128,6 +166,7 @@ class JoinWorker:
         })
         self.producer = Producer(self.producer_config)
         self._retired: list[Producer] = []
+        self._stuck: set[int] = set()  # ids of retired producers with a call that never returned
         self.reader = ChangelogReader(client_config(config), self.topics.join_state)
         self.store = ObjectStore(config)
         self.repair = Repairer(config, self.store)
@@ -201,7 +240,7 @@ class JoinWorker:
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
         self._check_partitions()
-        self.producer.init_transactions(60)
+        self._init_transactions()
         self._subscribe()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
@@ -272,18 +311,32 @@ class JoinWorker:
         the same transactional id, which aborts whatever the old one left open."""
         log.info("join: %s; starting a new transactional producer", reason)
         old, self.producer = self.producer, Producer(self.producer_config)
-        try:
-            old.purge()
-        except Exception:  # it is broken already
-            pass
+        if id(old) not in self._stuck:  # a stuck one may be inside a call: leave it alone
+            try:
+                old.purge()
+            except Exception:  # it is broken already
+                pass
         # kept, not destroyed: destroying a producer with a transactional request in flight can block
         # (this happens rarely: a crash-free join replaces its producer only around broker failures)
         self._retired.append(old)
-        give_up = time.monotonic() + 300
+        self._init_transactions()
+
+    def _init_transactions(self, patience_s: float = 300.0) -> None:
+        """Register the transactional id (fencing any other producer with it), again with a new
+        producer while the broker is away or the call does not return."""
+        give_up = time.monotonic() + patience_s
         while True:
+            producer = self.producer
             try:
-                self.producer.init_transactions(60)
+                bounded("init_transactions", lambda: producer.init_transactions(60), 90)
                 return
+            except StuckCall as exc:
+                self._stuck.add(id(producer))
+                self._retired.append(producer)
+                self.producer = Producer(self.producer_config)
+                log.warning("join: %s; starting a new transactional producer", exc.args[0].str())
+                if time.monotonic() > give_up:
+                    raise JoinFatal(f"no transactional producer: {exc.args[0]}") from None
             except KafkaException as exc:
                 if exc.args[0].fatal() or time.monotonic() > give_up:
                     raise JoinFatal(f"no transactional producer: {exc.args[0]}") from None
@@ -368,9 +421,15 @@ class JoinWorker:
                     raise ConsumerFailed(str(exc)) from None
                 # one attempt each: a call retried after a time-out could block far past its own timeout
                 # (seen across a broker restart); a failed commit aborts through a new producer instead
-                self.producer.send_offsets_to_transaction(tps, group, 30)
-            self.producer.commit_transaction(30)
+                producer = self.producer
+                bounded("send_offsets_to_transaction", lambda: producer.send_offsets_to_transaction(tps, group, 30),
+                        self.CALL_PATIENCE_S)
+            producer = self.producer
+            bounded("commit_transaction", lambda: producer.commit_transaction(30), self.CALL_PATIENCE_S)
         except KafkaException as exc:
+            if isinstance(exc, StuckCall):
+                self._stuck.add(id(self.producer))
+                log.warning("join: %s; giving its producer up", exc.args[0].str())
             self._abort(exc.args[0])
             return False
         self.stats["transactions"] += 1

@@ -46,7 +46,9 @@ class WorkerProcess:
         self._reaped()
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM (a clean stop: the worker leaves its groups), SIGKILL after ``timeout``."""
+        """SIGTERM (a clean stop: the worker leaves its groups), SIGKILL after ``timeout``. A worker that
+        did not stop is asked for its threads' stacks first (SIGUSR1: faulthandler writes them to its log),
+        so the log says where it hung."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -55,6 +57,11 @@ class WorkerProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                try:
+                    os.kill(self.proc.pid, signal.SIGUSR1)
+                    self.proc.wait(1)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
                 return self.kill()
         self._reaped()
 

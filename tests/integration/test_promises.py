@@ -428,20 +428,24 @@ PUBLIC_URL = "https://cdn.imagefork.test/media"
 @pytest.fixture(scope="module")
 def faulty(stack_env, tmp_path_factory):
     """The planner raises RuntimeError when it plans the magic workflow (tests/integration/faultplugin); the
-    resize worker runs IMAGEFORK_RESIZE_POOL=process with the crash plugin and S3_PUBLIC_URL set."""
+    join's first send_offsets_to_transaction never returns (the same plugin); the resize worker runs
+    IMAGEFORK_RESIZE_POOL=process with the crash plugin and S3_PUBLIC_URL set."""
     logs = tmp_path_factory.mktemp("logs-faulty")
     magic = f"planner-bug-{uuid.uuid4().hex[:6]}"
     fault_log = logs / "faults.txt"
+    join_fault_log = logs / "join-faults.txt"
     p = Pipeline(stack_env, f"ft{uuid.uuid4().hex[:8]}.", logs, IMAGEFORK_MAX_RETRIES="2",
                  IMAGEFORK_RETRY_POLICY="fixed", IMAGEFORK_RETRY_DELAY_S="0.3", IMAGEFORK_SESSION_TIMEOUT_S="6")
     try:
-        _join, _planner, resize = start_together(
-            p, ("join", {}),
+        join, _planner, resize = start_together(
+            p, ("join", {"PYTHONPATH": FAULT_PLUGIN, "IMAGEFORK_FAULT_JOIN_HANG": "1",
+                         "IMAGEFORK_FAULT_LOG": str(join_fault_log)}),
             ("planner", {"PYTHONPATH": os.pathsep.join([FAULT_PLUGIN, CRASH_PLUGIN]),
                          "IMAGEFORK_FAULT_WORKFLOW_ID": magic, "IMAGEFORK_FAULT_LOG": str(fault_log)}),
             ("resize", {"PYTHONPATH": CRASH_PLUGIN, "IMAGEFORK_RESIZE_POOL": "process",
                         "IMAGEFORK_RESIZE_CONCURRENCY": "2", "S3_PUBLIC_URL": PUBLIC_URL}))
-        yield SimpleNamespace(p=p, magic=magic, fault_log=fault_log, resize=resize)
+        yield SimpleNamespace(p=p, magic=magic, fault_log=fault_log, join_fault_log=join_fault_log, join=join,
+                              resize=resize)
     finally:
         p.stop()
 
@@ -457,6 +461,21 @@ def pool_processes(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def test_a_transactional_call_that_never_returns_costs_the_join_its_producer_not_a_workflow(faulty, files):
+    """librdkafka's send_offsets_to_transaction can block past its timeout for good (#5456; it stopped
+    a join across a broker restart). Injected here: the join gives the call up, replaces its producer
+    (fencing the stuck one), restores from the changelog and commits every final event exactly once."""
+    p = faulty.p
+    ids = [f"hang-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+    finals = follow(p, {wf: small(files.url("sample.png")) for wf in ids}, 120)
+    assert faulty.join_fault_log.read_text().split() == ["join-hang"]
+    assert "giving its producer up" in faulty.join.log_path.read_text(), faulty.join.log_tail(40)
+    for wf in ids:
+        assert finals[wf].status == "COMPLETED", finals[wf].errors
+        assert len(finals_of(p.config, wf)) == 1
+        p.check_outputs(finals[wf])
 
 
 def test_the_process_pool_completes_the_seed_request_with_public_urls(faulty, files):
