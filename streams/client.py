@@ -22,8 +22,13 @@ class SubmitError(RuntimeError):
 
 
 class Follower:
-    """Reads the events and completed topics from *now* on (assigned before the request is sent,
-    so nothing can slip by) and reports progress and final events per workflow id."""
+    """Reads the events, completed and notices topics from *now* on (assigned before the request is
+    sent, so nothing can slip by) and reports progress and final events per workflow id.
+
+    A resubmitted workflow id is answered at once: the join commits a ``RunIgnored`` notice for the run
+    it does not take. If the id's run already finished, its final event (committed before this
+    follower started) is looked up on the completed topic and returned; if it is still running, the
+    wait goes on for that run's final event. ``notices`` keeps the notice per workflow id."""
 
     def __init__(self, config: Config):
         from streams.adapters.schemas import install_resolver
@@ -33,9 +38,11 @@ class Follower:
             config, **{"group.id": f"imagefork-client-{uuid.uuid4()}", "enable.auto.commit": False,
                        "isolation.level": "read_committed", "auto.offset.reset": "latest"}))
         assignment = []
-        for topic in (config.topics.events, config.topics.completed):
+        for topic in (config.topics.events, config.topics.completed, config.topics.notices):
             meta = self.consumer.list_topics(topic, timeout=30).topics.get(topic)
             if meta is None or meta.error is not None:
+                if topic == config.topics.notices:
+                    continue  # workers older than the notices topic: no early answer, the rest works
                 raise SubmitError(f"topic {topic} is not there (are the workers or `imagefork topics` run?)")
             for p in meta.partitions:
                 _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
@@ -44,6 +51,7 @@ class Follower:
         self.done: dict[str, int] = {}
         self.total: dict[str, int | None] = {}
         self.finals: dict[str, WorkflowCompleted] = {}
+        self.notices: dict[str, dict] = {}
 
     def wait(self, ids: Iterable[str], timeout: float, progress: Progress | None = None) -> dict[str, WorkflowCompleted]:
         wanted = set(ids)
@@ -77,6 +85,14 @@ class Follower:
             except serde.SerdeError:
                 return
             self.finals.setdefault(key, final)
+        elif msg.topic() == self.config.topics.notices:
+            try:
+                notice = serde.decode("RunIgnored", msg.value())
+            except serde.SerdeError:
+                return
+            self.notices.setdefault(key, notice)
+            if notice["reason"] == "finished" and key not in self.finals:
+                self.finals[key] = self._earlier_final(key, notice)
         else:
             try:
                 kind, body = serde.decode_join_event(msg.value())
@@ -88,6 +104,15 @@ class Follower:
                 self.done[key] = self.done.get(key, 0) + 1
         if progress:
             progress(key, self.done.get(key, 0), self.total.get(key))
+
+    def _earlier_final(self, key: str, notice: dict) -> WorkflowCompleted:
+        """The final event of the run that took ``key``: committed before this follower began."""
+        earlier = consume_completed(self.config, [key], 60)
+        if not earlier:
+            raise SubmitError(f"workflow {key} already ran ({notice['takenStatus']}, run {notice['takenRunId']}) "
+                              f"and is not run again, but its final event is no longer on "
+                              f"{self.config.topics.completed} (past its retention)")
+        return earlier[-1]
 
     def results_seen(self) -> int:
         return sum(self.done.values())

@@ -20,6 +20,7 @@ FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tiff")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Topics:
     join_state: str = "imagefork.join.state"  # the join's changelog (compacted)
     task_attempts: str = "imagefork.tasks.attempts"  # resize's crash ledger (compacted)
     schemas: str = "imagefork.schemas"  # every schema version a writer used, by fingerprint (compacted)
+    notices: str = "imagefork.notices"  # RunIgnored: a resubmitted workflow id, answered at once
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -93,6 +95,7 @@ class Config:
     kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     s3_endpoint_url: str | None = None
     s3_public_url: str | None = None
+    presign_ttl_s: int = 0  # readers print presigned GET URLs valid this long; 0: the plain URLs
     s3_region: str = "us-east-1"
     aws_access_key_id: str | None = field(default=None, repr=False)
     aws_secret_access_key: str | None = field(default=None, repr=False)
@@ -197,6 +200,8 @@ class Config:
             (self.log_level in LOG_LEVELS, f"IMAGEFORK_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}"),
             (self.repair_after_s > 0, "IMAGEFORK_REPAIR_AFTER_S must be > 0"),
             (self.bucket != "", "S3_BUCKET must not be empty"),
+            (0 <= self.presign_ttl_s <= MAX_PRESIGN_TTL_S,
+             f"IMAGEFORK_PRESIGN_TTL_S must be 0..{MAX_PRESIGN_TTL_S} (0: off; a SigV4 presigned URL lives 7 days at most)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -255,6 +260,7 @@ class Config:
             kafka_security=security,
             s3_endpoint_url=reader.str("S3_ENDPOINT_URL", "") or None,
             s3_public_url=reader.str("S3_PUBLIC_URL", "") or None,
+            presign_ttl_s=reader.int("IMAGEFORK_PRESIGN_TTL_S", d.presign_ttl_s),
             s3_region=reader.str("AWS_REGION", reader.str("AWS_DEFAULT_REGION", d.s3_region)),
             aws_access_key_id=reader.str("AWS_ACCESS_KEY_ID", "") or None,
             aws_secret_access_key=reader.str("AWS_SECRET_ACCESS_KEY", "") or None,

@@ -117,6 +117,7 @@ def topic_specs(config: Config) -> dict[str, dict]:
         t.retries: {"retention.ms": day},
         t.events: {"retention.ms": day},
         t.completed: {"retention.ms": week, "max.message.bytes": str(MAX_MESSAGE_BYTES)},
+        t.notices: {"retention.ms": day},
         t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000)},
         # resize's crash ledger: one row per task in flight, a tombstone when it ends
         t.task_attempts: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),

@@ -37,7 +37,7 @@ from streams.agents.cleanup import SourceCleaner
 from streams.agents.common import dead_letter_headers, log, now_ms
 from streams.agents.repair import Repairer
 from streams.config import Config
-from streams.core.join import MARKER, JoinState, Outcome
+from streams.core.join import MARKER, Ignored, JoinState, Outcome
 from streams.core.models import TaskResult, WorkflowCompleted, WorkflowPlan
 from streams.core.planning import staging_key
 from streams.metrics import DEAD_LETTERS, MESSAGES
@@ -477,6 +477,8 @@ class JoinWorker:
                 after.append((final.workflowId, run_id))
         if outcome.discarded is not None:
             after.append(outcome.discarded)
+        if outcome.notice is not None:
+            self._notify(outcome.notice)
 
     def _emit(self, final: WorkflowCompleted) -> None:
         self._produce(self.topics.completed, final.workflowId.encode(),
@@ -485,6 +487,17 @@ class JoinWorker:
         self.txn.finals += 1
         log.info("workflow %s %s: %d of %d outputs", final.workflowId, final.status,
                  len(final.outputs), final.taskCount)
+
+    def _notify(self, ignored: Ignored) -> None:
+        """Tell a resubmission's submitter at once that its run is not taken (clients read the notices
+        topic beside the completed one): no second final event, no silent wait."""
+        taken = ignored.taken
+        self._produce(self.topics.notices, ignored.workflowId.encode(), serde.encode("RunIgnored", {
+            "workflowId": ignored.workflowId, "runId": ignored.runId, "reason": ignored.reason,
+            "takenRunId": taken.runId, "takenStatus": taken.status, "takenFinishedAt": taken.at,
+            "at": now_ms()}))
+        log.info("workflow %s: run %s not taken (the id's run %s is %s)", ignored.workflowId, ignored.runId,
+                 taken.runId, taken.status if ignored.reason == "finished" else "still running")
 
     def _dead_letter(self, msg, code: str, reason: str) -> None:
         where = {"topic": msg.topic(), "partition": str(msg.partition()), "offset": str(msg.offset())}

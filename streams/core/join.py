@@ -44,6 +44,16 @@ class Row:
     value: WorkflowPlan | TaskResult | Marker | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A plan not taken because its workflow id belongs to another run, finished (``taken`` is its
+    marker) or still open (``taken.status`` is RUNNING): the submitter is told so at once."""
+    workflowId: str
+    runId: str
+    reason: str  # "finished" | "running"
+    taken: Marker
+
+
 @dataclass
 class Outcome:
     rows: list[Row] = field(default_factory=list)
@@ -51,6 +61,7 @@ class Outcome:
     # (workflow id, run id) of a plan that was not taken (a resubmission): its staged source can go
     discarded: tuple[str, str] | None = None
     ignored: str = ""  # why the event changed nothing ("" when it did)
+    notice: Ignored | None = None  # a resubmission's answer (with ``discarded``)
 
 
 class Workflow:
@@ -98,12 +109,16 @@ class JoinState:
         wf = plan.workflowId
         marker = self.marker(wf)
         if marker is not None:
-            return Outcome(discarded=(wf, plan.runId) if plan.runId != marker.runId else None, ignored="finished")
+            if plan.runId == marker.runId:
+                return Outcome(ignored="finished")  # the same run's plan again (a replay)
+            return Outcome(discarded=(wf, plan.runId), ignored="finished",
+                           notice=Ignored(wf, plan.runId, "finished", marker))
         flow = self.open.get(wf)
         if flow is not None and flow.plan is not None:
             if plan.runId == flow.plan.runId:
                 return Outcome(ignored="duplicate plan")
-            return Outcome(discarded=(wf, plan.runId), ignored="another run is open")
+            return Outcome(discarded=(wf, plan.runId), ignored="another run is open",
+                           notice=Ignored(wf, plan.runId, "running", Marker("RUNNING", 0, flow.plan.runId)))
         if flow is None:
             flow = self._open(wf, now)
         rows = [Row(PLAN, wf, value=plan)]

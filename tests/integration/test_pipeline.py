@@ -133,9 +133,12 @@ def test_same_workflow_twice_gives_one_final_event(pipeline, files):
         pipeline.submit(req, "twice-1")
         pipeline.submit(req, "twice-1")
         final = follower.wait(["twice-1"], 120)["twice-1"]
+        # the second copy's submitter is told that the id is taken (running, or finished by then)
+        assert wait_until(lambda: follower.pump(0.2) or "twice-1" in follower.notices, 30)
     finally:
         follower.close()
     assert final.status == "COMPLETED"
+    assert follower.notices["twice-1"]["reason"] in ("running", "finished")
     # the second copy runs through: both plans and the 3 results of each run, all handled by the join
     pipeline.wait_join_handled("twice-1", plans=2, results=6)
     assert len(pipeline.finals_for(["twice-1"])) == 1

@@ -336,14 +336,23 @@ def test_a_bad_message_key_is_rejected_under_that_same_id(pipeline, files):
 
 
 def test_a_resubmission_after_the_end_is_not_run_again(pipeline, files):
-    """Submit, wait for the final event, submit the same id again: once the join has taken the second plan
-    (its committed offset is past it, and a later transaction is committed), the completed topic still
+    """Submit, wait for the final event, submit the same id again: the submitter is answered at once (a
+    RunIgnored notice, and the first run's final event as the answer); once the join has taken the second
+    plan (its committed offset is past it, and a later transaction is committed), the completed topic still
     holds exactly one final event, the first run's, and the second run's staged source is gone."""
     wf = f"resubmit-{uuid.uuid4().hex[:6]}"
     request = small(files.url("sample.png"), ("webp",))
     first = follow(pipeline, {wf: request})[wf]
     assert first.status == "COMPLETED", first.errors
-    pipeline.submit(request, wf)
+    follower = pipeline.follower()
+    try:
+        pipeline.submit(request, wf)
+        answer = follower.wait([wf], 60)[wf]
+        notice = follower.notices[wf]
+    finally:
+        follower.close()
+    assert answer == first
+    assert notice["reason"] == "finished" and notice["takenStatus"] == "COMPLETED"
     plans: list = []
 
     def both_planned() -> bool:
@@ -353,6 +362,7 @@ def test_a_resubmission_after_the_end_is_not_run_again(pipeline, files):
     assert wait_until(both_planned, 60, 1), f"the planner never planned the resubmission\n{pipeline.logs()}"
     (_p1, _o1, plan1), (partition, offset, plan2) = plans[:2]
     assert plan1["runId"] != plan2["runId"] and len(plan2["taskRefs"]) == 2
+    assert (notice["runId"], notice["takenRunId"]) == (plan2["runId"], plan1["runId"])
     assert wait_until(lambda: join_committed_offset(pipeline.config, partition) > offset, 60, 0.5), \
         f"the join never committed past the second plan ({partition}/{offset})\n{pipeline.logs()}"
     # a final event committed after that proves the transaction that took the second plan is complete

@@ -1,5 +1,5 @@
 """The join's core: plans, results and the clock over JoinState, with no Kafka."""
-from streams.core.join import MARKER, PLAN, RESULT, JoinState, Marker
+from streams.core.join import MARKER, PLAN, RESULT, Ignored, JoinState, Marker
 from streams.core.models import PlanFailure, TaskError, TaskOutput, TaskResult, WorkflowPlan
 
 REFS = ("a", "b", "c")
@@ -97,11 +97,17 @@ def test_a_resubmission_is_another_run_and_is_not_taken():
     state, _, _ = feed([PLAN_, ok("a")])
     again = state.record_plan(WorkflowPlan(**{**PLAN_.__dict__, "runId": "r2"}), 2500)
     assert again.final is None and again.rows == [] and again.discarded == ("wf", "r2")
+    # its submitter is told at once: the id belongs to the open run r1
+    assert again.notice == Ignored("wf", "r2", "running", Marker("RUNNING", 0, PLAN_.runId))
     same = state.record_plan(PLAN_, 2500)  # a replay of the same request message
-    assert same.discarded is None and same.rows == []
+    assert same.discarded is None and same.rows == [] and same.notice is None
     _, finals, _ = feed([ok("b"), ok("c")], state=state)
     after = state.record_plan(WorkflowPlan(**{**PLAN_.__dict__, "runId": "r3"}), 3000)
     assert len(finals) == 1 and after.final is None and after.discarded == ("wf", "r3")
+    # after the end: the notice carries the finished run's status and time
+    assert after.notice == Ignored("wf", "r3", "finished", Marker("COMPLETED", finals[0].completedAt, PLAN_.runId))
+    replay = state.record_plan(PLAN_, 3000)  # the finished run's own plan again: no notice
+    assert replay.notice is None and replay.discarded is None
 
 
 def test_deadline_times_out_once_and_ignores_late_results():

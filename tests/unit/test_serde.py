@@ -23,6 +23,8 @@ RECORDS = {
     "Size": {"width": 1, "height": 2},
     "PlanFailure": {"status": "FAILED", "code": "c", "message": "m", "attempts": 4},
     "JoinMarker": {"status": "COMPLETED", "at": 5, "runId": "r1"},
+    "RunIgnored": {"workflowId": "w", "runId": "r2", "reason": "finished", "takenRunId": "r1",
+                   "takenStatus": "COMPLETED", "takenFinishedAt": 5, "at": 6},
 }
 
 
