@@ -18,6 +18,7 @@ INT_VARS = [
     "IMAGEFORK_MAX_CRASHES", "IMAGEFORK_MEMORY_BUDGET_MB", "IMAGEFORK_RESIZE_CONCURRENCY",
     "IMAGEFORK_PLANNER_CONCURRENCY", "IMAGEFORK_PNG_COMPRESS_LEVEL", "IMAGEFORK_JPEG_QUALITY",
     "IMAGEFORK_WEBP_QUALITY", "IMAGEFORK_WEBP_METHOD", "IMAGEFORK_JOIN_BATCH", "IMAGEFORK_JOIN_COMMIT_INTERVAL_MS",
+    "IMAGEFORK_PRESIGN_TTL_S",
 ]
 FLOAT_VARS = [
     "IMAGEFORK_WORKFLOW_TIMEOUT_S", "IMAGEFORK_RETRY_DELAY_S", "IMAGEFORK_RETRY_MAX_DELAY_S",
@@ -41,6 +42,7 @@ def test_defaults_are_the_readme_table():
     c = Config.from_env({})
     assert c.bootstrap_servers == "127.0.0.1:9092"
     assert (c.s3_endpoint_url, c.s3_public_url, c.s3_region) == (None, None, "us-east-1")
+    assert c.presign_ttl_s == 0  # off: readers print the final event's own URLs
     assert (c.bucket, c.output_prefix, c.staging_prefix) == ("imagefork", "", "_staging/")
     assert c.topics.requests == "imagefork.requests" and c.topics.dead_letter == "imagefork.requests.dlq"
     assert c.namespace == "" and c.group_id("join") == "imagefork-join"
@@ -80,11 +82,12 @@ def test_every_variable_is_read():
         "IMAGEFORK_WEBP_METHOD": "6", "IMAGEFORK_SESSION_TIMEOUT_S": "6", "IMAGEFORK_REPAIR_AFTER_S": "5",
         "IMAGEFORK_FINISHED_RETENTION_S": "60", "IMAGEFORK_JOIN_BATCH": "100000",
         "IMAGEFORK_JOIN_COMMIT_INTERVAL_MS": "0", "IMAGEFORK_JOIN_INSTANCE": "j1",
-        "IMAGEFORK_TRANSACTION_TIMEOUT_S": "900",
+        "IMAGEFORK_TRANSACTION_TIMEOUT_S": "900", "IMAGEFORK_PRESIGN_TTL_S": "3600",
         "IMAGEFORK_LOG_LEVEL": "INFO",
     }
     c = Config.from_env(env)
     assert c.bootstrap_servers == "k:1" and c.s3_endpoint_url == "http://s3:1" and c.s3_public_url == "https://cdn"
+    assert c.presign_ttl_s == 3600
     assert (c.s3_region, c.bucket, c.output_prefix, c.staging_prefix) == ("eu-west-3", "b", "out/", "stage/")
     assert c.topics.requests == "my.requests" and c.topics.tasks == "ns.imagefork.tasks"
     assert c.group_id("planner") == "ns.imagefork-planner"
@@ -139,6 +142,8 @@ BOUNDS = [
     ("IMAGEFORK_JOIN_COMMIT_INTERVAL_MS", "60001", "60000"),
     ("IMAGEFORK_TRANSACTION_TIMEOUT_S", "0.5", "1"),
     ("IMAGEFORK_TRANSACTION_TIMEOUT_S", "901", "900"),
+    ("IMAGEFORK_PRESIGN_TTL_S", "-1", "0"),
+    ("IMAGEFORK_PRESIGN_TTL_S", "604801", "604800"),  # SigV4: 7 days at most
     ("IMAGEFORK_FINISHED_RETENTION_S", "0", "1"),
     ("IMAGEFORK_PNG_COMPRESS_LEVEL", "-1", "0"),
     ("IMAGEFORK_PNG_COMPRESS_LEVEL", "10", "9"),
