@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import boto3
@@ -41,7 +43,7 @@ def _classify(exc: Exception, what: str) -> PipelineError:
 
 
 def _content_md5(request, **_):
-    """DeleteObjects needs a body checksum. botocore >= 1.36 sends CRC32 headers, which S3-compatible
+    """DeleteObjects (and PutBucketAcl, PutObjectAcl) need a body checksum. botocore >= 1.36 sends CRC32 headers, which S3-compatible
     servers such as S3Proxy answer with 501 NotImplemented; Content-MD5 is what every S3 accepts."""
     for name in [h for h in request.headers.keys()
                  if h.lower().startswith("x-amz-checksum-") or h.lower() == "x-amz-sdk-checksum-algorithm"]:
@@ -56,7 +58,9 @@ class ObjectStore:
     def __init__(self, config: Config, *, connect_timeout: float | None = None, read_timeout: float | None = None):
         self.config = config
         self.bucket = config.bucket
-        self.client = boto3.session.Session().client(
+        self._session = boto3.session.Session()
+        self._presigner = None
+        self.client = self._session.client(
             "s3",
             endpoint_url=config.s3_endpoint_url,
             region_name=config.s3_region,
@@ -75,7 +79,8 @@ class ObjectStore:
             ),
         )
 
-        self.client.meta.events.register("before-sign.s3.DeleteObjects", _content_md5)
+        for operation in ("DeleteObjects", "PutBucketAcl", "PutObjectAcl"):
+            self.client.meta.events.register(f"before-sign.s3.{operation}", _content_md5)
 
     def ensure_bucket(self) -> None:
         try:
@@ -98,6 +103,53 @@ class ObjectStore:
 
     def url(self, key: str) -> str:
         return self.config.object_url(key)
+
+    def presigned_url(self, uri: str, ttl_s: int) -> str:
+        """A GET URL for ``s3://bucket/key`` that anyone holding it can open for ``ttl_s`` seconds, signed
+        here with this process's credentials for its own endpoint (``S3_ENDPOINT_URL``): no request is
+        made. SigV4 query signing, which AWS and S3Proxy accept (botocore would sign an ``us-east-1``
+        URL with the deprecated SigV2 unless told)."""
+        bucket, key = parse_s3_uri(uri)
+        if self._presigner is None:
+            self._presigner = self._session.client(
+                "s3", endpoint_url=self.config.s3_endpoint_url, region_name=self.config.s3_region,
+                aws_access_key_id=self.config.aws_access_key_id,
+                aws_secret_access_key=self.config.aws_secret_access_key,
+                # path style on a given endpoint (S3Proxy, MinIO), the virtual-host style on AWS
+                config=BotoConfig(signature_version="s3v4",
+                                  s3={"addressing_style": "path" if self.config.s3_endpoint_url else "virtual"}))
+        return self._presigner.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(ttl_s))
+
+    def download(self, uri: str, path: Path | str, chunk: int = 1 << 20) -> int:
+        """Write the object ``s3://bucket/key`` to ``path`` (through ``path.part``, renamed when complete,
+        so a failed download leaves no partial file under the final name); return its size."""
+        bucket, key = parse_s3_uri(uri)
+        path = Path(path)
+        part = path.with_name(path.name + ".part")
+        written = 0
+        with open(part, "wb") as f:  # a local error (no such folder, a full disk) is an OSError of its own
+            try:
+                try:
+                    obj = self.client.get_object(Bucket=bucket, Key=key)
+                    body = obj["Body"]
+                    while True:
+                        block = body.read(chunk)
+                        if not block:
+                            break
+                        f.write(block)
+                        written += len(block)
+                except (BotoCoreError, ClientError, ConnectionError, TimeoutError) as exc:
+                    raise _classify(exc, uri) from None  # other OSErrors are the file's own (a full disk)
+                length = obj.get("ContentLength")
+                if length is not None and written != length:
+                    raise StorageUnavailable(f"{uri}: {written} of {length} bytes arrived")
+            except BaseException:
+                f.close()
+                part.unlink(missing_ok=True)
+                raise
+        os.replace(part, path)
+        return written
 
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
         try:

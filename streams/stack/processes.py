@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import functools
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -77,8 +78,114 @@ class WorkerProcess:
         except OSError:
             return ""
 
+    def keep(self) -> dict:
+        """Let the worker outlive its starter (it is no longer killed at exit); return what
+        ``stop_kept_workers`` needs to find it again, and only it (the pid and its start time)."""
+        _started.discard(self)
+        return {"pid": self.pid, "name": self.name, "role": self.role, "started": _start_ticks(self.pid),
+                "log": str(self.log_path)}
+
 
 _started: set[WorkerProcess] = set()  # started and not yet reaped
+
+KEPT_WORKERS = "workers.json"  # in a stack's folder: the workers left running with it
+
+
+def keep_workers(folder: Path | str, workers: list[WorkerProcess]) -> Path:
+    """Leave ``workers`` running after this process ends and record them in ``folder``, so that
+    ``stop_kept_workers(folder)`` (``imagefork stack down --dir folder``, ``imagefork demo --stop``)
+    stops them. Records of workers kept there earlier and still alive are kept too."""
+    path = Path(folder) / KEPT_WORKERS
+    records = [r for r in _read_kept(path) if _same_process(r)]
+    records += [w.keep() for w in workers if w.alive()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(records, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def stop_kept_workers(folder: Path | str, timeout: float = 20.0) -> list[str]:
+    """Stop the workers ``keep_workers`` recorded in ``folder`` as ``WorkerProcess.stop`` does (SIGTERM to
+    the process group, SIGKILL after ``timeout``) and wait until nothing of their process groups runs;
+    return the names of those that were still running. A pid that now belongs to another process (the
+    worker ended, the pid was reused) is left alone."""
+    path = Path(folder) / KEPT_WORKERS
+    running = [r for r in _read_kept(path) if _same_process(r)]
+    for record in running:
+        try:
+            os.killpg(record["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    groups = [r["pid"] for r in running]  # a worker leads its own group (its own session)
+    end = time.monotonic() + timeout
+    while any(process_group_members(g) for g in groups) and time.monotonic() < end:
+        time.sleep(0.1)
+    killed = False
+    for record in running:
+        if not process_group_members(record["pid"]):
+            continue
+        if _same_process(record):  # it did not stop: its stacks to its log first, as WorkerProcess.stop does
+            try:
+                os.kill(record["pid"], signal.SIGUSR1)
+                time.sleep(1)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(record["pid"], signal.SIGKILL)  # the leader, if still there, and what is left of its pool
+            killed = True
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + 10
+    while any(process_group_members(g) for g in groups) and time.monotonic() < end:
+        time.sleep(0.1)
+    path.unlink(missing_ok=True)
+    if killed:
+        from streams.app import remove_stale_data_dirs  # what a SIGKILLed worker could not remove
+        remove_stale_data_dirs()
+    return [r["name"] for r in running]
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """The live processes (zombies aside) of process group ``pgid``."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _read_kept(path: Path) -> list[dict]:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("pid"), int) and r.get("started")]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on, or None if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ", comm may hold spaces
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), None if it is gone or a
+    zombie: with the pid, it names one process for good (a reused pid starts later)."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _same_process(record: dict) -> bool:
+    return _start_ticks(record["pid"]) == record["started"]
 
 
 @atexit.register
