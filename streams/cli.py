@@ -18,7 +18,10 @@ def _stack(args) -> int:
             print(f"{k}={v}")
         print(f"# written to {stack.env_file} (source it: set -a; . {stack.env_file}; set +a)")
     elif args.action == "down":
-        stopped = stack.down()
+        from streams.stack.processes import stop_kept_workers
+        # workers left running with this stack (``imagefork demo --keep-stack``) go first, while the
+        # broker is there for them to leave their groups
+        stopped = [f"worker {name}" for name in stop_kept_workers(stack.dir)] + stack.down()
         print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
     else:
         if not stack.running():
@@ -54,21 +57,43 @@ def _topics(args) -> int:
     return 0
 
 
-def progress_bar(stream=sys.stderr):
+def progress_bar(stream=None):
     def show(workflow_id: str, done: int, total: int | None) -> None:
+        out = stream or sys.stderr  # the stream of the moment (a caller may have redirected it)
         if total:
             width = 30
             filled = int(width * min(done, total) / total)
-            stream.write(f"\r{workflow_id[:36]} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks")
+            out.write(f"\r{workflow_id[:36]} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks")
         else:
-            stream.write(f"\r{workflow_id[:36]} waiting for the plan...")
-        stream.flush()
+            out.write(f"\r{workflow_id[:36]} waiting for the plan...")
+        out.flush()
     return show
 
 
-def print_final(final, out=sys.stdout) -> None:
+def duration(seconds: float) -> str:
+    """3600 -> "1h", 5400 -> "1h30m", 90 -> "1m30s"."""
+    seconds = int(seconds)
+    parts = [(seconds // 86400, "d"), (seconds % 86400 // 3600, "h"), (seconds % 3600 // 60, "m"), (seconds % 60, "s")]
+    return "".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
+
+
+def output_links(config: Config, final) -> list[str]:
+    """A URL to open for each output of ``final``: with IMAGEFORK_PRESIGN_TTL_S > 0 a presigned GET URL,
+    signed here for this process's S3 endpoint (the bucket stays private, the final event keeps its
+    plain URLs); else the event's own URL (public only if the bucket or S3_PUBLIC_URL makes it so)."""
+    if not config.presign_ttl_s:
+        return [o.url for o in final.outputs]
+    from streams.adapters.objectstore import ObjectStore
+    store = ObjectStore(config)
+    return [store.presigned_url(o.s3Uri, config.presign_ttl_s) for o in final.outputs]
+
+
+def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0) -> None:
+    """The final event as a table, then a URL per output: ``links`` (presigned for ``ttl_s`` seconds)
+    if given, else the event's ``fileLocations``. ``out``: stdout of the moment by default."""
     from streams.core.models import WorkflowCompleted
     assert isinstance(final, WorkflowCompleted)
+    out = out or sys.stdout
     seconds = (final.completedAt - final.submittedAt) / 1000
     print(f"\nworkflow {final.workflowId}: {final.status} "
           f"({len(final.outputs)} of {final.taskCount} outputs, {seconds:.2f}s)", file=out)
@@ -83,7 +108,11 @@ def print_final(final, out=sys.stdout) -> None:
                 print("  ".join("-" * w for w in widths), file=out)
     for err in final.errors:
         print(f"error {err.taskRef or '(request)'}: {err.code}: {err.message}", file=out)
-    if final.fileLocations:
+    if links and ttl_s:
+        print(f"\nfileLocations, presigned for {duration(ttl_s)} (IMAGEFORK_PRESIGN_TTL_S):", file=out)
+        for url in links:
+            print(url, file=out)
+    elif final.fileLocations:
         print("\nfileLocations:", file=out)
         for url in final.fileLocations:
             print(url, file=out)
@@ -116,12 +145,67 @@ def _submit(args) -> int:
     if args.json:
         print(json.dumps(final.to_dict(), indent=2))
     else:
-        print_final(final)
+        print_final(final, links=output_links(config, final), ttl_s=config.presign_ttl_s)
     return 0 if final.status == "COMPLETED" else 1
 
 
+def _get(args) -> int:
+    """The outputs of a finished workflow, found by its final event on the completed topic: downloaded,
+    or (``--urls``) one URL per line. An unknown id, or a workflow that did not complete, is one line
+    and exit code 1."""
+    from confluent_kafka import KafkaException
+
+    from streams.adapters.objectstore import ObjectStore, parse_s3_uri
+    from streams.adapters.schemas import install_resolver
+    from streams.client import consume_completed
+    from streams.core.errors import PipelineError
+    config = Config.from_env()
+    workflow_id = args.workflow_id
+    if args.dir is None and workflow_id in (".", ".."):
+        print(f"imagefork: workflow id {workflow_id!r} names no folder of its own: give --dir", file=sys.stderr)
+        return 2
+    install_resolver(config)  # final events written by newer workers decode too
+    try:
+        finals = consume_completed(config, [workflow_id], args.timeout)
+    except KafkaException as exc:
+        print(f"imagefork: Kafka at {config.bootstrap_servers}: {exc.args[0].str() if exc.args else exc}",
+              file=sys.stderr)
+        return 1
+    if not finals:
+        print(f"imagefork: no final event for workflow {workflow_id} on {config.topics.completed} "
+              f"(an unknown id, a workflow still running, or one past the topic's retention)", file=sys.stderr)
+        return 1
+    final = finals[-1]
+    if final.status != "COMPLETED":
+        why = f": {final.errors[0].code}: {final.errors[0].message}" if final.errors else ""
+        print(f"imagefork: workflow {workflow_id} did not complete: {final.status} "
+              f"({len(final.outputs)} of {final.taskCount} outputs){why}", file=sys.stderr)
+        return 1
+    if args.urls:
+        for url in output_links(config, final):
+            print(url)
+        return 0
+    folder = Path(args.dir) if args.dir is not None else Path(workflow_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    store = ObjectStore(config)
+    total = 0
+    for out in final.outputs:
+        name = Path(parse_s3_uri(out.s3Uri)[1]).name
+        path = folder / name
+        try:
+            total += store.download(out.s3Uri, path)
+        except PipelineError as exc:
+            print(f"imagefork: {exc}", file=sys.stderr)
+            return 1
+        print(f"{path}  {out.format} {out.width}x{out.height}  {out.bytes:,} bytes")
+    print(f"{len(final.outputs)} outputs of workflow {workflow_id}, {total:,} bytes, in {folder}/", file=sys.stderr)
+    return 0
+
+
 def _demo(args) -> int:
-    from streams.demo import run_demo
+    from streams.demo import run_demo, stop_demo
+    if args.stop:
+        return stop_demo()
     return run_demo(keep_stack=args.keep_stack)
 
 
@@ -153,9 +237,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the final event as JSON")
     p.set_defaults(func=_submit)
 
+    p = sub.add_parser("get", help="download a finished workflow's outputs (or print their URLs)")
+    p.add_argument("workflow_id", help="the workflow id (the key of its final event)")
+    p.add_argument("--dir", help="folder to write the outputs to (default: ./WORKFLOW_ID/)")
+    p.add_argument("--urls", action="store_true",
+                   help="print one URL per output instead of downloading: presigned when "
+                        "IMAGEFORK_PRESIGN_TTL_S > 0, else the final event's own")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to read the completed topic to its end (60)")
+    p.set_defaults(func=_get)
+
     p = sub.add_parser("demo", help="the seed request end to end on the local stack")
-    p.add_argument("--keep-stack", action="store_true",
-                   help="leave the demo's Kafka and S3 server running afterwards (prints how to stop them)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--keep-stack", action="store_true",
+                      help="leave the demo's Kafka, S3 server and workers running afterwards "
+                           "(prints how to use and stop them)")
+    mode.add_argument("--stop", action="store_true",
+                      help="stop what a --keep-stack demo left running (its workers and its stack)")
     p.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
