@@ -1,6 +1,7 @@
 """Static checks of docker-compose.yml and the Dockerfile: what can be known without a Docker engine (there
 is none here, so the compose file is never run; running it belongs elsewhere). Nothing is mocked: the
 commands go through the installed ``imagefork`` entry point, which parses them and stops at ``--help``."""
+import os
 import subprocess
 import sys
 import tomllib
@@ -72,3 +73,42 @@ def test_kafka_is_4x_kraft():
     kafka = load_compose()["services"]["kafka"]
     assert kafka["image"].split(":")[1].startswith("4.")
     assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
+
+
+def _listeners(value: str) -> dict[str, str]:
+    """``NAME://host:port,...`` -> {NAME: "host:port"}."""
+    return dict(item.split("://", 1) for item in value.split(","))
+
+
+def test_kafka_has_a_listener_for_the_host_published_on_loopback():
+    """Services reach the broker as kafka:9092; a client on the host (``imagefork submit``) needs a listener
+    that advertises an address the host can reach, and that port published."""
+    kafka = load_compose()["services"]["kafka"]
+    env = kafka["environment"]
+    listeners, advertised = _listeners(env["KAFKA_LISTENERS"]), _listeners(env["KAFKA_ADVERTISED_LISTENERS"])
+    protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(listeners) <= set(protocols) and set(advertised) <= set(listeners)
+    assert advertised["PLAINTEXT"] == "kafka:9092"  # what every service's KAFKA_BOOTSTRAP_SERVERS says
+    assert env["KAFKA_INTER_BROKER_LISTENER_NAME"] == "PLAINTEXT"
+    assert "CONTROLLER" not in advertised
+    host = [name for name, address in advertised.items() if address.startswith("localhost:")]
+    assert len(host) == 1, advertised
+    port = advertised[host[0]].rsplit(":", 1)[1]
+    assert listeners[host[0]].rsplit(":", 1)[1] == port
+    assert f"127.0.0.1:{port}:{port}" in kafka["ports"]  # the same port on the host, loopback only
+
+
+def test_s3_is_published_on_loopback_and_no_public_url_is_claimed_for_a_private_bucket():
+    services = load_compose()["services"]
+    assert "127.0.0.1:9000:9000" in services["s3"]["ports"]
+    for name, svc in built_services().items():
+        assert "S3_PUBLIC_URL" not in svc["environment"], name  # the bucket is private (README)
+
+
+def test_the_pulled_images_are_the_local_stacks_versions():
+    from streams.stack import local
+    if os.environ.get("IMAGEFORK_KAFKA_VERSION") or os.environ.get("IMAGEFORK_S3PROXY_VERSION"):
+        pytest.skip("the local stack's versions are overridden in the environment")
+    services = load_compose()["services"]
+    assert services["kafka"]["image"] == f"apache/kafka:{local.KAFKA_VERSION}"
+    assert services["s3"]["image"] == f"andrewgaul/s3proxy:s3proxy-{local.S3PROXY_VERSION}"
