@@ -43,7 +43,7 @@ def _classify(exc: Exception, what: str) -> PipelineError:
 
 
 def _content_md5(request, **_):
-    """DeleteObjects (and PutBucketAcl, PutObjectAcl) need a body checksum. botocore >= 1.36 sends CRC32 headers, which S3-compatible
+    """DeleteObjects needs a body checksum. botocore >= 1.36 sends CRC32 headers, which S3-compatible
     servers such as S3Proxy answer with 501 NotImplemented; Content-MD5 is what every S3 accepts."""
     for name in [h for h in request.headers.keys()
                  if h.lower().startswith("x-amz-checksum-") or h.lower() == "x-amz-sdk-checksum-algorithm"]:
@@ -79,8 +79,7 @@ class ObjectStore:
             ),
         )
 
-        for operation in ("DeleteObjects", "PutBucketAcl", "PutObjectAcl"):
-            self.client.meta.events.register(f"before-sign.s3.{operation}", _content_md5)
+        self.client.meta.events.register("before-sign.s3.DeleteObjects", _content_md5)
 
     def ensure_bucket(self) -> None:
         try:
