@@ -142,6 +142,11 @@ def _submit(args) -> int:
         final = follower.wait([workflow_id], args.timeout, progress_bar())[workflow_id]
     finally:
         follower.close()
+    notice = follower.notices.get(workflow_id)
+    if notice is not None:  # a resubmission: the answer is the run that has the id
+        was = "had already finished" if notice["reason"] == "finished" else "was already running"
+        print(f"\nworkflow {workflow_id} {was} (run {notice['takenRunId']}): this request was not run "
+              f"again; the final event below is that run's", file=sys.stderr)
     if args.json:
         print(json.dumps(final.to_dict(), indent=2))
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -19,6 +20,15 @@ import pytest
 from streams.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """A SIGTERM (a CI time limit, `kill`) ends the run like Ctrl-C: the fixtures' teardown stops the
+    brokers, S3 servers and workers the run started, instead of leaving them running."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def docker_answers() -> bool:

@@ -93,6 +93,22 @@ def test_submit_prints_presigned_urls_that_open_while_the_plain_urls_are_refused
         assert status == 403 and b"AccessDenied" in body, (output.url, status, body[:200])
 
 
+def test_submitting_a_finished_workflow_id_again_is_answered_at_once_with_its_final_event(
+        pipeline, submitted, files, env, tmp_path):
+    """issue 11 #2: the same id again gets an answer at once (the join's RunIgnored notice), not a wait
+    until --timeout; it is not run again."""
+    workflow_id, final, _out = submitted
+    request = tmp_path / "again.json"
+    request.write_text(json.dumps({"fileLocation": files.url("sample.png"), "outputFormats": FORMATS,
+                                   "outputSizes": SIZES, "maintainAspectRatio": True}))
+    code, out, err = run_cli(env, "submit", str(request), "--wait", "--timeout", "60", "--workflow-id", workflow_id,
+                             "--json")
+    assert code == 0, (out, err)
+    assert f"workflow {workflow_id} had already finished" in err and "was not run again" in err, err
+    assert json.loads(out) == final.to_dict()
+    assert len(pipeline.finals_for([workflow_id])) == 1
+
+
 def test_get_writes_every_output(submitted, env, tmp_path):
     workflow_id, final, _out = submitted
     folder = tmp_path / "outputs"
