@@ -1,10 +1,13 @@
 # One image for every role: `imagefork worker planner|resize|join`.
-FROM python:3.11-slim
+# The base is a build argument, so an air-gapped host can build on a locally made Python image.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY streams ./streams
-RUN pip install --no-cache-dir -e .
+# a regular (wheel) install: the package, its schemas and its assets, nothing read from /app afterwards
+RUN pip install --no-cache-dir . && rm -rf /app/streams /app/schemas
 ENV PYTHONUNBUFFERED=1
 ENTRYPOINT ["imagefork"]
 CMD ["worker", "all"]

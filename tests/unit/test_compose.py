@@ -45,7 +45,12 @@ def test_each_role_is_a_scalable_service_of_the_project_image():
 
 
 def test_the_image_runs_the_projects_entry_point():
-    assert 'ENTRYPOINT ["imagefork"]' in (ROOT / "Dockerfile").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["imagefork"]' in dockerfile
+    # a wheel install (what test_wheel.py proves works), not an editable one that hides a broken wheel
+    assert "pip install --no-cache-dir . " in dockerfile and "install -e" not in dockerfile
+    # the base is pinned to a Python minor and a Debian release, and can be swapped by a build argument
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm\nFROM ${PYTHON_IMAGE}" in dockerfile
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["imagefork"] == "streams.cli:main"
 
