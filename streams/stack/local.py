@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -76,6 +77,16 @@ COMPONENTS = {
               ("org.apache.logging.log4j", "log4j-slf4j-impl", LOG4J_VERSION)],
     "s3proxy": [("org.gaul", "s3proxy", S3PROXY_VERSION)],
 }
+# what a first fetch says it brings: the jars of each (43 MB each for Kafka 4.1.1 and S3Proxy 2.6.0);
+# the very first mvn run also puts Maven's own plugins in ~/.m2 (some 106 MB there in all, about a
+# minute on a cold machine)
+LABELS = {"kafka": f"Kafka {KAFKA_VERSION}", "s3proxy": f"S3Proxy {S3PROXY_VERSION}"}
+ABOUT_MB = {"kafka": 45, "s3proxy": 45}
+
+
+def _say(message: str) -> None:
+    """A line for the user on stderr (stdout of ``stack up`` is the KEY=VALUE lines)."""
+    print(f"imagefork: {message}", file=sys.stderr, flush=True)
 
 
 def _require(tool: str, why: str) -> str:
@@ -99,14 +110,27 @@ def fetch(component: str) -> Path:
         shutil.rmtree(libs)
     pom = libs.parent / "pom.xml"
     pom.write_text(_POM.format(name=component, deps="\n".join(_DEP.format(g=g, a=a, v=v) for g, a, v in deps)))
-    proc = subprocess.run([mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+    _say(f"fetching {LABELS[component]} from Maven Central with mvn, once: about {ABOUT_MB[component]} MB "
+         f"(and Maven's own plugins the first time), kept in {libs.parent} and ~/.m2")
+    started = time.monotonic()
+    # quiet: mvn prints nothing but its errors (no download progress, no colours)
+    proc = subprocess.run([mvn, "-q", "-B", "--no-transfer-progress", "-f", str(pom), "dependency:copy-dependencies",
                            f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
                           capture_output=True, text=True)
+    took = time.monotonic() - started
     if proc.returncode != 0 or not any(libs.glob("*.jar")):
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        raise StackError(f"mvn could not fetch {component} ({', '.join(f'{g}:{a}:{v}' for g, a, v in deps)}): "
-                         + " | ".join(tail))
+        output = (proc.stdout + proc.stderr).strip()
+        log = libs.parent / "mvn.log"
+        log.write_text(output + "\n")
+        lines = output.splitlines()
+        errors = [line for line in lines if line.startswith("[ERROR]")] or lines[-10:]
+        for line in errors[:20]:
+            print(f"  {line}", file=sys.stderr, flush=True)
+        said = "its errors are above, all of its output is in" if errors else "it said nothing; see"
+        raise StackError(f"mvn could not fetch {component} ({', '.join(f'{g}:{a}:{v}' for g, a, v in deps)}) "
+                         f"in {took:.0f}s (exit code {proc.returncode}): {said} {log}")
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _say(f"fetched {LABELS[component]} in {took:.0f}s")
     return libs
 
 
