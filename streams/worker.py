@@ -4,6 +4,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,22 +13,110 @@ import time
 from streams.config import Config, metrics_address
 
 
-def run_role(role: str, config: Config) -> int:
-    import faust
+# --- logging: one line format for every logger, and nothing but text ----------------------------
+# CSI sequences (colours, cursor) and control characters other than tab and newline
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
 
+
+class LineFormatter(logging.Formatter):
+    """``time role[pid] LEVEL message`` for imagefork's lines and every library's alike; a library's
+    line names it (``aiokafka: ...``; librdkafka's come through ``imagefork.kafka``). Terminal control
+    codes (colours, a spinner's cursor and backspaces) are dropped: a log is text, on a TTY or in a file."""
+
+    def __init__(self, role: str):
+        super().__init__(f"%(asctime)s {role}[%(process)d] %(levelname)s %(source)s%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.source = source_of(record.name)
+        return _TERMINAL_CODES.sub("", super().format(record))
+
+
+def source_of(logger: str) -> str:
+    if logger == "imagefork.kafka":
+        return "librdkafka: "
+    if logger == "imagefork" or logger.startswith("imagefork."):
+        return ""
+    return f"{logger.split('.')[0]}: "
+
+
+class TransientRetries(logging.Filter):
+    """A client's retry line that is normal for a moment, while the broker's group or transaction
+    coordinator loads or moves (at every broker start): aiokafka logs it at ERROR ("Group Coordinator
+    Request failed: CoordinatorNotAvailableError"), librdkafka at WARNING ("GETPID ... Coordinator load in
+    progress: retrying"). Both clients retry on their own. Such a line goes to DEBUG; one still coming
+    after ``patience_s`` shows as a WARNING."""
+
+    def __init__(self, patience_s: float = 30.0, clock=time.monotonic):
+        super().__init__()
+        self.patience_s, self.clock = patience_s, clock
+        self.spells: dict[tuple, tuple[float, float]] = {}  # (logger, template) -> (first, last) seen
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not is_transient(record):
+            return True
+        now, key = self.clock(), (record.name, str(record.msg))
+        first, last = self.spells.get(key, (now, now))
+        if now - last > self.patience_s:
+            first = now  # a new spell
+        self.spells[key] = (first, now)
+        level = logging.DEBUG if now - first < self.patience_s else logging.WARNING
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        return logging.getLogger(record.name).isEnabledFor(level)
+
+
+def is_transient(record: logging.LogRecord) -> bool:
+    args = record.args if isinstance(record.args, tuple) else ()
+    if record.name.startswith("aiokafka"):  # aiokafka retries these itself
+        retried = [type(a).__name__ for a in args if isinstance(a, Exception) and getattr(a, "retriable", False)]
+        return bool(retried) and (str(record.msg).startswith("Group Coordinator Request failed")
+                                  or any("Coordinator" in name for name in retried))
+    if record.name == "imagefork.kafka":  # confluent-kafka calls log(level, "%s [%s] %s", facility, client, text)
+        return len(args) == 3 and args[0] == "GETPID" and str(args[2]).endswith(": retrying")
+    return False
+
+
+def setup_logging(role: str, level: str, stream=None) -> logging.Handler:
+    """One handler on the root logger for every line of the process: the libraries' at ``level``
+    (IMAGEFORK_LOG_LEVEL; Faust's own INFO lines only at debug), imagefork's own (ready, planned, task
+    done, warnings) at INFO or below."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(LineFormatter(role))
+    handler.addFilter(TransientRetries())
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    threshold = logging.getLevelName(level.upper())
+    root.setLevel(threshold)
+    # Faust's own INFO lines (each service of its tree starting and stopping, some 25 lines each way)
+    # show at debug only; aiokafka's (group joined, partitions assigned) stay at info
+    framework = threshold if threshold <= logging.DEBUG else max(threshold, logging.WARNING)
+    logging.getLogger("faust").setLevel(framework)
+    logging.getLogger("mode").setLevel(framework)
+    logging.getLogger("imagefork").setLevel(min(logging.INFO, threshold))
+    return handler
+
+
+def describe_assignment(partitions) -> str:
+    """``13 partitions assigned: imagefork.requests 6 + imagefork.requests.retry 6 + ...-__assignor-__leader 1``:
+    the count per topic, so a total above IMAGEFORK_PARTITIONS is no mystery (a Faust consumer also holds
+    its app's one-partition leader topic)."""
+    per_topic: dict[str, int] = {}
+    for tp in partitions:
+        per_topic[tp.topic] = per_topic.get(tp.topic, 0) + 1
+    topics = sorted(per_topic, key=lambda t: ("__" in t, t))  # Faust's own topics last
+    listed = " + ".join(f"{t} {per_topic[t]}" for t in topics)
+    total = sum(per_topic.values())
+    return f"{total} partition{'s' if total != 1 else ''} assigned" + (f": {listed}" if listed else "")
+
+
+def run_role(role: str, config: Config) -> int:
     from streams.adapters.kafka import ensure_topics
     from streams.adapters.schemas import install_resolver, publish_schemas
     from streams.agents import join, planner, resize
     from streams.app import create_app, declare_topics
 
-    # imagefork's own lines (ready, planned, task done, warnings) always show at INFO on stderr;
-    # IMAGEFORK_LOG_LEVEL sets Faust's and the libraries' level.
-    own = logging.getLogger("imagefork")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s"))
-    own.addHandler(handler)
-    own.propagate = False
-    own.setLevel(min(logging.INFO, logging.getLevelName(config.log_level.upper())))
+    setup_logging(role, config.log_level)
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
@@ -45,12 +134,21 @@ def run_role(role: str, config: Config) -> int:
     log = logging.getLogger("imagefork")
 
     async def ready(sender, **kwargs):
-        log.info("imagefork ready: %s (%d partitions assigned)", role, len(app.consumer.assignment()))
+        log.info("imagefork ready: %s (%s)", role, describe_assignment(app.consumer.assignment()))
 
     app.on_rebalance_complete.connect(ready)
-    worker = faust.Worker(app, loglevel=config.log_level, quiet=True)
-    worker.execute_from_commandline()
+    faust_worker(app).execute_from_commandline()
     return 0
+
+
+def faust_worker(app, **kwargs):
+    """Faust's worker for ``app``: its lines go through ``setup_logging``, not through mode's own set-up
+    (another format, colour codes, print() turned into log lines), and it has no spinner (mode's writes
+    cursor codes and backspaces even into a file)."""
+    import faust
+    worker = faust.Worker(app, quiet=True, override_logging=False, **kwargs)
+    worker.spinner = None
+    return worker
 
 
 class StartError(RuntimeError):

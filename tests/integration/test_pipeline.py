@@ -20,6 +20,16 @@ def run(pipeline, requests: dict[str, dict], timeout=120, **submit):
         follower.close()
 
 
+def test_a_normal_start_logs_no_error_and_no_terminal_codes(pipeline):
+    """First in the module: the logs hold the start only (the workers run at info, see FAST)."""
+    for worker in pipeline.workers:
+        text = worker.log_path.read_text(errors="replace")
+        errors = [line for line in text.splitlines() if " ERROR " in line or "[ERROR]" in line]
+        assert "\x1b[" not in text and not errors, f"{worker.name}:\n{errors or text[-2000:]}"
+    planner = next(w for w in pipeline.workers if w.role == "planner").log_path.read_text()
+    assert f"partitions assigned: {pipeline.config.topics.requests} {pipeline.config.partitions} + " in planner
+
+
 def test_seed_request_gives_nine_objects_and_one_final_event(pipeline, files):
     finals = run(pipeline, {"seed-1": seed_request(files.url("sample.png"))})
     final = finals["seed-1"]
