@@ -58,8 +58,20 @@ def _topics(args) -> int:
 
 
 def progress_bar(stream=None):
+    """A bar redrawn in place on a terminal; elsewhere (a log file, a pipe) a plain line when the plan is
+    known and at each quarter of the tasks, with no carriage returns."""
+    shown: dict[str, int] = {}  # per workflow: the last quarter written as a line
+
     def show(workflow_id: str, done: int, total: int | None) -> None:
         out = stream or sys.stderr  # the stream of the moment (a caller may have redirected it)
+        isatty = getattr(out, "isatty", None)
+        if not (isatty and isatty()):
+            step = 4 * min(done, total) // total if total else -1
+            if shown.get(workflow_id, -2) < step:
+                shown[workflow_id] = step
+                out.write(f"{workflow_id}: {done}/{total} tasks\n" if total else f"{workflow_id}: waiting for the plan\n")
+                out.flush()
+            return
         if total:
             width = 30
             filled = int(width * min(done, total) / total)

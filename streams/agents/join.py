@@ -194,7 +194,8 @@ class JoinWorker:
             for tp in committed:
                 self.positions[tp.partition] = tp.offset if tp.offset >= 0 else 0
         if not self.ready or parts:
-            log.info("imagefork ready: join (%d partitions assigned, +%s)", len(self.states), sorted(parts))
+            log.info("imagefork ready: join (%d partitions assigned: %s %d, added %s)", len(self.states),
+                     self.topics.events, len(self.states), sorted(parts))
         self.ready = True
 
     def _revoked(self, consumer, partitions) -> None:
