@@ -64,6 +64,40 @@ class TransientRetries(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(level)
 
 
+class RepeatedLines(logging.Filter):
+    """A broker away makes the clients repeat one line many times a second (librdkafka's "Connect to
+    ... failed: Connection refused" per reconnect, aiokafka's "Unable to update metadata from [1]": 25,000
+    lines in 4 minutes in one worker's log). A library's line whose text, digits aside, was written less
+    than ``every_s`` ago is held back; the next one written says how many were."""
+
+    _NUMBERS = re.compile(r"\d+")
+
+    def __init__(self, every_s: float = 10.0, clock=time.monotonic):
+        super().__init__()
+        self.every_s, self.clock = every_s, clock
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # key -> (last written, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("imagefork") and record.name != "imagefork.kafka":
+            return True  # our own lines are few and each one counts
+        try:
+            text = record.getMessage()
+        except Exception:  # a library's bad format string: let the handler report it
+            return True
+        key = (record.name, self._NUMBERS.sub("#", text))
+        now = self.clock()
+        last, held = self.seen.get(key, (None, 0))
+        if last is not None and now - last < self.every_s:
+            self.seen[key] = (last, held + 1)
+            return False
+        if len(self.seen) > 1000:  # many different lines: forget the old ones
+            self.seen.clear()
+        self.seen[key] = (now, 0)
+        if held:
+            record.msg, record.args = f"{text} ({held} more like it held back)", None
+        return True
+
+
 def is_transient(record: logging.LogRecord) -> bool:
     args = record.args if isinstance(record.args, tuple) else ()
     if record.name.startswith("aiokafka"):  # aiokafka retries these itself
@@ -82,6 +116,7 @@ def setup_logging(role: str, level: str, stream=None) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(LineFormatter(role))
     handler.addFilter(TransientRetries())
+    handler.addFilter(RepeatedLines())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

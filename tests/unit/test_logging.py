@@ -180,3 +180,25 @@ def test_a_failed_fetch_shows_mvns_errors(fetch_env, capsys):
     assert "\n" not in message and "mvn could not fetch s3proxy" in message and "exit code 1" in message
     log = message.rsplit(" ", 1)[-1]
     assert "[ERROR] -> [Help 1]" in open(log).read()
+
+
+def test_a_library_line_repeated_during_an_outage_is_written_every_10s_with_a_count():
+    from streams.worker import RepeatedLines
+    now = [0.0]
+    limiter = RepeatedLines(every_s=10, clock=lambda: now[0])
+
+    def line(name, text, *args):
+        record = logging.LogRecord(name, logging.ERROR, __file__, 1, text, args, None)
+        return record.getMessage() if limiter.filter(record) else None
+
+    refused = "%s [%s] %s"
+    args = ("FAIL", "rdkafka#consumer-1", "127.0.0.1:9092/bootstrap: Connect failed (after 0ms in state CONNECT)")
+    assert line("imagefork.kafka", refused, *args) is not None
+    for step in range(1, 50):  # every 0.2 s: held back, digits aside the same line
+        now[0] = step * 0.2
+        assert line("imagefork.kafka", refused, *args[:2], args[2].replace("0ms", f"{step}ms")) is None
+    now[0] = 10.5
+    assert line("imagefork.kafka", refused, *args).endswith("(49 more like it held back)")
+    assert line("aiokafka", "Unable to update metadata from [%s]", 1) is not None  # another line: its own count
+    # imagefork's own lines are never held back
+    assert all(line("imagefork", "workflow %s COMPLETED", "w") for _ in range(5))
