@@ -1,17 +1,20 @@
 """Bytes in, encoded image out: an ordered list of small steps over one context.
 
 check limits -> open (header only) -> check pixels -> draft -> load -> orient
--> normalise mode -> resize -> convert for the target -> encode.
+-> to sRGB -> normalise mode -> strip metadata -> resize -> convert for the target -> encode (tagged sRGB).
 Pixel limits are checked from the header, before any pixel is allocated.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from streams.config import Encoding, Limits
 from streams.core.errors import ImageTooLarge, ImageUndecodable, UnsupportedFormat
@@ -31,6 +34,26 @@ _TARGET_MODES = {
     "GIF": ("P", "L"),
     "TIFF": ("1", "L", "LA", "RGB", "RGBA", "CMYK"),
 }
+
+# Colour. Sources with an embedded ICC profile are converted to sRGB before resizing, and every RGB(A)
+# output in a format that can carry a profile (PNG, JPEG, WebP, TIFF) is tagged with this small sRGB
+# profile (lcms's built-in, ICC v4, 588 bytes). Browsers take an untagged image as sRGB too, but editors
+# and viewers may take it as their working space or the display's; a reader that knows only ICC v2
+# (Firefox unless gfx.color_management.enablev4 is set) ignores the tag and is back at untagged, never
+# worse. Grey outputs and GIFs are untagged (an RGB profile cannot describe a grey image; Pillow writes
+# no profile into GIF).
+# Intent: relative colorimetric with black-point compensation. Colours inside sRGB stay exactly as the
+# source profile says and only the ones outside are clipped; for matrix profiles (Display P3, Adobe RGB:
+# what phones and cameras embed) perceptual has no table of its own and lcms would use the colorimetric
+# one anyway; black-point compensation maps a CMYK profile's paper black to sRGB black, as Photoshop does.
+SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+_SRGB = ImageCms.ImageCmsProfile(io.BytesIO(SRGB_ICC))
+_INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
+_FLAGS = ImageCms.Flags.BLACKPOINTCOMPENSATION
+_PROFILE_SPACE = {"RGB": "RGB", "RGBA": "RGB", "CMYK": "CMYK", "L": "GRAY", "I;16": "GRAY"}
+_TRANSFORMS: OrderedDict[tuple[bytes, str, str], ImageCms.ImageCmsTransform | None] = OrderedDict()
+_TRANSFORMS_LOCK = threading.Lock()
+_TRANSFORMS_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -130,9 +153,93 @@ def _orient(im: Image.Image) -> Image.Image:
     return oriented if oriented is not None else im
 
 
+def to_srgb(im: Image.Image) -> Image.Image:
+    """Convert a source with an embedded ICC profile to sRGB (modifies ``im`` in place when the mode stays).
+
+    A source without a profile is taken as sRGB, as browsers take it (CMYK then gets Pillow's naive
+    conversion in ``normalise_mode``). A profile that lcms cannot read, or that does not fit the image's
+    mode, is ignored the same way rather than failing the task; EncodedImage has no notes to say so.
+    Precision: lcms reads 16-bit grey (I;16) as it is and rounds once, to 8 bits. Pillow has no 16-bit
+    per channel RGB mode, so 48-bit PNG/TIFF sources are already 8 bits a channel when they are decoded.
+    Pillow reads every CMYK JPEG with Adobe's inverted polarity (the APP14 convention), so Photoshop's
+    CMYK JPEGs arrive with the right values; one written without that marker would arrive inverted."""
+    icc = im.info.get("icc_profile")
+    if not icc:
+        return im
+    if im.mode == "CMYK":
+        transform = _srgb_transform(icc, "CMYK", "RGB")
+        return transform.apply(im) if transform else im
+    if im.mode in ("L", "LA", "I;16"):
+        transform = _srgb_transform(icc, "L" if im.mode == "LA" else im.mode, "RGB")
+        if transform is None:
+            return im
+        grey = transform.apply(im.getchannel("L") if im.mode == "LA" else im).convert("L")
+        return Image.merge("LA", (grey, im.getchannel("A"))) if im.mode == "LA" else grey
+    if im.mode in ("I", "I;16L", "I;16B", "I;16N", "F", "1", "LAB", "HSV"):
+        return im  # lcms takes none of these from Pillow: the profile is ignored
+    im = normalise_mode(im)  # P, RGBX, YCbCr, ... -> RGB or RGBA
+    transform = _srgb_transform(icc, im.mode, im.mode) if im.mode in ("RGB", "RGBA") else None
+    return transform.apply_in_place(im) if transform else im
+
+
+def _srgb_transform(icc: bytes, in_mode: str, out_mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The profile's transform to sRGB, or None when there is nothing to convert (the profile is sRGB
+    already, is broken, or is not for this mode). Building one costs milliseconds (a CMYK profile's much
+    more), so the answer is kept per profile digest and modes, for the last few profiles."""
+    key = (hashlib.sha256(icc).digest(), in_mode, out_mode)
+    with _TRANSFORMS_LOCK:
+        if key in _TRANSFORMS:
+            _TRANSFORMS.move_to_end(key)
+            return _TRANSFORMS[key]
+    transform = _build_srgb_transform(icc, in_mode, out_mode)
+    with _TRANSFORMS_LOCK:
+        _TRANSFORMS[key] = transform
+        while len(_TRANSFORMS) > _TRANSFORMS_MAX:
+            _TRANSFORMS.popitem(last=False)
+    return transform
+
+
+def _build_srgb_transform(icc: bytes, in_mode: str, out_mode: str) -> ImageCms.ImageCmsTransform | None:
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space.strip() != _PROFILE_SPACE[in_mode]:
+            return None  # e.g. an RGB profile on a grey image: ignored
+        transform = ImageCms.buildTransform(profile, _SRGB, in_mode, out_mode, _INTENT, _FLAGS)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None  # unreadable: the source is taken as sRGB
+    return None if _is_identity(transform, in_mode) else transform
+
+
+def _is_identity(transform: ImageCms.ImageCmsTransform, in_mode: str) -> bool:
+    """Whether the transform leaves every colour of a coarse grid within 2 levels: an sRGB profile
+    (under any of its many names and versions), not worth a pass over the pixels."""
+    if in_mode == "CMYK":
+        return False
+    if in_mode in ("RGB", "RGBA"):
+        levels = range(0, 256, 17)
+        expected = Image.new("RGB", (16, 256))
+        expected.putdata([(r, g, b) for r in levels for g in levels for b in levels])
+        probe = expected.convert(in_mode)
+    else:
+        expected = Image.frombytes("L", (256, 1), bytes(range(256)))
+        probe = expected if in_mode == "L" else \
+            Image.frombytes("I;16", (256, 1), struct.pack("<256H", *(v * 257 for v in range(256))))
+    got = transform.apply(probe).convert("RGB")
+    return max(hi for _, hi in ImageChops.difference(got, expected.convert("RGB")).getextrema()) <= 2
+
+
+def strip_metadata(im: Image.Image) -> Image.Image:
+    """Drop what Pillow carries from the source (EXIF with GPS, XMP, IPTC, comments, text chunks,
+    the profile): writers pick some of it up from ``info`` unasked. Orientation is applied already."""
+    im.info = {}
+    return im
+
+
 def normalise_mode(im: Image.Image) -> Image.Image:
     """Bring exotic modes to L/LA/RGB/RGBA with correct values."""
     mode = im.mode
+    if mode in ("L", "RGB") and "transparency" in im.info:
+        return im.convert("LA" if mode == "L" else "RGBA")  # a colour key becomes alpha
     if mode in ("L", "LA", "RGB", "RGBA"):
         return im
     if mode == "1":
@@ -141,16 +248,16 @@ def normalise_mode(im: Image.Image) -> Image.Image:
         has_alpha = mode == "PA" or "transparency" in im.info
         return im.convert("RGBA" if has_alpha else "RGB")
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit (or 32-bit integer) grey: scale to 8 bits instead of clipping at 255.
+        # 16-bit (or 32-bit integer) grey: scale to 8 bits, rounded, instead of clipping at 255.
         top = 65535 if mode.startswith("I;16") else max(1, im.getextrema()[1] or 1)
         wide = im if mode == "I" else im.convert("I")
         if top <= 255:
             return wide.convert("L")
-        return wide.point(lambda v: v * (255.0 / top)).convert("L")
+        return wide.point(lambda v: v * (255.0 / top) + 0.5).convert("L")
     if mode == "F":
         lo, hi = im.getextrema()
         span = (hi - lo) or 1.0
-        return im.point(lambda v: (v - lo) * 255.0 / span).convert("L")
+        return im.point(lambda v: (v - lo) * 255.0 / span + 0.5).convert("L")
     if mode == "La":
         return im.convert("LA")
     if mode == "RGBa":
@@ -194,12 +301,19 @@ def convert_for(im: Image.Image, pil_format: str, gif_colors: int = 256) -> Imag
     return im.convert("RGB" if "RGB" in allowed else "L")
 
 
-def encode(im: Image.Image, fmt: str, encoding: Encoding, icc_profile: bytes | None = None) -> bytes:
+def encode(im: Image.Image, fmt: str, encoding: Encoding) -> bytes:
+    """Pixels and the sRGB tag, nothing else: no EXIF, XMP, IPTC, comments or text chunks."""
     pil_format = PIL_FORMATS[fmt]
     out = io.BytesIO()
+    if set(im.info) - {"transparency"} or hasattr(im, "tag_v2"):
+        # not stripped (an image from elsewhere than prepare_source): the PNG, TIFF, JPEG and GIF writers
+        # would copy its profile, comments and TIFF tags; a copy with none of it
+        transparency = im.info.get("transparency")
+        im = im.copy()
+        im.info = {} if transparency is None else {"transparency": transparency}
     params: dict = {}
-    if icc_profile and pil_format in ("PNG", "JPEG", "WEBP", "TIFF"):
-        params["icc_profile"] = icc_profile
+    if pil_format in ("PNG", "JPEG", "WEBP", "TIFF"):
+        params["icc_profile"] = SRGB_ICC if im.mode in ("RGB", "RGBA") else None
     if pil_format == "PNG":
         params.update(compress_level=encoding.png_compress_level)
     elif pil_format == "JPEG":
@@ -223,11 +337,10 @@ def resize_image(data: bytes | Image.Image, spec: OutputSpec, limits: Limits, en
         header = open_image(data, limits)
         box = target_size(header.width, header.height, spec)
         header.close()
-        im = normalise_mode(decode(data, limits, draft_box=box))
-    icc = im.info.get("icc_profile")
+        im = _normalise(decode(data, limits, draft_box=box))
     size = target_size(im.width, im.height, spec)
     out = convert_for(resize(im, size), PIL_FORMATS[fmt], encoding.gif_colors)
-    body = encode(out, fmt, encoding, icc)
+    body = encode(out, fmt, encoding)
     return EncodedImage(body, out.width, out.height, fmt, CONTENT_TYPES[fmt])
 
 
@@ -249,6 +362,11 @@ def draft_box_for(data: bytes, limits: Limits, max_box: tuple[int, int]) -> tupl
 def prepare_source(data: bytes, limits: Limits, *, max_box: tuple[int, int] = (0, 0)) -> Image.Image:
     """Decode once for many outputs: oriented, mode-normalised, ready for ``resize_image``.
     With ``max_box``, a JPEG is decoded at the smallest reduced scale that still covers it."""
-    im = normalise_mode(decode(data, limits, draft_box=draft_box_for(data, limits, max_box)))
+    im = _normalise(decode(data, limits, draft_box=draft_box_for(data, limits, max_box)))
     im.load()
     return im
+
+
+def _normalise(im: Image.Image) -> Image.Image:
+    """A decoded, oriented source -> sRGB, L/LA/RGB/RGBA, no metadata."""
+    return strip_metadata(normalise_mode(to_srgb(im)))
