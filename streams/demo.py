@@ -102,6 +102,8 @@ def run_demo(keep_stack: bool = False) -> int:
             say("stopping the workers" + (" (the stack is kept; stop it with: "
                                           f"{STOP_COMMAND})" if keep_stack else " and the stack"))
             for w in workers:
+                w.terminate()  # all at once, then each waited for
+            for w in workers:
                 w.stop()
             if not keep_stack:
                 stack.down()

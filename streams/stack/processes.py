@@ -28,6 +28,7 @@ class WorkerProcess:
                                      env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
+        self._terminated = False
         _started.add(self)
 
     @property
@@ -46,15 +47,22 @@ class WorkerProcess:
         self.proc.wait(10)
         self._reaped()
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM (a clean stop: the worker leaves its groups), SIGKILL after ``timeout``. A worker that
-        did not stop is asked for its threads' stacks first (SIGUSR1: faulthandler writes them to its log),
-        so the log says where it hung."""
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, once (a clean stop: the worker leaves its groups); ``stop`` waits for it. Several
+        workers asked first and waited for after stop side by side."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (unless ``terminate`` sent it), SIGKILL after ``timeout``. A worker that did not stop
+        is asked for its threads' stacks first (SIGUSR1: faulthandler writes them to its log), so the log
+        says where it hung."""
+        if self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -59,8 +59,7 @@ def exactly_one_final_each(p: Pipeline, finals: dict) -> None:
 def test_undecodable_messages_on_every_topic_are_dead_lettered_with_their_origin(make_pipeline, files):
     p = make_pipeline()
     ports = {role: free_port() for role in ("join", "resize", "planner")}
-    for role, port in ports.items():
-        p.start(role, IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
+    p.start_together(*((role, {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{port}"}) for role, port in ports.items()))
     t = p.config.topics
     garbage = {t.requests: b"{not json", t.request_retries: b"\x00\x01nope", t.tasks: b"\xc3\x01" + b"\x07" * 20,
                t.retries: b"tasks? no", t.events: b"\xc3\x01\x00\x00\x00\x00\x00\x00\x00\x00zz"}
@@ -134,9 +133,8 @@ def test_a_task_that_kills_its_worker_ends_worker_crashed_and_the_fleet_survives
     lives on. Dead resize workers are restarted here as a supervisor would. Other requests complete."""
     (Path(files.folder) / "poison.crashme").write_bytes(b"CRASHME\n" + b"\x00" * 64)
     p = make_pipeline(PYTHONPATH=CRASH_PLUGIN, IMAGEFORK_SESSION_TIMEOUT_S="6", IMAGEFORK_MAX_CRASHES="2")
-    p.start("join")
-    p.start("planner")
-    resize = [p.start("resize", name=f"resize-{i}") for i in range(2)]
+    _join, _planner, *resize = p.start_together("join", "planner",
+                                                *(("resize", {"name": f"resize-{i}"}) for i in range(2)))
     follower = p.follower()
     good = [f"good-{i}" for i in range(6)]
     for wf in good[:3]:

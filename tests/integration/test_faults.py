@@ -81,8 +81,7 @@ def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, fi
     """SIGKILL the join three times mid-run; each restart recovers the table from its changelog.
     Every workflow still ends with exactly one final event (the join is transactional)."""
     p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6")
-    join = p.start("join")
-    p.start("resize")
+    join, _resize = p.start_together("join", "resize")
     follower = p.follower()
     ids = [f"kill-join-{i}" for i in range(12)]
     for wf in ids:
@@ -96,26 +95,25 @@ def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, fi
 
 
 def test_storm_of_sigkills_on_every_role(make_pipeline, files):
-    """200 requests in 20 waves; after each wave the join is SIGKILLed and restarted (20 kills), every
-    fourth wave a resize worker too, every seventh the planner. Each request still ends COMPLETED with
-    exactly one final event (read with read_committed) and all its objects."""
+    """200 requests in 10 waves; after each wave the join is SIGKILLed and restarted (10 kills), every
+    third wave a resize worker too (3), every fourth the planner (2). Each request still ends COMPLETED
+    with exactly one final event (read with read_committed) and all its objects."""
     p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6")
-    join = p.start("join")
-    resize = [p.start("resize", name="resize-a"), p.start("resize", name="resize-b")]
-    planner = p.start("planner")
+    join, planner, *resize = p.start_together("join", "planner", ("resize", {"name": "resize-a"}),
+                                              ("resize", {"name": "resize-b"}))
     follower = p.follower()
     ids = [f"storm-{i}" for i in range(200)]
     request = {**small_request(files, formats=("png", "jpg")), "outputSizes": [{"width": 40, "height": 30}]}
-    for wave in range(20):
-        for wf in ids[wave * 10:(wave + 1) * 10]:
+    for wave in range(10):
+        for wf in ids[wave * 20:(wave + 1) * 20]:
             p.submit(request, wf)
         follower.pump(0.3 + (wave % 3) * 0.4)  # kill at different moments of the work
         join.kill()
-        if wave % 4 == 1:
+        if wave % 3 == 1:
             victim = resize.pop(0)
             victim.kill()
             resize.append(p.start("resize", name=f"resize-{wave}", wait=False))
-        if wave % 7 == 3:
+        if wave % 4 == 2:
             planner.kill()
             planner = p.start("planner", name=f"planner-{wave}", wait=False)
         join = p.start("join", name=f"join-{wave}")
@@ -128,9 +126,7 @@ def test_a_second_join_takes_over_a_killed_ones_partitions(make_pipeline, files)
     join takes its partitions after the session timeout, restores their state and finishes every
     workflow: exactly one final event each."""
     p = make_pipeline(IMAGEFORK_SESSION_TIMEOUT_S="6", IMAGEFORK_TRANSACTION_TIMEOUT_S="5")
-    first = p.start("join", name="join-a")
-    p.start("resize")
-    p.start("planner")
+    first, _resize, _planner = p.start_together(("join", {"name": "join-a"}), "resize", "planner")
     follower = p.follower()
     ids = [f"takeover-{i}" for i in range(30)]
     for wf in ids[:15]:
@@ -196,10 +192,9 @@ def test_s3_outage_tasks_retry_then_succeed(make_pipeline, files, stack_env):
     proxy = TcpProxy(s3_port)
     try:
         p = make_pipeline(IMAGEFORK_MAX_RETRIES="8", IMAGEFORK_RETRY_DELAY_S="0.5", IMAGEFORK_RETRY_MAX_DELAY_S="2")
-        p.start("join")
-        p.start("resize", S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", IMAGEFORK_CONNECT_TIMEOUT_S="1",
-                IMAGEFORK_READ_TIMEOUT_S="2")
-        p.start("planner")
+        p.start_together("join", ("resize", {"S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
+                                             "IMAGEFORK_CONNECT_TIMEOUT_S": "1", "IMAGEFORK_READ_TIMEOUT_S": "2"}),
+                         "planner")
         proxy.cut()
         follower = p.follower()
         ids = ["s3-outage-1", "s3-outage-2"]
@@ -296,9 +291,7 @@ def test_a_healthy_backlog_is_never_repaired(make_pipeline, files):
     with no progress, yet nothing is "recovered" (their outputs do not exist yet, or were written just
     now and their results are on the way)."""
     p = make_pipeline(IMAGEFORK_REPAIR_AFTER_S="2", IMAGEFORK_RESIZE_CONCURRENCY="1")
-    join = p.start("join")
-    p.start("resize")
-    p.start("planner")
+    join, _resize, _planner = p.start_together("join", "resize", "planner")
     follower = p.follower()
     ids = [f"backlog-{i}" for i in range(20)]
     for wf in ids:

@@ -132,14 +132,6 @@ def staged_source_goes(p: Pipeline, key: str, timeout: float = 30) -> None:
         f"staged source {key} still there {timeout}s after the end\n{p.logs()}"
 
 
-def start_together(p: Pipeline, *specs: tuple[str, dict]) -> list:
-    """Start several workers at once (faster than one after the other) and wait until each is ready."""
-    workers = [p.start(role, wait=False, **env) for role, env in specs]
-    for w in workers:
-        assert wait_for_log(w, "imagefork ready", 180), f"{w.name} did not start:\n{w.log_tail(40)}"
-    return workers
-
-
 # --- test doubles -----------------------------------------------------------------------------------
 class Source:
     """A loopback HTTP source answering ``status`` (with no body) every time; it records when it was asked."""
@@ -389,7 +381,7 @@ def short_deadline(stack_env, tmp_path_factory):
                  IMAGEFORK_WORKFLOW_TIMEOUT_S=str(TIMEOUT_S), IMAGEFORK_MAX_RETRIES="100",
                  IMAGEFORK_RETRY_POLICY="fixed", IMAGEFORK_RETRY_DELAY_S="0.5")
     try:
-        start_together(p, ("join", {}), ("planner", {}))
+        p.start_together(("join", {}), ("planner", {}))
         yield p
     finally:
         p.stop()
@@ -447,8 +439,8 @@ def faulty(stack_env, tmp_path_factory):
     p = Pipeline(stack_env, f"ft{uuid.uuid4().hex[:8]}.", logs, IMAGEFORK_MAX_RETRIES="2",
                  IMAGEFORK_RETRY_POLICY="fixed", IMAGEFORK_RETRY_DELAY_S="0.3", IMAGEFORK_SESSION_TIMEOUT_S="6")
     try:
-        join, _planner, resize = start_together(
-            p, ("join", {"PYTHONPATH": FAULT_PLUGIN, "IMAGEFORK_FAULT_JOIN_HANG": "1",
+        join, _planner, resize = p.start_together(
+            ("join", {"PYTHONPATH": FAULT_PLUGIN, "IMAGEFORK_FAULT_JOIN_HANG": "1",
                          "IMAGEFORK_FAULT_LOG": str(join_fault_log)}),
             ("planner", {"PYTHONPATH": os.pathsep.join([FAULT_PLUGIN, CRASH_PLUGIN]),
                          "IMAGEFORK_FAULT_WORKFLOW_ID": magic, "IMAGEFORK_FAULT_LOG": str(fault_log)}),
@@ -572,7 +564,7 @@ def via_forwarder(stack_env, tmp_path_factory):
     p = Pipeline(stack_env, f"fw{uuid.uuid4().hex[:8]}.", tmp_path_factory.mktemp("logs-forwarder"),
                  IMAGEFORK_MAX_RETRIES="2", IMAGEFORK_RETRY_POLICY="fixed", IMAGEFORK_RETRY_DELAY_S="0.3")
     try:
-        start_together(p, ("join", {}), ("planner", {}),
+        p.start_together(("join", {}), ("planner", {}),
                        ("resize", {"S3_ENDPOINT_URL": "", "S3_PUBLIC_URL": "",
                                    "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{cutter.port}",
                                    "IMAGEFORK_CONNECT_TIMEOUT_S": "2", "IMAGEFORK_READ_TIMEOUT_S": "5"}))

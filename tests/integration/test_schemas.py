@@ -93,9 +93,9 @@ def test_a_rolling_deploy_with_new_and_old_workers_side_by_side(make_pipeline, f
         "ResizeTask": {"name": "priority", "type": "int", "default": 0},
         "TaskResult": {"name": "note", "type": ["null", "string"], "default": None}})
     p = make_pipeline()
-    p.start("join", IMAGEFORK_SCHEMAS_DIR=str(new))
-    p.start("resize")  # the old one: the repository's schemas
-    p.start("planner", IMAGEFORK_SCHEMAS_DIR=str(new))
+    p.start_together(("join", {"IMAGEFORK_SCHEMAS_DIR": str(new)}),
+                     "resize",  # the old one: the repository's schemas
+                     ("planner", {"IMAGEFORK_SCHEMAS_DIR": str(new)}))
     follower = p.follower()
     ids = [f"deploy-{i}" for i in range(3)]
     for wf in ids:
