@@ -162,7 +162,10 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
     try:
         key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)))
         try:
-            spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"])
+            spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"],
+                              mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
+                              enlarge=task.get("enlarge", True), background=task.get("background", ""),
+                              quality=task.get("quality", 0))
             out = resize_image(im, spec, _config.limits, _config.encoding)
         finally:
             del im
@@ -176,6 +179,8 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
             "taskRef": task["taskRef"], "format": out.format, "width": out.width, "height": out.height,
             "bytes": len(out.data), "contentType": out.content_type,
             "s3Uri": _store.uri(task["outputKey"]), "url": _store.url(task["outputKey"]),
+            "mode": out.mode, "gravity": out.gravity, "enlarge": out.enlarge, "background": out.background,
+            "quality": out.quality,
         }}
     except PipelineError as exc:
         return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient}

@@ -1,7 +1,8 @@
 """Bytes in, encoded image out: an ordered list of small steps over one context.
 
 check limits -> open (header only) -> check pixels -> draft -> load -> orient
--> to sRGB -> normalise mode -> strip metadata -> resize -> convert for the target -> encode (tagged sRGB).
+-> to sRGB -> normalise mode -> strip metadata -> resize (fit, fill + crop at a gravity, force, pad on a
+background) -> convert for the target -> encode (tagged sRGB).
 Pixel limits are checked from the header, before any pixel is allocated.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -56,12 +57,31 @@ _TRANSFORMS_LOCK = threading.Lock()
 _TRANSFORMS_MAX = 32
 
 
+# Resize modes and gravities, with imgproxy's names (rs:fit, rs:fill, rs:force; pad is rs:fit + ex:1).
+MODES = ("fit", "fill", "force", "pad")
+GRAVITIES = ("center", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest",
+             "smart")
+# formats that keep alpha: pad's default background is transparent there, white elsewhere (JPEG)
+_ALPHA_FORMATS = ("png", "webp", "gif", "tiff")
+_SMART_SIDE = 128  # smart gravity scores crop windows on a greyscale thumbnail this long
+_SMART_STEPS = 8   # ... at this many steps (plus one) along each axis that has room to slide
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     format: str
     width: int
     height: int
     maintain_aspect_ratio: bool = True
+    mode: str = ""  # fit | fill | force | pad; "" -> fit if maintain_aspect_ratio else force
+    gravity: str = "center"
+    enlarge: bool = True
+    background: str = ""  # #rrggbb or #rrggbbaa, for pad; "" -> transparent, white for JPEG
+    quality: int = 0  # 1-100 for jpg/webp; 0 -> the Encoding's
+
+    @property
+    def resize_mode(self) -> str:
+        return self.mode or ("fit" if self.maintain_aspect_ratio else "force")
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,23 @@ class EncodedImage:
     height: int
     format: str
     content_type: str
+    # what was applied (the final event's output records say it)
+    mode: str = ""
+    gravity: str = ""  # fill and pad only
+    enlarge: bool = True
+    background: str = ""  # pad only, #rrggbbaa
+    quality: int = 0  # jpg and webp only
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the pixels go, for a source of a given size: the whole source scaled to ``scaled``, the
+    window ``crop`` (x, y, w, h, in scaled pixels) of it kept, and that pasted at ``offset`` on a
+    ``canvas`` (pad only; else canvas is the crop's size and offset (0, 0))."""
+    scaled: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    canvas: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -84,11 +121,88 @@ class _Context:
 
 
 def target_size(src_w: int, src_h: int, spec: OutputSpec) -> tuple[int, int]:
-    """maintainAspectRatio: fit inside the box, enlarging too; else exactly the box."""
-    if not spec.maintain_aspect_ratio:
-        return spec.width, spec.height
-    scale = min(spec.width / src_w, spec.height / src_h)
-    return max(1, round(src_w * scale)), max(1, round(src_h * scale))
+    """The size of the output image (the canvas)."""
+    return layout(src_w, src_h, spec).canvas
+
+
+def layout(src_w: int, src_h: int, spec: OutputSpec, image: Image.Image | None = None) -> Layout:
+    """The geometry of one output (pure; ``image`` is needed only for the smart gravity).
+
+    fit: inside the box. fill: cover the box, then crop it at the gravity. force: exactly the box.
+    pad: fit, then centred (or at the gravity) on a box-sized canvas. Without ``enlarge`` nothing is
+    scaled up: fit, fill and pad scale by at most 1 (fill's crop is then at most the source; pad's canvas
+    is still the box), force scales both axes down together until neither is enlarged (imgproxy's rule)."""
+    box_w, box_h = spec.width, spec.height
+    mode = spec.resize_mode
+    if mode == "force":
+        sx, sy = box_w / src_w, box_h / src_h
+        if not spec.enlarge and max(sx, sy) > 1:
+            sx, sy = sx / max(sx, sy), sy / max(sx, sy)
+        size = (max(1, round(src_w * sx)), max(1, round(src_h * sy)))
+        return Layout(size, (0, 0, *size), size)
+    scale = max(box_w / src_w, box_h / src_h) if mode == "fill" else min(box_w / src_w, box_h / src_h)
+    if not spec.enlarge:
+        scale = min(scale, 1.0)
+    scaled = (max(1, round(src_w * scale)), max(1, round(src_h * scale)))
+    if mode == "fill":
+        window = (min(box_w, scaled[0]), min(box_h, scaled[1]))
+        if spec.gravity == "smart" and image is not None:
+            x, y = _smart_offset(image, scaled, window)
+        else:
+            x, y = _gravity_offset(spec.gravity, scaled[0] - window[0], scaled[1] - window[1])
+        return Layout(scaled, (x, y, *window), window)
+    if mode == "pad":
+        offset = _gravity_offset(spec.gravity, box_w - scaled[0], box_h - scaled[1])
+        return Layout(scaled, (0, 0, *scaled), (box_w, box_h), offset)
+    return Layout(scaled, (0, 0, *scaled), scaled)
+
+
+def _gravity_offset(gravity: str, room_x: int, room_y: int) -> tuple[int, int]:
+    """Where a window (or an image on a canvas) sits when it has ``room`` pixels to spare on each axis."""
+    x = 0 if "west" in gravity else room_x if "east" in gravity else room_x // 2
+    y = 0 if "north" in gravity else room_y if "south" in gravity else room_y // 2
+    return x, y
+
+
+def _smart_offset(im: Image.Image, scaled: tuple[int, int], window: tuple[int, int]) -> tuple[int, int]:
+    """The crop window with the most detail: slide it along each axis with room, in 8 equal steps
+    (and the centre), and keep the one whose part of a small greyscale thumbnail has the highest
+    entropy; ties go to the one nearest the centre. Cheap and deterministic."""
+    room_x, room_y = scaled[0] - window[0], scaled[1] - window[1]
+    if not room_x and not room_y:
+        return 0, 0
+    t = min(1.0, _SMART_SIDE / max(im.size))
+    thumb = im.convert("RGB").resize((max(1, round(im.width * t)), max(1, round(im.height * t))),
+                                     Image.Resampling.BOX).convert("L")
+    fx, fy = thumb.width / scaled[0], thumb.height / scaled[1]
+
+    def steps(room: int) -> list[int]:
+        return sorted({round(room * i / _SMART_STEPS) for i in range(_SMART_STEPS + 1)} | {room // 2})
+
+    def score(xy: tuple[int, int]) -> tuple[float, float, int, int]:
+        x, y = xy
+        part = thumb.crop((int(x * fx), int(y * fy), max(int(x * fx) + 1, round((x + window[0]) * fx)),
+                           max(int(y * fy) + 1, round((y + window[1]) * fy))))
+        return (-round(part.entropy(), 9), abs(x - room_x / 2) + abs(y - room_y / 2), x, y)
+
+    return min(((x, y) for x in steps(room_x) for y in steps(room_y)), key=score)
+
+
+def parse_colour(text: str) -> tuple[int, int, int, int]:
+    """``#rrggbb`` or ``#rrggbbaa`` -> (r, g, b, a); raises ValueError."""
+    digits = text[1:] if text.startswith("#") else ""
+    if len(digits) not in (6, 8) or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise ValueError(f"must be #rrggbb or #rrggbbaa, got {text!r}")
+    rgba = [int(digits[i:i + 2], 16) for i in range(0, len(digits), 2)]
+    return (*rgba, 255)[:4] if len(rgba) == 3 else tuple(rgba)  # type: ignore[return-value]
+
+
+def pad_background(spec: OutputSpec) -> str:
+    """The pad canvas colour as ``#rrggbbaa``: the spec's, else transparent where the format keeps
+    alpha, white for JPEG."""
+    if spec.background:
+        return "#%02x%02x%02x%02x" % parse_colour(spec.background)
+    return "#ffffff00" if spec.format.lower() in _ALPHA_FORMATS else "#ffffffff"
 
 
 def open_image(data: bytes, limits: Limits) -> Image.Image:
@@ -276,6 +390,30 @@ def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0 if shrinking else None)
 
 
+def apply_layout(im: Image.Image, plan: Layout, background: str = "#ffffff00") -> Image.Image:
+    """Scale, crop and pad as ``plan`` says. A crop resamples only the source region it keeps."""
+    x, y, w, h = plan.crop
+    if (w, h) == plan.scaled:
+        out = resize(im, plan.scaled)
+    else:
+        fx, fy = im.width / plan.scaled[0], im.height / plan.scaled[1]
+        box = (x * fx, y * fy, (x + w) * fx, (y + h) * fy)
+        if (fx, fy) == (1.0, 1.0):
+            out = im.crop(tuple(int(v) for v in box))
+        else:
+            shrinking = w < box[2] - box[0] and h < box[3] - box[1]
+            out = im.resize((w, h), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0 if shrinking else None)
+    if plan.canvas == (w, h):
+        return out
+    colour = parse_colour(background)
+    canvas = Image.new("RGBA", plan.canvas, colour)
+    canvas.alpha_composite(out.convert("RGBA"), dest=plan.offset)
+    if colour[3] == 255 and out.mode in ("L", "RGB"):
+        grey = colour[0] == colour[1] == colour[2]
+        return canvas.convert("L" if out.mode == "L" and grey else "RGB")
+    return canvas
+
+
 def convert_for(im: Image.Image, pil_format: str, gif_colors: int = 256) -> Image.Image:
     """Make the image something the encoder writes right: JPEG has no alpha (flatten on white)."""
     allowed = _TARGET_MODES[pil_format]
@@ -331,17 +469,28 @@ def resize_image(data: bytes | Image.Image, spec: OutputSpec, limits: Limits, en
     fmt = spec.format.lower()
     if fmt not in PIL_FORMATS:
         raise UnsupportedFormat(f"output format {spec.format!r} is not supported")
+    mode = spec.resize_mode
+    if mode not in MODES or spec.gravity not in GRAVITIES:
+        raise UnsupportedFormat(f"resize mode {mode!r} with gravity {spec.gravity!r} is not supported")
+    background = pad_background(spec) if mode == "pad" else ""
     if isinstance(data, Image.Image):
         im = data
     else:
         header = open_image(data, limits)
-        box = target_size(header.width, header.height, spec)
+        box = layout(header.width, header.height, spec).scaled
         header.close()
         im = _normalise(decode(data, limits, draft_box=box))
-    size = target_size(im.width, im.height, spec)
-    out = convert_for(resize(im, size), PIL_FORMATS[fmt], encoding.gif_colors)
+    plan = layout(im.width, im.height, spec, im)
+    out = convert_for(apply_layout(im, plan, background or "#ffffff00"), PIL_FORMATS[fmt], encoding.gif_colors)
+    quality = 0
+    if spec.quality and PIL_FORMATS[fmt] in ("JPEG", "WEBP"):
+        encoding = replace(encoding, jpeg_quality=spec.quality, webp_quality=spec.quality)
+    if PIL_FORMATS[fmt] in ("JPEG", "WEBP"):
+        quality = encoding.jpeg_quality if PIL_FORMATS[fmt] == "JPEG" else encoding.webp_quality
     body = encode(out, fmt, encoding)
-    return EncodedImage(body, out.width, out.height, fmt, CONTENT_TYPES[fmt])
+    return EncodedImage(body, out.width, out.height, fmt, CONTENT_TYPES[fmt], mode=mode,
+                        gravity=spec.gravity if mode in ("fill", "pad") else "", enlarge=spec.enlarge,
+                        background=background, quality=quality)
 
 
 def draft_box_for(data: bytes, limits: Limits, max_box: tuple[int, int]) -> tuple[int, int] | None:

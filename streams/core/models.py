@@ -24,6 +24,8 @@ SUCCEEDED = "SUCCEEDED"
 class Size:
     width: int
     height: int
+    resizeMode: str | None = None  # None: the request's
+    gravity: str | None = None  # None: the request's
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,15 @@ class ImageRequest:
     maintainAspectRatio: bool = True
     workflowId: str | None = None
     correlationId: str | None = None
+    resizeMode: str | None = None  # fit | fill | force | pad; None: fit if maintainAspectRatio, else force
+    gravity: str = "center"
+    enlarge: bool = True
+    background: str | None = None  # #rrggbb or #rrggbbaa (pad); None: transparent, white for JPEG
+    quality: int | None = None  # 1-100 (jpg, webp); None: the configured encoding's
+
+    @property
+    def mode(self) -> str:
+        return self.resizeMode or ("fit" if self.maintainAspectRatio else "force")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +54,11 @@ class ImageRequest:
             "maintainAspectRatio": self.maintainAspectRatio,
             "workflowId": self.workflowId,
             "correlationId": self.correlationId,
+            "resizeMode": self.resizeMode,
+            "gravity": self.gravity,
+            "enlarge": self.enlarge,
+            "background": self.background,
+            "quality": self.quality,
         }
 
 
@@ -74,6 +90,11 @@ class ResizeTask(_Record):
     maxWidth: int = 0
     maxHeight: int = 0
     runId: str = ""
+    resizeMode: str = ""  # "": from maintainAspectRatio (a task written before modes)
+    gravity: str = "center"
+    enlarge: bool = True
+    background: str = ""  # "": pad's default (transparent, white for JPEG)
+    quality: int = 0  # 0: the configured encoding's
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,11 @@ class TaskOutput(_Record):
     contentType: str
     s3Uri: str
     url: str
+    mode: str = ""  # the resize mode applied ("": written before modes, or recovered by repair)
+    gravity: str = ""  # fill and pad only
+    enlarge: bool = True
+    background: str = ""  # pad only: #rrggbbaa
+    quality: int = 0  # jpg and webp only
 
 
 @dataclass(frozen=True)

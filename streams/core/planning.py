@@ -7,6 +7,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from streams.core.errors import RequestInvalid
+from streams.core.imaging import GRAVITIES, MODES, parse_colour
 from streams.core.models import CONTENT_TYPES, ImageRequest, ResizeTask, Size, WorkflowPlan
 
 TASK_NAME = "image_convert_resize"
@@ -79,12 +80,32 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
                 if why:
                     problems.append((f"outputSizes[{i}].{axis}", why))
                 dims.append(value)
+            size_mode = _choice(s.get("resizeMode"), MODES, f"outputSizes[{i}].resizeMode", problems)
+            size_gravity = _choice(s.get("gravity"), GRAVITIES, f"outputSizes[{i}].gravity", problems)
             if all(d is not None for d in dims):
-                sizes.append(Size(dims[0], dims[1]))
+                sizes.append(Size(dims[0], dims[1], size_mode, size_gravity))
 
     keep, why = parse_boolean(doc.get("maintainAspectRatio", True))
     if why:
         problems.append(("maintainAspectRatio", why))
+    # resizeMode wins over maintainAspectRatio when both are given and disagree
+    mode = _choice(doc.get("resizeMode"), MODES, "resizeMode", problems) or ("fit" if keep else "force")
+    gravity = _choice(doc.get("gravity"), GRAVITIES, "gravity", problems) or "center"
+    enlarge, why = parse_boolean(True if doc.get("enlarge") is None else doc.get("enlarge"))
+    if why:
+        problems.append(("enlarge", why))
+    background = doc.get("background")
+    if background is not None:
+        try:
+            parse_colour(background if isinstance(background, str) else "")
+            background = background.lower()
+        except ValueError:
+            problems.append(("background", f"must be #rrggbb or #rrggbbaa, got {background!r}"[:200]))
+    quality = doc.get("quality")
+    if quality is not None:
+        quality, why = _dimension(quality, 100)
+        if why:
+            problems.append(("quality", why))
 
     ids = {}
     for name in ("workflowId", "correlationId"):
@@ -109,7 +130,23 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
         maintainAspectRatio=keep,
         workflowId=ids.get("workflowId"),
         correlationId=ids.get("correlationId"),
+        resizeMode=mode,
+        gravity=gravity,
+        enlarge=enlarge,
+        background=background,
+        quality=quality,
     )
+
+
+def _choice(value: Any, names: tuple[str, ...], name: str, problems: list[tuple[str, str]]) -> str | None:
+    """One of ``names`` (case and surrounding blanks ignored), None when absent; else the problem is noted."""
+    if value is None:
+        return None
+    choice = value.strip().lower() if isinstance(value, str) else None
+    if choice not in names:
+        problems.append((name, f"{value!r} is not one of {', '.join(names)}"[:200]))
+        return None
+    return choice
 
 
 def valid_workflow_id(value: str) -> bool:
@@ -157,7 +194,8 @@ def parse_boolean(value: Any) -> tuple[bool, str | None]:
 
 def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, deadline: int,
                output_prefix: str = "", run_id: str = "") -> list[ResizeTask]:
-    """One task per format x size, in the seed's order (formats outer, sizes inner)."""
+    """One task per format x size, in the seed's order (formats outer, sizes inner); a size's own
+    resizeMode and gravity override the request's."""
     total = len(request.outputFormats) * len(request.outputSizes)
     max_w = max(s.width for s in request.outputSizes)
     max_h = max(s.height for s in request.outputSizes)
@@ -166,6 +204,7 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
         for size in request.outputSizes:
             i = len(tasks)
             ref = task_ref(fmt, size, i)
+            mode = size.resizeMode or request.mode
             tasks.append(ResizeTask(
                 workflowId=workflow_id,
                 taskRef=ref,
@@ -176,12 +215,17 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
                 format=fmt,
                 width=size.width,
                 height=size.height,
-                maintainAspectRatio=request.maintainAspectRatio,
+                maintainAspectRatio=mode != "force",  # what a resize worker older than modes does best
                 outputKey=output_key(output_prefix, workflow_id, ref, fmt),
                 deadline=deadline,
                 maxWidth=max_w,
                 maxHeight=max_h,
                 runId=run_id,
+                resizeMode=mode,
+                gravity=size.gravity or request.gravity,
+                enlarge=request.enlarge,
+                background=request.background or "",
+                quality=request.quality or 0,
             ))
     return tasks
 

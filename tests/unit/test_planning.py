@@ -141,3 +141,82 @@ def test_run_ids_and_ids_without_key_are_deterministic_per_request_message():
     assert Planner.workflow_id(b"given", {"workflowId": "field"}, run) == ("given", None)
     assert Planner.workflow_id(None, {"workflowId": "field"}, run) == ("field", None)
     assert staging_key("_staging/", "wf", run) == f"_staging/wf/{run}/source"
+
+
+# --- resize modes (issue 9) ------------------------------------------------------------------------
+def test_seed_request_means_what_it_meant():
+    for keep, mode in ((True, "fit"), (False, "force")):
+        req = parse({**SEED, "maintainAspectRatio": keep})
+        assert (req.resizeMode, req.gravity, req.enlarge, req.background, req.quality) == \
+            (mode, "center", True, None, None)
+        tasks = plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)
+        assert {(t.resizeMode, t.gravity, t.enlarge, t.background, t.quality, t.maintainAspectRatio)
+                for t in tasks} == {(mode, "center", True, "", 0, keep)}
+
+
+def test_resize_mode_wins_over_maintain_aspect_ratio():
+    assert parse({**SEED, "maintainAspectRatio": False, "resizeMode": "fit"}).resizeMode == "fit"
+    assert parse({**SEED, "maintainAspectRatio": True, "resizeMode": "force"}).resizeMode == "force"
+
+
+def test_every_option_reaches_the_tasks():
+    req = parse({**SEED, "resizeMode": " FILL ", "gravity": "SouthEast", "enlarge": "false",
+                 "background": "#AABBCC80", "quality": "70"})
+    assert (req.resizeMode, req.gravity, req.enlarge, req.background, req.quality) == \
+        ("fill", "southeast", False, "#aabbcc80", 70)
+    t = plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)[0]
+    assert (t.resizeMode, t.gravity, t.enlarge, t.background, t.quality, t.maintainAspectRatio) == \
+        ("fill", "southeast", False, "#aabbcc80", 70, True)
+
+
+def test_a_size_overrides_mode_and_gravity():
+    doc = {**SEED, "outputFormats": ["png"], "resizeMode": "pad", "gravity": "north",
+           "outputSizes": [{"width": 10, "height": 10},
+                           {"width": 20, "height": 20, "resizeMode": "fill", "gravity": "smart"},
+                           {"width": 30, "height": 30, "resizeMode": "force"},
+                           {"width": 40, "height": 40, "gravity": None, "resizeMode": None}]}
+    req = parse(doc)
+    assert req.outputSizes[1] == Size(20, 20, "fill", "smart")
+    tasks = plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)
+    assert [(t.resizeMode, t.gravity, t.maintainAspectRatio) for t in tasks] == [
+        ("pad", "north", True), ("fill", "smart", True), ("force", "north", False), ("pad", "north", True)]
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"resizeMode": "stretch"}, "resizeMode", "'stretch' is not one of fit, fill, force, pad"),
+    ({"resizeMode": 3}, "resizeMode", "3 is not one of fit, fill, force, pad"),
+    ({"gravity": "up"}, "gravity", "'up' is not one of center, north, south, east, west, northeast, northwest, "
+                                   "southeast, southwest, smart"),
+    ({"gravity": "ce"}, "gravity", "'ce' is not one of"),
+    ({"enlarge": "no"}, "enlarge", "must be true or false, got 'no'"),
+    ({"background": "white"}, "background", "must be #rrggbb or #rrggbbaa, got 'white'"),
+    ({"background": "#fff"}, "background", "must be #rrggbb or #rrggbbaa"),
+    ({"background": 16777215}, "background", "must be #rrggbb or #rrggbbaa"),
+    ({"quality": 0}, "quality", "must be between 1 and 100, got 0"),
+    ({"quality": 101}, "quality", "must be between 1 and 100, got 101"),
+    ({"quality": "high"}, "quality", "must be an integer"),
+    ({"quality": True}, "quality", "got a boolean"),
+    ({"outputSizes": [{"width": 1, "height": 1}, {"width": 1, "height": 1, "resizeMode": "crop"}]},
+     "outputSizes[1].resizeMode", "'crop' is not one of fit, fill, force, pad"),
+    ({"outputSizes": [{"width": 1, "height": 1, "gravity": "top"}]}, "outputSizes[0].gravity", "'top' is not one of"),
+])
+def test_unknown_option_values_are_rejected_with_the_field_named(change, field, message):
+    with pytest.raises(RequestInvalid) as info:
+        parse({**SEED, **change})
+    problems = dict(info.value.problems)
+    assert field in problems and message in problems[field], info.value.problems
+
+
+def test_several_bad_options_are_all_named():
+    with pytest.raises(RequestInvalid) as info:
+        parse({**SEED, "resizeMode": "x", "gravity": "y", "quality": -1, "background": "z"})
+    assert [f for f, _ in info.value.problems] == ["resizeMode", "gravity", "background", "quality"]
+
+
+def test_avro_nulls_are_absent_options():
+    """An Avro ImageRequest carries every optional field, null when not given."""
+    req = parse({**SEED, "resizeMode": None, "gravity": None, "enlarge": None, "background": None,
+                 "quality": None, "outputSizes": [{"width": 5, "height": 5, "resizeMode": None, "gravity": None}]})
+    assert (req.resizeMode, req.gravity, req.enlarge, req.background, req.quality) == \
+        ("fit", "center", True, None, None)
+    assert req.outputSizes == (Size(5, 5),)

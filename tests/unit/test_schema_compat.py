@@ -261,3 +261,41 @@ def test_resolver_without_a_broker_answers_none_and_waits_before_asking_again():
     asked_at = resolver.read_at
     assert resolver(bytes.fromhex("0123456789abcdef")) is None and resolver.read_at == asked_at
     resolver.close()
+
+
+# --- resize modes (issue 9): what records written before them mean now --------------------------------
+@pytest.mark.parametrize("keep, mode", [(True, "fit"), (False, "force")])
+def test_an_old_request_decodes_unchanged(keep, mode, tmp_path):
+    from streams.core.planning import parse_request, plan_tasks
+    old = load(CURRENT / "history" / "io.imagefork.ImageRequest.v1.avsc")
+    written = {"fileLocation": "s3://b/k", "outputFormats": ["jpg"], "outputSizes": [{"width": 30, "height": 20}],
+               "maintainAspectRatio": keep, "workflowId": "w", "correlationId": None}
+    data = process_with(tmp_path / "old", {"ImageRequest": old}).encode("ImageRequest", written)
+    doc = serde.decode_request_bytes(data)
+    assert doc["outputSizes"] == [{"width": 30, "height": 20, "resizeMode": None, "gravity": None}]
+    assert (doc["resizeMode"], doc["gravity"], doc["enlarge"], doc["background"], doc["quality"]) == \
+        (None, None, True, None, None)
+    request = parse_request(doc, max_dimension=100, max_tasks=10)
+    task = plan_tasks(request, "w", source_uri="s3://b/s", deadline=1)[0]
+    assert (task.resizeMode, task.gravity, task.enlarge, task.background, task.quality) == (mode, "center", True, "", 0)
+
+
+@pytest.mark.parametrize("keep, mode", [(True, "fit"), (False, "force")])
+def test_an_old_task_resizes_as_before(keep, mode, tmp_path):
+    from streams.core.imaging import OutputSpec
+    from streams.core.models import ResizeTask
+    old = load(CURRENT / "history" / "io.imagefork.ResizeTask.v3.avsc")
+    task = {k: v for k, v in SAMPLES["ResizeTask"].items() if k in {f["name"] for f in old["fields"]}}
+    data = process_with(tmp_path / "old", {"ResizeTask": old}).encode("ResizeTask", {**task, "maintainAspectRatio": keep})
+    read = ResizeTask.from_dict(serde.decode("ResizeTask", data))
+    assert (read.resizeMode, read.gravity, read.enlarge, read.background, read.quality) == ("", "center", True, "", 0)
+    spec = OutputSpec(read.format, read.width, read.height, read.maintainAspectRatio, mode=read.resizeMode)
+    assert spec.resize_mode == mode
+
+
+def test_an_old_output_record_says_no_mode(tmp_path):
+    old = load(CURRENT / "history" / "io.imagefork.TaskOutput.v1.avsc")
+    written = conform(SAMPLES["TaskOutput"], old)
+    data = process_with(tmp_path / "old", {"TaskOutput": old}).encode("TaskOutput", written)
+    assert serde.decode("TaskOutput", data) == {**written, "mode": "", "gravity": "", "enlarge": True,
+                                                "background": "", "quality": 0}

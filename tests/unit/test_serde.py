@@ -7,12 +7,19 @@ from streams.core.models import (
     DeadlineCheck, PlanFailure, ResizeTask, TaskError, TaskOutput, TaskResult, WorkflowCompleted, WorkflowPlan,
 )
 
-OUT = TaskOutput("r0", "png", 300, 200, 1234, "image/png", "s3://b/k.png", "http://s3/b/k.png")
+OUT = TaskOutput("r0", "png", 300, 200, 1234, "image/png", "s3://b/k.png", "http://s3/b/k.png",
+                 "pad", "west", False, "#ff000080", 0)
 ERR = TaskError("r1", "IMAGE_UNDECODABLE", "bad", 1)
 RECORDS = {
-    "ImageRequest": {"fileLocation": "s3://b/k", "outputFormats": ["png"], "outputSizes": [{"width": 1, "height": 2}],
-                     "maintainAspectRatio": False, "workflowId": "w", "correlationId": None},
-    "ResizeTask": ResizeTask("w", "r0", 0, 1, "s3://b/s", "http://x/y", "png", 3, 4, True, "w/r0.png", 99, 2, 5).to_dict(),
+    "ImageRequest": {"fileLocation": "s3://b/k", "outputFormats": ["png"],
+                     "outputSizes": [{"width": 1, "height": 2, "resizeMode": None, "gravity": None},
+                                     {"width": 3, "height": 4, "resizeMode": "fill", "gravity": "smart"}],
+                     "maintainAspectRatio": False, "workflowId": "w", "correlationId": None,
+                     "resizeMode": "pad", "gravity": "southeast", "enlarge": False, "background": "#00ff00",
+                     "quality": 70},
+    "ResizeTask": ResizeTask("w", "r0", 0, 1, "s3://b/s", "http://x/y", "png", 3, 4, True, "w/r0.png", 99, 2, 5,
+                             resizeMode="fill", gravity="north", enlarge=False, background="#123456",
+                             quality=90).to_dict(),
     "TaskResult": TaskResult("w", "r0", "SUCCEEDED", 1, 7, output=OUT, runId="r1").to_dict(),
     "WorkflowPlan": WorkflowPlan("w", "http://x", ("r0", "r1"), 1, 2, "c",
                                  PlanFailure("REJECTED", "REQUEST_INVALID", "x")).to_dict(),
@@ -20,7 +27,7 @@ RECORDS = {
     "WorkflowCompleted": WorkflowCompleted("w", None, "FAILED", "http://x", ("u",), (OUT,), (ERR,), 2, 1, 2).to_dict(),
     "TaskOutput": OUT.to_dict(),
     "TaskError": ERR.to_dict(),
-    "Size": {"width": 1, "height": 2},
+    "Size": {"width": 1, "height": 2, "resizeMode": "force", "gravity": None},
     "PlanFailure": {"status": "FAILED", "code": "c", "message": "m", "attempts": 4},
     "JoinMarker": {"status": "COMPLETED", "at": 5, "runId": "r1"},
     "RunIgnored": {"workflowId": "w", "runId": "r2", "reason": "finished", "takenRunId": "r1",
