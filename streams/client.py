@@ -132,10 +132,15 @@ class Client:
         if isinstance(request, dict):
             workflow_id = workflow_id or request.get("workflowId") or str(uuid.uuid4())
             if avro:
-                keep, why = parse_boolean(request.get("maintainAspectRatio", True))
-                if why:
-                    raise SubmitError(f"maintainAspectRatio {why}")
-                body = {"workflowId": None, "correlationId": None, **request, "maintainAspectRatio": keep}
+                body = {"workflowId": None, "correlationId": None, **request}
+                for name in ("maintainAspectRatio", "enlarge"):  # "false" means false, as in JSON
+                    flag, why = parse_boolean(request.get(name, True))
+                    if why:
+                        raise SubmitError(f"{name} {why}")
+                    body[name] = flag
+                quality = request.get("quality")
+                if isinstance(quality, str) and quality.strip().isdigit():
+                    body["quality"] = int(quality)
                 value = serde.encode("ImageRequest", body)
                 self._publish_schemas()
             else:

@@ -113,3 +113,7 @@ def test_avro_submit_keeps_a_string_false():
     assert serde.decode("ImageRequest", client.producer.value)["maintainAspectRatio"] is False
     client.submit({**doc, "maintainAspectRatio": "TRUE"}, "wf-2", avro=True)
     assert serde.decode("ImageRequest", client.producer.value)["maintainAspectRatio"] is True
+    # the same for enlarge, and a quality written as a string, as the JSON path takes them
+    client.submit({**doc, "enlarge": "false", "quality": "70", "resizeMode": "fill"}, "wf-3", avro=True)
+    sent = serde.decode("ImageRequest", client.producer.value)
+    assert (sent["enlarge"], sent["quality"], sent["resizeMode"]) == (False, 70, "fill")
