@@ -1,8 +1,10 @@
 """The whole pipeline against the real broker and the real S3 server."""
+import io
 import json
 import time
 
 import pytest
+from PIL import Image
 
 from streams.demo import seed_request
 from tests.integration.pipeline import wait_until
@@ -45,6 +47,35 @@ def test_seed_request_gives_nine_objects_and_one_final_event(pipeline, files):
     pipeline.check_outputs(final)
     assert len(pipeline.output_keys("seed-1")) == 9
     assert len(pipeline.finals_for(["seed-1"])) == 1
+
+
+def test_every_resize_mode_and_format_through_the_stack(pipeline, files):
+    """issue 9: one request asking for fit, fill (smart), force and pad (north) per output size, in every
+    format, with enlarge false: every output decodes at its exact size, and its record says what was
+    applied."""
+    box = {"width": 300, "height": 150}
+    sizes = [{**box, "resizeMode": "fit"}, {**box, "resizeMode": "fill", "gravity": "smart"},
+             {**box, "resizeMode": "force"}, {**box, "resizeMode": "pad", "gravity": "north"},
+             {"width": 2000, "height": 1000}]  # fit (the request's), never enlarged: the source's 900x900
+    formats = ["png", "jpg", "webp", "gif", "tiff"]
+    request = {"fileLocation": files.url("sample.png"), "outputFormats": formats, "outputSizes": sizes,
+               "resizeMode": "fit", "enlarge": False}
+    final = run(pipeline, {"modes-1": request})["modes-1"]
+    assert final.status == "COMPLETED", final.errors
+    assert len(final.outputs) == len(formats) * len(sizes)
+    pipeline.check_outputs(final)
+    expected = [("fit", "", (150, 150)), ("fill", "smart", (300, 150)), ("force", "", (300, 150)),
+                ("pad", "north", (300, 150)), ("fit", "", (900, 900))]
+    for i, out in enumerate(final.outputs):
+        mode, gravity, size = expected[i % len(sizes)]
+        assert (out.format, out.mode, out.gravity, (out.width, out.height), out.enlarge) == \
+            (formats[i // len(sizes)], mode, gravity, size, False), out
+    # pad: the image (150x150) sits at the top centre; the sides are the background
+    pads = {o.format: o for o in final.outputs if o.mode == "pad"}
+    png = Image.open(io.BytesIO(pipeline.object(pads["png"].s3Uri.split("/", 3)[3]))).convert("RGBA")
+    assert png.getpixel((10, 75))[3] == 0 and png.getpixel((150, 75))[3] == 255  # transparent sides
+    jpg = Image.open(io.BytesIO(pipeline.object(pads["jpg"].s3Uri.split("/", 3)[3]))).convert("RGB")
+    assert min(jpg.getpixel((10, 75))) >= 245  # white sides for a format without alpha
 
 
 def test_three_requests_together_do_not_mix(pipeline, files):
