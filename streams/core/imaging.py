@@ -47,7 +47,23 @@ _TARGET_MODES = {
 # source profile says and only the ones outside are clipped; for matrix profiles (Display P3, Adobe RGB:
 # what phones and cameras embed) perceptual has no table of its own and lcms would use the colorimetric
 # one anyway; black-point compensation maps a CMYK profile's paper black to sRGB black, as Photoshop does.
-SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _stable_srgb_profile() -> bytes:
+    """lcms's sRGB profile, the same bytes in every process: lcms stamps the creation time into the
+    header, so each worker process made its own profile and a task run twice (after a worker was
+    killed) wrote an object that differed by a byte from the result already recorded. The date is set
+    to a fixed one and the profile ID (the MD5 of the profile with its flags, intent and ID zeroed, as
+    ICC v4 defines it) is computed again."""
+    raw = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    raw[24:36] = struct.pack(">6H", 2020, 1, 1, 0, 0, 0)
+    probe = bytearray(raw)
+    probe[44:48], probe[64:68], probe[84:100] = bytes(4), bytes(4), bytes(16)
+    raw[84:100] = hashlib.md5(bytes(probe)).digest()
+    return bytes(raw)
+
+
+SRGB_ICC = _stable_srgb_profile()
 _SRGB = ImageCms.ImageCmsProfile(io.BytesIO(SRGB_ICC))
 _INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
 _FLAGS = ImageCms.Flags.BLACKPOINTCOMPENSATION

@@ -359,3 +359,35 @@ def test_orientation_is_applied_before_the_exif_goes():
     _, decoded = run(encode(im, "JPEG", exif=exif, quality=95), "png", 30, 60)
     assert decoded.size == (30, 60) and decoded.getpixel((15, 5))[2] > 200  # blue on top
     assert not decoded.getexif()
+
+
+def test_the_same_task_gives_the_same_bytes_in_every_process():
+    """A task can run twice, in two processes (a worker killed after its upload); the second upload
+    overwrites the first under the same key, so it must be the very bytes the first result recorded.
+    lcms stamps the time into a profile it makes: the sRGB tag must not carry it."""
+    import subprocess
+    import sys
+    import time
+    script = ("import hashlib, sys\n"
+              "from streams.config import Encoding, Limits\n"
+              "from streams.core.imaging import OutputSpec, resize_image\n"
+              "from streams.demo import SAMPLE\n"
+              "data = SAMPLE.read_bytes()\n"
+              "outs = [resize_image(data, OutputSpec(f, 40, 30), Limits(), Encoding()).data for f in ('png', 'jpg', 'webp', 'gif', 'tiff')]\n"
+              "print(hashlib.sha256(b''.join(outs)).hexdigest())\n")
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    time.sleep(1.1)  # the profile's time stamp has seconds
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert first == second and len(first.strip()) == 64
+
+
+def test_the_srgb_tag_is_a_valid_v4_profile_with_its_id():
+    import hashlib
+
+    from streams.core.imaging import SRGB_ICC
+    probe = bytearray(SRGB_ICC)
+    probe[44:48], probe[64:68], probe[84:100] = bytes(4), bytes(4), bytes(16)
+    assert SRGB_ICC[84:100] == hashlib.md5(bytes(probe)).digest()
+    assert SRGB_ICC[36:40] == b"acsp" and SRGB_ICC[8] == 4  # the signature and version 4
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(SRGB_ICC))
+    assert profile.profile.xcolor_space.strip() == "RGB"
