@@ -1,6 +1,7 @@
 """Crash and fault tests against real processes: every request ends with exactly one final event."""
 import io
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -51,6 +52,31 @@ def in_flight_partitions(p) -> set[int]:
     return {partition for partition, _key in p.open_ledger_rows()}
 
 
+def assigned_task_partitions(p, worker) -> set[int]:
+    """The tasks partitions a resize worker holds, from its last assignment line (Faust's consumer
+    logs the whole assignment at each rebalance)."""
+    lines = [line for line in worker.log_path.read_text(errors="replace").splitlines()
+             if "Setting newly assigned partitions" in line]
+    topic = re.escape(p.config.topics.tasks)
+    return {int(n) for n in re.findall(rf"topic='{topic}', partition=(\d+)", lines[-1])} if lines else set()
+
+
+def kill_while_holding_a_task(p, victim, timeout: float = 90) -> set[int]:
+    """SIGKILL ``victim`` at a moment it has a task in flight, shown, not guessed: it is frozen
+    (SIGSTOP), the crash ledger is read, and it is killed only if a row it wrote is open in one of its
+    own partitions (else it thaws and the check runs again). Returns those partitions."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        os.killpg(victim.pid, signal.SIGSTOP)
+        held = in_flight_partitions(p) & assigned_task_partitions(p, victim)
+        if held:
+            victim.kill()
+            return held
+        os.killpg(victim.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the victim was never seen holding a task\n" + p.logs())
+
+
 def test_sigkill_one_of_two_resize_workers_mid_run(make_pipeline, files):
     """SIGKILL one of two resize workers while it holds tasks. The survivor takes its partitions over,
     finds the tasks the victim had started in the crash ledger and runs them; every request ends
@@ -65,16 +91,14 @@ def test_sigkill_one_of_two_resize_workers_mid_run(make_pipeline, files):
     for wf in ids:
         p.submit(small_request(files), wf)
     until_results(p, follower, 10)  # work is flowing: some results are in, many are not
-    # Kill when the victim surely holds a task: tasks in flight in 3 partitions at once, and the survivor
-    # runs 2 at a time at most, so one of them is the victim's.
-    assert wait_until(lambda: len(in_flight_partitions(p)) >= 3, 90, interval=0.1), \
-        "never saw tasks in flight in 3 partitions at once\n" + p.logs()
-    victim.kill()
+    held = kill_while_holding_a_task(p, victim)
     finish(p, follower, ids)
     assert survivor.alive()
     assert " SUCCEEDED (attempt" in victim.log_path.read_text()  # it did work before it died
     # the survivor took over what the victim had started (agents/crashes.py logs each such task)
-    assert "was in flight when its worker died" in survivor.log_path.read_text(), survivor.log_tail(40)
+    taken = {int(n) for n in re.findall(rf"{re.escape(p.config.topics.tasks)}\[(\d+):\d+\] was in flight when its "
+                                        "worker died", survivor.log_path.read_text())}
+    assert taken & held, (held, survivor.log_tail(40))
 
 
 def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, files):
