@@ -8,6 +8,7 @@ consumer groups nobody else uses.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -48,6 +49,8 @@ def local_stack(tmp_path_factory):
     def start(kafka: bool = True) -> LocalStack:
         stack = LocalStack(tmp_path_factory.mktemp("stack"))
         stacks.append(stack)  # before up(): whatever it started goes down at the end, even if it failed
+        # and at exit too, should a SIGTERM or Ctrl-C cut the teardown short (down() twice is harmless)
+        atexit.register(stack.down)
         stack.up(kafka=kafka)
         return stack
 
