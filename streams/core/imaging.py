@@ -1,4 +1,4 @@
-"""Bytes in, encoded image out: an ordered list of small steps over one context.
+"""Bytes in, encoded image out: an ordered list of small steps.
 
 check limits -> open (header only) -> check pixels -> draft -> load -> orient
 -> to sRGB -> normalise mode -> strip metadata -> resize (fit, fill + crop at a gravity, force, pad on a
@@ -13,7 +13,7 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -124,16 +124,6 @@ class Layout:
     crop: tuple[int, int, int, int]
     canvas: tuple[int, int]
     offset: tuple[int, int] = (0, 0)
-
-
-@dataclass
-class _Context:
-    spec: OutputSpec
-    limits: Limits
-    encoding: Encoding
-    image: Image.Image | None = None
-    icc_profile: bytes | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def target_size(src_w: int, src_h: int, spec: OutputSpec) -> tuple[int, int]:
