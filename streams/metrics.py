@@ -11,3 +11,7 @@ WORKER_CRASHES = Counter("imagefork_worker_crashes", "Resize processes that died
                          "found in flight after its worker died (suspected) or a sandbox that died (observed)",
                          ["kind"])
 REPAIR_ERRORS = Counter("imagefork_repair_errors", "Failed lookups of lost results in the object store")
+
+
+def install(config, role: str) -> None:
+    """Per-process metrics set up at a worker's start (``role``: planner, resize, join, api)."""

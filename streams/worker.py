@@ -158,6 +158,8 @@ def run_role(role: str, config: Config) -> int:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack to the log
     check_storage(config)
     serve_metrics(config)
+    from streams.metrics import install
+    install(config, role)
     # before any write: a reader older than this worker finds its schemas there (a rolling deploy)
     publish_schemas(config)
     install_resolver(config)
