@@ -1,4 +1,8 @@
-"""The project's Prometheus metrics, declared once (prometheus-client's default registry)."""
+"""The project's Prometheus metrics, declared once (prometheus-client's default registry).
+
+Consumer lag is a custom collector (streams/adapters/lag.py): ``imagefork_consumer_lag`` and
+``imagefork_consumer_committed_offset``, per group, topic and partition, read from the brokers at scrape time.
+"""
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -19,6 +23,67 @@ WORKFLOW_SECONDS = Histogram("imagefork_workflow_duration_seconds",
                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
 OPEN_WORKFLOWS = Gauge("imagefork_open_workflows", "Workflows open in this join process's partitions")
 
+# --- tasks (observed by resize) ------------------------------------------------------------------
+TASKS = Counter("imagefork_tasks", "Resize tasks ended, by status (SUCCEEDED, FAILED) and error code "
+                "(empty when SUCCEEDED); a task retried counts once, when it ends", ["status", "code"])
+TASK_SECONDS = Histogram("imagefork_task_duration_seconds", "A succeeded task's resize, encode and upload "
+                         "time, by output format", ["format"],
+                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+RETRIES = Counter("imagefork_retries", "Messages and tasks put on a retry topic for another attempt, "
+                  "by agent and error code", ["agent", "code"])
+
+# --- object store and sources --------------------------------------------------------------------
+BYTES_READ = Counter("imagefork_bytes_read", "Source bytes fetched, by source (http, s3)", ["source"])
+BYTES_WRITTEN = Counter("imagefork_bytes_written", "Bytes uploaded to the object store, by kind "
+                        "(output: resized images; staging: fetched sources kept for resize)", ["kind"])
+
+# --- consumer lag (streams/adapters/lag.py) ------------------------------------------------------
+LAG_SCRAPE_ERRORS = Counter("imagefork_lag_scrape_errors", "Failed reads of the consumer groups' offsets "
+                            "(a scrape then has no imagefork_consumer_lag samples)")
+
+
+# A resize pool's process (IMAGEFORK_RESIZE_POOL=process, or a sandbox) serves no metrics of its own: its byte
+# counts are tallied here and go back to the worker with the task's outcome (take_io, then add_io).
+_io_tally: dict[tuple[str, str], int] | None = None
+
+
+def count_read(source: str, nbytes: int) -> None:
+    if _io_tally is None:
+        BYTES_READ.labels(source).inc(nbytes)
+    else:
+        _io_tally[("read", source)] = _io_tally.get(("read", source), 0) + nbytes
+
+
+def count_written(kind: str, nbytes: int) -> None:
+    if _io_tally is None:
+        BYTES_WRITTEN.labels(kind).inc(nbytes)
+    else:
+        _io_tally[("written", kind)] = _io_tally.get(("written", kind), 0) + nbytes
+
+
+def tally_io() -> None:
+    """In a pool's process: keep byte counts for take_io instead of counting them here."""
+    global _io_tally
+    _io_tally = {}
+
+
+def take_io() -> list[tuple[str, str, int]]:
+    """The byte counts tallied since the last call (none outside a pool's process)."""
+    if not _io_tally:
+        return []
+    taken = [(what, label, n) for (what, label), n in _io_tally.items()]
+    _io_tally.clear()
+    return taken
+
+
+def add_io(taken) -> None:
+    for what, label, n in taken or ():
+        (BYTES_READ if what == "read" else BYTES_WRITTEN).labels(label).inc(n)
+
 
 def install(config, role: str) -> None:
-    """Per-process metrics set up at a worker's start (``role``: planner, resize, join, api)."""
+    """Per-process metrics set up at a worker's start (``role``: planner, resize, join, api): the
+    consumer lag of the role's own group (the api consumes nothing; it registers the roles it wants)."""
+    if role in ("planner", "resize", "join"):
+        from streams.adapters.lag import register_lag
+        register_lag(config, [role])

@@ -15,6 +15,7 @@ from streams.config import Config
 from streams.core.errors import (
     PipelineError, SourceNotFound, SourceTooLarge, StorageRejected, StorageUnavailable,
 )
+from streams.metrics import count_read, count_written
 
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
                     "InternalError", "RequestTimeTooSkewed", "503", "500", "502", "504"}
@@ -156,6 +157,7 @@ class ObjectStore:
                                    Metadata=metadata or {})
         except Exception as exc:
             raise _classify(exc, f"upload s3://{self.bucket}/{key}") from None
+        count_written("staging" if key.startswith(self.config.staging_prefix) else "output", len(data))
 
     def get(self, uri: str, max_bytes: int) -> bytes:
         """Read an object, refusing it past ``max_bytes`` (size from HEAD, then a reader that stops)."""
@@ -173,6 +175,7 @@ class ObjectStore:
             raise _classify(exc, uri) from None
         if len(data) > max_bytes:
             raise SourceTooLarge(f"{uri} is more than the limit of {max_bytes} bytes")
+        count_read("s3", len(data))
         return data
 
     def head(self, key: str) -> dict | None:

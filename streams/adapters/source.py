@@ -21,6 +21,7 @@ from streams.config import Limits
 from streams.core.errors import (
     PipelineError, SourceForbidden, SourceNotFound, SourceTooLarge, SourceUnavailable,
 )
+from streams.metrics import count_read
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Sequence[str]]
@@ -216,7 +217,9 @@ def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
                 raise SourceUnavailable(f"HTTP {resp.status} {resp.reason} for {_short(url)}")
             if resp.status != 200:
                 raise SourceNotFound(f"HTTP {resp.status} {resp.reason} for {_short(url)}")
-            return _read_capped(resp, limits, started)
+            data = _read_capped(resp, limits, started)
+            count_read("http", len(data))
+            return data
         except PipelineError:
             raise
         except ssl.SSLCertVerificationError as exc:

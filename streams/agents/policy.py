@@ -26,7 +26,7 @@ import faust
 
 from streams.agents.common import SendRejected, backoff_s, dead_letter_headers, log, now_ms, origin, send
 from streams.config import Config
-from streams.metrics import DEAD_LETTERS, MESSAGES
+from streams.metrics import DEAD_LETTERS, MESSAGES, RETRIES
 
 ATTEMPTS = "imagefork.attempts"
 NOT_BEFORE = "imagefork.not-before"
@@ -118,6 +118,7 @@ class MessagePolicy:
             await send(self.retry_topic, key=msg.key, value=msg.value, headers=headers)
         except Exception as exc:  # the retry topic refused it: park it where a person will look
             return await self.dead_letter(msg, "INTERNAL", f"{reason}; then the retry was refused: {exc}")
+        RETRIES.labels(self.agent, "INTERNAL").inc()
         return Disposition.RETRIED
 
     async def dead_letter(self, msg: Message, code: str, reason: str) -> Disposition:

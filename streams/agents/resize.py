@@ -20,6 +20,7 @@ from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, w
 from streams.app import Topics
 from streams.config import Config
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
+from streams.metrics import RETRIES, TASK_SECONDS, TASKS, add_io
 from streams.serde import SerdeError
 
 
@@ -36,7 +37,7 @@ def make_pool(config: Config) -> Executor:
     if config.resize_pool == "thread":
         resize_job.init(config)
         return ThreadPoolExecutor(max_workers=config.resize_slots, thread_name_prefix="resize")
-    return _process_pool(config, config.resize_slots, resize_job.init)
+    return _process_pool(config, config.resize_slots, resize_job.init_pooled)
 
 
 def crashed_outcome(entry: Entry) -> dict:
@@ -74,6 +75,7 @@ class Resizer:
         try:
             outcome = crashed_outcome(entry) if entry.crashes >= self.config.max_crashes else \
                 await self.run(task, entry, sandboxed=suspect)
+            add_io(outcome.pop("io", ()))
             if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
                 await self.schedule_retry(task, outcome)
                 return Disposition.RETRIED
@@ -128,6 +130,7 @@ class Resizer:
                               "notBefore": now_ms() + int(delay * 1000)})
         await send(self.topics.retries, key=f"{task.workflowId}/{task.taskRef}".encode(),
                    value=serde.encode("ResizeTask", retry.to_dict()))
+        RETRIES.labels("resize", outcome["code"]).inc()
 
     async def report(self, task: ResizeTask, outcome: dict) -> None:
         if outcome["ok"]:
@@ -140,6 +143,9 @@ class Resizer:
         await send(self.topics.events, key=task.workflowId.encode(),
                    value=serde.encode_join_event("TaskResult", result.to_dict()))
         log.info("task %s/%s %s (attempt %d)", task.workflowId, task.taskRef, result.status, task.attempt)
+        TASKS.labels(result.status, "" if outcome["ok"] else outcome["code"]).inc()
+        if outcome["ok"] and "seconds" in outcome:
+            TASK_SECONDS.labels(result.output.format).observe(outcome["seconds"])
 
     async def release(self, msg: Message) -> Disposition:
         """Retry topic: wait until the task's not-before time (or its deadline), then put it back."""

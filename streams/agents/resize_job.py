@@ -2,17 +2,20 @@
 source (decoded once per process, kept while the memory budget allows), resize and encode (core), upload.
 
 Returns a plain dict so it crosses a process boundary cheaply:
-``{"ok": True, "output": {...}}`` or ``{"ok": False, "code", "message", "transient"}``.
+``{"ok": True, "output": {...}, "seconds"}`` or ``{"ok": False, "code", "message", "transient"}``, each with
+``"io"``: the bytes read and written in a pool's own process, for the worker to count (streams.metrics).
 """
 from __future__ import annotations
 
 import gc
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
 from PIL import Image
 
+from streams import metrics
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.errors import ImageTooLarge, PipelineError
@@ -116,11 +119,17 @@ def init(config: Config) -> None:
     _budget = MemoryBudget(config.memory_budget_mb << 20)
 
 
+def init_pooled(config: Config) -> None:
+    """A pool's own process: as init, its byte counts going back with each outcome."""
+    init(config)
+    metrics.tally_io()
+
+
 def init_sandbox(config: Config) -> None:
     """The suspect's process: the same job, under an address-space limit, so a runaway decode fails
     there with MemoryError (IMAGE_TOO_LARGE) instead of being killed by the kernel with the worker."""
     import resource
-    init(config)
+    init_pooled(config)
     _budget.budget = max(64 << 20, config.memory_budget_mb << 19)  # one task at a time: half is plenty
     limit = (config.memory_budget_mb << 20) + (1 << 30)  # the budget, plus the interpreter and libraries
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -159,6 +168,12 @@ def _source(uri: str, max_box: tuple[int, int]) -> tuple[str, Image.Image]:
 def run(task: dict[str, Any]) -> dict[str, Any]:
     if _config is None:
         raise RuntimeError("resize_job.init() was not called in this process")
+    outcome = _run(task)
+    outcome["io"] = metrics.take_io()
+    return outcome
+
+
+def _run(task: dict[str, Any]) -> dict[str, Any]:
     try:
         key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)))
         try:
@@ -166,6 +181,7 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
                               mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
                               enlarge=task.get("enlarge", True), background=task.get("background", ""),
                               quality=task.get("quality", 0))
+            started = time.perf_counter()
             out = resize_image(im, spec, _config.limits, _config.encoding)
         finally:
             del im
@@ -181,7 +197,7 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
             "s3Uri": _store.uri(task["outputKey"]), "url": _store.url(task["outputKey"]),
             "mode": out.mode, "gravity": out.gravity, "enlarge": out.enlarge, "background": out.background,
             "quality": out.quality,
-        }}
+        }, "seconds": time.perf_counter() - started}
     except PipelineError as exc:
         return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient}
     except MemoryError:
