@@ -172,7 +172,6 @@ def _get(args) -> int:
     and exit code 1."""
     from confluent_kafka import KafkaException
 
-    from streams.adapters.objectstore import ObjectStore, parse_s3_uri
     from streams.adapters.schemas import install_resolver
     from streams.client import consume_completed
     from streams.core.errors import PipelineError
@@ -203,27 +202,119 @@ def _get(args) -> int:
             print(url)
         return 0
     folder = Path(args.dir) if args.dir is not None else Path(workflow_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    store = ObjectStore(config)
-    total = 0
-    for out in final.outputs:
-        name = Path(parse_s3_uri(out.s3Uri)[1]).name
-        path = folder / name
-        try:
-            total += store.download(out.s3Uri, path)
-        except PipelineError as exc:
-            print(f"imagefork: {exc}", file=sys.stderr)
-            return 1
-        print(f"{path}  {out.format} {out.width}x{out.height}  {out.bytes:,} bytes")
+    try:
+        files = download_outputs(config, final, folder, show=print)
+    except PipelineError as exc:
+        print(f"imagefork: {exc}", file=sys.stderr)
+        return 1
+    total = sum(path.stat().st_size for path, _out in files)
     print(f"{len(final.outputs)} outputs of workflow {workflow_id}, {total:,} bytes, in {folder}/", file=sys.stderr)
     return 0
+
+
+def download_outputs(config: Config, final, folder: Path, show=None) -> list:
+    """Every output of ``final`` written to ``folder`` (created), each under its S3 object's name; a line
+    per file to ``show`` (path, format, size, bytes) if given. Returns (path, output) pairs in the
+    event's order; raises PipelineError if an object cannot be read."""
+    from streams.adapters.objectstore import ObjectStore, parse_s3_uri
+    folder.mkdir(parents=True, exist_ok=True)
+    store = ObjectStore(config)
+    files = []
+    for out in final.outputs:
+        path = folder / Path(parse_s3_uri(out.s3Uri)[1]).name
+        store.download(out.s3Uri, path)
+        files.append((path, out))
+        if show:
+            show(f"{path}  {out.format} {out.width}x{out.height}  {out.bytes:,} bytes")
+    return files
 
 
 def _demo(args) -> int:
     from streams.demo import run_demo, stop_demo
     if args.stop:
         return stop_demo()
-    return run_demo(keep_stack=args.keep_stack)
+    return run_demo(keep=args.keep)
+
+
+def kafka_failure(config: Config, exc: Exception) -> str:
+    """One line for a Kafka call that failed (``KafkaException``: its error's text, not a repr)."""
+    err = exc.args[0] if exc.args else None
+    return f"Kafka at {config.bootstrap_servers}: {err.str() if hasattr(err, 'str') else exc}"
+
+
+def _status(args) -> int:
+    from confluent_kafka import KafkaException
+
+    from streams.adapters.lag import status_report
+    config = Config.from_env()
+    try:
+        report = status_report(config)
+    except KafkaException as exc:
+        print(f"imagefork: {kafka_failure(config, exc)}", file=sys.stderr)
+        return 1
+    print(report.rstrip("\n") if isinstance(report, str) else report)
+    return 0
+
+
+def _dlq_list(args) -> int:
+    from confluent_kafka import KafkaException
+
+    from streams.ops import dead_letter_table, read_dead_letters
+    config = Config.from_env()
+    try:
+        letters = read_dead_letters(config, args.timeout)
+    except KafkaException as exc:
+        print(f"imagefork: {kafka_failure(config, exc)}", file=sys.stderr)
+        return 1
+    shown = letters[-args.limit:] if args.limit > 0 else letters
+    if args.json:
+        for letter in shown:
+            print(json.dumps(letter.to_dict()))
+    elif shown:
+        for line in dead_letter_table(shown):
+            print(line)
+    topic = config.topics.dead_letter
+    more = f" (the {len(shown)} most recent shown: --limit)" if len(shown) < len(letters) else ""
+    print(f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''} on {topic}{more}", file=sys.stderr)
+    return 0
+
+
+def _dlq_replay(args) -> int:
+    from confluent_kafka import KafkaException
+
+    from streams.ops import OpsError, find_dead_letters, is_request, read_dead_letters, replay, replay_target
+    config = Config.from_env()
+    if bool(args.ids) == args.all:
+        print("imagefork: dlq replay: give --id ID (one or more) or --all", file=sys.stderr)
+        return 2
+    try:
+        letters = read_dead_letters(config, args.timeout)
+        skipped = []
+        if args.all:
+            chosen = letters
+            if args.to is None or args.to == config.topics.requests:  # only requests go to the request topic
+                skipped = [d for d in chosen if not is_request(d, config)]
+                chosen = [d for d in chosen if is_request(d, config)]
+        else:
+            chosen = find_dead_letters(letters, args.ids, config.topics.dead_letter)
+        plan = [(d, replay_target(d, args.to, config)) for d in chosen]  # every target checked before a send
+        sent = replay(config, plan) if plan else []
+    except OpsError as exc:
+        print(f"imagefork: {exc}", file=sys.stderr)
+        return 1
+    except KafkaException as exc:
+        print(f"imagefork: {kafka_failure(config, exc)}", file=sys.stderr)
+        return 1
+    for s in sent:
+        d = s.letter
+        print(f"{d.id} -> {s.topic}/{s.partition}/{s.offset}  key {d.key_text or '(none)'}  "
+              f"{len(d.value or b''):,} bytes  (was {d.code or '?'} from {d.origin or '?'})")
+    if skipped:
+        agents = ", ".join(sorted({d.agent or "unknown" for d in skipped}))
+        print(f"skipped {len(skipped)} dead letter{'s' if len(skipped) != 1 else ''} that are not requests "
+              f"(agent {agents}): replay them with --to origin", file=sys.stderr)
+    print(f"replayed {len(sent)} dead letter{'s' if len(sent) != 1 else ''}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,9 +328,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help="state folder (default: $IMAGEFORK_STACK_DIR or ~/.cache/imagefork/stack)")
     p.set_defaults(func=_stack)
 
-    p = sub.add_parser("worker", help="run a role: planner, resize, join, or all three")
-    p.add_argument("role", choices=["planner", "resize", "join", "all"])
+    p = sub.add_parser("worker", help="run a role: planner, resize, join, api, or all")
+    p.add_argument("role", choices=["planner", "resize", "join", "api", "all"])
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("api", help="the HTTP API and dashboard on IMAGEFORK_API_LISTEN (default "
+                                   "127.0.0.1:8088); the same as `imagefork worker api`")
+    p.set_defaults(func=_worker, role="api")
+
+    p = sub.add_parser("status", help="the pipeline at a glance: each role's group, members, partitions "
+                                      "and lag, from the broker")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("dlq", help="the dead-letter topic: list the dead letters, send them back",
+                       description="The dead-letter topic (IMAGEFORK_NAMESPACE + imagefork.requests.dlq): "
+                                   "messages the pipeline could never process, kept with why and where "
+                                   "they came from.")
+    dlq = p.add_subparsers(dest="dlq_command", required=True)
+    q = dlq.add_parser("list", help="the dead letters as a table, oldest first (read to the end, then exit)")
+    q.add_argument("--limit", type=int, default=50, metavar="N",
+                   help="show the N most recent (50; 0: all of them)")
+    q.add_argument("--json", action="store_true",
+                   help="one JSON object per line, the whole reason and every header")
+    q.add_argument("--timeout", type=float, default=60.0, help="seconds to read the topic to its end (60)")
+    q.set_defaults(func=_dlq_list)
+    q = dlq.add_parser(
+        "replay", help="send dead letters back (their original key and bytes) so they run again",
+        description="Send the chosen dead letters' original key and value, with their headers but the "
+                    "pipeline's own (imagefork.*: the error, the attempts, the run id), to the request topic "
+                    "or (--to origin) the topic each came from. Prints one line per message sent.",
+        epilog="A replay is not idempotent by itself: each replay is a new message, and replaying the same "
+               "dead letter twice sends it twice (allowed; each line printed says what was sent). The "
+               "pipeline's own rules then apply: a request keyed by a workflow id that already ran, or is "
+               "running, is not run again (the join answers with a RunIgnored notice; `imagefork submit "
+               "--wait` shows it), while a request without a key gets a new workflow id per replay. Fix the "
+               "cause first (`imagefork dlq list` shows the code and reason): a message replayed unchanged "
+               "into the same fault is dead-lettered again.")
+    q.add_argument("--id", action="append", default=[], metavar="ID", dest="ids",
+                   help="a dead letter's id as `dlq list` prints it (topic/partition/offset, or "
+                        "partition/offset); repeat for several")
+    q.add_argument("--all", action="store_true",
+                   help="every dead letter on the topic (with the default target: every request among them)")
+    q.add_argument("--to", metavar="TOPIC",
+                   help="where to send them: `origin` (the topic each came from) or a topic name "
+                        "(default: the request topic; only dead-lettered requests go there)")
+    q.add_argument("--timeout", type=float, default=60.0, help="seconds to read the topic to its end (60)")
+    q.set_defaults(func=_dlq_replay)
 
     p = sub.add_parser("topics", help="create the topics with the configured partitions and replication")
     p.set_defaults(func=_topics)
@@ -264,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds to read the completed topic to its end (60)")
     p.set_defaults(func=_get)
 
-    p = sub.add_parser("demo", help="the seed request end to end on the local stack")
+    p = sub.add_parser("demo", help="the seed request end to end on the local stack; its outputs and a "
+                                    "contact sheet (index.html) written to a folder it prints")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--keep-stack", action="store_true",
-                      help="leave the demo's Kafka, S3 server and workers running afterwards "
-                           "(prints how to use and stop them)")
+    mode.add_argument("--keep", "--keep-stack", dest="keep", action="store_true",
+                      help="leave the demo's Kafka, S3 server, workers and an API/dashboard process running "
+                           "afterwards (prints the dashboard URL, how to use them and how to stop them)")
     mode.add_argument("--stop", action="store_true",
-                      help="stop what a --keep-stack demo left running (its workers and its stack)")
+                      help="stop what a --keep demo left running (its workers, its API and its stack)")
     p.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)

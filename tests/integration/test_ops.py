@@ -1,0 +1,184 @@
+"""Operations commands on the real broker, S3 server and workers (one pipeline for the module), through the
+real CLI in this process:
+
+- ``imagefork dlq list`` shows real dead letters (one undecodable message, one request whose plan the broker
+  refused) with their id, agent, code, origin, key and attempts; ``--json`` and ``--limit`` too;
+- ``imagefork dlq replay`` sends a dead-lettered request back once its cause is fixed, without the
+  pipeline's headers, and it completes; an unknown id is one line and exit code 1;
+- ``imagefork status`` names each role's group, its member and the partitions it holds; a broker that does
+  not answer is one line and exit code 1;
+- the demo's contact sheet: the seed request's nine outputs downloaded and shown by ``index.html``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+from PIL import Image
+
+from streams import cli
+from streams.adapters.kafka import client_config, read_to_end
+from streams.demo import save_outputs, seed_request
+from streams.stack.local import free_port
+from tests.integration.pipeline import wait_until
+
+pytestmark = pytest.mark.integration
+
+SMALL = [{"width": 120, "height": 120}, {"width": 64, "height": 48}]
+
+
+def run_cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    """``imagefork ARGV`` in this process with ``env`` set; (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def set_topic_config(config, topic: str, name: str, value: str | None) -> None:
+    """Set (or, with None, remove: back to the broker's default) one setting of ``topic``."""
+    admin = AdminClient(client_config(config))
+    op = AlterConfigOpType.SET if value is not None else AlterConfigOpType.DELETE
+    res = ConfigResource("topic", topic, incremental_configs=[ConfigEntry(name, value or "", incremental_operation=op)])
+    for future in admin.incremental_alter_configs([res]).values():
+        future.result(30)
+
+
+def listed(env) -> list[dict]:
+    code, out, err = run_cli(env, "dlq", "list", "--json", "--limit", "0")
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_dead_letters_are_listed_and_a_fixed_request_replayed_runs(pipeline, files):
+    p, env = pipeline, pipeline.env
+    t = p.config.topics
+    # a valid request whose plan (which carries the location and the correlation id) is some 1.6 KB
+    request = {"fileLocation": files.url("sample.png") + "?pad=" + "p" * 900, "outputFormats": ["png", "jpg"],
+               "outputSizes": SMALL, "maintainAspectRatio": True, "correlationId": "c" * 500}
+    # a cause that can be fixed: the events topic takes at most 1 KB, so that plan is refused
+    set_topic_config(p.config, t.events, "max.message.bytes", "1024")
+    try:
+        p.client.producer.produce(t.requests, key=b"junk/1", value=b"{not json", headers={"origin-header": b"kept"})
+        p.client.producer.flush(10)
+        p.client.submit(request, "too-big")
+        assert wait_until(lambda: len(listed(env)) >= 2, 90, interval=1), listed(env)
+    finally:
+        set_topic_config(p.config, t.events, "max.message.bytes", None)
+    letters = {d["key"]: d for d in listed(env)}
+    assert set(letters) == {"junk/1", "too-big"}, letters
+    junk, big = letters["junk/1"], letters["too-big"]
+    assert (junk["agent"], junk["code"], junk["attempts"]) == ("planner", "NOT_A_REQUEST", 1)
+    assert (big["agent"], big["code"]) == ("planner", "SEND_REJECTED") and "MessageSizeTooLarge" in big["reason"]
+    for d in (junk, big):
+        assert re.fullmatch(rf"{re.escape(t.dead_letter)}/\d+/\d+", d["id"]), d
+        assert re.fullmatch(rf"{re.escape(t.requests)}/\d+/\d+", d["origin"]), d
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", d["time"]), d
+    assert junk["headers"]["origin-header"] == "kept"
+
+    # the table: a header, a rule, a row per dead letter, oldest first
+    code, out, err = run_cli(env, "dlq", "list")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["id", "time", "(UTC)", "agent"] and set(lines[1]) == {"-", " "}
+    rows = lines[2:]
+    assert [r.split()[0] for r in rows] == [junk["id"], big["id"]], out
+    assert "NOT_A_REQUEST" in rows[0] and junk["origin"] in rows[0] and "junk/1" in rows[0]
+    assert "SEND_REJECTED" in rows[1] and "too-big" in rows[1]
+    assert err.strip() == f"2 dead letters on {t.dead_letter}"
+    code, out, err = run_cli(env, "dlq", "list", "--limit", "1")
+    assert code == 0 and len(out.splitlines()) == 3 and out.splitlines()[2].startswith(big["id"])
+    assert "the 1 most recent shown" in err
+
+    # an unknown id: one line, exit code 1, nothing sent
+    code, out, err = run_cli(env, "dlq", "replay", "--id", f"{t.dead_letter}/0/999999")
+    assert (code, out) == (1, "") and err.count("\n") == 1 and "no dead letter" in err, err
+
+    # the cause is fixed (the limit removed above): the request, replayed, completes
+    follower = p.follower()
+    code, out, err = run_cli(env, "dlq", "replay", "--id", big["id"])
+    assert code == 0, err
+    assert out.startswith(f"{big['id']} -> {t.requests}/") and "key too-big" in out, out
+    final = follower.wait(["too-big"], 120)["too-big"]
+    assert final.status == "COMPLETED", final.errors
+    assert final.correlationId == "c" * 500 and len(final.outputs) == 4
+    p.check_outputs(final)
+    # what went back: the original key and bytes, its own header, none of the pipeline's
+    sent = [m for m in read_to_end(p.config, t.requests) if m.key() == b"too-big"]
+    assert len(sent) == 2
+    assert sent[-1].value() == sent[0].value() and not any(k.startswith("imagefork.") for k, _v in
+                                                           (sent[-1].headers() or []))
+    # a replay does not take the dead letter off the topic
+    assert {d["id"] for d in listed(env)} == {junk["id"], big["id"]}
+
+
+def test_status_shows_each_roles_group_member_and_partitions(pipeline):
+    p = pipeline
+    t = p.config.topics
+    code, out, err = run_cli(p.env, "status")
+    assert code == 0, err
+    for role in ("planner", "resize", "join"):
+        assert re.search(rf"^{role}  group {re.escape(p.config.group_id(role))}  \w+, 1 member, lag \d+$",
+                         out, re.M), out
+    for topic in (t.requests, t.tasks, t.events):  # every partition of each role's input is shown
+        held = re.findall(rf"^    {re.escape(topic)}\s+(\d+)\s+committed", out, re.M)
+        assert sorted(map(int, held)) == list(range(p.config.partitions)), (topic, out)
+    assert re.search(r"^all roles: lag \d+", out, re.M), out
+
+
+def test_status_when_kafka_does_not_answer_is_one_line(pipeline):
+    env = {**pipeline.env, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    code, out, err = run_cli(env, "status")
+    assert (code, out) == (1, ""), out
+    assert err.count("\n") == 1 and err.startswith("imagefork: ") and "Kafka" in err, err
+
+
+class Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.src: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.src.append(dict(attrs)["src"])
+
+
+def test_the_demo_writes_its_outputs_and_a_contact_sheet(pipeline, files, tmp_path):
+    """What ``imagefork demo`` does once its workflow is done: the seed request's nine outputs downloaded
+    (``imagefork get``'s code) beside an index.html that shows each, by relative links only."""
+    p = pipeline
+    earlier = tmp_path / "an-earlier-demo"
+    earlier.mkdir()
+    (earlier / "index.html").write_text("old")
+    stranger = tmp_path / "not-a-demo"
+    stranger.mkdir()
+    follower = p.follower()
+    workflow_id = p.submit(seed_request(files.url("sample.png")))
+    final = follower.wait([workflow_id], 180)[workflow_id]
+    assert final.status == "COMPLETED", final.errors
+    sheet = save_outputs(p.config, final, tmp_path)
+    assert sheet == tmp_path / workflow_id / "index.html"
+    assert not earlier.exists() and stranger.exists()  # the previous demo's folder is replaced, nothing else
+    parser = Images()
+    parser.feed(sheet.read_text())
+    assert len(parser.src) == 9
+    by_name = {Path(o.s3Uri).name: o for o in final.outputs}
+    assert sorted(parser.src) == sorted(by_name)  # relative: file names in the sheet's own folder
+    page = sheet.read_text()
+    for name, out in by_name.items():
+        path = sheet.parent / name
+        assert path.stat().st_size == out.bytes
+        with Image.open(path) as im:
+            assert im.size == (out.width, out.height)
+        assert f"{out.width}x{out.height} &middot; {out.bytes:,} bytes" in page
+    assert "://" not in "".join(parser.src)
+    assert sorted(x.name for x in sheet.parent.iterdir()) == sorted([*by_name, "index.html"])
