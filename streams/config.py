@@ -125,7 +125,9 @@ class Config:
     retry: Retry = field(default_factory=Retry)
     log_level: str = "warning"
     namespace: str = ""
-    metrics_listen: str = ""  # host:port for Prometheus metrics of this process; empty: none
+    metrics_listen: str = ""  # host:port of this process's /metrics, /healthz, /readyz; empty: none (a join: 127.0.0.1:0)
+    advertised_url: str = ""  # how the API reaches this process's endpoints; empty: from the listen address
+    api_listen: str = "127.0.0.1:8088"  # the API role's host:port
 
     def group_id(self, role: str) -> str:
         """The consumer group (and Faust app id) of a role; the namespace keeps test runs apart."""
@@ -167,8 +169,11 @@ class Config:
             (bool(sec.ssl_certfile) == bool(sec.ssl_keyfile), "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together"),
             (self.max_crashes >= 1, "IMAGEFORK_MAX_CRASHES must be >= 1"),
             (self.memory_budget_mb >= 64, "IMAGEFORK_MEMORY_BUDGET_MB must be >= 64"),
-            (not self.metrics_listen or _host_port(self.metrics_listen) is not None,
-             "IMAGEFORK_METRICS_LISTEN must be host:port (port 1-65535)"),
+            (not self.metrics_listen or parse_host_port(self.metrics_listen) is not None,
+             "IMAGEFORK_METRICS_LISTEN must be host:port (port 0-65535; 0: any free one)"),
+            (parse_host_port(self.api_listen) is not None, "IMAGEFORK_API_LISTEN must be host:port"),
+            (not self.advertised_url or self.advertised_url.startswith(("http://", "https://")),
+             "IMAGEFORK_ADVERTISED_URL must be an http:// or https:// URL"),
             (all(e and not e.startswith("s3://") for e in self.source_s3_allow),
              "IMAGEFORK_SOURCE_S3_ALLOW lists bucket or bucket/prefix entries, without s3://"),
             (self.partitions >= 1, "IMAGEFORK_PARTITIONS must be >= 1"),
@@ -291,21 +296,24 @@ class Config:
             log_level=reader.str("IMAGEFORK_LOG_LEVEL", d.log_level).lower(),
             namespace=namespace,
             metrics_listen=reader.str("IMAGEFORK_METRICS_LISTEN", ""),
+            advertised_url=reader.str("IMAGEFORK_ADVERTISED_URL", ""),
+            api_listen=reader.str("IMAGEFORK_API_LISTEN", "127.0.0.1:8088"),
         ).validate()
 
     def with_(self, **changes) -> "Config":
         return replace(self, **changes).validate()
 
 
-def _host_port(text: str) -> tuple[str, int] | None:
+def parse_host_port(text: str) -> tuple[str, int] | None:
+    """``host:port`` (port 0: any free one), ``[v6]:port``; None when it is not one."""
     host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not 0 <= int(port) < 65536:
         return None
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def metrics_address(config: "Config") -> tuple[str, int] | None:
-    return _host_port(config.metrics_listen) if config.metrics_listen else None
+    return parse_host_port(config.metrics_listen) if config.metrics_listen else None
 
 
 class _EnvReader:

@@ -148,8 +148,7 @@ def describe_assignment(partitions) -> str:
 def run_role(role: str, config: Config) -> int:
     from streams.adapters.kafka import ensure_topics
     from streams.adapters.schemas import install_resolver, publish_schemas
-    from streams.agents import join, planner, resize
-    from streams.app import create_app, declare_topics
+    from streams.metrics import install
 
     setup_logging(role, config.log_level)
     created = ensure_topics(config)
@@ -157,23 +156,43 @@ def run_role(role: str, config: Config) -> int:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack to the log
     check_storage(config)
-    serve_metrics(config)
-    from streams.metrics import install
     install(config, role)
     # before any write: a reader older than this worker finds its schemas there (a rolling deploy)
     publish_schemas(config)
     install_resolver(config)
+    if role == "api":  # aiohttp: the HTTP API and the dashboard (streams/api.py)
+        from streams import api
+        return api.run(config)
     if role == "join":  # a transactional confluent-kafka loop, not a Faust app (see agents/join.py)
+        from streams.agents import join
         return join.run(config)
+    return run_faust_role(role, config)
+
+
+def run_faust_role(role: str, config: Config) -> int:
+    from streams.adapters.http import serve
+    from streams.agents import planner, resize
+    from streams.app import create_app, declare_topics
+
     app = create_app(role, config)
     topics = declare_topics(app, config)
     {"planner": planner.register, "resize": resize.register}[role](app, config, topics)
     log = logging.getLogger("imagefork")
+    assigned: dict[str, str] = {}
 
     async def ready(sender, **kwargs):
-        log.info("imagefork ready: %s (%s)", role, describe_assignment(app.consumer.assignment()))
+        assigned["detail"] = describe_assignment(app.consumer.assignment())
+        log.info("imagefork ready: %s (%s)", role, assigned["detail"])
+
+    def readiness() -> tuple[bool, str]:
+        if "detail" not in assigned:
+            return False, "joining its consumer group"
+        if getattr(app, "rebalancing", False):
+            return False, "rebalancing"
+        return True, assigned["detail"]
 
     app.on_rebalance_complete.connect(ready)
+    serve(config, role, readiness)
     faust_worker(app).execute_from_commandline()
     return 0
 
@@ -203,17 +222,9 @@ def check_storage(config: Config) -> None:
         raise StartError(f"S3 at {where} cannot be used: {exc.message}") from None
 
 
-def serve_metrics(config: Config) -> None:
-    """Prometheus metrics of this process on IMAGEFORK_METRICS_LISTEN (prometheus-client's own server)."""
-    address = metrics_address(config)
-    if address:
-        from prometheus_client import start_http_server
-        start_http_server(address[1], addr=address[0])
-        logging.getLogger("imagefork").info("metrics on http://%s:%d/metrics", *address)
-
-
 def run_all(config: Config) -> int:
-    """``worker all``: one child process per role; if one dies, stop the others and exit non-zero."""
+    """``worker all``: one child process per role (and the API); if one dies, stop the others and exit
+    non-zero."""
     from streams.adapters.kafka import ensure_topics
     ensure_topics(config)  # a broker that refuses us or is away is one line here, not one per child
     address = metrics_address(config)
@@ -223,6 +234,9 @@ def run_all(config: Config) -> int:
 
     children = {role: subprocess.Popen([sys.executable, "-m", "streams", "worker", role], env=env(i))
                 for i, role in enumerate(("join", "resize", "planner"))}
+    # the API serves its own /metrics on IMAGEFORK_API_LISTEN
+    children["api"] = subprocess.Popen([sys.executable, "-m", "streams", "worker", "api"],
+                                       env={k: v for k, v in os.environ.items() if k != "IMAGEFORK_METRICS_LISTEN"})
 
     def stop(*_):
         for child in children.values():

@@ -229,3 +229,10 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
     # Partitions are never grown here: the events topic must keep the partition
     # count of the join table's changelog (co-partitioning). See the README.
     return created
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition a keyed record goes to with the Java client's default partitioner, which the Faust
+    workers (aiokafka) use for every keyed record they write: murmur2 of the key."""
+    from aiokafka.partitioner import murmur2
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

@@ -31,16 +31,16 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from streams import serde
 from streams.adapters.changelog import ChangelogReader, load_state, row_key, row_value
-from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, producer_config
+from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, partition_for, producer_config
 from streams.adapters.objectstore import ObjectStore
 from streams.agents.cleanup import SourceCleaner
 from streams.agents.common import dead_letter_headers, log, now_ms
 from streams.agents.repair import Repairer
 from streams.config import Config
-from streams.core.join import MARKER, Ignored, JoinState, Outcome
+from streams.core.join import MARKER, Ignored, JoinState, Outcome, describe, open_summaries
 from streams.core.models import TaskResult, WorkflowCompleted, WorkflowPlan
 from streams.core.planning import staging_key
-from streams.metrics import DEAD_LETTERS, MESSAGES
+from streams.metrics import DEAD_LETTERS, MESSAGES, OPEN_WORKFLOWS, WORKFLOW_SECONDS, WORKFLOWS
 from streams.serde import SerdeError
 
 
@@ -124,14 +124,16 @@ class Txn:
         self.after: list[tuple[str, str]] = []  # (workflow id, run id) whose staged source goes once committed
         self.events = 0
         self.finals = 0  # final events wait in it: commit at once
+        self.finished: list[tuple[str, float]] = []  # (status, seconds) of its final events, counted once committed
 
 
 class JoinWorker:
     TICK_BUDGET = 2000  # timeouts and expiries per clock pass, at most; the rest on the next pass
     CALL_PATIENCE_S = 45.0  # a transactional call given 30 s that has not returned after this is stuck
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, url: str = ""):
         self.config = config
+        self.url = url  # where the API asks this process about the workflows it owns (its client id says it)
         self.topics = config.topics
         # counted as read (an aborted transaction's events are read, and counted, again)
         self._processed = MESSAGES.labels("join", "processed")
@@ -153,6 +155,9 @@ class JoinWorker:
             "session.timeout.ms": int(config.session_timeout_s * 1000),
             "heartbeat.interval.ms": max(500, int(config.session_timeout_s * 1000 / 5)),
             "fetch.wait.max.ms": 100,
+            # the group's description (AdminClient) names each member's client id: the API finds the
+            # owner of a workflow's partition there, and asks it at this URL
+            **({"client.id": f"{CLIENT_ID} {url}"} if url else {}),
         })
         self.consumer = Consumer(self.consumer_config)
         self.producer_config = producer_config(config, **{
@@ -172,6 +177,9 @@ class JoinWorker:
         self.repair = Repairer(config, self.store)
         self.cleanup = SourceCleaner(self.store)
         self.states: dict[int, JoinState] = {}
+        # held while the loop changes the states, and by a query (from the HTTP thread) while it reads them
+        self.lock = threading.RLock()
+        self.partition_count = 0
         self.txn = Txn()
         self.positions: dict[int, int] = {}  # next offset to read, per owned partition
         self.stopping = False
@@ -216,9 +224,10 @@ class JoinWorker:
             self._abort(KafkaError(KafkaError._FAIL, "partitions lost"))
 
     def _drop(self, partitions) -> None:
-        for tp in partitions:
-            self.states.pop(tp.partition, None)
-            self.positions.pop(tp.partition, None)
+        with self.lock:
+            for tp in partitions:
+                self.states.pop(tp.partition, None)
+                self.positions.pop(tp.partition, None)
 
     def _restore(self, parts: list[int]) -> None:
         started = time.monotonic()
@@ -228,7 +237,8 @@ class JoinWorker:
         for p in parts:
             state = JoinState(default_timeout_ms=self.timeout_ms, retention_ms=self.retention_ms)
             load_state(rows[p], state, now)
-            self.states[p] = state
+            with self.lock:
+                self.states[p] = state
             count += len(state.open) + len(state.finished)
         # The state's big containers (a million markers, their expiry queue) go to the collector's
         # permanent generation: full collections no longer walk them (a 100-500 ms pause each, measured
@@ -289,8 +299,9 @@ class JoinWorker:
         state, and join the group again with a new consumer (the partitions come back restored)."""
         log.warning("join: the consumer failed (%s); joining the group again", reason)
         self._drop_transaction()
-        self.states.clear()
-        self.positions.clear()
+        with self.lock:
+            self.states.clear()
+            self.positions.clear()
         try:
             self.consumer.close()
         except Exception as exc:  # it is broken already
@@ -375,6 +386,10 @@ class JoinWorker:
     def _process(self, batch: list, repaired: list, tick: bool) -> None:
         """Apply a batch, repaired results and the clock's outcomes inside the open transaction (one is
         begun if none is open): state rows, final events, dead letters, and the batch's offsets."""
+        with self.lock:
+            self._process_locked(batch, repaired, tick)
+
+    def _process_locked(self, batch: list, repaired: list, tick: bool) -> None:
         txn = self.txn
         now = now_ms()
         try:
@@ -436,6 +451,10 @@ class JoinWorker:
         self.stats["transactions"] += 1
         self.stats["events"] += txn.events
         self.positions.update(txn.offsets)
+        for status, seconds in txn.finished:
+            WORKFLOWS.labels(status).inc()
+            WORKFLOW_SECONDS.labels(status).observe(seconds)
+        OPEN_WORKFLOWS.set(sum(len(s.open) for s in list(self.states.values())))
         for workflow_id, run_id in txn.after:
             self.cleanup.delete(staging_key(self.config.staging_prefix, workflow_id, run_id))
         txn.close()
@@ -486,6 +505,7 @@ class JoinWorker:
                       serde.encode("WorkflowCompleted", final.to_dict()))
         self.stats["finals"] += 1
         self.txn.finals += 1
+        self.txn.finished.append((final.status, max(0.0, (final.completedAt - final.submittedAt) / 1000)))
         log.info("workflow %s %s: %d of %d outputs", final.workflowId, final.status,
                  len(final.outputs), final.taskCount)
 
@@ -534,7 +554,8 @@ class JoinWorker:
         parts = sorted(self.states)
         if not parts:
             return
-        self.states.clear()
+        with self.lock:
+            self.states.clear()
         tps = [TopicPartition(self.topics.events, p) for p in parts]
         try:
             committed = self._retrying("read the committed offsets", lambda: self.consumer.committed(tps, timeout=60))
@@ -565,6 +586,30 @@ class JoinWorker:
         _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topics.events, p), cached=True)
         return high is not None and high >= 0 and self.positions.get(p, -1) >= high
 
+    # --- queries (from the HTTP thread) ----------------------------------------------------------
+    def query(self, workflow_id: str) -> tuple[int, dict]:
+        """What the state says of one workflow, if its partition is this process's (else 409: ask its
+        owner), exact as of the last batch applied (a transaction still open included)."""
+        if not self.ready or not self.partition_count:
+            return 503, {"error": "NOT_READY", "message": "the join is starting"}
+        p = partition_for(workflow_id.encode(), self.partition_count)
+        with self.lock:
+            state = self.states.get(p)
+            if state is None:
+                return 409, {"error": "NOT_OWNER", "message": f"partition {p} is not this join's",
+                             "owned": False, "partition": p}
+            return 200, {"owned": True, "partition": p, **describe(state, workflow_id)}
+
+    def open_workflows(self, limit: int) -> dict:
+        with self.lock:
+            return {"partitions": sorted(self.states),
+                    "workflows": open_summaries(list(self.states.values()), limit)}
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.ready:
+            return False, "joining its consumer group and restoring its partitions"
+        return True, f"{len(self.states)} partitions of {self.topics.events} restored: {sorted(self.states)}"
+
     # --- around --------------------------------------------------------------------------------
     def _check_partitions(self, patience_s: float = 30.0) -> None:
         """The events and state topics exist (a topic just created may take a moment to show in the
@@ -579,6 +624,7 @@ class JoinWorker:
                 raise JoinFatal(f"topics {self.topics.events} and {self.topics.join_state} must exist "
                                 "(run `imagefork topics`)")
             time.sleep(0.5)
+        self.partition_count = len(events.partitions)
         if len(state.partitions) < len(events.partitions):
             raise JoinFatal(f"{self.topics.join_state} has {len(state.partitions)} partitions but "
                             f"{self.topics.events} has {len(events.partitions)}: they must match")
@@ -596,8 +642,49 @@ class JoinWorker:
         self.cleanup.close()
 
 
+CLIENT_ID = "imagefork-join"
+
+
+def query_routes(box: dict) -> list:
+    """The join's own HTTP routes (``box["worker"]`` answers once it exists): the API's interactive
+    queries, answered from the partitions this process owns."""
+    from aiohttp import web
+
+    def worker():
+        return box.get("worker")
+
+    async def one(request):
+        w = worker()
+        if w is None:
+            return web.json_response({"error": "NOT_READY", "message": "the join is starting"}, status=503)
+        status, body = w.query(request.match_info["id"])
+        return web.json_response(body, status=status)
+
+    async def listing(request):
+        w = worker()
+        if w is None:
+            return web.json_response({"error": "NOT_READY", "message": "the join is starting"}, status=503)
+        try:
+            limit = max(1, min(1000, int(request.query.get("limit", "100"))))
+        except ValueError:
+            limit = 100
+        return web.json_response(w.open_workflows(limit))
+
+    return [web.get("/internal/workflows/{id}", one), web.get("/internal/open", listing)]
+
+
 def run(config: Config) -> int:
-    worker = JoinWorker(config)
+    from streams.adapters.http import advertised_url, serve
+    box: dict = {}
+
+    def readiness() -> tuple[bool, str]:
+        w = box.get("worker")
+        return w.readiness() if w is not None else (False, "starting")
+
+    # always served (the API routes its queries here), on a free loopback port unless configured
+    server = serve(config, "join", readiness, query_routes(box), default_listen="127.0.0.1:0")
+    worker = JoinWorker(config, url=advertised_url(server.host, server.port, config.advertised_url))
+    box["worker"] = worker
     try:
         return worker.run()
     except JoinFatal as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import faust
 
@@ -17,7 +18,9 @@ from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
 from streams.core.imaging import probe_image
 from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
-from streams.core.planning import make_plan, parse_request, plan_tasks, run_id_of, staging_key, valid_workflow_id
+from streams.core.planning import (
+    make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
+)
 from streams.serde import SerdeError
 
 
@@ -52,6 +55,9 @@ class Planner:
             if key_problem:
                 raise RequestInvalid([("workflowId", key_problem)])
             request = self.parse(doc)
+            tasks = plan_tasks(request, workflow_id, source_uri="", deadline=deadline,
+                               output_prefix=self.config.output_prefix, run_id=run_id)
+            to_run, carried = retry_split(request, tasks)
         except RequestInvalid as exc:
             log.info("workflow %s rejected: %s", workflow_id, exc.message)
             return await self.send_plan(WorkflowPlan(
@@ -69,16 +75,20 @@ class Planner:
             return await self.send_plan(WorkflowPlan(
                 workflowId=workflow_id, correlationId=request.correlationId, fileLocation=request.fileLocation,
                 taskRefs=(), submittedAt=now, deadline=deadline, runId=run_id,
+                retryOf=request.retry.runId if request.retry else "", request=request_json(request),
                 failure=PlanFailure(FAILED, exc.code, exc.message, attempts=attempt)))
-        tasks = plan_tasks(request, workflow_id, source_uri=source_uri, deadline=deadline,
-                           output_prefix=self.config.output_prefix, run_id=run_id)
         await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline,
-                                       run_id=run_id))
+                                       run_id=run_id, carried=carried))
         # largest outputs first: the longest tasks start first, so the workflow ends sooner
-        for task in sorted(tasks, key=lambda t: t.width * t.height, reverse=True):
+        for task in sorted(to_run, key=lambda t: t.width * t.height, reverse=True):
+            task = replace(task, sourceUri=source_uri)
             await send(self.topics.tasks, key=f"{workflow_id}/{task.taskRef}".encode(),
                        value=serde.encode("ResizeTask", task.to_dict()))
-        log.info("workflow %s planned: %d tasks", workflow_id, len(tasks))
+        if request.retry is not None:
+            log.info("workflow %s planned: a retry of run %s, %d of %d tasks again", workflow_id,
+                     request.retry.runId, len(to_run), len(tasks))
+        else:
+            log.info("workflow %s planned: %d tasks", workflow_id, len(tasks))
         return Disposition.PROCESSED
 
     async def handle_message(self, msg: Message) -> Disposition:

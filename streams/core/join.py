@@ -108,11 +108,16 @@ class JoinState:
     def record_plan(self, plan: WorkflowPlan, now: int) -> Outcome:
         wf = plan.workflowId
         marker = self.marker(wf)
+        rows: list[Row] = []
         if marker is not None:
             if plan.runId == marker.runId:
                 return Outcome(ignored="finished")  # the same run's plan again (a replay)
-            return Outcome(discarded=(wf, plan.runId), ignored="finished",
-                           notice=Ignored(wf, plan.runId, "finished", marker))
+            if not (plan.retryOf and plan.retryOf == marker.runId and marker.status != COMPLETED):
+                return Outcome(discarded=(wf, plan.runId), ignored="finished",
+                               notice=Ignored(wf, plan.runId, "finished", marker))
+            # a retry of the run that finished last, which did not complete: the workflow opens again
+            del self.finished[wf]  # its expiry entry is skipped when it comes up (no marker)
+            rows.append(Row(MARKER, wf))
         flow = self.open.get(wf)
         if flow is not None and flow.plan is not None:
             if plan.runId == flow.plan.runId:
@@ -121,8 +126,14 @@ class JoinState:
                            notice=Ignored(wf, plan.runId, "running", Marker("RUNNING", 0, flow.plan.runId)))
         if flow is None:
             flow = self._open(wf, now)
-        rows = [Row(PLAN, wf, value=plan)]
+        rows.append(Row(PLAN, wf, value=plan))
         flow.plan, flow.index, flow.updatedAt = plan, frozenset(plan.taskRefs), now
+        for output in plan.carried:  # a retry's kept outputs count as this run's results
+            if output.taskRef in flow.index:
+                kept = TaskResult(wf, output.taskRef, SUCCEEDED, attempts=0, finishedAt=now, output=output,
+                                  runId=plan.runId)
+                flow.results[output.taskRef] = kept
+                rows.append(Row(RESULT, wf, output.taskRef, kept))
         for ref, res in list(flow.results.items()):  # results that came first: keep this run's own
             if res.runId != plan.runId or ref not in flow.index:
                 del flow.results[ref]
@@ -278,4 +289,51 @@ def build_final(flow: Workflow, status: str, now: int) -> WorkflowCompleted:
         taskCount=len(refs),
         submittedAt=plan.submittedAt if plan else flow.firstSeen,
         completedAt=now,
+        runId=plan.runId if plan else "",
+        retryOf=plan.retryOf if plan else "",
+        request=plan.request if plan else "",
     )
+
+
+# --- queries (the API's view of a partition's state) ------------------------------------------
+def describe_open(flow: Workflow) -> dict:
+    """An open workflow as plain data: its plan (None until it is known) and the results so far."""
+    done, total = flow.progress()
+    return {
+        "state": "open",
+        "workflowId": flow.workflowId,
+        "plan": flow.plan.to_dict() if flow.plan else None,
+        "results": [r.to_dict() for r in flow.results.values()],
+        "firstSeen": flow.firstSeen,
+        "updatedAt": flow.updatedAt,
+        "done": done,
+        "total": total,
+        "failed": flow.failed,
+    }
+
+
+def describe(state: JoinState, workflow_id: str) -> dict:
+    """What this partition knows of ``workflow_id``: open (with its results), finished (its marker), or
+    unknown."""
+    flow = state.open.get(workflow_id)
+    if flow is not None:
+        return describe_open(flow)
+    marker = state.marker(workflow_id)
+    if marker is not None:
+        return {"state": "finished", "workflowId": workflow_id, "status": marker.status, "at": marker.at,
+                "runId": marker.runId}
+    return {"state": "unknown", "workflowId": workflow_id}
+
+
+def open_summaries(states: list[JoinState], limit: int) -> list[dict]:
+    """The ``limit`` most recently started open workflows of these partitions, newest first."""
+    flows = heapq.nlargest(limit, (f for s in states for f in s.open.values()),
+                           key=lambda f: f.plan.submittedAt if f.plan else f.firstSeen)
+    out = []
+    for f in flows:
+        done, total = f.progress()
+        out.append({"workflowId": f.workflowId, "runId": f.plan.runId if f.plan else "",
+                    "fileLocation": f.plan.fileLocation if f.plan else "",
+                    "submittedAt": f.plan.submittedAt if f.plan else f.firstSeen, "updatedAt": f.updatedAt,
+                    "done": done, "total": total, "failed": f.failed})
+    return out

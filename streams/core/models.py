@@ -29,6 +29,14 @@ class Size:
 
 
 @dataclass(frozen=True)
+class RetryOf:
+    """A retry of a finished run: its tasks ``taskRefs`` (empty: all) run again, ``outputs`` are kept."""
+    runId: str
+    taskRefs: tuple[str, ...] = ()
+    outputs: tuple["TaskOutput", ...] = ()
+
+
+@dataclass(frozen=True)
 class ImageRequest:
     fileLocation: str
     outputFormats: tuple[str, ...]
@@ -41,6 +49,7 @@ class ImageRequest:
     enlarge: bool = True
     background: str | None = None  # #rrggbb or #rrggbbaa (pad); None: transparent, white for JPEG
     quality: int | None = None  # 1-100 (jpg, webp); None: the configured encoding's
+    retry: RetryOf | None = None
 
     @property
     def mode(self) -> str:
@@ -177,6 +186,9 @@ class WorkflowPlan:
     correlationId: str | None = None
     failure: PlanFailure | None = None
     runId: str = ""
+    retryOf: str = ""  # a retry: the finished run it retries
+    carried: tuple[TaskOutput, ...] = ()  # a retry: the outputs kept from that run
+    request: str = ""  # the validated request (JSON), carried to the final event
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -188,6 +200,9 @@ class WorkflowPlan:
             "deadline": self.deadline,
             "failure": self.failure.to_dict() if self.failure else None,
             "runId": self.runId,
+            "retryOf": self.retryOf,
+            "carried": [o.to_dict() for o in self.carried],
+            "request": self.request,
         }
 
     @classmethod
@@ -201,6 +216,9 @@ class WorkflowPlan:
             deadline=d["deadline"],
             failure=PlanFailure.from_dict(d["failure"]) if d.get("failure") else None,
             runId=d.get("runId") or "",
+            retryOf=d.get("retryOf") or "",
+            carried=tuple(TaskOutput.from_dict(o) for o in d.get("carried") or ()),
+            request=d.get("request") or "",
         )
 
 
@@ -222,6 +240,9 @@ class WorkflowCompleted:
     taskCount: int
     submittedAt: int
     completedAt: int
+    runId: str = ""
+    retryOf: str = ""
+    request: str = ""  # the validated request (JSON); "" for a REJECTED one
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -235,6 +256,9 @@ class WorkflowCompleted:
             "taskCount": self.taskCount,
             "submittedAt": self.submittedAt,
             "completedAt": self.completedAt,
+            "runId": self.runId,
+            "retryOf": self.retryOf,
+            "request": self.request,
         }
 
     @classmethod
@@ -250,4 +274,7 @@ class WorkflowCompleted:
             taskCount=d["taskCount"],
             submittedAt=d["submittedAt"],
             completedAt=d["completedAt"],
+            runId=d.get("runId") or "",
+            retryOf=d.get("retryOf") or "",
+            request=d.get("request") or "",
         )

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from streams.core.errors import RequestInvalid
 from streams.core.imaging import GRAVITIES, MODES, parse_colour
-from streams.core.models import CONTENT_TYPES, ImageRequest, ResizeTask, Size, WorkflowPlan
+from streams.core.models import CONTENT_TYPES, ImageRequest, ResizeTask, RetryOf, Size, TaskOutput, WorkflowPlan
 
 TASK_NAME = "image_convert_resize"
 SCHEMES = ("http", "https", "s3")
@@ -117,6 +118,8 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
     if ids.get("workflowId") is not None and not valid_workflow_id(ids["workflowId"]):
         problems.append(("workflowId", "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"))
 
+    retry = _retry(doc.get("retry"), problems)
+
     if not problems and len(out_formats) * len(sizes) > max_tasks:
         problems.append(("outputSizes",
                          f"{len(out_formats)} formats x {len(sizes)} sizes = "
@@ -135,7 +138,52 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
         enlarge=enlarge,
         background=background,
         quality=quality,
+        retry=retry,
     )
+
+
+def _retry(value: Any, problems: list[tuple[str, str]]) -> RetryOf | None:
+    """The ``retry`` field (written by the API's retry): which run, which tasks again, which outputs kept."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        problems.append(("retry", "must be an object {runId, taskRefs, outputs}"))
+        return None
+    run_id, refs, outputs = value.get("runId"), value.get("taskRefs") or [], value.get("outputs") or []
+    if not isinstance(run_id, str) or not run_id:
+        problems.append(("retry.runId", "is required: the run id of the finished run to retry"))
+    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+        problems.append(("retry.taskRefs", "must be a list of task references"))
+        refs = []
+    kept = []
+    if not isinstance(outputs, list):
+        problems.append(("retry.outputs", "must be a list of outputs"))
+        outputs = []
+    for i, o in enumerate(outputs):
+        try:
+            kept.append(TaskOutput.from_dict(o))
+        except (TypeError, KeyError, AttributeError):
+            problems.append((f"retry.outputs[{i}]", "is not an output record"))
+    return RetryOf(run_id if isinstance(run_id, str) else "", tuple(refs), tuple(kept))
+
+
+def request_json(request: ImageRequest) -> str:
+    """The validated request as the final event carries it (so a finished run can be retried)."""
+    return json.dumps(request.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+def retry_split(request: ImageRequest, tasks: list[ResizeTask]) -> tuple[list[ResizeTask], tuple[TaskOutput, ...]]:
+    """A retry's tasks to run again and the outputs it keeps; every retried reference must be a task of
+    the request (else RequestInvalid). Not a retry: every task, nothing kept."""
+    if request.retry is None:
+        return tasks, ()
+    refs = {t.taskRef for t in tasks}
+    unknown = [r for r in request.retry.taskRefs if r not in refs]
+    if unknown:
+        raise RequestInvalid([("retry.taskRefs", f"{unknown[0]!r} is not a task of this request"[:200])])
+    again = set(request.retry.taskRefs) or refs
+    kept = tuple(o for o in request.retry.outputs if o.taskRef in refs and o.taskRef not in again)
+    return [t for t in tasks if t.taskRef in again], kept
 
 
 def _choice(value: Any, names: tuple[str, ...], name: str, problems: list[tuple[str, str]]) -> str | None:
@@ -231,7 +279,8 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
 
 
 def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], *,
-              submitted_at: int, deadline: int, run_id: str = "") -> WorkflowPlan:
+              submitted_at: int, deadline: int, run_id: str = "", carried: tuple[TaskOutput, ...] = ()) -> WorkflowPlan:
+    """The plan of all the request's tasks; a retry's carries the outputs it keeps (``carried``)."""
     return WorkflowPlan(
         workflowId=workflow_id,
         correlationId=request.correlationId,
@@ -240,6 +289,9 @@ def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], 
         submittedAt=submitted_at,
         deadline=deadline,
         runId=run_id,
+        retryOf=request.retry.runId if request.retry else "",
+        carried=carried,
+        request=request_json(request),
     )
 
 

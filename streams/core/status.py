@@ -1,0 +1,137 @@
+"""The API's workflow documents, from what the join's state says (an open workflow) or from a final
+event: plain data in, plain data out (no I/O)."""
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote
+
+from streams.core.models import SUCCEEDED, TIMED_OUT, WorkflowCompleted
+
+PENDING, RUNNING = "PENDING", "RUNNING"
+TERMINAL = ("COMPLETED", "FAILED", "TIMED_OUT", "REJECTED")
+STATUSES = (PENDING, RUNNING, *TERMINAL)
+_REF = re.compile(r"^image_convert_resize_(?P<format>.+)_(?P<width>\d+)x(?P<height>\d+)_(?P<index>\d+)$")
+
+
+def ref_parts(ref: str) -> dict[str, Any]:
+    """Format, size and index from a task reference ``image_convert_resize_{format}_{w}x{h}_{i}``."""
+    m = _REF.match(ref)
+    if not m:
+        return {"format": None, "width": None, "height": None, "index": None}
+    return {"format": m["format"], "width": int(m["width"]), "height": int(m["height"]), "index": int(m["index"])}
+
+
+def output_href(workflow_id: str, ref: str) -> str:
+    return f"/v1/workflows/{quote(workflow_id, safe='')}/outputs/{quote(ref, safe='')}"
+
+
+def _output(workflow_id: str, output: dict | None) -> dict | None:
+    if output is None:
+        return None
+    return {**output, "href": output_href(workflow_id, output["taskRef"])}
+
+
+def _task(workflow_id: str, ref: str, status: str, attempts: int = 0, finished_at: int | None = None,
+          output: dict | None = None, error: dict | None = None) -> dict:
+    parts = ref_parts(ref)
+    return {"taskRef": ref, "format": parts["format"], "width": parts["width"], "height": parts["height"],
+            "status": status, "attempts": attempts, "finishedAt": finished_at,
+            "output": _output(workflow_id, output), "error": error}
+
+
+def pending_doc(workflow_id: str, accepted_at: int, file_location: str = "") -> dict:
+    """Accepted by the API, not planned yet."""
+    return {"workflowId": workflow_id, "status": PENDING, "runId": "", "retryOf": "", "fileLocation": file_location,
+            "correlationId": None, "submittedAt": accepted_at, "completedAt": None, "deadline": None,
+            "progress": {"done": 0, "total": None, "failed": 0}, "tasks": [], "outputs": [], "errors": []}
+
+
+def running_doc(answer: dict) -> dict:
+    """An open workflow, from the join's answer (``streams.core.join.describe_open``)."""
+    wf = answer["workflowId"]
+    plan = answer.get("plan")
+    results = {r["taskRef"]: r for r in answer.get("results", [])}
+    refs = list(plan["taskRefs"]) if plan else sorted(results)
+    tasks = []
+    for ref in refs:
+        r = results.get(ref)
+        if r is None:
+            tasks.append(_task(wf, ref, PENDING))
+        else:
+            tasks.append(_task(wf, ref, r["status"], r.get("attempts", 0), r.get("finishedAt"), r.get("output"),
+                               r.get("error")))
+    outputs = [t["output"] for t in tasks if t["output"] is not None and t["status"] == SUCCEEDED]
+    errors = [t["error"] for t in tasks if t["error"] is not None and t["status"] != SUCCEEDED]
+    return {
+        "workflowId": wf, "status": RUNNING, "runId": plan.get("runId", "") if plan else "",
+        "retryOf": plan.get("retryOf", "") if plan else "",
+        "fileLocation": plan["fileLocation"] if plan else "", "correlationId": plan.get("correlationId") if plan else None,
+        "submittedAt": plan["submittedAt"] if plan else answer.get("firstSeen"), "updatedAt": answer.get("updatedAt"),
+        "completedAt": None, "deadline": plan["deadline"] if plan else None,
+        "progress": {"done": answer.get("done", len(results)), "total": answer.get("total"),
+                     "failed": answer.get("failed", 0)},
+        "tasks": tasks, "outputs": outputs, "errors": errors,
+    }
+
+
+def final_doc(final: WorkflowCompleted) -> dict:
+    """A finished workflow, from its final event: every task, in plan order, with its output or error."""
+    wf = final.workflowId
+    by_ref: dict[str, dict] = {}
+    for o in final.outputs:
+        by_ref[o.taskRef] = _task(wf, o.taskRef, SUCCEEDED, output=o.to_dict())
+    for e in final.errors:
+        if e.taskRef and e.taskRef not in by_ref:
+            by_ref[e.taskRef] = _task(wf, e.taskRef, TIMED_OUT if e.code == "TIMED_OUT" else "FAILED",
+                                      e.attempts, error=e.to_dict())
+    tasks = sorted(by_ref.values(), key=lambda t: (ref_parts(t["taskRef"])["index"] or 0, t["taskRef"]))
+    done = len(tasks)
+    return {
+        "workflowId": wf, "status": final.status, "runId": final.runId, "retryOf": final.retryOf,
+        "fileLocation": final.fileLocation, "correlationId": final.correlationId,
+        "submittedAt": final.submittedAt, "updatedAt": final.completedAt, "completedAt": final.completedAt,
+        "deadline": None,
+        "progress": {"done": done, "total": final.taskCount, "failed": sum(1 for t in tasks if t["status"] != SUCCEEDED)},
+        "tasks": tasks, "outputs": [_output(wf, o.to_dict()) for o in final.outputs],
+        "errors": [e.to_dict() for e in final.errors],
+        "retryable": retryable(final)[0],
+    }
+
+
+def marker_doc(answer: dict) -> dict:
+    """A finished workflow whose final event is not at hand (only the join's marker)."""
+    return {"workflowId": answer["workflowId"], "status": answer["status"], "runId": answer.get("runId", ""),
+            "retryOf": "", "fileLocation": "", "correlationId": None, "submittedAt": None,
+            "completedAt": answer.get("at"), "deadline": None, "progress": {"done": 0, "total": None, "failed": 0},
+            "tasks": [], "outputs": [], "errors": []}
+
+
+def summary(doc: dict) -> dict:
+    """A document's line in the list."""
+    return {k: doc.get(k) for k in ("workflowId", "status", "runId", "fileLocation", "submittedAt", "completedAt",
+                                    "progress")}
+
+
+def retryable(final: WorkflowCompleted) -> tuple[bool, str]:
+    """Whether a finished workflow can be retried, and why not."""
+    if final.status == "COMPLETED":
+        return False, "it completed: every task succeeded, there is nothing to retry"
+    if final.status == "REJECTED":
+        return False, "it was rejected: the request itself is invalid; fix it and submit it again"
+    if not final.request:
+        return False, "its final event predates retries (it does not carry the request): submit it again"
+    return True, ""
+
+
+def retry_request(final: WorkflowCompleted) -> tuple[dict, list[str]]:
+    """The request that retries ``final``'s failed and timed-out tasks (all of them when the run failed
+    before its tasks: its source), keeping its outputs; and the task references it runs again."""
+    import json
+    doc = json.loads(final.request)
+    failed = [e.taskRef for e in final.errors if e.taskRef]
+    if any(not e.taskRef for e in final.errors) or not final.taskCount:
+        failed = []  # the run failed as a whole (e.g. its source): every task again
+    doc["workflowId"] = final.workflowId
+    doc["retry"] = {"runId": final.runId, "taskRefs": failed, "outputs": [o.to_dict() for o in final.outputs]}
+    return doc, failed

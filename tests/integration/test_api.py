@@ -1,0 +1,240 @@
+"""The HTTP API (``imagefork api``) against the real broker, the real S3 server and real workers:
+
+- POST a request: 202 and a Location; the same id again is answered with what exists, nothing is sent
+  twice; a bad request is 400 with the planner's field-level problems; every error is JSON;
+- GET a workflow while it runs (answered by the join process that owns its partition, also across a
+  rebalance: a second join starting) and after it ends; the list; an output's bytes through the API;
+- the server-sent events: progress as tasks finish, then the final document;
+- retry of a FAILED workflow (its source answered 503 until a flag file existed): a new run of the same
+  workflow that completes with every output; a COMPLETED one cannot be retried (409);
+- /healthz and /readyz of the API and of the join.
+"""
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from streams.client import consume_completed
+from tests.integration.pipeline import wait_until
+
+pytestmark = pytest.mark.integration
+
+SAMPLE = Path(__file__).resolve().parents[2] / "streams" / "assets" / "sample.png"
+SEED_SIZES = [{"width": 300, "height": 300}, {"width": 200, "height": 200}, {"width": 1200, "height": 1200}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict | bytes, dict]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"} if data is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, raw, headers = resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        status, raw, headers = exc.code, exc.read(), dict(exc.headers)
+    if headers.get("Content-Type", "").startswith("application/json"):
+        return status, json.loads(raw), headers
+    return status, raw, headers
+
+
+def sse(base: str, path: str, timeout: float = 90.0) -> list[tuple[str, dict]]:
+    """Every event of a server-sent event stream, until the server ends it."""
+    events, name = [], None
+    with urllib.request.urlopen(base + path, timeout=timeout) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        for raw in resp:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: "):])))
+    return events
+
+
+@pytest.fixture
+def api_pipeline(make_pipeline):
+    p = make_pipeline()
+    port = free_port()
+    p.start_together("join", "planner", ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}))
+    base = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 60), call(base, "GET", "/readyz")
+    return p, base
+
+
+def seed(files, workflow_id: str, location: str | None = None) -> dict:
+    return {"fileLocation": location or files.url("sample.png"), "outputFormats": ["png", "jpg", "webp"],
+            "outputSizes": SEED_SIZES, "maintainAspectRatio": True, "workflowId": workflow_id}
+
+
+def test_submit_follow_and_read_a_workflow_through_the_api(api_pipeline, files):
+    p, base = api_pipeline
+    wf = f"api-{uuid.uuid4().hex[:8]}"
+    status, body, headers = call(base, "POST", "/v1/workflows", seed(files, wf))
+    assert status == 202 and body["workflowId"] == wf and headers["Location"] == f"/v1/workflows/{wf}", body
+
+    # no resize worker yet: the join's state says RUNNING, 0 of 9, every task PENDING
+    assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{wf}")[1].get("status") == "RUNNING", 60)
+    doc = call(base, "GET", f"/v1/workflows/{wf}")[1]
+    assert doc["progress"] == {"done": 0, "total": 9, "failed": 0}, doc["progress"]
+    assert [t["status"] for t in doc["tasks"]] == ["PENDING"] * 9
+    assert {(t["format"], t["width"], t["height"]) for t in doc["tasks"]} == {
+        (f, s["width"], s["height"]) for f in ("png", "jpg", "webp") for s in SEED_SIZES}
+
+    # the same id again: answered with what exists, not sent again
+    status, again, _ = call(base, "POST", "/v1/workflows", seed(files, wf))
+    assert status == 200 and again["existing"] is True and again["status"] == "RUNNING", again
+
+    # a second join takes some partitions (a rebalance): the answer stays exact
+    p.start("join", name="join-b")
+    for _ in range(10):
+        status, doc, _ = call(base, "GET", f"/v1/workflows/{wf}")
+        assert status == 200 and doc["status"] == "RUNNING" and doc["progress"]["total"] == 9, doc
+        time.sleep(0.3)
+    listed = call(base, "GET", "/v1/workflows?status=RUNNING")[1]["workflows"]
+    assert [w["workflowId"] for w in listed] == [wf], listed
+
+    # the events stream, then the resize worker: progress as tasks finish, then the final document
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(sse(base, f"/v1/workflows/{wf}/events")))
+    reader.start()
+    time.sleep(1.0)
+    p.start("resize")
+    reader.join(120)
+    assert not reader.is_alive(), "the event stream did not end"
+    names = [name for name, _ in got]
+    assert names[-1] == "final" and names.count("final") == 1, names
+    progress = [data for name, data in got if name == "progress" and data.get("task")]
+    assert len({d["task"]["taskRef"] for d in progress}) == 9, progress
+    assert [d["done"] for d in progress] == sorted(d["done"] for d in progress)
+    final = got[-1][1]
+    assert final["status"] == "COMPLETED" and len(final["outputs"]) == 9, final
+
+    doc = call(base, "GET", f"/v1/workflows/{wf}")[1]
+    assert doc["status"] == "COMPLETED" and doc["progress"] == {"done": 9, "total": 9, "failed": 0}
+    assert [t["status"] for t in doc["tasks"]] == ["SUCCEEDED"] * 9
+    for out in doc["outputs"]:  # each output through the API (the bucket is private)
+        status, data, headers = call(base, "GET", out["href"])
+        assert status == 200 and headers["Content-Type"] == out["contentType"] and len(data) == out["bytes"]
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.size == (out["width"], out["height"])
+    listed = call(base, "GET", "/v1/workflows?limit=10")[1]["workflows"]
+    assert listed[0]["workflowId"] == wf and listed[0]["status"] == "COMPLETED", listed
+    assert call(base, "GET", "/v1/workflows?status=RUNNING")[1]["workflows"] == []
+
+    # a COMPLETED workflow has nothing to retry
+    status, body, _ = call(base, "POST", f"/v1/workflows/{wf}/retry")
+    assert status == 409 and body["error"] == "NOT_RETRYABLE", body
+
+
+def test_bad_input_gets_json_errors(api_pipeline):
+    _p, base = api_pipeline
+    status, body, _ = call(base, "POST", "/v1/workflows", {"fileLocation": "ftp://x/y", "outputFormats": ["bmp"],
+                                                             "outputSizes": [{"width": 0, "height": 10}]})
+    assert status == 400 and body["error"] == "INVALID_REQUEST"
+    fields = {p["field"] for p in body["problems"]}
+    assert {"fileLocation", "outputFormats[0]", "outputSizes[0].width"} <= fields, body
+    status, body, _ = call(base, "POST", "/v1/workflows", b"{not json")
+    assert status == 400 and body["error"] == "INVALID_JSON"
+    status, body, _ = call(base, "POST", "/v1/workflows", {"fileLocation": "http://x/a.png", "outputFormats": ["png"],
+                                                             "outputSizes": [{"width": 1, "height": 1}],
+                                                             "retry": {"runId": "x"}})
+    assert status == 400 and body["problems"][0]["field"] == "retry"
+    assert call(base, "GET", "/v1/workflows/never-seen")[:2] == (
+        404, {"error": "NOT_FOUND", "message": "no workflow 'never-seen' is known here"})
+    assert call(base, "GET", "/v1/workflows/bad%20id")[1]["error"] == "INVALID_ID"
+    assert call(base, "GET", "/v1/workflows?limit=0")[0] == 400
+    assert call(base, "GET", "/v1/workflows?status=DONE")[0] == 400
+    assert call(base, "POST", "/v1/workflows/never-seen/retry")[0] == 404
+    status, body, _ = call(base, "GET", "/nowhere")
+    assert status == 404 and body["error"] == "NOT_FOUND", body
+    status, body, _ = call(base, "GET", "/healthz")
+    assert status == 200 and body["status"] == "alive"
+
+
+class FlakySource(http.server.BaseHTTPRequestHandler):
+    """503 until the flag file exists, then the sample."""
+    flag: Path
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if not self.flag.exists():
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = SAMPLE.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_retry_runs_a_failed_workflow_again_as_a_new_run(make_pipeline, tmp_path):
+    flag = tmp_path / "source-is-back"
+    handler = type("Flaky", (FlakySource,), {"flag": flag})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p = make_pipeline(IMAGEFORK_RETRY_MAX_RETRIES="1")
+        port = free_port()
+        p.start_together("join", "planner", "resize", ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}))
+        base = f"http://127.0.0.1:{port}"
+        wf = f"retry-{uuid.uuid4().hex[:8]}"
+        request = {"fileLocation": f"http://127.0.0.1:{server.server_address[1]}/photo.png",
+                   "outputFormats": ["png", "webp"], "outputSizes": [{"width": 120, "height": 90}], "workflowId": wf}
+        assert call(base, "POST", "/v1/workflows", request)[0] == 202
+        assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{wf}")[1].get("status") == "FAILED", 90)
+        failed = call(base, "GET", f"/v1/workflows/{wf}")[1]
+        assert failed["errors"][0]["code"] == "SOURCE_UNAVAILABLE" and failed["retryable"] is True, failed
+
+        flag.write_text("up")
+        status, body, _ = call(base, "POST", f"/v1/workflows/{wf}/retry")
+        assert status == 202 and body["retryOf"] == failed["runId"] and body["tasks"] == "all", body
+        assert call(base, "GET", f"/v1/workflows/{wf}")[1]["status"] in ("PENDING", "RUNNING", "COMPLETED")
+        events = sse(base, f"/v1/workflows/{wf}/events")
+        final = events[-1][1]
+        assert events[-1][0] == "final" and final["status"] == "COMPLETED", events[-1]
+        assert final["retryOf"] == failed["runId"] and final["runId"] != failed["runId"]
+        assert sorted(o["format"] for o in final["outputs"]) == ["png", "webp"]
+        for out in final["outputs"]:
+            assert call(base, "GET", out["href"])[0] == 200
+        # on the completed topic: the failed run's final event, then the retry's
+        finals = consume_completed(p.config, [wf], timeout=60)
+        assert [f.status for f in finals] == ["FAILED", "COMPLETED"], finals
+        assert finals[1].retryOf == finals[0].runId and len(finals[1].fileLocations) == 2
+        assert call(base, "POST", f"/v1/workflows/{wf}/retry")[0] == 409
+    finally:
+        server.shutdown()
+
+
+def test_each_process_answers_health_and_readiness(make_pipeline):
+    p = make_pipeline()
+    port = free_port()
+    join = p.start("join", IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    assert call(base, "GET", "/healthz")[1]["role"] == "join"
+    assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 30), call(base, "GET", "/readyz")
+    ready = call(base, "GET", "/readyz")[1]
+    assert ready["checks"]["broker"]["ok"] and ready["checks"]["s3"]["ok"] and ready["checks"]["role"]["ok"]
+    assert b"imagefork_open_workflows" in call(base, "GET", "/metrics")[1]
+    assert join.alive()
