@@ -271,7 +271,10 @@ def _dlq_list(args) -> int:
         for letter in shown:
             print(json.dumps(letter.to_dict()))
     elif shown:
-        for line in dead_letter_table(shown):
+        import shutil
+        # on a terminal the reason takes what is left of its width; in a pipe or a file, 60 characters
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+        for line in dead_letter_table(shown, line_width=width):
             print(line)
     topic = config.topics.dead_letter
     more = f" (the {len(shown)} most recent shown: --limit)" if len(shown) < len(letters) else ""

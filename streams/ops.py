@@ -83,9 +83,19 @@ def dead_letter_of(msg) -> DeadLetter:
         attempts=attempts, key=msg.key(), value=msg.value(), headers=headers)
 
 
-def read_dead_letters(config: Config, timeout: float = 60.0) -> list[DeadLetter]:
-    """Every committed dead letter on the topic now, read to its end (``read_to_end``), oldest first."""
-    from streams.adapters.kafka import read_to_end
+def read_dead_letters(config: Config, timeout: float = 60.0, answer_s: float = 10.0) -> list[DeadLetter]:
+    """Every committed dead letter on the topic now, read to its end (``read_to_end``), oldest first. A
+    broker that does not answer within ``answer_s`` raises ``KafkaUnavailable``."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from streams.adapters.kafka import KafkaUnavailable, client_config, read_to_end
+    try:  # a quick look first: the reader would wait its full metadata timeout for a broker that is away
+        AdminClient(client_config(config)).list_topics(config.topics.dead_letter, timeout=answer_s)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        raise KafkaUnavailable(f"Kafka at {config.bootstrap_servers} did not answer within {answer_s:g} s: "
+                               f"{err.str() if hasattr(err, 'str') else err}") from None
     letters = [dead_letter_of(m) for m in read_to_end(config, config.topics.dead_letter, timeout)]
     return sorted(letters, key=lambda d: (d.timestamp_ms, d.id))
 
@@ -95,13 +105,18 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def dead_letter_table(letters: list[DeadLetter], reason_width: int = 60) -> list[str]:
+def dead_letter_table(letters: list[DeadLetter], reason_width: int = 60, line_width: int = 0) -> list[str]:
     """One row per dead letter under a header: id, time (UTC), agent, code, origin, key, attempts, reason
-    (clipped to ``reason_width``; ``--json`` has it whole)."""
+    (clipped to ``reason_width``, or with ``line_width`` to what the other columns leave of it, 20 at
+    least; ``--json`` has it whole)."""
     head = ("id", "time (UTC)", "agent", "code", "origin", "key", "attempts", "reason")
-    rows = [head] + [(d.id, d.time, d.agent, d.code, d.origin, _clip(d.key_text, 40), str(d.attempts),
-                      _clip(d.reason, reason_width)) for d in letters]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    rows = [head] + [(d.id, d.time, d.agent, d.code, d.origin, _clip(d.key_text, 40), str(d.attempts), d.reason)
+                     for d in letters]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    if line_width:
+        reason_width = max(20, line_width - sum(w + 2 for w in widths))
+    rows = [row[:-1] + (_clip(row[-1], reason_width),) for row in rows]
+    widths.append(max(len(r[-1]) for r in rows))
     lines = []
     for n, row in enumerate(rows):
         cells = [c.rjust(w) if i == 6 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]

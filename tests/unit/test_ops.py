@@ -76,6 +76,14 @@ def test_the_table_has_a_row_per_letter_with_the_reason_on_one_line():
     assert f"{T.tasks}/2/41" in lines[3] and "NOT_A_TASK" in lines[3]
 
 
+def test_on_a_terminal_the_reason_takes_what_is_left_of_its_width():
+    long = dead_letter_of(Record(0, 8, b"k", b"v", [("imagefork.error.reason", b"r" * 500)]))
+    lines = dead_letter_table([REQUEST, long], line_width=200)
+    assert max(map(len, lines)) == 200 and lines[3].endswith("r...")
+    narrow = dead_letter_table([long], line_width=10)  # the reason keeps 20 characters at least
+    assert narrow[2].endswith(" " + "r" * 17 + "...")
+
+
 def test_ids_are_found_whole_or_by_partition_and_offset_and_an_unknown_one_is_an_error():
     letters = [REQUEST, RETRIED, TASK]
     assert find_dead_letters(letters, [f"{DLQ}/1/3", "0/7", "1/3"], DLQ) == [RETRIED, REQUEST]
