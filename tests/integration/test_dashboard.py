@@ -89,6 +89,17 @@ def api_url(browser, request, tmp_path_factory):
 @pytest.fixture
 def page(browser, api_url):
     context = browser.new_context(base_url=api_url, viewport={"width": 1280, "height": 900})
+    # count the server-sent events the page receives, to tell a live update from a reload
+    context.add_init_script("""(() => {
+        const Original = window.EventSource;
+        window.__events = [];
+        window.EventSource = class extends Original {
+            constructor(...args) {
+                super(...args);
+                for (const kind of ["progress", "final"]) this.addEventListener(kind, () => window.__events.push(kind));
+            }
+        };
+    })();""")
     page = context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
@@ -170,6 +181,8 @@ def test_the_seed_request_shows_nine_thumbnails_and_completes(page, files):
         timeout=20_000)
     expect(page.get_by_test_id("retry-button")).to_be_hidden()
     expect(page.get_by_test_id("detail-progress-count")).to_have_text("9/9")
+    events = page.evaluate("window.__events")
+    assert events.count("final") == 1 and events[-1] == "final", events  # the stream brought COMPLETED
 
     # each card shows its output's own format, size and bytes, and its image is that output
     doc = document(page, workflow_id)
