@@ -314,8 +314,9 @@ def _dlq_replay(args) -> int:
               f"{len(d.value or b''):,} bytes  (was {d.code or '?'} from {d.origin or '?'})")
     if skipped:
         agents = ", ".join(sorted({d.agent or "unknown" for d in skipped}))
-        print(f"skipped {len(skipped)} dead letter{'s' if len(skipped) != 1 else ''} that are not requests "
-              f"(agent {agents}): replay them with --to origin", file=sys.stderr)
+        what = "dead letters that are not requests" if len(skipped) != 1 else "dead letter that is not a request"
+        print(f"skipped {len(skipped)} {what} (agent {agents}): replay {'them' if len(skipped) != 1 else 'it'} "
+              f"with --to origin", file=sys.stderr)
     print(f"replayed {len(sent)} dead letter{'s' if len(sent) != 1 else ''}", file=sys.stderr)
     return 0
 
@@ -419,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`imagefork dlq list --json | head -1`): not an error to show
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
     except Exception as exc:
         from streams.adapters.kafka import KafkaUnavailable
         from streams.adapters.schemas import SchemaTopicError

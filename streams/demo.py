@@ -122,6 +122,15 @@ def save_outputs(config: Config, final, parent: Path | None = None) -> Path:
     return write_contact_sheet(folder, final, files)
 
 
+def start_api(env: dict[str, str], logs: Path):
+    """The API and dashboard (``imagefork worker api``) as a worker process on a free loopback port;
+    returns it and the dashboard's URL (``wait_for_http`` tells when it answers)."""
+    from streams.stack.local import free_port
+    from streams.stack.processes import WorkerProcess
+    listen = f"127.0.0.1:{free_port()}"
+    return WorkerProcess("api", {**env, "IMAGEFORK_API_LISTEN": listen}, logs), f"http://{listen}/"
+
+
 def wait_for_http(worker, url: str, timeout: float = 60.0) -> bool:
     """Until ``url`` answers (any HTTP status) while ``worker`` runs."""
     end = time.monotonic() + timeout
@@ -150,7 +159,7 @@ def run_demo(keep: bool = False) -> int:
     from streams.cli import output_links, print_final, progress_bar
     from streams.client import Client, Follower
     from streams.core.errors import PipelineError
-    from streams.stack.local import LocalStack, free_port
+    from streams.stack.local import LocalStack
     from streams.stack.processes import FileServer, WorkerProcess, keep_workers, stop_kept_workers, wait_for_log
 
     stack = LocalStack(demo_stack_dir())
@@ -179,9 +188,7 @@ def run_demo(keep: bool = False) -> int:
         say(f"starting the workers (planner, resize, join); logs in {logs}")
         workers = [WorkerProcess(role, env, logs) for role in ("join", "resize", "planner")]
         if keep:  # the dashboard starts beside them; it is waited for once the demo's request is done
-            listen = f"127.0.0.1:{free_port()}"
-            api_url = f"http://{listen}/"
-            api = WorkerProcess("api", {**env, "IMAGEFORK_API_LISTEN": listen}, logs)
+            api, api_url = start_api(env, logs)
         for w in workers:
             if not wait_for_log(w, "imagefork ready", 120):
                 say(f"worker {w.role} did not come up:\n{w.log_tail()}")
@@ -211,9 +218,7 @@ def run_demo(keep: bool = False) -> int:
                 say(f"the {len(final.outputs)} outputs and a contact sheet are in {sheet.parent}/")
                 say(f"  open {sheet.resolve().as_uri()}")
         if api is not None:
-            if wait_for_http(api, api_url, 60):
-                say(f"dashboard (imagefork api): {api_url}")
-            else:
+            if not wait_for_http(api, api_url, 60):
                 say(f"the API/dashboard did not come up (logs in {api.log_path}):\n{api.log_tail()}")
                 api.stop()
                 api = None

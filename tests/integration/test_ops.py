@@ -7,15 +7,23 @@ real CLI in this process:
   pipeline's headers, and it completes; an unknown id is one line and exit code 1;
 - ``imagefork status`` names each role's group, its member and the partitions it holds;
 - a broker that does not answer is one line and exit code 1 (status, dlq list, dlq replay), within seconds;
-- the demo's contact sheet: the seed request's nine outputs downloaded and shown by ``index.html``.
+- the demo's contact sheet: the seed request's nine outputs downloaded and shown by ``index.html``;
+- ``imagefork demo --keep``'s API process: kept after its starter exits, the dashboard answering, and
+  stopped by ``imagefork demo --stop``.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -27,9 +35,12 @@ from streams import cli
 from streams.adapters.kafka import client_config, read_to_end
 from streams.demo import save_outputs, seed_request
 from streams.stack.local import free_port
+from streams.stack.processes import _start_ticks, process_group_members
 from tests.integration.pipeline import wait_until
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = [{"width": 120, "height": 120}, {"width": 64, "height": 48}]
 
@@ -186,3 +197,54 @@ def test_the_demo_writes_its_outputs_and_a_contact_sheet(pipeline, files, tmp_pa
         assert f"{out.width}x{out.height} &middot; {out.bytes:,} bytes" in page
     assert "://" not in "".join(parser.src)
     assert sorted(x.name for x in sheet.parent.iterdir()) == sorted([*by_name, "index.html"])
+
+
+# --- demo --keep: the API/dashboard kept with the workers -----------------------------------------------
+KEEP_API = """
+import sys
+from pathlib import Path
+from streams.demo import start_api, wait_for_http
+from streams.stack.processes import keep_workers
+folder = Path(sys.argv[1])
+api, url = start_api({}, folder / "workers")
+if not wait_for_http(api, url, 120):
+    sys.exit("the api did not answer: " + api.log_tail())
+keep_workers(folder, [api])
+print(api.pid, url)
+"""
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def test_a_kept_api_serves_the_dashboard_and_demo_stop_stops_it(pipeline, tmp_path):
+    """What ``imagefork demo --keep`` does with its API process: started on a free loopback port, kept
+    when its starter exits, the dashboard answering at the printed URL; ``imagefork demo --stop`` stops it."""
+    stack_dir, demo_dir = tmp_path / "stack", tmp_path / "demo-stack"  # the demo's folder is the sibling
+    env = {**os.environ, **pipeline.env, "IMAGEFORK_NAMESPACE": pipeline.config.namespace + "kept."}
+    starter = subprocess.run([sys.executable, "-c", KEEP_API, str(demo_dir)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert starter.returncode == 0, starter.stderr
+    pid, url = starter.stdout.split()[-2:]
+    pid = int(pid)
+    try:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url)
+        assert http_status(url) == 200, "the kept dashboard does not answer"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            assert b"<html" in answer.read(2000).lower()
+        code, out, err = run_cli({"IMAGEFORK_STACK_DIR": str(stack_dir)}, "demo", "--stop")
+        assert code == 0, err
+        assert out.startswith("stopped: worker api") and str(demo_dir) in out, out
+        assert wait_until(lambda: _start_ticks(pid) is None, 10), "the kept api is still running"
+        assert process_group_members(pid) == []
+        assert http_status(url) is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
