@@ -2,6 +2,7 @@
 ``to_dict``/``from_dict`` sit beside each record so the serde stays generic."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -69,6 +70,13 @@ class ImageRequest:
             "background": self.background,
             "quality": self.quality,
         }
+
+
+def _json_list(value: Any) -> list:
+    """A list kept as JSON text in a record (or already a list)."""
+    if not value:
+        return []
+    return json.loads(value) if isinstance(value, str) else list(value)
 
 
 class _Record:
@@ -201,7 +209,7 @@ class WorkflowPlan:
             "failure": self.failure.to_dict() if self.failure else None,
             "runId": self.runId,
             "retryOf": self.retryOf,
-            "carried": [o.to_dict() for o in self.carried],
+            "carried": json.dumps([o.to_dict() for o in self.carried], separators=(",", ":")) if self.carried else "",
             "request": self.request,
         }
 
@@ -217,7 +225,7 @@ class WorkflowPlan:
             failure=PlanFailure.from_dict(d["failure"]) if d.get("failure") else None,
             runId=d.get("runId") or "",
             retryOf=d.get("retryOf") or "",
-            carried=tuple(TaskOutput.from_dict(o) for o in d.get("carried") or ()),
+            carried=tuple(TaskOutput.from_dict(o) for o in _json_list(d.get("carried"))),
             request=d.get("request") or "",
         )
 

@@ -16,7 +16,7 @@ RECORDS = {
                                      {"width": 3, "height": 4, "resizeMode": "fill", "gravity": "smart"}],
                      "maintainAspectRatio": False, "workflowId": "w", "correlationId": None,
                      "resizeMode": "pad", "gravity": "southeast", "enlarge": False, "background": "#00ff00",
-                     "quality": 70},
+                     "quality": 70, "retry": None},
     "ResizeTask": ResizeTask("w", "r0", 0, 1, "s3://b/s", "http://x/y", "png", 3, 4, True, "w/r0.png", 99, 2, 5,
                              resizeMode="fill", gravity="north", enlarge=False, background="#123456",
                              quality=90).to_dict(),
