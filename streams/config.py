@@ -124,6 +124,7 @@ class Config:
     encoding: Encoding = field(default_factory=Encoding)
     retry: Retry = field(default_factory=Retry)
     log_level: str = "warning"
+    log_format: str = "text"  # or "json": one JSON object per line
     namespace: str = ""
     metrics_listen: str = ""  # host:port of this process's /metrics, /healthz, /readyz; empty: none (a join: 127.0.0.1:0)
     advertised_url: str = ""  # how the API reaches this process's endpoints; empty: from the listen address
@@ -203,6 +204,7 @@ class Config:
              "IMAGEFORK_RETRY_DELAY_S must be >= 0 and IMAGEFORK_RETRY_MAX_DELAY_S >= it"),
             (self.session_timeout_s > 0, "IMAGEFORK_SESSION_TIMEOUT_S must be > 0"),
             (self.log_level in LOG_LEVELS, f"IMAGEFORK_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}"),
+            (self.log_format in ("text", "json"), "IMAGEFORK_LOG_FORMAT must be text or json"),
             (self.repair_after_s > 0, "IMAGEFORK_REPAIR_AFTER_S must be > 0"),
             (self.bucket != "", "S3_BUCKET must not be empty"),
             (0 <= self.presign_ttl_s <= MAX_PRESIGN_TTL_S,
@@ -294,6 +296,7 @@ class Config:
             encoding=encoding,
             retry=retry,
             log_level=reader.str("IMAGEFORK_LOG_LEVEL", d.log_level).lower(),
+            log_format=reader.str("IMAGEFORK_LOG_FORMAT", d.log_format).lower(),
             namespace=namespace,
             metrics_listen=reader.str("IMAGEFORK_METRICS_LISTEN", ""),
             advertised_url=reader.str("IMAGEFORK_ADVERTISED_URL", ""),

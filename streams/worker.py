@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import os
 import re
@@ -29,6 +30,35 @@ class LineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.source = source_of(record.name)
         return _TERMINAL_CODES.sub("", super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """IMAGEFORK_LOG_FORMAT=json: one JSON object per line, ``time`` (ISO 8601, UTC), ``role``, ``pid``,
+    ``level``, ``logger``, ``message``, and ``workflowId`` / ``taskRef`` when the line is about one (a
+    workflow's lines say ``workflow ID ...``, a task's ``task ID/REF ...``), ``exception`` with a trace."""
+
+    _TASK = re.compile(r"\btask (?P<wf>[A-Za-z0-9][A-Za-z0-9._:-]*)/(?P<ref>[A-Za-z0-9._:-]+)")
+    _WORKFLOW = re.compile(r"\bworkflow (?P<wf>[A-Za-z0-9][A-Za-z0-9._:-]*)")
+
+    def __init__(self, role: str):
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = _TERMINAL_CODES.sub("", record.getMessage())
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "role": self.role, "pid": record.process, "level": record.levelname,
+                "logger": "librdkafka" if record.name == "imagefork.kafka" else record.name, "message": message}
+        task = self._TASK.search(message)
+        if task:
+            line["workflowId"], line["taskRef"] = task["wf"], task["ref"]
+        else:
+            flow = self._WORKFLOW.search(message)
+            if flow:
+                line["workflowId"] = flow["wf"]
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 def source_of(logger: str) -> str:
@@ -109,12 +139,12 @@ def is_transient(record: logging.LogRecord) -> bool:
     return False
 
 
-def setup_logging(role: str, level: str, stream=None) -> logging.Handler:
+def setup_logging(role: str, level: str, stream=None, fmt: str = "text") -> logging.Handler:
     """One handler on the root logger for every line of the process: the libraries' at ``level``
     (IMAGEFORK_LOG_LEVEL; Faust's own INFO lines only at debug), imagefork's own (ready, planned, task
     done, warnings) at INFO or below."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(LineFormatter(role))
+    handler.setFormatter(JsonFormatter(role) if fmt == "json" else LineFormatter(role))
     handler.addFilter(TransientRetries())
     handler.addFilter(RepeatedLines())
     root = logging.getLogger()
@@ -150,7 +180,7 @@ def run_role(role: str, config: Config) -> int:
     from streams.adapters.schemas import install_resolver, publish_schemas
     from streams.metrics import install
 
-    setup_logging(role, config.log_level)
+    setup_logging(role, config.log_level, fmt=config.log_format)
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))

@@ -202,3 +202,32 @@ def test_a_library_line_repeated_during_an_outage_is_written_every_10s_with_a_co
     assert line("aiokafka", "Unable to update metadata from [%s]", 1) is not None  # another line: its own count
     # imagefork's own lines are never held back
     assert all(line("imagefork", "workflow %s COMPLETED", "w") for _ in range(5))
+
+
+def test_json_lines_carry_the_workflow_and_the_task():
+    root = logging.getLogger()
+    touched = [logging.getLogger(name) for name in ("imagefork", "faust", "mode")]
+    saved = root.handlers[:], root.level, [logger.level for logger in touched]
+    buffer = io.StringIO()
+    try:
+        setup_logging("resize", "info", stream=buffer, fmt="json")
+        log = logging.getLogger("imagefork")
+        log.info("task %s/%s SUCCEEDED (attempt %d)", "wf-1", "image_convert_resize_png_300x300_0", 1)
+        log.info("workflow %s planned: %d tasks", "wf.2", 9)
+        logging.getLogger("imagefork.kafka").warning("%s [%s] %s", "FAIL", "rdkafka", "down \x1b[31mred\x1b[0m")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("join failed on %s", "x")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        for logger, level in zip(touched, saved[2]):
+            logger.setLevel(level)
+    import json
+    rows = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert len(rows) == 4
+    assert rows[0]["workflowId"] == "wf-1" and rows[0]["taskRef"] == "image_convert_resize_png_300x300_0"
+    assert rows[0]["role"] == "resize" and rows[0]["level"] == "INFO" and rows[0]["time"].endswith("Z")
+    assert rows[1]["workflowId"] == "wf.2" and "taskRef" not in rows[1]
+    assert rows[2]["logger"] == "librdkafka" and rows[2]["message"] == "FAIL [rdkafka] down red"
+    assert "ValueError: boom" in rows[3]["exception"]
