@@ -223,3 +223,34 @@ def test_the_resize_job_reports_its_time_and_counts_its_bytes(monkeypatch):
     io_counts = {(what, label): n for what, label, n in out["io"]}
     assert io_counts[("written", "output")] == out["output"]["bytes"] == len(Store.objects["w/png_32x24.png"])
     assert io_counts[("read", "s3")] > 0
+
+
+def test_a_message_put_on_its_retry_topic_counts_a_retry_and_a_dead_letter_does_not():
+    import asyncio
+
+    from streams.agents.policy import Message, MessagePolicy
+    from streams.config import Retry
+    from tests.unit.test_policy import FakeTopic
+
+    policy = MessagePolicy("metrics-test", Config(retry=Retry(max_retries=1, delay_s=0.01, max_delay_s=0.01)),
+                           dead_letter=FakeTopic("x.dlq"), retry_topic=FakeTopic("x.retry"))
+    retries = metrics.RETRIES.labels("metrics-test", "INTERNAL")
+
+    async def broken(_msg):
+        raise RuntimeError("a bug")
+
+    for attempts in (b"1", b"2"):  # retried, then dead-lettered (retries spent)
+        asyncio.run(policy.process(Message(b"k", b"v", {"imagefork.attempts": attempts},
+                                           {"topic": "in", "partition": "0", "offset": "1"}), broken))
+    assert retries._value.get() == 1
+
+
+def test_the_status_report_of_an_unreachable_cluster_is_one_line():
+    from streams.adapters.lag import status_report
+    from streams.stack.local import free_port
+
+    started = time.monotonic()
+    with pytest.raises(KafkaUnavailable) as err:
+        status_report(Config(bootstrap_servers=f"127.0.0.1:{free_port()}"), timeout_s=2)
+    assert time.monotonic() - started < 10
+    assert "\n" not in str(err.value) and "127.0.0.1" in str(err.value), err.value
