@@ -349,7 +349,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "messages the pipeline could never process, kept with why and where "
                                    "they came from.")
     dlq = p.add_subparsers(dest="dlq_command", required=True)
-    q = dlq.add_parser("list", help="the dead letters as a table, oldest first (read to the end, then exit)")
+    q = dlq.add_parser(
+        "list", help="the dead letters as a table, oldest first (read to the end, then exit)",
+        description="The dead letters committed on the topic, read to its end, oldest first: id (the dead "
+                    "letter's own topic/partition/offset, what `dlq replay --id` takes), time (UTC), agent, "
+                    "code, origin (the topic/partition/offset it was read from), key, attempts and reason "
+                    "(clipped; --json has it whole). The count goes to stderr.")
     q.add_argument("--limit", type=int, default=50, metavar="N",
                    help="show the N most recent (50; 0: all of them)")
     q.add_argument("--json", action="store_true",
