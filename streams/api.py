@@ -250,7 +250,9 @@ class Api:
                 raise
             return json_error(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason)
         except Unavailable as exc:
-            return json_error(503, "JOIN_UNAVAILABLE", f"the join's state cannot be asked now: {exc}")
+            resp = json_error(503, "JOIN_UNAVAILABLE", f"the join's state cannot be asked now: {exc}")
+            resp.headers["Retry-After"] = "5"
+            return resp
         except Exception as exc:  # a bug: say so in JSON, log the trace
             log.exception("api: %s %s failed", request.method, request.path)
             return json_error(500, "INTERNAL", f"{type(exc).__name__}: {exc}"[:500])
@@ -302,7 +304,7 @@ class Api:
         base = f"/v1/workflows/{workflow_id}"
         return {"self": base, "events": f"{base}/events", "retry": f"{base}/retry"}
 
-    async def _known(self, workflow_id: str, patience_s: float = 15.0) -> dict | None:
+    async def _known(self, workflow_id: str, patience_s: float = 10.0) -> dict | None:
         """The workflow's document, or None when no one has heard of it. A retry just sent shows as
         PENDING until its run replaces the one it retries (for at most the workflow timeout)."""
         doc = await self._lookup(workflow_id, patience_s)
@@ -315,7 +317,15 @@ class Api:
         return doc
 
     async def _lookup(self, workflow_id: str, patience_s: float) -> dict | None:
-        answer = await self.router.ask(workflow_id, patience_s)
+        try:
+            answer = await self.router.ask(workflow_id, patience_s)
+        except Unavailable:
+            # no join answers for its partition now (one was killed and its session has not expired,
+            # or none runs): a finished workflow is still answered from its final event
+            final = self.index.get(workflow_id)
+            if final is None:
+                raise
+            return final_doc(final)
         state = answer.get("state")
         if state == "open":
             return running_doc(answer)
@@ -464,7 +474,9 @@ class Api:
 
 
 def run(config: Config) -> int:
+    from streams.adapters.lag import register_lag
     host, port = parse_host_port(config.api_listen)
+    register_lag(config, ["planner", "resize", "join"])  # the whole pipeline's lag on the API's /metrics
     api = Api(config)
     app = api.app()
 

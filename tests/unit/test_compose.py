@@ -117,3 +117,13 @@ def test_the_pulled_images_are_the_local_stacks_versions():
     services = load_compose()["services"]
     assert services["kafka"]["image"] == f"apache/kafka:{local.KAFKA_VERSION}"
     assert services["s3"]["image"] == f"andrewgaul/s3proxy:s3proxy-{local.S3PROXY_VERSION}"
+
+
+def test_the_api_service_reaches_the_joins_through_the_compose_network():
+    services = built_services()
+    api, join = services["api"], services["join"]
+    assert api["command"] == ["api"] and api["environment"]["IMAGEFORK_API_LISTEN"] == "0.0.0.0:8088"
+    assert api["ports"] == ["127.0.0.1:8088:8088"]
+    # the join listens on every address of its container, so it advertises the container's host name
+    assert join["environment"]["IMAGEFORK_METRICS_LISTEN"].startswith("0.0.0.0:")
+    assert join["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"  # the shared settings merged in
