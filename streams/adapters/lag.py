@@ -135,8 +135,10 @@ def read_groups(admin, config: Config, roles, timeout_s: float = 4.0, describe: 
                     g.error = g.error or _one_line(exc)
                     continue
                 g.state = _state_name(d.state)
+                # an assignment may name topics that are no topic (Faust's "<app>-__assignor-__leader")
                 g.members = sorted((Member(m.member_id, m.client_id, m.host, tuple(sorted(
-                    (tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else None) or ())))
+                    (tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else None) or ()
+                    if tp.topic in topics)))
                     for m in d.members), key=lambda m: (m.assigned, m.member_id))
         return groups
     except KafkaUnavailable:
@@ -213,6 +215,7 @@ class LagCollector(Collector):
             try:
                 if self._admin is None:
                     self._admin = admin_client(self.config)
+                self._admin.poll(0)  # serve the client's queued log lines (they reach the logger only here)
                 groups = read_groups(self._admin, self.config, self.roles, self.timeout_s)
                 failed = [g for g in groups if g.error]
                 problem = "; ".join(f"{g.group}: {g.error}" for g in failed)
@@ -268,7 +271,8 @@ def format_status(groups: list[GroupStatus]) -> str:
         shown: set[tuple[str, int]] = set()
         rows: list[tuple[str, ...]] = []
         for m in g.members:
-            rows.append((f"  member {m.client_id or '-'} on {m.host or '-'} ({m.member_id})",))
+            member_id = m.member_id[len(m.client_id) + 1:] if m.member_id.startswith(f"{m.client_id}-") else m.member_id
+            rows.append((f"  member {m.client_id or '-'} on {m.host or '-'} ({member_id})",))
             for key in m.assigned:
                 shown.add(key)
                 rows.append(_row(key, by_key.get(key)))

@@ -20,9 +20,13 @@ SIZES = [{"width": 120, "height": 120}, {"width": 64, "height": 48}]
 SAMPLE = re.compile(r'^(imagefork_[a-z_]+)(?:\{(.*)\})? (\S+)$')
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    """One worker's samples: (name, labels) -> value."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+def scrape(port: int, p=None) -> dict[tuple[str, frozenset], float]:
+    """One worker's samples: (name, labels) -> value; a worker that does not answer fails the test with
+    the pipeline's logs (``p``)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError as exc:
+        raise AssertionError(f"/metrics on port {port}: {exc!r}\n{p.logs() if p else ''}") from None
     samples = {}
     for line in text.splitlines():
         m = SAMPLE.match(line)
@@ -67,7 +71,7 @@ def test_the_metrics_count_tasks_bytes_workflows_and_lag(make_pipeline, files):
     for wf, req in requests.items():
         p.submit({**req, "maintainAspectRatio": True}, wf)
 
-    during = {role: scrape(port) for role, port in ports.items()}  # the endpoints answer mid-run
+    during = {role: scrape(port, p) for role, port in ports.items()}  # the endpoints answer mid-run
     assert all(any(n.startswith("imagefork_") for n, _ in s) for s in during.values()), during
 
     finals = follower.wait(list(requests), 180)
@@ -79,7 +83,7 @@ def test_the_metrics_count_tasks_bytes_workflows_and_lag(make_pipeline, files):
     assert len(outputs) == 6
 
     # tasks, by status and code: each counted once, by whichever resize worker ran it
-    resized = [scrape(port) for port in resizers]
+    resized = [scrape(port, p) for port in resizers]
     assert total(resized, "imagefork_tasks_total", status="SUCCEEDED", code="") == 6
     assert total(resized, "imagefork_tasks_total", status="FAILED", code="IMAGE_UNDECODABLE") == 2
     assert total(resized, "imagefork_tasks_total") == 8
@@ -96,7 +100,7 @@ def test_the_metrics_count_tasks_bytes_workflows_and_lag(make_pipeline, files):
     assert total(resized, "imagefork_bytes_read_total", source="s3") > 0
     # the planner fetched every source and staged those that probed as images
     folder = files.folder
-    planned = scrape(ports["planner"])
+    planned = scrape(ports["planner"], p)
     size = {name: (folder / name).stat().st_size
             for name in ("sample.png", "alpha.png", "truncated.png", "not-an-image.png")}
     assert total([planned], "imagefork_bytes_read_total", source="http") == sum(size.values())
@@ -105,7 +109,7 @@ def test_the_metrics_count_tasks_bytes_workflows_and_lag(make_pipeline, files):
     assert total([planned], "imagefork_bytes_written_total", kind="output") == 0
 
     # the workflows, by final status, once the join counts them
-    joined = scrape(ports["join"])
+    joined = scrape(ports["join"], p)
     if any(n == "imagefork_workflows_total" for n, _ in joined):
         assert total([joined], "imagefork_workflows_total", status="COMPLETED") == 2, joined
         assert total([joined], "imagefork_workflows_total", status="FAILED") == 2, joined
@@ -123,10 +127,7 @@ def test_the_metrics_count_tasks_bytes_workflows_and_lag(make_pipeline, files):
 
     def caught_up() -> bool:
         for role, port in ports.items():
-            try:
-                seen[role] = lag_by_partition(scrape(port))
-            except OSError as exc:
-                raise AssertionError(f"{role}'s /metrics: {exc!r}\n{p.logs()}") from None
+            seen[role] = lag_by_partition(scrape(port, p))
         return all(seen[role] and set(seen[role].values()) == {0.0} for role in ports)
 
     assert wait_until(caught_up, 60, interval=1.0), seen
@@ -136,11 +137,12 @@ def test_the_metrics_count_tasks_bytes_workflows_and_lag(make_pipeline, files):
             assert {part for g, tp, part in lags if (g, tp) == (group, topic)} == \
                 {str(i) for i in range(p.config.partitions)}, (role, topic, lags)
     for role in ("join", "planner"):
-        committed = total([scrape(ports[role])], "imagefork_consumer_committed_offset")
+        committed = total([scrape(ports[role], p)], "imagefork_consumer_committed_offset")
         assert committed > 0, role  # the requests and events were read and committed
 
     # and the status report describes the live groups
     report = status_report(p.config)
+    print(report)  # shown when the test fails (or with -s)
     for role in ("planner", "resize", "join"):
         assert f"{role}  group {p.config.group_id(role)}  Stable" in report, report
     assert "resize  group" in report and report.count("  member ") == 4, report
