@@ -24,6 +24,7 @@ from streams.metrics import LAG_SCRAPE_ERRORS
 log = logging.getLogger("imagefork")
 
 ROLES = ("planner", "resize", "join")
+FAUST_LEADER_TOPIC = "-__assignor-__leader"
 
 
 def role_topics(config: Config, role: str) -> tuple[str, ...]:
@@ -135,10 +136,10 @@ def read_groups(admin, config: Config, roles, timeout_s: float = 4.0, describe: 
                     g.error = g.error or _one_line(exc)
                     continue
                 g.state = _state_name(d.state)
-                # an assignment may name topics that are no topic (Faust's "<app>-__assignor-__leader")
+                # Faust assigns its leader a partition of "<app>-__assignor-__leader", a topic nobody writes
                 g.members = sorted((Member(m.member_id, m.client_id, m.host, tuple(sorted(
                     (tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else None) or ()
-                    if tp.topic in topics)))
+                    if not tp.topic.endswith(FAUST_LEADER_TOPIC))))
                     for m in d.members), key=lambda m: (m.assigned, m.member_id))
         return groups
     except KafkaUnavailable:

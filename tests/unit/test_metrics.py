@@ -132,7 +132,7 @@ def test_read_groups_raises_a_one_line_kafka_unavailable_when_the_cluster_is_awa
 def test_read_groups_describes_each_groups_state_and_members():
     admin = FakeAdmin(committed={"imagefork-join": {(T.events, 0): 4, (T.events, 1): 2}},
                       ends={(T.events, 0): 4, (T.events, 1): 5},
-                      # Faust's assignment names a topic that is none: left out
+                      # Faust's leader topic: left out
                       members={"imagefork-join": [("join-b", "/10.0.0.2",
                                                    [(T.events, 1), ("imagefork-join-__assignor-__leader", 0)]),
                                                   ("join-a", "/10.0.0.1", [(T.events, 0)])]})
