@@ -18,6 +18,7 @@ from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
 from streams.core.imaging import probe_image
 from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
+from streams.metrics import RETRIES
 from streams.core.planning import (
     make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
 )
@@ -143,6 +144,7 @@ class Planner:
         await send(self.topics.request_retries, key=workflow_id.encode(), value=value, headers={
             ATTEMPT: str(attempt + 1).encode(), NOT_BEFORE: str(not_before).encode(),
             SUBMITTED_AT: str(submitted_at).encode(), RUN_ID: run_id.encode()})
+        RETRIES.labels("planner", exc.code).inc()
         return True
 
     def _stage(self, location: str, workflow_id: str, run_id: str) -> str:
