@@ -5,7 +5,8 @@
 - GET a workflow while it runs (answered by the join process that owns its partition, also across a
   rebalance: a second join starting) and after it ends; the list; an output's bytes through the API;
 - the server-sent events: progress as tasks finish, then the final document;
-- retry of a FAILED workflow (its source answered 503 until a flag file existed): a new run of the same
+- retry of a FAILED workflow (its source answered 503 until a flag file existed), and of a workflow with
+  one failed task (its output key blocked on the S3 server): only that task runs again; a new run of the same
   workflow that completes with every output; a COMPLETED one cannot be retried (409);
 - /healthz and /readyz of the API and of the join.
 """
@@ -26,6 +27,8 @@ import pytest
 from PIL import Image
 
 from streams.client import consume_completed
+from streams.core.planning import output_key
+from streams.stack.processes import FileServer
 from tests.integration.pipeline import wait_until
 
 pytestmark = pytest.mark.integration
@@ -238,3 +241,47 @@ def test_each_process_answers_health_and_readiness(make_pipeline):
     assert ready["checks"]["broker"]["ok"] and ready["checks"]["s3"]["ok"] and ready["checks"]["role"]["ok"]
     assert b"imagefork_open_workflows" in call(base, "GET", "/metrics")[1]
     assert join.alive()
+
+
+def test_retry_redoes_only_the_failed_task_and_the_final_event_lists_every_output(make_pipeline):
+    """One output's key is blocked on the real S3 server (an object under ``<key>/``: S3Proxy's file
+    system cannot write a file where a folder is), so that task fails and the others succeed; once the
+    blocker is gone, a retry runs that one task only."""
+    p = make_pipeline(IMAGEFORK_MAX_RETRIES="1")
+    port = free_port()
+    p.start_together("join", "planner", "resize", ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}))
+    base = f"http://127.0.0.1:{port}"
+    wf = f"part-{uuid.uuid4().hex[:8]}"
+    blocked = "image_convert_resize_png_64x48_0"
+    blocker = output_key(p.config.output_prefix, wf, blocked, "png") + "/blocker"
+    p.store.client.put_object(Bucket=p.store.bucket, Key=blocker, Body=b"x")
+    server = FileServer(SAMPLE.parent)
+    request = {"fileLocation": server.url(SAMPLE.name), "outputFormats": ["png", "jpg", "webp"],
+               "outputSizes": [{"width": 64, "height": 48}], "workflowId": wf}
+    try:
+        assert call(base, "POST", "/v1/workflows", request)[0] == 202
+        final = sse(base, f"/v1/workflows/{wf}/events")[-1][1]
+        assert final["status"] == "FAILED", final
+        assert [e["taskRef"] for e in final["errors"]] == [blocked]
+        assert sorted(o["format"] for o in final["outputs"]) == ["jpg", "webp"]
+        kept = {o["taskRef"]: o for o in final["outputs"]}
+
+        p.store.client.delete_object(Bucket=p.store.bucket, Key=blocker)
+        status, body, _ = call(base, "POST", f"/v1/workflows/{wf}/retry")
+        assert status == 202 and body["tasks"] == [blocked], body
+        events = sse(base, f"/v1/workflows/{wf}/events")
+        again = events[-1][1]
+        assert again["status"] == "COMPLETED" and again["retryOf"] == final["runId"], again
+        assert [t["status"] for t in again["tasks"]] == ["SUCCEEDED"] * 3
+        for out in again["outputs"]:
+            if out["taskRef"] in kept:  # kept as they were, not made again
+                assert {k: v for k, v in out.items() if k != "href"} == {k: v for k, v in kept[out["taskRef"]].items()
+                                                                         if k != "href"}
+            assert call(base, "GET", out["href"])[0] == 200
+        # the resize worker did the blocked task once more, and nothing else
+        logs = "".join(w.log_path.read_text() for w in p.workers if w.role == "resize")
+        done = [line for line in logs.splitlines() if f"task {wf}/" in line and "SUCCEEDED" in line]
+        assert sorted(line.split(f"task {wf}/")[1].split()[0] for line in done) == sorted(
+            ["image_convert_resize_jpg_64x48_1", "image_convert_resize_webp_64x48_2", blocked]), done
+    finally:
+        server.close()
