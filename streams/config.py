@@ -16,7 +16,7 @@ class ConfigError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
 
 
-FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tiff")
+FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tiff", "avif")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -46,7 +46,8 @@ class KafkaSecurity:
 @dataclass(frozen=True)
 class Limits:
     max_source_bytes: int = 50 * 1024 * 1024
-    max_pixels: int = 60_000_000
+    max_pixels: int = 60_000_000  # an animation counts every frame: frames x width x height
+    max_frames: int = 500  # frames of an animation kept animated (more: IMAGE_TOO_LARGE)
     max_dimension: int = 10_000
     max_tasks: int = 1000
     connect_timeout_s: float = 5.0
@@ -61,6 +62,9 @@ class Encoding:
     webp_quality: int = 80
     webp_method: int = 2
     gif_colors: int = 256
+    avif_quality: int = 60
+    avif_speed: int = 8
+    jpeg_progressive: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,9 @@ class Config:
             (1 <= self.encoding.jpeg_quality <= 100, "IMAGEFORK_JPEG_QUALITY must be 1..100"),
             (0 <= self.encoding.webp_method <= 6, "IMAGEFORK_WEBP_METHOD must be 0..6"),
             (1 <= self.encoding.webp_quality <= 100, "IMAGEFORK_WEBP_QUALITY must be 1..100"),
+            (1 <= self.encoding.avif_quality <= 100, "IMAGEFORK_AVIF_QUALITY must be 1..100"),
+            (0 <= self.encoding.avif_speed <= 10, "IMAGEFORK_AVIF_SPEED must be 0..10"),
+            (self.limits.max_frames > 0, "IMAGEFORK_MAX_FRAMES must be > 0"),
             (self.limits.max_pixels > 0, "IMAGEFORK_MAX_PIXELS must be > 0"),
             (self.limits.max_source_bytes > 0, "IMAGEFORK_MAX_SOURCE_BYTES must be > 0"),
             (self.limits.max_dimension > 0, "IMAGEFORK_MAX_DIMENSION must be > 0"),
@@ -232,6 +239,7 @@ class Config:
         limits = Limits(
             max_source_bytes=reader.int("IMAGEFORK_MAX_SOURCE_BYTES", d_lim.max_source_bytes),
             max_pixels=reader.int("IMAGEFORK_MAX_PIXELS", d_lim.max_pixels),
+            max_frames=reader.int("IMAGEFORK_MAX_FRAMES", d_lim.max_frames),
             max_dimension=reader.int("IMAGEFORK_MAX_DIMENSION", d_lim.max_dimension),
             max_tasks=reader.int("IMAGEFORK_MAX_TASKS", d_lim.max_tasks),
             connect_timeout_s=reader.float("IMAGEFORK_CONNECT_TIMEOUT_S", d_lim.connect_timeout_s),
@@ -243,6 +251,9 @@ class Config:
             jpeg_quality=reader.int("IMAGEFORK_JPEG_QUALITY", d_enc.jpeg_quality),
             webp_quality=reader.int("IMAGEFORK_WEBP_QUALITY", d_enc.webp_quality),
             webp_method=reader.int("IMAGEFORK_WEBP_METHOD", d_enc.webp_method),
+            avif_quality=reader.int("IMAGEFORK_AVIF_QUALITY", d_enc.avif_quality),
+            avif_speed=reader.int("IMAGEFORK_AVIF_SPEED", d_enc.avif_speed),
+            jpeg_progressive=reader.bool("IMAGEFORK_JPEG_PROGRESSIVE", d_enc.jpeg_progressive),
         )
         retry = Retry(
             max_retries=reader.int("IMAGEFORK_MAX_RETRIES", d_ret.max_retries),
@@ -335,6 +346,14 @@ class _EnvReader:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = (self.env.get(name) or "").strip().lower()
+        if raw == "":
+            return default
+        if raw in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return raw in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name} must be true or false, got {self.env.get(name)!r}")
 
     def float(self, name: str, default: float) -> float:
         raw = self.env.get(name)

@@ -19,7 +19,9 @@ from streams import metrics
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.errors import ImageTooLarge, PipelineError
-from streams.core.imaging import OutputSpec, draft_box_for, open_image, prepare_source, resize_image
+from streams.core.imaging import (
+    OutputSpec, Source, SourceOptions, draft_box_for, frame_count, open_image, prepare, resize_image,
+)
 
 _config: Config | None = None
 _store: ObjectStore | None = None
@@ -45,7 +47,7 @@ class MemoryBudget:
     def cached_bytes(self) -> int:
         return self.held
 
-    def lease(self, key: str) -> Image.Image | None:
+    def lease(self, key: str) -> Source | None:
         with self._cond:
             entry = self.entries.get(key)
             if entry is None:
@@ -72,7 +74,7 @@ class MemoryBudget:
                                         f"{timeout_s:.0f}s (IMAGEFORK_MEMORY_BUDGET_MB)", transient=True)
             self.reserved += nbytes
 
-    def settle(self, nbytes: int, key: str | None = None, im: Image.Image | None = None) -> None:
+    def settle(self, nbytes: int, key: str | None = None, im: Source | Image.Image | None = None) -> None:
         """End a reservation; with ``im``, hold the decoded source, leased once to its decoder."""
         with self._cond:
             self.reserved -= nbytes
@@ -91,16 +93,23 @@ class MemoryBudget:
         return False
 
 
-def image_bytes(im: Image.Image) -> int:
+def image_bytes(im: Source | Image.Image) -> int:
+    if isinstance(im, Source):
+        return sum(image_bytes(f) for f in im.frames)
     return im.width * im.height * max(1, len(im.getbands())) * (2 if im.mode.startswith("I;16") else 1)
 
 
-def decode_cost(data: bytes, limits, max_box: tuple[int, int]) -> int:
-    """Bytes a decode may hold at its peak: the frame (at its draft size) and one converted copy, 4 bytes a pixel."""
+def decode_cost(data: bytes, limits, max_box: tuple[int, int], options: SourceOptions = SourceOptions()) -> int:
+    """Bytes a decode may hold at its peak: the frame (at its draft size) and one converted copy, 4 bytes a
+    pixel; an animation kept animated holds every frame (and one copy)."""
     header = open_image(data, limits)
     w, h = header.width, header.height
+    frames = frame_count(header) if options.animated else 1
+    jpeg = header.format == "JPEG"
     header.close()
-    box = draft_box_for(data, limits, max_box)
+    if frames > 1:
+        return (frames + 1) * w * h * 4
+    box = draft_box_for(data, limits, max_box) if jpeg else None  # only JPEG decodes at a reduced scale
     if box:
         scale = 1
         while w // (scale * 2) >= box[0] and h // (scale * 2) >= box[1] and scale < 8:
@@ -138,10 +147,10 @@ def init_sandbox(config: Config) -> None:
 _loading: dict[str, threading.Lock] = {}
 
 
-def _source(uri: str, max_box: tuple[int, int]) -> tuple[str, Image.Image]:
-    """The decoded source, leased (unlease it when done): fetched and decoded once per process even
-    when threads ask at once."""
-    key = f"{uri}#{max_box[0]}x{max_box[1]}"
+def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceOptions()) -> tuple[str, Source]:
+    """The decoded source, leased (unlease it when done): fetched and decoded once per process (and per way
+    of preparing it: animated, keeping the profile or metadata) even when threads ask at once."""
+    key = f"{uri}#{max_box[0]}x{max_box[1]}#{options.key}"
     im = _budget.lease(key)
     if im is not None:
         return key, im
@@ -151,10 +160,10 @@ def _source(uri: str, max_box: tuple[int, int]) -> tuple[str, Image.Image]:
         im = _budget.lease(key)
         if im is None:
             data = _store.get(uri, _config.limits.max_source_bytes)
-            cost = decode_cost(data, _config.limits, max_box)
+            cost = decode_cost(data, _config.limits, max_box, options)
             _budget.reserve(cost)
             try:
-                im = prepare_source(data, _config.limits, max_box=max_box)
+                im = prepare(data, _config.limits, max_box=max_box, options=options)
             except BaseException:
                 _budget.settle(cost)
                 raise
@@ -175,12 +184,15 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
 
 def _run(task: dict[str, Any]) -> dict[str, Any]:
     try:
-        key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)))
+        spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"],
+                          mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
+                          enlarge=task.get("enlarge", True), background=task.get("background", ""),
+                          quality=task.get("quality", 0), effort=task.get("effort", -1),
+                          progressive=task.get("progressive"), lossless=task.get("lossless", False),
+                          animated=task.get("animated", False), keep_metadata=task.get("keepMetadata") or "none",
+                          keep_profile=task.get("keepProfile", False))
+        key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)), spec.source_options)
         try:
-            spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"],
-                              mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
-                              enlarge=task.get("enlarge", True), background=task.get("background", ""),
-                              quality=task.get("quality", 0))
             started = time.perf_counter()
             out = resize_image(im, spec, _config.limits, _config.encoding)
         finally:
@@ -196,7 +208,9 @@ def _run(task: dict[str, Any]) -> dict[str, Any]:
             "bytes": len(out.data), "contentType": out.content_type,
             "s3Uri": _store.uri(task["outputKey"]), "url": _store.url(task["outputKey"]),
             "mode": out.mode, "gravity": out.gravity, "enlarge": out.enlarge, "background": out.background,
-            "quality": out.quality,
+            "quality": out.quality, "effort": out.effort, "progressive": out.progressive,
+            "lossless": out.lossless, "frames": out.frames, "keepMetadata": out.keep_metadata,
+            "keepProfile": out.keep_profile,
         }, "seconds": time.perf_counter() - started}
     except PipelineError as exc:
         return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient}

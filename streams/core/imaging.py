@@ -1,9 +1,12 @@
 """Bytes in, encoded image out: an ordered list of small steps.
 
-check limits -> open (header only) -> check pixels -> draft -> load -> orient
--> to sRGB -> normalise mode -> strip metadata -> resize (fit, fill + crop at a gravity, force, pad on a
-background) -> convert for the target -> encode (tagged sRGB).
+check limits -> open (header only) -> check pixels (every frame of a kept animation) -> draft -> load
+-> orient -> keep what the request keeps (EXIF/XMP, the source profile) -> to sRGB -> normalise mode
+-> strip metadata -> resize (fit, fill + crop at a gravity, force, pad on a background; each frame
+with the same layout) -> convert for the target -> encode (tagged sRGB or the kept profile; the kept
+EXIF/XMP; quality, effort, progressive, lossless).
 Pixel limits are checked from the header, before any pixel is allocated.
+HEIC/HEIF sources are read through pillow-heif (registered here, at import); AVIF through Pillow's own.
 """
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from PIL import Image, ImageChops, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import (
+    ExifTags, Image, ImageChops, ImageCms, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError, features,
+)
 
 from streams.config import Encoding, Limits
 from streams.core.errors import ImageTooLarge, ImageUndecodable, UnsupportedFormat
@@ -26,7 +31,16 @@ from streams.core.models import CONTENT_TYPES
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "tiff": "TIFF"}
+try:  # HEIC/HEIF input (iPhone photos): pillow-heif's opener, so Image.open reads them like any other
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_INPUT = True
+except ImportError:  # pragma: no cover - a dependency; without it HEIC sources are IMAGE_UNDECODABLE
+    HEIF_INPUT = False
+
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "tiff": "TIFF",
+               "avif": "AVIF"}
 # Modes each encoder takes as they are; anything else is converted first.
 _TARGET_MODES = {
     "PNG": ("1", "L", "LA", "RGB", "RGBA", "P"),
@@ -34,7 +48,19 @@ _TARGET_MODES = {
     "WEBP": ("RGB", "RGBA"),
     "GIF": ("P", "L"),
     "TIFF": ("1", "L", "LA", "RGB", "RGBA", "CMYK"),
+    "AVIF": ("RGB", "RGBA"),
 }
+# output formats that keep an animated source animated (``animated: true``); the others take its first frame
+ANIMATED_FORMATS = ("gif", "webp", "avif")
+# keepMetadata: none (the default), copyright (EXIF Copyright and Artist), all (EXIF, orientation 1, and XMP)
+KEEP_METADATA = ("none", "copyright", "all")
+_COPYRIGHT_TAGS = (ExifTags.Base.Copyright, ExifTags.Base.Artist)
+# formats that carry kept metadata (GIF has no place for it); TIFF keeps XMP and the text tags of its
+# first IFD (Copyright, Artist, Make, Model, ...), not EXIF's sub-IFDs (Exif, GPS)
+_METADATA_FORMATS = ("png", "jpg", "jpeg", "webp", "avif", "tiff")
+EFFORT_MAX = 9
+# lossless WebP: libwebp's own 0-9 presets (WebPConfigLosslessPreset: method, quality), indexed by effort
+_WEBP_LOSSLESS = ((0, 0), (1, 20), (2, 25), (3, 30), (3, 50), (4, 50), (4, 75), (4, 90), (5, 90), (6, 100))
 
 # Colour. Sources with an embedded ICC profile are converted to sRGB before resizing, and every RGB(A)
 # output in a format that can carry a profile (PNG, JPEG, WebP, TIFF) is tagged with this small sRGB
@@ -78,7 +104,7 @@ MODES = ("fit", "fill", "force", "pad")
 GRAVITIES = ("center", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest",
              "smart")
 # formats that keep alpha: pad's default background is transparent there, white elsewhere (JPEG)
-_ALPHA_FORMATS = ("png", "webp", "gif", "tiff")
+_ALPHA_FORMATS = ("png", "webp", "gif", "tiff", "avif")
 _SMART_SIDE = 128  # smart gravity scores crop windows on a greyscale thumbnail this long
 _SMART_STEPS = 8   # ... at this many steps (plus one) along each axis that has room to slide
 
@@ -93,11 +119,57 @@ class OutputSpec:
     gravity: str = "center"
     enlarge: bool = True
     background: str = ""  # #rrggbb or #rrggbbaa, for pad; "" -> transparent, white for JPEG
-    quality: int = 0  # 1-100 for jpg/webp; 0 -> the Encoding's
+    quality: int = 0  # 1-100 for jpg/webp/avif; 0 -> the Encoding's
+    effort: int = -1  # 0 (fastest) - 9 (smallest) for png/jpg/webp/avif; -1 -> the Encoding's
+    progressive: bool | None = None  # jpg; None -> the Encoding's
+    lossless: bool = False  # webp
+    animated: bool = False  # gif/webp/avif: an animated source stays animated
+    keep_metadata: str = "none"  # none | copyright | all
+    keep_profile: bool = False  # an RGB source's own ICC profile instead of the conversion to sRGB
 
     @property
     def resize_mode(self) -> str:
         return self.mode or ("fit" if self.maintain_aspect_ratio else "force")
+
+    @property
+    def source_options(self) -> "SourceOptions":
+        """How the source must be prepared for this output (what a cached source is keyed by)."""
+        fmt = self.format.lower()
+        return SourceOptions(animated=self.animated and fmt in ANIMATED_FORMATS, keep_profile=self.keep_profile,
+                             keep_metadata=self.keep_metadata if fmt in _METADATA_FORMATS else "none")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    animated: bool = False  # every frame, not only the first
+    keep_profile: bool = False
+    keep_metadata: str = "none"
+
+    @property
+    def key(self) -> str:
+        return f"a{int(self.animated)}p{int(self.keep_profile)}m{self.keep_metadata}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A decoded source, ready for any number of ``resize_image`` calls: its frames (one for a still;
+    oriented, L/LA/RGB/RGBA, no metadata in ``info``), each frame's duration (ms) and the loop count of an
+    animation (None: play once), and what it keeps: the source profile (its pixels are then in that
+    profile's space), the EXIF (orientation 1) and XMP to write."""
+    frames: tuple[Image.Image, ...]
+    durations: tuple[int, ...] = ()
+    loop: int | None = 0
+    icc: bytes | None = None
+    exif: bytes | None = None
+    xmp: bytes | None = None
+
+    @property
+    def image(self) -> Image.Image:
+        return self.frames[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.width * f.height * max(1, len(f.getbands())) for f in self.frames)
 
 
 @dataclass(frozen=True)
@@ -112,7 +184,13 @@ class EncodedImage:
     gravity: str = ""  # fill and pad only
     enlarge: bool = True
     background: str = ""  # pad only, #rrggbbaa
-    quality: int = 0  # jpg and webp only
+    quality: int = 0  # jpg, webp (lossy) and avif only
+    effort: int = -1  # the request's 0-9 effort where the format has a knob; -1: the configured one
+    progressive: bool = False  # jpg only
+    lossless: bool = False  # webp only
+    frames: int = 1
+    keep_metadata: str = "none"  # what was written: none | copyright | all
+    keep_profile: bool = False  # the source's own profile was embedded
 
 
 @dataclass(frozen=True)
@@ -235,6 +313,24 @@ def check_pixels(width: int, height: int, limits: Limits) -> None:
     if width * height > limits.max_pixels:
         raise ImageTooLarge(
             f"source is {width}x{height} = {width * height} pixels, more than the limit of {limits.max_pixels}")
+
+
+def check_frames(frames: int, width: int, height: int, limits: Limits) -> None:
+    """An animation kept animated holds every frame: their count, and frames x pixels, within the limits."""
+    if frames > limits.max_frames:
+        raise ImageTooLarge(f"source is an animation of {frames} frames, more than the limit of {limits.max_frames}")
+    if frames * width * height > limits.max_pixels:
+        raise ImageTooLarge(f"source is an animation of {frames} frames of {width}x{height} = "
+                            f"{frames * width * height} pixels, more than the limit of {limits.max_pixels}")
+
+
+def frame_count(im: Image.Image) -> int:
+    """Frames in an opened source (from its headers: GIF skips over the frame data, WebP and AVIF read
+    their index); 1 for a still or a file whose frames cannot be counted."""
+    try:
+        return max(1, int(getattr(im, "n_frames", 1) or 1))
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError):
+        raise ImageUndecodable("source animation is damaged (its frames cannot be counted)") from None
 
 
 def probe_image(data: bytes, limits: Limits) -> tuple[str, int, int]:
@@ -445,58 +541,183 @@ def convert_for(im: Image.Image, pil_format: str, gif_colors: int = 256) -> Imag
     return im.convert("RGB" if "RGB" in allowed else "L")
 
 
-def encode(im: Image.Image, fmt: str, encoding: Encoding) -> bytes:
-    """Pixels and the sRGB tag, nothing else: no EXIF, XMP, IPTC, comments or text chunks."""
+@dataclass(frozen=True)
+class EncoderSettings:
+    """The encoder's own parameters for one output, and what the output record says was applied."""
+    params: dict
+    quality: int = 0
+    effort: int = -1
+    progressive: bool = False
+    lossless: bool = False
+
+
+def encoder_settings(fmt: str, spec: OutputSpec, encoding: Encoding) -> EncoderSettings:
+    """Quality and effort per format. ``effort`` (0 fastest ... 9 smallest) maps to each encoder's own knob:
+    png compress_level = effort; webp method = effort x 6/9 (lossless: libwebp's preset of that level, its
+    method and effort); avif speed = 10 - effort x 8/9 (10 ... 2: speeds 1 and 0 take minutes for a 1200 px
+    image on one thread); jpg optimize (Huffman tables) from effort 5. GIF and TIFF have none."""
     pil_format = PIL_FORMATS[fmt]
+    effort = spec.effort if 0 <= spec.effort <= EFFORT_MAX else -1
+    if pil_format == "PNG":
+        level = encoding.png_compress_level if effort < 0 else effort
+        return EncoderSettings({"compress_level": level}, effort=effort)
+    if pil_format == "JPEG":
+        quality = spec.quality or encoding.jpeg_quality
+        progressive = encoding.jpeg_progressive if spec.progressive is None else spec.progressive
+        return EncoderSettings({"quality": quality, "optimize": effort >= 5, "progressive": progressive},
+                               quality=quality, effort=effort, progressive=progressive)
+    if pil_format == "WEBP":
+        if spec.lossless:
+            level = effort if effort >= 0 else \
+                max(i for i, (m, _q) in enumerate(_WEBP_LOSSLESS) if m <= encoding.webp_method)
+            method, effort_q = _WEBP_LOSSLESS[level]
+            return EncoderSettings({"lossless": True, "quality": effort_q, "method": method, "exact": True},
+                                   effort=effort, lossless=True)
+        quality = spec.quality or encoding.webp_quality
+        method = encoding.webp_method if effort < 0 else round(effort * 6 / EFFORT_MAX)
+        return EncoderSettings({"quality": quality, "method": method}, quality=quality, effort=effort)
+    if pil_format == "AVIF":
+        quality = spec.quality or encoding.avif_quality
+        speed = encoding.avif_speed if effort < 0 else 10 - round(effort * 8 / EFFORT_MAX)
+        # one encoder thread: the pool already runs a task per core
+        return EncoderSettings({"quality": quality, "speed": speed, "max_threads": 1}, quality=quality,
+                               effort=effort)
+    if pil_format == "TIFF":
+        return EncoderSettings({"compression": "tiff_adobe_deflate"})
+    return EncoderSettings({})
+
+
+def encode(im: Image.Image, fmt: str, encoding: Encoding, settings: EncoderSettings | None = None, *,
+           frames: tuple[Image.Image, ...] = (), durations: tuple[int, ...] = (), loop: int | None = 0,
+           icc: bytes | None = None, exif: bytes | None = None, xmp: bytes | None = None) -> bytes:
+    """Pixels, the profile (sRGB, or ``icc``: a kept source profile) and the kept ``exif``/``xmp``, nothing
+    else: no other EXIF, XMP, IPTC, comments or text chunks. ``frames`` after ``im`` make an animation."""
+    pil_format = PIL_FORMATS[fmt]
+    settings = settings or encoder_settings(fmt, OutputSpec(fmt, 1, 1), encoding)
     out = io.BytesIO()
+    im, frames = _bare(im), tuple(_bare(f) for f in frames)
+    params: dict = dict(settings.params)
+    if pil_format in ("PNG", "JPEG", "WEBP", "TIFF", "AVIF"):
+        params["icc_profile"] = (icc or SRGB_ICC) if im.mode in ("RGB", "RGBA") else None
+    if exif or xmp:
+        params.update(_metadata_params(pil_format, exif, xmp))
+    if frames:
+        params.update(save_all=True, append_images=list(frames), duration=list(durations))
+        if pil_format == "GIF":
+            params["disposal"] = 2  # every frame is whole: clear before the next, so transparency stays
+        if loop is not None or pil_format == "WEBP":
+            params["loop"] = 1 if loop is None else loop  # WebP: 1 plays once, as a GIF without a loop
+    im.save(out, pil_format, **params)
+    data = out.getvalue()
+    return _fixed_times(data) if frames and pil_format == "AVIF" else data
+
+
+def _bare(im: Image.Image) -> Image.Image:
+    """The image without what Pillow carries from elsewhere (an image not from ``prepare``): the PNG, TIFF,
+    JPEG and GIF writers would copy its profile, comments and TIFF tags."""
     if set(im.info) - {"transparency"} or hasattr(im, "tag_v2"):
-        # not stripped (an image from elsewhere than prepare_source): the PNG, TIFF, JPEG and GIF writers
-        # would copy its profile, comments and TIFF tags; a copy with none of it
         transparency = im.info.get("transparency")
         im = im.copy()
         im.info = {} if transparency is None else {"transparency": transparency}
-    params: dict = {}
-    if pil_format in ("PNG", "JPEG", "WEBP", "TIFF"):
-        params["icc_profile"] = SRGB_ICC if im.mode in ("RGB", "RGBA") else None
+    return im
+
+
+def _metadata_params(pil_format: str, exif: bytes | None, xmp: bytes | None) -> dict:
+    """Save parameters that write the kept EXIF and XMP in each format."""
+    if pil_format in ("JPEG", "WEBP", "AVIF"):
+        return {k: v for k, v in (("exif", exif), ("xmp", xmp)) if v}
     if pil_format == "PNG":
-        params.update(compress_level=encoding.png_compress_level)
-    elif pil_format == "JPEG":
-        params.update(quality=encoding.jpeg_quality, optimize=False, progressive=False)
-    elif pil_format == "WEBP":
-        params.update(quality=encoding.webp_quality, method=encoding.webp_method)
-    elif pil_format == "TIFF":
-        params.update(compression="tiff_adobe_deflate")
-    im.save(out, pil_format, **params)
-    return out.getvalue()
+        params: dict = {"exif": exif} if exif else {}
+        if xmp:
+            info = PngImagePlugin.PngInfo()
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+            params["pnginfo"] = info
+        return params
+    if pil_format == "TIFF":
+        tags = {}
+        if exif:
+            kept = Image.Exif()
+            kept.load(exif)
+            tags = {tag: value for tag, value in kept.items() if isinstance(value, str) and tag in _TIFF_TEXT_TAGS}
+        if xmp:
+            tags[700] = xmp
+        return {"tiffinfo": tags} if tags else {}
+    return {}
 
 
-def resize_image(data: bytes | Image.Image, spec: OutputSpec, limits: Limits, encoding: Encoding) -> EncodedImage:
-    """The whole step list for one output. ``data`` may be an already decoded image (a cache hit)."""
+# the text tags of a TIFF's first IFD that keepMetadata carries into a TIFF output
+_TIFF_TEXT_TAGS = (ExifTags.Base.ImageDescription, ExifTags.Base.Make, ExifTags.Base.Model, ExifTags.Base.Software,
+                   ExifTags.Base.DateTime, ExifTags.Base.Artist, ExifTags.Base.Copyright)
+
+
+def _fixed_times(data: bytes) -> bytes:
+    """An animated AVIF (an ISO BMFF movie) with its creation and modification times zeroed: libavif stamps
+    the clock into mvhd, tkhd and mdhd, so the same task run twice would write other bytes."""
+    out = bytearray(data)
+
+    def walk(start: int, end: int) -> None:
+        pos = start
+        while pos + 8 <= end:
+            size, kind = struct.unpack(">I4s", out[pos:pos + 8])
+            header = 8
+            if size == 1 and pos + 16 <= end:
+                size, header = struct.unpack(">Q", out[pos + 8:pos + 16])[0], 16
+            elif size == 0:
+                size = end - pos
+            if size < header or pos + size > end:
+                return
+            body = pos + header
+            if kind in (b"moov", b"trak", b"mdia"):
+                walk(body, pos + size)
+            elif kind in (b"mvhd", b"tkhd", b"mdhd") and body + 4 <= pos + size:
+                width = 8 if out[body] == 1 else 4
+                if body + 4 + 2 * width <= pos + size:
+                    out[body + 4:body + 4 + 2 * width] = bytes(2 * width)
+            pos += size
+
+    walk(0, len(out))
+    return bytes(out)
+
+
+def resize_image(data: bytes | Image.Image | Source, spec: OutputSpec, limits: Limits,
+                 encoding: Encoding) -> EncodedImage:
+    """The whole step list for one output. ``data`` may be an already decoded image or ``Source`` (a cache
+    hit; a bare image keeps no metadata or profile of its own)."""
     fmt = spec.format.lower()
-    if fmt not in PIL_FORMATS:
+    if fmt not in PIL_FORMATS or (fmt == "avif" and not features.check("avif")):
         raise UnsupportedFormat(f"output format {spec.format!r} is not supported")
     mode = spec.resize_mode
     if mode not in MODES or spec.gravity not in GRAVITIES:
         raise UnsupportedFormat(f"resize mode {mode!r} with gravity {spec.gravity!r} is not supported")
+    if spec.keep_metadata not in KEEP_METADATA:
+        raise UnsupportedFormat(f"keepMetadata {spec.keep_metadata!r} is not one of {', '.join(KEEP_METADATA)}")
     background = pad_background(spec) if mode == "pad" else ""
-    if isinstance(data, Image.Image):
-        im = data
+    options = spec.source_options
+    if isinstance(data, Source):
+        source = data
+    elif isinstance(data, Image.Image):
+        source = Source((data,))
     else:
         header = open_image(data, limits)
         box = layout(header.width, header.height, spec).scaled
         header.close()
-        im = _normalise(decode(data, limits, draft_box=box))
-    plan = layout(im.width, im.height, spec, im)
-    out = convert_for(apply_layout(im, plan, background or "#ffffff00"), PIL_FORMATS[fmt], encoding.gif_colors)
-    quality = 0
-    if spec.quality and PIL_FORMATS[fmt] in ("JPEG", "WEBP"):
-        encoding = replace(encoding, jpeg_quality=spec.quality, webp_quality=spec.quality)
-    if PIL_FORMATS[fmt] in ("JPEG", "WEBP"):
-        quality = encoding.jpeg_quality if PIL_FORMATS[fmt] == "JPEG" else encoding.webp_quality
-    body = encode(out, fmt, encoding)
+        source = _prepare(data, limits, box, options)
+    first = source.frames[0]
+    plan = layout(first.width, first.height, spec, first)
+    frames = source.frames if options.animated else source.frames[:1]
+    outs = [convert_for(apply_layout(f, plan, background or "#ffffff00"), PIL_FORMATS[fmt], encoding.gif_colors)
+            for f in frames]
+    settings = encoder_settings(fmt, spec, encoding)
+    kept = options.keep_metadata != "none" and fmt in _METADATA_FORMATS
+    icc = source.icc if options.keep_profile and outs[0].mode in ("RGB", "RGBA") else None
+    body = encode(outs[0], fmt, encoding, settings, frames=tuple(outs[1:]), durations=source.durations[:len(outs)],
+                  loop=source.loop, icc=icc, exif=source.exif if kept else None, xmp=source.xmp if kept else None)
+    out = outs[0]
     return EncodedImage(body, out.width, out.height, fmt, CONTENT_TYPES[fmt], mode=mode,
                         gravity=spec.gravity if mode in ("fill", "pad") else "", enlarge=spec.enlarge,
-                        background=background, quality=quality)
+                        background=background, quality=settings.quality, effort=settings.effort,
+                        progressive=settings.progressive, lossless=settings.lossless, frames=len(outs),
+                        keep_metadata=options.keep_metadata if kept else "none", keep_profile=icc is not None)
 
 
 def draft_box_for(data: bytes, limits: Limits, max_box: tuple[int, int]) -> tuple[int, int] | None:
@@ -515,11 +736,119 @@ def draft_box_for(data: bytes, limits: Limits, max_box: tuple[int, int]) -> tupl
 
 
 def prepare_source(data: bytes, limits: Limits, *, max_box: tuple[int, int] = (0, 0)) -> Image.Image:
-    """Decode once for many outputs: oriented, mode-normalised, ready for ``resize_image``.
+    """Decode once for many outputs: the first frame, oriented, sRGB, mode-normalised, no metadata.
     With ``max_box``, a JPEG is decoded at the smallest reduced scale that still covers it."""
-    im = _normalise(decode(data, limits, draft_box=draft_box_for(data, limits, max_box)))
+    return prepare(data, limits, max_box=max_box).image
+
+
+def prepare(data: bytes, limits: Limits, *, max_box: tuple[int, int] = (0, 0),
+            options: SourceOptions = SourceOptions()) -> Source:
+    """Decode once for many outputs that share ``options`` (``OutputSpec.source_options``)."""
+    return _prepare(data, limits, None if options.animated else draft_box_for(data, limits, max_box), options)
+
+
+def _prepare(data: bytes, limits: Limits, draft_box: tuple[int, int] | None, options: SourceOptions) -> Source:
+    if options.animated:
+        header = open_image(data, limits)
+        count = frame_count(header)
+        header.close()
+        if count > 1:
+            return _prepare_animation(data, limits, count, options)
+    im = decode(data, limits, draft_box=draft_box)
+    exif, xmp = kept_metadata(im, options.keep_metadata)
+    icc = _kept_profile(im, options.keep_profile)
+    im = strip_metadata(normalise_mode(im) if icc else _normalise(im))
     im.load()
-    return im
+    return Source((im,), icc=icc, exif=exif, xmp=xmp)
+
+
+def _prepare_animation(data: bytes, limits: Limits, count: int, options: SourceOptions) -> Source:
+    """Every frame of an animated source, whole (GIF's and WebP's disposal and blending applied by Pillow),
+    within the limits: the frame count and frames x pixels, from the headers, before any frame is decoded."""
+    im = open_image(data, limits)
+    check_frames(count, im.width, im.height, limits)
+    frames: list[Image.Image] = []
+    durations: list[int] = []
+    icc = exif = xmp = source_icc = None
+    loop: int | None = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(count):
+                im.seek(i)
+                im.load()
+                durations.append(max(0, int(im.info.get("duration") or 0)))
+                frame = _orient(im.copy())
+                if i == 0:
+                    exif, xmp = kept_metadata(frame, options.keep_metadata)
+                    icc = _kept_profile(frame, options.keep_profile)
+                    source_icc = frame.info.get("icc_profile")
+                    loop = im.info.get("loop", None if im.format == "GIF" else 0)  # a GIF without one plays once
+                else:
+                    frame.info["icc_profile"] = source_icc  # the first frame's profile holds for every frame
+                if frame.mode in ("RGB", "RGBA") and not isinstance(frame.info.get("transparency"), tuple):
+                    frame.info.pop("transparency", None)  # a GIF's palette index, meaningless after its frame 0
+                frames.append(strip_metadata(normalise_mode(frame) if icc else _normalise(frame)))
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError) as exc:
+        raise ImageUndecodable(f"source animation is damaged or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
+    except MemoryError:
+        raise ImageTooLarge("source animation does not fit in memory") from None
+    finally:
+        im.close()
+    if len({f.mode for f in frames}) > 1 or len({f.size for f in frames}) > 1:
+        size = frames[0].size
+        wide = "RGBA" if any("A" in f.mode for f in frames) else "RGB"
+        frames = [f.convert(wide) if f.size == size else _on_canvas(f.convert(wide), size) for f in frames]
+    return Source(tuple(frames), tuple(durations), loop, icc=icc, exif=exif, xmp=xmp)
+
+
+def _on_canvas(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    canvas = Image.new(im.mode, size)
+    canvas.paste(im.crop((0, 0, min(size[0], im.width), min(size[1], im.height))), (0, 0))
+    return canvas
+
+
+def kept_metadata(im: Image.Image, level: str) -> tuple[bytes | None, bytes | None]:
+    """The EXIF and XMP that ``keepMetadata`` keeps, read from an oriented image: none; copyright (EXIF
+    Copyright and Artist only, no XMP); all (the EXIF with its orientation set to 1, since the pixels are
+    turned already, GPS included, and the XMP). A block that cannot be read is dropped, never fatal."""
+    if level not in ("copyright", "all"):
+        return None, None
+    try:
+        exif = im.getexif()
+    except Exception:  # a broken EXIF block: nothing of it is kept
+        exif = Image.Exif()
+    if level == "copyright":
+        kept = Image.Exif()
+        for tag in _COPYRIGHT_TAGS:
+            if exif.get(tag):
+                kept[tag] = exif[tag]
+        return (kept.tobytes() if len(kept) else None), None
+    try:
+        if len(exif):
+            for ifd in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
+                if ifd in exif:
+                    exif.get_ifd(ifd)  # loaded, so tobytes writes the sub-IFD again
+            exif[ExifTags.Base.Orientation] = 1
+            raw_exif = exif.tobytes()
+        else:
+            raw_exif = None
+    except Exception:
+        raw_exif = None
+    xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8")
+    return raw_exif, (xmp if isinstance(xmp, bytes) and xmp else None)
+
+
+def _kept_profile(im: Image.Image, keep: bool) -> bytes | None:
+    """The source's ICC profile when ``keepProfile`` asks for it and it can describe the output: an RGB
+    profile on an RGB(A) (or palette) source. A CMYK or grey profile is never embedded in an RGB output:
+    those sources are converted to sRGB as without the option."""
+    icc = im.info.get("icc_profile")
+    if not keep or not icc or len(icc) < 128 or icc[16:20] != b"RGB ":
+        return None
+    return icc if im.mode in ("RGB", "RGBA", "RGBX", "P", "PA") else None
 
 
 def _normalise(im: Image.Image) -> Image.Image:

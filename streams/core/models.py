@@ -13,6 +13,7 @@ CONTENT_TYPES = {
     "webp": "image/webp",
     "gif": "image/gif",
     "tiff": "image/tiff",
+    "avif": "image/avif",
 }
 
 # workflow statuses
@@ -49,8 +50,14 @@ class ImageRequest:
     gravity: str = "center"
     enlarge: bool = True
     background: str | None = None  # #rrggbb or #rrggbbaa (pad); None: transparent, white for JPEG
-    quality: int | None = None  # 1-100 (jpg, webp); None: the configured encoding's
+    quality: int | None = None  # 1-100 (jpg, webp, avif); None: the configured encoding's
     retry: RetryOf | None = None
+    effort: int | None = None  # 0 (fastest) - 9 (smallest): png, jpg, webp, avif; None: the configured ones
+    progressive: bool | None = None  # jpg; None: the configured one (IMAGEFORK_JPEG_PROGRESSIVE)
+    lossless: bool = False  # webp
+    animated: bool = False  # gif, webp, avif outputs of an animated source stay animated
+    keepMetadata: str = "none"  # none | copyright | all
+    keepProfile: bool = False  # keep an RGB source's ICC profile instead of converting to sRGB
 
     @property
     def mode(self) -> str:
@@ -69,6 +76,12 @@ class ImageRequest:
             "enlarge": self.enlarge,
             "background": self.background,
             "quality": self.quality,
+            "effort": self.effort,
+            "progressive": self.progressive,
+            "lossless": self.lossless,
+            "animated": self.animated,
+            "keepMetadata": self.keepMetadata,
+            "keepProfile": self.keepProfile,
         }
 
 
@@ -112,6 +125,12 @@ class ResizeTask(_Record):
     enlarge: bool = True
     background: str = ""  # "": pad's default (transparent, white for JPEG)
     quality: int = 0  # 0: the configured encoding's
+    effort: int = -1  # 0-9; -1: the configured encoding's
+    progressive: bool | None = None  # jpg; None: the configured one
+    lossless: bool = False
+    animated: bool = False
+    keepMetadata: str = "none"
+    keepProfile: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +147,13 @@ class TaskOutput(_Record):
     gravity: str = ""  # fill and pad only
     enlarge: bool = True
     background: str = ""  # pad only: #rrggbbaa
-    quality: int = 0  # jpg and webp only
+    quality: int = 0  # jpg, lossy webp and avif only
+    effort: int = -1  # the request's 0-9 effort (png, jpg, webp, avif); -1: the configured one, or no such knob
+    progressive: bool = False  # jpg only
+    lossless: bool = False  # webp only
+    frames: int = 1  # more than 1: an animation
+    keepMetadata: str = ""  # none | copyright | all, what was written ("": written before the option)
+    keepProfile: bool = False  # the source's own ICC profile was embedded (not sRGB)
 
 
 @dataclass(frozen=True)

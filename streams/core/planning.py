@@ -8,7 +8,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from streams.core.errors import RequestInvalid
-from streams.core.imaging import GRAVITIES, MODES, parse_colour
+from streams.core.imaging import EFFORT_MAX, GRAVITIES, KEEP_METADATA, MODES, parse_colour
 from streams.core.models import CONTENT_TYPES, ImageRequest, ResizeTask, RetryOf, Size, TaskOutput, WorkflowPlan
 
 TASK_NAME = "image_convert_resize"
@@ -107,6 +107,18 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
         quality, why = _dimension(quality, 100)
         if why:
             problems.append(("quality", why))
+    effort = doc.get("effort")
+    if effort is not None:
+        effort, why = _dimension(effort, EFFORT_MAX, minimum=0)
+        if why:
+            problems.append(("effort", why))
+    flags = {}
+    for name, default in (("progressive", None), ("lossless", False), ("animated", False), ("keepProfile", False)):
+        value = doc.get(name)
+        flags[name], why = (default, None) if value is None else parse_boolean(value)
+        if why:
+            problems.append((name, why))
+    keep_metadata = _choice(doc.get("keepMetadata"), KEEP_METADATA, "keepMetadata", problems) or "none"
 
     ids = {}
     for name in ("workflowId", "correlationId"):
@@ -139,6 +151,12 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
         background=background,
         quality=quality,
         retry=retry,
+        effort=effort,
+        progressive=flags["progressive"],
+        lossless=flags["lossless"],
+        animated=flags["animated"],
+        keepMetadata=keep_metadata,
+        keepProfile=flags["keepProfile"],
     )
 
 
@@ -217,7 +235,7 @@ def _check_location(location: str) -> list[tuple[str, str]]:
     return []
 
 
-def _dimension(value: Any, maximum: int) -> tuple[int | None, str | None]:
+def _dimension(value: Any, maximum: int, minimum: int = 1) -> tuple[int | None, str | None]:
     if isinstance(value, bool):
         return None, "must be an integer, got a boolean"
     if isinstance(value, str) and value.strip().isdigit():
@@ -226,8 +244,8 @@ def _dimension(value: Any, maximum: int) -> tuple[int | None, str | None]:
         value = int(value)
     if not isinstance(value, int):
         return None, f"is required and must be an integer, got {value!r}"[:200]
-    if not 1 <= value <= maximum:
-        return None, f"must be between 1 and {maximum}, got {value}"
+    if not minimum <= value <= maximum:
+        return None, f"must be between {minimum} and {maximum}, got {value}"
     return value, None
 
 
@@ -274,6 +292,12 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
                 enlarge=request.enlarge,
                 background=request.background or "",
                 quality=request.quality or 0,
+                effort=-1 if request.effort is None else request.effort,
+                progressive=request.progressive,
+                lossless=request.lossless,
+                animated=request.animated,
+                keepMetadata=request.keepMetadata,
+                keepProfile=request.keepProfile,
             ))
     return tasks
 

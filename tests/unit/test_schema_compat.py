@@ -308,4 +308,34 @@ def test_an_old_output_record_says_no_mode(tmp_path):
     written = conform(SAMPLES["TaskOutput"], old)
     data = process_with(tmp_path / "old", {"TaskOutput": old}).encode("TaskOutput", written)
     assert serde.decode("TaskOutput", data) == {**written, "mode": "", "gravity": "", "enlarge": True,
-                                                "background": "", "quality": 0}
+                                                "background": "", "quality": 0, **NO_FORMAT_OPTIONS}
+
+
+# --- formats and encoder options (issue 9): records written before them --------------------------------
+NO_FORMAT_OPTIONS = {"effort": -1, "progressive": False, "lossless": False, "frames": 1, "keepMetadata": "",
+                     "keepProfile": False}
+
+
+def test_a_request_before_the_format_options_plans_as_before(tmp_path):
+    from streams.core.planning import parse_request, plan_tasks
+    old = load(CURRENT / "history" / "io.imagefork.ImageRequest.v3.avsc")
+    written = conform(SAMPLES["ImageRequest"], old)
+    data = process_with(tmp_path / "old", {"ImageRequest": old}).encode("ImageRequest", written)
+    doc = serde.decode_request_bytes(data)
+    assert {k: doc[k] for k in ("effort", "progressive", "lossless", "animated", "keepMetadata", "keepProfile")} \
+        == {"effort": None, "progressive": None, "lossless": False, "animated": False, "keepMetadata": None,
+            "keepProfile": False}
+    task = plan_tasks(parse_request(doc, max_dimension=100, max_tasks=10), "w", source_uri="s3://b/s", deadline=1)[0]
+    assert (task.effort, task.progressive, task.lossless, task.animated, task.keepMetadata, task.keepProfile) == \
+        (-1, None, False, False, "none", False)
+
+
+def test_a_task_before_the_format_options_encodes_as_configured(tmp_path):
+    from streams.core.models import ResizeTask
+    old = load(CURRENT / "history" / "io.imagefork.ResizeTask.v4.avsc")
+    written = conform(SAMPLES["ResizeTask"], old)
+    data = process_with(tmp_path / "old", {"ResizeTask": old}).encode("ResizeTask", written)
+    read = ResizeTask.from_dict(serde.decode("ResizeTask", data))
+    assert (read.effort, read.progressive, read.lossless, read.animated, read.keepMetadata, read.keepProfile) == \
+        (-1, None, False, False, "none", False)
+

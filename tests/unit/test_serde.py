@@ -8,7 +8,8 @@ from streams.core.models import (
 )
 
 OUT = TaskOutput("r0", "png", 300, 200, 1234, "image/png", "s3://b/k.png", "http://s3/b/k.png",
-                 "pad", "west", False, "#ff000080", 0)
+                 "pad", "west", False, "#ff000080", 0, effort=7, progressive=False, lossless=False, frames=3,
+                 keepMetadata="copyright", keepProfile=True)
 ERR = TaskError("r1", "IMAGE_UNDECODABLE", "bad", 1)
 RECORDS = {
     "ImageRequest": {"fileLocation": "s3://b/k", "outputFormats": ["png"],
@@ -16,10 +17,12 @@ RECORDS = {
                                      {"width": 3, "height": 4, "resizeMode": "fill", "gravity": "smart"}],
                      "maintainAspectRatio": False, "workflowId": "w", "correlationId": None,
                      "resizeMode": "pad", "gravity": "southeast", "enlarge": False, "background": "#00ff00",
-                     "quality": 70, "retry": None},
+                     "quality": 70, "retry": None, "effort": 4, "progressive": True, "lossless": True,
+                     "animated": True, "keepMetadata": "all", "keepProfile": True},
     "ResizeTask": ResizeTask("w", "r0", 0, 1, "s3://b/s", "http://x/y", "png", 3, 4, True, "w/r0.png", 99, 2, 5,
                              resizeMode="fill", gravity="north", enlarge=False, background="#123456",
-                             quality=90).to_dict(),
+                             quality=90, effort=0, progressive=False, lossless=True, animated=True,
+                             keepMetadata="copyright", keepProfile=True).to_dict(),
     "TaskResult": TaskResult("w", "r0", "SUCCEEDED", 1, 7, output=OUT, runId="r1").to_dict(),
     "WorkflowPlan": WorkflowPlan("w", "http://x", ("r0", "r1"), 1, 2, "c",
                                  PlanFailure("REJECTED", "REQUEST_INVALID", "x")).to_dict(),
