@@ -187,3 +187,64 @@ def test_same_workflow_twice_gives_one_final_event(pipeline, files):
     # each run staged its own copy of the source (its run id in the key); the join removes both once
     # what ended each run is committed
     assert wait_until(lambda: pipeline.staged_keys("twice-1") == [], 30), pipeline.staged_keys("twice-1")
+
+
+def test_formats_animation_and_encoder_options_through_the_stack(pipeline, files):
+    """issue 9, formats: AVIF out, HEIC in, an animated GIF kept animated, and effort, progressive, lossless,
+    keepMetadata and keepProfile, in one go through the real stack; every output decoded and checked."""
+    from PIL import ExifTags
+    import pillow_heif
+    from tests.unit.test_imaging_colour import ADOBE_RGB
+    from tests.unit.test_imaging_formats import animation, frames_of
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Copyright], exif[ExifTags.Base.Make] = "(c) Jane Doe", "PhoneCo"
+    exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitude] = (51.0, 30.0, 0.0)
+    Image.open(files.folder / "sample.png").convert("RGB").save(files.folder / "tagged.jpg", "JPEG", quality=92,
+                                                                 exif=exif.tobytes(), icc_profile=ADOBE_RGB)
+    (files.folder / "anim.gif").write_bytes(animation())
+    pillow_heif.from_pillow(Image.open(files.folder / "sample.png").convert("RGB")).save(files.folder / "sample.heic")
+    sizes = [{"width": 300, "height": 200, "resizeMode": "fill"}, {"width": 200, "height": 200}]
+    requests = {
+        "opts-1": {"fileLocation": files.url("tagged.jpg"), "outputFormats": ["avif", "jpg", "webp", "png"],
+                   "outputSizes": sizes, "effort": 4, "progressive": True, "lossless": True,
+                   "keepMetadata": "copyright", "keepProfile": True},
+        "anim-1": {"fileLocation": files.url("anim.gif"), "outputFormats": ["gif", "webp", "avif", "png"],
+                   "outputSizes": [{"width": 40, "height": 40}], "animated": True},
+        "heic-1": {"fileLocation": files.url("sample.heic"), "outputFormats": ["avif", "jpg"],
+                   "outputSizes": [{"width": 120, "height": 120}]},
+    }
+    finals = run(pipeline, requests, timeout=180)
+    for wf in requests:
+        assert finals[wf].status == "COMPLETED", (wf, finals[wf].errors)
+        pipeline.check_outputs(finals[wf])
+
+    def image(out):
+        im = Image.open(io.BytesIO(pipeline.object(out.s3Uri.split("/", 3)[3])))
+        im.load()
+        return im
+
+    opts = finals["opts-1"].outputs
+    assert [(o.format, o.width, o.height) for o in opts] == \
+        [(f, *wh) for f in ("avif", "jpg", "webp", "png") for wh in ((300, 200), (200, 200))]
+    for out in opts:
+        im = image(out)
+        assert out.effort == 4 and out.keepMetadata == "copyright" and out.keepProfile, out
+        assert im.info["icc_profile"] == ADOBE_RGB  # the source's profile, not sRGB
+        kept = im.getexif()
+        assert kept.get(ExifTags.Base.Copyright) == "(c) Jane Doe" and ExifTags.Base.Make not in kept
+        assert ExifTags.IFD.GPSInfo not in kept  # GPS gone
+        assert out.progressive == (out.format == "jpg") and out.lossless == (out.format == "webp")
+        assert (im.info.get("progressive") == 1) == (out.format == "jpg")
+    assert {o.quality for o in opts if o.format == "avif"} == {pipeline.config.encoding.avif_quality}
+
+    anim = {o.format: o for o in finals["anim-1"].outputs}
+    for fmt in ("gif", "webp", "avif"):
+        assert anim[fmt].frames == 4 and (anim[fmt].width, anim[fmt].height) == (40, 30)
+        assert frames_of(pipeline.object(anim[fmt].s3Uri.split("/", 3)[3])) == (4, [100, 200, 300, 400])
+    assert anim["png"].frames == 1 and image(anim["png"]).size == (40, 30)
+
+    heic = finals["heic-1"].outputs
+    assert [(o.format, o.width, o.height, o.keepMetadata) for o in heic] == \
+        [("avif", 120, 120, "none"), ("jpg", 120, 120, "none")]
+    assert all(image(o).info.get("icc_profile") != ADOBE_RGB for o in heic)
