@@ -63,7 +63,7 @@ class Encoding:
     webp_method: int = 2
     gif_colors: int = 256
     avif_quality: int = 60
-    avif_speed: int = 8
+    avif_speed: int = 9
     jpeg_progressive: bool = False
 
 

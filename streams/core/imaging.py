@@ -568,8 +568,7 @@ def encoder_settings(fmt: str, spec: OutputSpec, encoding: Encoding) -> EncoderS
                                quality=quality, effort=effort, progressive=progressive)
     if pil_format == "WEBP":
         if spec.lossless:
-            level = effort if effort >= 0 else \
-                max(i for i, (m, _q) in enumerate(_WEBP_LOSSLESS) if m <= encoding.webp_method)
+            level = max(effort, 0)  # preset 0 unless asked: see docs/benchmarks.md
             method, effort_q = _WEBP_LOSSLESS[level]
             return EncoderSettings({"lossless": True, "quality": effort_q, "method": method, "exact": True},
                                    effort=effort, lossless=True)

@@ -239,7 +239,7 @@ def test_effort_maps_to_each_encoders_knob():
     assert defaults == {"png": ENC.png_compress_level, "webp": ENC.webp_method, "avif": ENC.avif_speed, "jpg": False}
     lossless = [encoder_settings("webp", OutputSpec("webp", 1, 1, lossless=True, effort=e), ENC).params
                 for e in (0, 9, -1)]
-    assert [(p["method"], p["quality"]) for p in lossless] == [(0, 0), (6, 100), (2, 25)]
+    assert [(p["method"], p["quality"]) for p in lossless] == [(0, 0), (6, 100), (0, 0)]
 
 
 def test_jpeg_effort_optimizes_huffman_tables():
@@ -412,3 +412,23 @@ def test_fit_fill_force_match_libvips(mode, box):
     ours = decoded(out.data).convert("RGB")
     assert ours.size == reference.size == (out.width, out.height)
     assert psnr(ours, reference) >= 35, psnr(ours, reference)
+
+
+# --- the encoding settings of the environment ----------------------------------------------------------
+def test_encoding_and_frame_settings_from_the_environment():
+    from streams.config import Config, ConfigError
+    config = Config.from_env({"IMAGEFORK_AVIF_QUALITY": "45", "IMAGEFORK_AVIF_SPEED": "6",
+                              "IMAGEFORK_JPEG_PROGRESSIVE": "true", "IMAGEFORK_MAX_FRAMES": "50"})
+    assert (config.encoding.avif_quality, config.encoding.avif_speed, config.encoding.jpeg_progressive,
+            config.limits.max_frames) == (45, 6, True, 50)
+    assert Config.from_env({}).encoding == Encoding() and Encoding().avif_speed == 9
+    for name, bad in (("IMAGEFORK_AVIF_QUALITY", "0"), ("IMAGEFORK_AVIF_SPEED", "11"),
+                      ("IMAGEFORK_JPEG_PROGRESSIVE", "maybe"), ("IMAGEFORK_MAX_FRAMES", "0")):
+        with pytest.raises(ConfigError, match=name):
+            Config.from_env({name: bad})
+
+
+def test_a_still_avif_is_the_same_bytes_every_time():
+    data = encode(photo((300, 200)), "PNG")
+    assert resize_image(data, OutputSpec("avif", 150, 150), LIM, ENC).data == \
+        resize_image(data, OutputSpec("avif", 150, 150), LIM, ENC).data
