@@ -112,10 +112,10 @@ class CompletedIndex:
                         self.finals[final.workflowId] = final
                         while len(self.finals) > self.capacity:
                             self.finals.popitem(last=False)
-                if not self.caught_up.is_set():
+                if not self.caught_up.is_set() and not msgs:
+                    # a partition not fetched yet has no position (negative): not caught up unless empty
                     positions = consumer.position([TopicPartition(topic, p) for p in ends])
-                    if all(tp.offset >= ends[tp.partition] or ends[tp.partition] <= 0 for tp in positions
-                           if tp.offset >= 0) and (not msgs):
+                    if all(ends[tp.partition] <= 0 or tp.offset >= ends[tp.partition] for tp in positions):
                         self.caught_up.set()
         finally:
             consumer.close()
@@ -321,11 +321,15 @@ class Api:
             answer = await self.router.ask(workflow_id, patience_s)
         except Unavailable:
             # no join answers for its partition now (one was killed and its session has not expired,
-            # or none runs): a finished workflow is still answered from its final event
+            # or none runs): a finished workflow is still answered from its final event, and one this
+            # process accepted is PENDING (its request waits in Kafka)
             final = self.index.get(workflow_id)
-            if final is None:
-                raise
-            return final_doc(final)
+            if final is not None:
+                return final_doc(final)
+            if workflow_id in self.accepted:
+                at, location = self.accepted[workflow_id]
+                return pending_doc(workflow_id, at, location)
+            raise
         state = answer.get("state")
         if state == "open":
             return running_doc(answer)
@@ -381,7 +385,12 @@ class Api:
         rows: dict[str, dict] = {}
         for final in self.index.recent():
             rows[final.workflowId] = summary(final_doc(final))
-        for w in await self.router.open_workflows(limit):
+        try:
+            open_now = await self.router.open_workflows(limit)
+        except KafkaException as exc:  # the broker away: the finished ones, and say so
+            open_now = []
+            log.warning("api: the open workflows cannot be listed now: %s", exc)
+        for w in open_now:
             rows[w["workflowId"]] = {"workflowId": w["workflowId"], "status": "RUNNING", "runId": w["runId"],
                                      "fileLocation": w["fileLocation"], "submittedAt": w["submittedAt"],
                                      "completedAt": None,

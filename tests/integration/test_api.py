@@ -226,6 +226,19 @@ def test_retry_runs_a_failed_workflow_again_as_a_new_run(make_pipeline, tmp_path
         assert [f.status for f in finals] == ["FAILED", "COMPLETED"], finals
         assert finals[1].retryOf == finals[0].runId and len(finals[1].fileLocations) == 2
         assert call(base, "POST", f"/v1/workflows/{wf}/retry")[0] == 409
+
+        # no join at all: a finished workflow is answered from its final event, a new request is
+        # accepted (it waits in Kafka) and PENDING, an unknown one is 503 with Retry-After
+        for w in p.workers:
+            if w.role == "join":
+                w.stop()
+        status, doc, _ = call(base, "GET", f"/v1/workflows/{wf}")
+        assert status == 200 and doc["status"] == "COMPLETED", doc
+        later = f"later-{uuid.uuid4().hex[:8]}"
+        assert call(base, "POST", "/v1/workflows", {**request, "workflowId": later})[0] == 202
+        assert call(base, "GET", f"/v1/workflows/{later}")[1]["status"] == "PENDING"
+        status, body, headers = call(base, "GET", "/v1/workflows/nobody-knows")
+        assert status == 503 and body["error"] == "JOIN_UNAVAILABLE" and headers["Retry-After"] == "5", body
     finally:
         server.shutdown()
 
