@@ -62,6 +62,8 @@ def test_wheel_ships_the_schemas_and_every_module(tmp_path):
     assert modules <= shipped, f"packages missing from pyproject.toml: {sorted(modules - shipped)}"
     schemas = {f"streams/{p.relative_to(src).as_posix()}" for p in (src / "schemas").rglob("*.avsc")}
     assert schemas and schemas <= shipped
+    assets = {p.relative_to(src).as_posix() for p in (src / "streams" / "assets").iterdir() if p.suffix != ".py"}
+    assert "streams/assets/dashboard.html" in assets and assets <= shipped, sorted(assets - shipped)
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", str(venv))
