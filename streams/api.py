@@ -482,10 +482,27 @@ class Api:
                                  headers={"Location": f"/v1/workflows/{workflow_id}"})
 
 
+def check_listen(host: str, port: int) -> None:
+    """A taken or impossible address is one line (StartError), not aiohttp's traceback."""
+    import socket
+
+    from streams.worker import StartError
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _name, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise StartError(f"the API cannot listen on {host}:{port} (IMAGEFORK_API_LISTEN): "
+                         f"{exc.strerror or exc}") from None
+
+
 def run(config: Config) -> int:
     from streams.adapters.lag import register_lag
     host, port = parse_host_port(config.api_listen)
     register_lag(config, ["planner", "resize", "join"])  # the whole pipeline's lag on the API's /metrics
+    check_listen(host, port)
     api = Api(config)
     app = api.app()
 

@@ -276,10 +276,18 @@ def run_all(config: Config) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     code = 0
+    pipeline = [c for role, c in children.items() if role != "api"]
+    api_gone = False
     try:
-        while all(c.poll() is None for c in children.values()):
+        # the pipeline's roles stand or fall together; the API is a view of them: if it cannot run
+        # (its port taken, say), it says why and the pipeline goes on
+        while all(c.poll() is None for c in pipeline):
+            if not api_gone and children["api"].poll() is not None:
+                api_gone = True
+                print(f"imagefork: worker all: the API exited ({children['api'].returncode}); the pipeline goes on "
+                      "without it", file=sys.stderr, flush=True)
             time.sleep(0.5)
-        code = next((c.returncode for c in children.values() if c.returncode not in (None, 0)), 0)
+        code = next((c.returncode for c in pipeline if c.returncode not in (None, 0)), 0)
     finally:
         stop()
         for child in children.values():

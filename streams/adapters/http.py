@@ -154,7 +154,12 @@ def serve(config: Config, role: str, ready: Callable[[], tuple[bool, str]], rout
     if address is None:
         return None
     server = ProcessServer(address[0], address[1], health_routes(config, role, ready) + list(routes))
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:
+        from streams.worker import StartError
+        raise StartError(f"{role} cannot listen on {address[0]}:{address[1]} (IMAGEFORK_METRICS_LISTEN): "
+                         f"{exc.strerror or exc}") from None
     logging.getLogger("imagefork").info("%s: http://%s:%d/metrics, /healthz, /readyz", role, server.host,
                                         server.port)
     return server

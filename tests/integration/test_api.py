@@ -298,3 +298,28 @@ def test_retry_redoes_only_the_failed_task_and_the_final_event_lists_every_outpu
             ["image_convert_resize_jpg_64x48_1", "image_convert_resize_webp_64x48_2", blocked]), done
     finally:
         server.close()
+
+
+def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_only_the_api(make_pipeline, files):
+    p = make_pipeline()
+    port, metrics = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    first = p.start("all", name="all-1", IMAGEFORK_API_LISTEN=f"127.0.0.1:{port}",
+                    IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{metrics}")
+    assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 90), first.log_tail(40)
+    # a second `worker all` on this host: its API finds the port taken and says so in one line; its
+    # pipeline roles run (they join the groups) and it stays up
+    second = p.start("all", name="all-2", wait=False, IMAGEFORK_API_LISTEN=f"127.0.0.1:{port}")
+    assert wait_until(lambda: "the pipeline goes on without it" in second.log_path.read_text(), 90), second.log_tail(40)
+    log = second.log_path.read_text()
+    assert f"imagefork: the API cannot listen on 127.0.0.1:{port} (IMAGEFORK_API_LISTEN)" in log
+    assert "Traceback" not in log
+    wf = f"all-{uuid.uuid4().hex[:8]}"
+    request = {**seed(files, wf), "outputFormats": ["png"], "outputSizes": [{"width": 32, "height": 32}]}
+    assert call(base, "POST", "/v1/workflows", request)[0] == 202
+    final = sse(base, f"/v1/workflows/{wf}/events")[-1][1]
+    assert final["status"] == "COMPLETED" and len(final["outputs"]) == 1, final
+    assert second.alive() and first.alive()
+    for w in (second, first):
+        w.stop()
+        assert w.proc.returncode == 0, w.log_tail(40)
