@@ -58,6 +58,8 @@ _COPYRIGHT_TAGS = (ExifTags.Base.Copyright, ExifTags.Base.Artist)
 # formats that carry kept metadata (GIF has no place for it); TIFF keeps XMP and the text tags of its
 # first IFD (Copyright, Artist, Make, Model, ...), not EXIF's sub-IFDs (Exif, GPS)
 _METADATA_FORMATS = ("png", "jpg", "jpeg", "webp", "avif", "tiff")
+# formats that carry an ICC profile: keepProfile keeps the source's there; a GIF's pixels are converted to sRGB
+_PROFILE_FORMATS = ("png", "jpg", "jpeg", "webp", "avif", "tiff")
 EFFORT_MAX = 9
 # lossless WebP: libwebp's own 0-9 presets (WebPConfigLosslessPreset: method, quality), indexed by effort
 _WEBP_LOSSLESS = ((0, 0), (1, 20), (2, 25), (3, 30), (3, 50), (4, 50), (4, 75), (4, 90), (5, 90), (6, 100))
@@ -135,7 +137,8 @@ class OutputSpec:
     def source_options(self) -> "SourceOptions":
         """How the source must be prepared for this output (what a cached source is keyed by)."""
         fmt = self.format.lower()
-        return SourceOptions(animated=self.animated and fmt in ANIMATED_FORMATS, keep_profile=self.keep_profile,
+        return SourceOptions(animated=self.animated and fmt in ANIMATED_FORMATS,
+                             keep_profile=self.keep_profile and fmt in _PROFILE_FORMATS,
                              keep_metadata=self.keep_metadata if fmt in _METADATA_FORMATS else "none")
 
 
@@ -299,7 +302,7 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageUndecodable("source is not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, TypeError, struct.error, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, TypeError, struct.error, EOFError, RuntimeError) as exc:
         raise ImageUndecodable(f"source image header is damaged ({type(exc).__name__})") from None
     except Image.DecompressionBombError as exc:  # pragma: no cover - MAX_IMAGE_PIXELS is off
         raise ImageTooLarge(str(exc)) from None
@@ -329,7 +332,7 @@ def frame_count(im: Image.Image) -> int:
     their index); 1 for a still or a file whose frames cannot be counted."""
     try:
         return max(1, int(getattr(im, "n_frames", 1) or 1))
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError):
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError):
         raise ImageUndecodable("source animation is damaged (its frames cannot be counted)") from None
 
 
@@ -352,7 +355,7 @@ def decode(data: bytes, limits: Limits, *, draft_box: tuple[int, int] | None = N
             warnings.simplefilter("ignore")
             im.load()
             im = _orient(im)
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError) as exc:
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError) as exc:
         raise ImageUndecodable(f"source image data is damaged or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
     except MemoryError:
         raise ImageTooLarge("source image does not fit in memory") from None
@@ -788,7 +791,7 @@ def _prepare_animation(data: bytes, limits: Limits, count: int, options: SourceO
                 if frame.mode in ("RGB", "RGBA") and not isinstance(frame.info.get("transparency"), tuple):
                     frame.info.pop("transparency", None)  # a GIF's palette index, meaningless after its frame 0
                 frames.append(strip_metadata(normalise_mode(frame) if icc else _normalise(frame)))
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError) as exc:
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError) as exc:
         raise ImageUndecodable(f"source animation is damaged or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
     except MemoryError:
         raise ImageTooLarge("source animation does not fit in memory") from None

@@ -373,10 +373,12 @@ def test_keep_profile_never_embeds_a_cmyk_profile_in_rgb():
         assert not out.keep_profile and decoded(out.data).info.get("icc_profile") == SRGB_ICC
 
 
-def test_keep_profile_with_gif_has_nowhere_to_put_it():
+def test_keep_profile_with_gif_has_nowhere_to_put_it_so_gif_is_converted():
     src = encode(Image.new("RGB", (40, 40), (30, 160, 90)), "PNG", icc_profile=ADOBE_RGB)
     out = resize_image(src, OutputSpec("gif", 20, 20, keep_profile=True), LIM, ENC)
     assert not out.keep_profile and "icc_profile" not in decoded(out.data).info
+    plain = resize_image(src, OutputSpec("gif", 20, 20), LIM, ENC)
+    assert decoded(out.data).convert("RGB").getpixel((10, 10)) == decoded(plain.data).convert("RGB").getpixel((10, 10))
 
 
 def test_prepared_sources_differ_by_their_options():
@@ -432,3 +434,33 @@ def test_a_still_avif_is_the_same_bytes_every_time():
     data = encode(photo((300, 200)), "PNG")
     assert resize_image(data, OutputSpec("avif", 150, 150), LIM, ENC).data == \
         resize_image(data, OutputSpec("avif", 150, 150), LIM, ENC).data
+
+
+def test_damaged_avif_heic_and_animations_are_clear_errors_never_a_crash():
+    """Truncated and bit-flipped copies (a fixed seed): each one resizes or is IMAGE_UNDECODABLE /
+    IMAGE_TOO_LARGE; Pillow's AVIF decoder raises RuntimeError, which must not come out raw."""
+    import random
+    from streams.core.errors import PipelineError
+    still = photo((160, 120))
+    frames = [still.rotate(i * 20) for i in range(3)]
+    avif_anim = io.BytesIO()
+    frames[0].save(avif_anim, "AVIF", save_all=True, append_images=frames[1:], duration=100, speed=10)
+    sources = {"avif": encode(still, "AVIF"), "heic": heic(still), "gif": animation(),
+               "webp": animation("WEBP"), "avif-anim": avif_anim.getvalue()}
+    rng = random.Random(9)
+    outcomes = set()
+    for name, data in sources.items():
+        for i in range(40):
+            damaged = bytearray(data)
+            if i % 2:
+                damaged = damaged[:rng.randrange(1, len(damaged))]
+            else:
+                for _ in range(rng.randrange(1, 16)):
+                    damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+            try:
+                resize_image(bytes(damaged), OutputSpec("webp", 40, 40, animated=True), LIM, ENC)
+                outcomes.add("ok")
+            except PipelineError as exc:
+                assert exc.code in ("IMAGE_UNDECODABLE", "IMAGE_TOO_LARGE"), (name, exc.code, exc.message)
+                outcomes.add(exc.code)
+    assert "IMAGE_UNDECODABLE" in outcomes
