@@ -162,6 +162,9 @@ class JoinRouter:
         while True:
             try:
                 await self.refresh()
+                if not self.urls and time.monotonic() - self.fresh_at < 1.0:
+                    # the group, just described, has no join at all: nothing to wait for
+                    raise Unavailable(f"no join process is running (the group {self.group} has no members)")
                 if self.partitions:
                     url = self.owners.get(partition_for(workflow_id.encode(), self.partitions))
                     if url is None:

@@ -29,7 +29,7 @@ from PIL import Image
 from streams.client import consume_completed
 from streams.core.planning import output_key
 from streams.stack.processes import FileServer
-from tests.integration.pipeline import wait_until
+from tests.integration.pipeline import Pipeline, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +79,23 @@ def api_pipeline(make_pipeline):
     base = f"http://127.0.0.1:{port}"
     assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 60), call(base, "GET", "/readyz")
     return p, base
+
+
+@pytest.fixture(scope="module")
+def full(stack_env, tmp_path_factory):
+    """Every role and the API, shared by the tests below that leave it as they found it (the last one
+    stops its join): (pipeline, the API's URL, the join's endpoint URL). One retry per task and source."""
+    p = Pipeline(stack_env, f"a{uuid.uuid4().hex[:8]}.", tmp_path_factory.mktemp("logs-api"),
+                 IMAGEFORK_MAX_RETRIES="1")
+    port, join_port = free_port(), free_port()
+    try:
+        p.start_together(("join", {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{join_port}"}), "planner", "resize",
+                         ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}))
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 60), call(base, "GET", "/readyz")
+        yield p, base, f"http://127.0.0.1:{join_port}"
+    finally:
+        p.stop()
 
 
 def seed(files, workflow_id: str, location: str | None = None) -> dict:
@@ -146,8 +163,8 @@ def test_submit_follow_and_read_a_workflow_through_the_api(api_pipeline, files):
     assert status == 409 and body["error"] == "NOT_RETRYABLE", body
 
 
-def test_bad_input_gets_json_errors(api_pipeline):
-    _p, base = api_pipeline
+def test_bad_input_gets_json_errors(full):
+    _p, base, _join = full
     status, body, _ = call(base, "POST", "/v1/workflows", {"fileLocation": "ftp://x/y", "outputFormats": ["bmp"],
                                                              "outputSizes": [{"width": 0, "height": 10}]})
     assert status == 400 and body["error"] == "INVALID_REQUEST"
@@ -192,16 +209,13 @@ class FlakySource(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_retry_runs_a_failed_workflow_again_as_a_new_run(make_pipeline, tmp_path):
+def test_retry_runs_a_failed_workflow_again_as_a_new_run(full, tmp_path):
+    p, base, _join = full
     flag = tmp_path / "source-is-back"
     handler = type("Flaky", (FlakySource,), {"flag": flag})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        p = make_pipeline(IMAGEFORK_RETRY_MAX_RETRIES="1")
-        port = free_port()
-        p.start_together("join", "planner", "resize", ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}))
-        base = f"http://127.0.0.1:{port}"
         wf = f"retry-{uuid.uuid4().hex[:8]}"
         request = {"fileLocation": f"http://127.0.0.1:{server.server_address[1]}/photo.png",
                    "outputFormats": ["png", "webp"], "outputSizes": [{"width": 120, "height": 90}], "workflowId": wf}
@@ -227,27 +241,15 @@ def test_retry_runs_a_failed_workflow_again_as_a_new_run(make_pipeline, tmp_path
         assert finals[1].retryOf == finals[0].runId and len(finals[1].fileLocations) == 2
         assert call(base, "POST", f"/v1/workflows/{wf}/retry")[0] == 409
 
-        # no join at all: a finished workflow is answered from its final event, a new request is
-        # accepted (it waits in Kafka) and PENDING, an unknown one is 503 with Retry-After
-        for w in p.workers:
-            if w.role == "join":
-                w.stop()
-        status, doc, _ = call(base, "GET", f"/v1/workflows/{wf}")
-        assert status == 200 and doc["status"] == "COMPLETED", doc
-        later = f"later-{uuid.uuid4().hex[:8]}"
-        assert call(base, "POST", "/v1/workflows", {**request, "workflowId": later})[0] == 202
-        assert call(base, "GET", f"/v1/workflows/{later}")[1]["status"] == "PENDING"
-        status, body, headers = call(base, "GET", "/v1/workflows/nobody-knows")
-        assert status == 503 and body["error"] == "JOIN_UNAVAILABLE" and headers["Retry-After"] == "5", body
     finally:
         server.shutdown()
 
 
-def test_each_process_answers_health_and_readiness(make_pipeline):
-    p = make_pipeline()
-    port = free_port()
-    join = p.start("join", IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
-    base = f"http://127.0.0.1:{port}"
+def test_each_process_answers_health_and_readiness(full):
+    p, api, base = full
+    assert call(api, "GET", "/healthz")[1]["role"] == "api" and call(api, "GET", "/readyz")[0] == 200
+    assert b"imagefork_consumer_lag" in call(api, "GET", "/metrics")[1]
+    join = next(w for w in p.workers if w.role == "join")
     assert call(base, "GET", "/healthz")[1]["role"] == "join"
     assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 30), call(base, "GET", "/readyz")
     ready = call(base, "GET", "/readyz")[1]
@@ -256,14 +258,11 @@ def test_each_process_answers_health_and_readiness(make_pipeline):
     assert join.alive()
 
 
-def test_retry_redoes_only_the_failed_task_and_the_final_event_lists_every_output(make_pipeline):
+def test_retry_redoes_only_the_failed_task_and_the_final_event_lists_every_output(full):
     """One output's key is blocked on the real S3 server (an object under ``<key>/``: S3Proxy's file
     system cannot write a file where a folder is), so that task fails and the others succeed; once the
     blocker is gone, a retry runs that one task only."""
-    p = make_pipeline(IMAGEFORK_MAX_RETRIES="1")
-    port = free_port()
-    p.start_together("join", "planner", "resize", ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}))
-    base = f"http://127.0.0.1:{port}"
+    p, base, _join = full
     wf = f"part-{uuid.uuid4().hex[:8]}"
     blocked = "image_convert_resize_png_64x48_0"
     blocker = output_key(p.config.output_prefix, wf, blocked, "png") + "/blocker"
@@ -298,6 +297,26 @@ def test_retry_redoes_only_the_failed_task_and_the_final_event_lists_every_outpu
             ["image_convert_resize_jpg_64x48_1", "image_convert_resize_webp_64x48_2", blocked]), done
     finally:
         server.close()
+
+
+def test_with_no_join_the_api_still_answers_what_it_can(full, files):
+    """Last user of ``full``: it stops the join. A finished workflow is answered from its final event, a
+    new request is accepted (it waits in Kafka) and PENDING, an unknown one is 503 with Retry-After."""
+    p, base, _join = full
+    wf = f"before-{uuid.uuid4().hex[:8]}"
+    request = {**seed(files, wf), "outputFormats": ["png"], "outputSizes": [{"width": 16, "height": 16}]}
+    assert call(base, "POST", "/v1/workflows", request)[0] == 202
+    assert sse(base, f"/v1/workflows/{wf}/events")[-1][1]["status"] == "COMPLETED"
+    for w in p.workers:
+        if w.role == "join":
+            w.stop()
+    status, doc, _ = call(base, "GET", f"/v1/workflows/{wf}")
+    assert status == 200 and doc["status"] == "COMPLETED", doc
+    later = f"later-{uuid.uuid4().hex[:8]}"
+    assert call(base, "POST", "/v1/workflows", {**request, "workflowId": later})[0] == 202
+    assert call(base, "GET", f"/v1/workflows/{later}")[1]["status"] == "PENDING"
+    status, body, headers = call(base, "GET", "/v1/workflows/nobody-knows")
+    assert status == 503 and body["error"] == "JOIN_UNAVAILABLE" and headers["Retry-After"] == "5", body
 
 
 def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_only_the_api(make_pipeline, files):
