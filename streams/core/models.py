@@ -28,6 +28,7 @@ class Size:
     height: int
     resizeMode: str | None = None  # None: the request's
     gravity: str | None = None  # None: the request's
+    quality: int | None = None  # None: the request's (a thumbnail may want more than a large image)
 
 
 @dataclass(frozen=True)

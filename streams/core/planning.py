@@ -83,8 +83,13 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
                 dims.append(value)
             size_mode = _choice(s.get("resizeMode"), MODES, f"outputSizes[{i}].resizeMode", problems)
             size_gravity = _choice(s.get("gravity"), GRAVITIES, f"outputSizes[{i}].gravity", problems)
+            size_quality = s.get("quality")
+            if size_quality is not None:
+                size_quality, why = _dimension(size_quality, 100)
+                if why:
+                    problems.append((f"outputSizes[{i}].quality", why))
             if all(d is not None for d in dims):
-                sizes.append(Size(dims[0], dims[1], size_mode, size_gravity))
+                sizes.append(Size(dims[0], dims[1], size_mode, size_gravity, size_quality))
 
     keep, why = parse_boolean(doc.get("maintainAspectRatio", True))
     if why:
@@ -261,7 +266,7 @@ def parse_boolean(value: Any) -> tuple[bool, str | None]:
 def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, deadline: int,
                output_prefix: str = "", run_id: str = "") -> list[ResizeTask]:
     """One task per format x size, in the seed's order (formats outer, sizes inner); a size's own
-    resizeMode and gravity override the request's."""
+    resizeMode, gravity and quality override the request's."""
     total = len(request.outputFormats) * len(request.outputSizes)
     max_w = max(s.width for s in request.outputSizes)
     max_h = max(s.height for s in request.outputSizes)
@@ -291,7 +296,7 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
                 gravity=size.gravity or request.gravity,
                 enlarge=request.enlarge,
                 background=request.background or "",
-                quality=request.quality or 0,
+                quality=size.quality or request.quality or 0,
                 effort=-1 if request.effort is None else request.effort,
                 progressive=request.progressive,
                 lossless=request.lossless,

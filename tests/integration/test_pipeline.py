@@ -204,7 +204,7 @@ def test_formats_animation_and_encoder_options_through_the_stack(pipeline, files
                                                                  exif=exif.tobytes(), icc_profile=ADOBE_RGB)
     (files.folder / "anim.gif").write_bytes(animation())
     pillow_heif.from_pillow(Image.open(files.folder / "sample.png").convert("RGB")).save(files.folder / "sample.heic")
-    sizes = [{"width": 300, "height": 200, "resizeMode": "fill"}, {"width": 200, "height": 200}]
+    sizes = [{"width": 300, "height": 200, "resizeMode": "fill", "quality": 90}, {"width": 200, "height": 200}]
     requests = {
         "opts-1": {"fileLocation": files.url("tagged.jpg"), "outputFormats": ["avif", "jpg", "webp", "png"],
                    "outputSizes": sizes, "effort": 4, "progressive": True, "lossless": True,
@@ -236,7 +236,8 @@ def test_formats_animation_and_encoder_options_through_the_stack(pipeline, files
         assert ExifTags.IFD.GPSInfo not in kept  # GPS gone
         assert out.progressive == (out.format == "jpg") and out.lossless == (out.format == "webp")
         assert (im.info.get("progressive") == 1) == (out.format == "jpg")
-    assert {o.quality for o in opts if o.format == "avif"} == {pipeline.config.encoding.avif_quality}
+    enc = pipeline.config.encoding  # the first size asks for quality 90, the second takes the configured one
+    assert [o.quality for o in opts] == [90, enc.avif_quality, 90, enc.jpeg_quality, 0, 0, 0, 0]
 
     anim = {o.format: o for o in finals["anim-1"].outputs}
     for fmt in ("gif", "webp", "avif"):

@@ -270,3 +270,13 @@ def test_avro_nulls_are_absent_format_options():
     req = parse({**SEED, "effort": None, "progressive": None, "lossless": None, "animated": None,
                  "keepMetadata": None, "keepProfile": None})
     assert tuple(getattr(req, k) for k in FORMAT_OPTIONS) == (None, None, False, False, "none", False)
+
+
+def test_a_size_may_have_its_own_quality():
+    req = parse({**SEED, "outputFormats": ["jpg"], "quality": 70,
+                 "outputSizes": [{"width": 100, "height": 100, "quality": "92"}, {"width": 900, "height": 900}]})
+    assert req.outputSizes[0] == Size(100, 100, quality=92)
+    assert [t.quality for t in plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)] == [92, 70]
+    with pytest.raises(RequestInvalid) as info:
+        parse({**SEED, "outputSizes": [{"width": 1, "height": 1}, {"width": 1, "height": 1, "quality": 0}]})
+    assert dict(info.value.problems)["outputSizes[1].quality"] == "must be between 1 and 100, got 0"

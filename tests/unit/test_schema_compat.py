@@ -282,7 +282,7 @@ def test_an_old_request_decodes_unchanged(keep, mode, tmp_path):
                "maintainAspectRatio": keep, "workflowId": "w", "correlationId": None}
     data = process_with(tmp_path / "old", {"ImageRequest": old}).encode("ImageRequest", written)
     doc = serde.decode_request_bytes(data)
-    assert doc["outputSizes"] == [{"width": 30, "height": 20, "resizeMode": None, "gravity": None}]
+    assert doc["outputSizes"] == [{"width": 30, "height": 20, "resizeMode": None, "gravity": None, "quality": None}]
     assert (doc["resizeMode"], doc["gravity"], doc["enlarge"], doc["background"], doc["quality"]) == \
         (None, None, True, None, None)
     request = parse_request(doc, max_dimension=100, max_tasks=10)

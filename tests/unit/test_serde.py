@@ -13,8 +13,9 @@ OUT = TaskOutput("r0", "png", 300, 200, 1234, "image/png", "s3://b/k.png", "http
 ERR = TaskError("r1", "IMAGE_UNDECODABLE", "bad", 1)
 RECORDS = {
     "ImageRequest": {"fileLocation": "s3://b/k", "outputFormats": ["png"],
-                     "outputSizes": [{"width": 1, "height": 2, "resizeMode": None, "gravity": None},
-                                     {"width": 3, "height": 4, "resizeMode": "fill", "gravity": "smart"}],
+                     "outputSizes": [{"width": 1, "height": 2, "resizeMode": None, "gravity": None, "quality": None},
+                                     {"width": 3, "height": 4, "resizeMode": "fill", "gravity": "smart",
+                                      "quality": 90}],
                      "maintainAspectRatio": False, "workflowId": "w", "correlationId": None,
                      "resizeMode": "pad", "gravity": "southeast", "enlarge": False, "background": "#00ff00",
                      "quality": 70, "retry": None, "effort": 4, "progressive": True, "lossless": True,
@@ -30,7 +31,7 @@ RECORDS = {
     "WorkflowCompleted": WorkflowCompleted("w", None, "FAILED", "http://x", ("u",), (OUT,), (ERR,), 2, 1, 2).to_dict(),
     "TaskOutput": OUT.to_dict(),
     "TaskError": ERR.to_dict(),
-    "Size": {"width": 1, "height": 2, "resizeMode": "force", "gravity": None},
+    "Size": {"width": 1, "height": 2, "resizeMode": "force", "gravity": None, "quality": 55},
     "PlanFailure": {"status": "FAILED", "code": "c", "message": "m", "attempts": 4},
     "JoinMarker": {"status": "COMPLETED", "at": 5, "runId": "r1"},
     "RunIgnored": {"workflowId": "w", "runId": "r2", "reason": "finished", "takenRunId": "r1",
