@@ -52,6 +52,7 @@ _TARGET_MODES = {
 }
 # output formats that keep an animated source animated (``animated: true``); the others take its first frame
 ANIMATED_FORMATS = ("gif", "webp", "avif")
+_ANIMATED_SOURCES = ("GIF", "WEBP", "AVIF", "PNG")  # PNG: APNG
 # keepMetadata: none (the default), copyright (EXIF Copyright and Artist), all (EXIF, orientation 1, and XMP)
 KEEP_METADATA = ("none", "copyright", "all")
 _COPYRIGHT_TAGS = (ExifTags.Base.Copyright, ExifTags.Base.Artist)
@@ -328,8 +329,11 @@ def check_frames(frames: int, width: int, height: int, limits: Limits) -> None:
 
 
 def frame_count(im: Image.Image) -> int:
-    """Frames in an opened source (from its headers: GIF skips over the frame data, WebP and AVIF read
-    their index); 1 for a still or a file whose frames cannot be counted."""
+    """Frames of an animation in an opened source (from its headers: GIF skips over the frame data, WebP and
+    AVIF read their index); 1 for a still, and for the pages of a TIFF or the images of a HEIF collection,
+    which are not an animation."""
+    if im.format not in _ANIMATED_SOURCES:
+        return 1
     try:
         return max(1, int(getattr(im, "n_frames", 1) or 1))
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError):

@@ -156,6 +156,14 @@ def test_an_animated_webp_source_and_a_still_one_with_animated_true():
     assert still.frames == 1
 
 
+def test_an_apng_is_an_animation_and_a_multi_page_tiff_is_not():
+    apng = resize_image(animation("PNG"), OutputSpec("webp", 40, 40, animated=True), LIM, ENC)
+    assert frames_of(apng.data) == (4, [100, 200, 300, 400])
+    pages = [photo((80, 60)).rotate(i * 90) for i in range(3)]
+    tiff = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    assert resize_image(tiff, OutputSpec("webp", 40, 40, animated=True), LIM, ENC).frames == 1
+
+
 def test_an_animated_avif_is_the_same_bytes_every_time():
     """libavif stamps the clock into the movie headers; they are zeroed, so a task run twice writes one object."""
     first = resize_image(animation(), OutputSpec("avif", 40, 40, animated=True), LIM, ENC).data
