@@ -133,14 +133,21 @@ class Client:
             workflow_id = workflow_id or request.get("workflowId") or str(uuid.uuid4())
             if avro:
                 body = {"workflowId": None, "correlationId": None, **request}
-                for name in ("maintainAspectRatio", "enlarge"):  # "false" means false, as in JSON
-                    flag, why = parse_boolean(request.get(name, True))
+                # "false" means false and "80" means 80, as the JSON path reads them
+                defaults = {"maintainAspectRatio": True, "enlarge": True, "lossless": False, "animated": False,
+                            "keepProfile": False, "progressive": None}
+                for name, default in defaults.items():
+                    given = request.get(name, default)
+                    if given is None:
+                        continue
+                    flag, why = parse_boolean(given)
                     if why:
                         raise SubmitError(f"{name} {why}")
                     body[name] = flag
-                quality = request.get("quality")
-                if isinstance(quality, str) and quality.strip().isdigit():
-                    body["quality"] = int(quality)
+                for name in ("quality", "effort"):
+                    number = request.get(name)
+                    if isinstance(number, str) and number.strip().isdigit():
+                        body[name] = int(number)
                 value = serde.encode("ImageRequest", body)
                 self._publish_schemas()
             else:

@@ -121,3 +121,11 @@ def test_avro_submit_keeps_a_string_false():
     client.submit({**doc, "enlarge": "false", "quality": "70", "resizeMode": "fill"}, "wf-3", avro=True)
     sent = serde.decode("ImageRequest", client.producer.value)
     assert (sent["enlarge"], sent["quality"], sent["resizeMode"]) == (False, 70, "fill")
+    # and the format options
+    client.submit({**doc, "lossless": "true", "animated": "TRUE", "keepProfile": "false", "progressive": "true",
+                   "effort": "4"}, "wf-4", avro=True)
+    sent = serde.decode("ImageRequest", client.producer.value)
+    assert (sent["lossless"], sent["animated"], sent["keepProfile"], sent["progressive"], sent["effort"]) == \
+        (True, True, False, True, 4)
+    client.submit(doc, "wf-5", avro=True)
+    assert serde.decode("ImageRequest", client.producer.value)["progressive"] is None  # the configured one
