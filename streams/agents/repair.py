@@ -92,9 +92,32 @@ class Repairer:
                 continue  # written recently: its result is most likely on its way
             output = TaskOutput(ref, meta.get("imagefork-format", fmt), int(meta.get("imagefork-width", 0)),
                                 int(meta.get("imagefork-height", 0)), int(head.get("ContentLength", 0)),
-                                head.get("ContentType", ""), self.store.uri(key), self.store.url(key))
+                                head.get("ContentType", ""), self.store.uri(key), self.store.url(key),
+                                **applied_options(meta.get("imagefork-options", "")))
             found.append(TaskResult(workflow_id, ref, SUCCEEDED, 0, now_ms(), output=output, runId=run_id))
         return found
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def applied_options(text: str) -> dict:
+    """The options an output object says were applied (its ``imagefork-options`` metadata, JSON); what
+    is not a field of TaskOutput, or has the wrong type, is left out (an object written before the
+    field, or by hand, gives defaults)."""
+    import json
+    try:
+        given = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    if not isinstance(given, dict):
+        return {}
+    fields = TaskOutput.__dataclass_fields__
+    out = {}
+    for name, value in given.items():
+        field = fields.get(name)
+        default = getattr(field, "default", None) if field else None
+        if field is not None and name not in ("taskRef", "format", "width", "height", "bytes", "contentType",
+                                              "s3Uri", "url") and type(value) is type(default):
+            out[name] = value
+    return out

@@ -8,6 +8,7 @@ Returns a plain dict so it crosses a process boundary cheaply:
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -198,19 +199,21 @@ def _run(task: dict[str, Any]) -> dict[str, Any]:
         finally:
             del im
             _budget.unlease(key)
-        # the object describes itself, so the join can recover a result it lost (see agents/join.py) and names its run
+        applied = {"mode": out.mode, "gravity": out.gravity, "enlarge": out.enlarge, "background": out.background,
+                   "quality": out.quality, "effort": out.effort, "progressive": out.progressive,
+                   "lossless": out.lossless, "frames": out.frames, "keepMetadata": out.keep_metadata,
+                   "keepProfile": out.keep_profile}
+        # the object describes itself (its task, run and the options applied), so the join can recover a
+        # result it lost, as it was (see agents/repair.py)
         _store.put(task["outputKey"], out.data, out.content_type, metadata={
             "imagefork-task": task["taskRef"], "imagefork-format": out.format,
             "imagefork-width": str(out.width), "imagefork-height": str(out.height),
-            "imagefork-run": task.get("runId", "")})
+            "imagefork-run": task.get("runId", ""),
+            "imagefork-options": json.dumps(applied, separators=(",", ":"))})
         return {"ok": True, "output": {
             "taskRef": task["taskRef"], "format": out.format, "width": out.width, "height": out.height,
             "bytes": len(out.data), "contentType": out.content_type,
-            "s3Uri": _store.uri(task["outputKey"]), "url": _store.url(task["outputKey"]),
-            "mode": out.mode, "gravity": out.gravity, "enlarge": out.enlarge, "background": out.background,
-            "quality": out.quality, "effort": out.effort, "progressive": out.progressive,
-            "lossless": out.lossless, "frames": out.frames, "keepMetadata": out.keep_metadata,
-            "keepProfile": out.keep_profile,
+            "s3Uri": _store.uri(task["outputKey"]), "url": _store.url(task["outputKey"]), **applied,
         }, "seconds": time.perf_counter() - started}
     except PipelineError as exc:
         return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient}

@@ -121,6 +121,12 @@ class Pipeline:
             assert im.format == {"jpg": "JPEG", "jpeg": "JPEG"}.get(out.format, out.format.upper())
             head = self.store.head(key)
             assert head["ContentType"] == out.contentType
+            # the object says which options were applied, as the output record does (repair reads them)
+            from streams.agents.repair import applied_options
+            options = applied_options(head["Metadata"].get("imagefork-options", ""))
+            if out.mode:  # a record written by a worker (a repaired one may predate the metadata)
+                assert options == {k: getattr(out, k) for k in options} and options.get("mode") == out.mode, \
+                    (options, out)
 
     # --- evidence that the join has handled events -------------------------------------------
     def events(self, workflow_id: str) -> list[tuple[int, int, str]]:

@@ -344,8 +344,10 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     for ref, fmt, ctype in zip(refs, ("png", "jpg"), ("image/png", "image/jpeg")):
         data = encoded(fmt, (10, 7))
         sizes[ref] = len(data)
+        options = '{"mode":"fill","gravity":"smart","quality":70}' if fmt == "jpg" else ""  # as a worker writes
         p.store.put(output_key(p.config.output_prefix, wf, ref, fmt), data, ctype, metadata={
-            "imagefork-task": ref, "imagefork-format": fmt, "imagefork-width": "10", "imagefork-height": "7"})
+            "imagefork-task": ref, "imagefork-format": fmt, "imagefork-width": "10", "imagefork-height": "7",
+            **({"imagefork-options": options} if options else {})})
     now = int(time.time() * 1000)
     plan = WorkflowPlan(wf, "http://example.invalid/x.png", refs, now, now + 60_000)
     p.client.producer.produce(p.config.topics.events, key=wf.encode(),
@@ -354,6 +356,8 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     finals = finish(p, follower, [wf], 60)
     assert [(o.taskRef, o.width, o.height, o.bytes) for o in finals[wf].outputs] == [
         (refs[0], 10, 7, sizes[refs[0]]), (refs[1], 10, 7, sizes[refs[1]])]
+    # the options the object says were applied come back with it (an object without them: defaults)
+    assert [(o.mode, o.gravity, o.quality) for o in finals[wf].outputs] == [("", "", 0), ("fill", "smart", 70)]
 
 
 def data_folders_of(worker) -> list[str]:
