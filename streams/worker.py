@@ -268,15 +268,21 @@ def run_all(config: Config) -> int:
     children["api"] = subprocess.Popen([sys.executable, "-m", "streams", "worker", "api"],
                                        env={k: v for k, v in os.environ.items() if k != "IMAGEFORK_METRICS_LISTEN"})
 
+    asked: list[int] = []  # the signal that asked us to stop
+
     def stop(*_):
         for child in children.values():
             if child.poll() is None:
                 child.terminate()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    code = 0
+    def stop_asked(signum, _frame):
+        asked.append(signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, stop_asked)
+    signal.signal(signal.SIGINT, stop_asked)
     pipeline = [c for role, c in children.items() if role != "api"]
+    ended: list[int] = []
     api_gone = False
     try:
         # the pipeline's roles stand or fall together; the API is a view of them: if it cannot run
@@ -287,7 +293,7 @@ def run_all(config: Config) -> int:
                 print(f"imagefork: worker all: the API exited ({children['api'].returncode}); the pipeline goes on "
                       "without it", file=sys.stderr, flush=True)
             time.sleep(0.5)
-        code = next((c.returncode for c in pipeline if c.returncode not in (None, 0)), 0)
+        ended = [c.returncode for c in pipeline if c.poll() is not None]  # before we stop the others
     finally:
         stop()
         for child in children.values():
@@ -295,4 +301,8 @@ def run_all(config: Config) -> int:
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
-    return code
+                child.wait()
+    # a child still starting when we passed our SIGTERM on dies of it (-15): that is the stop we asked for
+    clean = (0, -signal.SIGTERM) if asked else (0,)
+    code = next((c for c in ended if c not in clean), 0)
+    return code if code >= 0 else 128 - code

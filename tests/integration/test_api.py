@@ -339,6 +339,8 @@ def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_onl
     final = sse(base, f"/v1/workflows/{wf}/events")[-1][1]
     assert final["status"] == "COMPLETED" and len(final["outputs"]) == 1, final
     assert second.alive() and first.alive()
+    # the second's roles are up (each says it is ready), then both stop cleanly
+    assert wait_until(lambda: second.log_path.read_text().count("imagefork ready: ") >= 3, 90), second.log_tail(40)
     for w in (second, first):
         w.stop()
         assert w.proc.returncode == 0, w.log_tail(40)

@@ -301,9 +301,11 @@ def test_every_output_object_carries_its_metadata_and_endpoint_url(pipeline, fil
         key = out.s3Uri.split("/", 3)[3]
         keys.append(key)
         meta = pipeline.store.head(key)["Metadata"]
+        options = json.loads(meta.pop("imagefork-options"))  # what was applied, as the output record says
         assert meta == {"imagefork-task": out.taskRef, "imagefork-format": out.format,
                         "imagefork-width": str(out.width), "imagefork-height": str(out.height),
                         "imagefork-run": plan["runId"]}, (key, meta)
+        assert options == {k: getattr(out, k) for k in options} and options["mode"] == out.mode == "fit"
         endpoint = pipeline.config.s3_endpoint_url.rstrip("/")
         assert out.url == f"{endpoint}/{pipeline.config.bucket}/{key}"
     assert sorted(pipeline.store.list_keys(f"{pipeline.config.output_prefix}{wf}/")) == sorted(keys)
