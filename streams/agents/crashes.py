@@ -10,8 +10,10 @@ and counted. After ``IMAGEFORK_MAX_CRASHES``
 sandbox deaths the task ends FAILED with ``WORKER_CRASHED``. A worker killed from outside (SIGKILL,
 a deploy) only makes its tasks suspects: they run once more in the sandbox and succeed.
 
-The ledger is a compacted topic with the task topic's partitioning, so it only ever holds the rows of
-tasks in flight (and tombstones until compaction).
+The ledger is a compacted topic with the task topic's partitioning, so it only holds the rows of tasks
+in flight (and tombstones until compaction), and those of tasks that ended ``WORKER_CRASHED``: their
+message may be delivered again (its offset not committed yet when its partition moved), and its next
+reader must end it at once, and treat its source as a suspect, rather than decode it in-process.
 """
 from __future__ import annotations
 
@@ -70,8 +72,9 @@ class CrashLedger:
                     rows[key] = entry
                     self.suspects.add(entry.source)
                     WORKER_CRASHES.labels("suspected").inc()
-                    log.warning("task at %s[%s] was in flight when its worker died (started %d times); "
-                                "its source now runs in the sandbox", self.tasks_topic, key.decode(), entry.starts)
+                    log.warning("task at %s[%s] was in flight when its worker died (started %d times, %d "
+                                "sandboxes killed); its source now runs in the sandbox", self.tasks_topic,
+                                key.decode(), entry.starts, entry.crashes)
             return self._rows[partition]
 
     async def begin(self, partition: int, offset: int, source: str) -> tuple[Entry, bool]:
@@ -92,7 +95,11 @@ class CrashLedger:
         WORKER_CRASHES.labels("observed").inc()
         await send(self.topic, key=entry.key, value=entry.value(), partition=entry.partition)
 
-    async def end(self, entry: Entry) -> None:
+    async def end(self, entry: Entry, keep: bool = False) -> None:
+        """The task is done: its row goes (a tombstone), unless ``keep`` (a task that killed its sandboxes:
+        its row, already written with its crash count, stays for whoever sees the message again)."""
+        if keep:
+            return
         rows = self._rows.get(entry.partition)
         if rows is not None:
             rows.pop(entry.key, None)

@@ -82,7 +82,10 @@ class Resizer:
             await self.report(task, outcome)
             return Disposition.PROCESSED
         finally:
-            await self.ledger.end(entry)
+            # a task that killed its sandboxes keeps its row: a redelivery of its message (its offset not
+            # committed yet when its partition moved) ends WORKER_CRASHED at once wherever it lands, and
+            # its source stays a suspect there, instead of being decoded in-process
+            await self.ledger.end(entry, keep=entry.crashes >= self.config.max_crashes)
 
     async def run(self, task: ResizeTask, entry: Entry, *, sandboxed: bool) -> dict:
         loop = asyncio.get_running_loop()
