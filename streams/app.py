@@ -68,9 +68,14 @@ def data_dir(role: str) -> str:
     whoever reaps the dead one (``remove_stale_data_dirs``). The process holds a lock on its folder while
     it lives, which is how a dead process's folder is told from a live one's."""
     remove_stale_data_dirs()
-    folder = tempfile.mkdtemp(prefix=f"imagefork-{role}-")
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by exec'd children (PEP 446)
+    # made under a name the sweep does not look at, locked, then renamed: a process starting beside this
+    # one never sees the folder unlocked (workers started side by side raced here: one swept another's
+    # new folder between its creation and its lock). The lock is on the folder itself: it survives the rename.
+    hidden = tempfile.mkdtemp(prefix=f".imagefork-{role}-")
+    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by exec'd children (PEP 446)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    folder = os.path.join(os.path.dirname(hidden), os.path.basename(hidden)[1:])
+    os.rename(hidden, folder)
     _held.append(fd)
     atexit.register(_remove_if_owner, folder, os.getpid())
     return folder
