@@ -14,7 +14,6 @@ real CLI in this process:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -31,29 +30,18 @@ import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from PIL import Image
 
-from streams import cli
 from streams.adapters.kafka import client_config, read_to_end
 from streams.demo import save_outputs, seed_request
 from streams.stack.local import free_port
 from streams.stack.processes import _start_ticks, process_group_members
 from tests.integration.pipeline import wait_until
+from tests.integration.test_outputs import run_cli  # the CLI in this process
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = [{"width": 120, "height": 120}, {"width": 64, "height": 48}]
-
-
-def run_cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
-    """``imagefork ARGV`` in this process with ``env`` set; (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def set_topic_config(config, topic: str, name: str, value: str | None) -> None:
