@@ -76,42 +76,34 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if item not in twice]
 
 
+COMPOSE_MODULE = "test_docker_compose.py"
+
+
 def pytest_report_collectionfinish(config, start_path, items):
     """Which broker this run's integration tests use (shown with -q too)."""
     integration = [item for item in items if item.get_closest_marker("integration")]
     if not integration:
         return []
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        return [f"broker: KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS']}"]
     from streams.stack import images
     on_container = [item for item in integration if item.path.name == TESTCONTAINERS_MODULE]
-    rest = len(integration) - len(on_container)
-    if not on_container:
-        return [f"broker: local stack ({rest} tests)"]
+    on_compose = [item for item in integration if item.path.name == COMPOSE_MODULE]
+    rest = len(integration) - len(on_container) - len(on_compose)
     reason = docker_unavailable()
-    if reason is not None:
-        return [f"broker: local stack ({rest} tests; Testcontainers cannot run: {reason}, "
-                f"so its {len(on_container)} tests {'fail' if docker_required() else 'skip'})"]
-    return [f"broker: testcontainers {images.KAFKA_IMAGE} ({len(on_container)} tests, {TESTCONTAINERS_MODULE})"] + \
-        ([f"broker: local stack ({rest} tests)"] if rest else [])
-
-
-@pytest.fixture(scope="session")
-def local_stack(tmp_path_factory):
-    from streams.stack.local import LocalStack
-    stacks = []
-
-    def start(kafka: bool = True) -> LocalStack:
-        stack = LocalStack(tmp_path_factory.mktemp("stack"))
-        stacks.append(stack)  # before up(): whatever it started goes down at the end, even if it failed
-        # and at exit too, should a SIGTERM or Ctrl-C cut the teardown short (down() twice is harmless)
-        atexit.register(stack.down)
-        stack.up(kafka=kafka)
-        return stack
-
-    yield start
-    for stack in stacks:
-        stack.down()  # a stack stopped already (say, by its test) stops nothing here
+    outcome = "fail" if docker_required() else "skip"
+    lines = []
+    if on_container and reason is None:
+        lines.append(f"broker: testcontainers {images.KAFKA_IMAGE} ({len(on_container)} tests, {TESTCONTAINERS_MODULE})")
+    if rest:
+        if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            lines.append(f"broker: KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS']} ({rest} tests)")
+        else:
+            lines.append(f"broker: local stack ({rest} tests)")
+    if on_compose and reason is None:
+        lines.append(f"broker: docker-compose.yml + docker-compose.local.yml ({len(on_compose)} tests, {COMPOSE_MODULE})")
+    if (on_container or on_compose) and reason is not None:
+        lines.append(f"docker: {reason}: the {len(on_container) + len(on_compose)} Testcontainers and compose "
+                     f"tests {outcome}" + (", their originals run on the local stack" if on_container else ""))
+    return lines
 
 
 class KafkaOnDocker:
