@@ -61,10 +61,13 @@ stop() {
   # containers first (ours: this engine runs nothing else), then the engine and its containerd
   local ids; ids=$(DOCKER_HOST="unix://$SOCK" timeout 30 docker ps -aq 2>/dev/null || true)
   [ -z "$ids" ] || DOCKER_HOST="unix://$SOCK" timeout 60 docker rm -f $ids >/dev/null 2>&1 || true
+  DOCKER_HOST="unix://$SOCK" timeout 60 docker network prune -f >/dev/null 2>&1 || true
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
   rm -f "$PIDFILE"
+  # its default bridge outlives it: remove the interface (it comes back with the next start)
+  if command -v ip >/dev/null 2>&1 && ip link show docker0 >/dev/null 2>&1; then ip link delete docker0 || true; fi
   say "dockerd stopped"
 }
 
