@@ -66,6 +66,8 @@ stop() {
   for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
   rm -f "$PIDFILE"
+  # what it leaves mounted (the netns of its default network) under its exec root
+  awk -v d="$DIR/run/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount "$m" || true; done
   # its default bridge outlives it: remove the interface (it comes back with the next start)
   if command -v ip >/dev/null 2>&1 && ip link show docker0 >/dev/null 2>&1; then ip link delete docker0 || true; fi
   say "dockerd stopped"
