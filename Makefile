@@ -28,7 +28,7 @@ browser:
 	fi
 
 # The Docker images (Kafka, S3Proxy, the app), built from Debian's mirror, Maven Central and PyPI only:
-# needs a Docker engine that answers (as root here: `eval "$$(scripts/dockerd.sh start)"; export DOCKER_HOST`)
+# needs a Docker engine that answers (as root here: `eval "export $$(scripts/dockerd.sh start)"`)
 # and debootstrap for the Debian base. Reuses what is built already (streams/stack/images.py).
 images: $(STAMP)
 	$(PY) -m streams.stack.images

@@ -67,9 +67,9 @@ TESTCONTAINERS_MODULE = "test_testcontainers.py"
 def pytest_collection_modifyitems(config, items):
     """With Docker, a test that tests/integration/test_testcontainers.py runs on the Testcontainers broker
     does not run a second time on the local stack (without Docker its copy there skips and it does)."""
-    if docker_unavailable() is not None:
-        return
     on_container = {item.obj for item in items if item.path.name == TESTCONTAINERS_MODULE}
+    if not on_container or docker_unavailable() is not None:
+        return
     twice = [item for item in items if item.path.name != TESTCONTAINERS_MODULE and item.obj in on_container]
     if twice:
         config.hook.pytest_deselected(items=twice)
@@ -88,7 +88,7 @@ def pytest_report_collectionfinish(config, start_path, items):
     on_container = [item for item in integration if item.path.name == TESTCONTAINERS_MODULE]
     on_compose = [item for item in integration if item.path.name == COMPOSE_MODULE]
     rest = len(integration) - len(on_container) - len(on_compose)
-    reason = docker_unavailable()
+    reason = docker_unavailable() if on_container or on_compose else None
     outcome = "fail" if docker_required() else "skip"
     lines = []
     if on_container and reason is None:
