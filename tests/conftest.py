@@ -106,6 +106,24 @@ def pytest_report_collectionfinish(config, start_path, items):
     return lines
 
 
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    from streams.stack.local import LocalStack
+    stacks = []
+
+    def start(kafka: bool = True) -> LocalStack:
+        stack = LocalStack(tmp_path_factory.mktemp("stack"))
+        stacks.append(stack)  # before up(): whatever it started goes down at the end, even if it failed
+        # and at exit too, should a SIGTERM or Ctrl-C cut the teardown short (down() twice is harmless)
+        atexit.register(stack.down)
+        stack.up(kafka=kafka)
+        return stack
+
+    yield start
+    for stack in stacks:
+        stack.down()  # a stack stopped already (say, by its test) stops nothing here
+
+
 class KafkaOnDocker:
     """Testcontainers Kafka: the local image, KRaft, one node, on the host's network listening on loopback
     only (free ports), configured as the local stack's broker."""
@@ -165,10 +183,10 @@ class KafkaOnDocker:
             self.container.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kafka_container():
-    """Testcontainers Kafka (see KafkaOnDocker), stopped at the end of the session; the test skips, saying
-    why, when Docker cannot run it here."""
+    """Testcontainers Kafka (see KafkaOnDocker), stopped at the end of the module that uses it; the test
+    skips, saying why, when Docker cannot run it here."""
     skip_without_docker("Testcontainers Kafka")
     kafka = KafkaOnDocker()
     atexit.register(kafka.stop)  # should a SIGTERM or Ctrl-C cut the teardown short
