@@ -224,5 +224,17 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:10]}."
 
 
+def drop_schema_resolver() -> None:
+    """Close and forget the process-wide schema resolver a client of this process installed: after a test
+    whose broker goes away (a container's), none keeps reading that broker's schemas topic."""
+    from streams import serde
+    resolver = serde.registry().resolver
+    if resolver is not None:
+        serde.set_resolver(None)
+        close = getattr(resolver, "close", None)
+        if close:
+            close()
+
+
 def config_for(env: dict[str, str]) -> Config:
     return Config.from_env({**os.environ, **env})

@@ -24,7 +24,7 @@ from streams.client import Client, Follower, consume_completed
 from streams.config import Config
 from streams.demo import seed_request
 from streams.stack import images
-from tests.conftest import docker_required, skip_without_docker
+from tests.conftest import docker_required, drop_schema_resolver, skip_without_docker
 from tests.integration.pipeline import wait_until
 
 pytestmark = pytest.mark.integration
@@ -133,6 +133,8 @@ def test_compose_seed_request_from_the_host(compose, tmp_path):
     except BaseException:
         print(compose.logs())
         raise
+    finally:
+        drop_schema_resolver()  # the compose broker goes with `down`
 
 
 def _try(fn) -> bool:

@@ -8,6 +8,8 @@ and the originals run there.
 """
 import pytest
 
+from tests.conftest import drop_schema_resolver
+
 from tests.integration.test_errors import (  # noqa: F401 (collected here, on this module's broker)
     test_undecodable_messages_on_every_topic_are_dead_lettered_with_their_origin,
 )
@@ -23,7 +25,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def stack_env(kafka_container, stack_env):
     """The session's environment (the local stack's S3Proxy) with Kafka on the container."""
-    return {**stack_env, "KAFKA_BOOTSTRAP_SERVERS": kafka_container.bootstrap}
+    yield {**stack_env, "KAFKA_BOOTSTRAP_SERVERS": kafka_container.bootstrap}
+    drop_schema_resolver()  # the container goes when the module ends
 
 
 def test_the_broker_is_the_container(stack_env, kafka_container):
