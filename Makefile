@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-unit test-integration bench stack-up stack-down clean
+.PHONY: install browser images demo test test-unit test-integration bench stack-up stack-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ browser:
 	    || { tail -20 /tmp/imagefork-apt.log; echo "apt-get install chromium failed (whole log: /tmp/imagefork-apt.log)"; exit 1; }; \
 	  echo "chromium installed in $$(( $$(date +%s) - start ))s: $$(chromium --version 2>/dev/null)"; \
 	fi
+
+# The Docker images (Kafka, S3Proxy, the app), built from Debian's mirror, Maven Central and PyPI only:
+# needs a Docker engine that answers (as root here: `eval "export $$(scripts/dockerd.sh start)"`)
+# and debootstrap for the Debian base. Reuses what is built already (streams/stack/images.py).
+images: $(STAMP)
+	$(PY) -m streams.stack.images
 
 demo: $(STAMP)
 	$(PY) -m streams demo

@@ -1,18 +1,23 @@
 """Broker and S3 choice for the integration tests.
 
-Kafka: ``KAFKA_BOOTSTRAP_SERVERS`` if set, else Testcontainers Kafka when a Docker
-engine answers, else the project's local stack (Apache Kafka 4 in KRaft mode).
+Kafka: ``KAFKA_BOOTSTRAP_SERVERS`` if set, else the project's local stack (Apache Kafka 4
+in KRaft mode). The tests of tests/integration/test_testcontainers.py (the seed end to end,
+the dead letters, a SIGKILL) run on Testcontainers Kafka instead: the local image
+``imagefork/kafka:<version>`` (``make images``) on the host's network, on loopback, when a
+Docker engine answers; they skip, saying why, when none does (they fail instead with
+``IMAGEFORK_REQUIRE_DOCKER=1``, as in CI), and their originals then run on the local stack.
 S3: ``S3_ENDPOINT_URL`` (with AWS_* credentials and S3_BUCKET) if set, else the
 local stack's S3Proxy. Each test (or module) gets its own namespace: topics and
-consumer groups nobody else uses.
+consumer groups nobody else uses. The line ``broker: ...`` after the collection says which
+broker the run uses.
 """
 from __future__ import annotations
 
 import atexit
+import functools
 import os
-import shutil
 import signal
-import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -32,13 +37,73 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def docker_answers() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=15).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+@functools.cache
+def docker_unavailable() -> str | None:
+    """None when Testcontainers can run the local Kafka image here, else why not (one line)."""
+    from streams.stack import images
+    reason = images.docker_answers()
+    if reason is None and images.image_label(images.KAFKA_IMAGE, "imagefork.source") is None:
+        reason = f"the image {images.KAFKA_IMAGE} is not built (make images)"
+    return reason
+
+
+def docker_required() -> bool:
+    return os.environ.get("IMAGEFORK_REQUIRE_DOCKER", "") not in ("", "0")
+
+
+def skip_without_docker(what: str) -> None:
+    """Skip (or, with IMAGEFORK_REQUIRE_DOCKER=1, fail) the test when Docker cannot run it here."""
+    reason = docker_unavailable()
+    if reason is None:
+        return
+    if docker_required():
+        pytest.fail(f"{what}: IMAGEFORK_REQUIRE_DOCKER is set but {reason}", pytrace=False)
+    pytest.skip(f"{what}: {reason}")
+
+
+TESTCONTAINERS_MODULE = "test_testcontainers.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    """With Docker, a test that tests/integration/test_testcontainers.py runs on the Testcontainers broker
+    does not run a second time on the local stack (without Docker its copy there skips and it does)."""
+    on_container = {item.obj for item in items if item.path.name == TESTCONTAINERS_MODULE}
+    if not on_container or docker_unavailable() is not None:
+        return
+    twice = [item for item in items if item.path.name != TESTCONTAINERS_MODULE and item.obj in on_container]
+    if twice:
+        config.hook.pytest_deselected(items=twice)
+        items[:] = [item for item in items if item not in twice]
+
+
+COMPOSE_MODULE = "test_docker_compose.py"
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    """Which broker this run's integration tests use (shown with -q too)."""
+    integration = [item for item in items if item.get_closest_marker("integration")]
+    if not integration:
+        return []
+    from streams.stack import images
+    on_container = [item for item in integration if item.path.name == TESTCONTAINERS_MODULE]
+    on_compose = [item for item in integration if item.path.name == COMPOSE_MODULE]
+    rest = len(integration) - len(on_container) - len(on_compose)
+    reason = docker_unavailable() if on_container or on_compose else None
+    outcome = "fail" if docker_required() else "skip"
+    lines = []
+    if on_container and reason is None:
+        lines.append(f"broker: testcontainers {images.KAFKA_IMAGE} ({len(on_container)} tests, {TESTCONTAINERS_MODULE})")
+    if rest:
+        if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            lines.append(f"broker: KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS']} ({rest} tests)")
+        else:
+            lines.append(f"broker: local stack ({rest} tests)")
+    if on_compose and reason is None:
+        lines.append(f"broker: docker-compose.yml + docker-compose.local.yml ({len(on_compose)} tests, {COMPOSE_MODULE})")
+    if (on_container or on_compose) and reason is not None:
+        lines.append(f"docker: {reason}: the {len(on_container) + len(on_compose)} Testcontainers and compose "
+                     f"tests {outcome}" + (", their originals run on the local stack" if on_container else ""))
+    return lines
 
 
 @pytest.fixture(scope="session")
@@ -59,31 +124,86 @@ def local_stack(tmp_path_factory):
         stack.down()  # a stack stopped already (say, by its test) stops nothing here
 
 
-@pytest.fixture(scope="session")
+class KafkaOnDocker:
+    """Testcontainers Kafka: the local image, KRaft, one node, on the host's network listening on loopback
+    only (free ports), configured as the local stack's broker."""
+
+    def __init__(self):
+        from streams.stack import images
+        from streams.stack.local import free_port
+        # Ryuk, Testcontainers' reaper, is an image we cannot pull: the fixture and atexit stop the container
+        os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
+        from testcontainers.core.container import DockerContainer
+        self.image = images.KAFKA_IMAGE
+        port, controller = free_port(), free_port()
+        self.bootstrap = f"127.0.0.1:{port}"
+        self.container = DockerContainer(self.image).with_kwargs(network_mode="host").with_envs(
+            KAFKA_NODE_ID="1",
+            KAFKA_PROCESS_ROLES="broker,controller",
+            KAFKA_LISTENERS=f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+            KAFKA_ADVERTISED_LISTENERS=f"PLAINTEXT://127.0.0.1:{port}",
+            KAFKA_CONTROLLER_LISTENER_NAMES="CONTROLLER",
+            KAFKA_CONTROLLER_QUORUM_VOTERS=f"1@127.0.0.1:{controller}",
+            KAFKA_LISTENER_SECURITY_PROTOCOL_MAP="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            KAFKA_NUM_PARTITIONS="6",
+            KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1",
+            KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS="6",
+            KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR="1",
+            KAFKA_TRANSACTION_STATE_LOG_MIN_ISR="1",
+            KAFKA_TRANSACTION_STATE_LOG_NUM_PARTITIONS="6",
+            KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS="0",
+            KAFKA_AUTO_CREATE_TOPICS_ENABLE="true",
+        )
+        self.started = False
+
+    def start(self, timeout: float = 120.0) -> None:
+        from confluent_kafka.admin import AdminClient
+        self.started = True
+        self.container.start()
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.container.reload()
+            if self.container.status == "exited":
+                raise RuntimeError(f"{self.image} exited at start: {self.logs()[-1500:]}")
+            try:
+                admin.list_topics(timeout=2)
+                return
+            except Exception:
+                time.sleep(0.5)
+        raise RuntimeError(f"{self.image} did not answer on {self.bootstrap} within {timeout:.0f}s: {self.logs()[-1500:]}")
+
+    def logs(self) -> str:
+        out, err = self.container.get_logs()
+        return (out + err).decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.started:
+            self.started = False
+            self.container.stop()
+
+
+@pytest.fixture(scope="module")
 def kafka_container():
-    """Testcontainers Kafka when a Docker engine answers (and no broker is given), else None; stopped at
-    the end of the session."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or not docker_answers():
-        yield None
-        return
-    from testcontainers.kafka import KafkaContainer
-    container = KafkaContainer("apache/kafka:4.1.1").with_kraft()
+    """Testcontainers Kafka (see KafkaOnDocker), stopped at the end of the module that uses it; the test
+    skips, saying why, when Docker cannot run it here."""
+    skip_without_docker("Testcontainers Kafka")
+    kafka = KafkaOnDocker()
+    atexit.register(kafka.stop)  # should a SIGTERM or Ctrl-C cut the teardown short
     try:
-        container.start()
-        yield container
+        kafka.start()
+        yield kafka
     finally:
-        container.stop()
+        kafka.stop()
 
 
 @pytest.fixture(scope="session")
-def stack_env(local_stack, kafka_container) -> dict[str, str]:
+def stack_env(local_stack) -> dict[str, str]:
     env: dict[str, str] = {}
     stack = None
     have_s3 = bool(os.environ.get("S3_ENDPOINT_URL"))
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         env["KAFKA_BOOTSTRAP_SERVERS"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-    elif kafka_container is not None:
-        env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_container.get_bootstrap_server()
     else:
         stack = local_stack(kafka=True)
         env.update(stack.env())
@@ -102,6 +222,18 @@ def stack_env(local_stack, kafka_container) -> dict[str, str]:
 @pytest.fixture
 def namespace() -> str:
     return f"t{uuid.uuid4().hex[:10]}."
+
+
+def drop_schema_resolver() -> None:
+    """Close and forget the process-wide schema resolver a client of this process installed: after a test
+    whose broker goes away (a container's), none keeps reading that broker's schemas topic."""
+    from streams import serde
+    resolver = serde.registry().resolver
+    if resolver is not None:
+        serde.set_resolver(None)
+        close = getattr(resolver, "close", None)
+        if close:
+            close()
 
 
 def config_for(env: dict[str, str]) -> Config:

@@ -76,12 +76,15 @@ COMPONENTS = {
     "kafka": [("org.apache.kafka", "kafka_2.13", KAFKA_VERSION),
               ("org.apache.logging.log4j", "log4j-slf4j-impl", LOG4J_VERSION)],
     "s3proxy": [("org.gaul", "s3proxy", S3PROXY_VERSION)],
+    # Kafka's command-line tools (kafka-topics.sh), for the Kafka image only (streams/stack/images.py)
+    "kafka-tools": [("org.apache.kafka", "kafka-tools", KAFKA_VERSION)],
 }
 # what a first fetch says it brings: the jars of each (43 MB each for Kafka 4.1.1 and S3Proxy 2.6.0);
 # the very first mvn run also puts Maven's own plugins in ~/.m2 (some 106 MB there in all, about a
 # minute on a cold machine)
-LABELS = {"kafka": f"Kafka {KAFKA_VERSION}", "s3proxy": f"S3Proxy {S3PROXY_VERSION}"}
-ABOUT_MB = {"kafka": 45, "s3proxy": 45}
+LABELS = {"kafka": f"Kafka {KAFKA_VERSION}", "s3proxy": f"S3Proxy {S3PROXY_VERSION}",
+          "kafka-tools": f"Kafka's tools {KAFKA_VERSION}"}
+ABOUT_MB = {"kafka": 45, "s3proxy": 45, "kafka-tools": 20}
 
 
 def _say(message: str) -> None:

@@ -1,6 +1,7 @@
-"""Static checks of docker-compose.yml and the Dockerfile: what can be known without a Docker engine (there
-is none here, so the compose file is never run; running it belongs elsewhere). Nothing is mocked: the
-commands go through the installed ``imagefork`` entry point, which parses them and stops at ``--help``."""
+"""Static checks of docker-compose.yml, docker-compose.local.yml and the Dockerfile: what can be known without
+a Docker engine (tests/integration/test_docker_compose.py runs the compose file for real where one answers).
+Nothing is mocked: the commands go through the installed ``imagefork`` entry point, which parses them and
+stops at ``--help``."""
 import os
 import subprocess
 import sys
@@ -127,3 +128,22 @@ def test_the_api_service_reaches_the_joins_through_the_compose_network():
     # the join listens on every address of its container, so it advertises the container's host name
     assert join["environment"]["IMAGEFORK_METRICS_LISTEN"].startswith("0.0.0.0:")
     assert join["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"  # the shared settings merged in
+
+
+def test_the_local_override_swaps_only_the_images_for_the_locally_built_ones():
+    """docker-compose.local.yml (hosts that pull nothing) differs from docker-compose.yml only in where the
+    images come from: the tags `make images` builds (streams/stack/images.py), the app's base a build argument."""
+    import yaml
+    from streams.stack import images
+    if os.environ.get("IMAGEFORK_KAFKA_VERSION") or os.environ.get("IMAGEFORK_S3PROXY_VERSION"):
+        pytest.skip("the local stack's versions are overridden in the environment")
+    override = yaml.safe_load((ROOT / "docker-compose.local.yml").read_text())["services"]
+    services = load_compose()["services"]
+    assert set(override) == set(services)
+    assert override["kafka"] == {"image": images.KAFKA_IMAGE}
+    assert override["s3"] == {"image": images.S3PROXY_IMAGE}
+    for name in built_services():
+        assert override[name]["image"] == images.APP_IMAGE, name
+        build = override[name]["build"]
+        assert build["context"] == "." and build["args"] == {"PYTHON_IMAGE": images.PYTHON_IMAGE}, name
+        assert set(override[name]) == {"image", "build"}, name
