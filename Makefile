@@ -4,13 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser images demo test test-unit test-integration bench stack-up stack-down clean
+.PHONY: install lock browser images demo test test-unit test-integration bench stack-up stack-down clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
+
+# constraints.txt anew: a fresh venv resolves pyproject.toml's ranges today, and pins what it got
+lock:
+	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install -q '.[test,bench]'
+	{ sed -n '/^#/p' constraints.txt; build/lock-venv/bin/pip freeze --exclude-editable | grep -vi '^imagefork'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf build/lock-venv
 
 install: $(STAMP)
 

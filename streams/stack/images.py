@@ -40,7 +40,7 @@ KAFKA_IMAGE = f"imagefork/kafka:{local.KAFKA_VERSION}"
 S3PROXY_IMAGE = f"imagefork/s3proxy:{local.S3PROXY_VERSION}"
 APP_IMAGE = "imagefork/app:local"
 # what the app image is built from: a change to any of these rebuilds it
-APP_SOURCES = ("Dockerfile", "pyproject.toml", "README.md", "schemas", "streams")
+APP_SOURCES = ("Dockerfile", "pyproject.toml", "constraints.txt", "README.md", "schemas", "streams")
 
 
 class ImageError(RuntimeError):

@@ -49,11 +49,38 @@ def test_the_image_runs_the_projects_entry_point():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["imagefork"]' in dockerfile
     # a wheel install (what test_wheel.py proves works), not an editable one that hides a broken wheel
-    assert "pip install --no-cache-dir . " in dockerfile and "install -e" not in dockerfile
+    # every dependency at its pinned version (constraints.txt, checked by the next test)
+    assert "pip install --no-cache-dir -c constraints.txt . " in dockerfile and "install -e" not in dockerfile
+    assert "COPY pyproject.toml README.md constraints.txt ./" in dockerfile
     # the base is pinned to a Python minor and a Debian release, and can be swapped by a build argument
     assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm\nFROM ${PYTHON_IMAGE}" in dockerfile
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["imagefork"] == "streams.cli:main"
+
+
+def test_constraints_pin_every_dependency_within_pyprojects_ranges():
+    """constraints.txt (what make install and the app image install) names every dependency of the package
+    and of its extras with ==, at a version its range in pyproject.toml accepts; nothing is named twice."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", line
+        name = canonicalize_name(req.name)
+        assert name not in pins, f"{name} twice"
+        pins[name] = specs[0].version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    for dep in wanted:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in constraints.txt (make lock)"
+        assert req.specifier.contains(pins[name], prereleases=True), (dep, pins[name])
 
 
 @pytest.mark.parametrize("name", sorted(built_services()))
