@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(PY) -m streams demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -ra tests/unit
