@@ -619,13 +619,18 @@ def encode(im: Image.Image, fmt: str, encoding: Encoding, settings: EncoderSetti
 
 
 def _bare(im: Image.Image) -> Image.Image:
-    """The image without what Pillow carries from elsewhere (an image not from ``prepare``): the PNG, TIFF,
-    JPEG and GIF writers would copy its profile, comments and TIFF tags."""
-    if set(im.info) - {"transparency"} or hasattr(im, "tag_v2"):
-        transparency = im.info.get("transparency")
-        im = im.copy()
-        im.info = {} if transparency is None else {"transparency": transparency}
-    return im
+    """A new Image object on the same pixels (nothing is copied) carrying nothing from elsewhere: not what
+    the PNG, TIFF, JPEG and GIF writers would copy from a decoded file (its profile, comments, TIFF tags),
+    and not another save's settings. ``Image.save`` keeps its parameters on the object it saves
+    (``encoderinfo``) while it runs, and merges what it finds there into its own: two threads saving one
+    shared image (a cached source that needs no resize, written as JPEG and TIFF at once) mixed their
+    settings, and the loser's ``finally`` left them on the image for good ("quality setting only
+    supported for 'jpeg' compression")."""
+    im.load()
+    own = im._new(im.im)
+    transparency = im.info.get("transparency")
+    own.info = {} if transparency is None else {"transparency": transparency}
+    return own
 
 
 def _metadata_params(pil_format: str, exif: bytes | None, xmp: bytes | None) -> dict:

@@ -182,3 +182,41 @@ def test_jpeg_draft_decodes_smaller_but_outputs_keep_their_size():
     assert stretched.height >= 1000  # an exact 50x1000 output still has the rows it needs
     oriented = prepare_source(jpeg_with_orientation(6, size=(1600, 800)), LIM, max_box=(400, 400))
     assert min(oriented.size) >= 400
+
+
+def test_one_shared_image_encoded_from_many_threads_at_once():
+    """A cached source that needs no resize is the very image every thread's output encodes. Image.save
+    keeps its settings on the object it saves while it runs, so two threads saving one image mixed them
+    (a TIFF save given JPEG's quality failed; seen in CI). Each encode works on its own object now."""
+    import threading
+    from streams.core import imaging
+    shared = Image.new("RGB", (300, 300), (10, 200, 30))
+    errors: list[str] = []
+
+    def save(fmt: str) -> None:
+        settings = imaging.encoder_settings(fmt, OutputSpec(fmt, 300, 300), Encoding())
+        for _ in range(25):
+            try:
+                data = imaging.encode(shared, fmt, Encoding(), settings)
+                assert Image.open(io.BytesIO(data)).format == imaging.PIL_FORMATS[fmt]
+            except Exception as exc:  # noqa: BLE001 - collected, asserted below
+                errors.append(f"{fmt}: {exc!r}")
+
+    threads = [threading.Thread(target=save, args=(fmt,)) for fmt in ("jpg", "tiff", "webp", "png", "tiff")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert not getattr(shared, "encoderinfo", None)  # nothing left on the shared image
+
+
+def test_settings_left_on_an_image_do_not_reach_another_format():
+    """What a racing save leaves on an image (Pillow merges an image's encoderinfo into every save of it)
+    reaches no output: a TIFF is written with its own settings only."""
+    from streams.core import imaging
+    im = Image.new("RGB", (40, 30), (1, 2, 3))
+    im.encoderinfo = {"quality": 85, "optimize": False}
+    data = imaging.encode(im, "tiff", Encoding(), imaging.encoder_settings("tiff", OutputSpec("tiff", 40, 30), Encoding()))
+    out = Image.open(io.BytesIO(data))
+    assert out.format == "TIFF" and out.size == (40, 30)
