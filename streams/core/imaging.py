@@ -39,6 +39,13 @@ try:  # HEIC/HEIF input (iPhone photos): pillow-heif's opener, so Image.open rea
 except ImportError:  # pragma: no cover - a dependency; without it HEIC sources are IMAGE_UNDECODABLE
     HEIF_INPUT = False
 
+# The formats a source may be in (Pillow's names; JPEG includes MPO, a camera's multi-picture JPEG). Anything
+# else is IMAGE_UNDECODABLE before a byte of it is decoded: Pillow would run Ghostscript on an EPS, decode an
+# ICO's or ICNS's embedded PNG of any size while opening it, and decode QOI, XPM or plain PPM in pure Python
+# for minutes.
+INPUT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "AVIF", "HEIF")
+INPUT_FORMAT_NAMES = "JPEG, PNG, GIF, WebP, TIFF, BMP, AVIF, HEIC/HEIF"
+
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "tiff": "TIFF",
                "avif": "AVIF"}
 # Modes each encoder takes as they are; anything else is converted first.
@@ -300,15 +307,31 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
     except UnidentifiedImageError:
-        raise ImageUndecodable("source is not an image Pillow can read") from None
+        raise ImageUndecodable(f"source is not an image in a format imagefork reads ({INPUT_FORMAT_NAMES})") from None
     except (OSError, SyntaxError, ValueError, TypeError, struct.error, EOFError, RuntimeError) as exc:
         raise ImageUndecodable(f"source image header is damaged ({type(exc).__name__})") from None
     except Image.DecompressionBombError as exc:  # pragma: no cover - MAX_IMAGE_PIXELS is off
         raise ImageTooLarge(str(exc)) from None
     check_pixels(im.width, im.height, limits)
+    if im.format == "TIFF":  # a tile is decoded whole, and its size is the file's word, not the image's
+        tile_w, tile_h = im.tag_v2.get(322), im.tag_v2.get(323)
+        if isinstance(tile_w, int) and isinstance(tile_h, int) and tile_w * tile_h > limits.max_pixels:
+            im.close()
+            raise ImageTooLarge(f"source TIFF has tiles of {tile_w}x{tile_h} = {tile_w * tile_h} pixels, "
+                                f"more than the limit of {limits.max_pixels}")
     return im
+
+
+def check_output(plan: "Layout", frames: int, limits: Limits) -> None:
+    """An output is held whole, every frame of it (a crop resamples only its window): within the pixel limit
+    too (a 1x1 source asked at 10000x10000 is 100 million pixels, and a GIF encoder's several copies of them)."""
+    w, h = plan.canvas
+    if frames * w * h > limits.max_pixels:
+        what = f"{w}x{h}" + (f" x {frames} frames" if frames > 1 else "")
+        raise ImageTooLarge(f"output would be {what} = {frames * w * h} pixels, more than the limit of "
+                            f"{limits.max_pixels}")
 
 
 def check_pixels(width: int, height: int, limits: Limits) -> None:
@@ -635,7 +658,10 @@ def _bare(im: Image.Image) -> Image.Image:
 
 def _metadata_params(pil_format: str, exif: bytes | None, xmp: bytes | None) -> dict:
     """Save parameters that write the kept EXIF and XMP in each format."""
-    if pil_format in ("JPEG", "WEBP", "AVIF"):
+    if pil_format == "JPEG":  # one APP1 segment each: what does not fit one is not kept
+        return {k: v for k, v, room in (("exif", exif, _JPEG_EXIF_ROOM), ("xmp", xmp, _JPEG_XMP_ROOM))
+                if v and len(v) <= room}
+    if pil_format in ("WEBP", "AVIF"):
         return {k: v for k, v in (("exif", exif), ("xmp", xmp)) if v}
     if pil_format == "PNG":
         params: dict = {"exif": exif} if exif else {}
@@ -655,6 +681,10 @@ def _metadata_params(pil_format: str, exif: bytes | None, xmp: bytes | None) -> 
         return {"tiffinfo": tags} if tags else {}
     return {}
 
+
+# a JPEG marker segment holds 65533 bytes of data: EXIF after its 6-byte header, XMP after its 29-byte namespace
+_JPEG_EXIF_ROOM = 65533 - 6
+_JPEG_XMP_ROOM = 65533 - 29
 
 # the text tags of a TIFF's first IFD that keepMetadata carries into a TIFF output
 _TIFF_TEXT_TAGS = (ExifTags.Base.ImageDescription, ExifTags.Base.Make, ExifTags.Base.Model, ExifTags.Base.Software,
@@ -716,6 +746,7 @@ def resize_image(data: bytes | Image.Image | Source, spec: OutputSpec, limits: L
     first = source.frames[0]
     plan = layout(first.width, first.height, spec, first)
     frames = source.frames if options.animated else source.frames[:1]
+    check_output(plan, len(frames), limits)
     outs = [convert_for(apply_layout(f, plan, background or "#ffffff00"), PIL_FORMATS[fmt], encoding.gif_colors)
             for f in frames]
     settings = encoder_settings(fmt, spec, encoding)
@@ -768,8 +799,13 @@ def _prepare(data: bytes, limits: Limits, draft_box: tuple[int, int] | None, opt
     im = decode(data, limits, draft_box=draft_box)
     exif, xmp = kept_metadata(im, options.keep_metadata)
     icc = _kept_profile(im, options.keep_profile)
-    im = strip_metadata(normalise_mode(im) if icc else _normalise(im))
-    im.load()
+    try:
+        im = strip_metadata(normalise_mode(im) if icc else _normalise(im))
+        im.load()
+    except (OSError, ValueError, TypeError, IndexError) as exc:  # e.g. a tRNS longer than its palette
+        raise ImageUndecodable(f"source image data is inconsistent ({type(exc).__name__}: {str(exc)[:120]})") from None
+    except MemoryError:
+        raise ImageTooLarge("source image does not fit in memory") from None
     return Source((im,), icc=icc, exif=exif, xmp=xmp)
 
 
@@ -787,6 +823,7 @@ def _prepare_animation(data: bytes, limits: Limits, count: int, options: SourceO
             warnings.simplefilter("ignore")
             for i in range(count):
                 im.seek(i)
+                check_frames(count, im.width, im.height, limits)  # a GIF frame past the screen grows it
                 im.load()
                 durations.append(max(0, int(im.info.get("duration") or 0)))
                 frame = _orient(im.copy())
