@@ -29,6 +29,7 @@ from confluent_kafka.admin import AdminClient
 from streams import serde
 from streams.adapters.http import health_routes, json_error
 from streams.adapters.kafka import client_config, partition_for
+from streams.client import SubmitError
 from streams.config import Config, parse_host_port
 from streams.core.errors import RequestInvalid
 from streams.core.models import WorkflowCompleted
@@ -132,13 +133,23 @@ class JoinRouter:
         self.urls: list[str] = []
         self.partitions = 0
         self.fresh_at = 0.0
+        self.describing = asyncio.Lock()
 
     def _describe(self) -> None:
+        try:
+            self._describe_with(self.admin)
+        except Exception:
+            # a client whose calls failed (the broker away, restarted) may stay stuck timing out after the
+            # broker is back: the next look uses a new one
+            self.admin = AdminClient(client_config(self.config))
+            raise
+
+    def _describe_with(self, admin: AdminClient) -> None:
         from streams.agents.join import CLIENT_ID
         topic = self.config.topics.events
-        meta = self.admin.list_topics(topic, timeout=10).topics.get(topic)
+        meta = admin.list_topics(topic, timeout=10).topics.get(topic)
         partitions = len(meta.partitions) if meta is not None and meta.error is None else 0
-        group = self.admin.describe_consumer_groups([self.group], request_timeout=10)[self.group].result()
+        group = admin.describe_consumer_groups([self.group], request_timeout=10)[self.group].result()
         owners, urls = {}, []
         for member in group.members:
             name, _, url = (member.client_id or "").partition(" ")
@@ -152,7 +163,9 @@ class JoinRouter:
 
     async def refresh(self, max_age_s: float = 2.0) -> None:
         if time.monotonic() - self.fresh_at > max_age_s:
-            await asyncio.to_thread(self._describe)
+            async with self.describing:  # many requests at once: one look at the group serves them all
+                if time.monotonic() - self.fresh_at > max_age_s:
+                    await asyncio.to_thread(self._describe)
 
     async def ask(self, workflow_id: str, patience_s: float = 15.0) -> dict:
         """The owner's answer for ``workflow_id`` (state open, finished or unknown); asks again while the
@@ -204,6 +217,10 @@ class Api:
         self.index = CompletedIndex(config)
         self.accepted: OrderedDict[str, tuple[int, str]] = OrderedDict()  # id -> (accepted at, location)
         self.retries: dict[str, tuple[str, int]] = {}  # id -> (the run retried, when), until the retry shows
+        # one submit or retry at a time per workflow id: two at once would both find it unknown (or
+        # finished) and both send
+        self.busy: dict[str, asyncio.Lock] = {}
+        self.polls: dict[str, tuple[float, asyncio.Future]] = {}  # id -> the last look the streams share
         self.router: JoinRouter | None = None
         self.client = None
         self.store = None
@@ -251,7 +268,11 @@ class Api:
         except web.HTTPException as exc:
             if exc.content_type == "application/json" or exc.status < 400:
                 raise
-            return json_error(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason)
+            resp = json_error(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason)
+            for name in ("Allow", "Retry-After"):
+                if name in exc.headers:
+                    resp.headers[name] = exc.headers[name]
+            return resp
         except Unavailable as exc:
             resp = json_error(503, "JOIN_UNAVAILABLE", f"the join's state cannot be asked now: {exc}")
             resp.headers["Retry-After"] = "5"
@@ -267,11 +288,52 @@ class Api:
         return web.Response(body=DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
 
     # --- workflows ------------------------------------------------------------------------------
+    @staticmethod
+    def _foreign(request) -> web.Response | None:
+        """A browser's POST from another site (a form or fetch aimed at this API on localhost): refused. Any
+        client may POST; a browser says where the page that sends it came from."""
+        origin = request.headers.get("Origin")
+        if origin and origin != "null":
+            host = origin.split("://", 1)[-1]
+            if host != request.host:
+                return json_error(403, "FOREIGN_ORIGIN", f"a page from {origin} may not POST here")
+        elif origin == "null":
+            return json_error(403, "FOREIGN_ORIGIN", "a page of no origin may not POST here")
+        return None
+
+    def _busy(self, workflow_id: str) -> asyncio.Lock:
+        lock = self.busy.get(workflow_id)
+        if lock is None:
+            lock = self.busy[workflow_id] = asyncio.Lock()
+        return lock
+
+    def _idle(self, workflow_id: str) -> None:
+        lock = self.busy.get(workflow_id)
+        if lock is not None and not lock.locked():
+            del self.busy[workflow_id]
+
+    async def _send(self, body: dict, workflow_id: str) -> web.Response | None:
+        """Produce; a Kafka that does not confirm within 10 s is a 503 the client may repeat."""
+        try:
+            await asyncio.to_thread(self.client.submit, body, workflow_id, timeout_s=10.0)
+        except SubmitError as exc:
+            resp = json_error(503, "KAFKA_UNAVAILABLE",
+                              f"{exc}; it may still be delivered once Kafka answers: send it again with the same "
+                              f"workflowId ({workflow_id}), which is never run twice")
+            resp.headers["Retry-After"] = "5"
+            return resp
+        return None
+
     async def submit(self, request):
+        refused = self._foreign(request)
+        if refused is not None:
+            return refused
         try:
             doc = await request.json(loads=json.loads)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return json_error(400, "INVALID_JSON", f"the body is not JSON: {exc}"[:300])
+        except (ValueError, UnicodeDecodeError, RecursionError, LookupError) as exc:
+            return json_error(400, "INVALID_JSON", f"the body is not JSON: {type(exc).__name__}: {exc}"[:300])
+        except web.RequestPayloadError as exc:
+            return json_error(400, "INVALID_BODY", f"the body cannot be read: {exc}"[:300])
         lim = self.config.limits
         try:
             if isinstance(doc, dict) and "retry" in doc:
@@ -283,15 +345,22 @@ class Api:
         workflow_id = parsed.workflowId or str(uuid.uuid4())
         location = {"Location": f"/v1/workflows/{workflow_id}"}
         try:
-            existing = await self._known(workflow_id, patience_s=3.0)
-        except Unavailable:  # no join to ask: the request waits in Kafka; a duplicate id is ignored there
-            existing = None
-        if existing is not None:  # the same id again: nothing is sent twice
-            return web.json_response({"workflowId": workflow_id, "status": existing["status"], "existing": True,
-                                      "links": self._links(workflow_id)}, status=200, headers=location)
-        doc = {**doc, "workflowId": workflow_id}
-        await asyncio.to_thread(self.client.submit, doc, workflow_id)
-        self._remember(workflow_id, parsed.fileLocation)
+            async with self._busy(workflow_id):
+                try:
+                    existing = await self._known(workflow_id, patience_s=3.0)
+                except Unavailable:  # no join to ask: the request waits in Kafka; a duplicate id is ignored there
+                    existing = None
+                if existing is not None:  # the same id again: nothing is sent twice
+                    return web.json_response({"workflowId": workflow_id, "status": existing["status"],
+                                              "existing": True, "links": self._links(workflow_id)},
+                                             status=200, headers=location)
+                doc = {**doc, "workflowId": workflow_id}
+                failed = await self._send(doc, workflow_id)
+                if failed is not None:
+                    return failed
+                self._remember(workflow_id, parsed.fileLocation)
+        finally:
+            self._idle(workflow_id)
         log.info("api: workflow %s accepted", workflow_id)
         return web.json_response({"workflowId": workflow_id, "status": "PENDING", "existing": False,
                                   "links": self._links(workflow_id)}, status=202, headers=location)
@@ -455,14 +524,42 @@ class Api:
                     await resp.write(b": keep-alive\n\n")
                     last_beat = time.monotonic()
                 await asyncio.sleep(0.25)
-                doc = await self._known(workflow_id) or doc
+                if request.transport is None or request.transport.is_closing():
+                    return resp  # the client has gone: stop asking for it
+                try:
+                    doc = await self._poll(workflow_id) or doc
+                except Unavailable as exc:  # the headers are sent: say it in the stream, and end it
+                    await send("error", {"error": "JOIN_UNAVAILABLE", "message": f"the join's state cannot be "
+                                         f"asked now: {exc}", "retryAfter": 5})
+                    break
         except (ConnectionResetError, asyncio.CancelledError):
             return resp
         await resp.write_eof()
         return resp
 
+    async def _poll(self, workflow_id: str, every_s: float = 0.25) -> dict | None:
+        """A stream's look at its workflow, shared by every stream that follows the same one: 200 streams on
+        a workflow ask its join 4 times a second, not 800."""
+        now = time.monotonic()
+        last = self.polls.get(workflow_id)
+        if last is None or now - last[0] >= every_s:
+            if len(self.polls) > 1000:
+                self.polls = {k: v for k, v in self.polls.items() if now - v[0] < 10}
+            last = self.polls[workflow_id] = (now, asyncio.ensure_future(self._known(workflow_id)))
+        return await asyncio.shield(last[1])  # a stream that goes away does not cancel the others' look
+
     async def retry(self, request):
+        refused = self._foreign(request)
+        if refused is not None:
+            return refused
         workflow_id = self._id(request)
+        try:
+            async with self._busy(workflow_id):
+                return await self._retry(workflow_id)
+        finally:
+            self._idle(workflow_id)
+
+    async def _retry(self, workflow_id: str):
         doc = await self._known(workflow_id)
         if doc is None:
             return json_error(404, "NOT_FOUND", f"no workflow {workflow_id!r} is known here")
@@ -476,7 +573,9 @@ class Api:
         if not ok:
             return json_error(409, "NOT_RETRYABLE", f"workflow {workflow_id} cannot be retried: {why}")
         body, refs = retry_request(final)
-        await asyncio.to_thread(self.client.submit, body, workflow_id)
+        failed = await self._send(body, workflow_id)
+        if failed is not None:
+            return failed
         self.retries[workflow_id] = (final.runId, now_ms())
         log.info("api: workflow %s: retry of run %s sent (%s)", workflow_id, final.runId,
                  f"{len(refs)} tasks" if refs else "every task")

@@ -127,7 +127,8 @@ class Client:
         self.producer = Producer(producer_config(config))
         self._published = False
 
-    def submit(self, request: dict | bytes, workflow_id: str | None = None, *, avro: bool = False) -> str:
+    def submit(self, request: dict | bytes, workflow_id: str | None = None, *, avro: bool = False,
+               timeout_s: float = 30.0) -> str:
         """Produce one request; the key is the workflow id (given, from the document, or a new UUID)."""
         if isinstance(request, dict):
             workflow_id = workflow_id or request.get("workflowId") or str(uuid.uuid4())
@@ -162,7 +163,7 @@ class Client:
 
         self.producer.produce(self.config.topics.requests, key=workflow_id.encode() if workflow_id else None,
                               value=value, on_delivery=delivered)
-        remaining = self.producer.flush(30)
+        remaining = self.producer.flush(timeout_s)
         if remaining or errors:
             raise SubmitError(f"request not delivered to {self.config.bootstrap_servers}: "
                               f"{errors[0] if errors else 'timed out'}")

@@ -252,6 +252,10 @@ def check_storage(config: Config) -> None:
         raise StartError(f"S3 at {where} cannot be used: {exc.message}") from None
 
 
+# an API that ran this long before it died is started again; one that died sooner cannot start (its port taken)
+API_RESTART_AFTER_S = float(os.environ.get("IMAGEFORK_API_RESTART_AFTER_S", "30"))
+
+
 def run_all(config: Config) -> int:
     """``worker all``: one child process per role (and the API); if one dies, stop the others and exit
     non-zero."""
@@ -264,9 +268,13 @@ def run_all(config: Config) -> int:
 
     children = {role: subprocess.Popen([sys.executable, "-m", "streams", "worker", role], env=env(i))
                 for i, role in enumerate(("join", "resize", "planner"))}
-    # the API serves its own /metrics on IMAGEFORK_API_LISTEN
-    children["api"] = subprocess.Popen([sys.executable, "-m", "streams", "worker", "api"],
-                                       env={k: v for k, v in os.environ.items() if k != "IMAGEFORK_METRICS_LISTEN"})
+
+    def start_api() -> subprocess.Popen:  # it serves its own /metrics on IMAGEFORK_API_LISTEN
+        return subprocess.Popen([sys.executable, "-m", "streams", "worker", "api"],
+                                env={k: v for k, v in os.environ.items() if k != "IMAGEFORK_METRICS_LISTEN"})
+
+    children["api"] = start_api()
+    api_since = time.monotonic()
 
     asked: list[int] = []  # the signal that asked us to stop
 
@@ -285,13 +293,20 @@ def run_all(config: Config) -> int:
     ended: list[int] = []
     api_gone = False
     try:
-        # the pipeline's roles stand or fall together; the API is a view of them: if it cannot run
-        # (its port taken, say), it says why and the pipeline goes on
+        # the pipeline's roles stand or fall together; the API is a view of them: if it cannot start
+        # (its port taken, say), it says why and the pipeline goes on; if it dies after a good run (a
+        # client library's abort, say), it is started again
         while all(c.poll() is None for c in pipeline):
-            if not api_gone and children["api"].poll() is not None:
-                api_gone = True
-                print(f"imagefork: worker all: the API exited ({children['api'].returncode}); the pipeline goes on "
-                      "without it", file=sys.stderr, flush=True)
+            if not api_gone and not asked and children["api"].poll() is not None:
+                code, ran = children["api"].returncode, time.monotonic() - api_since
+                if ran >= API_RESTART_AFTER_S:
+                    print(f"imagefork: worker all: the API exited ({code}) after {ran:.0f}s; starting it again",
+                          file=sys.stderr, flush=True)
+                    children["api"], api_since = start_api(), time.monotonic()
+                else:
+                    api_gone = True
+                    print(f"imagefork: worker all: the API exited ({code}); the pipeline goes on without it",
+                          file=sys.stderr, flush=True)
             time.sleep(0.5)
         ended = [c.returncode for c in pipeline if c.poll() is not None]  # before we stop the others
     finally:

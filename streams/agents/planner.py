@@ -50,8 +50,9 @@ class Planner:
         workflow_id, key_problem = self.workflow_id(key, doc, run_id)
         now = submitted_at or now_ms()
         deadline = now + int(self.config.workflow_timeout_s * 1000)
-        location = doc.get("fileLocation") if isinstance(doc.get("fileLocation"), str) else ""
-        correlation = doc.get("correlationId") if isinstance(doc.get("correlationId"), str) else None
+        # echoed in a REJECTED final event: text UTF-8 can encode (a lone surrogate becomes "?")
+        location = _text(doc.get("fileLocation")) or ""
+        correlation = _text(doc.get("correlationId"))
         try:
             if key_problem:
                 raise RequestInvalid([("workflowId", key_problem)])
@@ -128,8 +129,8 @@ class Planner:
         if key:
             text = key.decode("utf-8", "replace")[:512]
             return text, (None if valid_workflow_id(text) else f"(the message key) {rule}")
-        field = doc.get("workflowId")
-        if isinstance(field, str) and field:
+        field = _text(doc.get("workflowId"))
+        if field:
             return field[:512], None  # an invalid field is reported by parse_request
         return f"req-{run_id}", None
 
@@ -188,3 +189,10 @@ def register(app: faust.App, config: Config, topics: Topics) -> Planner:
         await asyncio.to_thread(planner.store.ensure_bucket)
 
     return planner
+
+
+def _text(value) -> str | None:
+    """A string field of a request as UTF-8 can carry it (a lone surrogate, valid in JSON, becomes "?")."""
+    if not isinstance(value, str):
+        return None
+    return value.encode("utf-8", "replace").decode("utf-8")

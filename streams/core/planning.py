@@ -44,6 +44,9 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
     """Read and validate one request document; every problem is reported with its field."""
     if not isinstance(doc, dict):
         raise RequestInvalid([("$", f"must be a JSON object, got {type(doc).__name__}")])
+    bad_text = _unencodable(doc, "")
+    if bad_text:  # a lone surrogate ("\ud800" in JSON) passes json.loads and breaks every encoder after it
+        raise RequestInvalid([(bad_text, "is not valid Unicode text (a lone surrogate)")])
     problems: list[tuple[str, str]] = []
     known = tuple(formats)
 
@@ -220,8 +223,34 @@ def _choice(value: Any, names: tuple[str, ...], name: str, problems: list[tuple[
     return choice
 
 
+def _unencodable(value: Any, path: str, depth: int = 0) -> str | None:
+    """The path of the first string (or key) in a parsed JSON document that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "$"
+        return None
+    if depth > 20:
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _unencodable(key, path) is not None:
+                return (path or "$") + " (a key)"
+            found = _unencodable(item, where, depth + 1)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unencodable(item, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+    return None
+
+
 def valid_workflow_id(value: str) -> bool:
-    return bool(_WORKFLOW_ID.match(value))
+    return bool(_WORKFLOW_ID.fullmatch(value))  # fullmatch: `$` alone lets a trailing newline through
 
 
 def _check_location(location: str) -> list[tuple[str, str]]:
@@ -237,14 +266,20 @@ def _check_location(location: str) -> list[tuple[str, str]]:
         return [("fileLocation", "s3:// location needs a key: s3://bucket/key")]
     if any(c in location for c in "\r\n\t "):
         return [("fileLocation", "must not contain whitespace")]
+    if any(ord(c) < 32 or ord(c) == 127 for c in location):
+        return [("fileLocation", "must not contain control characters")]
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:
+        return [("fileLocation", f"has a bad port: {exc}")]
     return []
 
 
 def _dimension(value: Any, maximum: int, minimum: int = 1) -> tuple[int | None, str | None]:
     if isinstance(value, bool):
         return None, "must be an integer, got a boolean"
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 9:
+        value = int(value.strip())  # ASCII digits only: "²" is a digit to isdigit() and not to int()
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):

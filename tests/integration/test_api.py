@@ -15,17 +15,21 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import os
+import signal
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from streams.adapters.kafka import read_to_end
 from streams.client import consume_completed
 from streams.core.planning import output_key
 from streams.stack.processes import FileServer
@@ -188,6 +192,84 @@ def test_bad_input_gets_json_errors(full):
     assert status == 200 and body["status"] == "alive"
 
 
+def answers(base: str, path: str) -> int | None:
+    try:
+        return call(base, "GET", path)[0]
+    except OSError:  # not listening (yet)
+        return None
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def raw(base: str, method: str, path: str, data: bytes | None, headers: dict) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def test_hostile_http_gets_clear_answers_and_nothing_runs_twice(full, files):
+    """What a probe of the API found: each is a JSON 4xx now (a 500, an empty reply or a workflow stuck
+    PENDING before), and one id POSTed 30 times at once runs once."""
+    p, base, _join = full
+    good = {"fileLocation": files.url("sample.png"), "outputFormats": ["png"], "outputSizes": [{"width": 16, "height": 16}]}
+    as_json = {"Content-Type": "application/json"}
+    # a trailing newline in the id (a regex's `$` let it through; aiohttp then failed on the Location header)
+    status, body, _ = call(base, "POST", "/v1/workflows", {**good, "workflowId": "nl-1\n"})
+    assert status == 400 and body["problems"][0]["field"] == "workflowId", body
+    # a lone surrogate: valid JSON, unencodable text (the planner could not write its plan: stuck PENDING)
+    status, body, _ = raw(base, "POST", "/v1/workflows", b'{"correlationId": "\\ud800", "fileLocation": "http://x.example/a.png",'
+                          b' "outputFormats": ["png"], "outputSizes": [{"width": 16, "height": 16}]}', as_json)
+    assert status == 400 and body["problems"][0]["field"] == "correlationId", body
+    # "²" is a digit to str.isdigit() and not to int(); 5000 digits are over int()'s limit
+    for width in ("²", "9" * 5000):
+        status, body, _ = call(base, "POST", "/v1/workflows", {**good, "outputSizes": [{"width": width, "height": 16}]})
+        assert status == 400 and body["problems"][0]["field"] == "outputSizes[0].width", body
+    status, body, _ = raw(base, "POST", "/v1/workflows", b"[" * 100_000 + b"]" * 100_000, as_json)
+    assert status == 400 and body["error"] == "INVALID_JSON", body
+    status, body, _ = raw(base, "POST", "/v1/workflows", json.dumps(good).encode(),
+                          {"Content-Type": "application/json; charset=bogus"})
+    assert status == 400 and body["error"] == "INVALID_JSON", body
+    status, body, _ = raw(base, "POST", "/v1/workflows", b"\x1f\x8b not gzip", {**as_json, "Content-Encoding": "gzip"})
+    assert status == 400 and body["error"] == "INVALID_BODY", body
+    # a browser's form or no-preflight fetch from another site (text/plain: no CORS preflight) is refused
+    # by its Origin; a client that is not a browser (curl -d, say) sends none and may use any type
+    for kind in ("text/plain", "application/json"):
+        status, body, _ = raw(base, "POST", "/v1/workflows", json.dumps(good).encode(),
+                              {"Content-Type": kind, "Origin": "http://evil.example"})
+        assert status == 403 and body["error"] == "FOREIGN_ORIGIN", body
+    status, body, _ = raw(base, "POST", "/v1/workflows", json.dumps(good).encode(),
+                          {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 202, body
+    status, body, _ = raw(base, "POST", "/v1/workflows/never-seen/retry", None, {"Origin": "http://evil.example"})
+    assert status == 403, body
+    status, body, headers = raw(base, "PUT", "/v1/workflows", b"{}", as_json)
+    assert status == 405 and "POST" in headers.get("Allow", ""), (body, headers)
+    # the same new id 30 times at once: one 202, 29 "existing", one run, one final event
+    wf = f"dup-{uuid.uuid4().hex[:8]}"
+    origin = {**as_json, "Origin": base}  # the dashboard's own page may POST
+    with ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(lambda _: raw(base, "POST", "/v1/workflows", json.dumps({**good, "workflowId": wf}).encode(),
+                                              origin), range(30)))
+    assert sorted(a[0] for a in answers) == [200] * 29 + [202], [a[:2] for a in answers]
+    assert all(a[1]["existing"] for a in answers if a[0] == 200)
+    assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{wf}")[1].get("status") == "COMPLETED", 90)
+    sent = [m for m in read_to_end(p.config, p.config.topics.requests) if m.key() == wf.encode()]
+    assert len(sent) == 1, f"{len(sent)} request messages for {wf}"
+    assert len(consume_completed(p.config, [wf], timeout=60)) == 1
+
+
 class FlakySource(http.server.BaseHTTPRequestHandler):
     """503 until the flag file exists, then the sample."""
     flag: Path
@@ -225,8 +307,12 @@ def test_retry_runs_a_failed_workflow_again_as_a_new_run(full, tmp_path):
         assert failed["errors"][0]["code"] == "SOURCE_UNAVAILABLE" and failed["retryable"] is True, failed
 
         flag.write_text("up")
-        status, body, _ = call(base, "POST", f"/v1/workflows/{wf}/retry")
-        assert status == 202 and body["retryOf"] == failed["runId"] and body["tasks"] == "all", body
+        # five retries at once: one is sent, the others find it running (409), not five runs
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: call(base, "POST", f"/v1/workflows/{wf}/retry"), range(5)))
+        assert sorted(a[0] for a in answers) == [202, 409, 409, 409, 409], [a[:2] for a in answers]
+        status, body, _ = next(a for a in answers if a[0] == 202)
+        assert body["retryOf"] == failed["runId"] and body["tasks"] == "all", body
         assert call(base, "GET", f"/v1/workflows/{wf}")[1]["status"] in ("PENDING", "RUNNING", "COMPLETED")
         events = sse(base, f"/v1/workflows/{wf}/events")
         final = events[-1][1]
@@ -324,7 +410,7 @@ def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_onl
     port, metrics = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     first = p.start("all", name="all-1", IMAGEFORK_API_LISTEN=f"127.0.0.1:{port}",
-                    IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{metrics}")
+                    IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{metrics}", IMAGEFORK_API_RESTART_AFTER_S="5")
     assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 90), first.log_tail(40)
     # a second `worker all` on this host: its API finds the port taken and says so in one line; its
     # pipeline roles run (they join the groups) and it stays up
@@ -339,6 +425,13 @@ def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_onl
     final = sse(base, f"/v1/workflows/{wf}/events")[-1][1]
     assert final["status"] == "COMPLETED" and len(final["outputs"]) == 1, final
     assert second.alive() and first.alive()
+    # the first's API dies (librdkafka has aborted a process after a broker restart): it is started again
+    api = next(pid for pid in children(first.proc.pid) if b"worker\0api" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    time.sleep(max(0.0, 6 - (time.time() - os.stat(f"/proc/{api}").st_ctime)))  # past its 5 s: a good run
+    os.kill(api, signal.SIGKILL)
+    assert wait_until(lambda: "starting it again" in first.log_path.read_text(), 30), first.log_tail(40)
+    assert wait_until(lambda: answers(base, "/readyz") == 200, 90), first.log_tail(40)
+    assert call(base, "GET", f"/v1/workflows/{wf}")[1]["status"] == "COMPLETED"
     # the second's roles are up (each says it is ready), then both stop cleanly
     assert wait_until(lambda: second.log_path.read_text().count("imagefork ready: ") >= 3, 90), second.log_tail(40)
     for w in (second, first):

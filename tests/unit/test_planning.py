@@ -52,6 +52,9 @@ def test_maintain_aspect_ratio_accepts_seed_strings(value, expected):
     ({"fileLocation": "file:///etc/passwd"}, "fileLocation"),
     ({"fileLocation": "s3://bucket-only"}, "fileLocation"),
     ({"fileLocation": "http:///nohost"}, "fileLocation"),
+    ({"fileLocation": "http://127.0.0.1/\x00x"}, "fileLocation"),
+    ({"fileLocation": "http://example.com:99999/a.png"}, "fileLocation"),
+    ({"fileLocation": "http://example.com:port/a.png"}, "fileLocation"),
     ({"outputFormats": []}, "outputFormats"),
     ({"outputFormats": "png"}, "outputFormats"),
     ({"outputFormats": ["png", "bmp"]}, "outputFormats[1]"),
@@ -68,6 +71,12 @@ def test_maintain_aspect_ratio_accepts_seed_strings(value, expected):
     ({"maintainAspectRatio": 1}, "maintainAspectRatio"),
     ({"workflowId": "a/b"}, "workflowId"),
     ({"workflowId": 12}, "workflowId"),
+    ({"workflowId": "ends-in-a-newline\n"}, "workflowId"),  # `$` alone matched before a final newline
+    ({"outputSizes": [{"width": "²", "height": 10}]}, "outputSizes[0].width"),  # isdigit() yes, int() no
+    ({"outputSizes": [{"width": "9" * 5000, "height": 10}]}, "outputSizes[0].width"),  # over int()'s digits
+    ({"quality": "³"}, "quality"),
+    ({"correlationId": "\ud800"}, "correlationId"),  # a lone surrogate: valid JSON, not encodable text
+    ({"outputSizes": [{"width": 10, "height": 10, "gravity": "\udfff"}]}, "outputSizes[0].gravity"),
 ])
 def test_invalid_requests_name_the_field(change, field):
     with pytest.raises(RequestInvalid) as info:
