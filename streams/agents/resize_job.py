@@ -97,7 +97,9 @@ class MemoryBudget:
 def image_bytes(im: Source | Image.Image) -> int:
     if isinstance(im, Source):
         return sum(image_bytes(f) for f in im.frames)
-    return im.width * im.height * max(1, len(im.getbands())) * (2 if im.mode.startswith("I;16") else 1)
+    # what Pillow holds a pixel in: a byte for 1, L and P, two for I;16, else a 32-bit word (RGB too)
+    per_pixel = 1 if im.mode in ("1", "L", "P") else 2 if im.mode.startswith("I;16") else 4
+    return im.width * im.height * per_pixel
 
 
 def decode_cost(data: bytes, limits, max_box: tuple[int, int], options: SourceOptions = SourceOptions()) -> int:
@@ -110,7 +112,9 @@ def decode_cost(data: bytes, limits, max_box: tuple[int, int], options: SourceOp
     header.close()
     if frames > 1:
         return (frames + 1) * w * h * 4
-    box = draft_box_for(data, limits, max_box) if jpeg else None  # only JPEG decodes at a reduced scale
+    # only JPEG decodes at a reduced scale, and not when asked to keep an animation (prepare draws no draft
+    # then: a still JPEG under `animated: true` is decoded whole)
+    box = draft_box_for(data, limits, max_box) if jpeg and not options.animated else None
     if box:
         scale = 1
         while w // (scale * 2) >= box[0] and h // (scale * 2) >= box[1] and scale < 8:

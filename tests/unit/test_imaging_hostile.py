@@ -122,3 +122,16 @@ def test_metadata_too_long_for_a_jpeg_segment_is_left_out_not_fatal():
     out = run(b.getvalue(), OutputSpec("jpg", 64, 48, keep_metadata="all"))
     im = Image.open(io.BytesIO(out.data))
     assert im.format == "JPEG" and im.size == (64, 48) and not im.getexif()
+
+
+@pytest.mark.parametrize("animated", [False, True])
+def test_the_memory_budget_reserves_what_a_decode_holds(animated):
+    """A still JPEG under `animated: true` is decoded whole (no draft), so its reservation must not assume
+    the 1/8 draft (it reserved 7 MiB and held 171 MiB); an RGB image is held in 4 bytes a pixel."""
+    from streams.agents.resize_job import decode_cost, image_bytes
+    b = io.BytesIO()
+    Image.new("RGB", (2400, 1600), (9, 9, 9)).save(b, "JPEG")
+    spec = OutputSpec("webp", 100, 100, animated=animated)
+    source = prepare(b.getvalue(), LIM, max_box=(100, 100), options=spec.source_options)
+    assert image_bytes(source) == source.image.width * source.image.height * 4
+    assert decode_cost(b.getvalue(), LIM, (100, 100), spec.source_options) >= image_bytes(source)
