@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from streams.core.status import (
 log = logging.getLogger("imagefork")
 DASHBOARD = Path(__file__).parent / "assets" / "dashboard.html"
 MAX_BODY = 1024 * 1024
+BODY_TIMEOUT_S = float(os.environ.get("IMAGEFORK_API_BODY_TIMEOUT_S", "30"))  # to read a whole request body
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
 
 
@@ -329,7 +331,10 @@ class Api:
         if refused is not None:
             return refused
         try:
-            doc = await request.json(loads=json.loads)
+            # a body that trickles (a Content-Length never met) would hold a connection for ever
+            doc = await asyncio.wait_for(request.json(loads=json.loads), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return json_error(408, "REQUEST_TIMEOUT", f"the body did not arrive within {BODY_TIMEOUT_S:.0f}s")
         except (ValueError, UnicodeDecodeError, RecursionError, LookupError) as exc:
             return json_error(400, "INVALID_JSON", f"the body is not JSON: {type(exc).__name__}: {exc}"[:300])
         except web.RequestPayloadError as exc:

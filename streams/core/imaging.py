@@ -19,7 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from PIL import (
-    ExifTags, Image, ImageChops, ImageCms, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError, features,
+    ExifTags, Image, ImageChops, ImageCms, ImageFile, ImageMath, ImageOps, PngImagePlugin, UnidentifiedImageError,
+    features,
 )
 
 from streams.config import Encoding, Limits
@@ -489,7 +490,7 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     if mode in ("L", "LA", "RGB", "RGBA"):
         return im
     if mode == "1":
-        return im.convert("L")
+        return _keyed(im.convert("L"), im.convert("L"), im.info.get("transparency"))
     if mode in ("P", "PA"):
         has_alpha = mode == "PA" or "transparency" in im.info
         return im.convert("RGBA" if has_alpha else "RGB")
@@ -497,9 +498,8 @@ def normalise_mode(im: Image.Image) -> Image.Image:
         # 16-bit (or 32-bit integer) grey: scale to 8 bits, rounded, instead of clipping at 255.
         top = 65535 if mode.startswith("I;16") else max(1, im.getextrema()[1] or 1)
         wide = im if mode == "I" else im.convert("I")
-        if top <= 255:
-            return wide.convert("L")
-        return wide.point(lambda v: v * (255.0 / top) + 0.5).convert("L")
+        grey = wide.convert("L") if top <= 255 else wide.point(lambda v: v * (255.0 / top) + 0.5).convert("L")
+        return _keyed(grey, wide, im.info.get("transparency"))
     if mode == "F":
         lo, hi = im.getextrema()
         span = (hi - lo) or 1.0
@@ -513,6 +513,17 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     if mode in ("RGBX", "YCbCr", "LAB", "HSV"):
         return im.convert("RGB")
     return im.convert("RGBA" if "A" in mode else "RGB")
+
+
+def _keyed(grey: Image.Image, raw: Image.Image, key) -> Image.Image:
+    """``grey`` with the alpha a colour key (a PNG's tRNS) gives: 0 where ``raw`` (the pixels before scaling
+    to 8 bits) equals the key. A 1-bit or 16-bit grey PNG's transparency was lost in the conversion."""
+    if not isinstance(key, int) or isinstance(key, bool):
+        return grey
+    alpha = ImageMath.lambda_eval(lambda a: (a["raw"] != key) * 255, raw=raw.convert("I")).convert("L")
+    out = grey.convert("LA")
+    out.putalpha(alpha)
+    return out
 
 
 def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -94,7 +94,7 @@ def full(stack_env, tmp_path_factory):
     port, join_port = free_port(), free_port()
     try:
         p.start_together(("join", {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{join_port}"}), "planner", "resize",
-                         ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}))
+                         ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}", "IMAGEFORK_API_BODY_TIMEOUT_S": "3"}))
         base = f"http://127.0.0.1:{port}"
         assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 60), call(base, "GET", "/readyz")
         yield p, base, f"http://127.0.0.1:{join_port}"
@@ -254,6 +254,11 @@ def test_hostile_http_gets_clear_answers_and_nothing_runs_twice(full, files):
     assert status == 202, body
     status, body, _ = raw(base, "POST", "/v1/workflows/never-seen/retry", None, {"Origin": "http://evil.example"})
     assert status == 403, body
+    # a body that never arrives in full (Content-Length 100, 5 bytes sent) is a 408, not a connection held
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=30) as sock:  # 3 s here
+        sock.sendall(b"POST /v1/workflows HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"a\":")
+        assert sock.recv(4096).split(b"\r\n", 1)[0] == b"HTTP/1.1 408 Request Timeout"
     status, body, headers = raw(base, "PUT", "/v1/workflows", b"{}", as_json)
     assert status == 405 and "POST" in headers.get("Allow", ""), (body, headers)
     # the same new id 30 times at once: one 202, 29 "existing", one run, one final event

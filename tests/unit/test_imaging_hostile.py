@@ -135,3 +135,16 @@ def test_the_memory_budget_reserves_what_a_decode_holds(animated):
     source = prepare(b.getvalue(), LIM, max_box=(100, 100), options=spec.source_options)
     assert image_bytes(source) == source.image.width * source.image.height * 4
     assert decode_cost(b.getvalue(), LIM, (100, 100), spec.source_options) >= image_bytes(source)
+
+
+@pytest.mark.parametrize("depth, row, key", [
+    (1, bytes([0b10100000]), b"\x00\x01"),  # 1-bit grey: white is transparent
+    (16, struct.pack(">4H", 65535, 0, 32768, 65535), b"\xff\xff"),  # 16-bit grey: 65535 is transparent
+])
+def test_a_grey_colour_key_stays_transparent(depth, row, key):
+    """A 1-bit or 16-bit grey PNG with tRNS: the keyed pixels stay clear in a PNG output (they came out
+    opaque: the conversion to 8-bit grey dropped the key)."""
+    out = run(png(4, 1, depth, 0, zlib.compress(b"\0" + row), pre=[(b"tRNS", key)]), OutputSpec("png", 4, 1))
+    im = Image.open(io.BytesIO(out.data)).convert("RGBA")
+    alphas = [im.getpixel((x, 0))[3] for x in range(4)]
+    assert alphas == ([0, 255, 0, 255] if depth == 1 else [0, 255, 255, 0]), alphas
