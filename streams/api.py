@@ -489,6 +489,9 @@ class Api:
         try:
             data = await asyncio.to_thread(self.store.get, found["s3Uri"], MAX_OUTPUT_BYTES)
         except PipelineError as exc:
+            if exc.code == "SOURCE_NOT_FOUND":  # the object was deleted (a lifecycle rule, by hand)
+                return json_error(410, "OUTPUT_GONE",
+                                  f"output {ref!r} of {workflow_id} is no longer in the bucket ({found['s3Uri']})")
             return json_error(502, exc.code, f"the object store: {exc.message}")
         return web.Response(body=data, content_type=found["contentType"],
                             headers={"Cache-Control": "private, max-age=300"})

@@ -107,7 +107,11 @@ def decode_cost(data: bytes, limits, max_box: tuple[int, int], options: SourceOp
     pixel; an animation kept animated holds every frame (and one copy)."""
     header = open_image(data, limits)
     w, h = header.width, header.height
-    frames = frame_count(header) if options.animated else 1
+    try:
+        frames = frame_count(header, data, limits) if options.animated else 1
+    except BaseException:
+        header.close()
+        raise
     jpeg = header.format == "JPEG"
     header.close()
     if frames > 1:

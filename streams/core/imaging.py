@@ -352,16 +352,48 @@ def check_frames(frames: int, width: int, height: int, limits: Limits) -> None:
                             f"{frames * width * height} pixels, more than the limit of {limits.max_pixels}")
 
 
-def frame_count(im: Image.Image) -> int:
+def frame_count(im: Image.Image, data: bytes | None = None, limits: Limits | None = None) -> int:
     """Frames of an animation in an opened source (from its headers: GIF skips over the frame data, WebP and
     AVIF read their index); 1 for a still, and for the pages of a TIFF or the images of a HEIF collection,
-    which are not an animation."""
+    which are not an animation. With ``data`` and ``limits``, a GIF of more frames than the limit is refused
+    after counting one past it (Pillow's count of 3 million tiny frames took 15 s)."""
     if im.format not in _ANIMATED_SOURCES:
         return 1
+    if im.format == "GIF" and data is not None and limits is not None:
+        bound = 4 * limits.max_frames
+        quick = _gif_frames(data, bound + 1)
+        if quick > limits.max_frames:
+            many = f"more than {bound}" if quick > bound else str(quick)
+            raise ImageTooLarge(f"source is an animation of {many} frames, more than the limit of {limits.max_frames}")
     try:
         return max(1, int(getattr(im, "n_frames", 1) or 1))
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError):
         raise ImageUndecodable("source animation is damaged (its frames cannot be counted)") from None
+
+
+def _gif_frames(data: bytes, stop: int) -> int:
+    """Image descriptors in a GIF, counted by walking its blocks (no pixel decoded), up to ``stop``. Every
+    frame Pillow reads has one, so this many frames at least are there."""
+    if len(data) < 13 or not data.startswith(b"GIF"):
+        return 0
+    pos = 13 + ((3 << ((data[10] & 7) + 1)) if data[10] & 0x80 else 0)  # after the global colour table
+    end, frames = len(data), 0
+    while pos < end and frames < stop:
+        kind = data[pos]
+        if kind == 0x21:  # an extension: its label, then sub-blocks
+            pos += 2
+        elif kind == 0x2C and pos + 10 < end:  # a frame: its descriptor, colour table, LZW size, sub-blocks
+            frames += 1
+            flags = data[pos + 9]
+            pos += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0) + 1
+        else:  # the trailer, or something Pillow will judge
+            break
+        while pos < end:
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
+    return frames
 
 
 def probe_image(data: bytes, limits: Limits) -> tuple[str, int, int]:
@@ -382,12 +414,22 @@ def decode(data: bytes, limits: Limits, *, draft_box: tuple[int, int] | None = N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im.load()
+            _png_grey_key(im, data)
             im = _orient(im)
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError) as exc:
         raise ImageUndecodable(f"source image data is damaged or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
     except MemoryError:
         raise ImageTooLarge("source image does not fit in memory") from None
     return im
+
+
+def _png_grey_key(im: Image.Image, data: bytes) -> None:
+    """A 2- or 4-bit grey PNG's colour key (tRNS) on the scale of its pixels: Pillow widens the pixels to
+    8 bits (x85, x17) and leaves the key as written, so no pixel matched it and the transparency was lost."""
+    key = im.info.get("transparency")
+    if im.format == "PNG" and im.mode == "L" and isinstance(key, int) and data[12:16] == b"IHDR" \
+            and data[25] == 0 and data[24] in (2, 4):
+        im.info["transparency"] = key * 255 // ((1 << data[24]) - 1)
 
 
 def _orient(im: Image.Image) -> Image.Image:
@@ -803,8 +845,10 @@ def prepare(data: bytes, limits: Limits, *, max_box: tuple[int, int] = (0, 0),
 def _prepare(data: bytes, limits: Limits, draft_box: tuple[int, int] | None, options: SourceOptions) -> Source:
     if options.animated:
         header = open_image(data, limits)
-        count = frame_count(header)
-        header.close()
+        try:
+            count = frame_count(header, data, limits)
+        finally:
+            header.close()
         if count > 1:
             return _prepare_animation(data, limits, count, options)
     im = decode(data, limits, draft_box=draft_box)

@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 
 from streams.adapters.kafka import read_to_end
+from streams.adapters.objectstore import ObjectStore
 from streams.client import consume_completed
 from streams.core.planning import output_key
 from streams.stack.processes import FileServer
@@ -273,6 +274,12 @@ def test_hostile_http_gets_clear_answers_and_nothing_runs_twice(full, files):
     sent = [m for m in read_to_end(p.config, p.config.topics.requests) if m.key() == wf.encode()]
     assert len(sent) == 1, f"{len(sent)} request messages for {wf}"
     assert len(consume_completed(p.config, [wf], timeout=60)) == 1
+    # an output deleted from the bucket (a lifecycle rule) is gone: 410, not a 502 about a source
+    out = call(base, "GET", f"/v1/workflows/{wf}")[1]["outputs"][0]
+    assert call(base, "GET", out["href"])[0] == 200
+    ObjectStore(p.config).delete(out["s3Uri"].split("/", 3)[3])
+    status, body, _ = call(base, "GET", out["href"])
+    assert status == 410 and body["error"] == "OUTPUT_GONE", body
 
 
 class FlakySource(http.server.BaseHTTPRequestHandler):

@@ -140,11 +140,37 @@ def test_the_memory_budget_reserves_what_a_decode_holds(animated):
 @pytest.mark.parametrize("depth, row, key", [
     (1, bytes([0b10100000]), b"\x00\x01"),  # 1-bit grey: white is transparent
     (16, struct.pack(">4H", 65535, 0, 32768, 65535), b"\xff\xff"),  # 16-bit grey: 65535 is transparent
+    (2, bytes([0b11000110]), b"\x00\x03"),  # 2-bit grey 3,0,1,2: 3 is transparent (Pillow kept the key at 3)
+    (4, bytes([0xF0, 0x4F]), b"\x00\x0f"),  # 4-bit grey 15,0,4,15
 ])
 def test_a_grey_colour_key_stays_transparent(depth, row, key):
-    """A 1-bit or 16-bit grey PNG with tRNS: the keyed pixels stay clear in a PNG output (they came out
-    opaque: the conversion to 8-bit grey dropped the key)."""
+    """A 1-, 2-, 4- or 16-bit grey PNG with tRNS: the keyed pixels stay clear in a PNG output (they came out
+    opaque: the conversion to 8-bit grey dropped the key, or Pillow left it off the pixels' scale)."""
     out = run(png(4, 1, depth, 0, zlib.compress(b"\0" + row), pre=[(b"tRNS", key)]), OutputSpec("png", 4, 1))
     im = Image.open(io.BytesIO(out.data)).convert("RGBA")
     alphas = [im.getpixel((x, 0))[3] for x in range(4)]
-    assert alphas == ([0, 255, 0, 255] if depth == 1 else [0, 255, 255, 0]), alphas
+    assert alphas == {1: [0, 255, 0, 255], 16: [0, 255, 255, 0], 2: [0, 255, 255, 255], 4: [0, 255, 255, 0]}[depth], alphas
+
+
+def test_a_gif_of_a_million_tiny_frames_is_refused_at_once():
+    """Counting a million 1x1 frames took Pillow about 10 s, twice per task (the budget, then the decode);
+    they are refused after counting one past IMAGEFORK_MAX_FRAMES."""
+    from streams.agents.resize_job import decode_cost
+    frame = b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    data = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff" + frame * 1_000_000 + b";"
+    spec = OutputSpec("webp", 10, 10, animated=True)
+    start = time.monotonic()
+    with pytest.raises(ImageTooLarge, match=f"more than {4 * LIM.max_frames} frames, more than the limit of {LIM.max_frames}"):
+        decode_cost(data, LIM, (10, 10), spec.source_options)
+    with pytest.raises(ImageTooLarge, match=f"more than {4 * LIM.max_frames} frames, more than the limit of {LIM.max_frames}"):
+        run(data, spec)
+    assert time.monotonic() - start < 3
+
+
+def test_the_quick_gif_count_agrees_with_pillow():
+    from streams.core.imaging import _gif_frames
+    frames = [Image.new("RGB", (7, 5), (i * 20, 255 - i * 20, 0)) for i in range(12)]
+    b = io.BytesIO()
+    frames[0].save(b, "GIF", save_all=True, append_images=frames[1:], duration=40, loop=0, comment=b"x" * 600)
+    assert _gif_frames(b.getvalue(), 100) == Image.open(io.BytesIO(b.getvalue())).n_frames == 12
+    assert _gif_frames(b.getvalue(), 5) == 5
