@@ -31,7 +31,7 @@ from PIL import Image
 
 from streams.adapters.kafka import read_to_end
 from streams.adapters.objectstore import ObjectStore
-from streams.client import consume_completed
+from streams.client import Client, consume_completed
 from streams.core.planning import output_key
 from streams.stack.processes import FileServer
 from tests.integration.pipeline import Pipeline, wait_until
@@ -405,9 +405,26 @@ def test_with_no_join_the_api_still_answers_what_it_can(full, files):
     request = {**seed(files, wf), "outputFormats": ["png"], "outputSizes": [{"width": 16, "height": 16}]}
     assert call(base, "POST", "/v1/workflows", request)[0] == 202
     assert sse(base, f"/v1/workflows/{wf}/events")[-1][1]["status"] == "COMPLETED"
+    # a workflow left open (no resize worker), sent by another client, followed by a stream: when its join
+    # goes away the stream ends with an error event (it carried a raw 503 mid-stream before)
     for w in p.workers:
-        if w.role == "join":
+        if w.role == "resize":
             w.stop()
+    still_open = f"open-{uuid.uuid4().hex[:8]}"
+    client = Client(p.config)
+    try:
+        client.submit({**request, "workflowId": still_open}, still_open)
+    finally:
+        client.close()
+    assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{still_open}")[1].get("status") == "RUNNING", 60)
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(sse, base, f"/v1/workflows/{still_open}/events")
+        time.sleep(1)
+        for w in p.workers:
+            if w.role == "join":
+                w.stop()
+        events = stream.result(timeout=120)
+    assert events[-1][0] == "error" and events[-1][1]["error"] == "JOIN_UNAVAILABLE", events[-3:]
     status, doc, _ = call(base, "GET", f"/v1/workflows/{wf}")
     assert status == 200 and doc["status"] == "COMPLETED", doc
     later = f"later-{uuid.uuid4().hex[:8]}"

@@ -27,3 +27,8 @@ class CrashImageFile(ImageFile.ImageFile):
 
 Image.register_open(CrashImageFile.format, CrashImageFile, lambda prefix: prefix[:len(MAGIC)] == MAGIC)
 Image.register_extension(CrashImageFile.format, ".crashme")
+
+# imagefork opens only the formats it reads (streams.core.imaging.INPUT_FORMATS): this one too, here
+from streams.core import imaging  # noqa: E402
+
+imaging.INPUT_FORMATS = (*imaging.INPUT_FORMATS, CrashImageFile.format)
