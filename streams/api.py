@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -221,7 +222,7 @@ class Api:
         self.retries: dict[str, tuple[str, int]] = {}  # id -> (the run retried, when), until the retry shows
         # one submit or retry at a time per workflow id: two at once would both find it unknown (or
         # finished) and both send
-        self.busy: dict[str, asyncio.Lock] = {}
+        self.busy: dict[str, list] = {}  # id -> [its lock, holder and waiters]
         self.polls: dict[str, tuple[float, asyncio.Future]] = {}  # id -> the last look the streams share
         self.router: JoinRouter | None = None
         self.client = None
@@ -303,16 +304,22 @@ class Api:
             return json_error(403, "FOREIGN_ORIGIN", "a page of no origin may not POST here")
         return None
 
-    def _busy(self, workflow_id: str) -> asyncio.Lock:
-        lock = self.busy.get(workflow_id)
-        if lock is None:
-            lock = self.busy[workflow_id] = asyncio.Lock()
-        return lock
-
-    def _idle(self, workflow_id: str) -> None:
-        lock = self.busy.get(workflow_id)
-        if lock is not None and not lock.locked():
-            del self.busy[workflow_id]
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, workflow_id: str):
+        """Submits and retries of one workflow id, one after another. The entry counts its holder and its
+        waiters, and goes when the last has left (a lock dropped while a waiter was being woken would let
+        a newcomer in beside it)."""
+        entry = self.busy.get(workflow_id)
+        if entry is None:
+            entry = self.busy[workflow_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.busy[workflow_id]
 
     async def _send(self, body: dict, workflow_id: str) -> web.Response | None:
         """Produce; a Kafka that does not confirm within 10 s is a 503 the client may repeat."""
@@ -349,23 +356,20 @@ class Api:
                               problems=[{"field": f, "message": m} for f, m in exc.problems])
         workflow_id = parsed.workflowId or str(uuid.uuid4())
         location = {"Location": f"/v1/workflows/{workflow_id}"}
-        try:
-            async with self._busy(workflow_id):
-                try:
-                    existing = await self._known(workflow_id, patience_s=3.0)
-                except Unavailable:  # no join to ask: the request waits in Kafka; a duplicate id is ignored there
-                    existing = None
-                if existing is not None:  # the same id again: nothing is sent twice
-                    return web.json_response({"workflowId": workflow_id, "status": existing["status"],
-                                              "existing": True, "links": self._links(workflow_id)},
-                                             status=200, headers=location)
-                doc = {**doc, "workflowId": workflow_id}
-                failed = await self._send(doc, workflow_id)
-                if failed is not None:
-                    return failed
-                self._remember(workflow_id, parsed.fileLocation)
-        finally:
-            self._idle(workflow_id)
+        async with self._one_at_a_time(workflow_id):
+            try:
+                existing = await self._known(workflow_id, patience_s=3.0)
+            except Unavailable:  # no join to ask: the request waits in Kafka; a duplicate id is ignored there
+                existing = None
+            if existing is not None:  # the same id again: nothing is sent twice
+                return web.json_response({"workflowId": workflow_id, "status": existing["status"],
+                                          "existing": True, "links": self._links(workflow_id)},
+                                         status=200, headers=location)
+            doc = {**doc, "workflowId": workflow_id}
+            failed = await self._send(doc, workflow_id)
+            if failed is not None:
+                return failed
+            self._remember(workflow_id, parsed.fileLocation)
         log.info("api: workflow %s accepted", workflow_id)
         return web.json_response({"workflowId": workflow_id, "status": "PENDING", "existing": False,
                                   "links": self._links(workflow_id)}, status=202, headers=location)
@@ -561,11 +565,8 @@ class Api:
         if refused is not None:
             return refused
         workflow_id = self._id(request)
-        try:
-            async with self._busy(workflow_id):
-                return await self._retry(workflow_id)
-        finally:
-            self._idle(workflow_id)
+        async with self._one_at_a_time(workflow_id):
+            return await self._retry(workflow_id)
 
     async def _retry(self, workflow_id: str):
         doc = await self._known(workflow_id)
