@@ -106,14 +106,12 @@ def decode_cost(data: bytes, limits, max_box: tuple[int, int], options: SourceOp
     """Bytes a decode may hold at its peak: the frame (at its draft size) and one converted copy, 4 bytes a
     pixel; an animation kept animated holds every frame (and one copy)."""
     header = open_image(data, limits)
-    w, h = header.width, header.height
     try:
+        w, h = header.width, header.height
         frames = frame_count(header, data, limits) if options.animated else 1
-    except BaseException:
+        jpeg = header.format == "JPEG"
+    finally:
         header.close()
-        raise
-    jpeg = header.format == "JPEG"
-    header.close()
     if frames > 1:
         return (frames + 1) * w * h * 4
     # only JPEG decodes at a reduced scale, and not when asked to keep an animation (prepare draws no draft

@@ -532,7 +532,8 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     if mode in ("L", "LA", "RGB", "RGBA"):
         return im
     if mode == "1":
-        return _keyed(im.convert("L"), im.convert("L"), im.info.get("transparency"))
+        grey = im.convert("L")
+        return _keyed(grey, grey, im.info.get("transparency"))
     if mode in ("P", "PA"):
         has_alpha = mode == "PA" or "transparency" in im.info
         return im.convert("RGBA" if has_alpha else "RGB")
