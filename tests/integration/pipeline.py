@@ -9,7 +9,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from PIL import Image
 
@@ -93,12 +93,69 @@ class Pipeline:
     def submit(self, request: dict, workflow_id: str | None = None, **kw) -> str:
         return self.client.submit(request, workflow_id or f"wf-{uuid.uuid4().hex[:12]}", **kw)
 
-    def finals_for(self, ids, settle: float = 3.0, timeout: float = 60.0):
-        """Every final event for ``ids`` committed on the completed topic now (to count them), read to the
-        end offsets (``consume_completed``). ``settle`` is left from when this counted in a fixed window:
-        it only lengthens the timeout. When events that could cause another final event may not have been
-        handled yet, wait for that first (``wait_join_handled``)."""
+    def finals_for(self, ids, settle: float = 3.0, timeout: float = 60.0, drain: bool = True):
+        """Every final event for ``ids`` committed on the completed topic, read to the end offsets
+        (``consume_completed``), counted only once the pipeline is drained (``wait_drained``): a re-run
+        task's late result that would cause a second final event has been handled by then, and that
+        event committed. ``settle`` only lengthens the timeout."""
+        if drain:
+            self.wait_drained(timeout=max(120.0, timeout))
         return consume_completed(self.config, ids, timeout=max(timeout, settle))
+
+    # role -> the topics its consumer group reads
+    INPUTS = {"planner": ("requests", "request_retries"), "resize": ("tasks", "retries"), "join": ("events",)}
+
+    def drain_state(self) -> dict[tuple[str, str, int], tuple[int, int]]:
+        """(group, topic, partition) -> (committed offset, end offset) for every input topic of every role
+        with a live worker in this pipeline (a role never started has nothing to drain)."""
+        if self._admin is None:
+            self._admin = AdminClient(client_config(self.config))
+        roles = {w.role for w in self.workers if w.alive()}
+        state = {}
+        probe = Consumer(client_config(self.config, **{"group.id": f"drain-{uuid.uuid4().hex}",
+                                                     "enable.auto.commit": False}))
+        try:
+            for role in sorted(roles & set(self.INPUTS)):
+                group = self.config.group_id(role)
+                for name in self.INPUTS[role]:
+                    topic = getattr(self.config.topics, name)
+                    meta = self._admin.list_topics(topic, timeout=30).topics[topic]
+                    parts = sorted(meta.partitions)
+                    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in parts])
+                    answer = self._admin.list_consumer_group_offsets([request])[group].result(30)
+                    committed = {tp.partition: tp.offset for tp in answer.topic_partitions}
+                    for p in parts:
+                        _low, high = probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                        state[(group, topic, p)] = (max(committed.get(p, -1), 0), high)
+        finally:
+            probe.close()
+        return state
+
+    def wait_drained(self, timeout: float = 180.0) -> None:
+        """Wait until every live role's group has committed its offsets up to the end of each of its input
+        topics, and nothing new was produced to them across two looks a second apart. The join commits its
+        offsets in the transaction that holds what the events caused, so after this every final event those
+        events will ever cause is on the completed topic (exactly-once counts are taken after this)."""
+        state: dict = {"last": None}
+
+        def drained() -> bool:
+            try:
+                now = self.drain_state()
+            except KafkaException:
+                return False  # e.g. a coordinator moving: look again
+            state["now"] = now
+            behind = {k: v for k, v in now.items() if v[0] < v[1]}
+            if behind:
+                state["last"], state["behind"] = None, behind
+                return False
+            ends = {k: v[1] for k, v in now.items()}
+            if state["last"] == ends:
+                return True
+            state["last"] = ends
+            return False
+
+        assert wait_until(drained, timeout, interval=1.0), \
+            f"the pipeline did not drain within {timeout:.0f}s; behind: {state.get('behind')}\n{self.logs()}"
 
     def output_keys(self, workflow_id: str) -> list[str]:
         return self.store.list_keys(f"{self.config.output_prefix}{workflow_id}/")

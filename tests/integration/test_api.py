@@ -31,7 +31,7 @@ from PIL import Image
 
 from streams.adapters.kafka import read_to_end
 from streams.adapters.objectstore import ObjectStore
-from streams.client import Client, consume_completed
+from streams.client import Client
 from streams.core.planning import output_key
 from streams.stack.processes import FileServer
 from tests.integration.pipeline import Pipeline, wait_until
@@ -273,7 +273,7 @@ def test_hostile_http_gets_clear_answers_and_nothing_runs_twice(full, files):
     assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{wf}")[1].get("status") == "COMPLETED", 90)
     sent = [m for m in read_to_end(p.config, p.config.topics.requests) if m.key() == wf.encode()]
     assert len(sent) == 1, f"{len(sent)} request messages for {wf}"
-    assert len(consume_completed(p.config, [wf], timeout=60)) == 1
+    assert len(p.finals_for([wf])) == 1
     # an output deleted from the bucket (a lifecycle rule) is gone: 410, not a 502 about a source
     out = call(base, "GET", f"/v1/workflows/{wf}")[1]["outputs"][0]
     assert call(base, "GET", out["href"])[0] == 200
@@ -334,7 +334,7 @@ def test_retry_runs_a_failed_workflow_again_as_a_new_run(full, tmp_path):
         for out in final["outputs"]:
             assert call(base, "GET", out["href"])[0] == 200
         # on the completed topic: the failed run's final event, then the retry's
-        finals = consume_completed(p.config, [wf], timeout=60)
+        finals = p.finals_for([wf])
         assert [f.status for f in finals] == ["FAILED", "COMPLETED"], finals
         assert finals[1].retryOf == finals[0].runId and len(finals[1].fileLocations) == 2
         assert call(base, "POST", f"/v1/workflows/{wf}/retry")[0] == 409
