@@ -117,6 +117,8 @@ class Config:
     join_commit_interval_ms: int = 1000  # a transaction without a final event commits after this
     join_instance: str = ""  # the join's transactional.id suffix; default: host name + a free slot
     transaction_timeout_s: float = 10.0  # a dead join's open transaction is aborted after this
+    late_result_grace_s: float = 60.0  # a result for no known workflow this long past its deadline is refused
+    join_max_aborts: int = 3  # a record whose every send aborts the join's transaction this often is degraded
     resize_concurrency: int = 0  # 0: one per core
     resize_pool: str = "thread"  # or "process" (measured: threads are faster, see docs/bench.md)
     planner_concurrency: int = 4
@@ -191,6 +193,8 @@ class Config:
             (0 <= self.join_commit_interval_ms <= 60_000, "IMAGEFORK_JOIN_COMMIT_INTERVAL_MS must be 0..60000"),
             (1 <= self.transaction_timeout_s <= 900, "IMAGEFORK_TRANSACTION_TIMEOUT_S must be 1..900"),
             (self.finished_retention_s > 0, "IMAGEFORK_FINISHED_RETENTION_S must be > 0"),
+            (self.late_result_grace_s >= 0, "IMAGEFORK_LATE_RESULT_GRACE_S must be >= 0"),
+            (1 <= self.join_max_aborts <= 100, "IMAGEFORK_JOIN_MAX_ABORTS must be 1..100"),
             (self.retry.policy in ("fixed", "exponential"), "IMAGEFORK_RETRY_POLICY must be fixed or exponential"),
             (self.retry.max_retries >= 0, "IMAGEFORK_MAX_RETRIES must be >= 0"),
             (0 <= self.encoding.png_compress_level <= 9, "IMAGEFORK_PNG_COMPRESS_LEVEL must be 0..9"),
@@ -296,6 +300,8 @@ class Config:
             join_commit_interval_ms=reader.int("IMAGEFORK_JOIN_COMMIT_INTERVAL_MS", d.join_commit_interval_ms),
             join_instance=reader.str("IMAGEFORK_JOIN_INSTANCE", d.join_instance),
             transaction_timeout_s=reader.float("IMAGEFORK_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s),
+            late_result_grace_s=reader.float("IMAGEFORK_LATE_RESULT_GRACE_S", d.late_result_grace_s),
+            join_max_aborts=reader.int("IMAGEFORK_JOIN_MAX_ABORTS", d.join_max_aborts),
             resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),
             resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),
             planner_concurrency=reader.int("IMAGEFORK_PLANNER_CONCURRENCY", d.planner_concurrency),

@@ -58,8 +58,9 @@ def load_state(rows: dict[bytes, bytes], state: JoinState, now: int) -> None:
 class ChangelogReader:
     """Reads changelog partitions from the start to their committed end (read_committed)."""
 
-    def __init__(self, client_config: dict, topic: str):
+    def __init__(self, client_config: dict, topic: str, settle_s: float = 15.0):
         self.topic = topic
+        self.settle_s = settle_s  # how long a transaction still open on a partition is waited for
         self.client_config = client_config
         self.admin = AdminClient(client_config)
         self.consumer = Consumer({**client_config, "group.id": f"{topic}.restore", "enable.auto.commit": False,
@@ -72,7 +73,7 @@ class ChangelogReader:
         rows: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
         if not partitions:
             return rows
-        ends = self.committed_ends(partitions)
+        ends = self.settled_ends(partitions)
         pending = {p for p in partitions if ends[p] > 0}
         if not pending:
             return rows
@@ -108,7 +109,23 @@ class ChangelogReader:
             self.consumer.unassign()
         return rows
 
-    def committed_ends(self, partitions: list[int]) -> dict[int, int]:
+    def settled_ends(self, partitions: list[int]) -> dict[int, int]:
+        """The committed ends, once no transaction is open on these partitions any more (at most
+        ``settle_s``). A previous owner's last transaction may have committed its consumed offsets before
+        the broker wrote its marker here: read too early, its rows would be missing from the restored
+        state although its offsets say they were applied. Only the partition's owner writes to it, so
+        an open transaction is the previous owner's: it ends by committing, or by its timeout."""
+        give_up = time.monotonic() + self.settle_s
+        while True:
+            committed = self.committed_ends(partitions)
+            written = self.committed_ends(partitions, IsolationLevel.READ_UNCOMMITTED)
+            open_ = [p for p in partitions if committed[p] < written[p]]
+            if not open_ or time.monotonic() > give_up:
+                return committed
+            time.sleep(0.1)
+
+    def committed_ends(self, partitions: list[int],
+                       isolation: IsolationLevel = IsolationLevel.READ_COMMITTED) -> dict[int, int]:
         """The last stable offset of each partition: the end of what committed transactions wrote.
         (The high watermark would include the records of a transaction still open, which a
         read_committed reader can never pass until that transaction ends.)"""
@@ -116,8 +133,7 @@ class ChangelogReader:
         give_up = time.monotonic() + 60
         while True:
             try:
-                futures = self.admin.list_offsets(asked, isolation_level=IsolationLevel.READ_COMMITTED,
-                                                  request_timeout=30)
+                futures = self.admin.list_offsets(asked, isolation_level=isolation, request_timeout=30)
                 return {tp.partition: future.result().offset for tp, future in futures.items()}
             except KafkaException:  # leaders not known yet (a topic just made), or stale (a broker restarted:
                 if time.monotonic() > give_up:  # FENCED_LEADER_EPOCH): ask again with a fresh client

@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -38,7 +39,7 @@ from streams.agents.common import dead_letter_headers, log, now_ms
 from streams.agents.repair import Repairer
 from streams.config import Config
 from streams.core.join import MARKER, Ignored, JoinState, Outcome, describe, open_summaries
-from streams.core.models import TaskResult, WorkflowCompleted, WorkflowPlan
+from streams.core.models import FAILED, TaskError, TaskResult, WorkflowCompleted, WorkflowPlan
 from streams.core.planning import staging_key
 from streams.metrics import DEAD_LETTERS, MESSAGES, OPEN_WORKFLOWS, WORKFLOW_SECONDS, WORKFLOWS
 from streams.serde import SerdeError
@@ -125,6 +126,17 @@ class Txn:
         self.events = 0
         self.finals = 0  # final events wait in it: commit at once
         self.finished: list[tuple[str, float]] = []  # (status, seconds) of its final events, counted once committed
+        self.refused: list[tuple[str, bytes | None, KafkaError]] = []  # records the broker refused for good
+
+
+# Errors a record meets again on every send (too large, not allowed, no such topic): a transaction holding it
+# aborts each time. Counted per record; past IMAGEFORK_JOIN_MAX_ABORTS the record is degraded or left out.
+REFUSALS = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
+    KafkaError.POLICY_VIOLATION, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION,
+})
+TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 class JoinWorker:
@@ -140,6 +152,7 @@ class JoinWorker:
         self._dead_lettered = MESSAGES.labels("join", "dead_lettered")
         self.timeout_ms = int(config.workflow_timeout_s * 1000)
         self.retention_ms = int(config.finished_retention_s * 1000)
+        self.late_grace_ms = int(config.late_result_grace_s * 1000)
         self.instance, self._lock = instance_id(config)
         group = config.group_id("join")
         # No static membership (group.instance.id): it would hand a restarted join its partitions
@@ -172,7 +185,8 @@ class JoinWorker:
         self.producer = Producer(self.producer_config)
         self._retired: list[Producer] = []
         self._stuck: set[int] = set()  # ids of retired producers with a call that never returned
-        self.reader = ChangelogReader(client_config(config), self.topics.join_state)
+        self.reader = ChangelogReader(client_config(config), self.topics.join_state,
+                                      settle_s=config.transaction_timeout_s + 5)
         self.store = ObjectStore(config)
         self.repair = Repairer(config, self.store)
         self.cleanup = SourceCleaner(self.store)
@@ -182,6 +196,12 @@ class JoinWorker:
         self.partition_count = 0
         self.txn = Txn()
         self.positions: dict[int, int] = {}  # next offset to read, per owned partition
+        # per owned partition: the end offset it had when it was assigned (or restored); its clock waits
+        # until the join has read that far, so no deadline is judged on a backlog not read yet
+        self.catchup: dict[int, int] = {}
+        # (topic, key) -> (aborted transactions it was refused in, the last refusal); cleared by a commit
+        self.refusals: dict[tuple[str, bytes | None], tuple[int, KafkaError]] = {}
+        self.aborts_in_a_row = 0
         self.stopping = False
         self.ready = False
         self.stats = {"events": 0, "finals": 0, "transactions": 0, "aborts": 0}
@@ -197,6 +217,7 @@ class JoinWorker:
             try:
                 committed = consumer.committed(partitions, timeout=max(60.0, 3 * self.config.transaction_timeout_s))
                 self._restore(parts)
+                self._set_catchup(parts)
             except (KafkaException, TimeoutError) as exc:
                 raise ConsumerFailed(f"restoring partitions {parts} failed: {exc}") from None
             for tp in committed:
@@ -228,6 +249,29 @@ class JoinWorker:
             for tp in partitions:
                 self.states.pop(tp.partition, None)
                 self.positions.pop(tp.partition, None)
+                self.catchup.pop(tp.partition, None)
+
+    def _set_catchup(self, parts: list[int]) -> None:
+        """Take each partition's end offset now: its clock starts once the join has read up to it."""
+        for p in parts:
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topics.events, p), timeout=30)
+            self.catchup[p] = high
+
+    def _clock_ready(self, p: int) -> bool:
+        """Whether partition ``p``'s clock may run: the join has read its backlog, as of its assignment."""
+        target = self.catchup.get(p)
+        if target is None:
+            return True
+        read = self.txn.offsets.get(p, self.positions.get(p, 0))
+        if read < target:
+            # the consumer's position also passes what no message stands for (transaction markers, aborted
+            # records); everything it returned up to it is in the batch applied before this clock pass
+            fetched = self.consumer.position([TopicPartition(self.topics.events, p)])[0].offset
+            if fetched < target:
+                return False
+        del self.catchup[p]
+        log.info("join: partition %d caught up (offset %d): its clock runs", p, target)
+        return True
 
     def _restore(self, parts: list[int]) -> None:
         started = time.monotonic()
@@ -235,7 +279,8 @@ class JoinWorker:
         now = now_ms()
         count = 0
         for p in parts:
-            state = JoinState(default_timeout_ms=self.timeout_ms, retention_ms=self.retention_ms)
+            state = JoinState(default_timeout_ms=self.timeout_ms, retention_ms=self.retention_ms,
+                              late_grace_ms=self.late_grace_ms)
             load_state(rows[p], state, now)
             with self.lock:
                 self.states[p] = state
@@ -286,7 +331,8 @@ class JoinWorker:
         wait = 0.2 if not txn.open else max(0.0, txn.since + interval - time.monotonic())
         batch = self._fetch(wait)
         now = now_ms()
-        due = any((t := s.next_due()) is not None and t <= now for s in self.states.values())
+        due = any((t := s.next_due()) is not None and t <= now and self._clock_ready(p)
+                  for p, s in self.states.items())
         repaired = self.repair.take()
         if batch or repaired or due:
             self._process(batch, repaired, due)
@@ -308,7 +354,8 @@ class JoinWorker:
             log.debug("join: closing the failed consumer: %s", exc)
         self.consumer = Consumer(self.consumer_config)
         self.reader.close()
-        self.reader = ChangelogReader(client_config(self.config), self.topics.join_state)
+        self.reader = ChangelogReader(client_config(self.config), self.topics.join_state,
+                                      settle_s=self.config.transaction_timeout_s + 5)
         self._subscribe()
 
     def _drop_transaction(self) -> None:
@@ -414,6 +461,8 @@ class JoinWorker:
             if tick:
                 budget = self.TICK_BUDGET  # shared by the partitions: one pass stays short
                 for p, state in self.states.items():
+                    if not self._clock_ready(p):
+                        continue
                     for outcome in state.due(now, limit=max(1, budget)):
                         self._apply(p, outcome, None, None, txn.after)
                         budget -= 1
@@ -429,12 +478,22 @@ class JoinWorker:
         cannot commit, abort it and restore."""
         txn = self.txn
         try:
-            if txn.offsets:
-                tps = [TopicPartition(self.topics.events, p, o) for p, o in txn.offsets.items()]
+            # Every transaction carries the offsets of every partition we own, with the group's metadata,
+            # even one with nothing read (a clock pass, a repaired result): the broker then checks our
+            # generation (KIP-447), so a join that was frozen while its partitions moved on is fenced
+            # here, before its final events or changelog rows can be committed beside the new owner's.
+            offsets = {p: o for p, o in self.positions.items() if p in self.states}
+            offsets.update(txn.offsets)
+            if offsets:
+                tps = [TopicPartition(self.topics.events, p, o) for p, o in offsets.items()]
                 try:
                     group = self.consumer.consumer_group_metadata()
                 except KafkaException as exc:
                     raise ConsumerFailed(str(exc)) from None
+                if not self.consumer.memberid():
+                    # out of the group already (the lost-partitions callback has not run yet): committing
+                    # now would bypass the generation check
+                    raise KafkaException(KafkaError(KafkaError._STATE, "not a member of the join group"))
                 # one attempt each: a call retried after a time-out could block far past its own timeout
                 # (seen across a broker restart); a failed commit aborts through a new producer instead
                 producer = self.producer
@@ -450,6 +509,8 @@ class JoinWorker:
             return False
         self.stats["transactions"] += 1
         self.stats["events"] += txn.events
+        self.refusals.clear()
+        self.aborts_in_a_row = 0
         self.positions.update(txn.offsets)
         for status, seconds in txn.finished:
             WORKFLOWS.labels(status).inc()
@@ -482,6 +543,11 @@ class JoinWorker:
         except Exception as exc:  # a bug must not stop the partition: park the event with the reason
             log.exception("join failed on %s", body.get("workflowId"))
             return self._dead_letter(msg, "INTERNAL", f"{type(exc).__name__}: {exc}")
+        if outcome.late:
+            return self._dead_letter(msg, "LATE_RESULT", (
+                f"a result of task {record.taskRef} for workflow {record.workflowId}, which the join does not know: "
+                f"its deadline passed {(now - record.deadline) / 1000:.0f}s ago, past the "
+                f"{self.late_grace_ms / 1000:.0f}s grace (its workflow finished long ago, or was never planned)"))
         self._apply(p, outcome, record, raw, after)
 
     def _apply(self, p: int, outcome: Outcome, record, raw: bytes | None, after: list) -> None:
@@ -501,8 +567,20 @@ class JoinWorker:
             self._notify(outcome.notice)
 
     def _emit(self, final: WorkflowCompleted) -> None:
-        self._produce(self.topics.completed, final.workflowId.encode(),
-                      serde.encode("WorkflowCompleted", final.to_dict()))
+        key = final.workflowId.encode()
+        tries, err = self.refusals.get((self.topics.completed, key), (0, None))
+        if tries >= 2 * self.config.join_max_aborts:
+            # the degraded event was refused as often: the topic takes nothing from us (an ACL, a deleted
+            # topic). The workflow ends here without its final event, said loudly, not in an endless loop.
+            log.error("join: the final event of %s was refused %d times (%s); the workflow ends %s without it",
+                      final.workflowId, tries, err, final.status)
+            DEAD_LETTERS.labels("join", "FINAL_UNDELIVERABLE").inc()
+            return
+        if tries >= self.config.join_max_aborts:
+            final = degraded(final, err)
+            log.error("join: the final event of %s was refused %d times (%s); sending it %s %s without its "
+                      "outputs", final.workflowId, tries, err, final.status, final.errors[0].code)
+        self._produce(self.topics.completed, key, serde.encode("WorkflowCompleted", final.to_dict()))
         self.stats["finals"] += 1
         self.txn.finals += 1
         self.txn.finished.append((final.status, max(0.0, (final.completedAt - final.submittedAt) / 1000)))
@@ -513,6 +591,8 @@ class JoinWorker:
         """Tell a resubmission's submitter at once that its run is not taken (clients read the notices
         topic beside the completed one): no second final event, no silent wait."""
         taken = ignored.taken
+        if self._given_up(self.topics.notices, ignored.workflowId.encode(), "notice"):
+            return
         self._produce(self.topics.notices, ignored.workflowId.encode(), serde.encode("RunIgnored", {
             "workflowId": ignored.workflowId, "runId": ignored.runId, "reason": ignored.reason,
             "takenRunId": taken.runId, "takenStatus": taken.status, "takenFinishedAt": taken.at,
@@ -522,6 +602,8 @@ class JoinWorker:
 
     def _dead_letter(self, msg, code: str, reason: str) -> None:
         where = {"topic": msg.topic(), "partition": str(msg.partition()), "offset": str(msg.offset())}
+        if self._given_up(self.topics.dead_letter, msg.key(), f"dead letter ({code}: {reason}) of {where}"):
+            return
         log.warning("join: dead-lettered %s: %s", where, reason)
         headers = [*(msg.headers() or []), *dead_letter_headers(code, reason, where).items(),
                    ("imagefork.attempts", b"1"), ("imagefork.agent", b"join")]
@@ -531,7 +613,13 @@ class JoinWorker:
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
                  headers=None) -> None:
-        kwargs = {"key": key, "value": value}
+        refused = self.txn.refused
+
+        def delivered(err, _msg):
+            if err is not None and err.code() in REFUSALS:
+                refused.append((topic, key, err))
+
+        kwargs = {"key": key, "value": value, "on_delivery": delivered}
         if partition is not None:
             kwargs["partition"] = partition
         if headers:
@@ -542,6 +630,19 @@ class JoinWorker:
                 return
             except BufferError:  # the local queue is full: let deliveries drain
                 self.producer.poll(0.05)
+            except KafkaException as exc:  # refused before it left (say, over message.max.bytes)
+                if exc.args[0].code() in REFUSALS:
+                    refused.append((topic, key, exc.args[0]))
+                raise
+
+    def _given_up(self, topic: str, key: bytes | None, what: str) -> bool:
+        """Whether a record for ``topic`` and ``key`` was refused in enough aborted transactions to be left
+        out (a notice or a dead letter: the partition must go on)."""
+        tries, err = self.refusals.get((topic, key), (0, None))
+        if tries < self.config.join_max_aborts:
+            return False
+        log.error("join: %s refused %d times by %s (%s): left out", what, tries, topic, err)
+        return True
 
     def _abort(self, err: KafkaError) -> None:
         """The transaction cannot commit: abort it and rebuild the owned partitions from what is
@@ -549,8 +650,18 @@ class JoinWorker:
         if err.fatal():
             raise JoinFatal(f"join transaction failed for good: {err}") from None
         self.stats["aborts"] += 1
-        log.warning("join: transaction aborted (%s); restoring from the changelog", err)
+        self.aborts_in_a_row += 1
+        if id(self.producer) not in self._stuck:
+            self.producer.poll(0)  # the refused records' delivery reports, if the commit left them unserved
+        for topic, key, refusal in self.txn.refused:
+            tries = self.refusals.get((topic, key), (0, None))[0]
+            self.refusals[(topic, key)] = (tries + 1, refusal)
+        refused = {f"{topic}:{key!r}: {refusal.name()}" for topic, key, refusal in self.txn.refused}
+        log.warning("join: transaction aborted (%s%s); restoring from the changelog", err,
+                    f"; refused: {', '.join(sorted(refused))}" if refused else "")
         self._drop_transaction()
+        if self.aborts_in_a_row > 1:  # the same failure again: no hot loop of restores
+            time.sleep(min(5.0, 0.2 * 2 ** min(self.aborts_in_a_row, 5)))
         parts = sorted(self.states)
         if not parts:
             return
@@ -563,6 +674,7 @@ class JoinWorker:
             raise ConsumerFailed(str(exc)) from None
         self._restore(parts)
         try:
+            self._set_catchup(parts)
             for tp in committed:
                 offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
                 self.consumer.seek(TopicPartition(self.topics.events, tp.partition, offset))
@@ -640,6 +752,17 @@ class JoinWorker:
         self.reader.close()
         self.repair.close()
         self.cleanup.close()
+
+
+def degraded(final: WorkflowCompleted, err: KafkaError | None) -> WorkflowCompleted:
+    """The final event the completed topic refused, made as small as it can be: FAILED with one error
+    saying why, without the per-output list and the request (the outputs stay in the bucket)."""
+    too_large = err is not None and err.code() in TOO_LARGE
+    code = "FINAL_TOO_LARGE" if too_large else "FINAL_REFUSED"
+    message = (f"the final event ({final.status}, {len(final.outputs)} of {final.taskCount} outputs) was refused by "
+               f"the completed topic: {err.str() if err is not None else 'unknown error'}; sent without its outputs")
+    return replace(final, status=FAILED, fileLocations=(), outputs=(), request="",
+                   errors=(TaskError(taskRef="", code=code, message=message[:1000]),))
 
 
 CLIENT_ID = "imagefork-join"

@@ -138,11 +138,12 @@ class Resizer:
     async def report(self, task: ResizeTask, outcome: dict) -> None:
         if outcome["ok"]:
             result = TaskResult(task.workflowId, task.taskRef, SUCCEEDED, task.attempt, now_ms(),
-                                output=TaskOutput.from_dict(outcome["output"]), runId=task.runId)
+                                output=TaskOutput.from_dict(outcome["output"]), runId=task.runId,
+                                deadline=task.deadline)
         else:
             result = TaskResult(task.workflowId, task.taskRef, FAILED, task.attempt, now_ms(),
                                 error=TaskError(task.taskRef, outcome["code"], outcome["message"], task.attempt),
-                                runId=task.runId)
+                                runId=task.runId, deadline=task.deadline)
         await send(self.topics.events, key=task.workflowId.encode(),
                    value=serde.encode_join_event("TaskResult", result.to_dict()))
         log.info("task %s/%s %s (attempt %d)", task.workflowId, task.taskRef, result.status, task.attempt)

@@ -3,7 +3,9 @@
 A workflow is open from its first event (normally its plan) until it finishes; then
 only a small *finished marker* (status, time, run id) stays, so that late, duplicated
 or replayed events and resubmissions of the same id cannot open it again. Markers
-expire after the retention period.
+expire after the retention period, which is never shorter than the workflow timeout plus
+the late grace: a result that comes after its workflow's marker has gone is past its
+deadline plus that grace, and is refused as late instead of opening the workflow again.
 
 Every verb returns an :class:`Outcome`: the *rows* to write to the changelog (one
 small row per plan, per task result and per marker, so the work per result does not
@@ -62,6 +64,7 @@ class Outcome:
     discarded: tuple[str, str] | None = None
     ignored: str = ""  # why the event changed nothing ("" when it did)
     notice: Ignored | None = None  # a resubmission's answer (with ``discarded``)
+    late: bool = False  # a result for no known workflow, past its deadline and the grace: refused
 
 
 class Workflow:
@@ -93,9 +96,11 @@ class Workflow:
 class JoinState:
     """The open workflows and finished markers of one partition."""
 
-    def __init__(self, *, default_timeout_ms: int, retention_ms: int):
+    def __init__(self, *, default_timeout_ms: int, retention_ms: int, late_grace_ms: int = 60_000):
         self.default_timeout_ms = default_timeout_ms
-        self.retention_ms = retention_ms
+        self.late_grace_ms = late_grace_ms
+        # a marker outlives every deadline its workflow's results can carry, plus the grace (see above)
+        self.retention_ms = max(retention_ms, default_timeout_ms + late_grace_ms)
         self.open: dict[str, Workflow] = {}
         # finished markers packed as "status at runId" strings: a dict of strings only is never tracked
         # by the garbage collector, so a million markers cost no collection pauses (a tuple value would
@@ -151,6 +156,10 @@ class JoinState:
             return Outcome(ignored="finished")
         flow = self.open.get(wf)
         if flow is None:
+            if 0 < result.deadline <= now - self.late_grace_ms:
+                # its workflow finished so long ago that its marker has gone (or was never planned):
+                # opening it would give it a second, empty final event
+                return Outcome(ignored="late", late=True)
             flow = self._open(wf, now)
         ref = result.taskRef
         if flow.plan is not None and (ref not in flow.index or result.runId != flow.plan.runId):

@@ -175,6 +175,7 @@ class TaskResult:
     output: TaskOutput | None = None
     error: TaskError | None = None
     runId: str = ""
+    deadline: int = 0  # the workflow's deadline as the task carried it (0: unknown)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -186,6 +187,7 @@ class TaskResult:
             "output": self.output.to_dict() if self.output else None,
             "error": self.error.to_dict() if self.error else None,
             "runId": self.runId,
+            "deadline": self.deadline,
         }
 
     @classmethod
@@ -199,6 +201,7 @@ class TaskResult:
             output=TaskOutput.from_dict(d["output"]) if d.get("output") else None,
             error=TaskError.from_dict(d["error"]) if d.get("error") else None,
             runId=d.get("runId") or "",
+            deadline=d.get("deadline") or 0,
         )
 
 

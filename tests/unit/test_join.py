@@ -16,8 +16,8 @@ def bad(ref):
     return TaskResult("wf", ref, "FAILED", 3, 10, error=TaskError(ref, "SOURCE_NOT_FOUND", "gone", 3), runId="r1")
 
 
-def new_state(timeout=300_000, retention=86_400_000):
-    return JoinState(default_timeout_ms=timeout, retention_ms=retention)
+def new_state(timeout=300_000, retention=86_400_000, grace=60_000):
+    return JoinState(default_timeout_ms=timeout, retention_ms=retention, late_grace_ms=grace)
 
 
 def feed(events, now=2000, state=None):
@@ -129,12 +129,46 @@ def test_results_without_plan_time_out_from_first_seen():
 
 
 def test_finished_marker_is_forgotten_after_retention():
-    state, _, _ = feed([PLAN_, ok("a"), ok("b"), ok("c")], now=2000, state=new_state(retention=1000))
+    state, _, _ = feed([PLAN_, ok("a"), ok("b"), ok("c")], now=2000,
+                       state=new_state(timeout=500, retention=1000, grace=500))
     assert state.due(2500) == []
     gone = state.due(3000)
     assert [(r.kind, r.value) for r in gone[0].rows] == [(MARKER, None)] and "wf" not in state.finished
     # forgotten: the id can run again
     assert state.record_plan(WorkflowPlan(**{**PLAN_.__dict__, "runId": "r9"}), 3001).rows
+
+
+def test_markers_outlive_the_timeout_plus_the_late_grace():
+    assert new_state(timeout=300_000, retention=1000, grace=60_000).retention_ms == 360_000
+    assert new_state(timeout=300_000, retention=86_400_000).retention_ms == 86_400_000
+
+
+def late(ref, deadline):
+    return TaskResult(**{**ok(ref).__dict__, "deadline": deadline})
+
+
+def test_a_result_past_its_deadline_and_the_grace_never_opens_a_workflow():
+    """A resize fleet back after its workflows' markers expired: their results are refused as late,
+    so no workflow opens again and none gets a second, empty final event."""
+    state = new_state(timeout=1000, retention=2000, grace=500)
+    state, finals, _ = feed([PLAN_, ok("a"), ok("b"), ok("c")], now=2000, state=state)
+    assert len(finals) == 1
+    assert state.due(4000)[0].rows[0].kind == MARKER and "wf" not in state.finished  # the marker expired
+    out = state.record_result(late("a", deadline=5000), 5500)
+    assert out.late and out.rows == [] and out.final is None and "wf" not in state.open
+    assert state.due(10_000_000) == []  # nothing opened, nothing times out
+    # within the grace (clocks of two hosts), or with no deadline (an older writer): opened as before
+    assert not state.record_result(late("a", deadline=5000), 5499).late and "wf" in state.open
+    assert not new_state().record_result(late("a", deadline=0), 10**12).late
+
+
+def test_a_late_result_of_a_workflow_still_open_or_finished_is_not_refused_as_late():
+    state, _, _ = feed([PLAN_])
+    out = state.record_result(late("a", deadline=5000), 5000 + 10**6)
+    assert not out.late and out.rows  # its workflow is open: the clock decides, not this result
+    state, _, _ = feed([PLAN_, ok("a"), ok("b"), ok("c")])
+    out = state.record_result(late("a", deadline=5000), 5000 + 10**6)
+    assert not out.late and out.ignored == "finished"
 
 
 def test_stalled_workflows_and_their_missing_refs():
@@ -180,7 +214,7 @@ def test_changelog_codec_round_trip():
 
 
 def test_a_tick_costs_what_is_due_not_the_size_of_the_table():
-    state = new_state(retention=1000)
+    state = new_state(timeout=500, retention=1000, grace=500)
     for i in range(200_000):  # finished markers, oldest first
         state.remember(f"w{i}", Marker("COMPLETED", i, ""))
     outs = state.due(1000 + 1999)  # 2,000 markers are due: only they are looked at
