@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import faust
 
+from streams.adapters import offsets
 from streams.adapters.kafka import faust_credentials
 from streams.config import Config
 
@@ -32,6 +33,7 @@ class Topics:
 def create_app(role: str, config: Config) -> faust.App:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
+    offsets.install()  # commits never pass a message still in flight (faust-streaming #606)
     return faust.App(
         config.group_id(role),
         broker=[f"kafka://{server.strip()}" for server in config.bootstrap_servers.split(",")],

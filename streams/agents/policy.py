@@ -12,8 +12,9 @@ the message on a retry topic itself, e.g. a source that did not answer), or rais
   its partition; after ``IMAGEFORK_MAX_RETRIES`` it is dead-lettered as ``INTERNAL`` with its attempts.
 
 Dead letters keep the original key, bytes and headers, and add code, reason, source topic/partition/offset
-and attempts. If even the dead-letter topic cannot be written, the error propagates: the worker stops
-without committing the offset, and the message is read again, never dropped.
+and attempts. If even the dead-letter topic cannot be written, the dead letter is tried again with a
+growing pause (up to a minute) for as long as the process runs: the message stays in flight, so no commit
+passes it (``adapters/offsets.py``), and a stop hands it to the partition's next owner, never dropped.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Awaitable, Callable
 
 import faust
 
+from streams.adapters.offsets import IN_FLIGHT
 from streams.agents.common import SendRejected, backoff_s, dead_letter_headers, log, now_ms, origin, send
 from streams.config import Config
 from streams.metrics import DEAD_LETTERS, MESSAGES, RETRIES
@@ -53,6 +55,7 @@ class Message:
     value: bytes | None
     headers: dict[str, bytes]
     where: dict[str, str]
+    timestamp_ms: int = 0  # the record's timestamp (0: unknown)
 
     @property
     def attempts(self) -> int:
@@ -67,10 +70,18 @@ def header_int(headers: dict, name: str, default: int) -> int:
         return default
 
 
+def _position(msg: Message) -> tuple[str, int, int] | None:
+    try:
+        return msg.where["topic"], int(msg.where["partition"]), int(msg.where["offset"])
+    except (KeyError, ValueError):
+        return None
+
+
 def message_of(event) -> Message:
     headers = {k: (v if isinstance(v, bytes) else str(v).encode())
                for k, v in dict(event.headers or {}).items()}
-    return Message(event.key, event.value, headers, origin(event))
+    stamp = getattr(event.message, "timestamp", None) or 0
+    return Message(event.key, event.value, headers, origin(event), int(round(stamp * 1000)))
 
 
 Handler = Callable[[Message], Awaitable["Disposition | None"]]
@@ -92,19 +103,29 @@ class MessagePolicy:
             await self.process(message_of(event), handler)
 
     async def process(self, msg: Message, handler: Handler) -> Disposition:
+        """Handle one message to one of its three ends. It is in flight (no commit passes it) until then;
+        cancelled on the way (a stop), it stays so, and the partition's next owner reads it again."""
+        where = _position(msg)
+        if where is not None:
+            IN_FLIGHT.begin(*where)
+        outcome = await self._dispose(msg, handler)
+        if where is not None:
+            IN_FLIGHT.end(*where)
+        MESSAGES.labels(self.agent, outcome.value).inc()
+        return outcome
+
+    async def _dispose(self, msg: Message, handler: Handler) -> Disposition:
         try:
-            outcome = await handler(msg) or Disposition.PROCESSED
+            return await handler(msg) or Disposition.PROCESSED
         except asyncio.CancelledError:
             raise
         except Reject as exc:
-            outcome = await self.dead_letter(msg, exc.code, exc.reason)
+            return await self.dead_letter(msg, exc.code, exc.reason)
         except SendRejected as exc:
-            outcome = await self.dead_letter(msg, "SEND_REJECTED", str(exc))
+            return await self.dead_letter(msg, "SEND_REJECTED", str(exc))
         except Exception as exc:
             log.exception("%s failed on %s (attempt %d)", self.agent, msg.where, msg.attempts)
-            outcome = await self.retry_or_dead_letter(msg, f"{type(exc).__name__}: {exc}")
-        MESSAGES.labels(self.agent, outcome.value).inc()
-        return outcome
+            return await self.retry_or_dead_letter(msg, f"{type(exc).__name__}: {exc}")
 
     async def retry_or_dead_letter(self, msg: Message, reason: str) -> Disposition:
         if msg.attempts > self.config.retry.max_retries:
@@ -121,11 +142,23 @@ class MessagePolicy:
         RETRIES.labels(self.agent, "INTERNAL").inc()
         return Disposition.RETRIED
 
+    DEAD_LETTER_PAUSE_S = (1.0, 60.0)  # the first and the longest pause between tries of a refused dead letter
+
     async def dead_letter(self, msg: Message, code: str, reason: str) -> Disposition:
         log.warning("%s dead-lettered %s: %s: %s", self.agent, msg.where, code, reason[:300])
         headers = {**msg.headers, **dead_letter_headers(code, reason, msg.where),
                    ATTEMPTS: str(msg.attempts).encode(), "imagefork.agent": self.agent.encode()}
-        await send(self.dead_letter_topic, key=msg.key, value=msg.value, headers=headers)
+        pause, longest = self.DEAD_LETTER_PAUSE_S
+        while True:
+            try:
+                await send(self.dead_letter_topic, key=msg.key, value=msg.value, headers=headers)
+                break
+            except Exception as exc:  # every way out failed: keep the message, and keep trying
+                log.error("%s: the dead-letter topic refused %s (%s: %s); trying again in %.0fs, the message "
+                          "stays uncommitted", self.agent, msg.where, type(exc).__name__, exc, pause)
+                DEAD_LETTERS.labels(self.agent, "REFUSED").inc()
+                await asyncio.sleep(pause)
+                pause = min(longest, pause * 2)
         DEAD_LETTERS.labels(self.agent, code).inc()
         return Disposition.DEAD_LETTERED
 

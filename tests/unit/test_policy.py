@@ -99,12 +99,40 @@ def test_a_broker_away_is_waited_out():
     assert len(out.sent) == 1
 
 
-def test_when_even_the_dead_letter_topic_fails_the_error_propagates():
-    """Nothing is committed then: the worker stops and the message is read again, never dropped."""
+def test_when_even_the_dead_letter_topic_fails_the_message_stays_in_flight_until_it_takes_it():
+    """Every way out failed: the message is never acked. It stays in flight (no commit passes its offset)
+    and the dead letter is tried again until the topic takes it."""
+    from streams.adapters.offsets import IN_FLIGHT
     policy, dlq, _retry = make()
-    dlq.fail_with = [MessageSizeTooLargeError("no")]
+    policy.DEAD_LETTER_PAUSE_S = (0.05, 0.05)
+    dlq.fail_with = [MessageSizeTooLargeError("no"), ConnectionError("away")]
 
     async def bad(m):
         raise Reject("X", "y")
-    with pytest.raises(SendRejected):
-        run(policy.process(msg(), bad))
+
+    async def watch():
+        task = asyncio.ensure_future(policy.process(msg(), bad))
+        await asyncio.sleep(0.02)
+        held = IN_FLIGHT.lowest("in", 3)
+        return held, await task
+    held, outcome = run(watch())
+    assert held == 42 and outcome is Disposition.DEAD_LETTERED and len(dlq.sent) == 1
+    assert IN_FLIGHT.lowest("in", 3) is None
+
+
+def test_a_message_cancelled_mid_way_stays_in_flight():
+    from streams.adapters.offsets import IN_FLIGHT
+    policy, _dlq, _retry = make()
+
+    async def slow(m):
+        await asyncio.sleep(10)
+
+    async def cancel():
+        task = asyncio.ensure_future(policy.process(Message(b"k", b"v", {}, {"topic": "c", "partition": "1",
+                                                                             "offset": "7"}), slow))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    run(cancel())
+    assert IN_FLIGHT.lowest("c", 1) == 7

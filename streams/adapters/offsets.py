@@ -1,0 +1,106 @@
+"""Offsets that never pass unfinished work, for the Faust agents (planner, resize and their retry agents).
+
+faust-streaming 0.15's ``Consumer._new_offset`` commits one offset past a message still in flight: it
+withholds a commit only when ``min(acked) - committed > 1`` (so the message *at* the committed offset may
+be unfinished), and checks nothing when nothing was committed yet (upstream issue #606, PR #707). And a
+stream acks its current event when its agent is cancelled (a SIGTERM), so Faust's final commit on stop
+passes every message that was still being worked on. A planner or resize worker stopped or killed then
+loses the request or task it was working on.
+
+:class:`InFlight` is our own ledger of the messages an agent has started and not finished (the message
+policy keeps it: ``begin`` before the handler, ``end`` once the message is processed, retried or
+dead-lettered). :func:`new_offset` replaces Faust's computation: a commit advances only over the contiguous
+run of acked offsets that starts at the committed offset (or, when nothing is committed, at the lowest
+offset this consumer was handed), and never reaches a message Faust has not seen acked or that the ledger
+holds. A message cancelled mid-way stays in the ledger, so it is read again by the partition's next owner.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from faust.transport import consumer as faust_consumer
+
+
+class InFlight:
+    """(topic, partition) -> offsets started and not finished, in this process."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # offset -> count
+
+    def begin(self, topic: str, partition: int, offset: int) -> None:
+        with self._lock:
+            held = self._held[(topic, partition)]
+            held[offset] = held.get(offset, 0) + 1
+
+    def end(self, topic: str, partition: int, offset: int) -> None:
+        with self._lock:
+            held = self._held.get((topic, partition))
+            if held is None or offset not in held:
+                return
+            held[offset] -= 1
+            if held[offset] <= 0:
+                del held[offset]
+
+    def lowest(self, topic: str, partition: int) -> int | None:
+        with self._lock:
+            held = self._held.get((topic, partition))
+            return min(held) if held else None
+
+
+IN_FLIGHT = InFlight()
+
+
+def first_unfinished(consumer, tp) -> int | None:
+    """The lowest offset of ``tp`` this consumer was handed and has not finished: unacked by its stream,
+    or held by the ledger (a message whose agent was cancelled is acked by Faust but not finished)."""
+    lowest = IN_FLIGHT.lowest(tp.topic, tp.partition)
+    for message in list(consumer._unacked_messages):
+        if message.tp == tp and (lowest is None or message.offset < lowest):
+            lowest = message.offset
+    return lowest
+
+
+def new_offset(self, tp) -> int | None:
+    """The offset to commit for ``tp`` (the next one to read), or None: the end of the run of acked
+    offsets that starts at the committed offset and stops before the first unfinished message."""
+    acked = self._acked[tp]
+    if not acked:
+        return None
+    gaps = self._gap[tp]  # offsets the fetcher saw no message for (compaction, transaction markers)
+    if gaps:
+        top = max(acked)
+        for entry in sorted(gaps.overlap(0, top + 1), key=lambda e: e.begin):
+            acked.extend(range(entry.begin, entry.end))
+        gaps.chop(0, top + 1)
+    acked.sort()
+    committed = self._committed_offset[tp]  # None when nothing is committed (Faust maps 0 to None too)
+    start = committed if committed is not None else acked[0]
+    stop = first_unfinished(self, tp)
+    run: list[int] = []
+    expected = start
+    for offset in acked:
+        if offset < expected:
+            run.append(offset)  # a duplicate or an offset below the start: dropped with the run
+            continue
+        if offset != expected or (stop is not None and offset >= stop):
+            break
+        run.append(offset)
+        expected = offset + 1
+    if expected == start:
+        return None  # the message at the committed offset is not finished
+    acked[:len(run)] = []
+    self._acked_index[tp].difference_update(run)
+    return expected
+
+
+_installed = False
+
+
+def install() -> None:
+    """Replace Faust's offset computation (once per process)."""
+    global _installed
+    if not _installed:
+        faust_consumer.Consumer._new_offset = new_offset
+        _installed = True
