@@ -335,7 +335,11 @@ class JoinWorker:
                   for p, s in self.states.items())
         repaired = self.repair.take()
         if batch or repaired or due:
-            self._process(batch, repaired, due)
+            # a final event is committed before the lock goes: a query never sees a finish that may roll back
+            with self.lock:
+                self._process(batch, repaired, due)
+                if txn.open and txn.finals:
+                    self._commit()
         if txn.open and (txn.finals or txn.events >= self.config.join_batch
                          or time.monotonic() - txn.since >= interval):
             self._commit()
@@ -651,6 +655,7 @@ class JoinWorker:
             raise JoinFatal(f"join transaction failed for good: {err}") from None
         self.stats["aborts"] += 1
         self.aborts_in_a_row += 1
+        staged = list(self.txn.after)  # its commit may have gone through all the same (a call that timed out)
         if id(self.producer) not in self._stuck:
             self.producer.poll(0)  # the refused records' delivery reports, if the commit left them unserved
         for topic, key, refusal in self.txn.refused:
@@ -673,6 +678,7 @@ class JoinWorker:
         except KafkaException as exc:
             raise ConsumerFailed(str(exc)) from None
         self._restore(parts)
+        self._delete_finished_staging(staged)
         try:
             self._set_catchup(parts)
             for tp in committed:
@@ -681,6 +687,15 @@ class JoinWorker:
                 self.positions[tp.partition] = max(0, tp.offset)
         except KafkaException as exc:  # cannot rewind: start over with fresh assignments
             raise ConsumerFailed(f"rewinding to the committed offsets failed: {exc}") from None
+
+    def _delete_finished_staging(self, staged: list[tuple[str, str]]) -> None:
+        """The staged sources of runs that the restored (committed) state shows finished: their finish was
+        committed after all, and no replay will finish them again to delete their sources."""
+        for workflow_id, run_id in staged:
+            state = self.states.get(partition_for(workflow_id.encode(), self.partition_count))
+            marker = state.marker(workflow_id) if state is not None else None
+            if marker is not None and marker.runId == run_id:
+                self.cleanup.delete(staging_key(self.config.staging_prefix, workflow_id, run_id))
 
     # --- repair --------------------------------------------------------------------------------
     def _consider_repairs(self) -> None:
@@ -699,18 +714,25 @@ class JoinWorker:
         return high is not None and high >= 0 and self.positions.get(p, -1) >= high
 
     # --- queries (from the HTTP thread) ----------------------------------------------------------
+    QUERY_PATIENCE_S = 1.0  # a query waits this long at most for a batch and its commit (it runs on the HTTP loop)
+
     def query(self, workflow_id: str) -> tuple[int, dict]:
         """What the state says of one workflow, if its partition is this process's (else 409: ask its
-        owner), exact as of the last batch applied (a transaction still open included)."""
+        owner), as of the last batch applied. Finishes are answered once committed (the batch that makes
+        one holds the lock until its transaction commits); progress may be ahead of the last commit."""
         if not self.ready or not self.partition_count:
             return 503, {"error": "NOT_READY", "message": "the join is starting"}
         p = partition_for(workflow_id.encode(), self.partition_count)
-        with self.lock:
+        if not self.lock.acquire(timeout=self.QUERY_PATIENCE_S):
+            return 503, {"error": "BUSY", "message": "the join is committing a batch; ask again"}
+        try:
             state = self.states.get(p)
             if state is None:
                 return 409, {"error": "NOT_OWNER", "message": f"partition {p} is not this join's",
                              "owned": False, "partition": p}
             return 200, {"owned": True, "partition": p, **describe(state, workflow_id)}
+        finally:
+            self.lock.release()
 
     def open_workflows(self, limit: int) -> dict:
         with self.lock:

@@ -38,9 +38,10 @@ class Planner:
 
     # --- the steps ------------------------------------------------------------
     async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
-                     attempt: int = 1, submitted_at: int | None = None, run_id: str | None = None) -> Disposition:
+                     attempt: int = 1, submitted_at: int | None = None, run_id: str | None = None,
+                     timestamp_ms: int = 0) -> Disposition:
         # one run id per request message: a replay of this message is the same run, a resubmission another
-        run_id = run_id or run_id_of(where["topic"], where["partition"], where["offset"])
+        run_id = run_id or run_id_of(where["topic"], where["partition"], where["offset"], timestamp_ms)
         try:
             doc = serde.decode_request_bytes(value if value is not None else b"")
         except SerdeError as exc:
@@ -99,7 +100,8 @@ class Planner:
         run_id = msg.headers.get(RUN_ID)
         return await self.handle(msg.key, msg.value, msg.where, attempt=header_int(msg.headers, ATTEMPT, 1),
                                  submitted_at=header_int(msg.headers, SUBMITTED_AT, 0) or None,
-                                 run_id=run_id.decode("ascii", "replace") if run_id else None)
+                                 run_id=run_id.decode("ascii", "replace") if run_id else None,
+                                 timestamp_ms=msg.timestamp_ms)
 
     async def release(self, msg: Message) -> Disposition:
         """Retry topic: wait until the request's not-before time, then plan it again (a waiting
@@ -112,7 +114,7 @@ class Planner:
         """What a request keeps when its handling failed and it goes round the retry topic."""
         where = msg.where
         return {RUN_ID: msg.headers.get(RUN_ID) or run_id_of(where["topic"], where["partition"],
-                                                             where["offset"]).encode(),
+                                                             where["offset"], msg.timestamp_ms).encode(),
                 SUBMITTED_AT: msg.headers.get(SUBMITTED_AT) or str(now_ms()).encode()}
 
     def parse(self, doc: dict):

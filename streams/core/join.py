@@ -116,7 +116,8 @@ class JoinState:
         rows: list[Row] = []
         if marker is not None:
             if plan.runId == marker.runId:
-                return Outcome(ignored="finished")  # the same run's plan again (a replay)
+                # the same run's plan again (its request replayed): the planner staged the source again
+                return Outcome(discarded=(wf, plan.runId), ignored="finished")
             if not (plan.retryOf and plan.retryOf == marker.runId and marker.status != COMPLETED):
                 return Outcome(discarded=(wf, plan.runId), ignored="finished",
                                notice=Ignored(wf, plan.runId, "finished", marker))

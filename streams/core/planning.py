@@ -359,10 +359,13 @@ def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], 
     )
 
 
-def run_id_of(topic: str, partition: int | str, offset: int | str) -> str:
+def run_id_of(topic: str, partition: int | str, offset: int | str, timestamp_ms: int = 0) -> str:
     """The run id of a request message: the same message (replayed) always gets the same one,
-    another message (a resubmission) another one."""
-    return hashlib.blake2b(f"{topic}/{partition}/{offset}".encode(), digest_size=8).hexdigest()
+    another message (a resubmission) another one. The record's timestamp is part of it: a topic deleted
+    and made again numbers its records from 0 again, and a new request must not take an old one's id
+    (keyless, its workflow id would be an old workflow's, and the join would take it for a replay)."""
+    where = f"{topic}/{partition}/{offset}" + (f"@{timestamp_ms}" if timestamp_ms > 0 else "")
+    return hashlib.blake2b(where.encode(), digest_size=8).hexdigest()
 
 
 def staging_key(prefix: str, workflow_id: str, run_id: str) -> str:

@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from streams import serde
@@ -182,3 +182,30 @@ def test_a_restore_waits_for_the_previous_owners_transaction_marker(make_pipelin
         committer.join()
         reader.close()
     assert sorted(rows[0]) == [b"Fwf-0", b"Fwf-1", b"Fwf-2"]
+
+
+def test_a_replayed_request_of_a_finished_run_leaves_no_staged_source(make_pipeline, files):
+    """The planner's offsets go back to the start of the request topic (a reset, a restore from backup): it
+    plans the finished request again under the same run id and stages its source again. The join finds the
+    run finished (one final event still) and deletes that second staged copy."""
+    p = make_pipeline()
+    planner = p.start_together("join", "resize", "planner")[2]
+    follower = p.follower()
+    p.submit(small_request(files, formats=("png",)), "replayed-1")
+    assert follower.wait(["replayed-1"], 90)["replayed-1"].status == "COMPLETED"
+    follower.close()
+    assert wait_until(lambda: p.staged_keys("replayed-1") == [], 30)
+    planner.terminate()
+    planner.stop(timeout=30)
+    admin = AdminClient(client_config(p.config))
+    topic = p.config.topics.requests
+    parts = admin.list_topics(topic, timeout=30).topics[topic].partitions
+    group = p.config.group_id("planner")
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, n, 0) for n in parts])
+    admin.alter_consumer_group_offsets([request])[group].result(30)
+    replanner = p.start("planner", name="planner-replay")
+    assert wait_until(lambda: "replayed-1 planned" in replanner.log_path.read_text(), 60), replanner.log_tail(30)
+    p.wait_drained()
+    assert wait_until(lambda: p.staged_keys("replayed-1") == [], 30), p.staged_keys("replayed-1")
+    finals = one_final_each(p, ["replayed-1"])
+    assert finals["replayed-1"].status == "COMPLETED"

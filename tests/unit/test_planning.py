@@ -146,6 +146,10 @@ def test_run_ids_and_ids_without_key_are_deterministic_per_request_message():
     run = run_id_of("imagefork.requests", "3", "1234")
     assert run == run_id_of("imagefork.requests", 3, 1234)  # a replay of the same message: the same run
     assert run != run_id_of("imagefork.requests", 3, 1235)  # a resubmission: another run
+    # a request topic deleted and made again numbers its records from 0 again: the timestamp tells them apart
+    stamped = run_id_of("imagefork.requests", 3, 1234, 1_765_000_000_000)
+    assert stamped == run_id_of("imagefork.requests", "3", "1234", 1_765_000_000_000)
+    assert stamped != run_id_of("imagefork.requests", 3, 1234, 1_765_000_000_001) and stamped != run
     assert Planner.workflow_id(None, {}, run) == (f"req-{run}", None)
     assert Planner.workflow_id(b"given", {"workflowId": "field"}, run) == ("given", None)
     assert Planner.workflow_id(None, {"workflowId": "field"}, run) == ("field", None)
