@@ -15,6 +15,7 @@ WORKER_CRASHES = Counter("imagefork_worker_crashes", "Resize processes that died
                          "found in flight after its worker died (suspected) or a sandbox that died (observed)",
                          ["kind"])
 REPAIR_ERRORS = Counter("imagefork_repair_errors", "Failed lookups of lost results in the object store")
+REPAIRED = Counter("imagefork_repaired_results", "Task results the join's repair rebuilt from their output objects")
 
 # --- workflows (observed by the join) ------------------------------------------------------------
 WORKFLOWS = Counter("imagefork_workflows", "Workflows finished, by final status", ["status"])

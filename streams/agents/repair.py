@@ -19,7 +19,7 @@ from streams.config import Config
 from streams.core.join import Workflow
 from streams.core.models import SUCCEEDED, TaskOutput, TaskResult
 from streams.core.planning import format_of, output_key
-from streams.metrics import REPAIR_ERRORS
+from streams.metrics import REPAIR_ERRORS, REPAIRED
 
 
 class Repairer:
@@ -68,6 +68,7 @@ class Repairer:
             if found:
                 log.warning("workflow %s: %d result(s) were lost; recovered them from their objects",
                             workflow_id, len(found))
+                REPAIRED.inc(len(found))
                 self.found.put((partition, found))
         except Exception as exc:  # the next attempt, after a longer pause, tries again
             REPAIR_ERRORS.inc()

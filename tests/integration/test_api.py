@@ -62,11 +62,14 @@ def call(base: str, method: str, path: str, body: dict | bytes | None = None) ->
     return status, raw, headers
 
 
-def sse(base: str, path: str, timeout: float = 90.0) -> list[tuple[str, dict]]:
-    """Every event of a server-sent event stream, until the server ends it."""
+def sse(base: str, path: str, timeout: float = 90.0, opened: threading.Event | None = None) -> list[tuple[str, dict]]:
+    """Every event of a server-sent event stream, until the server ends it; ``opened`` is set once the
+    server has answered with the stream's headers (its handler is following the workflow)."""
     events, name = [], None
     with urllib.request.urlopen(base + path, timeout=timeout) as resp:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
+        if opened is not None:
+            opened.set()
         for raw in resp:
             line = raw.decode().rstrip("\n")
             if line.startswith("event: "):
@@ -137,9 +140,10 @@ def test_submit_follow_and_read_a_workflow_through_the_api(api_pipeline, files):
 
     # the events stream, then the resize worker: progress as tasks finish, then the final document
     got: list = []
-    reader = threading.Thread(target=lambda: got.extend(sse(base, f"/v1/workflows/{wf}/events")))
+    opened = threading.Event()
+    reader = threading.Thread(target=lambda: got.extend(sse(base, f"/v1/workflows/{wf}/events", opened=opened)))
     reader.start()
-    time.sleep(1.0)
+    assert opened.wait(30), "the event stream did not open"
     p.start("resize")
     reader.join(120)
     assert not reader.is_alive(), "the event stream did not end"
@@ -346,13 +350,21 @@ def test_retry_runs_a_failed_workflow_again_as_a_new_run(full, tmp_path):
 def test_each_process_answers_health_and_readiness(full):
     p, api, base = full
     assert call(api, "GET", "/healthz")[1]["role"] == "api" and call(api, "GET", "/readyz")[0] == 200
-    assert b"imagefork_consumer_lag" in call(api, "GET", "/metrics")[1]
+    # the API reports every group's lag, per partition (a sample, not just the metric's HELP line)
+    lag = f'imagefork_consumer_lag{{group="{p.config.group_id("join")}"'.encode()
+    assert wait_until(lambda: any(line.startswith(lag) for line in call(api, "GET", "/metrics")[1].splitlines()), 30)
     join = next(w for w in p.workers if w.role == "join")
     assert call(base, "GET", "/healthz")[1]["role"] == "join"
     assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 30), call(base, "GET", "/readyz")
     ready = call(base, "GET", "/readyz")[1]
     assert ready["checks"]["broker"]["ok"] and ready["checks"]["s3"]["ok"] and ready["checks"]["role"]["ok"]
-    assert b"imagefork_open_workflows" in call(base, "GET", "/metrics")[1]
+    # the join's gauge counts what it holds open (as its own listing does), after its last commit
+    def gauge_matches() -> bool:
+        lines = [line for line in call(base, "GET", "/metrics")[1].splitlines()
+                 if line.startswith(b"imagefork_open_workflows ")]
+        listed = call(base, "GET", "/internal/open?limit=1000")[1]["workflows"]
+        return len(lines) == 1 and float(lines[0].split()[-1]) == len(listed)
+    assert wait_until(gauge_matches, 30)
     assert join.alive()
 
 
@@ -418,8 +430,9 @@ def test_with_no_join_the_api_still_answers_what_it_can(full, files):
         client.close()
     assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{still_open}")[1].get("status") == "RUNNING", 60)
     with ThreadPoolExecutor(1) as pool:
-        stream = pool.submit(sse, base, f"/v1/workflows/{still_open}/events")
-        time.sleep(1)
+        opened = threading.Event()
+        stream = pool.submit(sse, base, f"/v1/workflows/{still_open}/events", opened=opened)
+        assert opened.wait(30), "the event stream did not open"
         for w in p.workers:
             if w.role == "join":
                 w.stop()

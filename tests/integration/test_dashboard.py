@@ -55,8 +55,8 @@ def browser():
     binary = chromium_binary()
     if binary is None:
         why = "no chromium binary (Debian: `apt-get install chromium`, or `make browser` as root)"
-        if os.environ.get("IMAGEFORK_REQUIRE_BROWSER") == "1":
-            pytest.fail(why + ", and IMAGEFORK_REQUIRE_BROWSER=1")
+        if os.environ.get("IMAGEFORK_REQUIRE_BROWSER", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(why + ", and IMAGEFORK_REQUIRE_BROWSER is set")
         pytest.skip(why)
     from playwright.sync_api import sync_playwright
     with sync_playwright() as pw:

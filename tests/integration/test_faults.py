@@ -4,12 +4,14 @@ import os
 import re
 import signal
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from streams.stack.local import free_port
 from tests.integration.faults import TcpProxy
 from tests.integration.pipeline import Pipeline, wait_until
 
@@ -118,6 +120,7 @@ def test_sigkill_join_and_restart_completes_from_the_changelog(make_pipeline, fi
     finish(p, follower, ids)
 
 
+@pytest.mark.timeout(900)  # it waits up to 600 s for its final events, then drains
 def test_storm_of_sigkills_on_every_role(make_pipeline, files):
     """200 requests in 10 waves; after each wave the join is SIGKILLed and restarted (10 kills), every
     third wave a resize worker too (3), every fourth the planner (2). Each request still ends COMPLETED
@@ -165,6 +168,7 @@ def test_a_second_join_takes_over_a_killed_ones_partitions(make_pipeline, files)
     assert second.alive()
 
 
+@pytest.mark.timeout(900)  # it waits up to 600 s for its final events, then drains
 def test_a_thousand_wide_request_through_the_whole_stack(make_pipeline, files):
     """One request with 1,000 outputs (5 formats x 200 sizes): one final event listing all 1,000, in
     plan order, and every object there."""
@@ -315,13 +319,22 @@ def test_a_healthy_backlog_is_never_repaired(make_pipeline, files):
     with no progress, yet nothing is "recovered" (their outputs do not exist yet, or were written just
     now and their results are on the way)."""
     p = make_pipeline(IMAGEFORK_REPAIR_AFTER_S="2", IMAGEFORK_RESIZE_CONCURRENCY="1")
-    join, _resize, _planner = p.start_together("join", "resize", "planner")
+    port = free_port()
+    p.start_together(("join", {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{port}"}), "resize", "planner")
     follower = p.follower()
     ids = [f"backlog-{i}" for i in range(20)]
     for wf in ids:
         p.submit(small_request(files), wf)
     finish(p, follower, ids)
-    assert "recovered" not in join.log_path.read_text(), join.log_tail(20)
+    assert metric(port, "imagefork_repaired_results_total") == 0.0
+
+
+def metric(port: int, name: str) -> float:
+    """The value of a metric without labels on a worker's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} ")]
+    assert len(values) == 1, (name, [line for line in text.splitlines() if line.startswith("imagefork_")])
+    return values[0]
 
 
 def encoded(fmt: str, size: tuple[int, int]) -> bytes:
@@ -337,7 +350,8 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     from streams.core.models import WorkflowPlan
     from streams.core.planning import output_key
     p = make_pipeline()
-    p.start("join")
+    port = free_port()
+    p.start("join", IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
     follower = p.follower()
     wf, refs = "lost-result-1", ("image_convert_resize_png_10x10_0", "image_convert_resize_jpg_10x10_1")
     sizes = {}
@@ -358,6 +372,7 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
         (refs[0], 10, 7, sizes[refs[0]]), (refs[1], 10, 7, sizes[refs[1]])]
     # the options the object says were applied come back with it (an object without them: defaults)
     assert [(o.mode, o.gravity, o.quality) for o in finals[wf].outputs] == [("", "", 0), ("fill", "smart", 70)]
+    assert metric(port, "imagefork_repaired_results_total") == 2.0  # the counter that says "never" elsewhere
 
 
 def data_folders_of(worker) -> list[str]:

@@ -109,12 +109,14 @@ def test_the_metrics_count_tasks_bytes_workflows_and_lag(make_pipeline, files):
     assert total([planned], "imagefork_bytes_written_total", kind="output") == 0
 
     # the workflows, by final status, once the join counts them
+    # (counted right after the commit that the final events came in: a moment after they were read)
+    assert wait_until(lambda: total([scrape(ports["join"], p)], "imagefork_workflows_total") == 4, 15), \
+        scrape(ports["join"], p)
     joined = scrape(ports["join"], p)
-    if any(n == "imagefork_workflows_total" for n, _ in joined):
-        assert total([joined], "imagefork_workflows_total", status="COMPLETED") == 2, joined
-        assert total([joined], "imagefork_workflows_total", status="FAILED") == 2, joined
-        assert total([joined], "imagefork_workflow_duration_seconds_count") == 4, joined
-        assert total([joined], "imagefork_open_workflows") == 0, joined
+    assert total([joined], "imagefork_workflows_total", status="COMPLETED") == 2, joined
+    assert total([joined], "imagefork_workflows_total", status="FAILED") == 2, joined
+    assert total([joined], "imagefork_workflow_duration_seconds_count") == 4, joined
+    assert total([joined], "imagefork_open_workflows") == 0, joined
 
     # consumer lag: every partition of each role's input topics, 0 once the groups committed
     t = p.config.topics

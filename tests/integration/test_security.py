@@ -72,7 +72,7 @@ def test_worker_with_a_wrong_password_stops_with_one_line(sasl, namespace, role)
     proc = subprocess.run([sys.executable, "-m", "streams", "worker", role], env=env, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=90)
     elapsed = time.monotonic() - start
-    assert proc.returncode != 0, proc.stderr
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
     assert elapsed < 30, f"took {elapsed:.1f}s: {proc.stderr}"
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stderr.strip().splitlines()
