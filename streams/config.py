@@ -126,6 +126,7 @@ class Config:
     source_s3_allow: tuple[str, ...] = ()  # "bucket" or "bucket/prefix"; the staging prefix is always allowed
     max_crashes: int = 2  # a task whose processing killed this many workers ends FAILED (WORKER_CRASHED)
     memory_budget_mb: int = 1024  # decoded pixels held per resize process: cache + decodes in flight
+    source_idle_s: float = 10.0  # a decoded source no task used for this long leaves the cache
     limits: Limits = field(default_factory=Limits)
     encoding: Encoding = field(default_factory=Encoding)
     retry: Retry = field(default_factory=Retry)
@@ -176,6 +177,7 @@ class Config:
             (bool(sec.ssl_certfile) == bool(sec.ssl_keyfile), "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together"),
             (self.max_crashes >= 1, "IMAGEFORK_MAX_CRASHES must be >= 1"),
             (self.memory_budget_mb >= 64, "IMAGEFORK_MEMORY_BUDGET_MB must be >= 64"),
+            (self.source_idle_s > 0, "IMAGEFORK_SOURCE_IDLE_S must be > 0"),
             (not self.metrics_listen or parse_host_port(self.metrics_listen) is not None,
              "IMAGEFORK_METRICS_LISTEN must be host:port (port 0-65535; 0: any free one)"),
             (parse_host_port(self.api_listen) is not None, "IMAGEFORK_API_LISTEN must be host:port"),
@@ -309,6 +311,7 @@ class Config:
             source_s3_allow=tuple(p.strip() for p in s3_allow.split(",") if p.strip()),
             max_crashes=reader.int("IMAGEFORK_MAX_CRASHES", d.max_crashes),
             memory_budget_mb=reader.int("IMAGEFORK_MEMORY_BUDGET_MB", d.memory_budget_mb),
+            source_idle_s=reader.float("IMAGEFORK_SOURCE_IDLE_S", d.source_idle_s),
             limits=limits,
             encoding=encoding,
             retry=retry,

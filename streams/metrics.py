@@ -23,6 +23,9 @@ WORKFLOW_SECONDS = Histogram("imagefork_workflow_duration_seconds",
                              "End-to-end latency: request submitted to final event", ["status"],
                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
 OPEN_WORKFLOWS = Gauge("imagefork_open_workflows", "Workflows open in this join process's partitions")
+SOURCE_CACHE_BYTES = Gauge("imagefork_source_cache_bytes", "Decoded source pixels a resize process holds (cache + in use)")
+SOURCE_CACHE_LOOKUPS = Counter("imagefork_source_cache_lookups", "Decoded-source lookups of a resize process, by "
+                               "result (hit: decoded already; miss: fetched and decoded)", ["result"])
 
 # --- tasks (observed by resize) ------------------------------------------------------------------
 TASKS = Counter("imagefork_tasks", "Resize tasks ended, by status (SUCCEEDED, FAILED) and error code "

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from streams import metrics
+from streams.metrics import SOURCE_CACHE_BYTES, SOURCE_CACHE_LOOKUPS
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.errors import ImageTooLarge, PipelineError
@@ -37,12 +38,14 @@ class MemoryBudget:
     could never fit is refused at once. A task holds a lease on its source until it is done, so a
     source in use is never counted as gone."""
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, idle_s: float = 10.0):
         self.budget = budget_bytes
-        self.entries: OrderedDict[str, list] = OrderedDict()  # key -> [image, bytes, leases]
+        self.idle_s = idle_s  # a source no task has used for this long is dropped (its workflow is done here)
+        self.entries: OrderedDict[str, list] = OrderedDict()  # key -> [image, bytes, leases, last used]
         self.held = 0  # bytes of the entries
         self.reserved = 0
         self._cond = threading.Condition()
+        self._sweeper: threading.Thread | None = None
 
     @property
     def cached_bytes(self) -> int:
@@ -55,6 +58,7 @@ class MemoryBudget:
                 return None
             self.entries.move_to_end(key)
             entry[2] += 1
+            entry[3] = time.monotonic()
             return entry[0]
 
     def unlease(self, key: str) -> None:
@@ -62,7 +66,27 @@ class MemoryBudget:
             entry = self.entries.get(key)
             if entry is not None:
                 entry[2] -= 1
+                entry[3] = time.monotonic()
                 self._cond.notify_all()
+
+    def sweep(self, now: float | None = None) -> int:
+        """Drop the sources no task has used for ``idle_s``; returns how many. A worker's memory then
+        follows its work: the sources of finished workflows do not wait for the budget to fill up."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            idle = [k for k, (_im, _size, leases, used) in self.entries.items()
+                    if leases == 0 and now - used >= self.idle_s]
+            for key in idle:
+                self.held -= self.entries.pop(key)[1]
+            if idle:
+                self._cond.notify_all()
+            SOURCE_CACHE_BYTES.set(self.held)
+            return len(idle)
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(max(0.5, self.idle_s / 2))
+            self.sweep()
 
     def reserve(self, nbytes: int, timeout_s: float = 120.0) -> None:
         if nbytes > self.budget:
@@ -81,12 +105,17 @@ class MemoryBudget:
             self.reserved -= nbytes
             if im is not None and key is not None:
                 size = image_bytes(im)
-                self.entries[key] = [im, size, 1]
+                self.entries[key] = [im, size, 1, time.monotonic()]
                 self.held += size
+                SOURCE_CACHE_BYTES.set(self.held)
+                if self._sweeper is None:
+                    self._sweeper = threading.Thread(target=self._sweep_forever, name="source cache sweep",
+                                                     daemon=True)
+                    self._sweeper.start()
             self._cond.notify_all()
 
     def _evict_one(self) -> bool:
-        for key, (_im, size, leases) in self.entries.items():
+        for key, (_im, size, leases, _used) in self.entries.items():
             if leases == 0:
                 del self.entries[key]
                 self.held -= size
@@ -132,7 +161,7 @@ def init(config: Config) -> None:
     global _config, _store, _budget
     _config = config
     _store = ObjectStore(config)
-    _budget = MemoryBudget(config.memory_budget_mb << 20)
+    _budget = MemoryBudget(config.memory_budget_mb << 20, idle_s=config.source_idle_s)
 
 
 def init_pooled(config: Config) -> None:
@@ -160,12 +189,16 @@ def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceO
     key = f"{uri}#{max_box[0]}x{max_box[1]}#{options.key}"
     im = _budget.lease(key)
     if im is not None:
+        SOURCE_CACHE_LOOKUPS.labels("hit").inc()
         return key, im
     with _lock:
         loading = _loading.setdefault(key, threading.Lock())
     with loading:
         im = _budget.lease(key)
-        if im is None:
+        if im is not None:
+            SOURCE_CACHE_LOOKUPS.labels("hit").inc()
+        else:
+            SOURCE_CACHE_LOOKUPS.labels("miss").inc()
             data = _store.get(uri, _config.limits.max_source_bytes)
             cost = decode_cost(data, _config.limits, max_box, options)
             _budget.reserve(cost)

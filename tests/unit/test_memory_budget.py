@@ -83,3 +83,26 @@ def test_a_source_that_could_never_fit_is_refused_before_decoding():
     from streams.core.errors import ImageTooLarge
     with pytest.raises(ImageTooLarge, match="memory budget"):
         MemoryBudget(64 << 20).reserve(65 << 20)
+
+
+def test_a_source_no_task_uses_for_the_idle_time_leaves_the_cache():
+    """Memory follows the work: a finished workflow's decoded source is dropped after IMAGEFORK_SOURCE_IDLE_S,
+    not kept until the budget is full; one in use, or used recently, stays."""
+    import time
+
+    from PIL import Image
+
+    from streams.agents.resize_job import MemoryBudget
+    budget = MemoryBudget(64 << 20, idle_s=5.0)
+    for key in ("done", "busy", "recent"):
+        budget.reserve(1 << 20)
+        budget.settle(1 << 20, key, Image.new("RGB", (100, 100)))
+    budget.unlease("done")
+    budget.unlease("recent")
+    now = time.monotonic()
+    assert budget.sweep(now + 1) == 0 and budget.held == 3 * 40_000
+    budget.entries["done"][3] -= 6  # last used 6 s ago; "recent" just now, "busy" still leased
+    budget.entries["busy"][3] -= 6
+    assert budget.sweep(now) == 1 and set(budget.entries) == {"busy", "recent"}
+    assert budget.held == 2 * 40_000
+    assert budget.lease("done") is None  # decoded again when a task asks for it
