@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from PIL import Image
 
 from streams import serde
@@ -156,6 +156,15 @@ class Pipeline:
 
         assert wait_until(drained, timeout, interval=1.0), \
             f"the pipeline did not drain within {timeout:.0f}s; behind: {state.get('behind')}\n{self.logs()}"
+
+    def set_topic_config(self, topic: str, name: str, value: str) -> None:
+        """Change one setting of a topic of this pipeline (say, shrink its ``max.message.bytes``)."""
+        if self._admin is None:
+            self._admin = AdminClient(client_config(self.config))
+        res = ConfigResource("topic", topic, incremental_configs=[
+            ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)])
+        for future in self._admin.incremental_alter_configs([res]).values():
+            future.result(30)
 
     def output_keys(self, workflow_id: str) -> list[str]:
         return self.store.list_keys(f"{self.config.output_prefix}{workflow_id}/")

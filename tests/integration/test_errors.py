@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from streams.adapters.kafka import client_config
 from streams.config import Config
@@ -101,13 +100,8 @@ def test_a_record_over_the_brokers_limit_is_dead_lettered_at_once(make_pipeline,
     The request is dead-lettered (SEND_REJECTED) within seconds, not after 10 minutes, and the
     partition keeps flowing."""
     p = make_pipeline()
-    admin = AdminClient(client_config(p.config))
     # the namespace's topics exist already (Pipeline created them): shrink the events topic's limit
-    res = ConfigResource("topic", p.config.topics.events,
-                         incremental_configs=[ConfigEntry("max.message.bytes", "4096",
-                                                          incremental_operation=AlterConfigOpType.SET)])
-    for f in admin.incremental_alter_configs([res]).values():
-        f.result(30)
+    p.set_topic_config(p.config.topics.events, "max.message.bytes", "4096")
     p.start_all()
     follower = p.follower()
     big = {**request(files.url("sample.png")), "correlationId": "c" * 6000}

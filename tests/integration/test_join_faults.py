@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+from confluent_kafka.admin import AdminClient
 
 from streams import serde
 from streams.adapters.changelog import ChangelogReader
@@ -137,12 +137,7 @@ def test_a_final_event_the_topic_always_refuses_ends_failed_final_too_large(make
     join's transaction. After IMAGEFORK_JOIN_MAX_ABORTS (3) the join sends it FAILED FINAL_TOO_LARGE,
     without its outputs (they are in the bucket), instead of aborting for ever; the partition goes on."""
     p = make_pipeline()
-    admin = AdminClient(client_config(p.config))
-    res = ConfigResource("topic", p.config.topics.completed,
-                         incremental_configs=[ConfigEntry("max.message.bytes", "1024",
-                                                          incremental_operation=AlterConfigOpType.SET)])
-    for f in admin.incremental_alter_configs([res]).values():
-        f.result(30)
+    p.set_topic_config(p.config.topics.completed, "max.message.bytes", "1024")
     p.start_all()
     follower = p.follower()
     wide = {**small_request(files), "outputSizes": [{"width": 16 + i, "height": 12 + i} for i in range(16)]}

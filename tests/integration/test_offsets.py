@@ -3,7 +3,6 @@ message at the head of a partition with faster ones behind it, and the worker ki
 (SIGTERM, a deploy) while the slow one is still being worked on. Its next owner reads it again: every
 request ends with exactly one final event, COMPLETED."""
 import http.server
-import signal
 import threading
 import time
 
