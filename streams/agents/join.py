@@ -254,8 +254,13 @@ class JoinWorker:
     def _set_catchup(self, parts: list[int]) -> None:
         """Take each partition's end offset now: its clock starts once the join has read up to it."""
         for p in parts:
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topics.events, p), timeout=30)
-            self.catchup[p] = high
+            tp = TopicPartition(self.topics.events, p)
+            try:
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=30)
+            except KafkaException:  # the broker away (an abort across its restart): the last end we heard of
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high is not None and high >= 0:
+                self.catchup[p] = high
 
     def _clock_ready(self, p: int) -> bool:
         """Whether partition ``p``'s clock may run: the join has read its backlog, as of its assignment."""
