@@ -85,7 +85,7 @@ def api_pipeline(make_pipeline):
     port = free_port()
     p.start_together("join", "planner", ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}))
     base = f"http://127.0.0.1:{port}"
-    assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 60), call(base, "GET", "/readyz")
+    assert wait_until(lambda: answers(base, "/readyz") == 200, 60), call(base, "GET", "/readyz")
     return p, base
 
 
@@ -100,7 +100,7 @@ def full(stack_env, tmp_path_factory):
         p.start_together(("join", {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{join_port}"}), "planner", "resize",
                          ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}", "IMAGEFORK_API_BODY_TIMEOUT_S": "3"}))
         base = f"http://127.0.0.1:{port}"
-        assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 60), call(base, "GET", "/readyz")
+        assert wait_until(lambda: answers(base, "/readyz") == 200, 60), call(base, "GET", "/readyz")
         yield p, base, f"http://127.0.0.1:{join_port}"
     finally:
         p.stop()
@@ -355,7 +355,7 @@ def test_each_process_answers_health_and_readiness(full):
     assert wait_until(lambda: any(line.startswith(lag) for line in call(api, "GET", "/metrics")[1].splitlines()), 30)
     join = next(w for w in p.workers if w.role == "join")
     assert call(base, "GET", "/healthz")[1]["role"] == "join"
-    assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 30), call(base, "GET", "/readyz")
+    assert wait_until(lambda: answers(base, "/readyz") == 200, 30), call(base, "GET", "/readyz")
     ready = call(base, "GET", "/readyz")[1]
     assert ready["checks"]["broker"]["ok"] and ready["checks"]["s3"]["ok"] and ready["checks"]["role"]["ok"]
     # the join's gauge counts what it holds open (as its own listing does), after its last commit
@@ -453,7 +453,7 @@ def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_onl
     base = f"http://127.0.0.1:{port}"
     first = p.start("all", name="all-1", IMAGEFORK_API_LISTEN=f"127.0.0.1:{port}",
                     IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{metrics}", IMAGEFORK_API_RESTART_AFTER_S="5")
-    assert wait_until(lambda: call(base, "GET", "/readyz")[0] == 200, 90), first.log_tail(40)
+    assert wait_until(lambda: answers(base, "/readyz") == 200, 90), first.log_tail(40)
     # a second `worker all` on this host: its API finds the port taken and says so in one line; its
     # pipeline roles run (they join the groups) and it stays up
     second = p.start("all", name="all-2", wait=False, IMAGEFORK_API_LISTEN=f"127.0.0.1:{port}")
