@@ -133,7 +133,12 @@ def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0)
 def _submit(args) -> int:
     from streams.client import Client, Follower
     config = Config.from_env()
-    raw = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
+    try:
+        raw = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
+    except OSError as exc:
+        print(f"imagefork: cannot read the request {args.file}: {exc.strerror or exc} (examples/request.json "
+              f"is the seed's request, to copy)", file=sys.stderr)
+        return 2
     try:
         doc = json.loads(raw)
     except ValueError as exc:
@@ -143,9 +148,23 @@ def _submit(args) -> int:
         print(f"imagefork: {args.file} holds a JSON {type(doc).__name__}, not a request object "
               f"(see the README's contract)", file=sys.stderr)
         return 2
-    follower = Follower(config) if args.wait else None
-    client = Client(config)
-    workflow_id = client.submit(doc, args.workflow_id, avro=args.avro)
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from streams.adapters.kafka import client_config
+    from streams.client import SubmitError
+    try:
+        # a broker that does not answer is told in seconds, not after the producer's own time-out
+        AdminClient(client_config(config)).list_topics(timeout=10)
+        follower = Follower(config) if args.wait else None
+        client = Client(config)
+        workflow_id = client.submit(doc, args.workflow_id, avro=args.avro)
+    except KafkaException as exc:
+        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
+        return 1
+    except SubmitError as exc:
+        print(f"imagefork: {exc}; {NO_BROKER_HINT}", file=sys.stderr)
+        return 1
     print(f"submitted workflow {workflow_id} to {config.topics.requests}", file=sys.stderr)
     if not follower:
         print(workflow_id)
@@ -234,6 +253,10 @@ def _demo(args) -> int:
     if args.stop:
         return stop_demo()
     return run_demo(keep=args.keep)
+
+
+NO_BROKER_HINT = ("is the local stack up (`imagefork stack up`) and its settings loaded "
+                  "(`set -a; . ~/.cache/imagefork/stack/stack.env; set +a`)?")
 
 
 def kafka_failure(config: Config, exc: Exception) -> str:

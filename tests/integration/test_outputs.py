@@ -224,3 +224,19 @@ def test_a_recorded_pid_that_is_now_another_process_is_left_alone(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_the_example_request_in_the_repository_runs_as_it_is_but_for_its_source(pipeline, env, files, tmp_path):
+    """examples/request.json (the seed's request, shown in the README) through `imagefork submit --wait`, as a
+    user would send it, with its fileLocation pointed at a loopback copy of an image (its own is on the
+    public internet, which nothing here may reach): nine outputs, COMPLETED."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "request.json"
+    doc = json.loads(example.read_text())
+    assert doc["outputFormats"] == ["png", "jpg", "webp"] and len(doc["outputSizes"]) == 3
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({**doc, "fileLocation": files.url("sample.png")}))
+    workflow_id = f"example-{uuid.uuid4().hex[:10]}"
+    code, out, err = run_cli(env, "submit", str(request), "--wait", "--timeout", "120", "--workflow-id", workflow_id)
+    assert code == 0 and "Traceback" not in err, (code, err)
+    final = pipeline.finals_for([workflow_id])[0]
+    assert final.status == "COMPLETED" and len(final.outputs) == 9, (final.status, final.errors)

@@ -293,3 +293,15 @@ def test_a_size_may_have_its_own_quality():
     with pytest.raises(RequestInvalid) as info:
         parse({**SEED, "outputSizes": [{"width": 1, "height": 1}, {"width": 1, "height": 1, "quality": 0}]})
     assert dict(info.value.problems)["outputSizes[1].quality"] == "must be between 1 and 100, got 0"
+
+
+def test_the_example_request_is_the_seeds_and_plans_nine_tasks():
+    import json
+    from pathlib import Path
+
+    from streams.core.planning import parse_request, plan_tasks
+    doc = json.loads((Path(__file__).resolve().parents[2] / "examples" / "request.json").read_text())
+    request = parse_request(doc, max_dimension=10000, max_tasks=1000)
+    tasks = plan_tasks(request, "wf", source_uri="s3://b/k", deadline=1, output_prefix="")
+    assert [(t.format, t.width, t.height) for t in tasks] == [
+        (f, s, s) for f in ("png", "jpg", "webp") for s in (300, 200, 1200)]

@@ -1,0 +1,32 @@
+"""What a newcomer's first mistakes print: one line with what to do, never a traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+from streams.stack.local import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imagefork(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+    return subprocess.run([sys.executable, "-m", "streams", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+
+
+def test_submit_of_a_file_that_is_not_there_is_one_line_naming_the_example():
+    proc = imagefork("submit", "nosuch.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "imagefork: cannot read the request nosuch.json: No such file or directory (examples/request.json is "
+        "the seed's request, to copy)"]
+
+
+def test_submit_with_no_broker_is_one_line_with_the_address_and_the_hint():
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    for wait in ((), ("--wait",)):
+        proc = imagefork("submit", "examples/request.json", *wait, KAFKA_BOOTSTRAP_SERVERS=address)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"imagefork: Kafka at {address}: ") and "imagefork stack up" in lines[0], lines
+        assert "stack.env" in lines[0]
