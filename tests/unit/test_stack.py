@@ -54,6 +54,14 @@ def stopped_stack(tmp_path_factory):
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"KAFKA_BOOTSTRAP_SERVERS={stack.env()['KAFKA_BOOTSTRAP_SERVERS']}" in up.stdout
+        # `stack env` prints what a shell sources, and stack.env (it holds the SCRAM password) is the owner's
+        printed = _cli("env", "--dir", str(folder), timeout=60)
+        env_lines = dict(line.split("=", 1) for line in printed.stdout.splitlines() if "=" in line)
+        assert printed.returncode == 0 and env_lines["KAFKA_BOOTSTRAP_SERVERS"] == \
+            stack.env()["KAFKA_BOOTSTRAP_SERVERS"], printed.stdout + printed.stderr
+        assert env_lines.get("S3_ENDPOINT_URL", "").startswith("http://127.0.0.1:"), printed.stdout
+        assert "IMAGEFORK_STACK_SASL_BOOTSTRAP" in env_lines, printed.stdout  # the SASL listener is published
+        assert stack.env_file.stat().st_mode & 0o777 == 0o600 and stack.state_file.stat().st_mode & 0o777 == 0o600
         state = json.loads(stack.state_file.read_text())
         own = {name: svc["pid"] for name, svc in state["services"].items()}
         assert set(own) == {"kafka", "s3proxy"} and all(_alive(p) for p in own.values()), own
@@ -74,7 +82,7 @@ def stopped_stack(tmp_path_factory):
         time.sleep(0.5)  # let the look-alikes exec (their command lines are in place)
         assert all(p.poll() is None for p in strangers.values())
         down = _cli("down", "--dir", str(folder), timeout=120)
-        yield {"down": down, "own": own, "strangers": strangers,
+        yield {"down": down, "env_after": _cli("env", "--dir", str(folder), timeout=60), "own": own, "strangers": strangers,
                "alive": {name: _alive(p.pid) for name, p in strangers.items()},
                "own_alive": {name: _alive(pid) for name, pid in own.items()}}
     finally:
@@ -90,6 +98,8 @@ def test_down_stops_the_stacks_own_processes(stopped_stack):
     assert down.returncode == 0, down.stdout + down.stderr
     assert down.stdout.startswith("stopped: ") and "kafka" in down.stdout and "s3proxy" in down.stdout, down.stdout
     assert stopped_stack["own_alive"] == {"kafka": False, "s3proxy": False}
+    after = stopped_stack["env_after"]  # nothing to source any more: said, exit code 1
+    assert after.returncode == 1 and after.stderr.startswith("no stack running under "), after.stderr
 
 
 def test_down_leaves_look_alikes_and_reused_pids_alone(stopped_stack):
