@@ -739,10 +739,15 @@ class JoinWorker:
         finally:
             self.lock.release()
 
-    def open_workflows(self, limit: int) -> dict:
-        with self.lock:
+    def open_workflows(self, limit: int) -> dict | None:
+        """The open workflows of this process's partitions, or None while a batch commits past the patience."""
+        if not self.lock.acquire(timeout=self.QUERY_PATIENCE_S):
+            return None
+        try:
             return {"partitions": sorted(self.states),
                     "workflows": open_summaries(list(self.states.values()), limit)}
+        finally:
+            self.lock.release()
 
     def readiness(self) -> tuple[bool, str]:
         if not self.ready:
@@ -818,7 +823,11 @@ def query_routes(box: dict) -> list:
             limit = max(1, min(1000, int(request.query.get("limit", "100"))))
         except ValueError:
             limit = 100
-        return web.json_response(w.open_workflows(limit))
+        listing = w.open_workflows(limit)
+        if listing is None:
+            return web.json_response({"error": "BUSY", "message": "the join is committing a batch; ask again"},
+                                     status=503)
+        return web.json_response(listing)
 
     return [web.get("/internal/workflows/{id}", one), web.get("/internal/open", listing)]
 
