@@ -198,6 +198,28 @@ def width_run(base_env: dict[str, str], log_dir: Path, width: int, results: int)
             "changelog_to_final": size / len(ids) / final, "exit_code": worker.proc.returncode}
 
 
+def wait_join_committed(config: Config, timeout: float = 300.0) -> None:
+    """Until the join group has committed its offsets to the end of the events topic: everything fed to it is
+    in its committed state (finals seen for the finished workflows say nothing of the open ones' events)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    from confluent_kafka.admin import AdminClient
+    admin, topic, group = AdminClient(client_config(config)), config.topics.events, config.group_id("join")
+    probe = Consumer(client_config(config, **{"group.id": f"bench-probe-{uuid.uuid4().hex}"}))
+    try:
+        parts = sorted(admin.list_topics(topic, timeout=30).topics[topic].partitions)
+        ends = {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in parts])
+            answer = admin.list_consumer_group_offsets([request])[group].result(30)
+            if all(tp.offset >= ends[tp.partition] for tp in answer.topic_partitions):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"the join did not commit up to the end of {topic} within {timeout:.0f}s")
+    finally:
+        probe.close()
+
+
 def restart_run(base_env: dict[str, str], log_dir: Path, markers: int, n_open: int) -> dict:
     env, config = namespace(base_env)
     done, still, now = new_ids(markers), new_ids(n_open), int(time.time() * 1000)
@@ -209,6 +231,7 @@ def restart_run(base_env: dict[str, str], log_dir: Path, markers: int, n_open: i
         t0 = time.perf_counter()
         produce(config, fill)
         finals.wait(done, timeout=3600)
+        wait_join_committed(config)  # the open workflows' events too: the restart must restore all of them
         fill_s = time.perf_counter() - t0
         log(f"restart: {markers} finished + {n_open} open workflows in {fill_s:.1f}s; restarting the join")
         stop_s = time.monotonic()

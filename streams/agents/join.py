@@ -181,6 +181,9 @@ class JoinWorker:
             # a 1,000-wide final event is some 300 KB: compressed batches, and room for long ids and URLs
             "compression.type": "lz4",
             "message.max.bytes": MAX_MESSAGE_BYTES,
+            # only a failed delivery calls back (into Python): the records the broker refuses
+            "delivery.report.only.error": True,
+            "on_delivery": self._delivered,
         })
         self.producer = Producer(self.producer_config)
         self._retired: list[Producer] = []
@@ -622,13 +625,7 @@ class JoinWorker:
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
                  headers=None) -> None:
-        refused = self.txn.refused
-
-        def delivered(err, _msg):
-            if err is not None and err.code() in REFUSALS:
-                refused.append((topic, key, err))
-
-        kwargs = {"key": key, "value": value, "on_delivery": delivered}
+        kwargs = {"key": key, "value": value}
         if partition is not None:
             kwargs["partition"] = partition
         if headers:
@@ -641,8 +638,13 @@ class JoinWorker:
                 self.producer.poll(0.05)
             except KafkaException as exc:  # refused before it left (say, over message.max.bytes)
                 if exc.args[0].code() in REFUSALS:
-                    refused.append((topic, key, exc.args[0]))
+                    self.txn.refused.append((topic, key, exc.args[0]))
                 raise
+
+    def _delivered(self, err, msg) -> None:
+        """A record the broker did not take (the producer reports only those)."""
+        if err is not None and err.code() in REFUSALS:
+            self.txn.refused.append((msg.topic(), msg.key(), err))
 
     def _given_up(self, topic: str, key: bytes | None, what: str) -> bool:
         """Whether a record for ``topic`` and ``key`` was refused in enough aborted transactions to be left
