@@ -43,21 +43,23 @@ class InFlight:
             if held[offset] <= 0:
                 del held[offset]
 
-    def lowest(self, topic: str, partition: int) -> int | None:
+    def lowest(self, topic: str, partition: int, at_least: int = 0) -> int | None:
         with self._lock:
-            held = self._held.get((topic, partition))
+            held = [o for o in self._held.get((topic, partition), ()) if o >= at_least]
             return min(held) if held else None
 
 
 IN_FLIGHT = InFlight()
 
 
-def first_unfinished(consumer, tp) -> int | None:
-    """The lowest offset of ``tp`` this consumer was handed and has not finished: unacked by its stream,
-    or held by the ledger (a message whose agent was cancelled is acked by Faust but not finished)."""
-    lowest = IN_FLIGHT.lowest(tp.topic, tp.partition)
+def first_unfinished(consumer, tp, since: int = 0) -> int | None:
+    """The lowest offset of ``tp`` from ``since`` on that this consumer was handed and has not finished:
+    unacked by its stream, or held by the ledger (a message whose agent was cancelled is acked by Faust but
+    not finished). Below ``since`` (the committed offset) lie only leftovers of an earlier assignment of the
+    partition, which its owner since then has committed past: they hold nothing up."""
+    lowest = IN_FLIGHT.lowest(tp.topic, tp.partition, since)
     for message in list(consumer._unacked_messages):
-        if message.tp == tp and (lowest is None or message.offset < lowest):
+        if message.tp == tp and message.offset >= since and (lowest is None or message.offset < lowest):
             lowest = message.offset
     return lowest
 
@@ -77,7 +79,7 @@ def new_offset(self, tp) -> int | None:
     acked.sort()
     committed = self._committed_offset[tp]  # None when nothing is committed (Faust maps 0 to None too)
     start = committed if committed is not None else acked[0]
-    stop = first_unfinished(self, tp)
+    stop = first_unfinished(self, tp, committed or 0)
     run: list[int] = []
     expected = start
     for offset in acked:

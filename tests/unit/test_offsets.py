@@ -60,3 +60,14 @@ def test_install_replaces_fausts_computation():
     from faust.transport.consumer import Consumer
     offsets.install()
     assert Consumer._new_offset is new_offset
+
+
+def test_leftovers_below_the_committed_offset_hold_nothing_up():
+    """A message of an earlier assignment of the partition, still unacked or in the ledger, that the
+    partition's owner since then committed past: it does not stop this owner's commits."""
+    IN_FLIGHT.begin("tasks", 0, 3)
+    try:
+        consumer = FakeConsumer(10, [10, 11], unacked=[4])
+        assert new_offset(consumer, T) == 12
+    finally:
+        IN_FLIGHT.end("tasks", 0, 3)
