@@ -131,7 +131,12 @@ def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0)
 
 
 def _submit(args) -> int:
-    from streams.client import Client, Follower
+    # imported here, as elsewhere in this file: `imagefork --help` and the light commands start fast
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from streams.adapters.kafka import client_config
+    from streams.client import Client, Follower, SubmitError
     config = Config.from_env()
     try:
         raw = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
@@ -148,11 +153,6 @@ def _submit(args) -> int:
         print(f"imagefork: {args.file} holds a JSON {type(doc).__name__}, not a request object "
               f"(see the README's contract)", file=sys.stderr)
         return 2
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    from streams.adapters.kafka import client_config
-    from streams.client import SubmitError
     try:
         # a broker that does not answer is told in seconds, not after the producer's own time-out
         AdminClient(client_config(config)).list_topics(timeout=10)
