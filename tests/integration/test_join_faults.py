@@ -85,10 +85,10 @@ def test_a_join_frozen_past_its_session_is_fenced_and_gives_no_second_final_even
 
 def test_results_back_after_the_marker_horizon_are_late_not_a_second_final_event(make_pipeline, files):
     """No resize worker until well after the workflows timed out and their markers expired (a horizon
-    shortened to 7 s: timeout 5 s + grace 2 s). The results that then come are dead-lettered LATE_RESULT;
+    shortened to 5 s: timeout 4 s + grace 1 s). The results that then come are dead-lettered LATE_RESULT;
     no workflow opens again, none gets a second (empty) final event."""
-    p = make_pipeline(IMAGEFORK_WORKFLOW_TIMEOUT_S="5", IMAGEFORK_FINISHED_RETENTION_S="1",
-                      IMAGEFORK_LATE_RESULT_GRACE_S="2")
+    p = make_pipeline(IMAGEFORK_WORKFLOW_TIMEOUT_S="4", IMAGEFORK_FINISHED_RETENTION_S="1",
+                      IMAGEFORK_LATE_RESULT_GRACE_S="1")
     p.start_together("join", "planner")
     ids = [f"horizon-{i}" for i in range(5)]
     follower = p.follower()
@@ -97,12 +97,12 @@ def test_results_back_after_the_marker_horizon_are_late_not_a_second_final_event
     first = follower.wait(ids, 60)
     follower.close()
     assert all(f.status == "TIMED_OUT" for f in first.values())
-    time.sleep(9)  # the markers (7 s) are gone
+    time.sleep(6)  # the markers (5 s) are gone
     p.start("resize")
     letters = dead_letters(p.config, 2 * len(ids), timeout=90)
     codes = Counter(dict(m.headers())["imagefork.error.code"] for m in letters)
     assert codes == Counter({b"LATE_RESULT": 2 * len(ids)}), codes
-    time.sleep(7)  # a workflow opened by a late result would time out again by now
+    time.sleep(5)  # a workflow opened by a late result would time out again by now
     finals = one_final_each(p, ids)
     assert all(f.status == "TIMED_OUT" and f.runId for f in finals.values())
 

@@ -48,10 +48,10 @@ class SlowSource:
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_a_planner_stopped_with_a_slow_request_at_the_head_loses_nothing(make_pipeline, files, how):
-    """One request partition: a request whose source takes 15 s, then ten quick ones, which the planner's
+    """One request partition: a request whose source takes 10 s, then ten quick ones, which the planner's
     other slots plan meanwhile. The planner is stopped while the slow fetch runs; its successor plans the
     slow request again (Faust alone had committed past it: no plan, no final event ever)."""
-    slow = SlowSource(15)
+    slow = SlowSource(10)
     try:
         p = make_pipeline(IMAGEFORK_PARTITIONS="1", IMAGEFORK_READ_TIMEOUT_S="60", IMAGEFORK_PLANNER_CONCURRENCY="4",
                           IMAGEFORK_SESSION_TIMEOUT_S="6")
@@ -93,7 +93,7 @@ def test_a_resize_worker_killed_with_a_big_task_at_the_head_loses_nothing(make_p
     resize = p.start_together("join", "resize", "planner")[1]
     follower = p.follower()
     big = {"fileLocation": files.url("sample.png"), "outputFormats": ["png"],
-           "outputSizes": [{"width": 4000, "height": 4000}], "maintainAspectRatio": False}
+           "outputSizes": [{"width": 3000, "height": 3000}], "maintainAspectRatio": False}
     p.submit(big, "big-head")
     assert wait_until(lambda: bool(p.open_ledger_rows()), 60), resize.log_tail(30)  # the big task started
     quick = [f"small-{i}" for i in range(3)]
