@@ -27,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
 from PIL import Image
 
-from streams.adapters.kafka import read_to_end
+from streams.adapters.kafka import client_config, read_to_end
 from streams.adapters.objectstore import ObjectStore
 from streams.client import Client
 from streams.core.planning import output_key
@@ -479,3 +480,25 @@ def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_onl
     for w in (second, first):
         w.stop()
         assert w.proc.returncode == 0, w.log_tail(40)
+
+
+def test_the_api_reaches_a_join_at_its_advertised_url(make_pipeline, files):
+    """A join listening on all addresses advertises IMAGEFORK_ADVERTISED_URL (not its listen address) in its
+    group membership, and the API asks it there: a workflow's state comes back through that URL."""
+    p = make_pipeline()
+    join_port, api_port = free_port(), free_port()
+    advertised = f"http://localhost:{join_port}"
+    p.start_together(("join", {"IMAGEFORK_METRICS_LISTEN": f"0.0.0.0:{join_port}", "IMAGEFORK_ADVERTISED_URL": advertised}),
+                     ("api", {"IMAGEFORK_API_LISTEN": f"127.0.0.1:{api_port}"}))
+    admin = AdminClient(client_config(p.config))
+    group = p.config.group_id("join")
+    members = admin.describe_consumer_groups([group])[group].result(30).members
+    assert [m.client_id for m in members] == [f"imagefork-join {advertised}"], members
+    base = f"http://127.0.0.1:{api_port}"
+    assert wait_until(lambda: answers(base, "/readyz") == 200, 60)
+    wf = f"adv-{uuid.uuid4().hex[:8]}"
+    assert call(base, "POST", "/v1/workflows", seed(files, wf))[0] == 202
+    # no planner runs: the plan never comes, and the join's answer (unknown) is what the API reports
+    status, doc, _ = call(base, "GET", f"/v1/workflows/{wf}")
+    assert status == 200 and doc["status"] == "PENDING", doc
+    assert call(base, "GET", "/v1/workflows/nobody-knows")[0] == 404

@@ -83,6 +83,15 @@ def test_undecodable_messages_on_every_topic_are_dead_lettered_with_their_origin
         for agent, n in expected[role].items():
             line = f'imagefork_messages_total{{agent="{agent}",outcome="dead_lettered"}} {float(n)}'
             assert line in text, (role, line, [x for x in text.splitlines() if x.startswith("imagefork_")])
+            # the dead letters by their code, as they were written
+            code = expected_code[{"planner": t.requests, "planner.retry": t.request_retries, "resize": t.tasks,
+                                  "resize.retry": t.retries, "join": t.events}[agent]].decode()
+            line = f'imagefork_dead_letters_total{{agent="{agent}",code="{code}"}} {float(n)}'
+            assert line in text, (role, line, [x for x in text.splitlines() if x.startswith("imagefork_dead")])
+        # and what was processed: the one good request, its 4 tasks, its plan and 4 results
+        processed = {"planner": ("planner", 1.0), "resize": ("resize", 4.0), "join": ("join", 5.0)}[role]
+        line = f'imagefork_messages_total{{agent="{processed[0]}",outcome="processed"}} {processed[1]}'
+        assert line in text, (role, line, [x for x in text.splitlines() if x.startswith("imagefork_messages")])
 
 
 def test_a_record_over_the_brokers_limit_is_dead_lettered_at_once(make_pipeline, files):

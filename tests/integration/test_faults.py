@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -410,3 +411,33 @@ def test_workers_leave_no_data_folder_behind(make_pipeline):
     [folder] = data_folders_of(successor)
     successor.kill()
     assert not os.path.exists(folder), "WorkerProcess.kill did not remove the killed worker's data folder"
+
+
+def test_readyz_says_503_and_which_check_failed_while_s3_is_away(make_pipeline, stack_env):
+    """A worker's /readyz: 200 while the broker and S3 answer; 503 naming the s3 check (the broker's still
+    ok) while S3 is cut off; 200 again once it is back."""
+    import json
+    s3_port = int(stack_env["S3_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proxy = TcpProxy(s3_port)
+    try:
+        p = make_pipeline()
+        port = free_port()
+        p.start("planner", S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
+
+        def readyz() -> tuple[int, dict]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=15) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+        seen = {}
+        assert wait_until(lambda: seen.update(now=readyz()) or seen["now"][0] == 200, 30), seen
+        proxy.cut()
+        assert wait_until(lambda: seen.update(now=readyz()) or seen["now"][0] == 503, 30), seen
+        checks = seen["now"][1]["checks"]
+        assert checks["s3"]["ok"] is False and checks["s3"]["detail"], checks
+        assert checks["broker"]["ok"] is True and checks["role"]["ok"] is True, checks
+        proxy.restore()
+        assert wait_until(lambda: seen.update(now=readyz()) or seen["now"][0] == 200, 30), seen
+    finally:
+        proxy.close()
