@@ -346,7 +346,8 @@ class Api:
         try:
             if isinstance(doc, dict) and "retry" in doc:
                 raise RequestInvalid([("retry", "is set by POST /v1/workflows/{id}/retry, not by a request")])
-            parsed = parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks)
+            parsed = parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks,
+                                   max_pixels=lim.max_pixels)
         except RequestInvalid as exc:
             return json_error(400, "INVALID_REQUEST", exc.message,
                               problems=[{"field": f, "message": m} for f, m in exc.problems])

@@ -137,6 +137,8 @@ def _submit(args) -> int:
 
     from streams.adapters.kafka import client_config
     from streams.client import Client, Follower, SubmitError
+    from streams.core.errors import RequestInvalid
+    from streams.core.planning import parse_request
     config = Config.from_env()
     try:
         raw = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
@@ -152,6 +154,12 @@ def _submit(args) -> int:
     if not isinstance(doc, dict):
         print(f"imagefork: {args.file} holds a JSON {type(doc).__name__}, not a request object "
               f"(see the README's contract)", file=sys.stderr)
+        return 2
+    lim = config.limits
+    try:  # what the planner would refuse is refused before anything is sent (it checks again: other clients)
+        parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks, max_pixels=lim.max_pixels)
+    except RequestInvalid as exc:
+        print(f"imagefork: {args.file} is not a valid request: {exc.message}", file=sys.stderr)
         return 2
     try:
         # a broker that does not answer is told in seconds, not after the producer's own time-out

@@ -119,7 +119,7 @@ class Planner:
 
     def parse(self, doc: dict):
         lim = self.config.limits
-        return parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks)
+        return parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks, max_pixels=lim.max_pixels)
 
     @staticmethod
     def workflow_id(key: bytes | None, doc: dict, run_id: str) -> tuple[str, str | None]:

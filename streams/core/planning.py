@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any, Iterable
 from urllib.parse import urlsplit
@@ -39,9 +40,11 @@ def format_of(ref: str) -> str | None:
     return parts[0] if len(parts) == 3 else None
 
 
-def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
+def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: int = 0,
                   formats: Iterable[str] = tuple(CONTENT_TYPES)) -> ImageRequest:
-    """Read and validate one request document; every problem is reported with its field."""
+    """Read and validate one request document; every problem is reported with its field. With
+    ``max_pixels``, an output whose size is certain before the source is read (pad; force and fill when
+    they may enlarge) and over that many pixels is refused here, not failed after its source was fetched."""
     if not isinstance(doc, dict):
         raise RequestInvalid([("$", f"must be a JSON object, got {type(doc).__name__}")])
     bad_text = _unencodable(doc, "")
@@ -70,6 +73,7 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
                 out_formats.append(name)
 
     sizes: list[Size] = []
+    size_fields: list[str] = []  # the field each of ``sizes`` came from
     raw_sizes = doc.get("outputSizes")
     if not isinstance(raw_sizes, list) or not raw_sizes:
         problems.append(("outputSizes", "is required and must be a non-empty list of {width, height}"))
@@ -93,6 +97,7 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
                     problems.append((f"outputSizes[{i}].quality", why))
             if all(d is not None for d in dims):
                 sizes.append(Size(dims[0], dims[1], size_mode, size_gravity, size_quality))
+                size_fields.append(f"outputSizes[{i}]")
 
     keep, why = parse_boolean(doc.get("maintainAspectRatio", True))
     if why:
@@ -139,6 +144,8 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int,
         problems.append(("workflowId", "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"))
 
     retry = _retry(doc.get("retry"), problems)
+    if max_pixels and not problems:
+        problems.extend(_certain_boxes_over(sizes, size_fields, mode, enlarge, max_pixels))
 
     if not problems and len(out_formats) * len(sizes) > max_tasks:
         problems.append(("outputSizes",
@@ -357,6 +364,23 @@ def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], 
         carried=carried,
         request=request_json(request),
     )
+
+
+def _certain_boxes_over(sizes: list[Size], fields: list[str], mode: str, enlarge: bool,
+                        max_pixels: int) -> list[tuple[str, str]]:
+    """The sizes whose output is exactly their box whatever the source (pad always; force and fill when
+    they may enlarge) and whose box is over ``max_pixels``: certain to fail, so refused up front."""
+    side = math.isqrt(max_pixels)
+    problems = []
+    for size, name in zip(sizes, fields):
+        size_mode = size.resizeMode or mode
+        certain = size_mode == "pad" or (size_mode in ("force", "fill") and enlarge)
+        if certain and size.width * size.height > max_pixels:
+            problems.append((name, f"{size.width}x{size.height} is {size.width * size.height / 1e6:.1f} megapixels, "
+                                   f"more than the limit of {max_pixels / 1e6:g} (IMAGEFORK_MAX_PIXELS; the largest "
+                                   f"square is {side}x{side}); with resizeMode fit the output follows the "
+                                   "source's shape, and is checked against its header"))
+    return problems
 
 
 def run_id_of(topic: str, partition: int | str, offset: int | str, timestamp_ms: int = 0) -> str:

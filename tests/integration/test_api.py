@@ -186,6 +186,11 @@ def test_bad_input_gets_json_errors(full):
                                                              "outputSizes": [{"width": 1, "height": 1}],
                                                              "retry": {"runId": "x"}})
     assert status == 400 and body["problems"][0]["field"] == "retry"
+    # an output certain to be over IMAGEFORK_MAX_PIXELS whatever the source: refused before it is sent
+    status, body, _ = call(base, "POST", "/v1/workflows", {"fileLocation": "http://x/a.png", "outputFormats": ["png"],
+                                                             "outputSizes": [{"width": 9000, "height": 9000}],
+                                                             "maintainAspectRatio": False})
+    assert status == 400 and body["problems"][0]["field"] == "outputSizes[0]" and "7745x7745" in body["message"], body
     assert call(base, "GET", "/v1/workflows/never-seen")[:2] == (
         404, {"error": "NOT_FOUND", "message": "no workflow 'never-seen' is known here"})
     assert call(base, "GET", "/v1/workflows/bad%20id")[1]["error"] == "INVALID_ID"

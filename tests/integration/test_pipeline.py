@@ -117,9 +117,14 @@ def test_hostile_sources_fail_with_a_clear_error(pipeline, files, name, code):
 
 def test_invalid_request_is_rejected_with_the_field(pipeline, files):
     req = {**seed_request(files.url("sample.png")), "outputSizes": [{"width": 0, "height": 10}]}
-    final = run(pipeline, {"rejected-1": req}, timeout=60)["rejected-1"]
+    huge = {**seed_request(files.url("sample.png")), "outputSizes": [{"width": 9000, "height": 9000}],
+            "maintainAspectRatio": False}  # certain to be 81 MP: refused before the source is read
+    finals = run(pipeline, {"rejected-1": req, "rejected-huge": huge}, timeout=60)
+    final = finals["rejected-1"]
     assert final.status == "REJECTED" and "outputSizes[0].width" in final.errors[0].message
     assert pipeline.output_keys("rejected-1") == []
+    final = finals["rejected-huge"]
+    assert final.status == "REJECTED" and "outputSizes[0]: 9000x9000 is 81.0 megapixels" in final.errors[0].message
 
 
 def test_metadata_address_is_refused(pipeline):

@@ -305,3 +305,29 @@ def test_the_example_request_is_the_seeds_and_plans_nine_tasks():
     tasks = plan_tasks(request, "wf", source_uri="s3://b/k", deadline=1, output_prefix="")
     assert [(t.format, t.width, t.height) for t in tasks] == [
         (f, s, s) for f in ("png", "jpg", "webp") for s in (300, 200, 1200)]
+
+
+def test_an_exact_box_over_the_pixel_limit_is_refused_before_the_source_is_read():
+    """9000x9000 with maintainAspectRatio false is certain to be 81 MP whatever the source: refused with the
+    field and the limit. A fit box of the same size depends on the source's shape: left to its header."""
+    import pytest
+
+    from streams.core.errors import RequestInvalid
+    from streams.core.planning import parse_request
+    doc = {"fileLocation": "http://h/x.png", "outputFormats": ["png"], "maintainAspectRatio": False,
+           "outputSizes": [{"width": 300, "height": 300}, {"width": 9000, "height": 9000}]}
+    with pytest.raises(RequestInvalid) as info:
+        parse_request(doc, max_dimension=10000, max_tasks=1000, max_pixels=60_000_000)
+    assert [f for f, _ in info.value.problems] == ["outputSizes[1]"]
+    assert "81.0 megapixels" in info.value.message and "7745x7745" in info.value.message
+    fit = {**doc, "maintainAspectRatio": True}
+    assert parse_request(fit, max_dimension=10000, max_tasks=1000, max_pixels=60_000_000).outputSizes[1].width == 9000
+    # pad is the box whatever enlarge says; force and fill without enlarging depend on the source
+    pad = {**fit, "resizeMode": "pad", "enlarge": False}
+    with pytest.raises(RequestInvalid):
+        parse_request(pad, max_dimension=10000, max_tasks=1000, max_pixels=60_000_000)
+    shrink_only = {**doc, "enlarge": False}
+    assert parse_request(shrink_only, max_dimension=10000, max_tasks=1000, max_pixels=60_000_000)
+    per_size = {**fit, "outputSizes": [{"width": 9000, "height": 9000, "resizeMode": "fill"}]}
+    with pytest.raises(RequestInvalid):
+        parse_request(per_size, max_dimension=10000, max_tasks=1000, max_pixels=60_000_000)
