@@ -132,11 +132,6 @@ def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0)
 
 def _submit(args) -> int:
     # imported here, as elsewhere in this file: `imagefork --help` and the light commands start fast
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    from streams.adapters.kafka import client_config
-    from streams.client import Client, Follower, SubmitError
     from streams.core.errors import RequestInvalid
     from streams.core.planning import parse_request
     config = Config.from_env()
@@ -161,12 +156,22 @@ def _submit(args) -> int:
     except RequestInvalid as exc:
         print(f"imagefork: {args.file} is not a valid request: {exc.message}", file=sys.stderr)
         return 2
+    return _send(config, doc, args.workflow_id, args)
+
+
+def _send(config: Config, doc: dict, workflow_id: str | None, args) -> int:
+    """Produce ``doc`` (a request, or a retry's) and, with ``--wait``, follow it to its final event."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from streams.adapters.kafka import client_config
+    from streams.client import Client, Follower, SubmitError
     try:
         # a broker that does not answer is told in seconds, not after the producer's own time-out
         AdminClient(client_config(config)).list_topics(timeout=10)
         follower = Follower(config) if args.wait else None
         client = Client(config)
-        workflow_id = client.submit(doc, args.workflow_id, avro=args.avro)
+        workflow_id = client.submit(doc, workflow_id, avro=getattr(args, "avro", False))
     except KafkaException as exc:
         print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
         return 1
@@ -185,12 +190,47 @@ def _submit(args) -> int:
     if notice is not None:  # a resubmission: the answer is the run that has the id
         was = "had already finished" if notice["reason"] == "finished" else "was already running"
         print(f"\nworkflow {workflow_id} {was} (run {notice['takenRunId']}): this request was not run "
-              f"again; the final event below is that run's", file=sys.stderr)
+              f"again; the final event below is that run's"
+              + (f" (`imagefork retry {workflow_id}` runs its failed tasks again)"
+                 if notice["reason"] == "finished" and notice.get("takenStatus") != "COMPLETED" else ""),
+              file=sys.stderr)
     if args.json:
         print(json.dumps(final.to_dict(), indent=2))
     else:
         print_final(final, links=output_links(config, final), ttl_s=config.presign_ttl_s)
     return 0 if final.status == "COMPLETED" else 1
+
+
+def _retry(args) -> int:
+    """Run a finished workflow's failed and timed-out tasks again, keeping its outputs (as the API's
+    ``POST /v1/workflows/{id}/retry``): one more run of the same id, with one more final event."""
+    from confluent_kafka import KafkaException
+
+    from streams.adapters.schemas import install_resolver
+    from streams.client import consume_completed
+    from streams.core.status import retry_request, retryable
+    config = Config.from_env()
+    workflow_id = args.workflow_id
+    install_resolver(config)
+    try:
+        finals = consume_completed(config, [workflow_id], args.timeout)
+    except KafkaException as exc:
+        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
+        return 1
+    if not finals:
+        print(f"imagefork: no final event for workflow {workflow_id} on {config.topics.completed} (an unknown id, "
+              f"a workflow still running, or one past the topic's retention): nothing to retry", file=sys.stderr)
+        return 1
+    final = finals[-1]
+    ok, why = retryable(final)
+    if not ok:
+        print(f"imagefork: workflow {workflow_id} cannot be retried: {why}", file=sys.stderr)
+        return 1
+    doc, refs = retry_request(final)
+    print(f"retrying run {final.runId} of workflow {workflow_id} ({final.status}): "
+          f"{f'{len(refs)} task(s)' if refs else 'every task'} again, {len(final.outputs)} output(s) kept",
+          file=sys.stderr)
+    return _send(config, doc, workflow_id, args)
 
 
 def _get(args) -> int:
@@ -427,6 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--avro", action="store_true", help="send the request Avro-encoded instead of JSON")
     p.add_argument("--json", action="store_true", help="print the final event as JSON")
     p.set_defaults(func=_submit)
+
+    p = sub.add_parser("retry", help="run a finished workflow's failed and timed-out tasks again, keeping its "
+                                     "outputs (one more run of the same id)")
+    p.add_argument("workflow_id", help="the workflow id")
+    p.add_argument("--wait", action="store_true", help="follow the new run and print its final event")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits for the final event (600)")
+    p.add_argument("--json", action="store_true", help="print the final event as JSON")
+    p.set_defaults(func=_retry)
 
     p = sub.add_parser("get", help="download a finished workflow's outputs (or print their URLs)")
     p.add_argument("workflow_id", help="the workflow id (the key of its final event)")

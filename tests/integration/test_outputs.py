@@ -240,3 +240,32 @@ def test_the_example_request_in_the_repository_runs_as_it_is_but_for_its_source(
     assert code == 0 and "Traceback" not in err, (code, err)
     final = pipeline.finals_for([workflow_id])[0]
     assert final.status == "COMPLETED" and len(final.outputs) == 9, (final.status, final.errors)
+
+
+def test_retry_runs_a_failed_workflow_again_from_the_command_line(pipeline, files, env, submitted):
+    """`imagefork retry ID --wait`: a workflow that FAILED at its source (404) runs again once the source is
+    there, as a new run of the same id (retryOf: the failed run), and completes; a completed or unknown
+    workflow is one line and exit code 1."""
+    workflow_id = f"cli-retry-{uuid.uuid4().hex[:8]}"
+    name = f"later-{workflow_id}.png"
+    follower = pipeline.follower()
+    try:
+        pipeline.submit({"fileLocation": files.url(name), "outputFormats": ["png"],
+                         "outputSizes": [{"width": 32, "height": 32}]}, workflow_id)
+        failed = follower.wait([workflow_id], 120)[workflow_id]
+    finally:
+        follower.close()
+    assert failed.status == "FAILED", failed.errors
+    (files.folder / name).write_bytes((files.folder / "sample.png").read_bytes())
+    code, out, err = run_cli(env, "retry", workflow_id, "--wait", "--timeout", "120", "--json")
+    assert code == 0 and "Traceback" not in err, (code, err)
+    assert f"retrying run {failed.runId} of workflow {workflow_id} (FAILED): every task again" in err, err
+    final = json.loads(out)
+    assert final["status"] == "COMPLETED" and final["retryOf"] == failed.runId and len(final["outputs"]) == 1
+    assert [f.status for f in pipeline.finals_for([workflow_id])] == ["FAILED", "COMPLETED"]
+    done_id = submitted[0]
+    code, _out, err = run_cli(env, "retry", done_id)
+    assert code == 1 and err.strip() == (f"imagefork: workflow {done_id} cannot be retried: it completed: every task "
+                                         "succeeded, there is nothing to retry"), err
+    code, _out, err = run_cli(env, "retry", "nobody-has-this-id", "--timeout", "10")
+    assert code == 1 and err.startswith("imagefork: no final event for workflow nobody-has-this-id"), err
