@@ -100,9 +100,9 @@ def output_links(config: Config, final) -> list[str]:
     return [store.presigned_url(o.s3Uri, config.presign_ttl_s) for o in final.outputs]
 
 
-def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0) -> None:
-    """The final event as a table, then a URL per output: ``links`` (presigned for ``ttl_s`` seconds)
-    if given, else the event's ``fileLocations``. ``out``: stdout of the moment by default."""
+def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0, urls: bool = True) -> None:
+    """The final event as a table, then (with ``urls``) a URL per output: ``links`` (presigned for ``ttl_s``
+    seconds) if given, else the event's ``fileLocations``. ``out``: stdout of the moment by default."""
     from streams.core.models import WorkflowCompleted
     assert isinstance(final, WorkflowCompleted)
     out = out or sys.stdout
@@ -120,6 +120,8 @@ def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0)
                 print("  ".join("-" * w for w in widths), file=out)
     for err in final.errors:
         print(f"error {err.taskRef or '(request)'}: {err.code}: {err.message}", file=out)
+    if not urls:
+        return
     if links and ttl_s:
         print(f"\nfileLocations, presigned for {duration(ttl_s)} (IMAGEFORK_PRESIGN_TTL_S):", file=out)
         for url in links:
@@ -128,6 +130,10 @@ def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0)
         print("\nfileLocations:", file=out)
         for url in final.fileLocations:
             print(url, file=out)
+        # on the terminal, not in what a script reads: why a plain link may answer 403
+        print(f"(the final event's own URLs open only where the bucket is public or S3_PUBLIC_URL serves it: "
+              f"`imagefork get {final.workflowId}` downloads the outputs, and IMAGEFORK_PRESIGN_TTL_S=3600 "
+              f"prints links that open for an hour)", file=sys.stderr)
 
 
 def _submit(args) -> int:

@@ -204,7 +204,9 @@ def run_demo(keep: bool = False) -> int:
         follower.close()
         client.close()
         del client, follower  # librdkafka handles go before the broker does
-        print_final(final, links=output_links(config, final), ttl_s=config.presign_ttl_s)
+        # live links only when the stack stays up (--keep); else the copies below are what opens afterwards
+        print_final(final, links=output_links(config, final) if keep else None, ttl_s=config.presign_ttl_s,
+                    urls=keep)
         say(f"done in {time.monotonic() - started:.2f}s (end to end, as the client saw it)")
         finished = True
         code = 0 if final.status == "COMPLETED" else 1
@@ -217,6 +219,9 @@ def run_demo(keep: bool = False) -> int:
             else:
                 say(f"the {len(final.outputs)} outputs and a contact sheet are in {sheet.parent}/")
                 say(f"  open {sheet.resolve().as_uri()}")
+                if not keep:
+                    say("  (copies: the stack stops now, so no link into it would open; `imagefork demo --keep` "
+                        "keeps it running and prints live links)")
         if api is not None:
             if not wait_for_http(api, api_url, 60):
                 say(f"the API/dashboard did not come up (logs in {api.log_path}):\n{api.log_tail()}")
@@ -234,7 +239,7 @@ def run_demo(keep: bool = False) -> int:
             if api is not None:
                 say(f"  dashboard: {api_url}")
             say(f"  more requests: set -a; . {stack.env_file}; set +a; "
-                f"IMAGEFORK_PRESIGN_TTL_S={env['IMAGEFORK_PRESIGN_TTL_S']} imagefork submit request.json --wait")
+                f"IMAGEFORK_PRESIGN_TTL_S={env['IMAGEFORK_PRESIGN_TTL_S']} imagefork submit examples/request.json --wait")
             say(f"  stop them all: {STOP_COMMAND}   (the same: imagefork stack down --dir {stack.dir})")
         else:
             say("stopping the workers" + (" (the stack is kept; stop it with: "

@@ -31,7 +31,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 from PIL import Image
 
 from streams.adapters.kafka import client_config, read_to_end
-from streams.demo import save_outputs, seed_request
+from streams.demo import SHEET, save_outputs, seed_request
 from streams.stack.local import free_port
 from streams.stack.processes import _start_ticks, process_group_members
 from tests.integration.pipeline import wait_until
@@ -236,3 +236,23 @@ def test_a_kept_api_serves_the_dashboard_and_demo_stop_stops_it(pipeline, tmp_pa
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def test_make_demo_runs_the_seed_request_end_to_end_and_stops_everything(tmp_path):
+    """`make demo`'s entry point as a user runs it (`python -m streams demo`, a stack folder of its own): it
+    starts the local Kafka and S3 server, submits the seed request, prints its nine outputs, writes them and a
+    contact sheet, says its links are copies, stops cleanly (exit 0) and leaves no process of its stack."""
+    env = {**os.environ, "IMAGEFORK_STACK_DIR": str(tmp_path / "stack")}
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "S3_ENDPOINT_URL", "IMAGEFORK_NAMESPACE"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "streams", "demo"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert ": COMPLETED (9 of 9 outputs" in proc.stdout, proc.stdout
+    assert "the 9 outputs and a contact sheet are in " in proc.stderr and "(copies: the stack stops now" in proc.stderr
+    sheet = next((tmp_path / "demo-outputs").glob(f"*/{SHEET}"))
+    assert len([p for p in sheet.parent.iterdir() if p.name != SHEET]) == 9
+    state = tmp_path / "demo-stack" / "state.json"
+    pids = [svc["pid"] for svc in json.loads(state.read_text()).get("services", {}).values()] if state.exists() else []
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "the demo's stack is still running"
