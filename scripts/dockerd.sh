@@ -2,7 +2,8 @@
 # A Docker engine of the project's own, for the Testcontainers and compose tests (issue 12).
 #
 #   scripts/dockerd.sh start   start dockerd unless one answers already; prints DOCKER_HOST=... on stdout
-#   scripts/dockerd.sh stop    stop the dockerd that `start` started (and nothing else)
+#   scripts/dockerd.sh stop [PID]  stop the dockerd that `start` started (and nothing else; with PID, only if
+#                              it is still that one: a run that ended late never stops the next run's engine)
 #   scripts/dockerd.sh env     print DOCKER_HOST=... of the running one
 #
 # Installs Debian's docker.io and docker-compose with apt-get when missing (root only). Its data (images,
@@ -56,6 +57,8 @@ start() {
 stop() {
   [ -f "$PIDFILE" ] || return 0
   local pid; pid=$(cat "$PIDFILE")
+  # `stop PID`: only the engine this caller started (another run may have started the one there now)
+  if [ -n "${1:-}" ] && [ "$1" != "$pid" ]; then say "dockerd $1 is gone already; $pid is another run's: left alone"; return 0; fi
   # only ours: its command line names our pid file
   if ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$PIDFILE"; then rm -f "$PIDFILE"; return 0; fi
   # containers first (ours: this engine runs nothing else), then the engine and its containerd
@@ -75,7 +78,7 @@ stop() {
 
 case "${1:-}" in
   start) start ;;
-  stop) stop ;;
+  stop) stop "${2:-}" ;;
   env) answers && echo "DOCKER_HOST=unix://$SOCK" ;;
   *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
 esac
