@@ -117,9 +117,10 @@ class Config:
     join_commit_interval_ms: int = 1000  # a transaction without a final event commits after this
     join_instance: str = ""  # the join's transactional.id suffix; default: host name + a free slot
     transaction_timeout_s: float = 10.0  # a dead join's open transaction is aborted after this
+    shutdown_grace_s: float = 25.0  # a stopped planner or resize worker finishes its work in flight this long
     late_result_grace_s: float = 60.0  # a result for no known workflow this long past its deadline is refused
     join_max_aborts: int = 3  # a record whose every send aborts the join's transaction this often is degraded
-    resize_concurrency: int = 0  # 0: one per core
+    resize_concurrency: int = 0  # 0: three per core (a task waits on S3 and Kafka most of its time)
     resize_pool: str = "thread"  # or "process" (measured: threads are faster, see docs/bench.md)
     planner_concurrency: int = 4
     fetch_allow: tuple[str, ...] = ()
@@ -143,7 +144,15 @@ class Config:
 
     @property
     def resize_slots(self) -> int:
-        return self.resize_concurrency or (os.cpu_count() or 1)
+        """Tasks in flight per resize process. Three per core by default: a tiny task spends a fifth of its
+        time computing and the rest uploading and sending (docs/breakdown.md: one slot per core made a
+        1,000-output request take 16 s, three 7.6 s)."""
+        return self.resize_concurrency or 3 * (os.cpu_count() or 1)
+
+    @property
+    def resize_processes(self) -> int:
+        """Processes of a process pool (and sandboxes at once): one per core at most."""
+        return max(1, min(self.resize_slots, os.cpu_count() or 1))
 
     @property
     def fetch_allow_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -196,6 +205,7 @@ class Config:
             (1 <= self.transaction_timeout_s <= 900, "IMAGEFORK_TRANSACTION_TIMEOUT_S must be 1..900"),
             (self.finished_retention_s > 0, "IMAGEFORK_FINISHED_RETENTION_S must be > 0"),
             (self.late_result_grace_s >= 0, "IMAGEFORK_LATE_RESULT_GRACE_S must be >= 0"),
+            (0 <= self.shutdown_grace_s <= 3600, "IMAGEFORK_SHUTDOWN_GRACE_S must be 0..3600"),
             (1 <= self.join_max_aborts <= 100, "IMAGEFORK_JOIN_MAX_ABORTS must be 1..100"),
             (self.retry.policy in ("fixed", "exponential"), "IMAGEFORK_RETRY_POLICY must be fixed or exponential"),
             (self.retry.max_retries >= 0, "IMAGEFORK_MAX_RETRIES must be >= 0"),
@@ -303,6 +313,7 @@ class Config:
             join_instance=reader.str("IMAGEFORK_JOIN_INSTANCE", d.join_instance),
             transaction_timeout_s=reader.float("IMAGEFORK_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s),
             late_result_grace_s=reader.float("IMAGEFORK_LATE_RESULT_GRACE_S", d.late_result_grace_s),
+            shutdown_grace_s=reader.float("IMAGEFORK_SHUTDOWN_GRACE_S", d.shutdown_grace_s),
             join_max_aborts=reader.int("IMAGEFORK_JOIN_MAX_ABORTS", d.join_max_aborts),
             resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),
             resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),

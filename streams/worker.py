@@ -223,16 +223,44 @@ def run_faust_role(role: str, config: Config) -> int:
 
     app.on_rebalance_complete.connect(ready)
     serve(config, role, readiness)
-    faust_worker(app).execute_from_commandline()
+    faust_worker(app, grace_s=config.shutdown_grace_s).execute_from_commandline()
     return 0
 
 
-def faust_worker(app, **kwargs):
+def faust_worker(app, grace_s: float = 0.0, **kwargs):
     """Faust's worker for ``app``: its lines go through ``setup_logging``, not through mode's own set-up
     (another format, colour codes, print() turned into log lines), and it has no spinner (mode's writes
-    cursor codes and backspaces even into a file)."""
+    cursor codes and backspaces even into a file). A SIGTERM or SIGINT drains first (``Drain``): no
+    message is started any more, and the work in flight has ``grace_s`` to finish before Faust stops (and
+    commits); a second signal stops at once. What is not finished is handed back to the partition's next
+    owner, never committed past."""
+    import asyncio
+
     import faust
-    worker = faust.Worker(app, quiet=True, override_logging=False, **kwargs)
+
+    from streams.adapters.offsets import DRAIN
+    log = logging.getLogger("imagefork")
+
+    class Worker(faust.Worker):
+        def _schedule_shutdown(self, signal_: signal.Signals) -> None:
+            if DRAIN.started or grace_s <= 0 or self._signal_stop_time:
+                return super()._schedule_shutdown(signal_)
+            DRAIN.start()
+            log.info("stopping (%s): finishing %d message(s) in flight, for up to %.0fs "
+                     "(IMAGEFORK_SHUTDOWN_GRACE_S)", signal_.name, DRAIN.busy(), grace_s)
+            asyncio.ensure_future(self._drain_then_stop(signal_), loop=self.loop)
+
+        async def _drain_then_stop(self, signal_: signal.Signals) -> None:
+            started = time.monotonic()
+            if await DRAIN.wait(grace_s):
+                log.info("stopping: the work in flight finished in %.1fs", time.monotonic() - started)
+            else:
+                log.warning("stopping: %d message(s) still in flight after %.0fs; they go back to their "
+                            "partitions' next owner", DRAIN.busy(), grace_s)
+            await asyncio.sleep(2 * app.conf.broker_commit_interval)  # the last finished offsets are committed
+            super()._schedule_shutdown(signal_)
+
+    worker = Worker(app, quiet=True, override_logging=False, **kwargs)
     worker.spinner = None
     return worker
 

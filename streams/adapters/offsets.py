@@ -16,7 +16,9 @@ holds. A message cancelled mid-way stays in the ledger, so it is read again by t
 """
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections import defaultdict
 
 from faust.transport import consumer as faust_consumer
@@ -43,6 +45,11 @@ class InFlight:
             if held[offset] <= 0:
                 del held[offset]
 
+    def count(self) -> int:
+        """Messages started and not finished, all partitions."""
+        with self._lock:
+            return sum(sum(held.values()) for held in self._held.values())
+
     def lowest(self, topic: str, partition: int, at_least: int = 0) -> int | None:
         with self._lock:
             held = [o for o in self._held.get((topic, partition), ()) if o >= at_least]
@@ -50,6 +57,39 @@ class InFlight:
 
 
 IN_FLIGHT = InFlight()
+
+
+class Drain:
+    """A stop that lets the work in flight finish (``IMAGEFORK_SHUTDOWN_GRACE_S``): once ``start``ed, no agent
+    starts another message (it waits, unacked, so no commit passes it), and ``wait`` returns when every
+    message being worked on is done. Messages only waiting for their not-before time on a retry topic
+    (``parked``) are not waited for: the stop hands them back, as it does whatever the grace did not finish."""
+
+    def __init__(self):
+        self.started = False
+        self.parked = 0
+
+    def start(self) -> None:
+        self.started = True
+
+    def busy(self) -> int:
+        return IN_FLIGHT.count() - self.parked
+
+    async def hold(self) -> None:
+        """An agent that would start a message while draining waits here until the stop cancels it."""
+        await asyncio.Event().wait()
+
+    async def wait(self, grace_s: float, poll_s: float = 0.05) -> bool:
+        """True when nothing is being worked on any more; False when ``grace_s`` passed first."""
+        end = time.monotonic() + grace_s
+        while self.busy() > 0:
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(poll_s)
+        return True
+
+
+DRAIN = Drain()
 
 
 def first_unfinished(consumer, tp, since: int = 0) -> int | None:

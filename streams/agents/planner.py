@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import faust
@@ -9,7 +10,7 @@ import faust
 from streams import serde
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.source import fetch_http
-from streams.agents.common import backoff_s, log, now_ms, send
+from streams.agents.common import backoff_s, log, now_ms, send, send_all
 from streams.agents.policy import (
     NOT_BEFORE, Disposition, Message, MessagePolicy, Reject, header_int, wait_not_before,
 )
@@ -18,7 +19,7 @@ from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
 from streams.core.imaging import probe_image
 from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
-from streams.metrics import RETRIES
+from streams.metrics import RETRIES, STAGE_SECONDS
 from streams.core.planning import (
     make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
 )
@@ -80,13 +81,17 @@ class Planner:
                 taskRefs=(), submittedAt=now, deadline=deadline, runId=run_id,
                 retryOf=request.retry.runId if request.retry else "", request=request_json(request),
                 failure=PlanFailure(FAILED, exc.code, exc.message, attempts=attempt)))
+        sending = time.perf_counter()
         await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline,
                                        run_id=run_id, carried=carried))
+        planned = time.perf_counter()
+        STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
         # largest outputs first: the longest tasks start first, so the workflow ends sooner
-        for task in sorted(to_run, key=lambda t: t.width * t.height, reverse=True):
-            task = replace(task, sourceUri=source_uri)
-            await send(self.topics.tasks, key=f"{workflow_id}/{task.taskRef}".encode(),
-                       value=serde.encode("ResizeTask", task.to_dict()))
+        await send_all(self.topics.tasks, [
+            (f"{workflow_id}/{task.taskRef}".encode(),
+             serde.encode("ResizeTask", replace(task, sourceUri=source_uri).to_dict()))
+            for task in sorted(to_run, key=lambda t: t.width * t.height, reverse=True)])
+        STAGE_SECONDS.labels("planner", "task_send").observe(time.perf_counter() - planned)
         if request.retry is not None:
             log.info("workflow %s planned: a retry of run %s, %d of %d tasks again", workflow_id,
                      request.retry.runId, len(to_run), len(tasks))
@@ -160,10 +165,14 @@ class Planner:
             data = self.store.get(location, lim.max_source_bytes)
             probe_image(data, lim)
             return location
+        started = time.perf_counter()
         data = fetch_http(location, lim, self.config.fetch_allow_networks)
         probe_image(data, lim)
+        fetched = time.perf_counter()
         key = staging_key(self.config.staging_prefix, workflow_id, run_id)
         self.store.put(key, data, "application/octet-stream")
+        STAGE_SECONDS.labels("planner", "fetch").observe(fetched - started)
+        STAGE_SECONDS.labels("planner", "stage").observe(time.perf_counter() - fetched)
         return self.store.uri(key)
 
     async def send_plan(self, plan: WorkflowPlan) -> None:

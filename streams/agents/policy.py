@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import faust
 
-from streams.adapters.offsets import IN_FLIGHT
+from streams.adapters.offsets import DRAIN, IN_FLIGHT
 from streams.agents.common import SendRejected, backoff_s, dead_letter_headers, log, now_ms, origin, send
 from streams.config import Config
-from streams.metrics import DEAD_LETTERS, MESSAGES, RETRIES
+from streams.metrics import DEAD_LETTERS, MESSAGES, RETRIES, STAGE_SECONDS
 
 ATTEMPTS = "imagefork.attempts"
 NOT_BEFORE = "imagefork.not-before"
@@ -99,8 +100,18 @@ class MessagePolicy:
         self.retry_headers = retry_headers
 
     async def consume(self, stream, handler: Handler) -> None:
+        done = None
         async for event in stream.events():
+            if DRAIN.started:  # a stop is draining this process: this message stays for the next owner
+                where = _position(message_of(event))
+                if where is not None:
+                    IN_FLIGHT.begin(*where)  # Faust acks the event of a cancelled agent: never commit past it
+                DRAIN.parked += 1
+                await DRAIN.hold()
+            if done is not None:  # from the last message's end to this one's start: the loop's own time
+                STAGE_SECONDS.labels(self.agent, "loop").observe(time.perf_counter() - done)
             await self.process(message_of(event), handler)
+            done = time.perf_counter()
 
     async def process(self, msg: Message, handler: Handler) -> Disposition:
         """Handle one message to one of its three ends. It is in flight (no commit passes it) until then;
@@ -167,4 +178,10 @@ async def wait_not_before(msg: Message, not_before_ms: int = 0) -> None:
     """A retry topic's agent: sleep until the message's not-before time (the header's or the record's)."""
     wait_ms = max(header_int(msg.headers, NOT_BEFORE, 0), not_before_ms) - now_ms()
     if wait_ms > 0:
-        await asyncio.sleep(wait_ms / 1000)
+        DRAIN.parked += 1  # only waiting: a draining stop hands it back rather than wait for it
+        try:
+            await asyncio.sleep(wait_ms / 1000)
+            if DRAIN.started:
+                await DRAIN.hold()
+        finally:
+            DRAIN.parked -= 1

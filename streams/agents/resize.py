@@ -7,6 +7,7 @@ A task that kills its process is isolated and ends WORKER_CRASHED (agents/crashe
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -20,7 +21,7 @@ from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, w
 from streams.app import Topics
 from streams.config import Config
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
-from streams.metrics import RETRIES, TASK_SECONDS, TASKS, add_io
+from streams.metrics import COMPUTE_CPU, RETRIES, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io
 from streams.serde import SerdeError
 
 
@@ -37,7 +38,7 @@ def make_pool(config: Config) -> Executor:
     if config.resize_pool == "thread":
         resize_job.init(config)
         return ThreadPoolExecutor(max_workers=config.resize_slots, thread_name_prefix="resize")
-    return _process_pool(config, config.resize_slots, resize_job.init_pooled)
+    return _process_pool(config, config.resize_processes, resize_job.init_pooled)
 
 
 def crashed_outcome(entry: Entry) -> dict:
@@ -52,7 +53,7 @@ class Resizer:
         self.topics = topics
         self.pool: Executor | None = None
         # one-process pools, each running one suspect at a time, so a sandbox death has one culprit
-        self.sandboxes: list[Executor | None] = [None] * config.resize_slots
+        self.sandboxes: list[Executor | None] = [None] * config.resize_processes
         self._free_sandboxes: asyncio.Queue[int] | None = None
         self.ledger = CrashLedger(config, topics.task_attempts, topics.tasks.get_topic_name())
 
@@ -66,26 +67,40 @@ class Resizer:
             task = ResizeTask.from_dict(serde.decode("ResizeTask", msg.value or b""))
         except SerdeError as exc:
             raise Reject("NOT_A_TASK", str(exc)) from None
+        stages: dict[str, float] = {}
         if now_ms() >= task.deadline:
             await self.report(task, {"ok": False, "code": "DEADLINE_EXCEEDED", "transient": False,
                                      "message": "the workflow deadline passed before this task ran"})
             return Disposition.PROCESSED
+        started = time.perf_counter()
         entry, suspect = await self.ledger.begin(int(msg.where["partition"]), int(msg.where["offset"]),
                                                  task.sourceUri)
+        begun = time.perf_counter()
         try:
             outcome = crashed_outcome(entry) if entry.crashes >= self.config.max_crashes else \
                 await self.run(task, entry, sandboxed=suspect)
             add_io(outcome.pop("io", ()))
+            stages = outcome.pop("stages", {})
+            COMPUTE_CPU.inc(stages.pop("cpu", 0.0))
+            stages["pool_wait"] = max(0.0, time.perf_counter() - begun - sum(stages.values()))
+            stages["ledger"] = begun - started
             if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
                 await self.schedule_retry(task, outcome)
                 return Disposition.RETRIED
+            sending = time.perf_counter()
             await self.report(task, outcome)
+            stages["result_send"] = time.perf_counter() - sending
             return Disposition.PROCESSED
         finally:
             # a task that killed its sandboxes keeps its row: a redelivery of its message (its offset not
             # committed yet when its partition moved) ends WORKER_CRASHED at once wherever it lands, and
             # its source stays a suspect there, instead of being decoded in-process
+            ending = time.perf_counter()
             await self.ledger.end(entry, keep=entry.crashes >= self.config.max_crashes)
+            if stages:
+                stages["ledger"] += time.perf_counter() - ending
+                for stage, seconds in stages.items():
+                    STAGE_SECONDS.labels("resize", stage).observe(seconds)
 
     async def run(self, task: ResizeTask, entry: Entry, *, sandboxed: bool) -> dict:
         loop = asyncio.get_running_loop()
@@ -187,7 +202,12 @@ def register(app: faust.App, config: Config, topics: Topics) -> Resizer:
 
     @app.on_partitions_revoked.connect
     async def forget_ledger(app, revoked, **kwargs):
-        resizer.ledger.forget({tp.partition for tp in revoked if tp.topic == topics.tasks.get_topic_name()})
+        mine = {tp.partition for tp in revoked if tp.topic == topics.tasks.get_topic_name()}
+        try:
+            await asyncio.wait_for(resizer.ledger.release(mine), 5.0)
+        except Exception as exc:  # rows left behind only make their sources suspects for the next owner
+            log.warning("crash-ledger rows of revoked partitions not tombstoned (%s: %s)", type(exc).__name__, exc)
+            resizer.ledger.forget(mine)
 
     @app.task
     async def warm_up():

@@ -183,7 +183,8 @@ def init_sandbox(config: Config) -> None:
 _loading: dict[str, threading.Lock] = {}
 
 
-def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceOptions()) -> tuple[str, Source]:
+def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceOptions(),
+            stages: dict[str, float] | None = None) -> tuple[str, Source]:
     """The decoded source, leased (unlease it when done): fetched and decoded once per process (and per way
     of preparing it: animated, keeping the profile or metadata) even when threads ask at once."""
     key = f"{uri}#{max_box[0]}x{max_box[1]}#{options.key}"
@@ -199,11 +200,17 @@ def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceO
             SOURCE_CACHE_LOOKUPS.labels("hit").inc()
         else:
             SOURCE_CACHE_LOOKUPS.labels("miss").inc()
+            started = time.perf_counter()
             data = _store.get(uri, _config.limits.max_source_bytes)
+            fetched, cpu = time.perf_counter(), time.thread_time()
             cost = decode_cost(data, _config.limits, max_box, options)
             _budget.reserve(cost)
             try:
                 im = prepare(data, _config.limits, max_box=max_box, options=options)
+                if stages is not None:
+                    stages["fetch"] = fetched - started
+                    stages["decode"] = time.perf_counter() - fetched
+                    stages["cpu"] = time.thread_time() - cpu
             except BaseException:
                 _budget.settle(cost)
                 raise
@@ -217,12 +224,14 @@ def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceO
 def run(task: dict[str, Any]) -> dict[str, Any]:
     if _config is None:
         raise RuntimeError("resize_job.init() was not called in this process")
-    outcome = _run(task)
+    stages: dict[str, float] = {}
+    outcome = _run(task, stages)
     outcome["io"] = metrics.take_io()
+    outcome["stages"] = stages
     return outcome
 
 
-def _run(task: dict[str, Any]) -> dict[str, Any]:
+def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
     try:
         spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"],
                           mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
@@ -231,10 +240,13 @@ def _run(task: dict[str, Any]) -> dict[str, Any]:
                           progressive=task.get("progressive"), lossless=task.get("lossless", False),
                           animated=task.get("animated", False), keep_metadata=task.get("keepMetadata") or "none",
                           keep_profile=task.get("keepProfile", False))
-        key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)), spec.source_options)
+        key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)), spec.source_options,
+                          stages)
         try:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             out = resize_image(im, spec, _config.limits, _config.encoding)
+            stages["resize_encode"] = time.perf_counter() - started
+            stages["cpu"] = stages.get("cpu", 0.0) + time.thread_time() - cpu
         finally:
             del im
             _budget.unlease(key)
@@ -244,11 +256,13 @@ def _run(task: dict[str, Any]) -> dict[str, Any]:
                    "keepProfile": out.keep_profile}
         # the object describes itself (its task, run and the options applied), so the join can recover a
         # result it lost, as it was (see agents/repair.py)
+        uploading = time.perf_counter()
         _store.put(task["outputKey"], out.data, out.content_type, metadata={
             "imagefork-task": task["taskRef"], "imagefork-format": out.format,
             "imagefork-width": str(out.width), "imagefork-height": str(out.height),
             "imagefork-run": task.get("runId", ""),
             "imagefork-options": json.dumps(applied, separators=(",", ":"))})
+        stages["upload"] = time.perf_counter() - uploading
         return {"ok": True, "output": {
             "taskRef": task["taskRef"], "format": out.format, "width": out.width, "height": out.height,
             "bytes": len(out.data), "contentType": out.content_type,

@@ -1,7 +1,8 @@
 """The Faust agents never commit past a message still in flight (adapters/offsets.py, issue 20): a slow
 message at the head of a partition with faster ones behind it, and the worker killed (SIGKILL) or stopped
-(SIGTERM, a deploy) while the slow one is still being worked on. Its next owner reads it again: every
-request ends with exactly one final event, COMPLETED."""
+(SIGTERM, a deploy) while the slow one is still being worked on. A stop drains first: the work in flight
+finishes within IMAGEFORK_SHUTDOWN_GRACE_S; what the grace or a kill cut short, the next owner reads
+again. Every request ends with exactly one final event, COMPLETED."""
 import http.server
 import threading
 import time
@@ -46,15 +47,17 @@ class SlowSource:
         self.httpd.server_close()
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM past the grace", "SIGTERM within the grace"])
 def test_a_planner_stopped_with_a_slow_request_at_the_head_loses_nothing(make_pipeline, files, how):
     """One request partition: a request whose source takes 10 s, then ten quick ones, which the planner's
-    other slots plan meanwhile. The planner is stopped while the slow fetch runs; its successor plans the
-    slow request again (Faust alone had committed past it: no plan, no final event ever)."""
+    other slots plan meanwhile. The planner is stopped while the slow fetch runs. Killed, or stopped with a
+    1 s grace, its successor plans the slow request again (Faust alone had committed past it: no plan, no
+    final event ever); stopped with the default grace (25 s), it finishes the slow request, then exits."""
     slow = SlowSource(10)
+    grace = "1" if how == "SIGTERM past the grace" else "25"
     try:
         p = make_pipeline(IMAGEFORK_PARTITIONS="1", IMAGEFORK_READ_TIMEOUT_S="60", IMAGEFORK_PLANNER_CONCURRENCY="4",
-                          IMAGEFORK_SESSION_TIMEOUT_S="6")
+                          IMAGEFORK_SESSION_TIMEOUT_S="6", IMAGEFORK_SHUTDOWN_GRACE_S=grace)
         planner = p.start_together("join", "resize", "planner")[2]
         follower = p.follower()
         request = {"outputFormats": ["png"], "outputSizes": SMALL, "maintainAspectRatio": True}
@@ -69,13 +72,23 @@ def test_a_planner_stopped_with_a_slow_request_at_the_head_loses_nothing(make_pi
         if how == "SIGKILL":
             planner.kill()
         else:
+            stopped = time.monotonic()
             planner.terminate()
-            planner.stop(timeout=30)
+            planner.stop(timeout=40)
+            took = time.monotonic() - stopped
         p.start("planner", name="planner-next")
         finals = follower.wait(["slow-head", *quick], 120)
         follower.close()
         assert all(f.status == "COMPLETED" for f in finals.values()), {i: f.status for i, f in finals.items()}
-        assert slow.calls >= 2  # read again by the next planner
+        log = planner.log_path.read_text()
+        if how == "SIGTERM within the grace":
+            assert "slow-head planned" in log and slow.calls == 1, log[-3000:]  # finished, not handed back
+            assert "the work in flight finished" in log and took < 25, (took, log[-3000:])
+        else:
+            assert slow.calls >= 2  # read again by the next planner
+            assert "slow-head planned" not in log
+            if how == "SIGTERM past the grace":
+                assert "still in flight after 1s" in log and took < 15, (took, log[-3000:])
         counts = {f.workflowId: 0 for f in finals.values()}
         for f in p.finals_for(list(finals)):
             counts[f.workflowId] += 1
@@ -84,12 +97,15 @@ def test_a_planner_stopped_with_a_slow_request_at_the_head_loses_nothing(make_pi
         slow.close()
 
 
-def test_a_resize_worker_killed_with_a_big_task_at_the_head_loses_nothing(make_pipeline, files):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM past the grace", "SIGTERM within the grace"])
+def test_a_resize_worker_stopped_with_a_big_task_at_the_head_loses_nothing(make_pipeline, files, how):
     """One task partition: a big output first (several seconds to encode), then quick tasks behind it that
-    the worker's other slot finishes meanwhile. SIGKILL while the big one runs: the next worker runs it
-    again (Faust alone had committed past it: its workflow ended TIMED_OUT without it)."""
+    the worker's other slot finishes meanwhile. Killed (or stopped with a 1 s grace) while the big one runs:
+    the next worker runs it again (Faust alone had committed past it: its workflow ended TIMED_OUT without
+    it). Stopped with the default grace: it finishes the big task, then exits."""
     p = make_pipeline(IMAGEFORK_PARTITIONS="1", IMAGEFORK_RESIZE_CONCURRENCY="2", IMAGEFORK_SESSION_TIMEOUT_S="6",
-                      IMAGEFORK_WORKFLOW_TIMEOUT_S="150", IMAGEFORK_PNG_COMPRESS_LEVEL="9")
+                      IMAGEFORK_WORKFLOW_TIMEOUT_S="150", IMAGEFORK_PNG_COMPRESS_LEVEL="9",
+                      IMAGEFORK_SHUTDOWN_GRACE_S="1" if how == "SIGTERM past the grace" else "25")
     resize = p.start_together("join", "resize", "planner")[1]
     follower = p.follower()
     big = {"fileLocation": files.url("sample.png"), "outputFormats": ["png"],
@@ -103,10 +119,17 @@ def test_a_resize_worker_killed_with_a_big_task_at_the_head_loses_nothing(make_p
     assert all(f.status == "COMPLETED" for f in done.values())
     time.sleep(1.0)  # a couple of commit intervals, the big task still running
     assert p.open_ledger_rows(), "the big task ended before the kill: make it bigger"
-    resize.kill()
-    p.start("resize", name="resize-next")
+    assert "task big-head/" not in resize.log_path.read_text(), "the big task ended before the stop: make it bigger"
+    if how == "SIGKILL":
+        resize.kill()
+    else:
+        resize.terminate()
+        resize.stop(timeout=40)
+    following = p.start("resize", name="resize-next")
     final = follower.wait(["big-head"], 200)["big-head"]
     follower.close()
     assert final.status == "COMPLETED", final.errors
     p.check_outputs(final)
     assert len(p.finals_for(["big-head", *quick])) == 1 + len(quick)
+    done_by = resize if how == "SIGTERM within the grace" else following
+    assert "task big-head/" in done_by.log_path.read_text(), (resize.log_tail(20), following.log_tail(20))

@@ -57,7 +57,7 @@ def test_defaults_are_the_readme_table():
     assert c.fetch_allow == () and c.source_s3_allow == ()
     assert (c.max_crashes, c.memory_budget_mb) == (2, 1024)
     assert c.kafka_security.protocol == "PLAINTEXT" and not c.kafka_security.sasl and not c.kafka_security.ssl
-    assert (c.resize_concurrency, c.resize_pool) == (0, "thread") and c.resize_slots == (os.cpu_count() or 1)
+    assert (c.resize_concurrency, c.resize_pool) == (0, "thread") and c.resize_slots == 3 * (os.cpu_count() or 1)
     enc = c.encoding
     assert (enc.png_compress_level, enc.jpeg_quality, enc.webp_quality, enc.webp_method) == (1, 85, 80, 2)
     assert (c.session_timeout_s, c.repair_after_s, c.finished_retention_s) == (15, 15, 86400)

@@ -71,3 +71,24 @@ def test_leftovers_below_the_committed_offset_hold_nothing_up():
         assert new_offset(consumer, T) == 12
     finally:
         IN_FLIGHT.end("tasks", 0, 3)
+
+
+def test_a_drain_waits_for_the_work_in_flight_not_for_parked_retries():
+    """A stop's drain (IMAGEFORK_SHUTDOWN_GRACE_S) returns once every message being worked on is done; a
+    message only waiting for its not-before time does not hold it; past the grace it gives up (False)."""
+    import asyncio
+
+    from streams.adapters.offsets import IN_FLIGHT, Drain
+
+    async def go():
+        drain = Drain()
+        IN_FLIGHT.begin("drain-t", 0, 5)
+        IN_FLIGHT.begin("drain-t", 0, 6)
+        drain.parked = 1  # offset 6: parked on a retry topic
+        late = await drain.wait(0.2, poll_s=0.01)  # offset 5 is still being worked on
+        asyncio.get_running_loop().call_later(0.1, IN_FLIGHT.end, "drain-t", 0, 5)
+        done = await drain.wait(5, poll_s=0.01)
+        IN_FLIGHT.end("drain-t", 0, 6)
+        return late, done
+
+    assert asyncio.run(go()) == (False, True)
