@@ -126,7 +126,7 @@ class Config:
     fetch_allow: tuple[str, ...] = ()
     source_s3_allow: tuple[str, ...] = ()  # "bucket" or "bucket/prefix"; the staging prefix is always allowed
     max_crashes: int = 2  # a task whose processing killed this many workers ends FAILED (WORKER_CRASHED)
-    memory_budget_mb: int = 1024  # decoded pixels held per resize process: cache + decodes in flight
+    memory_budget_mb: int = 0  # decoded pixels held per resize process (cache + decodes in flight); 0: auto
     source_idle_s: float = 10.0  # a decoded source no task used for this long leaves the cache
     limits: Limits = field(default_factory=Limits)
     encoding: Encoding = field(default_factory=Encoding)
@@ -148,6 +148,14 @@ class Config:
         time computing and the rest uploading and sending (docs/breakdown.md: one slot per core made a
         1,000-output request take 16 s, three 7.6 s)."""
         return self.resize_concurrency or 3 * (os.cpu_count() or 1)
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes of decoded pixels a resize process may hold: IMAGEFORK_MEMORY_BUDGET_MB, else sized from
+        the container's memory limit (cgroup), else 1 GiB."""
+        if self.memory_budget_mb:
+            return self.memory_budget_mb << 20
+        return budget_for_limit(memory_limit())
 
     @property
     def resize_processes(self) -> int:
@@ -185,7 +193,8 @@ class Config:
              f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are needed with {sec.protocol}"),
             (bool(sec.ssl_certfile) == bool(sec.ssl_keyfile), "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together"),
             (self.max_crashes >= 1, "IMAGEFORK_MAX_CRASHES must be >= 1"),
-            (self.memory_budget_mb >= 64, "IMAGEFORK_MEMORY_BUDGET_MB must be >= 64"),
+            (self.memory_budget_mb == 0 or self.memory_budget_mb >= 64,
+             "IMAGEFORK_MEMORY_BUDGET_MB must be 0 (sized from the memory limit) or >= 64"),
             (self.source_idle_s > 0, "IMAGEFORK_SOURCE_IDLE_S must be > 0"),
             (not self.metrics_listen or parse_host_port(self.metrics_listen) is not None,
              "IMAGEFORK_METRICS_LISTEN must be host:port (port 0-65535; 0: any free one)"),
@@ -344,6 +353,36 @@ def parse_host_port(text: str) -> tuple[str, int] | None:
     if not port.isdigit() or not 0 <= int(port) < 65536:
         return None
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+MEMORY_BUDGET_DEFAULT = 1 << 30
+INTERPRETER_HEADROOM = 200 << 20  # a resize process's RSS without any source (measured ~110 MB) and margin
+
+
+def budget_for_limit(limit: int | None) -> int:
+    """The decode budget under a memory limit of ``limit`` bytes (None: no limit): what is left after the
+    interpreter, its libraries and the encoders' buffers, at most 1 GiB, at least 64 MiB. A 512 MB
+    container gets 312 MiB (bench/soak.py: a seed soak then peaks near 260 MB)."""
+    if not limit:
+        return MEMORY_BUDGET_DEFAULT
+    return max(64 << 20, min(MEMORY_BUDGET_DEFAULT, limit - INTERPRETER_HEADROOM))
+
+
+def memory_limit(root: str = "/sys/fs/cgroup") -> int | None:
+    """This process's cgroup memory limit in bytes (v2 ``memory.max``, else v1), or None when unlimited."""
+    for path in (f"{root}/memory.max", f"{root}/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return value if 0 < value < (1 << 60) else None  # v1 says "unlimited" with a huge number
+    return None
 
 
 def metrics_address(config: "Config") -> tuple[str, int] | None:

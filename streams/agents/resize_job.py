@@ -161,7 +161,7 @@ def init(config: Config) -> None:
     global _config, _store, _budget
     _config = config
     _store = ObjectStore(config)
-    _budget = MemoryBudget(config.memory_budget_mb << 20, idle_s=config.source_idle_s)
+    _budget = MemoryBudget(config.memory_budget, idle_s=config.source_idle_s)
 
 
 def init_pooled(config: Config) -> None:
@@ -175,8 +175,8 @@ def init_sandbox(config: Config) -> None:
     there with MemoryError (IMAGE_TOO_LARGE) instead of being killed by the kernel with the worker."""
     import resource
     init_pooled(config)
-    _budget.budget = max(64 << 20, config.memory_budget_mb << 19)  # one task at a time: half is plenty
-    limit = (config.memory_budget_mb << 20) + (1 << 30)  # the budget, plus the interpreter and libraries
+    _budget.budget = max(64 << 20, config.memory_budget >> 1)  # one task at a time: half is plenty
+    limit = config.memory_budget + (1 << 30)  # the budget, plus the interpreter and libraries
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 

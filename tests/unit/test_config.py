@@ -55,7 +55,7 @@ def test_defaults_are_the_readme_table():
                                                                                        10_000, 1000)
     assert (lim.connect_timeout_s, lim.read_timeout_s, lim.max_redirects) == (5, 30, 5)
     assert c.fetch_allow == () and c.source_s3_allow == ()
-    assert (c.max_crashes, c.memory_budget_mb) == (2, 1024)
+    assert (c.max_crashes, c.memory_budget_mb) == (2, 0)
     assert c.kafka_security.protocol == "PLAINTEXT" and not c.kafka_security.sasl and not c.kafka_security.ssl
     assert (c.resize_concurrency, c.resize_pool) == (0, "thread") and c.resize_slots == 3 * (os.cpu_count() or 1)
     enc = c.encoding
@@ -263,3 +263,20 @@ def test_a_worker_with_a_bad_setting_prints_one_line_and_exits_non_zero(variable
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("imagefork: configuration: ") and variable in lines[0], lines[0]
     assert proc.stdout == ""
+
+
+def test_the_memory_budget_is_sized_from_the_containers_limit(tmp_path):
+    """IMAGEFORK_MEMORY_BUDGET_MB=0 (the default): a 512 MB container gets 312 MiB, none 1 GiB (issue 20)."""
+    from streams.config import budget_for_limit, memory_limit
+    assert budget_for_limit(None) == 1 << 30
+    assert budget_for_limit(512 << 20) == 312 << 20
+    assert budget_for_limit(128 << 20) == 64 << 20 and budget_for_limit(64 << 30) == 1 << 30
+    (tmp_path / "memory.max").write_text("536870912\n")
+    assert memory_limit(str(tmp_path)) == 512 << 20
+    (tmp_path / "memory.max").write_text("max\n")
+    assert memory_limit(str(tmp_path)) is None
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert memory_limit(str(tmp_path)) is None
+    assert Config(memory_budget_mb=100).memory_budget == 100 << 20
