@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from streams.config import Config, ConfigError
@@ -205,6 +206,48 @@ def _send(config: Config, doc: dict, workflow_id: str | None, args) -> int:
     else:
         print_final(final, links=output_links(config, final), ttl_s=config.presign_ttl_s)
     return 0 if final.status == "COMPLETED" else 1
+
+
+def _events(args) -> int:
+    """The final events on the completed topic, oldest first, one line each: a summary, or (``--json``) the
+    event as a JSON object (``WorkflowCompleted.document``: the request an object, not JSON text).
+    ``--follow`` then prints each new one as it is committed, until interrupted."""
+
+    from confluent_kafka import KafkaException
+
+    from streams import serde
+    from streams.adapters.kafka import KafkaUnavailable, committed_records
+    from streams.adapters.schemas import install_resolver
+    from streams.core.models import WorkflowCompleted
+    config = Config.from_env()
+    install_resolver(config)  # final events written by newer workers decode too
+    topic = config.topics.completed
+    records = committed_records(config, topic, follow=args.follow, timeout=args.timeout)
+    try:
+        for msg in records:
+            try:
+                final = WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value()))
+            except serde.SerdeError as exc:
+                print(f"imagefork: {topic}[{msg.partition()}:{msg.offset()}] is not a final event: {exc}",
+                      file=sys.stderr)
+                continue
+            if args.json:
+                print(json.dumps(final.document(), separators=(",", ":")), flush=True)
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(final.completedAt / 1000))
+                took = max(0.0, (final.completedAt - final.submittedAt) / 1000)
+                why = f" {final.errors[0].code}" if final.errors else ""
+                print(f"{when}  {final.workflowId}  {final.status}  {len(final.outputs)}/{final.taskCount} outputs  "
+                      f"{took:.2f}s{why}", flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except (KafkaException, KafkaUnavailable, TimeoutError) as exc:
+        reason = exc.args[0].str() if isinstance(exc, KafkaException) and exc.args else str(exc)
+        print(f"imagefork: Kafka at {config.bootstrap_servers}: {reason}\n{NO_BROKER_HINT}", file=sys.stderr)
+        return 1
+    finally:
+        records.close()
+    return 0
 
 
 def _retry(args) -> int:
@@ -491,6 +534,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to read the completed topic to its end (60)")
     p.set_defaults(func=_get)
+
+    p = sub.add_parser("events", help="the final events on the completed topic, one line each (--json: as "
+                                      "JSON objects), oldest first; --follow: then each new one")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing final events as they are committed")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (the request as an object)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to read the topic to its end (60)")
+    p.set_defaults(func=_events)
 
     p = sub.add_parser("demo", help="the seed request end to end on the local stack; its outputs and a "
                                     "contact sheet (index.html) written to a folder it prints")

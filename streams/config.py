@@ -107,6 +107,7 @@ class Config:
     output_prefix: str = ""
     staging_prefix: str = "_staging/"
     topics: Topics = field(default_factory=Topics)
+    completed_json_topic: str = ""  # a JSON mirror of the completed topic, in the join's transactions; "": none
     partitions: int = 6
     replication_factor: int = 1
     workflow_timeout_s: float = 300.0
@@ -311,6 +312,7 @@ class Config:
             output_prefix=reader.str("IMAGEFORK_OUTPUT_PREFIX", d.output_prefix),
             staging_prefix=reader.str("IMAGEFORK_STAGING_PREFIX", d.staging_prefix),
             topics=topics,
+            completed_json_topic=reader.str("IMAGEFORK_COMPLETED_JSON_TOPIC", ""),
             partitions=reader.int("IMAGEFORK_PARTITIONS", d.partitions),
             replication_factor=reader.int("IMAGEFORK_REPLICATION_FACTOR", d.replication_factor),
             workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),

@@ -22,6 +22,12 @@ def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
     stable offset). No group is joined and no time window is guessed: a partition is done when its
     position reaches its end (commit markers take offsets no record is returned for). Raises
     TimeoutError rather than return a list that may be short."""
+    return list(committed_records(config, topic, timeout=timeout))
+
+
+def committed_records(config: Config, topic: str, *, follow: bool = False, timeout: float = 60.0):
+    """``read_to_end`` one record at a time; with ``follow``, then every record committed after, for as
+    long as the caller reads (a generator: close it, or stop iterating, to close the consumer)."""
     import time
     import uuid
 
@@ -38,18 +44,24 @@ def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
             if high > low:
                 ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        records, pending, deadline = [], dict(ends), time.monotonic() + timeout
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (meta.partitions if follow else ends)])
+        pending, deadline = dict(ends), time.monotonic() + timeout
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}: partitions {sorted(pending)} not read to their end within {timeout:.0f}s")
             msg = consumer.poll(0.2)
-            if msg is not None and msg.error() is None and msg.offset() < ends[msg.partition()]:
-                records.append(msg)
+            if msg is not None and msg.error() is None:
+                if msg.offset() < ends.get(msg.partition(), 0):
+                    yield msg
+                elif follow:
+                    yield msg  # a record committed since the start: the follow part, already
             for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
                 if tp.offset >= ends[tp.partition]:
                     del pending[tp.partition]
-        return records
+        while follow:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                yield msg
     finally:
         consumer.close()
 
@@ -110,7 +122,10 @@ def topic_specs(config: Config) -> dict[str, dict]:
     t = config.topics
     day = str(24 * 3600 * 1000)
     week = str(7 * 24 * 3600 * 1000)
+    mirror = {config.completed_json_topic: {"retention.ms": week, "max.message.bytes": str(MAX_MESSAGE_BYTES)}} \
+        if config.completed_json_topic else {}
     return {
+        **mirror,
         t.requests: {"retention.ms": week},
         t.request_retries: {"retention.ms": day},
         t.tasks: {"retention.ms": day},
@@ -119,7 +134,7 @@ def topic_specs(config: Config) -> dict[str, dict]:
         t.completed: {"retention.ms": week, "max.message.bytes": str(MAX_MESSAGE_BYTES)},
         t.notices: {"retention.ms": day},
         t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000)},
-        # resize's crash ledger: one row per task in flight, a tombstone when it ends
+        # resize's crash ledger: a row per source and partition while its tasks run, a tombstone after
         t.task_attempts: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),
                           "min.cleanable.dirty.ratio": "0.2", "delete.retention.ms": str(3600 * 1000)},
         # every schema version any writer used, keyed by fingerprint; kept for good

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import json
 import os
 import signal
 import socket
@@ -593,6 +594,9 @@ class JoinWorker:
             log.error("join: the final event of %s was refused %d times (%s); sending it %s %s without its "
                       "outputs", final.workflowId, tries, err, final.status, final.errors[0].code)
         self._produce(self.topics.completed, key, serde.encode("WorkflowCompleted", final.to_dict()))
+        mirror = self.config.completed_json_topic
+        if mirror and not self._given_up(mirror, key, f"the JSON mirror of {final.workflowId}'s final event"):
+            self._produce(mirror, key, json.dumps(final.document(), separators=(",", ":")).encode())
         self.stats["finals"] += 1
         self.txn.finals += 1
         self.txn.finished.append((final.status, max(0.0, (final.completedAt - final.submittedAt) / 1000)))

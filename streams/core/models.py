@@ -295,6 +295,17 @@ class WorkflowCompleted:
     retryOf: str = ""
     request: str = ""  # the validated request (JSON); "" for a REJECTED one
 
+    def document(self) -> dict[str, Any]:
+        """The final event as plain JSON for readers that do not speak Avro (``imagefork events --json``,
+        the IMAGEFORK_COMPLETED_JSON_TOPIC mirror): the Avro record's fields, the request as an object
+        (null for a REJECTED one) rather than JSON text."""
+        doc = self.to_dict()
+        try:
+            doc["request"] = json.loads(self.request) if self.request else None
+        except ValueError:
+            pass  # kept as the text it was
+        return doc
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "workflowId": self.workflowId,
