@@ -107,6 +107,8 @@ class Config:
     output_prefix: str = ""
     staging_prefix: str = "_staging/"
     topics: Topics = field(default_factory=Topics)
+    # worker all's API: each role's own /metrics, merged into its own ("role=url,..." in IMAGEFORK_METRICS_PEERS)
+    metrics_peers: tuple[tuple[str, str], ...] = ()
     completed_json_topic: str = ""  # a JSON mirror of the completed topic, in the join's transactions; "": none
     partitions: int = 6
     replication_factor: int = 1
@@ -313,6 +315,8 @@ class Config:
             staging_prefix=reader.str("IMAGEFORK_STAGING_PREFIX", d.staging_prefix),
             topics=topics,
             completed_json_topic=reader.str("IMAGEFORK_COMPLETED_JSON_TOPIC", ""),
+            metrics_peers=tuple(tuple(part.split("=", 1)) for part in  # type: ignore[misc]
+                                reader.str("IMAGEFORK_METRICS_PEERS", "").split(",") if "=" in part),
             partitions=reader.int("IMAGEFORK_PARTITIONS", d.partitions),
             replication_factor=reader.int("IMAGEFORK_REPLICATION_FACTOR", d.replication_factor),
             workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),

@@ -284,22 +284,37 @@ def check_storage(config: Config) -> None:
 API_RESTART_AFTER_S = float(os.environ.get("IMAGEFORK_API_RESTART_AFTER_S", "30"))
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_all(config: Config) -> int:
     """``worker all``: one child process per role (and the API); if one dies, stop the others and exit
     non-zero."""
     from streams.adapters.kafka import ensure_topics
     ensure_topics(config)  # a broker that refuses us or is away is one line here, not one per child
+    roles = ("join", "resize", "planner")
     address = metrics_address(config)
+    # each child serves its metrics on IMAGEFORK_METRICS_LISTEN's port and the next two (free loopback
+    # ports when it is not set), and the API's /metrics carries them all, each sample labelled with its role
+    listen = {role: (address[0], address[1] + i) if address and address[1] else
+              (address[0] if address else "127.0.0.1", _free_port()) for i, role in enumerate(roles)}
+    peers = ",".join(f"{role}=http://{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}/metrics"
+                     for role, (host, port) in listen.items())
 
-    def env(i: int) -> dict | None:  # each child serves its metrics on the next port
-        return {**os.environ, "IMAGEFORK_METRICS_LISTEN": f"{address[0]}:{address[1] + i}"} if address else None
+    children = {role: subprocess.Popen([sys.executable, "-m", "streams", "worker", role],
+                                       env={**os.environ, "IMAGEFORK_METRICS_LISTEN": "%s:%d" % listen[role]})
+                for role in roles}
+    print(f"imagefork: worker all: every role's metrics at http://{config.api_listen}/metrics (label role); each "
+          f"role's own: {', '.join(f'{r} %s:%d' % listen[r] for r in roles)}", file=sys.stderr, flush=True)
 
-    children = {role: subprocess.Popen([sys.executable, "-m", "streams", "worker", role], env=env(i))
-                for i, role in enumerate(("join", "resize", "planner"))}
-
-    def start_api() -> subprocess.Popen:  # it serves its own /metrics on IMAGEFORK_API_LISTEN
+    def start_api() -> subprocess.Popen:  # it serves its own /metrics on IMAGEFORK_API_LISTEN, and the roles'
         return subprocess.Popen([sys.executable, "-m", "streams", "worker", "api"],
-                                env={k: v for k, v in os.environ.items() if k != "IMAGEFORK_METRICS_LISTEN"})
+                                env={**{k: v for k, v in os.environ.items() if k != "IMAGEFORK_METRICS_LISTEN"},
+                                     "IMAGEFORK_METRICS_PEERS": peers})
 
     children["api"] = start_api()
     api_since = time.monotonic()

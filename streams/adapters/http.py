@@ -24,10 +24,57 @@ def json_error(status: int, code: str, message: str, **extra) -> web.Response:
     return web.json_response({"error": code, "message": message, **extra}, status=status)
 
 
-def metrics_response(_request=None) -> web.Response:
-    resp = web.Response(body=generate_latest(REGISTRY))
+def metrics_response(_request=None, body: bytes | None = None) -> web.Response:
+    resp = web.Response(body=generate_latest(REGISTRY) if body is None else body)
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp
+
+
+def merged_metrics(own: str, peers: dict[str, str | None]) -> bytes:
+    """One exposition of this process's metrics and its peers' (``worker all``: each role's, read from its
+    own endpoint): a peer's samples get a ``role`` label, families of one name are one family, and
+    ``imagefork_metrics_peer_up{role}`` says which peers answered (None: it did not)."""
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
+
+    families: dict[str, object] = {}
+    for family in text_string_to_metric_families(own):
+        families[family.name] = family
+    up = GaugeMetricFamily("imagefork_metrics_peer_up", "Whether a role's own /metrics answered this scrape "
+                           "(worker all: the API's /metrics carries every role's)", labels=["role"])
+    for role, text in peers.items():
+        up.add_metric([role], 0 if text is None else 1)
+        for family in text_string_to_metric_families(text or ""):
+            labelled = [Sample(s.name, {**s.labels, "role": role}, s.value, s.timestamp, s.exemplar)
+                        for s in family.samples]
+            if family.name in families:
+                families[family.name].samples.extend(labelled)
+            else:
+                family.samples = labelled
+                families[family.name] = family
+    families[up.name] = up
+
+    class _Merged:
+        def collect(self):
+            return list(families.values())
+
+    return generate_latest(_Merged())
+
+
+async def peer_metrics(peers: dict[str, str], timeout_s: float = 2.0) -> dict[str, str | None]:
+    """Each peer's /metrics text, read at once (None for a peer that did not answer in ``timeout_s``)."""
+    import urllib.request
+
+    def read(url: str) -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+                return answer.read().decode("utf-8", "replace")
+        except Exception:  # a role restarting, or gone: said by imagefork_metrics_peer_up
+            return None
+
+    texts = await asyncio.gather(*(asyncio.to_thread(read, url) for url in peers.values()))
+    return dict(zip(peers, texts))
 
 
 class Probe:
@@ -92,7 +139,13 @@ def health_routes(config: Config, role: str, ready: Callable[[], tuple[bool, str
         return web.json_response({"status": "ready" if all_ok else "not ready", "role": role, "checks": checks},
                                  status=200 if all_ok else 503)
 
-    return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_response)]
+    async def metrics(_request):
+        if not config.metrics_peers:
+            return metrics_response()
+        texts = await peer_metrics(dict(config.metrics_peers))
+        return metrics_response(body=merged_metrics(generate_latest(REGISTRY).decode(), texts))
+
+    return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]
 
 
 def advertised_url(host: str, port: int, configured: str = "") -> str:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from confluent_kafka.admin import AdminClient
 from PIL import Image
 
@@ -473,6 +474,23 @@ def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_onl
     final = sse(base, f"/v1/workflows/{wf}/events")[-1][1]
     assert final["status"] == "COMPLETED" and len(final["outputs"]) == 1, final
     assert second.alive() and first.alive()
+    # one address has every role's metrics (issue 26 item 5): the API's /metrics, each sample with its role
+    assert f"every role's metrics at http://127.0.0.1:{port}/metrics" in first.log_path.read_text()
+
+    def scraped() -> dict:
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def counted() -> bool:
+        got = scraped()
+        return got.get(("imagefork_workflows_total", (("role", "join"), ("status", "COMPLETED"))), 0) >= 1 and \
+            got.get(("imagefork_tasks_total", (("code", ""), ("role", "resize"), ("status", "SUCCEEDED"))), 0) >= 1
+    assert wait_until(counted, 30), sorted(k for k in scraped() if "role" in dict(k[1]))[:40]
+    got = scraped()
+    assert all(got[("imagefork_metrics_peer_up", (("role", r),))] == 1 for r in ("join", "resize", "planner")), got
+    assert got.get(("imagefork_messages_total", (("agent", "planner"), ("outcome", "processed"), ("role", "planner"))),
+                   0) >= 1
     # the first's API dies (librdkafka has aborted a process after a broker restart): it is started again
     api = next(pid for pid in children(first.proc.pid) if b"worker\0api" in Path(f"/proc/{pid}/cmdline").read_bytes())
     time.sleep(max(0.0, 6 - (time.time() - os.stat(f"/proc/{api}").st_ctime)))  # past its 5 s: a good run
