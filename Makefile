@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock browser images demo test test-unit test-integration bench stack-up stack-down clean
+.PHONY: install lock browser redis images demo test test-unit test-integration bench stack-up stack-down clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,21 @@ browser:
 	  echo "chromium installed in $$(( $$(date +%s) - start ))s: $$(chromium --version 2>/dev/null)"; \
 	fi
 
+# Debian's redis-server, for bench/peer.py (the same workload on a Celery chord over Redis; the bench
+# starts its own redis-server on a free loopback port, no persistence, and stops it). Installed with
+# apt-get only when missing and only as root (CI); elsewhere it says what to do, and bench/peer.py fails.
+redis:
+	@if command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's redis-server with apt-get (for bench/peer.py)"; start=$$(date +%s); \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends redis-server; } >/tmp/imagefork-apt-redis.log 2>&1 \
+	    || { tail -20 /tmp/imagefork-apt-redis.log; echo "apt-get install redis-server failed (whole log: /tmp/imagefork-apt-redis.log)"; exit 1; }; \
+	  echo "redis-server installed in $$(( $$(date +%s) - start ))s: $$(/usr/bin/redis-server --version 2>/dev/null)"; \
+	else \
+	  echo "redis-server is missing: bench/peer.py needs it (as root: apt-get install redis-server)"; \
+	fi
+
 # The Docker images (Kafka, S3Proxy, the app), built from Debian's mirror, Maven Central and PyPI only:
 # needs a Docker engine that answers (as root here: `eval "export $$(scripts/dockerd.sh start)"`)
 # and debootstrap for the Debian base. Reuses what is built already (streams/stack/images.py).
@@ -52,10 +67,11 @@ test-unit: $(STAMP)
 test-integration: $(STAMP) browser
 	$(PY) -m pytest -q -ra tests/integration
 
-bench: $(STAMP)
+bench: $(STAMP) redis
 	$(PY) bench/encoders.py
 	$(PY) bench/timeline.py
 	$(PY) bench/join.py
+	$(PY) bench/peer.py
 	$(PY) bench/pipeline.py  # last: its last line is the throughput ratio
 
 stack-up: $(STAMP)

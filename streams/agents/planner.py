@@ -17,8 +17,8 @@ from streams.agents.policy import (
 from streams.app import Topics
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
-from streams.core.imaging import probe_image
-from streams.core.models import FAILED, REJECTED, PlanFailure, WorkflowPlan
+from streams.core.imaging import certain_output_pixels, probe_image, target_size, task_spec
+from streams.core.models import FAILED, REJECTED, PlanFailure, TaskError, TaskResult, WorkflowPlan
 from streams.metrics import RETRIES, STAGE_SECONDS
 from streams.core.planning import (
     make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
@@ -69,7 +69,8 @@ class Planner:
                 submittedAt=now, deadline=deadline, runId=run_id,
                 failure=PlanFailure(REJECTED, exc.code, exc.message)))
         try:
-            source_uri = await asyncio.to_thread(self._stage, request.fileLocation, workflow_id, run_id)
+            source_uri, (src_w, src_h) = await asyncio.to_thread(self._stage, request.fileLocation, workflow_id,
+                                                                 run_id)
         except PipelineError as exc:
             if exc.transient and await self.schedule_retry(workflow_id, value, attempt, now, deadline, exc, run_id):
                 return Disposition.RETRIED
@@ -84,6 +85,7 @@ class Planner:
         sending = time.perf_counter()
         await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline,
                                        run_id=run_id, carried=carried))
+        to_run = await self.fail_the_certainly_too_large(to_run, src_w, src_h)
         planned = time.perf_counter()
         STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
         # largest outputs first: the longest tasks start first, so the workflow ends sooner
@@ -155,7 +157,31 @@ class Planner:
         RETRIES.labels("planner", exc.code).inc()
         return True
 
-    def _stage(self, location: str, workflow_id: str, run_id: str) -> str:
+    async def fail_the_certainly_too_large(self, tasks, src_w: int, src_h: int) -> list:
+        """The tasks whose output is over IMAGEFORK_MAX_PIXELS whatever happens (from the source's header,
+        either orientation) end FAILED here with IMAGE_TOO_LARGE and the limit in the message, before any
+        runs (a 9000x9000 box over a 2:1 source is 40 MP and goes on); returns the others."""
+        limit = self.config.limits.max_pixels
+        keep, failed = [], []
+        for task in tasks:
+            spec = task_spec(task.to_dict())
+            if certain_output_pixels(src_w, src_h, spec) <= limit:
+                keep.append(task)
+                continue
+            w, h = target_size(src_w, src_h, spec)
+            message = (f"output {task.width}x{task.height} of this {src_w}x{src_h} source would be {w}x{h} = "
+                       f"{w * h} pixels, more than the limit of {limit} (IMAGEFORK_MAX_PIXELS)")
+            result = TaskResult(task.workflowId, task.taskRef, FAILED, 1, now_ms(), runId=task.runId,
+                                deadline=task.deadline, error=TaskError(task.taskRef, "IMAGE_TOO_LARGE", message, 1))
+            failed.append((task.workflowId.encode(), serde.encode_join_event("TaskResult", result.to_dict())))
+        if failed:
+            await send_all(self.topics.events, failed)
+            log.info("workflow %s: %d output(s) over the pixel limit failed at planning", tasks[0].workflowId,
+                     len(failed))
+        return keep
+
+    def _stage(self, location: str, workflow_id: str, run_id: str) -> tuple[str, tuple[int, int]]:
+        """Stage the source (an S3 one is read where it is); its URI and its header's size."""
         lim = self.config.limits
         if location.startswith("s3://"):
             bucket, _, key = location[len("s3://"):].partition("/")
@@ -163,17 +189,17 @@ class Planner:
                 raise SourceForbidden(f"s3://{bucket}/ sources are not allowed here (IMAGEFORK_SOURCE_S3_ALLOW "
                                       f"lists the buckets and prefixes a request may read)")
             data = self.store.get(location, lim.max_source_bytes)
-            probe_image(data, lim)
-            return location
+            _fmt, width, height = probe_image(data, lim)
+            return location, (width, height)
         started = time.perf_counter()
         data = fetch_http(location, lim, self.config.fetch_allow_networks)
-        probe_image(data, lim)
+        _fmt, width, height = probe_image(data, lim)
         fetched = time.perf_counter()
         key = staging_key(self.config.staging_prefix, workflow_id, run_id)
         self.store.put(key, data, "application/octet-stream")
         STAGE_SECONDS.labels("planner", "fetch").observe(fetched - started)
         STAGE_SECONDS.labels("planner", "stage").observe(time.perf_counter() - fetched)
-        return self.store.uri(key)
+        return self.store.uri(key), (width, height)
 
     async def send_plan(self, plan: WorkflowPlan) -> None:
         await send(self.topics.events, key=plan.workflowId.encode(),

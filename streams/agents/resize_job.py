@@ -22,7 +22,7 @@ from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.errors import ImageTooLarge, PipelineError
 from streams.core.imaging import (
-    OutputSpec, Source, SourceOptions, draft_box_for, frame_count, open_image, prepare, resize_image,
+    Source, SourceOptions, draft_box_for, frame_count, open_image, prepare, resize_image, task_spec,
 )
 
 _config: Config | None = None
@@ -233,13 +233,7 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
 
 def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
     try:
-        spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"],
-                          mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
-                          enlarge=task.get("enlarge", True), background=task.get("background", ""),
-                          quality=task.get("quality", 0), effort=task.get("effort", -1),
-                          progressive=task.get("progressive"), lossless=task.get("lossless", False),
-                          animated=task.get("animated", False), keep_metadata=task.get("keepMetadata") or "none",
-                          keep_profile=task.get("keepProfile", False))
+        spec = task_spec(task)
         key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)), spec.source_options,
                           stages)
         try:

@@ -216,6 +216,24 @@ class Layout:
     offset: tuple[int, int] = (0, 0)
 
 
+def task_spec(task) -> OutputSpec:
+    """The output a task (its record as a dict) asks for."""
+    return OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"],
+                      mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
+                      enlarge=task.get("enlarge", True), background=task.get("background", ""),
+                      quality=task.get("quality", 0), effort=task.get("effort", -1),
+                      progressive=task.get("progressive"), lossless=task.get("lossless", False),
+                      animated=task.get("animated", False), keep_metadata=task.get("keepMetadata") or "none",
+                      keep_profile=task.get("keepProfile", False))
+
+
+def certain_output_pixels(src_w: int, src_h: int, spec: OutputSpec) -> int:
+    """The fewest pixels one frame of this output can have over a source whose header says ``src_w`` x
+    ``src_h``, whichever way its EXIF orientation turns it: the planner refuses what is over the limit even
+    so, before any task runs."""
+    return min(w * h for w, h in (target_size(src_w, src_h, spec), target_size(src_h, src_w, spec)))
+
+
 def target_size(src_w: int, src_h: int, spec: OutputSpec) -> tuple[int, int]:
     """The size of the output image (the canvas)."""
     return layout(src_w, src_h, spec).canvas

@@ -173,3 +173,28 @@ def test_s3_sources_outside_the_allow_list_are_refused(make_pipeline, files):
     assert [e.code for e in finals["s3-private"].errors] == ["SOURCE_FORBIDDEN"], finals["s3-private"].errors
     assert finals["s3-staging"].status == "COMPLETED"
     exactly_one_final_each(p, finals)
+
+
+def test_an_output_over_the_pixel_limit_over_this_source_fails_at_planning_and_the_rest_run(make_pipeline, files):
+    """issue 26 item 4: what the source's header makes certain is refused before any task runs. Under a
+    1 MP limit, a 1600x1600 box over a 2:1 source (1600x800 = 1.28 MP) fails IMAGE_TOO_LARGE at planning,
+    with the limit in the message; a 1200x1200 box over it (1200x600 = 0.72 MP, though its square would be
+    over) and a small one run and complete."""
+    from PIL import Image
+    Image.new("RGB", (200, 100), (200, 40, 40)).save(Path(files.folder) / "wide.png")
+    p = make_pipeline(IMAGEFORK_MAX_PIXELS="1000000")
+    _join, resize, planner = p.start_together("join", "resize", "planner")
+    follower = p.follower()
+    wf = p.submit({"fileLocation": files.url("wide.png"), "outputFormats": ["png"], "maintainAspectRatio": True,
+                   "outputSizes": [{"width": 1600, "height": 1600}, {"width": 1200, "height": 1200},
+                                   {"width": 50, "height": 50}]}, "over-the-limit")
+    final = follower.wait([wf], 120)[wf]
+    follower.close()
+    assert final.status == "FAILED", final
+    assert [(e.code, e.taskRef) for e in final.errors] == [("IMAGE_TOO_LARGE", "image_convert_resize_png_1600x1600_0")]
+    assert "would be 1600x800 = 1280000 pixels, more than the limit of 1000000 (IMAGEFORK_MAX_PIXELS)" in \
+        final.errors[0].message, final.errors[0].message
+    assert sorted((o.width, o.height) for o in final.outputs) == [(50, 25), (1200, 600)]
+    assert "1 output(s) over the pixel limit failed at planning" in planner.log_path.read_text()
+    assert "1600x1600" not in resize.log_path.read_text()  # never run
+    exactly_one_final_each(p, {wf: final})

@@ -331,3 +331,13 @@ def test_an_exact_box_over_the_pixel_limit_is_refused_before_the_source_is_read(
     per_size = {**fit, "outputSizes": [{"width": 9000, "height": 9000, "resizeMode": "fill"}]}
     with pytest.raises(RequestInvalid):
         parse_request(per_size, max_dimension=10000, max_tasks=1000, max_pixels=60_000_000)
+
+
+def test_certain_output_pixels_takes_either_orientation_and_the_mode():
+    """The planner refuses an output only when it is over the limit whichever way EXIF turns the source."""
+    from streams.core.imaging import OutputSpec, certain_output_pixels
+    assert certain_output_pixels(2000, 1000, OutputSpec("png", 9000, 9000)) == 9000 * 4500  # fit: 40.5 MP
+    # 6000x3000 as the header says, 1500x3000 if EXIF turns it: only the fewer is certain
+    assert certain_output_pixels(2000, 1000, OutputSpec("png", 9000, 3000)) == 1500 * 3000
+    assert certain_output_pixels(2000, 1000, OutputSpec("png", 800, 800, mode="fill")) == 800 * 800
+    assert certain_output_pixels(2000, 1000, OutputSpec("png", 9000, 9000, enlarge=False)) == 2000 * 1000
