@@ -71,6 +71,7 @@ bench: $(STAMP) redis
 	$(PY) bench/encoders.py
 	$(PY) bench/timeline.py
 	$(PY) bench/join.py
+	$(PY) bench/breakdown.py
 	$(PY) bench/peer.py
 	$(PY) bench/pipeline.py  # last: its last line is the throughput ratio
 

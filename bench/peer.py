@@ -7,7 +7,7 @@ One local stack (Kafka + S3Proxy), the bench's own redis-server (no persistence,
 a loopback file server with the sample image, and, all up at once:
 - baseline: the planner's and resize role's work in this process (fetch, stage to S3, then a pool of
   threads running imagefork's own resize job: get the staged source, decode once, resize, encode, upload);
-- imagefork: planner, join and one resize worker with 2 slots (as bench/pipeline.py's W=1x2), over Kafka;
+- imagefork: planner, join and one resize worker with its default slots (3 per core), over Kafka;
 - celery (cached): one Celery worker (``celery -A bench.peer_tasks worker --concurrency 2 --pool
   prefork``); a chord per request, one task per output (fetch over HTTP, decode, resize/encode, upload to
   S3Proxy), the decoded source kept per request in each worker process; the callback gathers the
@@ -58,10 +58,11 @@ from streams.demo import SAMPLE, seed_request  # noqa: E402
 from streams.stack.local import LocalStack, free_port  # noqa: E402
 from streams.stack.processes import FileServer, WorkerProcess, wait_for_log  # noqa: E402
 
-SLOTS = 2  # imagefork: one resize worker with 2 slots; celery: --concurrency 2; baseline: 2 threads
+SLOTS = CORES  # celery: --concurrency = cores (its default); baseline: a thread per core
+IMAGEFORK_SLOTS = Config().resize_slots  # imagefork: one resize worker with its default slots (3 per core)
 WORKER_ROLES = ("planner", "resize", "join")
 SIDES = ("baseline", "imagefork", "celery_cached", "celery_per_task")
-LABELS = {"baseline": "in-process baseline", "imagefork": "imagefork (1 resize worker x 2 slots)",
+LABELS = {"baseline": "in-process baseline", "imagefork": f"imagefork (1 resize worker x {IMAGEFORK_SLOTS} slots)",
           "celery_cached": "celery chord, decode cached", "celery_per_task": "celery chord, decode per task"}
 ME = psutil.Process()
 
@@ -181,13 +182,13 @@ class Baseline(Side):
 
 
 class Imagefork(Side):
-    """Planner, join and one resize worker with SLOTS slots, over Kafka; this process submits and follows."""
+    """Planner, join and one resize worker with its default slots, over Kafka; this process submits and follows."""
     name = "imagefork"
     rss_roles = WORKER_ROLES
 
     def __init__(self, env: dict, stack_pids: dict, log_dir: Path):
         ns = f"peer-{uuid.uuid4().hex[:6]}."
-        env = {**env, "IMAGEFORK_NAMESPACE": ns, "IMAGEFORK_RESIZE_CONCURRENCY": str(SLOTS)}
+        env = {**env, "IMAGEFORK_NAMESPACE": ns, "IMAGEFORK_RESIZE_CONCURRENCY": str(IMAGEFORK_SLOTS)}
         self.cfg = Config.from_env({**os.environ, **env})
         ensure_topics(self.cfg)
         self.client = self.follower = None
@@ -478,7 +479,7 @@ def write_reports(out: Path, report: dict) -> str:
         f"{v['kombu']}, redis-py {v['redis']}) over Debian's redis-server {v['redis-server']} (broker db 0, "
         f"results db 1, no persistence); one worker, `--concurrency {SLOTS} --pool prefork --without-gossip "
         "--without-mingle --without-heartbeat`, Celery's defaults otherwise (JSON, acks on receipt, prefetch 4). "
-        f"imagefork: planner, join and one resize worker with {SLOTS} slots (threads) over Kafka (KRaft, one "
+        f"imagefork: planner, join and one resize worker with {IMAGEFORK_SLOTS} slots (threads, its default) over Kafka (KRaft, one "
         f"broker). Baseline: the same fetch, stage, decode-once, resize, encode and upload in this process, "
         f"{SLOTS} threads, no broker. Everything on the same {CORES} cores with S3Proxy, both brokers and both "
         "sets of workers up throughout (each idles while the other works: see the idle cost below).", "",

@@ -275,7 +275,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--idle-runs", type=int, default=7)
-    ap.add_argument("--runs", default=f"1x{CORES},1x1,2x1",
+    ap.add_argument("--runs", default=f"1x{Config().resize_slots},1x{CORES},1x1,2x1",
                     help="resize workers x slots per worker, comma separated")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
