@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install lock browser redis images demo test test-unit test-integration bench stack-up stack-down clean
 
+# PYTHONWARNINGS: setuptools boxes a warning about an editable install of a mapped package folder (schemas/
+# ships as streams/schemas); harmless here, so the first `make demo` does not show it
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
 
 # constraints.txt anew: a fresh venv resolves pyproject.toml's ranges today, and pins what it got
