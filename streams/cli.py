@@ -243,7 +243,7 @@ def _events(args) -> int:
         return 0
     except (KafkaException, KafkaUnavailable, TimeoutError) as exc:
         reason = exc.args[0].str() if isinstance(exc, KafkaException) and exc.args else str(exc)
-        print(f"imagefork: Kafka at {config.bootstrap_servers}: {reason}\n{NO_BROKER_HINT}", file=sys.stderr)
+        print(f"imagefork: Kafka at {config.bootstrap_servers}: {reason}; {NO_BROKER_HINT}", file=sys.stderr)
         return 1
     finally:
         records.close()
@@ -288,6 +288,7 @@ def _get(args) -> int:
     and exit code 1."""
     from confluent_kafka import KafkaException
 
+    from streams.adapters.kafka import KafkaUnavailable
     from streams.adapters.schemas import install_resolver
     from streams.client import consume_completed
     from streams.core.errors import PipelineError
@@ -299,9 +300,8 @@ def _get(args) -> int:
     install_resolver(config)  # final events written by newer workers decode too
     try:
         finals = consume_completed(config, [workflow_id], args.timeout)
-    except KafkaException as exc:
-        print(f"imagefork: Kafka at {config.bootstrap_servers}: {exc.args[0].str() if exc.args else exc}",
-              file=sys.stderr)
+    except (KafkaException, KafkaUnavailable, TimeoutError) as exc:
+        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
         return 1
     if not finals:
         print(f"imagefork: no final event for workflow {workflow_id} on {config.topics.completed} "
@@ -370,7 +370,7 @@ def _status(args) -> int:
     try:
         report = status_report(config)
     except KafkaException as exc:
-        print(f"imagefork: {kafka_failure(config, exc)}", file=sys.stderr)
+        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
         return 1
     print(report.rstrip("\n") if isinstance(report, str) else report)
     return 0
@@ -384,7 +384,7 @@ def _dlq_list(args) -> int:
     try:
         letters = read_dead_letters(config, args.timeout)
     except KafkaException as exc:
-        print(f"imagefork: {kafka_failure(config, exc)}", file=sys.stderr)
+        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
         return 1
     shown = letters[-args.limit:] if args.limit > 0 else letters
     if args.json:
@@ -426,7 +426,7 @@ def _dlq_replay(args) -> int:
         print(f"imagefork: {exc}", file=sys.stderr)
         return 1
     except KafkaException as exc:
-        print(f"imagefork: {kafka_failure(config, exc)}", file=sys.stderr)
+        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
         return 1
     for s in sent:
         d = s.letter
