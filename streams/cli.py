@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,14 @@ def _stack(args) -> int:
         from streams.stack.processes import stop_kept_workers
         # workers left running with this stack (``imagefork demo --keep-stack``) go first, while the
         # broker is there for them to leave their groups
-        stopped = [f"worker {name}" for name in stop_kept_workers(stack.dir)] + stack.down()
+        kept = [f"worker {name}" for name in stop_kept_workers(stack.dir)]
+        if stack.kafka_running():
+            from streams.ops import attached_workers
+            attached = attached_workers(Config.from_env({**os.environ, **stack.env()}))
+            if attached:
+                print(f"still attached to this stack's Kafka (they lose it now, and retry until a broker is back "
+                      f"there; stop them first for a clean stop): {'; '.join(attached)}", file=sys.stderr)
+        stopped = kept + stack.down()
         print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
     else:
         if not stack.running():

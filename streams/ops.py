@@ -200,3 +200,27 @@ def replay(config: Config, plan: list[tuple[DeadLetter, str]], timeout: float = 
         raise OpsError(f"{len(failed)} of {len(plan)} not sent to {config.bootstrap_servers}: "
                        f"{failed[0][0]}: {failed[0][1]}{done}")
     return sent
+
+
+def attached_workers(config: Config, timeout: float = 5.0) -> list[str]:
+    """The imagefork consumer groups that have members on this broker, one line each ("imagefork-resize: 2
+    (127.0.0.1)"): what ``stack down`` is about to cut off. Empty when the broker does not answer."""
+    from confluent_kafka.admin import AdminClient
+
+    from streams.adapters.kafka import client_config
+    admin = AdminClient(client_config(config))
+    try:
+        listed = admin.list_consumer_groups(request_timeout=timeout).result()
+        ids = sorted(g.group_id for g in listed.valid if "imagefork-" in g.group_id)
+        if not ids:
+            return []
+        described = admin.describe_consumer_groups(ids, request_timeout=timeout)
+        lines = []
+        for group in ids:
+            members = described[group].result().members
+            if members:
+                hosts = sorted({m.host.lstrip("/") for m in members})
+                lines.append(f"{group}: {len(members)} ({', '.join(hosts)})")
+        return lines
+    except Exception:  # the broker is already gone or busy: nothing to say about who was attached
+        return []

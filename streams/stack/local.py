@@ -208,6 +208,10 @@ class LocalStack:
         services = state.get("services") or {}
         return bool(services) and all(_alive(s["pid"], self.marker) for s in services.values())
 
+    def kafka_running(self) -> bool:
+        kafka = (self._load().get("services") or {}).get("kafka")
+        return bool(kafka) and _alive(kafka["pid"], self.marker)
+
     def env(self) -> dict[str, str]:
         state = self._load()
         return dict(state.get("env", {}))

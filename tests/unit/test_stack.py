@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,21 @@ def _look_alike(marker: str, name: str, folder: Path) -> subprocess.Popen:
                              "-XX:+UseG1GC", "-cp", f"{folder}/libs/*", "kafka.Kafka", f"{folder}/server.properties",
                              name], start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _attached_consumer(bootstrap: str):
+    """A member of the group ``imagefork-resize`` (as a resize worker is), assigned its partition."""
+    from confluent_kafka import Consumer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept until its answer is in
+    admin.create_topics([NewTopic("attached", 1, 1)])["attached"].result(30)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "imagefork-resize", "session.timeout.ms": 6000})
+    consumer.subscribe(["attached"])
+    end = time.monotonic() + 60
+    while not consumer.assignment() and time.monotonic() < end:
+        consumer.poll(0.5)
+    assert consumer.assignment(), "the stand-in worker never joined its group"
+    return consumer
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +97,9 @@ def stopped_stack(tmp_path_factory):
         stack.state_file.write_text(json.dumps(state))
         time.sleep(0.5)  # let the look-alikes exec (their command lines are in place)
         assert all(p.poll() is None for p in strangers.values())
+        worker = _attached_consumer(stack.env()["KAFKA_BOOTSTRAP_SERVERS"])  # a worker still attached
         down = _cli("down", "--dir", str(folder), timeout=120)
+        threading.Thread(target=worker.close, daemon=True).start()  # its broker is gone: do not wait for it
         yield {"down": down, "env_after": _cli("env", "--dir", str(folder), timeout=60), "own": own, "strangers": strangers,
                "alive": {name: _alive(p.pid) for name, p in strangers.items()},
                "own_alive": {name: _alive(pid) for name, pid in own.items()}}
@@ -100,6 +118,13 @@ def test_down_stops_the_stacks_own_processes(stopped_stack):
     assert stopped_stack["own_alive"] == {"kafka": False, "s3proxy": False}
     after = stopped_stack["env_after"]  # nothing to source any more: said, exit code 1
     assert after.returncode == 1 and after.stderr.startswith("no stack running under "), after.stderr
+
+
+def test_down_says_which_workers_are_still_attached(stopped_stack):
+    """issue 26 item 6: a worker left running loses its broker; `stack down` says which, before it stops."""
+    down = stopped_stack["down"]
+    assert "still attached to this stack's Kafka" in down.stderr and "imagefork-resize: 1 (127.0.0.1)" in down.stderr, \
+        down.stderr
 
 
 def test_down_leaves_look_alikes_and_reused_pids_alone(stopped_stack):
