@@ -142,7 +142,12 @@ TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO
 
 class JoinWorker:
     TICK_BUDGET = 2000  # timeouts and expiries per clock pass, at most; the rest on the next pass
-    CALL_PATIENCE_S = 45.0  # a transactional call given 30 s that has not returned after this is stuck
+    # a transactional call given CALL_TIMEOUT_S that has not returned after CALL_PATIENCE_S is stuck: after a
+    # broker restart send_offsets_to_transaction waited out the whole patience (45 s then) before the first
+    # workflow's final event was visible; a commit takes milliseconds, so seconds are patience enough (a
+    # false alarm costs an abort and a replay, never a second final event)
+    CALL_TIMEOUT_S = 8.0
+    CALL_PATIENCE_S = 10.0
 
     def __init__(self, config: Config, url: str = ""):
         self.config = config
@@ -510,10 +515,12 @@ class JoinWorker:
                 # one attempt each: a call retried after a time-out could block far past its own timeout
                 # (seen across a broker restart); a failed commit aborts through a new producer instead
                 producer = self.producer
-                bounded("send_offsets_to_transaction", lambda: producer.send_offsets_to_transaction(tps, group, 30),
+                bounded("send_offsets_to_transaction",
+                        lambda: producer.send_offsets_to_transaction(tps, group, self.CALL_TIMEOUT_S),
                         self.CALL_PATIENCE_S)
             producer = self.producer
-            bounded("commit_transaction", lambda: producer.commit_transaction(30), self.CALL_PATIENCE_S)
+            bounded("commit_transaction", lambda: producer.commit_transaction(self.CALL_TIMEOUT_S),
+                    self.CALL_PATIENCE_S)
         except KafkaException as exc:
             if isinstance(exc, StuckCall):
                 self._stuck.add(id(self.producer))

@@ -486,11 +486,35 @@ class LocalStack:
 
     def _check_alive(self, name: str) -> None:
         svc = self._load().get("services", {}).get(name)
-        if svc and not _alive(svc["pid"], self.marker):
+        if svc and not _still_starting(svc["pid"], self.marker):
             log = self.dir / f"{name}.log"
             tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
             hint = " (port in use?)" if any("Address already in use" in t for t in tail) else ""
             raise StackError(f"{name} exited at start{hint}: {' | '.join(tail)[-400:]}")
+
+
+def _still_starting(pid: int, marker: str, looks: int = 5, pause_s: float = 0.2) -> bool:
+    """Whether a service just spawned is still there. Its command line is read several times before it is
+    given up: the java launcher may exec itself again at start, and for that moment /proc shows no marker
+    (seen on a loaded machine: a Kafka taken for dead that went on to start)."""
+    for look in range(looks):
+        if _alive(pid, marker):
+            return True
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False  # gone for good
+        if _zombie(pid):
+            return False
+        time.sleep(pause_s)
+    return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _reap(pid: int) -> None:
