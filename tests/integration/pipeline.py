@@ -1,6 +1,7 @@
 """A running pipeline for a test: its own namespace, real worker processes, a client."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -13,7 +14,7 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaExcepti
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from PIL import Image
 
-from streams import serde
+from streams import cli, serde
 from streams.adapters.kafka import client_config, ensure_topics, read_to_end
 from streams.adapters.objectstore import ObjectStore
 from streams.client import Client, Follower, consume_completed
@@ -289,3 +290,15 @@ def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return False
+
+
+def run_cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    """``imagefork ARGV`` in this process with ``env`` set; (exit code, stdout, stderr)."""
+    import pytest
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()

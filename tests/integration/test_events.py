@@ -4,8 +4,6 @@ real broker: the README's decode snippet run as written (its topic and patience 
 transactions: one record per workflow, the same document as the Avro final event's."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streams import cli
+from tests.integration.pipeline import run_cli
 from streams.adapters.kafka import read_to_end
 
 pytestmark = pytest.mark.integration
@@ -28,16 +26,6 @@ def readme_snippet() -> str:
     block = re.search(r"<!-- decode-snippet[^>]*-->\n```python\n(.*?)```", text, re.S)
     assert block, "the README's decode snippet (after its <!-- decode-snippet --> marker) is gone"
     return block.group(1)
-
-
-def run_cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_final_events_read_from_outside_the_snippet_the_events_command_and_the_json_mirror(make_pipeline, files):

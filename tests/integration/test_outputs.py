@@ -12,7 +12,6 @@ real broker and the real S3 server:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -28,9 +27,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from streams import cli
 from streams.stack.processes import KEPT_WORKERS, _start_ticks, process_group_members
-from tests.integration.pipeline import wait_until
+from tests.integration.pipeline import run_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZES = [{"width": 64, "height": 48}]
 FORMATS = ["png", "jpg"]
 PIL_FORMAT = {"png": "PNG", "jpg": "JPEG"}
-
-
-def run_cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
-    """``imagefork ARGV`` in this process with ``env`` set; (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def http_get(url: str) -> tuple[int, bytes]:
