@@ -7,8 +7,10 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 from streams.config import Config, metrics_address
@@ -94,6 +96,79 @@ class TransientRetries(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(level)
 
 
+class BrokerAway(logging.Filter):
+    """While the broker does not answer, the Kafka clients log their reconnects (aiokafka: "Unable connect to
+    node", "Unable to update metadata", heartbeats; librdkafka: "Connect to ... failed") many times a minute
+    for as long as it lasts. The first such line becomes one WARNING that says so, where, and when the broker
+    last answered; the rest are dropped; one line says when it is back. The broker is watched with a TCP
+    connect to the first bootstrap address every ``every_s`` (while it is there: "last seen"; while it is
+    away: "back")."""
+
+    FAILURES = re.compile(
+        r"Connect call failed|Connection at \S+ closed|Unable connect to node|Unable to update metadata|"
+        r"NodeNotReadyError|KafkaConnectionError|Connection refused|Unable to request metadata|"
+        r"All broker connections are down|Connect to ipv4|Connect to ipv6")
+
+    def __init__(self, bootstrap: str, every_s: float = 2.0, clock=time.time, reachable=None):
+        super().__init__()
+        self.bootstrap, self.every_s, self.clock = bootstrap, every_s, clock
+        self.reachable = reachable or self._tcp
+        self.last_seen = clock()
+        self.away_since: float | None = None
+        self._lock = threading.Lock()
+        self._watch: threading.Thread | None = None
+
+    def _tcp(self) -> bool:
+        host, _, port = self.bootstrap.split(",")[0].strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=2):
+                return True
+        except (OSError, ValueError):
+            return False
+
+    def watch(self) -> None:
+        """Start the watcher thread (once)."""
+        if self._watch is None:
+            self._watch = threading.Thread(target=self._watch_forever, name="broker watch", daemon=True)
+            self._watch.start()
+
+    def _watch_forever(self) -> None:
+        while True:
+            self.check()
+            time.sleep(self.every_s)
+
+    def check(self) -> None:
+        if not self.reachable():
+            return
+        with self._lock:
+            self.last_seen, away_since, self.away_since = self.clock(), self.away_since, None
+        if away_since is not None:
+            logging.getLogger("imagefork").info("Kafka at %s is back, after %.0fs away", self.bootstrap,
+                                                self.last_seen - away_since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name.startswith("aiokafka") or record.name == "imagefork.kafka"):
+            return True
+        if self.away_since is not None:
+            return record.levelno < logging.WARNING  # what the clients say while it is away: said once already
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        if not self.FAILURES.search(text) or self.reachable():
+            return True  # not the broker gone (one connection dropped, say): the line as it is
+        with self._lock:
+            if self.away_since is not None:
+                return False
+            self.away_since = self.clock()
+        seen = time.strftime("%H:%M:%S", time.localtime(self.last_seen))
+        record.name, record.levelno, record.levelname = "imagefork", logging.WARNING, "WARNING"
+        record.msg, record.args = (f"Kafka at {self.bootstrap} does not answer (last seen {seen}, "
+                                   f"{self.away_since - self.last_seen:.0f}s ago; first error: {text[:200]}); "
+                                   f"the clients retry on their own, and one line here says when it is back"), None
+        return True
+
+
 class RepeatedLines(logging.Filter):
     """A broker away makes the clients repeat one line many times a second (librdkafka's "Connect to
     ... failed: Connection refused" per reconnect, aiokafka's "Unable to update metadata from [1]": 25,000
@@ -139,12 +214,16 @@ def is_transient(record: logging.LogRecord) -> bool:
     return False
 
 
-def setup_logging(role: str, level: str, stream=None, fmt: str = "text") -> logging.Handler:
+def setup_logging(role: str, level: str, stream=None, fmt: str = "text", bootstrap: str = "") -> logging.Handler:
     """One handler on the root logger for every line of the process: the libraries' at ``level``
     (IMAGEFORK_LOG_LEVEL; Faust's own INFO lines only at debug), imagefork's own (ready, planned, task
     done, warnings) at INFO or below."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(role) if fmt == "json" else LineFormatter(role))
+    if bootstrap:  # a worker: a broker away is one line, and its return another
+        away = BrokerAway(bootstrap)
+        handler.addFilter(away)
+        away.watch()
     handler.addFilter(TransientRetries())
     handler.addFilter(RepeatedLines())
     root = logging.getLogger()
@@ -180,7 +259,7 @@ def run_role(role: str, config: Config) -> int:
     from streams.adapters.schemas import install_resolver, publish_schemas
     from streams.metrics import install
 
-    setup_logging(role, config.log_level, fmt=config.log_format)
+    setup_logging(role, config.log_level, fmt=config.log_format, bootstrap=config.bootstrap_servers)
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
