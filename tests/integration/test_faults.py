@@ -212,6 +212,12 @@ def test_broker_restart_mid_run(files, stack_env, namespace, tmp_path, request):
             p.submit(small_request(files), wf)
         finish(p, follower, ids, 240)
         assert all(w.alive() for w in p.workers), p.logs()
+        # the outage is one line in a worker's log and its end another (issue 26 item 6), not the clients'
+        # reconnect lines: each spell announced was closed, and some worker saw one
+        spells = {w.name: (w.log_path.read_text().count("does not answer (last seen "),
+                           w.log_path.read_text().count(" is back, after ")) for w in p.workers}
+        assert all(away == back for away, back in spells.values()) and \
+            sum(away for away, _ in spells.values()) >= 1, spells
     finally:
         p.stop()
 
