@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock browser redis images demo test test-unit test-integration bench stack-up stack-down clean
+.PHONY: install lock browser redis images demo test test-long test-unit test-integration bench stack-up stack-down clean
 
 # PYTHONWARNINGS: setuptools boxes a warning about an editable install of a mapped package folder (schemas/
 # ships as streams/schemas); harmless here, so the first `make demo` does not show it
@@ -61,7 +61,11 @@ demo: $(STAMP)
 	$(PY) -m streams demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -m "not long"
+
+# the long runs (tests/conftest.py LONG: each with its reason and its shorter sibling in `make test`)
+test-long: $(STAMP) browser
+	$(PY) -m pytest -q -ra --durations=10 -m long
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -ra tests/unit

@@ -64,7 +64,31 @@ def skip_without_docker(what: str) -> None:
 TESTCONTAINERS_MODULE = "test_testcontainers.py"
 
 
+# The long runs (issue 21, item 6): `make test` leaves them out (`-m "not long"`) so that the suite stays well
+# under 20 minutes on 2 cores; `make test-long` runs them, and `.ci/run` too when IMAGEFORK_TEST_LONG=1.
+# Each stays a real test of a promise; a shorter sibling of each runs in `make test` (named here).
+LONG = {
+    "tests/integration/test_faults.py::test_storm_of_sigkills_on_every_role":
+        "about 70 s of SIGKILLs on every role; test_sigkill_one_of_two_resize_workers_mid_run and "
+        "test_sigkill_join_and_restart_completes_from_the_changelog kill one role each in `make test`",
+    "tests/integration/test_offsets.py::test_a_planner_stopped_with_a_slow_request_at_the_head_loses_nothing"
+    "[SIGTERM past the grace]":
+        "a drain that waits out the whole grace; the SIGKILL variant proves the same hand-back in `make test`",
+    "tests/integration/test_offsets.py::test_a_resize_worker_stopped_with_a_big_task_at_the_head_loses_nothing"
+    "[SIGTERM within the grace]":
+        "a resize drain; the planner's drain (SIGTERM within the grace) and the resize SIGKILL run in `make test`",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the marker must be on the items by then
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in LONG:
+            item.add_marker(pytest.mark.long)
+    _dedupe_testcontainers(config, items)
+
+
+def _dedupe_testcontainers(config, items):
     """With Docker, a test that tests/integration/test_testcontainers.py runs on the Testcontainers broker
     does not run a second time on the local stack (without Docker its copy there skips and it does)."""
     on_container = {item.obj for item in items if item.path.name == TESTCONTAINERS_MODULE}
