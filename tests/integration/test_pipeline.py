@@ -103,6 +103,7 @@ def test_missing_source_fails_instead_of_hanging(pipeline, files):
     final = finals["missing-1"]
     assert final.status == "FAILED" and final.outputs == ()
     assert final.errors[0].code == "SOURCE_NOT_FOUND" and "404" in final.errors[0].message
+    assert [e.attempts for e in final.errors] == [1], final.errors  # permanent: failed at once, no retry
 
 
 @pytest.mark.parametrize("name,code", [("not-an-image.png", "IMAGE_UNDECODABLE"),
@@ -113,6 +114,7 @@ def test_hostile_sources_fail_with_a_clear_error(pipeline, files, name, code):
     final = run(pipeline, {wf: seed_request(files.url(name))}, timeout=60)[wf]
     assert final.status == "FAILED"
     assert {e.code for e in final.errors} == {code}, final.errors
+    assert {e.attempts for e in final.errors} == {1}, final.errors  # permanent: failed at once, no retry
 
 
 def test_invalid_request_is_rejected_with_the_field(pipeline, files):
@@ -131,6 +133,7 @@ def test_metadata_address_is_refused(pipeline):
     req = seed_request("http://169.254.169.254/latest/meta-data/iam")
     final = run(pipeline, {"ssrf-1": req}, timeout=60)["ssrf-1"]
     assert final.status == "FAILED" and final.errors[0].code == "SOURCE_FORBIDDEN"
+    assert {e.attempts for e in final.errors} == {1}, final.errors  # permanent: failed at once, no retry
 
 
 def test_avro_request_and_s3_source(pipeline, files):
