@@ -369,7 +369,7 @@ def budget_for_limit(limit: int | None) -> int:
     """The decode budget under a memory limit of ``limit`` bytes (None: no limit): what is left after the
     interpreter, its libraries and the encoders' buffers, at most 1 GiB, at least 64 MiB. A 512 MB
     container gets 312 MiB; with the budget full, its RSS stays within it only with glibc's adaptive mmap threshold
-    off (MALLOC_MMAP_THRESHOLD_=131072: 454 MB, else 599 MB; docs/soak.md)."""
+    off (456 MB, else 599 MB; docs/soak.md), which resize_job.init does."""
     if not limit:
         return MEMORY_BUDGET_DEFAULT
     return max(64 << 20, min(MEMORY_BUDGET_DEFAULT, limit - INTERPRETER_HEADROOM))
