@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 
@@ -53,6 +54,8 @@ class Limits:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     max_redirects: int = 5
+    # a PEM file of CA certificates trusted for https:// sources besides the system's (a private CA)
+    source_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,12 @@ class Config:
             self.fetch_allow_networks
         except ValueError as exc:
             raise ConfigError(f"IMAGEFORK_FETCH_ALLOW: {exc}") from None
+        if self.limits.source_ca_file:
+            try:  # read now, so a wrong path is a start error, not every https source failing later
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=self.limits.source_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"IMAGEFORK_SOURCE_CA_FILE must be a readable PEM file of CA certificates: "
+                                  f"{self.limits.source_ca_file}: {exc}") from None
         return self
 
     @classmethod
@@ -273,6 +282,7 @@ class Config:
             connect_timeout_s=reader.float("IMAGEFORK_CONNECT_TIMEOUT_S", d_lim.connect_timeout_s),
             read_timeout_s=reader.float("IMAGEFORK_READ_TIMEOUT_S", d_lim.read_timeout_s),
             max_redirects=reader.int("IMAGEFORK_MAX_REDIRECTS", d_lim.max_redirects),
+            source_ca_file=reader.str("IMAGEFORK_SOURCE_CA_FILE", d_lim.source_ca_file),
         )
         encoding = Encoding(
             png_compress_level=reader.int("IMAGEFORK_PNG_COMPRESS_LEVEL", d_enc.png_compress_level),

@@ -164,10 +164,13 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """Connects to the checked addresses; the certificate is still verified against the host name."""
+    """Connects to the checked addresses; the certificate is still verified against the host name, with the
+    system's CAs and those of ``cafile`` (IMAGEFORK_SOURCE_CA_FILE)."""
 
-    def __init__(self, host: str, port: int, addresses: Sequence[str], timeout: float):
+    def __init__(self, host: str, port: int, addresses: Sequence[str], timeout: float, cafile: str = ""):
         context = ssl.create_default_context()
+        if cafile:
+            context.load_verify_locations(cafile=cafile)
         context.sslsocket_class = _SSLSocket
         super().__init__(host, port, timeout=timeout, context=context)
         self._addresses = addresses
@@ -194,8 +197,10 @@ def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
         except ValueError:
             raise SourceNotFound(f"bad port in {url[:200]}") from None
         addresses = pick_addresses(host, port, allow, resolver)
-        cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-        conn = cls(host, port, addresses, limits.connect_timeout_s)
+        if scheme == "https":
+            conn = _PinnedHTTPSConnection(host, port, addresses, limits.connect_timeout_s, limits.source_ca_file)
+        else:
+            conn = _PinnedHTTPConnection(host, port, addresses, limits.connect_timeout_s)
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query

@@ -122,16 +122,16 @@ class Resizer:
             while entry.crashes < self.config.max_crashes:
                 if self.sandboxes[slot] is None:
                     self.sandboxes[slot] = _process_pool(self.config, 1, resize_job.init_sandbox)
+                limit_s = max(1.0, min(SANDBOX_TIMEOUT_S, (task.deadline - now_ms()) / 1000))
                 try:
                     return await asyncio.wait_for(
-                        loop.run_in_executor(self.sandboxes[slot], resize_job.run, task.to_dict()),
-                        max(1.0, min(SANDBOX_TIMEOUT_S, (task.deadline - now_ms()) / 1000)))
+                        loop.run_in_executor(self.sandboxes[slot], resize_job.run, task.to_dict()), limit_s)
                 except asyncio.TimeoutError:
                     # a sandbox that hangs must not hold its slot: kill it; the task is retried
                     self.sandboxes[slot] = _shut(self.sandboxes[slot], kill=True)
                     log.error("task %s/%s hung in its sandbox; killed it", task.workflowId, task.taskRef)
                     return {"ok": False, "code": "WORKER_HUNG", "transient": True,
-                            "message": f"the sandboxed run did not finish within {SANDBOX_TIMEOUT_S:.0f}s"}
+                            "message": f"the sandboxed run did not finish within {limit_s:.0f}s"}
                 except BrokenProcessPool:
                     self.sandboxes[slot] = _shut(self.sandboxes[slot])
                     log.error("task %s/%s killed its sandbox (%d)", task.workflowId, task.taskRef, entry.crashes + 1)
