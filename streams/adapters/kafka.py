@@ -194,8 +194,28 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
                 return KafkaUnavailable(f"Kafka at {servers} refused the credentials of {who} "
                                         f"({sec.sasl_mechanism or sec.protocol}): {reason}")
             if err.code() == KafkaError._SSL:
+                if "certificate verify failed" in reason:
+                    # librdkafka's advice names its own setting (ssl.ca.location): name ours instead
+                    reason = re.sub(r",? verify that ssl\.ca\.location .*$", "", reason)
+                    trusted = f"KAFKA_SSL_CAFILE={sec.ssl_cafile}" if sec.ssl_cafile else \
+                        "the system's CA certificates (KAFKA_SSL_CAFILE is not set)"
+                    return KafkaUnavailable(f"Kafka at {servers}: the TLS handshake failed ({sec.protocol}): the "
+                                            f"broker's certificate is not signed by a CA in {trusted}, or not "
+                                            f"issued for that host: {reason}")
                 return KafkaUnavailable(f"Kafka at {servers}: the TLS handshake failed ({sec.protocol}): {reason}")
         return None
+
+    def unusable(exc: KafkaException) -> KafkaUnavailable:
+        """The client refuses its own settings (a TLS file it cannot read): which setting, which file."""
+        import os
+        for name, path in (("KAFKA_SSL_CAFILE", sec.ssl_cafile), ("KAFKA_SSL_CERTFILE", sec.ssl_certfile),
+                           ("KAFKA_SSL_KEYFILE", sec.ssl_keyfile)):
+            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                return KafkaUnavailable(f"Kafka at {servers}: {name}={path} is not a file this process can read "
+                                        f"({sec.protocol})")
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        return KafkaUnavailable(f"Kafka at {servers}: the client cannot use its settings ({sec.protocol}): "
+                                f"{err.str() if err else exc}")
 
     def unreachable(last: str) -> KafkaUnavailable:
         reasons = [clean(e.str()) for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
@@ -206,7 +226,10 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
         return KafkaUnavailable(f"Kafka at {servers} is not reachable (no answer within {timeout:.0f}s, "
                                 f"{sec.protocol}): {reason}{hint}")
 
-    admin = AdminClient(client_config(config, error_cb=errors.append, logger=_Log()))
+    try:
+        admin = AdminClient(client_config(config, error_cb=errors.append, logger=_Log()))
+    except KafkaException as exc:
+        raise unusable(exc) from None
     deadline = time.monotonic() + timeout
     step = 1.0
     while True:

@@ -6,12 +6,15 @@ the logs, the processes we started (with a marker in their command line, so
 ``down`` never kills a stranger) and ``stack.env``, the KEY=VALUE file that
 points every imagefork process at this stack.
 
-Kafka has two client listeners: PLAINTEXT (``KAFKA_BOOTSTRAP_SERVERS``, what every
-process uses by default) and SASL_PLAINTEXT with SCRAM-SHA-256 on its own port
-(``IMAGEFORK_STACK_SASL_BOOTSTRAP``, with ``IMAGEFORK_STACK_SASL_USERNAME`` and
-``IMAGEFORK_STACK_SASL_PASSWORD``), to try the client security settings against. The
-SCRAM user is created when the storage is formatted (KRaft keeps SCRAM credentials
-in the metadata log); the broker and the controller talk PLAINTEXT among themselves.
+Kafka has four client listeners, each on its own port: PLAINTEXT (``KAFKA_BOOTSTRAP_SERVERS``,
+what every process uses by default), SASL_PLAINTEXT (``IMAGEFORK_STACK_SASL_BOOTSTRAP``), SSL
+(``IMAGEFORK_STACK_SSL_BOOTSTRAP``) and SASL_SSL (``IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP``), to try the
+client security settings against. Both SASL listeners take SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN for
+one user (``IMAGEFORK_STACK_SASL_USERNAME``, ``IMAGEFORK_STACK_SASL_PASSWORD``): its SCRAM credentials
+are created when the storage is formatted (KRaft keeps them in the metadata log), PLAIN checks the
+same password in the listeners' JAAS config. The TLS listeners present a certificate for 127.0.0.1
+and localhost signed by a CA the stack makes at its first start (``IMAGEFORK_STACK_CA_FILE``; openssl,
+keys mode 0600 in ``tls/``). The broker and the controller talk PLAINTEXT among themselves.
 """
 from __future__ import annotations
 
@@ -37,13 +40,21 @@ ACCESS_KEY = "imagefork"
 SECRET_KEY = "imagefork-local-secret"
 BUCKET = "imagefork"
 
-# the SASL listener's user, created by ``kafka-storage format --add-scram``
+# the SASL listeners' user: its SCRAM credentials are created by ``kafka-storage format --add-scram``,
+# PLAIN checks the same password in the listeners' JAAS config. SASL_MECHANISM is the one the stack
+# names (IMAGEFORK_STACK_SASL_MECHANISM); the listeners take all of SASL_MECHANISMS.
 SASL_MECHANISM = "SCRAM-SHA-256"
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_MECHANISMS = (*SCRAM_MECHANISMS, "PLAIN")
 SASL_USERNAME = "imagefork"
-# bumped when the storage must be formatted differently; an older (or unmarked) data folder is
-# formatted again. 2: the SCRAM user above.
-KAFKA_LAYOUT = 2
-PORTS = ("kafka", "sasl", "controller", "s3")
+# bumped when the storage must be formatted differently (an older or unmarked data folder is formatted
+# again) or Kafka started differently (a running Kafka of an older layout is restarted by ``up``).
+# 2: the SCRAM user above. 3: its SCRAM-SHA-512 credential, PLAIN, the SSL and SASL_SSL listeners.
+KAFKA_LAYOUT = 3
+PORTS = ("kafka", "sasl", "ssl", "sasl_ssl", "controller", "s3")
+# the listeners' names in server.properties (each is its security protocol) and their ports
+LISTENERS = (("PLAINTEXT", "kafka"), ("SASL_PLAINTEXT", "sasl"), ("SSL", "ssl"), ("SASL_SSL", "sasl_ssl"))
+CERT_DAYS = 3650
 
 
 class StackError(RuntimeError):
@@ -144,6 +155,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(names) -> dict[str, int]:
+    """A free port for each name, all different: each socket is held until all are picked (one after
+    the other, the system may hand out a port just released again)."""
+    sockets = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets)}
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -217,9 +243,19 @@ class LocalStack:
         return dict(state.get("env", {}))
 
     def _outdated(self) -> bool:
-        """A Kafka started by an older imagefork (no SASL listener): ``up`` restarts it."""
+        """A Kafka started by an older imagefork (another layout: without the SASL listener, without the
+        TLS listeners): ``up`` restarts it."""
         state = self._load()
-        return "kafka" in (state.get("services") or {}) and "IMAGEFORK_STACK_SASL_BOOTSTRAP" not in state.get("env", {})
+        return "kafka" in (state.get("services") or {}) and state.get("layout") != KAFKA_LAYOUT
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the TLS listeners' certificate (what a client's KAFKA_SSL_CAFILE names)."""
+        return self.tls_dir / "ca.pem"
 
     # --- up / down ---
     def up(self, timeout: float = 120.0, *, kafka: bool = True) -> dict[str, str]:
@@ -233,9 +269,10 @@ class LocalStack:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self._load()
         ports = state.get("ports") or {}
-        if sorted(ports) != sorted(PORTS) or any(_port_open(p) for p in ports.values()):
-            ports = {name: free_port() for name in PORTS}
-        state = {"ports": ports, "services": {}, "env": {}}
+        if sorted(ports) != sorted(PORTS) or len(set(ports.values())) != len(PORTS) \
+                or any(_port_open(p) for p in ports.values()):
+            ports = free_ports(PORTS)
+        state = {"ports": ports, "services": {}, "env": {}, "layout": KAFKA_LAYOUT if kafka else None}
         self._save(state)
         try:
             if kafka:
@@ -255,7 +292,11 @@ class LocalStack:
                 sasl = self.sasl_credentials()
                 env.update({
                     "IMAGEFORK_STACK_SASL_BOOTSTRAP": f"127.0.0.1:{ports['sasl']}",
+                    "IMAGEFORK_STACK_SSL_BOOTSTRAP": f"127.0.0.1:{ports['ssl']}",
+                    "IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP": f"127.0.0.1:{ports['sasl_ssl']}",
+                    "IMAGEFORK_STACK_CA_FILE": str(self.ca_file),
                     "IMAGEFORK_STACK_SASL_MECHANISM": sasl["mechanism"],
+                    "IMAGEFORK_STACK_SASL_MECHANISMS": ",".join(SASL_MECHANISMS),
                     "IMAGEFORK_STACK_SASL_USERNAME": sasl["username"],
                     "IMAGEFORK_STACK_SASL_PASSWORD": sasl["password"],
                 })
@@ -264,6 +305,7 @@ class LocalStack:
             if kafka:
                 self._wait_kafka(env["KAFKA_BOOTSTRAP_SERVERS"], timeout)
                 self._wait_kafka_sasl(env, timeout)
+                self._wait_kafka_sasl(env, timeout, tls=True)
             else:
                 del env["KAFKA_BOOTSTRAP_SERVERS"]
             self._wait_s3(env, timeout)
@@ -326,34 +368,49 @@ class LocalStack:
     def _start_kafka(self, java: str, libs: Path, ports: dict) -> dict:
         data = self.dir / "kafka-data"
         props = self.dir / "server.properties"
-        props.write_text("\n".join([
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@127.0.0.1:{ports['controller']}",
-            f"listeners=PLAINTEXT://127.0.0.1:{ports['kafka']},SASL_PLAINTEXT://127.0.0.1:{ports['sasl']},"
-            f"CONTROLLER://127.0.0.1:{ports['controller']}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{ports['kafka']},SASL_PLAINTEXT://127.0.0.1:{ports['sasl']}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
-            # the SASL listener: SCRAM-SHA-256 only, checked against the credentials in the metadata log
-            f"sasl.enabled.mechanisms={SASL_MECHANISM}",
-            f"listener.name.sasl_plaintext.sasl.enabled.mechanisms={SASL_MECHANISM}",
-            f"listener.name.sasl_plaintext.{SASL_MECHANISM.lower()}.sasl.jaas.config="
-            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
-            f"log.dirs={data}",
-            "num.partitions=6",
-            "offsets.topic.replication.factor=1",
-            "offsets.topic.num.partitions=6",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "transaction.state.log.num.partitions=6",
-            "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=true",
-            "log.retention.hours=24",
-            "log.segment.bytes=67108864",
-            "",
-        ]))
+        keystore = self._ensure_certificates()
+        client = ",".join(f"{name}://127.0.0.1:{ports[port]}" for name, port in LISTENERS)
+
+        def write_props() -> None:
+            sasl_lines = []
+            for listener in ("sasl_plaintext", "sasl_ssl"):
+                # SCRAM is checked against the credentials in the metadata log, PLAIN against its JAAS users
+                sasl_lines.append(f"listener.name.{listener}.sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}")
+                sasl_lines += [f"listener.name.{listener}.{m.lower()}.sasl.jaas.config="
+                               "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                               for m in SCRAM_MECHANISMS]
+                sasl_lines.append(f"listener.name.{listener}.plain.sasl.jaas.config="
+                                  "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                                  f'user_{SASL_USERNAME}="{self.sasl_credentials().get("password", "")}";')
+            self._write_private(props, "\n".join([
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{ports['controller']}",
+                f"listeners={client},CONTROLLER://127.0.0.1:{ports['controller']}",
+                f"advertised.listeners={client}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=" + ",".join(f"{name}:{name}" for name, _ in LISTENERS)
+                + ",CONTROLLER:PLAINTEXT",
+                f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}",
+                *sasl_lines,
+                # the TLS listeners (SSL, SASL_SSL): the stack's own certificate, no client certificates asked
+                "ssl.keystore.type=PEM",
+                f"ssl.keystore.location={keystore}",
+                "ssl.client.auth=none",
+                f"log.dirs={data}",
+                "num.partitions=6",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=6",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "transaction.state.log.num.partitions=6",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=true",
+                "log.retention.hours=24",
+                "log.segment.bytes=67108864",
+                "",
+            ]))
         log4j = self.dir / "log4j2.properties"
         log4j.write_text("rootLogger.level=WARN\nrootLogger.appenderRef.stdout.ref=STDOUT\n"
                          "appender.stdout.type=Console\nappender.stdout.name=STDOUT\n"
@@ -361,9 +418,14 @@ class LocalStack:
                          "appender.stdout.layout.pattern=[%d] %p %m (%c)%n\n")
         base = [java, self.marker, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
                 f"-Dlog4j2.configurationFile={log4j}", "-Djava.awt.headless=true", "-cp", f"{libs}/*"]
+        # PLAIN's password (in server.properties) is the SCRAM user's, which a first format makes: the
+        # format reads the file (its log.dirs, its listeners) and the file is written again after it
+        write_props()
         self._format_kafka(base, props, data)
+        write_props()
         pid = self._spawn("kafka", base + ["kafka.Kafka", str(props)])
-        return {"pid": pid, "port": ports["kafka"], "sasl_port": ports["sasl"]}
+        return {"pid": pid, "port": ports["kafka"], "sasl_port": ports["sasl"], "ssl_port": ports["ssl"],
+                "sasl_ssl_port": ports["sasl_ssl"]}
 
     def _format_record(self) -> dict:
         try:
@@ -374,6 +436,62 @@ class LocalStack:
     def sasl_credentials(self) -> dict[str, str]:
         """The SCRAM user of the SASL listener: mechanism, username, password."""
         return dict(self._format_record().get("sasl") or {})
+
+    @staticmethod
+    def _write_private(path: Path, text: str) -> None:
+        """Write a file only its owner may read (a key, a password), created so from the start."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file that was there before keeps its mode otherwise
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+    def _ensure_certificates(self) -> Path:
+        """The TLS listeners' keystore (its key, its certificate, the CA's), made with openssl at the first
+        start into ``tls/``: a CA (``ca.pem``; its key ``ca-key.pem``) and a certificate it signs for
+        127.0.0.1 and localhost. Made again, CA and all, when a file is missing or the certificate ends
+        within a day. Keys and the keystore are mode 0600."""
+        tls = self.tls_dir
+        keystore, ca, ca_key = tls / "broker-keystore.pem", self.ca_file, tls / "ca-key.pem"
+        openssl = _require("openssl", "the local stack makes its TLS certificates with openssl")
+        if all(p.exists() for p in (keystore, ca, ca_key)) and subprocess.run(
+                [openssl, "x509", "-in", str(keystore), "-noout", "-checkend", "86400"],
+                capture_output=True).returncode == 0:
+            return keystore
+        tls.mkdir(parents=True, exist_ok=True)
+
+        def run(*args: str, stdin: bytes | None = None) -> bytes:
+            proc = subprocess.run([openssl, *args], input=stdin, capture_output=True)
+            if proc.returncode != 0:
+                raise StackError(f"openssl {args[0]} failed making the stack's TLS certificates: "
+                                 f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
+            return proc.stdout
+
+        def new_key() -> bytes:  # PKCS#8 PEM, unencrypted: what Kafka's PEM keystore reads
+            return run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
+
+        ca_key_pem, broker_key_pem = new_key(), new_key()
+        self._write_private(ca_key, ca_key_pem.decode())
+        broker_key = tls / "broker-key.pem"
+        self._write_private(broker_key, broker_key_pem.decode())
+        ca_pem = run("req", "-x509", "-new", "-key", str(ca_key), "-sha256", "-days", str(CERT_DAYS),
+                     "-subj", f"/CN=imagefork local stack CA {uuid.uuid4().hex[:8]}",
+                     "-addext", "basicConstraints=critical,CA:TRUE",
+                     "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        ca.write_bytes(ca_pem)
+        os.chmod(ca, 0o644)
+        csr = run("req", "-new", "-key", str(broker_key), "-subj", "/CN=localhost")
+        ext = tls / "broker.ext"
+        ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                       "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        try:
+            cert = run("x509", "-req", "-CA", str(ca), "-CAkey", str(ca_key), "-set_serial",
+                       f"0x{secrets.token_hex(16)}", "-days", str(CERT_DAYS), "-sha256", "-extfile", str(ext),
+                       stdin=csr)
+        finally:
+            ext.unlink(missing_ok=True)
+        broker_key.unlink()
+        self._write_private(keystore, (broker_key_pem + cert + ca_pem).decode())
+        return keystore
 
     def _format_kafka(self, base: list[str], props: Path, data: Path) -> None:
         """Format ``data`` with the SCRAM user, unless it is formatted already with this layout.
@@ -390,9 +508,10 @@ class LocalStack:
             shutil.rmtree(data)
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         password = secrets.token_hex(16)  # hex: nothing to quote in the --add-scram syntax
+        scram = [arg for m in SCRAM_MECHANISMS
+                 for arg in ("--add-scram", f"{m}=[name={SASL_USERNAME},password={password}]")]
         proc = subprocess.run(base + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
-                                      "-c", str(props),
-                                      "--add-scram", f"{SASL_MECHANISM}=[name={SASL_USERNAME},password={password}]"],
+                                      "-c", str(props), *scram],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise StackError(f"Kafka storage format failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
@@ -438,13 +557,17 @@ class LocalStack:
                 time.sleep(0.5)
         raise StackError(f"Kafka did not answer on {bootstrap} within {timeout:.0f}s; see {self.dir}/kafka.log")
 
-    def _wait_kafka_sasl(self, env: dict, timeout: float) -> None:
-        """The SASL listener accepts the SCRAM user (the PLAINTEXT one answers already)."""
+    def _wait_kafka_sasl(self, env: dict, timeout: float, *, tls: bool = False) -> None:
+        """The SASL listener accepts the SCRAM user (the PLAINTEXT one answers already); with ``tls``, the
+        SASL_SSL listener does, over TLS checked against the stack's CA, with SCRAM-SHA-512."""
         from confluent_kafka.admin import AdminClient
-        bootstrap = env["IMAGEFORK_STACK_SASL_BOOTSTRAP"]
+        bootstrap = env["IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP" if tls else "IMAGEFORK_STACK_SASL_BOOTSTRAP"]
         errors: list = []
-        admin = AdminClient({"bootstrap.servers": bootstrap, "security.protocol": "SASL_PLAINTEXT",
-                             "sasl.mechanisms": env["IMAGEFORK_STACK_SASL_MECHANISM"],
+        settings = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanisms": env["IMAGEFORK_STACK_SASL_MECHANISM"]}
+        if tls:
+            settings = {"security.protocol": "SASL_SSL", "sasl.mechanisms": "SCRAM-SHA-512",
+                        "ssl.ca.location": env["IMAGEFORK_STACK_CA_FILE"]}
+        admin = AdminClient({"bootstrap.servers": bootstrap, **settings,
                              "sasl.username": env["IMAGEFORK_STACK_SASL_USERNAME"],
                              "sasl.password": env["IMAGEFORK_STACK_SASL_PASSWORD"],
                              "log_level": 0, "error_cb": errors.append})
@@ -458,7 +581,8 @@ class LocalStack:
                 admin.poll(0)
                 time.sleep(0.5)
         last = errors[-1].str() if errors else "no answer"
-        raise StackError(f"Kafka's SASL listener on {bootstrap} did not accept the stack's SCRAM user "
+        raise StackError(f"Kafka's {settings['security.protocol']} listener on {bootstrap} did not accept the "
+                         f"stack's {settings['sasl.mechanisms']} user "
                          f"{env['IMAGEFORK_STACK_SASL_USERNAME']} within {timeout:.0f}s ({last}); "
                          f"see {self.dir}/kafka.log")
 

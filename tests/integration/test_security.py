@@ -1,17 +1,22 @@
-"""Kafka client security against the real broker: the local stack's SASL_PLAINTEXT listener (SCRAM-SHA-256).
+"""Kafka client security against the real broker: the local stack's SASL_PLAINTEXT, SSL and SASL_SSL
+listeners (SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN; TLS checked against the stack's own CA).
 
-Every role (planner, resize, join) and the test client connect through the SASL listener only; a
-worker with a wrong password stops at once with one line naming the refusal."""
+Every role (planner, resize, join) and the test client connect through the SASL_PLAINTEXT listener
+with SCRAM-SHA-256, then through the SASL_SSL one with SCRAM-SHA-512; the other combinations are
+checked with the product's own admin, producer and reader. A worker with a wrong password, or without
+the CA, stops at once with one line naming the refusal."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
-from streams.adapters.kafka import KafkaUnavailable, ensure_topics
+from streams.adapters.kafka import KafkaUnavailable, ensure_topics, producer_config, read_to_end
 from streams.config import Config
 from streams.demo import seed_request
 
@@ -26,14 +31,33 @@ def sasl(stack_env) -> dict[str, str]:
     return stack_env
 
 
-def sasl_env(stack_env: dict[str, str], password: str | None = None) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": stack_env["IMAGEFORK_STACK_SASL_BOOTSTRAP"],
-        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-        "KAFKA_SASL_MECHANISM": stack_env["IMAGEFORK_STACK_SASL_MECHANISM"],
-        "KAFKA_SASL_USERNAME": stack_env["IMAGEFORK_STACK_SASL_USERNAME"],
-        "KAFKA_SASL_PASSWORD": stack_env["IMAGEFORK_STACK_SASL_PASSWORD"] if password is None else password,
-    }
+@pytest.fixture(scope="module")
+def tls(sasl) -> dict[str, str]:
+    """The TLS listeners (SSL, SASL_SSL) of the local stack and its CA."""
+    if "IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP" not in sasl:
+        pytest.skip("the local stack has no TLS listeners")  # an older stack: `stack up` restarts it
+    return sasl
+
+
+# each listener of the local stack by its security protocol
+BOOTSTRAP = {"SASL_PLAINTEXT": "IMAGEFORK_STACK_SASL_BOOTSTRAP", "SSL": "IMAGEFORK_STACK_SSL_BOOTSTRAP",
+             "SASL_SSL": "IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP"}
+
+
+def sasl_env(stack_env: dict[str, str], password: str | None = None, protocol: str = "SASL_PLAINTEXT",
+             mechanism: str | None = None) -> dict[str, str]:
+    """The settings of a client of the stack's listener for ``protocol``: the stack's user (with
+    ``mechanism``, by default the one the stack names) on a SASL one, its CA on a TLS one."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": stack_env[BOOTSTRAP[protocol]], "KAFKA_SECURITY_PROTOCOL": protocol}
+    if protocol.startswith("SASL_"):
+        env.update({
+            "KAFKA_SASL_MECHANISM": mechanism or stack_env["IMAGEFORK_STACK_SASL_MECHANISM"],
+            "KAFKA_SASL_USERNAME": stack_env["IMAGEFORK_STACK_SASL_USERNAME"],
+            "KAFKA_SASL_PASSWORD": stack_env["IMAGEFORK_STACK_SASL_PASSWORD"] if password is None else password,
+        })
+    if protocol.endswith("SSL"):
+        env["KAFKA_SSL_CAFILE"] = stack_env["IMAGEFORK_STACK_CA_FILE"]
+    return env
 
 
 def test_stack_offers_scram_beside_plaintext(sasl):
@@ -43,12 +67,23 @@ def test_stack_offers_scram_beside_plaintext(sasl):
     assert sasl["KAFKA_BOOTSTRAP_SERVERS"] != sasl["IMAGEFORK_STACK_SASL_BOOTSTRAP"]
 
 
-def test_seed_request_end_to_end_over_sasl_scram(sasl, make_pipeline, files):
-    env = sasl_env(sasl)
+def test_stack_offers_tls_listeners_and_every_mechanism(tls):
+    assert tls["IMAGEFORK_STACK_SASL_MECHANISMS"].split(",") == ["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"]
+    ports = {tls[name] for name in ("KAFKA_BOOTSTRAP_SERVERS", *BOOTSTRAP.values())}
+    assert len(ports) == 4, ports  # each listener on its own port
+    assert os.path.isfile(tls["IMAGEFORK_STACK_CA_FILE"])
+
+
+@pytest.mark.parametrize("protocol,mechanism", [("SASL_PLAINTEXT", "SCRAM-SHA-256"), ("SASL_SSL", "SCRAM-SHA-512")],
+                         ids=["sasl_plaintext-scram256", "sasl_ssl-scram512"])
+def test_seed_request_end_to_end_over_sasl_scram(sasl, make_pipeline, files, protocol, mechanism):
+    if protocol == "SASL_SSL" and BOOTSTRAP[protocol] not in sasl:
+        pytest.skip("the local stack has no TLS listeners")
+    env = sasl_env(sasl, protocol=protocol, mechanism=mechanism)
     p = make_pipeline(**env)  # its client, follower and topic creation use these settings too
     sec = p.config.kafka_security
     assert (p.config.bootstrap_servers, sec.protocol, sec.sasl_mechanism) == (
-        sasl["IMAGEFORK_STACK_SASL_BOOTSTRAP"], "SASL_PLAINTEXT", "SCRAM-SHA-256")
+        sasl[BOOTSTRAP[protocol]], protocol, mechanism)
     p.start_all()  # join (confluent-kafka), resize and planner (Faust/aiokafka), each "ready"
     follower = p.follower()
     try:
@@ -63,6 +98,83 @@ def test_seed_request_end_to_end_over_sasl_scram(sasl, make_pipeline, files):
     p.check_outputs(final)
     assert len(p.finals_for(["sasl-seed-1"], settle=5)) == 1
     assert all(w.alive() for w in p.workers), p.logs()
+
+
+@pytest.fixture(scope="module")
+def client_namespace() -> str:
+    """One namespace for the client checks below: the first creates its topics, the others find them."""
+    return f"t{uuid.uuid4().hex[:10]}."
+
+
+@pytest.mark.parametrize("protocol,mechanism", [("SSL", None), ("SASL_PLAINTEXT", "PLAIN"),
+                                                ("SASL_PLAINTEXT", "SCRAM-SHA-512"), ("SASL_SSL", "PLAIN")])
+def test_client_connects_produces_and_reads(tls, client_namespace, protocol, mechanism):
+    """The product's admin (topic creation), producer and reader over each listener and mechanism."""
+    from confluent_kafka import Producer
+    config = Config.from_env({**os.environ, **sasl_env(tls, protocol=protocol, mechanism=mechanism),
+                              "IMAGEFORK_NAMESPACE": client_namespace})
+    ensure_topics(config, timeout=20)
+    topic, value = config.topics.notices, f"{protocol}/{mechanism}/{uuid.uuid4().hex}".encode()
+    producer = Producer(producer_config(config))
+    producer.produce(topic, value, key=b"k")
+    assert producer.flush(20) == 0
+    assert value in [m.value() for m in read_to_end(config, topic, timeout=20)]
+
+
+def wrong_ca(tmp_path) -> str:
+    """The CA of another stack (made as the stack makes its own): valid, but not the one that signed."""
+    from streams.stack.local import LocalStack
+    other = LocalStack(tmp_path / "other-stack")
+    other._ensure_certificates()
+    return str(other.ca_file)
+
+
+@pytest.mark.parametrize("ca", ["wrong", "missing-file"])
+def test_tls_client_without_the_stacks_ca_is_refused(tls, namespace, tmp_path, ca):
+    env = {**sasl_env(tls, protocol="SSL"),
+           "KAFKA_SSL_CAFILE": wrong_ca(tmp_path) if ca == "wrong" else str(tmp_path / "no-such-ca.pem")}
+    config = Config.from_env({**os.environ, **env, "IMAGEFORK_NAMESPACE": namespace})
+    start = time.monotonic()
+    with pytest.raises(KafkaUnavailable) as refused:
+        ensure_topics(config, timeout=20)
+    assert time.monotonic() - start < 10
+    message = str(refused.value)
+    assert message.startswith(f"Kafka at {tls['IMAGEFORK_STACK_SSL_BOOTSTRAP']}: "), message
+    if ca == "wrong":
+        assert f"the TLS handshake failed (SSL): the broker's certificate is not signed by a CA in " \
+               f"KAFKA_SSL_CAFILE={env['KAFKA_SSL_CAFILE']}" in message and "certificate verify failed" in message
+        assert "ssl.ca.location" not in message  # librdkafka's name for it, not ours
+    else:
+        assert f"KAFKA_SSL_CAFILE={env['KAFKA_SSL_CAFILE']} is not a file this process can read" in message
+
+
+def test_worker_without_a_ca_on_the_ssl_listener_stops_with_one_line(tls, namespace):
+    env = {**os.environ, **tls, **sasl_env(tls, protocol="SASL_SSL", mechanism="SCRAM-SHA-512"),
+           "IMAGEFORK_NAMESPACE": namespace}
+    del env["KAFKA_SSL_CAFILE"]  # the system's CAs, which do not hold the stack's
+    proc = subprocess.run([sys.executable, "-m", "streams", "worker", "planner"], env=env, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=90)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"imagefork: Kafka at {tls['IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP']}: the TLS handshake "
+                               "failed (SASL_SSL): the broker's certificate is not signed by a CA in the system's CA "
+                               "certificates (KAFKA_SSL_CAFILE is not set)"), lines[0]
+
+
+@pytest.mark.parametrize("protocol,mechanism", [("SASL_PLAINTEXT", "PLAIN"), ("SASL_SSL", "SCRAM-SHA-512")])
+def test_client_with_a_wrong_password_is_refused(tls, namespace, protocol, mechanism):
+    config = Config.from_env({**os.environ, **sasl_env(tls, "not-the-password", protocol, mechanism),
+                              "IMAGEFORK_NAMESPACE": namespace})
+    start = time.monotonic()
+    with pytest.raises(KafkaUnavailable) as refused:
+        ensure_topics(config, timeout=20)
+    assert time.monotonic() - start < 10
+    assert str(refused.value).startswith(
+        f"Kafka at {tls[BOOTSTRAP[protocol]]} refused the credentials of {tls['IMAGEFORK_STACK_SASL_USERNAME']} "
+        f"({mechanism}): "), refused.value
+    assert "authentication" in str(refused.value).lower()
 
 
 @pytest.mark.parametrize("role", ["planner", "resize", "join"])
@@ -129,8 +241,28 @@ def test_a_data_folder_formatted_without_scram_is_formatted_again(tmp_path, monk
     monkeypatch.setattr(local.subprocess, "run", fake_run)
     stack._format_kafka(["java"], props, data)
     assert len(calls) == 1 and not (data / "old-topic-0").exists()
-    scram = calls[0][calls[0].index("--add-scram") + 1]
+    scram = [calls[0][i + 1] for i, arg in enumerate(calls[0]) if arg == "--add-scram"]
     creds = stack.sasl_credentials()
-    assert scram == f"SCRAM-SHA-256=[name={creds['username']},password={creds['password']}]"
+    assert scram == [f"{m}=[name={creds['username']},password={creds['password']}]"
+                     for m in ("SCRAM-SHA-256", "SCRAM-SHA-512")]
     stack._format_kafka(["java"], props, data)  # same layout: kept, same password
     assert len(calls) == 1 and stack.sasl_credentials() == creds
+    # a folder of the layout before SCRAM-SHA-512 and the TLS listeners (2) is formatted again
+    record = json.loads(stack.format_file.read_text())
+    stack.format_file.write_text(json.dumps({**record, "layout": 2}))
+    stack._format_kafka(["java"], props, data)
+    assert len(calls) == 2 and stack.sasl_credentials()["password"] != creds["password"]
+
+
+def test_a_running_kafka_of_an_older_layout_is_restarted_by_up(tmp_path):
+    """A Kafka started by an older imagefork (without the TLS listeners, or without SASL) is outdated:
+    ``up`` stops and starts it again; one of this layout, or S3Proxy alone, is not."""
+    from streams.stack import local
+    stack = local.LocalStack(tmp_path)
+    older = {"services": {"kafka": {"pid": 1, "port": 1}},
+             "env": {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "IMAGEFORK_STACK_SASL_BOOTSTRAP": "127.0.0.1:2"}}
+    s3_only = {"services": {"s3proxy": {"pid": 1, "port": 1}}, "env": {}}
+    for state, outdated in [(older, True), ({**older, "layout": 2}, True),
+                            ({**older, "layout": local.KAFKA_LAYOUT}, False), (s3_only, False)]:
+        stack.state_file.write_text(json.dumps(state))
+        assert stack._outdated() is outdated, state

@@ -101,6 +101,7 @@ def stopped_stack(tmp_path_factory):
         down = _cli("down", "--dir", str(folder), timeout=120)
         threading.Thread(target=worker.close, daemon=True).start()  # its broker is gone: do not wait for it
         yield {"down": down, "env_after": _cli("env", "--dir", str(folder), timeout=60), "own": own, "strangers": strangers,
+               "printed": env_lines, "stack": stack,
                "alive": {name: _alive(p.pid) for name, p in strangers.items()},
                "own_alive": {name: _alive(pid) for name, pid in own.items()}}
     finally:
@@ -135,3 +136,60 @@ def test_down_leaves_look_alikes_and_reused_pids_alone(stopped_stack):
 def test_down_leaves_a_process_of_a_stack_whose_folder_name_extends_this_one(stopped_stack):
     """The marker must match as a whole argument: ``-Dimagefork.stack=/x/stack2`` is not the stack in /x/stack."""
     assert stopped_stack["alive"]["reused-pid-longer-folder"], stopped_stack["down"].stdout
+
+
+def test_env_names_the_tls_listeners_and_the_stacks_ca(stopped_stack):
+    """`stack env` (and stack.env) give the SSL and SASL_SSL listeners, each on its own port, the CA that
+    signed their certificate and the mechanisms of the SASL listeners."""
+    printed, stack = stopped_stack["printed"], stopped_stack["stack"]
+    ports = [printed[name].rsplit(":", 1)[1] for name in (
+        "KAFKA_BOOTSTRAP_SERVERS", "IMAGEFORK_STACK_SASL_BOOTSTRAP", "IMAGEFORK_STACK_SSL_BOOTSTRAP",
+        "IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP")]
+    assert len(set(ports)) == 4, printed
+    assert printed["IMAGEFORK_STACK_CA_FILE"] == str(stack.ca_file) and stack.ca_file.is_file(), printed
+    assert printed["IMAGEFORK_STACK_SASL_MECHANISMS"] == "SCRAM-SHA-256,SCRAM-SHA-512,PLAIN", printed
+    in_file = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+    assert in_file == printed
+
+
+def test_private_keys_and_passwords_are_the_owners_only(stopped_stack):
+    """The CA's key, the broker's keystore (its key), server.properties (PLAIN's password) and the format
+    record (the SCRAM password) are mode 0600; the CA certificate is for anyone to read."""
+    stack = stopped_stack["stack"]
+    private = [stack.tls_dir / "ca-key.pem", stack.tls_dir / "broker-keystore.pem", stack.dir / "server.properties",
+               stack.format_file]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in private} == {p.name: "0o600" for p in private}
+    assert "PRIVATE KEY" not in stack.ca_file.read_text()
+
+
+def test_the_stack_makes_its_certificates_once(tmp_path):
+    """The CA and the broker's certificate (for 127.0.0.1 and localhost, signed by the CA), made with openssl
+    at the first start; kept after; made again when one is missing. No Kafka here."""
+    stack = LocalStack(tmp_path / "stack")
+    keystore = stack._ensure_certificates()
+    text = keystore.read_text()
+    assert text.startswith("-----BEGIN PRIVATE KEY-----") and text.count("BEGIN CERTIFICATE") == 2  # its own, the CA's
+    for key in (keystore, stack.tls_dir / "ca-key.pem"):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    assert {p.name for p in stack.tls_dir.iterdir()} == {"ca.pem", "ca-key.pem", "broker-keystore.pem"}
+    shown = subprocess.run(["openssl", "x509", "-in", str(keystore), "-noout", "-ext", "subjectAltName"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "IP Address:127.0.0.1" in shown and "DNS:localhost" in shown, shown
+    verified = subprocess.run(["openssl", "verify", "-CAfile", str(stack.ca_file), str(keystore)],
+                              capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    ca = stack.ca_file.read_bytes()
+    assert stack._ensure_certificates() == keystore
+    assert keystore.read_text() == text and stack.ca_file.read_bytes() == ca
+    (stack.tls_dir / "ca-key.pem").unlink()
+    stack._ensure_certificates()
+    assert stack.ca_file.read_bytes() != ca and (stack.tls_dir / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_stacks_ports_are_all_different():
+    """Six listeners picked one after the other could get a port twice (seen: SASL_PLAINTEXT and SASL_SSL on
+    one port, and Kafka's format refused the listeners); each socket is held until all are picked."""
+    from streams.stack.local import PORTS, free_ports
+    for _ in range(50):
+        ports = free_ports(PORTS)
+        assert sorted(ports) == sorted(PORTS) and len(set(ports.values())) == len(PORTS), ports
