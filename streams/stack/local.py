@@ -612,9 +612,11 @@ class LocalStack:
         svc = self._load().get("services", {}).get(name)
         if svc and not _still_starting(svc["pid"], self.marker):
             log = self.dir / f"{name}.log"
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-            hint = " (port in use?)" if any("Address already in use" in t for t in tail) else ""
-            raise StackError(f"{name} exited at start{hint}: {' | '.join(tail)[-400:]}")
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            # a JVM ends its log with stack frames: the bind error, if any, is well above them
+            bind = next((line.strip() for line in lines if "Address already in use" in line), "")
+            hint = " (port in use?)" if bind else ""
+            raise StackError(f"{name} exited at start{hint}: {(bind or ' | '.join(lines[-3:]))[-400:]}")
 
 
 def _still_starting(pid: int, marker: str, looks: int = 5, pause_s: float = 0.2) -> bool:

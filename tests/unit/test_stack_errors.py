@@ -132,10 +132,6 @@ def _fetched(cache: Path) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=True, reason="a known bug, to be fixed in streams/stack/local.py: _check_alive looks for "
-                   "'Address already in use' in the log's last 3 lines only, and a real Kafka 4.1.1 ends its log "
-                   "with stack frames, so the line is 'kafka exited at start: \tat kafka.network...' without the "
-                   "hint or the port (seen with a real Kafka); the fix: take the bind error from the whole log")
 def test_a_port_kafka_wants_is_in_use(tmp_path):
     """The stack keeps the ports of its last start while none answers: one of them bound (not listening) by
     another process is the port a restart wants and cannot have."""
