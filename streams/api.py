@@ -138,21 +138,21 @@ class JoinRouter:
         self.fresh_at = 0.0
         self.describing = asyncio.Lock()
 
-    def _describe(self) -> None:
+    def _describe(self, timeout_s: float = 10.0) -> None:
         try:
-            self._describe_with(self.admin)
+            self._describe_with(self.admin, timeout_s)
         except Exception:
             # a client whose calls failed (the broker away, restarted) may stay stuck timing out after the
             # broker is back: the next look uses a new one
             self.admin = AdminClient(client_config(self.config))
             raise
 
-    def _describe_with(self, admin: AdminClient) -> None:
+    def _describe_with(self, admin: AdminClient, timeout_s: float = 10.0) -> None:
         from streams.agents.join import CLIENT_ID
         topic = self.config.topics.events
-        meta = admin.list_topics(topic, timeout=10).topics.get(topic)
+        meta = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
         partitions = len(meta.partitions) if meta is not None and meta.error is None else 0
-        group = admin.describe_consumer_groups([self.group], request_timeout=10)[self.group].result()
+        group = admin.describe_consumer_groups([self.group], request_timeout=timeout_s)[self.group].result()
         owners, urls = {}, []
         for member in group.members:
             name, _, url = (member.client_id or "").partition(" ")
@@ -164,11 +164,11 @@ class JoinRouter:
                     owners[tp.partition] = url
         self.owners, self.urls, self.partitions, self.fresh_at = owners, urls, partitions, time.monotonic()
 
-    async def refresh(self, max_age_s: float = 2.0) -> None:
+    async def refresh(self, max_age_s: float = 2.0, timeout_s: float = 10.0) -> None:
         if time.monotonic() - self.fresh_at > max_age_s:
             async with self.describing:  # many requests at once: one look at the group serves them all
                 if time.monotonic() - self.fresh_at > max_age_s:
-                    await asyncio.to_thread(self._describe)
+                    await asyncio.to_thread(self._describe, timeout_s)
 
     async def ask(self, workflow_id: str, patience_s: float = 15.0) -> dict:
         """The owner's answer for ``workflow_id`` (state open, finished or unknown); asks again while the
@@ -177,7 +177,9 @@ class JoinRouter:
         last = "no join process is running"
         while True:
             try:
-                await self.refresh()
+                # a broker away: each Kafka call waits no longer than the caller's patience (a submit's
+                # look-up, 3 s, waited the calls' own 10 s before its produce got its 10 s)
+                await self.refresh(timeout_s=min(10.0, max(1.0, give_up - time.monotonic())))
                 if not self.urls and time.monotonic() - self.fresh_at < 1.0:
                     # the group, just described, has no join at all: nothing to wait for
                     raise Unavailable(f"no join process is running (the group {self.group} has no members)")

@@ -4,7 +4,9 @@
   twice; a bad request is 400 with the planner's field-level problems; every error is JSON;
 - GET a workflow while it runs (answered by the join process that owns its partition, also across a
   rebalance: a second join starting) and after it ends; the list; an output's bytes through the API;
-- the server-sent events: progress as tasks finish, then the final document;
+- the server-sent events: progress as tasks finish (read while the workflow still runs), then the final document;
+- Kafka away from an API (its bootstrap address drops every connection): POST is 503 KAFKA_UNAVAILABLE with
+  Retry-After; the same POST sent to an API that reaches Kafka runs once, even when the first is delivered later;
 - retry of a FAILED workflow (its source answered 503 until a flag file existed), and of a workflow with
   one failed task (its output key blocked on the S3 server): only that task runs again; a new run of the same
   workflow that completes with every output; a COMPLETED one cannot be retried (409);
@@ -19,6 +21,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -37,6 +41,7 @@ from streams.adapters.objectstore import ObjectStore
 from streams.client import Client
 from streams.core.planning import output_key
 from streams.stack.processes import FileServer
+from tests.integration.faults import TcpProxy
 from tests.integration.pipeline import Pipeline, wait_until
 
 pytestmark = pytest.mark.integration
@@ -65,9 +70,11 @@ def call(base: str, method: str, path: str, body: dict | bytes | None = None) ->
     return status, raw, headers
 
 
-def sse(base: str, path: str, timeout: float = 90.0, opened: threading.Event | None = None) -> list[tuple[str, dict]]:
+def sse(base: str, path: str, timeout: float = 90.0, opened: threading.Event | None = None,
+        arrivals: list[float] | None = None) -> list[tuple[str, dict]]:
     """Every event of a server-sent event stream, until the server ends it; ``opened`` is set once the
-    server has answered with the stream's headers (its handler is following the workflow)."""
+    server has answered with the stream's headers (its handler is following the workflow); ``arrivals``
+    gets the time (epoch seconds) each event was read."""
     events, name = [], None
     with urllib.request.urlopen(base + path, timeout=timeout) as resp:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -79,6 +86,8 @@ def sse(base: str, path: str, timeout: float = 90.0, opened: threading.Event | N
                 name = line[len("event: "):]
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[len("data: "):])))
+                if arrivals is not None:
+                    arrivals.append(time.time())
     return events
 
 
@@ -143,11 +152,13 @@ def test_submit_follow_and_read_a_workflow_through_the_api(api_pipeline, files):
 
     # the events stream, then the resize worker: progress as tasks finish, then the final document
     got: list = []
+    arrivals: list[float] = []
     opened = threading.Event()
-    reader = threading.Thread(target=lambda: got.extend(sse(base, f"/v1/workflows/{wf}/events", opened=opened)))
+    reader = threading.Thread(target=lambda: got.extend(sse(base, f"/v1/workflows/{wf}/events", opened=opened,
+                                                            arrivals=arrivals)))
     reader.start()
     assert opened.wait(30), "the event stream did not open"
-    p.start("resize")
+    p.start("resize", IMAGEFORK_RESIZE_CONCURRENCY="1")  # one task at a time: the run spans several looks
     reader.join(120)
     assert not reader.is_alive(), "the event stream did not end"
     names = [name for name, _ in got]
@@ -157,6 +168,12 @@ def test_submit_follow_and_read_a_workflow_through_the_api(api_pipeline, files):
     assert [d["done"] for d in progress] == sorted(d["done"] for d in progress)
     final = got[-1][1]
     assert final["status"] == "COMPLETED" and len(final["outputs"]) == 9, final
+    # progress is live, not the finished workflow's tasks replayed: some progress event was read before the
+    # join completed the workflow (its completedAt), while the stream said RUNNING and fewer than 9 were done
+    early = [(at, data) for at, (name, data) in zip(arrivals, got) if name == "progress" and data.get("task")
+             and at * 1000 < final["completedAt"]]
+    assert early and all(d["status"] == "RUNNING" and d["done"] < 9 for _at, d in early), (
+        final["completedAt"], [(at, d["done"], d["status"]) for at, (n, d) in zip(arrivals, got) if n == "progress"])
 
     doc = call(base, "GET", f"/v1/workflows/{wf}")[1]
     assert doc["status"] == "COMPLETED" and doc["progress"] == {"done": 9, "total": 9, "failed": 0}
@@ -166,8 +183,14 @@ def test_submit_follow_and_read_a_workflow_through_the_api(api_pipeline, files):
         assert status == 200 and headers["Content-Type"] == out["contentType"] and len(data) == out["bytes"]
         with Image.open(io.BytesIO(data)) as im:
             assert im.size == (out["width"], out["height"])
+    # the list is newest first: a second workflow, submitted after the first, comes before it
+    wf2 = f"api2-{uuid.uuid4().hex[:8]}"
+    status, body, _ = call(base, "POST", "/v1/workflows", {**seed(files, wf2), "outputFormats": ["png"],
+                                                           "outputSizes": [{"width": 16, "height": 16}]})
+    assert status == 202, body
+    assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{wf2}")[1].get("status") == "COMPLETED", 60)
     listed = call(base, "GET", "/v1/workflows?limit=10")[1]["workflows"]
-    assert listed[0]["workflowId"] == wf and listed[0]["status"] == "COMPLETED", listed
+    assert [(w["workflowId"], w["status"]) for w in listed] == [(wf2, "COMPLETED"), (wf, "COMPLETED")], listed
     assert call(base, "GET", "/v1/workflows?status=RUNNING")[1]["workflows"] == []
 
     # a COMPLETED workflow has nothing to retry
@@ -232,12 +255,64 @@ def raw(base: str, method: str, path: str, data: bytes | None, headers: dict) ->
         return exc.code, json.loads(exc.read()), dict(exc.headers)
 
 
-def test_hostile_http_gets_clear_answers_and_nothing_runs_twice(full, files):
+# `imagefork api` without the start-up checks of `imagefork worker api` (they wait for the broker): an API
+# process whose Kafka does not answer from the start
+AWAY_API = """
+import sys
+from streams import api
+from streams.config import Config
+from streams.worker import setup_logging
+config = Config.from_env()
+setup_logging("api", config.log_level, fmt=config.log_format, bootstrap=config.bootstrap_servers)
+sys.exit(api.run(config))
+"""
+
+
+class AwayApi:
+    """An API process whose bootstrap address is a loopback forwarder that drops every connection (Kafka
+    away), and one POST sent to it as soon as it answers, in a thread: (status, body, headers, seconds)."""
+
+    def __init__(self, pipeline: Pipeline, body: dict, log_dir: Path):
+        self.proxy = TcpProxy(int(pipeline.config.bootstrap_servers.split(",")[0].rsplit(":", 1)[1]))
+        self.proxy.cut()
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / "away-api.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", AWAY_API], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **pipeline.env, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{self.proxy.port}",
+                     "IMAGEFORK_API_LISTEN": f"127.0.0.1:{port}"}, start_new_session=True)
+        self.answer: tuple | None = None
+        self.thread = threading.Thread(target=self._post, args=(body,), daemon=True)
+        self.thread.start()
+
+    def _post(self, body: dict) -> None:
+        if not wait_until(lambda: answers(self.base, "/healthz") == 200, 60):
+            return
+        started = time.monotonic()
+        status, answer, headers = call(self.base, "POST", "/v1/workflows", body)
+        self.answer = status, answer, headers, time.monotonic() - started
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proxy.close()
+
+
+def test_hostile_http_gets_clear_answers_and_nothing_runs_twice(full, files, tmp_path, request):
     """What a probe of the API found: each is a JSON 4xx now (a 500, an empty reply or a workflow stuck
-    PENDING before), and one id POSTed 30 times at once runs once."""
+    PENDING before), and one id POSTed 30 times at once runs once. Kafka away from an API: its POST is
+    503 KAFKA_UNAVAILABLE with Retry-After; the same POST sent again to an API that reaches Kafka runs, and
+    the first one, delivered once its Kafka answers, does not run it a second time."""
     p, base, _join = full
     good = {"fileLocation": files.url("sample.png"), "outputFormats": ["png"], "outputSizes": [{"width": 16, "height": 16}]}
     as_json = {"Content-Type": "application/json"}
+    # Kafka away: the POST to an API whose broker does not answer runs beside the checks below
+    wf_away = f"away-{uuid.uuid4().hex[:8]}"
+    away = AwayApi(p, {**good, "workflowId": wf_away}, tmp_path)
+    request.addfinalizer(away.close)
     # a trailing newline in the id (a regex's `$` let it through; aiohttp then failed on the Location header)
     status, body, _ = call(base, "POST", "/v1/workflows", {**good, "workflowId": "nl-1\n"})
     assert status == 400 and body["problems"][0]["field"] == "workflowId", body
@@ -285,7 +360,29 @@ def test_hostile_http_gets_clear_answers_and_nothing_runs_twice(full, files):
     assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{wf}")[1].get("status") == "COMPLETED", 90)
     sent = [m for m in read_to_end(p.config, p.config.topics.requests) if m.key() == wf.encode()]
     assert len(sent) == 1, f"{len(sent)} request messages for {wf}"
-    assert len(p.finals_for([wf])) == 1
+
+    # Kafka away: 503 KAFKA_UNAVAILABLE with Retry-After and the workflow id, within the lookup's 3 s and
+    # the produce's 10 s; nothing reached the request topic, nobody knows the workflow
+    away.thread.join(60)
+    assert away.answer is not None, away.log_path.read_text()[-3000:]
+    status, body, headers, seconds = away.answer
+    assert status == 503 and body["error"] == "KAFKA_UNAVAILABLE" and headers.get("Retry-After") == "5", (body, headers)
+    assert wf_away in body["message"] and "send it again with the same workflowId" in body["message"], body
+    assert seconds < 18, f"the 503 took {seconds:.1f}s"
+    assert not [m for m in read_to_end(p.config, p.config.topics.requests) if m.key() == wf_away.encode()]
+    assert call(base, "GET", f"/v1/workflows/{wf_away}")[0] == 404
+    # sent again, with the same workflowId, to an API that reaches Kafka: accepted and run
+    status, body, _ = call(base, "POST", "/v1/workflows", {**good, "workflowId": wf_away})
+    assert status == 202 and body["existing"] is False, body
+    # then the first API's Kafka answers: its request, still queued, is delivered after all (a second
+    # request message for the id), and does not run the workflow a second time
+    away.proxy.restore()
+    assert wait_until(lambda: len([m for m in read_to_end(p.config, p.config.topics.requests)
+                                   if m.key() == wf_away.encode()]) == 2, 60, interval=1), \
+        away.log_path.read_text()[-3000:]
+    assert wait_until(lambda: call(base, "GET", f"/v1/workflows/{wf_away}")[1].get("status") == "COMPLETED", 90)
+    finals = p.finals_for([wf, wf_away])
+    assert sorted(f.workflowId for f in finals) == sorted([wf, wf_away]), finals
     # an output deleted from the bucket (a lifecycle rule) is gone: 410, not a 502 about a source
     out = call(base, "GET", f"/v1/workflows/{wf}")[1]["outputs"][0]
     assert call(base, "GET", out["href"])[0] == 200

@@ -194,20 +194,31 @@ def test_a_thousand_wide_request_through_the_whole_stack(make_pipeline, files):
 
 
 def test_broker_restart_mid_run(files, stack_env, namespace, tmp_path, request):
+    """The broker stopped and started again on its data folder mid-run: every request ends once, the
+    outage is one line in the workers' logs and its end another, and a worker's /readyz says 503 naming
+    the broker check while it is away, 200 once it is back."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("the broker is not ours to restart (KAFKA_BOOTSTRAP_SERVERS given)")
     stack = request.getfixturevalue("own_stack")  # a broker of our own: no other test sees it go away
     p = Pipeline({**stack_env, **stack.env()}, namespace, tmp_path / "logs", IMAGEFORK_SESSION_TIMEOUT_S="10")
     try:
-        p.start_all()
+        port = free_port()  # the planner's /readyz: 503 naming the broker while it is away, 200 once it is back
+        p.start_together("join", "resize", ("planner", {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{port}"}))
         follower = p.follower()
         ids = [f"restart-{i}" for i in range(10)]
         for wf in ids[:5]:
             p.submit(small_request(files), wf)
         until_results(p, follower, 5)
+        seen = {}
         stack.stop_kafka()
-        time.sleep(3)
+        # the first look probes the broker at once (then at most every 5 s): no earlier look, so the outage
+        # is no longer than one probe's 5 s
+        assert wait_until(lambda: seen.update(now=readyz(port)) or seen["now"][0] == 503, 30), seen
+        checks = seen["now"][1]["checks"]
+        assert checks["broker"]["ok"] is False and checks["broker"]["detail"], checks
+        assert checks["s3"]["ok"] is True, checks
         stack.start_kafka()
+        assert wait_until(lambda: seen.update(now=readyz(port)) or seen["now"][0] == 200, 60), seen
         for wf in ids[5:]:
             p.submit(small_request(files), wf)
         finish(p, follower, ids, 240)
@@ -382,6 +393,41 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     assert metric(port, "imagefork_repaired_results_total") == 2.0  # the counter that says "never" elsewhere
 
 
+def test_repair_takes_only_an_object_of_the_workflows_run_written_long_enough_ago(stack_env, namespace):
+    """What repair takes for a lost result (``Repairer.find``, what the join's lookups run, on the real S3
+    server): an output object of the workflow's own run written more than IMAGEFORK_REPAIR_AFTER_S ago.
+    One another run of the same id wrote under the same key, one without a run (written by hand, or before
+    runs), and one of this run written just now (its result is most likely on its way) are not used."""
+    from streams.adapters.objectstore import ObjectStore
+    from streams.agents.repair import Repairer
+    from streams.config import Config
+    from streams.core.planning import output_key
+    from tests.integration.pipeline import s3_prefixes
+    config = Config.from_env({**os.environ, **stack_env, "IMAGEFORK_NAMESPACE": namespace, **s3_prefixes(namespace),
+                              "IMAGEFORK_REPAIR_AFTER_S": "2"})
+    store = ObjectStore(config)
+    store.ensure_bucket()
+    wf, run = "repair-choice-1", "run-now"
+    own, other, no_run, young, absent = (f"image_convert_resize_png_{n}x{n}_{i}" for i, n in enumerate((10, 11, 12, 13, 14)))
+
+    def put(ref: str, run_id: str | None) -> None:
+        store.put(output_key(config.output_prefix, wf, ref, "png"), encoded("png", (10, 7)), "image/png", metadata={
+            "imagefork-task": ref, "imagefork-format": "png", "imagefork-width": "10", "imagefork-height": "7",
+            **({"imagefork-run": run_id} if run_id is not None else {})})
+    put(own, run)
+    put(other, "run-before")
+    put(no_run, None)
+    time.sleep(config.repair_after_s + 0.5)  # those are old enough now (S3 keeps whole seconds)
+    put(young, run)
+    repairer = Repairer(config, store)
+    try:
+        found = repairer.find(wf, run, [own, other, no_run, young, absent])
+    finally:
+        repairer.close()
+    assert [(r.taskRef, r.runId, r.output.width, r.output.height) for r in found] == [(own, run, 10, 7)], found
+    assert found[0].output.s3Uri.endswith(output_key(config.output_prefix, wf, own, "png"))
+
+
 def data_folders_of(worker) -> list[str]:
     """The data folders a worker holds open: the one it locks for Faust (streams/app.py: data_dir)."""
     found = []
@@ -419,31 +465,33 @@ def test_workers_leave_no_data_folder_behind(make_pipeline):
     assert not os.path.exists(folder), "WorkerProcess.kill did not remove the killed worker's data folder"
 
 
+def readyz(port: int) -> tuple[int, dict]:
+    """A worker's /readyz: (status, the JSON answer with each check)."""
+    import json
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=15) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def test_readyz_says_503_and_which_check_failed_while_s3_is_away(make_pipeline, stack_env):
     """A worker's /readyz: 200 while the broker and S3 answer; 503 naming the s3 check (the broker's still
-    ok) while S3 is cut off; 200 again once it is back."""
-    import json
+    ok) while S3 is cut off; 200 again once it is back. (The broker's check: test_broker_restart_mid_run.)"""
     s3_port = int(stack_env["S3_ENDPOINT_URL"].rsplit(":", 1)[1])
     proxy = TcpProxy(s3_port)
     try:
         p = make_pipeline()
         port = free_port()
         p.start("planner", S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
-
-        def readyz() -> tuple[int, dict]:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=15) as resp:
-                    return resp.status, json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                return exc.code, json.loads(exc.read())
         seen = {}
-        assert wait_until(lambda: seen.update(now=readyz()) or seen["now"][0] == 200, 30), seen
+        assert wait_until(lambda: seen.update(now=readyz(port)) or seen["now"][0] == 200, 30), seen
         proxy.cut()
-        assert wait_until(lambda: seen.update(now=readyz()) or seen["now"][0] == 503, 30), seen
+        assert wait_until(lambda: seen.update(now=readyz(port)) or seen["now"][0] == 503, 30), seen
         checks = seen["now"][1]["checks"]
         assert checks["s3"]["ok"] is False and checks["s3"]["detail"], checks
         assert checks["broker"]["ok"] is True and checks["role"]["ok"] is True, checks
         proxy.restore()
-        assert wait_until(lambda: seen.update(now=readyz()) or seen["now"][0] == 200, 30), seen
+        assert wait_until(lambda: seen.update(now=readyz(port)) or seen["now"][0] == 200, 30), seen
     finally:
         proxy.close()

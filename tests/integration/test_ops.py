@@ -4,7 +4,9 @@ real CLI in this process:
 - ``imagefork dlq list`` shows real dead letters (one undecodable message, one request whose plan the broker
   refused) with their id, agent, code, origin, key and attempts; ``--json`` and ``--limit`` too;
 - ``imagefork dlq replay`` sends a dead-lettered request back once its cause is fixed, without the
-  pipeline's headers, and it completes; an unknown id is one line and exit code 1;
+  pipeline's headers, and it completes; an unknown id is one line and exit code 1; ``--all`` sends every
+  request and skips (saying so) what is not one, which ``--to origin`` sends back where it came from;
+  replaying twice sends twice, but a keyed request runs once and a keyless one gets a new id each time;
 - ``imagefork status`` names each role's group, its member and the partitions it holds;
 - a broker that does not answer is one line and exit code 1 (status, dlq list, dlq replay), within seconds;
 - the demo's contact sheet: the seed request's nine outputs downloaded and shown by ``index.html``;
@@ -23,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -119,6 +122,102 @@ def test_dead_letters_are_listed_and_a_fixed_request_replayed_runs(pipeline, fil
                                                            (sent[-1].headers() or []))
     # a replay does not take the dead letter off the topic
     assert {d["id"] for d in listed(env)} == {junk["id"], big["id"]}
+
+
+def test_dlq_replay_all_to_origin_twice_and_keyless(pipeline, files):
+    """What `dlq replay` promises (README "Operations"): `--all` sends every dead-lettered request back to
+    the request topic and skips, saying so, a dead letter that is not a request; that one goes back only
+    with `--to origin`, to the topic it came from, with its key, bytes and own headers (unchanged, it meets
+    the same fault and is dead-lettered again); replaying twice sends twice, yet a request keyed by a
+    workflow id that already ran is not run again (the join's notice), while a keyless request gets a new
+    workflow id each time; a replayed dead letter stays on the topic."""
+    from streams import serde
+    from streams.core.models import WorkflowCompleted
+    from streams.ops import read_dead_letters
+    p, env = pipeline, pipeline.env
+    t = p.config.topics
+    tag = uuid.uuid4().hex[:8]
+    keyed = f"twice-{tag}"
+    pad = files.url("sample.png") + "?pad=" + "p" * 900  # with the correlation id, a plan over the 1 KB below
+
+    def request(correlation: str) -> dict:
+        return {"fileLocation": pad, "outputFormats": ["png"], "outputSizes": [{"width": 16, "height": 16}],
+                "correlationId": correlation + "c" * 300}
+    set_topic_config(p.config, t.events, "max.message.bytes", "1024")
+    try:
+        p.client.producer.produce(t.requests, key=None, value=json.dumps(request(f"keyless-{tag}")).encode())
+        p.client.producer.produce(t.requests, key=keyed.encode(), value=json.dumps(request(f"keyed-{tag}")).encode())
+        p.client.producer.produce(t.tasks, key=f"task-{tag}".encode(), value=b"not a task",
+                                  headers={"origin-header": b"kept"})
+        p.client.producer.flush(10)
+
+        def mine() -> dict[str, object]:
+            found = {}
+            for d in read_dead_letters(p.config):
+                if d.key is None and f"keyless-{tag}".encode() in (d.value or b""):
+                    found.setdefault("keyless", d)
+                elif d.key_text in (keyed, f"task-{tag}"):
+                    found.setdefault(d.key_text, d)
+            return found
+        assert wait_until(lambda: len(mine()) == 3, 90, interval=1), mine()
+    finally:
+        set_topic_config(p.config, t.events, "max.message.bytes", None)
+    letters = mine()
+    keyless, big, task = letters["keyless"], letters[keyed], letters[f"task-{tag}"]
+    assert (keyless.agent, keyless.code, big.code) == ("planner", "SEND_REJECTED", "SEND_REJECTED")
+    assert (task.agent, task.code, task.origin_topic) == ("resize", "NOT_A_TASK", t.tasks), task
+
+    # not a request: without --to origin it is one line and exit code 1, and nothing is sent
+    code, out, err = run_cli(env, "dlq", "replay", "--id", task.id)
+    assert (code, out) == (1, "") and err.count("\n") == 1, err
+    assert "it is not a request; replay it with --to origin" in err, err
+
+    def finals_of(correlation: str) -> list[WorkflowCompleted]:
+        return [f for f in (WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", m.value()))
+                            for m in read_to_end(p.config, t.completed))
+                if (f.correlationId or "").startswith(correlation)]
+
+    # --all: every request on the dead-letter topic to the request topic; the task is skipped, and said so
+    before = read_dead_letters(p.config)
+    requests = [d for d in before if d.origin_topic in (t.requests, t.request_retries)]
+    others = [d for d in before if d not in requests]
+    assert task in others and keyless in requests and big in requests
+    follower = p.follower()
+    code, out, err = run_cli(env, "dlq", "replay", "--all")
+    assert code == 0, err
+    sent = {line.split()[0]: line for line in out.splitlines()}
+    assert set(sent) == {d.id for d in requests}, out
+    assert f" -> {t.requests}/" in sent[keyless.id] and "key (none)" in sent[keyless.id], out
+    assert f"key {keyed} " in sent[big.id], out
+    assert f"skipped {len(others)} dead letter" in err and "replay" in err and "with --to origin" in err, err
+    assert f"replayed {len(requests)} dead letter" in err, err
+    assert follower.wait([keyed], 120)[keyed].status == "COMPLETED"
+    assert wait_until(lambda: len(finals_of(f"keyless-{tag}")) == 1, 120, interval=1)
+
+    # again: sent twice; the keyed one is not run again (the join's notice), the keyless one runs as a new id
+    follower = p.follower()
+    code, out, err = run_cli(env, "dlq", "replay", "--id", big.id, "--id", keyless.id)
+    assert code == 0 and len(out.splitlines()) == 2, (out, err)
+    follower.wait([keyed], 120)
+    assert follower.notices[keyed]["reason"] == "finished", follower.notices
+    assert wait_until(lambda: len(finals_of(f"keyless-{tag}")) == 2, 120, interval=1)
+    assert len([m for m in read_to_end(p.config, t.requests) if m.key() == keyed.encode()]) == 3  # sent, twice again
+    assert [f.status for f in p.finals_for([keyed])] == ["COMPLETED"]
+    twice = finals_of(f"keyless-{tag}")  # counted after the drain above
+    assert [f.status for f in twice] == ["COMPLETED", "COMPLETED"] and twice[0].workflowId != twice[1].workflowId, twice
+
+    # --to origin: back to the task topic with its key, bytes and own header, none of the pipeline's; the
+    # same fault dead-letters it again, from there
+    code, out, err = run_cli(env, "dlq", "replay", "--id", task.id, "--to", "origin")
+    assert code == 0 and out.startswith(f"{task.id} -> {t.tasks}/") and f"key task-{tag} " in out, (out, err)
+    partition, offset = map(int, out.split()[2].rsplit("/", 2)[1:])
+    [back] = [m for m in read_to_end(p.config, t.tasks) if (m.partition(), m.offset()) == (partition, offset)]
+    assert (back.key(), back.value()) == (task.key, task.value)
+    assert [(k, v) for k, v in back.headers() or []] == [("origin-header", b"kept")]
+    assert wait_until(lambda: any(d.origin == f"{t.tasks}/{partition}/{offset}" and d.code == "NOT_A_TASK"
+                                  for d in read_dead_letters(p.config)), 60, interval=1)
+    # a replayed dead letter stays on the topic
+    assert {keyless.id, big.id, task.id} <= {d.id for d in read_dead_letters(p.config)}
 
 
 def test_status_shows_each_roles_group_member_and_partitions(pipeline):

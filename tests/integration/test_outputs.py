@@ -4,7 +4,7 @@ real broker and the real S3 server:
 - ``imagefork submit --wait`` with IMAGEFORK_PRESIGN_TTL_S prints presigned URLs that answer 200 with the
   object's bytes to a plain HTTP client, while the final event's own URL answers 403 (the bucket is private);
 - ``imagefork get`` writes every output (right size, format and dimensions); ``--urls`` prints openable URLs;
-  an unknown id and a workflow that did not complete are one line and exit code 1;
+  an unknown id, a workflow still running and one that did not complete are one line and exit code 1;
 - ``imagefork demo --keep-stack``'s bookkeeping: a kept worker outlives the process that started it, and the
   printed stop command (``imagefork demo --stop``) stops it; a recorded pid that is now another process is
   left alone.
@@ -153,6 +153,29 @@ def test_get_of_a_workflow_that_did_not_complete_is_one_line_and_exit_1(pipeline
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and f"workflow {workflow_id} did not complete: REJECTED" in err, err
     assert "outputSizes[0].width" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_get_of_a_running_workflow_is_one_line_and_exit_1(pipeline, env, tmp_path):
+    """A workflow the join holds open (RUNNING: its plan is in, no task of it will ever run, as with no
+    resize worker) has no final event yet: `get` is one line and exit code 1, and writes nothing."""
+    from streams import serde
+    from streams.client import consume_completed
+    from streams.core.models import WorkflowPlan
+    workflow_id = f"running-{uuid.uuid4().hex[:8]}"
+    now = int(time.time() * 1000)
+    plan = WorkflowPlan(workflow_id, "http://example.invalid/x.png", ("image_convert_resize_png_16x16_0",),
+                        now, now + 60_000, runId="r1")
+    producer = pipeline.client.producer
+    producer.produce(pipeline.config.topics.events, key=workflow_id.encode(),
+                     value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
+    assert producer.flush(10) == 0
+    pipeline.wait_join_handled(workflow_id, plans=1, results=0)  # the join holds it open now
+    assert consume_completed(pipeline.config, [workflow_id], 30) == []
+    code, out, err = run_cli(env, "get", workflow_id, "--dir", str(tmp_path / "x"))
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"imagefork: no final event for workflow {workflow_id} "), err
+    assert "a workflow still running" in err, err
     assert not (tmp_path / "x").exists()
 
 
