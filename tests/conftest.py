@@ -42,8 +42,9 @@ def docker_unavailable() -> str | None:
     """None when Testcontainers can run the local Kafka image here, else why not (one line)."""
     from streams.stack import images
     reason = images.docker_answers()
-    if reason is None and images.image_label(images.KAFKA_IMAGE, "imagefork.source") is None:
-        reason = f"the image {images.KAFKA_IMAGE} is not built (make images)"
+    if reason is None:
+        # built from the sources as they are now, not merely built: a stale image would test old code
+        reason = images.not_current(images.KAFKA_IMAGE)
     return reason
 
 

@@ -91,10 +91,16 @@ class Repairer:
             modified = head.get("LastModified")
             if modified is not None and modified.timestamp() > older_than:
                 continue  # written recently: its result is most likely on its way
-            output = TaskOutput(ref, meta.get("imagefork-format", fmt), int(meta.get("imagefork-width", 0)),
-                                int(meta.get("imagefork-height", 0)), int(head.get("ContentLength", 0)),
-                                head.get("ContentType", ""), self.store.uri(key), self.store.url(key),
-                                **applied_options(meta.get("imagefork-options", "")))
+            try:
+                output = TaskOutput(ref, meta.get("imagefork-format", fmt), int(meta.get("imagefork-width", 0)),
+                                    int(meta.get("imagefork-height", 0)), int(head.get("ContentLength", 0)),
+                                    head.get("ContentType", ""), self.store.uri(key), self.store.url(key),
+                                    **applied_options(meta.get("imagefork-options", "")))
+            except (TypeError, ValueError) as exc:  # written by hand, or by something else: the others still count
+                REPAIR_ERRORS.inc()
+                log.warning("repair lookup for workflow %s: the object of %s is not an output it can read "
+                            "(%s: %s): not used", workflow_id, ref, type(exc).__name__, exc)
+                continue
             found.append(TaskResult(workflow_id, ref, SUCCEEDED, 0, now_ms(), output=output, runId=run_id))
         return found
 

@@ -232,14 +232,26 @@ STEPS = [
 SOURCE_HASH = {tag: source for tag, _, source in STEPS}
 
 
-def build_all() -> dict[str, float]:
-    """Build each missing (or outdated) image; the seconds each build took ({} when all were there)."""
+def not_current(tag: str) -> str | None:
+    """None when the image ``tag`` is built from its sources as they are now (its label imagefork.source is
+    their hash, as build_all checks), else why not (one line)."""
+    label = image_label(tag, "imagefork.source")
+    if label is None:
+        return f"{tag} is not built: run make images"
+    if label != SOURCE_HASH[tag]():
+        return f"{tag} is stale: its sources changed, run make images"
+    return None
+
+
+def build_all(steps=None) -> dict[str, float]:
+    """Build each missing (or outdated) image of ``steps`` (default: STEPS, the project's images); the
+    seconds each build took ({} when all were there)."""
     why = docker_answers()
     if why:
         raise ImageError(f"{why}: start one (as root: scripts/dockerd.sh start, then export DOCKER_HOST)")
     (local.cache_dir() / "docker").mkdir(parents=True, exist_ok=True)
     took: dict[str, float] = {}
-    for tag, builder, fresh in STEPS:
+    for tag, builder, fresh in STEPS if steps is None else steps:
         if image_label(tag, "imagefork.source") == fresh():
             _say(f"{tag}: built already")
             continue

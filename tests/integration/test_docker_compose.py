@@ -74,10 +74,12 @@ class Compose:
 @pytest.fixture
 def compose():
     skip_without_docker("docker-compose")
-    missing = [tag for tag in (images.KAFKA_IMAGE, images.S3PROXY_IMAGE, images.APP_IMAGE)
-               if images.image_label(tag, "imagefork.source") is None]
+    # each image built from the sources as they are now (its label imagefork.source is their hash), not an
+    # old build of them: the app image of an older commit would test old code
+    not_current = [why for why in map(images.not_current, (images.KAFKA_IMAGE, images.S3PROXY_IMAGE,
+                                                           images.APP_IMAGE)) if why]
     why = (None if shutil.which("docker-compose") else "docker-compose is not installed") \
-        or (f"not built: {', '.join(missing)} (make images)" if missing else None) \
+        or ("; ".join(not_current) or None) \
         or next((f"127.0.0.1:{p} is in use (docker-compose.yml publishes it)" for p in PORTS if _port_taken(p)), None)
     if why:
         (pytest.fail if docker_required() else pytest.skip)(f"docker-compose: {why}")

@@ -369,9 +369,21 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     from streams.core.planning import output_key
     p = make_pipeline()
     port = free_port()
-    p.start("join", IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
+    join = p.start("join", IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{port}")
     follower = p.follower()
     wf, refs = "lost-result-1", ("image_convert_resize_png_10x10_0", "image_convert_resize_jpg_10x10_1")
+    # and a workflow of two lost results, one of whose objects cannot be read as an output (its width is not
+    # a number): that one is counted as a repair error and left out, the other is still recovered. Written
+    # first, so that both are old enough at the first lookup (IMAGEFORK_REPAIR_AFTER_S=5 after the plan); its
+    # deadline (8.5 s) ends it before the second (5 s after the first): exactly one lookup
+    unreadable, bad_ref, good_ref = "unreadable-result-1", "image_convert_resize_png_10x10_0", \
+        "image_convert_resize_jpg_10x10_1"
+    p.store.put(output_key(p.config.output_prefix, unreadable, bad_ref, "png"), encoded("png", (10, 7)), "image/png",
+                metadata={"imagefork-task": bad_ref, "imagefork-format": "png", "imagefork-width": "wide",
+                          "imagefork-height": "7"})
+    p.store.put(output_key(p.config.output_prefix, unreadable, good_ref, "jpg"), encoded("jpg", (10, 7)),
+                "image/jpeg", metadata={"imagefork-task": good_ref, "imagefork-format": "jpg",
+                                        "imagefork-width": "10", "imagefork-height": "7"})
     sizes = {}
     for ref, fmt, ctype in zip(refs, ("png", "jpg"), ("image/png", "image/jpeg")):
         data = encoded(fmt, (10, 7))
@@ -384,13 +396,24 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     plan = WorkflowPlan(wf, "http://example.invalid/x.png", refs, now, now + 60_000)
     p.client.producer.produce(p.config.topics.events, key=wf.encode(),
                               value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
+    bad_plan = WorkflowPlan(unreadable, "http://example.invalid/y.png", (bad_ref, good_ref), now, now + 8_500)
+    p.client.producer.produce(p.config.topics.events, key=unreadable.encode(),
+                              value=serde.encode_join_event("WorkflowPlan", bad_plan.to_dict()))
     p.client.producer.flush(10)
+    bad_final = follower.wait([wf, unreadable], 60)[unreadable]  # (a wait for one drops the other's final)
     finals = finish(p, follower, [wf], 60)
     assert [(o.taskRef, o.width, o.height, o.bytes) for o in finals[wf].outputs] == [
         (refs[0], 10, 7, sizes[refs[0]]), (refs[1], 10, 7, sizes[refs[1]])]
     # the options the object says were applied come back with it (an object without them: defaults)
     assert [(o.mode, o.gravity, o.quality) for o in finals[wf].outputs] == [("", "", 0), ("fill", "smart", 70)]
-    assert metric(port, "imagefork_repaired_results_total") == 2.0  # the counter that says "never" elsewhere
+    # the counter that says "never" elsewhere: both of wf's, and the readable one beside the unreadable object
+    assert metric(port, "imagefork_repaired_results_total") == 3.0
+    # the unreadable one: not repaired (its deadline ended the workflow), counted once; its sibling recovered
+    assert bad_final.status == "TIMED_OUT" and [o.taskRef for o in bad_final.outputs] == [good_ref], bad_final
+    failed = join.log_path.read_text().count(f"repair lookup for workflow {unreadable}: the object of {bad_ref} "
+                                             "is not an output it can read (ValueError")
+    assert failed == 1, join.log_tail(40)
+    assert metric(port, "imagefork_repair_errors_total") == failed
 
 
 def test_repair_takes_only_an_object_of_the_workflows_run_written_long_enough_ago(stack_env, namespace):

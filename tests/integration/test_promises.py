@@ -37,6 +37,7 @@ from streams.config import Config
 from streams.core.models import WorkflowCompleted
 from streams.core.planning import staging_key
 from streams.demo import seed_request
+from streams.stack.local import free_port
 from streams.stack.processes import wait_for_log
 from tests.integration.pipeline import Pipeline, wait_until
 
@@ -125,6 +126,20 @@ def follow(p: Pipeline, requests: dict[str, dict], timeout: float = 120) -> dict
         return follower.wait(list(requests), timeout)
     finally:
         follower.close()
+
+
+def counts(port: int, name: str) -> dict[frozenset, float]:
+    """Every sample of the counter ``name`` on a worker's /metrics: labels -> value."""
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {frozenset(re.findall(r'(\w+)="([^"]*)"', m[1] or "")): float(m[2])
+            for m in re.finditer(rf"^{name}(?:\{{(.*)\}})? (\S+)$", text, re.M)}
+
+
+def count(port: int, name: str, **labels: str) -> float:
+    """The value of ``name`` with exactly ``labels`` on a worker's /metrics (0 while never counted)."""
+    return counts(port, name).get(frozenset(labels.items()), 0.0)
 
 
 def staged_source_goes(p: Pipeline, key: str, timeout: float = 30) -> None:
@@ -440,16 +455,19 @@ def faulty(stack_env, tmp_path_factory):
     join_fault_log = logs / "join-faults.txt"
     p = Pipeline(stack_env, f"ft{uuid.uuid4().hex[:8]}.", logs, IMAGEFORK_MAX_RETRIES="2",
                  IMAGEFORK_RETRY_POLICY="fixed", IMAGEFORK_RETRY_DELAY_S="0.3", IMAGEFORK_SESSION_TIMEOUT_S="6")
+    ports = SimpleNamespace(planner=free_port(), resize=free_port())  # their /metrics
     try:
         join, _planner, resize = p.start_together(
             ("join", {"PYTHONPATH": FAULT_PLUGIN, "IMAGEFORK_FAULT_JOIN_HANG": "1",
                          "IMAGEFORK_FAULT_LOG": str(join_fault_log)}),
             ("planner", {"PYTHONPATH": os.pathsep.join([FAULT_PLUGIN, CRASH_PLUGIN]),
-                         "IMAGEFORK_FAULT_WORKFLOW_ID": magic, "IMAGEFORK_FAULT_LOG": str(fault_log)}),
+                         "IMAGEFORK_FAULT_WORKFLOW_ID": magic, "IMAGEFORK_FAULT_LOG": str(fault_log),
+                         "IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{ports.planner}"}),
             ("resize", {"PYTHONPATH": CRASH_PLUGIN, "IMAGEFORK_RESIZE_POOL": "process",
-                        "IMAGEFORK_RESIZE_CONCURRENCY": "2", "S3_PUBLIC_URL": PUBLIC_URL}))
+                        "IMAGEFORK_RESIZE_CONCURRENCY": "2", "S3_PUBLIC_URL": PUBLIC_URL,
+                        "IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{ports.resize}"}))
         yield SimpleNamespace(p=p, magic=magic, fault_log=fault_log, join_fault_log=join_fault_log, join=join,
-                              resize=resize)
+                              resize=resize, ports=ports)
     finally:
         p.stop()
 
@@ -505,6 +523,8 @@ def test_a_pool_process_killed_by_a_decoder_ends_worker_crashed_and_the_worker_l
     tag = uuid.uuid4().hex[:6]
     poison, good = f"pool-poison-{tag}", [f"pool-good-{tag}-{i}" for i in range(2)]
     pid = faulty.resize.pid
+    crashes_before = {kind: count(faulty.ports.resize, "imagefork_worker_crashes_total", kind=kind)
+                      for kind in ("observed", "suspected")}
     finals = follow(p, {good[0]: small(files.url("sample.png")),
                         poison: small(files.url("pool-poison.crashme"), ("png",)),
                         good[1]: small(files.url("alpha.png"))}, 240)
@@ -518,6 +538,14 @@ def test_a_pool_process_killed_by_a_decoder_ends_worker_crashed_and_the_worker_l
     log = faulty.resize.log_path.read_text(errors="replace")
     assert "resize pool broke" in log and "killed its sandbox" in log, faulty.resize.log_tail(40)
     assert [f.workflowId for f in finals_of(p.config, poison)] == [poison]
+    # imagefork_worker_crashes_total counts the sandboxes that died: each error says how many its task killed
+    # (IMAGEFORK_MAX_CRASHES each: 2 x 2); no worker process died, so none is suspected
+    import re
+    killed = sum(int(re.search(r"killed (\d+) sandboxed worker process", e.message)[1]) for e in final.errors)
+    assert killed == 2 * p.config.max_crashes, final.errors
+    crashes = {kind: count(faulty.ports.resize, "imagefork_worker_crashes_total", kind=kind) - n
+               for kind, n in crashes_before.items()}
+    assert crashes == {"observed": killed, "suspected": 0}, crashes
 
 
 def test_an_unexpected_planner_error_is_retried_then_dead_lettered_as_internal(faulty, files):
@@ -528,6 +556,9 @@ def test_an_unexpected_planner_error_is_retried_then_dead_lettered_as_internal(f
     t = p.config.topics
     request = small(files.url("sample.png"))
     after = f"after-bug-{uuid.uuid4().hex[:6]}"
+    planner_port = faulty.ports.planner
+    before = {agent: count(planner_port, "imagefork_messages_total", agent=agent, outcome="retried")
+              for agent in ("planner", "planner.retry")}
     follower = p.follower()
     try:
         p.submit(request, magic)
@@ -555,6 +586,11 @@ def test_an_unexpected_planner_error_is_retried_then_dead_lettered_as_internal(f
     assert sorted(int(dict(m.headers())["imagefork.attempts"]) for m in parked) == [2, 3]
     assert all(m.value() == letter.value() for m in parked)
     assert finals_of(p.config, magic) == []
+    # imagefork_messages_total{outcome="retried"} counts those two parkings: the first attempt's (read from the
+    # request topic, agent planner), the second's (read from the retry topic, agent planner.retry)
+    retried = {agent: count(planner_port, "imagefork_messages_total", agent=agent, outcome="retried") - n
+               for agent, n in before.items()}
+    assert retried == {"planner": 1.0, "planner.retry": 1.0} and sum(retried.values()) == len(parked), retried
 
 
 # === S3 through a forwarder: no S3_ENDPOINT_URL (AWS URLs), and uploads that fail ======================
@@ -565,12 +601,14 @@ def via_forwarder(stack_env, tmp_path_factory):
     cutter = UploadCutter(int(stack_env["S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
     p = Pipeline(stack_env, f"fw{uuid.uuid4().hex[:8]}.", tmp_path_factory.mktemp("logs-forwarder"),
                  IMAGEFORK_MAX_RETRIES="2", IMAGEFORK_RETRY_POLICY="fixed", IMAGEFORK_RETRY_DELAY_S="0.3")
+    port = free_port()  # the resize worker's /metrics
     try:
         p.start_together(("join", {}), ("planner", {}),
                        ("resize", {"S3_ENDPOINT_URL": "", "S3_PUBLIC_URL": "",
+                                   "IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{port}",
                                    "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{cutter.port}",
                                    "IMAGEFORK_CONNECT_TIMEOUT_S": "2", "IMAGEFORK_READ_TIMEOUT_S": "5"}))
-        yield SimpleNamespace(p=p, cutter=cutter)
+        yield SimpleNamespace(p=p, cutter=cutter, port=port)
     finally:
         p.stop()
         cutter.close()
@@ -593,6 +631,7 @@ def test_an_upload_that_always_fails_ends_failed_with_its_attempts(via_forwarder
     the task retry topic, then FAILED with STORAGE_UNAVAILABLE and attempts 3; the staged source goes."""
     p, cutter = via_forwarder.p, via_forwarder.cutter
     wf = f"upload-fails-{uuid.uuid4().hex[:6]}"
+    retried_before = count(via_forwarder.port, "imagefork_messages_total", agent="resize", outcome="retried")
     cutter.cut_uploads = True
     try:
         final = follow(p, {wf: small(files.url("sample.png"), ("png",))}, 120)[wf]
@@ -609,6 +648,10 @@ def test_an_upload_that_always_fails_ends_failed_with_its_attempts(via_forwarder
     # each retry went round the task retry topic and back onto the task topic
     retried = sorted((t["taskRef"], t["attempt"]) for t in tasks if t["attempt"] > 1)
     assert retried == [(ref, a) for ref in refs for a in (2, 3)], retried
+    # and imagefork_messages_total{agent="resize",outcome="retried"} counts each of those 4 retries, by value
+    # (the attempts 1 and 2 of each task ended retried; its attempt 3 ended processed, FAILED)
+    assert count(via_forwarder.port, "imagefork_messages_total", agent="resize", outcome="retried") \
+        - retried_before == len(retried)
     (_p, _o, plan), = plans_of(p.config, wf)
     staged_source_goes(p, staging_key(p.config.staging_prefix, wf, plan["runId"]))
     assert p.store.list_keys(f"{p.config.output_prefix}{wf}/") == []
