@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 import uuid
 from pathlib import Path

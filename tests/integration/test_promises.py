@@ -38,7 +38,6 @@ from streams.core.models import WorkflowCompleted
 from streams.core.planning import staging_key
 from streams.demo import seed_request
 from streams.stack.local import free_port
-from streams.stack.processes import wait_for_log
 from tests.integration.pipeline import Pipeline, wait_until
 
 pytestmark = pytest.mark.integration

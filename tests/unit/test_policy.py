@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from streams.agents.common import SendRejected, send
+from streams.agents.common import send
 from streams.agents.policy import ATTEMPTS, NOT_BEFORE, Disposition, Message, MessagePolicy, Reject
 from streams.config import Config, Retry
 
