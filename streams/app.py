@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import faust
 
 from streams.adapters import offsets
-from streams.adapters.kafka import faust_credentials
+from streams.adapters.kafka import faust_credentials, replication_factor
 from streams.config import Config
 
 ROLES = ("planner", "resize")  # the Faust roles; the join is a confluent-kafka loop (agents/join.py)
@@ -30,10 +30,28 @@ class Topics:
     task_attempts: faust.TopicT
 
 
+def idempotent_producers() -> None:
+    """Faust's aiokafka producers with ``enable_idempotence`` (and acks=all, which it requires). Faust
+    asks for it only in its exactly-once mode (``Producer._settings_extra``); at least once, a producer
+    retrying a batch whose ack was lost (a broker gone mid-request) would write it twice. Installed once,
+    for every Faust app of the process."""
+    from faust.transport.drivers import aiokafka as driver
+    if getattr(driver.Producer, "_imagefork_idempotent", False):
+        return
+    settings_extra = driver.Producer._settings_extra
+
+    def _settings_extra(self):
+        return {**settings_extra(self), "acks": "all", "enable_idempotence": True}
+
+    driver.Producer._settings_extra = _settings_extra
+    driver.Producer._imagefork_idempotent = True
+
+
 def create_app(role: str, config: Config) -> faust.App:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     offsets.install()  # commits never pass a message still in flight (faust-streaming #606)
+    idempotent_producers()
     return faust.App(
         config.group_id(role),
         broker=[f"kafka://{server.strip()}" for server in config.bootstrap_servers.split(",")],
@@ -44,7 +62,8 @@ def create_app(role: str, config: Config) -> faust.App:
         datadir=data_dir(role),
         store="memory://",
         topic_partitions=config.partitions,
-        topic_replication_factor=config.replication_factor,
+        # what ensure_topics chose for this cluster (3 on a 3-broker one), for the topics Faust declares
+        topic_replication_factor=replication_factor(config),
         # planner and resize are at-least-once (idempotent outputs); the join is transactional on its own
         # (agents/join.py); see the README ("Delivery guarantees")
         processing_guarantee="at_least_once",
@@ -113,7 +132,7 @@ def declare_topics(app: faust.App, config: Config) -> Topics:
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, partitions=config.partitions,
-                         replicas=config.replication_factor)
+                         replicas=replication_factor(config))
 
     return Topics(
         requests=topic(t.requests),

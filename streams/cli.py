@@ -15,7 +15,7 @@ def _stack(args) -> int:
     from streams.stack.local import LocalStack
     stack = LocalStack(args.dir)
     if args.action == "up":
-        env = stack.up()
+        env = stack.up(brokers=args.brokers)
         for k, v in env.items():
             print(f"{k}={v}")
         print(f"# written to {stack.env_file} (source it: set -a; . {stack.env_file}; set +a)")
@@ -458,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("stack", help="the local Kafka (KRaft) and S3Proxy")
     p.add_argument("action", choices=["up", "down", "env"])
     p.add_argument("--dir", help="state folder (default: $IMAGEFORK_STACK_DIR or ~/.cache/imagefork/stack)")
+    p.add_argument("--brokers", type=int, default=1, metavar="N",
+                   help="up: a KRaft cluster of N Kafka nodes, each broker and controller (default 1; a stack "
+                        "running with another count is restarted)")
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("worker", help="run a role: planner, resize, join, api, or all")

@@ -112,8 +112,34 @@ def client_config(config: Config, **extra) -> dict:
 def producer_config(config: Config, **extra) -> dict:
     # murmur2_random is the Java client's (and Faust's) partitioner: a key lands
     # on the same partition whoever produces it.
-    return client_config(config, **{"partitioner": "murmur2_random", "enable.idempotence": True,
+    # idempotence (which implies acks=all, said here too): a retried batch is written once
+    return client_config(config, **{"partitioner": "murmur2_random", "enable.idempotence": True, "acks": "all",
                                     "linger.ms": 5, **extra})
+
+
+# the replication factor ensure_topics chose, per bootstrap address: the Faust app of the same process
+# declares its own topics (its assignor's) with it too (streams/app.py)
+_REPLICATION: dict[str, int] = {}
+
+
+def replication_for(config: Config, brokers: int) -> int:
+    """The replication factor of the project's topics on a cluster of ``brokers`` brokers:
+    IMAGEFORK_REPLICATION_FACTOR when it is set above 1, otherwise min(3, brokers) (1 on a single
+    broker, as always; 3 on the ``stack up --brokers 3`` cluster)."""
+    if config.replication_factor > 1:
+        return config.replication_factor
+    return max(1, min(3, brokers))
+
+
+def replication_factor(config: Config) -> int:
+    """The replication factor ensure_topics chose in this process, else the configured one."""
+    return _REPLICATION.get(config.bootstrap_servers, config.replication_factor)
+
+
+def topic_config(cfg: dict, replication: int) -> dict:
+    """A topic's settings with ``min.insync.replicas=2`` once it has 3 replicas or more (acks=all
+    then needs two copies: one broker lost loses no acknowledged record, and writes go on)."""
+    return {**cfg, "min.insync.replicas": "2"} if replication >= 3 else dict(cfg)
 
 
 def topic_specs(config: Config) -> dict[str, dict]:
@@ -236,7 +262,8 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
         # list_topics blocks for its whole timeout when the broker refuses us, and errors reach
         # error_cb only through poll(): ask in short steps and look at the errors in between
         try:
-            existing = admin.list_topics(timeout=max(0.1, min(step, deadline - time.monotonic()))).topics
+            meta = admin.list_topics(timeout=max(0.1, min(step, deadline - time.monotonic())))
+            existing = meta.topics
             break
         except KafkaException as exc:
             last = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
@@ -248,7 +275,9 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
             raise unreachable(last)
         step = min(step * 2, 5.0)
     wanted = topic_specs(config)
-    new = [NewTopic(name, config.partitions, config.replication_factor, config=cfg)
+    replication = replication_for(config, len(meta.brokers))
+    _REPLICATION[config.bootstrap_servers] = replication
+    new = [NewTopic(name, config.partitions, replication, config=topic_config(cfg, replication))
            for name, cfg in wanted.items() if name not in existing]
     created = []
     if new:

@@ -15,10 +15,15 @@ are created when the storage is formatted (KRaft keeps them in the metadata log)
 same password in the listeners' JAAS config. The TLS listeners present a certificate for 127.0.0.1
 and localhost signed by a CA the stack makes at its first start (``IMAGEFORK_STACK_CA_FILE``; openssl,
 keys mode 0600 in ``tls/``). The broker and the controller talk PLAINTEXT among themselves.
+
+``up(brokers=3)`` (``imagefork stack up --brokers 3``) starts three such nodes instead, each broker and
+controller (a static quorum of three voters), each with its own ports, data folder and log; the
+bootstrap settings list the three addresses, and the internal topics have 3 replicas, 2 in sync at least.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +58,82 @@ SASL_USERNAME = "imagefork"
 # 2: the SCRAM user above. 3: its SCRAM-SHA-512 credential, PLAIN, the SSL and SASL_SSL listeners.
 KAFKA_LAYOUT = 3
 PORTS = ("kafka", "sasl", "ssl", "sasl_ssl", "controller", "s3")
+# each Kafka node's own ports: node 1's are the names above (a single-broker stack is as it always was),
+# node n's (``up(brokers=3)``) the same names with "-n" (kafka-2, controller-2, ...)
+NODE_PORTS = ("kafka", "sasl", "ssl", "sasl_ssl", "controller")
+MAX_BROKERS = 5
 # the listeners' names in server.properties (each is its security protocol) and their ports
 LISTENERS = (("PLAINTEXT", "kafka"), ("SASL_PLAINTEXT", "sasl"), ("SSL", "ssl"), ("SASL_SSL", "sasl_ssl"))
 CERT_DAYS = 3650
+
+
+def node_suffix(node: int) -> str:
+    """Node 1 keeps the single-broker stack's names (``kafka``, ``kafka-data``, ``server.properties``);
+    node n gets "-n" (``kafka-2``, ``kafka-data-2``, ``server-2.properties``)."""
+    return "" if node == 1 else f"-{node}"
+
+
+def port_names(brokers: int = 1) -> tuple[str, ...]:
+    return PORTS + tuple(f"{name}{node_suffix(n)}" for n in range(2, brokers + 1) for name in NODE_PORTS)
+
+
+def node_ports(ports: dict, node: int) -> dict[str, int]:
+    """Node ``node``'s ports under the plain names (kafka, sasl, ssl, sasl_ssl, controller)."""
+    return {name: ports[f"{name}{node_suffix(node)}"] for name in NODE_PORTS}
+
+
+def kafka_properties(node: int, brokers: int, ports: dict, data: Path | str, keystore: Path | str,
+                     password: str) -> str:
+    """server.properties of node ``node`` of a ``brokers``-node KRaft cluster: every node is broker and
+    controller, the voters are all nodes' CONTROLLER listeners (a static quorum). With 3 nodes or more the
+    internal topics (and topics created without settings) have 3 replicas and 2 in sync replicas at least;
+    a single node's file is the single-broker stack's as it always was."""
+    own = node_ports(ports, node)
+    client = ",".join(f"{name}://127.0.0.1:{own[port]}" for name, port in LISTENERS)
+    voters = ",".join(f"{n}@127.0.0.1:{node_ports(ports, n)['controller']}" for n in range(1, brokers + 1))
+    replicas = min(3, brokers)
+    min_isr = 2 if replicas >= 3 else 1
+    sasl_lines = []
+    for listener in ("sasl_plaintext", "sasl_ssl"):
+        # SCRAM is checked against the credentials in the metadata log, PLAIN against its JAAS users
+        sasl_lines.append(f"listener.name.{listener}.sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}")
+        sasl_lines += [f"listener.name.{listener}.{m.lower()}.sasl.jaas.config="
+                       "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                       for m in SCRAM_MECHANISMS]
+        sasl_lines.append(f"listener.name.{listener}.plain.sasl.jaas.config="
+                          "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                          f'user_{SASL_USERNAME}="{password}";')
+    cluster = [f"default.replication.factor={replicas}", f"min.insync.replicas={min_isr}"] if brokers > 1 else []
+    return "\n".join([
+        "process.roles=broker,controller",
+        f"node.id={node}",
+        f"controller.quorum.voters={voters}",
+        f"listeners={client},CONTROLLER://127.0.0.1:{own['controller']}",
+        f"advertised.listeners={client}",
+        "controller.listener.names=CONTROLLER",
+        "inter.broker.listener.name=PLAINTEXT",
+        "listener.security.protocol.map=" + ",".join(f"{name}:{name}" for name, _ in LISTENERS)
+        + ",CONTROLLER:PLAINTEXT",
+        f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}",
+        *sasl_lines,
+        # the TLS listeners (SSL, SASL_SSL): the stack's own certificate, no client certificates asked
+        "ssl.keystore.type=PEM",
+        f"ssl.keystore.location={keystore}",
+        "ssl.client.auth=none",
+        f"log.dirs={data}",
+        "num.partitions=6",
+        f"offsets.topic.replication.factor={replicas}",
+        "offsets.topic.num.partitions=6",
+        f"transaction.state.log.replication.factor={replicas}",
+        f"transaction.state.log.min.isr={min_isr}",
+        "transaction.state.log.num.partitions=6",
+        *cluster,
+        "group.initial.rebalance.delay.ms=0",
+        "auto.create.topics.enable=true",
+        "log.retention.hours=24",
+        "log.segment.bytes=67108864",
+        "",
+    ])
 
 
 class StackError(RuntimeError):
@@ -235,18 +314,24 @@ class LocalStack:
         return bool(services) and all(_alive(s["pid"], self.marker) for s in services.values())
 
     def kafka_running(self) -> bool:
-        kafka = (self._load().get("services") or {}).get("kafka")
-        return bool(kafka) and _alive(kafka["pid"], self.marker)
+        """Whether a Kafka node of this stack is running (any of them, with ``up(brokers=3)``)."""
+        services = self._load().get("services") or {}
+        return any(_alive(svc["pid"], self.marker) for name, svc in services.items() if _is_kafka(name))
+
+    def brokers(self) -> int:
+        """How many Kafka nodes the stack was started with (1 for a stack of an older imagefork)."""
+        return int(self._load().get("brokers") or 1)
 
     def env(self) -> dict[str, str]:
         state = self._load()
         return dict(state.get("env", {}))
 
-    def _outdated(self) -> bool:
+    def _outdated(self, brokers: int = 1) -> bool:
         """A Kafka started by an older imagefork (another layout: without the SASL listener, without the
-        TLS listeners): ``up`` restarts it."""
+        TLS listeners), or with another number of brokers: ``up`` restarts it."""
         state = self._load()
-        return "kafka" in (state.get("services") or {}) and state.get("layout") != KAFKA_LAYOUT
+        return "kafka" in (state.get("services") or {}) and (
+            state.get("layout") != KAFKA_LAYOUT or int(state.get("brokers") or 1) != brokers)
 
     @property
     def tls_dir(self) -> Path:
@@ -258,10 +343,19 @@ class LocalStack:
         return self.tls_dir / "ca.pem"
 
     # --- up / down ---
-    def up(self, timeout: float = 120.0, *, kafka: bool = True) -> dict[str, str]:
-        """Start Kafka and S3Proxy (or S3Proxy alone, with ``kafka=False``) and wait until both answer."""
-        if self.running() and not self._outdated():
+    def up(self, timeout: float = 120.0, *, kafka: bool = True, brokers: int = 1) -> dict[str, str]:
+        """Start Kafka and S3Proxy (or S3Proxy alone, with ``kafka=False``) and wait until both answer.
+
+        ``brokers``: that many Kafka nodes, each broker and controller (a static quorum of them all), on
+        ports of their own; a running stack with another count is stopped and started again (its data
+        folders are formatted again: its topics are lost)."""
+        if not 1 <= brokers <= MAX_BROKERS:
+            raise StackError(f"the local stack runs 1 to {MAX_BROKERS} brokers, not {brokers}")
+        if self.running() and not self._outdated(brokers):
             return self.env()
+        if self.running() and self.brokers() != brokers and "kafka" in (self._load().get("services") or {}):
+            _say(f"the stack in {self.dir} runs {self.brokers()} broker(s): restarting it with {brokers} "
+                 f"(its topics are lost)")
         self.down(quiet=True)
         java = _java()
         kafka_libs = fetch("kafka") if kafka else None
@@ -269,19 +363,28 @@ class LocalStack:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self._load()
         ports = state.get("ports") or {}
-        if sorted(ports) != sorted(PORTS) or len(set(ports.values())) != len(PORTS) \
+        names = port_names(brokers if kafka else 1)
+        if sorted(ports) != sorted(names) or len(set(ports.values())) != len(names) \
                 or any(_port_open(p) for p in ports.values()):
-            ports = free_ports(PORTS)
+            ports = free_ports(names)
         state = {"ports": ports, "services": {}, "env": {}, "layout": KAFKA_LAYOUT if kafka else None}
+        if kafka and brokers > 1:
+            state["brokers"] = brokers
         self._save(state)
+        nodes = range(1, (brokers if kafka else 1) + 1)
+
+        def bootstrap(port: str) -> str:
+            return ",".join(f"127.0.0.1:{node_ports(ports, n)[port]}" for n in nodes)
         try:
             if kafka:
-                state["services"]["kafka"] = self._start_kafka(java, kafka_libs, ports)
+                started = self._start_kafka(java, kafka_libs, ports, nodes=list(nodes), brokers=brokers)
+                for node, svc in zip(nodes, started):
+                    state["services"][f"kafka{node_suffix(node)}"] = svc
                 self._save(state)
             state["services"]["s3proxy"] = self._start_s3proxy(java, s3_libs, ports)
             self._save(state)
             env = {
-                "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports['kafka']}",
+                "KAFKA_BOOTSTRAP_SERVERS": bootstrap("kafka"),
                 "S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
                 "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -291,9 +394,9 @@ class LocalStack:
             if kafka:
                 sasl = self.sasl_credentials()
                 env.update({
-                    "IMAGEFORK_STACK_SASL_BOOTSTRAP": f"127.0.0.1:{ports['sasl']}",
-                    "IMAGEFORK_STACK_SSL_BOOTSTRAP": f"127.0.0.1:{ports['ssl']}",
-                    "IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP": f"127.0.0.1:{ports['sasl_ssl']}",
+                    "IMAGEFORK_STACK_SASL_BOOTSTRAP": bootstrap("sasl"),
+                    "IMAGEFORK_STACK_SSL_BOOTSTRAP": bootstrap("ssl"),
+                    "IMAGEFORK_STACK_SASL_SSL_BOOTSTRAP": bootstrap("sasl_ssl"),
                     "IMAGEFORK_STACK_CA_FILE": str(self.ca_file),
                     "IMAGEFORK_STACK_SASL_MECHANISM": sasl["mechanism"],
                     "IMAGEFORK_STACK_SASL_MECHANISMS": ",".join(SASL_MECHANISMS),
@@ -303,7 +406,7 @@ class LocalStack:
             state["env"] = env
             self._save(state)
             if kafka:
-                self._wait_kafka(env["KAFKA_BOOTSTRAP_SERVERS"], timeout)
+                self._wait_kafka(env["KAFKA_BOOTSTRAP_SERVERS"], timeout, brokers=brokers)
                 self._wait_kafka_sasl(env, timeout)
                 self._wait_kafka_sasl(env, timeout, tls=True)
             else:
@@ -318,9 +421,18 @@ class LocalStack:
 
     def down(self, quiet: bool = False) -> list[str]:
         state = self._load()
+        services = state.get("services", {})
         stopped = []
-        for name, svc in state.get("services", {}).items():
-            if self._stop_pid(svc["pid"]):
+        if sum(map(_is_kafka, services)) > 1:
+            # a cluster's nodes all at once: stopped one after the other, the last ones lose their quorum
+            # and wait for it in their shutdown until they are killed
+            for name, svc in services.items():
+                if _alive(svc["pid"], self.marker):
+                    stopped.append(name)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(svc["pid"], signal.SIGTERM)
+        for name, svc in services.items():
+            if self._stop_pid(svc["pid"]) and name not in stopped:
                 stopped.append(name)
         if state:
             state["services"] = {}
@@ -345,16 +457,26 @@ class LocalStack:
         return True
 
     # --- Kafka, for the broker-restart tests ---
-    def stop_kafka(self) -> None:
+    def stop_kafka(self, node: int = 1, *, kill: bool = False) -> None:
+        """Stop Kafka node ``node`` (SIGTERM; with ``kill``, SIGKILL at once: a broker that dies)."""
         state = self._load()
-        svc = state["services"].pop("kafka", None)
+        svc = state["services"].pop(f"kafka{node_suffix(node)}", None)
         if svc:
-            self._stop_pid(svc["pid"])
+            if kill and _alive(svc["pid"], self.marker):
+                os.kill(svc["pid"], signal.SIGKILL)
+                end = time.monotonic() + 10
+                while time.monotonic() < end and _alive(svc["pid"], self.marker):
+                    _reap(svc["pid"])
+                    time.sleep(0.05)
+            else:
+                self._stop_pid(svc["pid"])
         self._save(state)
 
-    def start_kafka(self, timeout: float = 120.0) -> None:
+    def start_kafka(self, timeout: float = 120.0, node: int = 1) -> None:
         state = self._load()
-        state["services"]["kafka"] = self._start_kafka(_java(), fetch("kafka"), state["ports"])
+        brokers = int(state.get("brokers") or 1)
+        (svc,) = self._start_kafka(_java(), fetch("kafka"), state["ports"], nodes=[node], brokers=brokers)
+        state["services"][f"kafka{node_suffix(node)}"] = svc
         self._save(state)
         self._wait_kafka(state["env"]["KAFKA_BOOTSTRAP_SERVERS"], timeout)
 
@@ -365,52 +487,19 @@ class LocalStack:
         log.close()
         return proc.pid
 
-    def _start_kafka(self, java: str, libs: Path, ports: dict) -> dict:
-        data = self.dir / "kafka-data"
-        props = self.dir / "server.properties"
+    def _start_kafka(self, java: str, libs: Path, ports: dict, *, nodes: list[int] | None = None,
+                     brokers: int = 1) -> list[dict]:
+        """Start Kafka nodes ``nodes`` (default: node 1) of a ``brokers``-node cluster, each formatted first
+        if it is not already (``_format_kafka``); their services, in the same order."""
+        nodes = nodes or [1]
         keystore = self._ensure_certificates()
-        client = ",".join(f"{name}://127.0.0.1:{ports[port]}" for name, port in LISTENERS)
+        files = {n: (self.dir / f"kafka-data{node_suffix(n)}", self.dir / f"server{node_suffix(n)}.properties")
+                 for n in range(1, brokers + 1)}
 
-        def write_props() -> None:
-            sasl_lines = []
-            for listener in ("sasl_plaintext", "sasl_ssl"):
-                # SCRAM is checked against the credentials in the metadata log, PLAIN against its JAAS users
-                sasl_lines.append(f"listener.name.{listener}.sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}")
-                sasl_lines += [f"listener.name.{listener}.{m.lower()}.sasl.jaas.config="
-                               "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-                               for m in SCRAM_MECHANISMS]
-                sasl_lines.append(f"listener.name.{listener}.plain.sasl.jaas.config="
-                                  "org.apache.kafka.common.security.plain.PlainLoginModule required "
-                                  f'user_{SASL_USERNAME}="{self.sasl_credentials().get("password", "")}";')
-            self._write_private(props, "\n".join([
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@127.0.0.1:{ports['controller']}",
-                f"listeners={client},CONTROLLER://127.0.0.1:{ports['controller']}",
-                f"advertised.listeners={client}",
-                "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=" + ",".join(f"{name}:{name}" for name, _ in LISTENERS)
-                + ",CONTROLLER:PLAINTEXT",
-                f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}",
-                *sasl_lines,
-                # the TLS listeners (SSL, SASL_SSL): the stack's own certificate, no client certificates asked
-                "ssl.keystore.type=PEM",
-                f"ssl.keystore.location={keystore}",
-                "ssl.client.auth=none",
-                f"log.dirs={data}",
-                "num.partitions=6",
-                "offsets.topic.replication.factor=1",
-                "offsets.topic.num.partitions=6",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "transaction.state.log.num.partitions=6",
-                "group.initial.rebalance.delay.ms=0",
-                "auto.create.topics.enable=true",
-                "log.retention.hours=24",
-                "log.segment.bytes=67108864",
-                "",
-            ]))
+        def write_props(node: int) -> None:
+            data, props = files[node]
+            self._write_private(props, kafka_properties(node, brokers, ports, data, keystore,
+                                                        self.sasl_credentials().get("password", "")))
         log4j = self.dir / "log4j2.properties"
         log4j.write_text("rootLogger.level=WARN\nrootLogger.appenderRef.stdout.ref=STDOUT\n"
                          "appender.stdout.type=Console\nappender.stdout.name=STDOUT\n"
@@ -419,13 +508,20 @@ class LocalStack:
         base = [java, self.marker, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
                 f"-Dlog4j2.configurationFile={log4j}", "-Djava.awt.headless=true", "-cp", f"{libs}/*"]
         # PLAIN's password (in server.properties) is the SCRAM user's, which a first format makes: the
-        # format reads the file (its log.dirs, its listeners) and the file is written again after it
-        write_props()
-        self._format_kafka(base, props, data)
-        write_props()
-        pid = self._spawn("kafka", base + ["kafka.Kafka", str(props)])
-        return {"pid": pid, "port": ports["kafka"], "sasl_port": ports["sasl"], "ssl_port": ports["ssl"],
-                "sasl_ssl_port": ports["sasl_ssl"]}
+        # format reads the file (its log.dirs, its listeners) and the file is written again after it.
+        # Every node of the cluster is formatted together (one cluster id), whichever are started.
+        for n in files:
+            write_props(n)
+        self._format_kafka(base, files[1][1], files[1][0], others=[files[n] for n in files if n != 1],
+                           brokers=brokers)
+        started = []
+        for node in nodes:
+            write_props(node)
+            pid = self._spawn(f"kafka{node_suffix(node)}", base + ["kafka.Kafka", str(files[node][1])])
+            own = node_ports(ports, node)
+            started.append({"pid": pid, "port": own["kafka"], "sasl_port": own["sasl"], "ssl_port": own["ssl"],
+                            "sasl_ssl_port": own["sasl_ssl"]})
+        return started
 
     def _format_record(self) -> dict:
         try:
@@ -493,30 +589,46 @@ class LocalStack:
         self._write_private(keystore, (broker_key_pem + cert + ca_pem).decode())
         return keystore
 
-    def _format_kafka(self, base: list[str], props: Path, data: Path) -> None:
-        """Format ``data`` with the SCRAM user, unless it is formatted already with this layout.
+    def _format_kafka(self, base: list[str], props: Path, data: Path, *,
+                      others: list[tuple[Path, Path]] = (), brokers: int = 1) -> None:
+        """Format ``data`` (node 1's, with its properties ``props``), and the other nodes' data folders
+        (``others``: (data folder, its properties) of nodes 2...) with one cluster id and the SCRAM user,
+        unless they are all formatted already with this layout and this number of brokers.
 
         A folder formatted by an older imagefork (no record, or an older layout) has no SCRAM user
-        and cannot get one at format time: it is formatted again (its topics are lost; it is a
-        local test stack)."""
+        and cannot get one at format time; one formatted for another number of brokers has another
+        quorum: they are formatted again (their topics are lost; it is a local test stack)."""
         record = self._format_record()
-        formatted = (data / "meta.properties").exists()
-        if formatted and record.get("layout") == KAFKA_LAYOUT and record.get("sasl", {}).get("password"):
+        files = [(data, props), *others]
+        formatted = all((folder / "meta.properties").exists() for folder, _ in files)
+        if formatted and record.get("layout") == KAFKA_LAYOUT and record.get("sasl", {}).get("password") \
+                and int(record.get("brokers") or 1) == brokers:
             return
         self.format_file.unlink(missing_ok=True)
-        if data.exists():
-            shutil.rmtree(data)
+        # every node's folder, and those of nodes a larger cluster here had before
+        stale = [folder for folder, _ in files] + [
+            folder for folder in self.dir.glob("kafka-data-*")
+            if folder.name.rsplit("-", 1)[1].isdigit() and int(folder.name.rsplit("-", 1)[1]) > brokers]
+        for folder in stale:
+            if folder.exists():
+                shutil.rmtree(folder)
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         password = secrets.token_hex(16)  # hex: nothing to quote in the --add-scram syntax
         scram = [arg for m in SCRAM_MECHANISMS
                  for arg in ("--add-scram", f"{m}=[name={SASL_USERNAME},password={password}]")]
-        proc = subprocess.run(base + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
-                                      "-c", str(props), *scram],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise StackError(f"Kafka storage format failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
+        def format_node(node_props: Path) -> subprocess.CompletedProcess:
+            return subprocess.run(base + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                                          "-c", str(node_props), *scram], capture_output=True, text=True)
+        # a cluster's nodes side by side: each format is a JVM start (a few seconds)
+        with ThreadPoolExecutor(len(files)) as pool:
+            procs = list(pool.map(format_node, [node_props for _, node_props in files]))
+        for proc in procs:
+            if proc.returncode != 0:
+                raise StackError(f"Kafka storage format failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
         record = {"layout": KAFKA_LAYOUT, "cluster_id": cluster_id,
                   "sasl": {"mechanism": SASL_MECHANISM, "username": SASL_USERNAME, "password": password}}
+        if brokers > 1:
+            record["brokers"] = brokers
         fd = os.open(self.format_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2)
@@ -543,18 +655,21 @@ class LocalStack:
                                       "-cp", f"{libs}/*", "org.gaul.s3proxy.Main", "--properties", str(conf)])
         return {"pid": pid, "port": ports["s3"]}
 
-    def _wait_kafka(self, bootstrap: str, timeout: float) -> None:
+    def _wait_kafka(self, bootstrap: str, timeout: float, brokers: int = 1) -> None:
+        """Kafka answers, and the metadata names ``brokers`` brokers (every node registered)."""
         from confluent_kafka.admin import AdminClient
         end = time.monotonic() + timeout
         admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
         while time.monotonic() < end:
             self._check_alive("kafka")
             try:
-                admin.list_topics(timeout=2)
+                meta = admin.list_topics(timeout=2)
                 # the controller must also accept topic creation
-                return
+                if len(meta.brokers) >= brokers:
+                    return
             except Exception:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         raise StackError(f"Kafka did not answer on {bootstrap} within {timeout:.0f}s; see {self.dir}/kafka.log")
 
     def _wait_kafka_sasl(self, env: dict, timeout: float, *, tls: bool = False) -> None:
@@ -609,7 +724,11 @@ class LocalStack:
                          f"see {self.dir}/s3proxy.log")
 
     def _check_alive(self, name: str) -> None:
-        svc = self._load().get("services", {}).get(name)
+        services = self._load().get("services", {})
+        for svc_name in (n for n in services if n == name or (name == "kafka" and _is_kafka(n))):
+            self._check_one_alive(svc_name, services[svc_name])
+
+    def _check_one_alive(self, name: str, svc: dict) -> None:
         if svc and not _still_starting(svc["pid"], self.marker):
             log = self.dir / f"{name}.log"
             lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
@@ -617,6 +736,10 @@ class LocalStack:
             bind = next((line.strip() for line in lines if "Address already in use" in line), "")
             hint = " (port in use?)" if bind else ""
             raise StackError(f"{name} exited at start{hint}: {(bind or ' | '.join(lines[-3:]))[-400:]}")
+
+
+def _is_kafka(service: str) -> bool:
+    return service == "kafka" or service.startswith("kafka-")
 
 
 def _still_starting(pid: int, marker: str, looks: int = 5, pause_s: float = 0.2) -> bool:

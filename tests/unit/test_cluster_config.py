@@ -1,0 +1,83 @@
+"""The local stack's Kafka configuration for ``stack up --brokers 3`` (no process is started here), and the
+replication the project's topics get on such a cluster."""
+import json
+
+import pytest
+
+from streams.adapters.kafka import producer_config, replication_for, topic_config
+from streams.config import Config
+from streams.stack.local import (NODE_PORTS, PORTS, LocalStack, StackError, free_ports, kafka_properties,
+                                 node_ports, port_names)
+
+
+def props(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def test_three_nodes_have_their_own_ports_and_the_same_voters(tmp_path):
+    ports = free_ports(port_names(3))
+    assert len(set(ports.values())) == len(ports) == len(PORTS) + 2 * len(NODE_PORTS)
+    nodes = {n: props(kafka_properties(n, 3, ports, tmp_path / f"data-{n}", tmp_path / "ks.pem", "pw"))
+             for n in (1, 2, 3)}
+    voters = {p["controller.quorum.voters"] for p in nodes.values()}
+    assert voters == {",".join(f"{n}@127.0.0.1:{node_ports(ports, n)['controller']}" for n in (1, 2, 3))}
+    assert [p["node.id"] for p in nodes.values()] == ["1", "2", "3"]
+    assert all(p["process.roles"] == "broker,controller" for p in nodes.values())
+    # every node its own listeners (PLAINTEXT, SASL_PLAINTEXT, SSL, SASL_SSL and CONTROLLER), its own data
+    listened = [int(addr.rsplit(":", 1)[1]) for p in nodes.values() for addr in p["listeners"].split(",")]
+    assert len(listened) == 15 and len(set(listened)) == 15
+    assert all(len(p["listeners"].split(",")) == 5 for p in nodes.values())
+    assert len({p["log.dirs"] for p in nodes.values()}) == 3
+    for p in nodes.values():
+        assert p["offsets.topic.replication.factor"] == "3"
+        assert p["transaction.state.log.replication.factor"] == "3"
+        assert p["transaction.state.log.min.isr"] == "2"
+        assert p["min.insync.replicas"] == "2"
+        assert p["default.replication.factor"] == "3"
+
+
+def test_a_single_node_is_configured_as_before(tmp_path):
+    ports = free_ports(port_names(1))
+    assert port_names(1) == PORTS
+    p = props(kafka_properties(1, 1, ports, tmp_path / "kafka-data", tmp_path / "ks.pem", "pw"))
+    assert p["controller.quorum.voters"] == f"1@127.0.0.1:{ports['controller']}"
+    assert p["offsets.topic.replication.factor"] == "1"
+    assert p["transaction.state.log.replication.factor"] == "1"
+    assert p["transaction.state.log.min.isr"] == "1"
+    assert "min.insync.replicas" not in p and "default.replication.factor" not in p
+    assert p["listeners"].split(",")[0] == f"PLAINTEXT://127.0.0.1:{ports['kafka']}"
+
+
+def test_a_stack_with_another_broker_count_is_outdated(tmp_path):
+    stack = LocalStack(tmp_path)
+    from streams.stack.local import KAFKA_LAYOUT
+    stack._save({"ports": {}, "services": {"kafka": {"pid": 1, "port": 1}}, "env": {}, "layout": KAFKA_LAYOUT,
+                 "brokers": 3})
+    assert stack.brokers() == 3
+    assert not stack._outdated(3) and stack._outdated(1)
+    state = json.loads(stack.state_file.read_text())
+    del state["brokers"]  # a stack of an older imagefork: one broker
+    stack._save(state)
+    assert stack.brokers() == 1 and not stack._outdated(1) and stack._outdated(3)
+    with pytest.raises(StackError):
+        stack.up(brokers=0)
+
+
+def test_replication_follows_the_brokers_unless_set():
+    config = Config.from_env({})
+    assert [replication_for(config, n) for n in (0, 1, 2, 3, 5)] == [1, 1, 2, 3, 3]
+    assert replication_for(Config.from_env({"IMAGEFORK_REPLICATION_FACTOR": "2"}), 3) == 2
+    assert topic_config({"retention.ms": "1"}, 3) == {"retention.ms": "1", "min.insync.replicas": "2"}
+    assert topic_config({"retention.ms": "1"}, 1) == {"retention.ms": "1"}
+
+
+def test_producers_wait_for_all_replicas_and_are_idempotent():
+    conf = producer_config(Config.from_env({}))
+    assert conf["acks"] == "all" and conf["enable.idempotence"] is True
+    from faust.transport.drivers import aiokafka as driver
+
+    from streams.app import create_app
+    app = create_app("planner", Config.from_env({}))
+    assert app.conf.producer_acks == -1
+    extra = driver.Producer._settings_extra(app.producer)
+    assert extra["acks"] == "all" and extra["enable_idempotence"] is True
