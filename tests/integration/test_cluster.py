@@ -50,6 +50,15 @@ def check_final(p: Pipeline, final, workflow_id: str) -> None:
     p.check_outputs(final)
 
 
+def run_first(p: Pipeline, files):
+    """One worker per role on the cluster, and the seed request through them: (the follower, its id)."""
+    p.start_together("join", "resize", "planner")
+    follower = p.follower()
+    first = p.submit(seed(files), "cluster-1")
+    check_final(p, follower.wait([first], 60)[first], first)
+    return follower, first
+
+
 def test_three_broker_cluster(cluster, files, tmp_path):
     started = time.monotonic()
     env = cluster.env()
@@ -67,10 +76,7 @@ def test_three_broker_cluster(cluster, files, tmp_path):
 
     p = Pipeline(env, f"c{uuid.uuid4().hex[:8]}.", tmp_path / "logs", IMAGEFORK_SESSION_TIMEOUT_S="10")
     try:
-        p.start_together("join", "resize", "planner")
-        follower = p.follower()
-        first = p.submit(seed(files), "cluster-1")
-        check_final(p, follower.wait([first], 60)[first], first)
+        follower, first = run_first(p, files)
 
         # every topic of the project: 3 replicas, min.insync.replicas=2; the internal ones 3 replicas
         admin = AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"], "log_level": 0})
@@ -99,10 +105,7 @@ def test_a_node_killed_the_next_request_still_ends_exactly_once(cluster, files, 
     env = cluster.env()
     p = Pipeline(env, f"c{uuid.uuid4().hex[:8]}.", tmp_path / "logs", IMAGEFORK_SESSION_TIMEOUT_S="10")
     try:
-        p.start_together("join", "resize", "planner")
-        follower = p.follower()
-        first = p.submit(seed(files), "cluster-1")
-        check_final(p, follower.wait([first], 60)[first], first)
+        follower, first = run_first(p, files)
         # a broker SIGKILLed: a second request still ends, exactly once, on the two left
         cluster.stop_kafka(2, kill=True)
         second = p.submit(seed(files), "cluster-2")
