@@ -45,6 +45,41 @@ def idempotent_producers() -> None:
 
     driver.Producer._settings_extra = _settings_extra
     driver.Producer._imagefork_idempotent = True
+    rewind_refused_sequences()
+
+
+# what a broker answers for a batch it refused before appending it (it kept nothing of it)
+_REFUSED_UNWRITTEN = ("MessageSizeTooLargeError", "RecordListTooLargeError", "CorruptRecordException",
+                      "InvalidTopicError", "TopicAuthorizationFailedError", "InvalidTimestampError",
+                      "InvalidRequiredAcksError", "UnsupportedForMessageFormatError", "PolicyViolationError")
+
+
+def rewind_refused_sequences() -> None:
+    """An idempotent aiokafka producer numbers a batch when it sends it, and never takes the number back:
+    after a batch the broker refused (a record over the topic's ``max.message.bytes``), every later batch
+    to that partition is out of sequence (``OutOfOrderSequenceNumber``), and the partition is shut for the
+    life of the producer (aiokafka 0.14; the Java client rewinds, ``adjustSequencesDueToFailedBatch``).
+    Here the partition's next number goes back to the refused batch's first, which is safe: aiokafka has
+    one batch in flight per partition, and these errors mean the broker appended none of it."""
+    from aiokafka.producer import sender
+    handler = sender.SendProduceReqHandler
+    if getattr(handler, "_imagefork_rewinds", False):
+        return
+    handle_response = handler.handle_response
+
+    def rewinding(self, response):
+        handle_response(self, response)
+        txn = self._sender._txn_manager
+        if txn is None or txn.transactional_id is not None:  # not idempotent, or a transaction's to abort
+            return
+        for tp, batch in self._batches.items():
+            future = batch.future
+            if (future.done() and not future.cancelled() and future.exception() is not None
+                    and type(future.exception()).__name__ in _REFUSED_UNWRITTEN):
+                txn._sequence_numbers[tp] = max(0, txn.sequence_number(tp) - batch.record_count)
+
+    handler.handle_response = rewinding
+    handler._imagefork_rewinds = True
 
 
 def create_app(role: str, config: Config) -> faust.App:
