@@ -99,7 +99,12 @@ def first_unfinished(consumer, tp, since: int = 0) -> int | None:
     partition, which its owner since then has committed past: they hold nothing up."""
     lowest = IN_FLIGHT.lowest(tp.topic, tp.partition, since)
     for message in list(consumer._unacked_messages):
-        if message.tp == tp and message.offset >= since and (lowest is None or message.offset < lowest):
+        # a second delivery of an offset (the partition came back to this consumer after a rebalance, and
+        # was read again from the committed offset) is marked acked when its agent is done with it, but
+        # Faust takes only a first delivery out of this set: the acked one stays there as long as
+        # something holds it (an idle agent's last event), and must not hold the commits up
+        if message.tp == tp and not message.acked and message.offset >= since \
+                and (lowest is None or message.offset < lowest):
             lowest = message.offset
     return lowest
 
@@ -131,10 +136,35 @@ def new_offset(self, tp) -> int | None:
         run.append(offset)
         expected = offset + 1
     if expected == start:
+        _held_too_long(self, tp, start, acked, stop)
         return None  # the message at the committed offset is not finished
+    _HELD.pop(tp, None)
     acked[:len(run)] = []
     self._acked_index[tp].difference_update(run)
     return expected
+
+
+_HELD: dict = {}  # tp -> (the offset its commits wait at, since when, said so already)
+HELD_WARNING_S = 60.0
+
+
+def _held_too_long(consumer, tp, at: int, acked: list[int], stop: int | None) -> None:
+    """Say once (a warning) when a partition's commits have waited at one offset for HELD_WARNING_S, and
+    why: the message there is in the ledger (being worked on, or cancelled), not acked yet, or not seen."""
+    now = time.monotonic()
+    offset, since, said = _HELD.get(tp, (None, now, False))
+    if offset != at:
+        _HELD[tp] = (at, now, False)
+        return
+    if said or now - since < HELD_WARNING_S:
+        return
+    _HELD[tp] = (at, since, True)
+    unacked = sorted(m.offset for m in list(consumer._unacked_messages) if m.tp == tp)[:5]
+    import logging
+    logging.getLogger("imagefork").warning(
+        "commits of %s[%d] wait at offset %d for %.0fs: in the ledger from %s, unacked %s, acked %s",
+        tp.topic, tp.partition, at, now - since, IN_FLIGHT.lowest(tp.topic, tp.partition, 0), unacked,
+        sorted(acked)[:5])
 
 
 _installed = False

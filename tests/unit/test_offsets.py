@@ -15,14 +15,15 @@ T = TP("tasks", 0)
 class FakeConsumer:
     """The state Faust's consumer keeps per partition, as ``_new_offset`` reads it."""
 
-    def __init__(self, committed=None, acked=(), unacked=(), gaps=()):
+    def __init__(self, committed=None, acked=(), unacked=(), gaps=(), acked_duplicates=()):
         self._acked = defaultdict(list, {T: list(acked)})
         self._acked_index = defaultdict(set, {T: set(acked)})
         self._committed_offset = defaultdict(lambda: None, {T: committed})
         self._gap = defaultdict(IntervalTree)
         for begin, end in gaps:
             self._gap[T].addi(begin, end)
-        self._unacked_messages = [SimpleNamespace(tp=T, offset=o) for o in unacked]
+        self._unacked_messages = [SimpleNamespace(tp=T, offset=o, acked=False) for o in unacked] + [
+            SimpleNamespace(tp=T, offset=o, acked=True) for o in acked_duplicates]
 
 
 @pytest.mark.parametrize("committed,acked,unacked,expected", [
@@ -92,3 +93,15 @@ def test_a_drain_waits_for_the_work_in_flight_not_for_parked_retries():
         return late, done
 
     assert asyncio.run(go()) == (False, True)
+
+
+def test_an_acked_second_delivery_left_in_fausts_set_holds_nothing_up():
+    """The partition came back to this consumer after a rebalance and offset 5 was read again: the first
+    delivery was acked, then the second one too, but Faust's ``ack`` takes a message out of
+    ``_unacked_messages`` only when its offset was not acked before, so the second stays there (marked
+    acked) while an idle agent holds it as its last event. It must not stop the commits (CI: a resize group
+    that never committed past it, the drain never ended); an unacked second delivery still does."""
+    consumer = FakeConsumer(5, [5, 6], acked_duplicates=[5])
+    assert new_offset(consumer, T) == 7
+    consumer = FakeConsumer(5, [5, 6], unacked=[5])
+    assert new_offset(consumer, T) is None
