@@ -48,6 +48,32 @@ def idempotent_producers() -> None:
     rewind_refused_sequences()
 
 
+def refresh_metadata_on_stale_leaders() -> None:
+    """aiokafka 0.14 finds the start of a partition with no committed offset by asking its leader; when the
+    answer is NotLeaderForPartition (leadership moved: a broker restarted, or the controller handed the
+    partition back to its preferred leader) it logs the error and asks the same node again, every retry
+    backoff, until the metadata's own refresh (``metadata_max_age_ms``, 5 minutes): every partition in that
+    request waits that long. Seen on a rolling restart of the hosts' cluster (bench/roll.py): a resize
+    worker read nothing for 4 minutes. Here a stale-leader answer asks for new metadata at once, as
+    aiokafka's other offset look-ups do."""
+    from aiokafka.consumer import fetcher
+    from aiokafka.errors import KafkaError
+    if getattr(fetcher.Fetcher, "_imagefork_refreshes", False):
+        return
+    ask = fetcher.Fetcher._proc_offset_request
+
+    async def refreshing(self, node_id, topic_data):
+        try:
+            return await ask(self, node_id, topic_data)
+        except KafkaError as exc:
+            if getattr(exc, "invalid_metadata", False):
+                self._client.force_metadata_update()
+            raise
+
+    fetcher.Fetcher._proc_offset_request = refreshing
+    fetcher.Fetcher._imagefork_refreshes = True
+
+
 # what a broker answers for a batch it refused before appending it (it kept nothing of it)
 _REFUSED_UNWRITTEN = ("MessageSizeTooLargeError", "RecordListTooLargeError", "CorruptRecordException",
                       "InvalidTopicError", "TopicAuthorizationFailedError", "InvalidTimestampError",
@@ -87,6 +113,7 @@ def create_app(role: str, config: Config) -> faust.App:
         raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     offsets.install()  # commits never pass a message still in flight (faust-streaming #606)
     idempotent_producers()
+    refresh_metadata_on_stale_leaders()
     return faust.App(
         config.group_id(role),
         broker=[f"kafka://{server.strip()}" for server in config.bootstrap_servers.split(",")],
