@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock browser redis images demo test test-long test-unit test-integration bench stack-up stack-down clean
+.PHONY: install lock browser netns redis images demo test test-long test-unit test-integration bench stack-up stack-down clean
 
 # PYTHONWARNINGS: setuptools boxes a warning about an editable install of a mapped package folder (schemas/
 # ships as streams/schemas); harmless here, so the first `make demo` does not show it
@@ -36,6 +36,18 @@ browser:
 	  echo "chromium installed in $$(( $$(date +%s) - start ))s: $$(chromium --version 2>/dev/null)"; \
 	fi
 
+# Debian's iproute2 (ip, tc) and iptables, for the hosts of tests/hosts.py (network namespaces on a bridge:
+# tests/integration/test_hosts.py, bench/scale.py). Installed with apt-get only when missing and only as
+# root; elsewhere nothing happens and those tests skip, saying why (they need root anyway).
+netns:
+	@if command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 && command -v iptables >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's iproute2 and iptables with apt-get (for the hosts tests)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends iproute2 iptables; } >/tmp/imagefork-apt-netns.log 2>&1 \
+	    || { tail -20 /tmp/imagefork-apt-netns.log; echo "apt-get install iproute2 iptables failed (whole log: /tmp/imagefork-apt-netns.log)"; exit 1; }; \
+	fi
+
 # Debian's redis-server, for bench/peer.py (the same workload on a Celery chord over Redis; the bench
 # starts its own redis-server on a free loopback port, no persistence, and stops it). Installed with
 # apt-get only when missing and only as root (CI); elsewhere it says what to do, and bench/peer.py fails.
@@ -60,25 +72,27 @@ images: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m streams demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser netns
 	$(PY) -m pytest -q -ra --durations=25 -m "not long"
 
 # the long runs (tests/conftest.py LONG: each with its reason and its shorter sibling in `make test`)
-test-long: $(STAMP) browser
+test-long: $(STAMP) browser netns
 	$(PY) -m pytest -q -ra --durations=10 -m long
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -ra tests/unit
 
-test-integration: $(STAMP) browser
+test-integration: $(STAMP) browser netns
 	$(PY) -m pytest -q -ra tests/integration
 
-bench: $(STAMP) redis
+bench: $(STAMP) redis netns
 	$(PY) bench/encoders.py
 	$(PY) bench/timeline.py
 	$(PY) bench/join.py
 	$(PY) bench/breakdown.py
 	$(PY) bench/peer.py
+	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/scale.py && $(PY) bench/drain.py; \
+	else echo "bench/scale.py and bench/drain.py left out: their hosts need root"; fi
 	$(PY) bench/pipeline.py  # last: its last line is the throughput ratio
 
 stack-up: $(STAMP)

@@ -79,8 +79,24 @@ LONG = {
     "[SIGTERM within the grace]":
         "a resize drain; the planner's drain (SIGTERM within the grace) and the resize SIGKILL run in `make test`",
     "tests/integration/test_cluster.py::test_a_node_killed_the_next_request_still_ends_exactly_once":
-        "KNOWN TO FAIL when the killed node held the join's group or transaction coordinator (the join stalls: "
-        "issue 22, item 3); test_three_broker_cluster runs the cluster without a kill in `make test`",
+        "a node of the loopback cluster SIGKILLed; test_hosts.py kills nodes of the hosts' cluster in "
+        "`make test-long` too, and test_three_broker_cluster runs the cluster without a kill in `make test`",
+    "tests/integration/test_join_faults.py::test_a_join_down_across_deadlines_judges_them_after_reading_its_backlog":
+        "waits out a 40 s workflow timeout; test_lost_tasks_end_in_timed_out judges deadlines and "
+        "test_sigkill_join_and_restart_completes_from_the_changelog restarts the join in `make test`",
+    "tests/integration/test_faults.py::test_workers_leave_no_data_folder_behind":
+        "three worker starts and stops; tests/unit/test_data_dir.py keeps the folder's lock and sweep in "
+        "`make test`",
+    "tests/integration/test_hosts.py::test_a_node_killed_mid_run_and_restarted_later"
+    "[the leader of events partition 0]":
+        "about 60 s; the hosts' link cut (test_the_seed_across_hosts_with_a_resize_host_cut_past_its_session) "
+        "runs in `make test`",
+    "tests/integration/test_hosts.py::test_a_node_killed_mid_run_and_restarted_later[the join group's coordinator]":
+        "about 60 s; as above",
+    "tests/integration/test_hosts.py::test_a_second_join_host_added_mid_run_then_the_first_removed":
+        "about 60 s; test_a_second_join_takes_over_a_killed_ones_partitions moves the join's state in `make test`",
+    "tests/integration/test_hosts.py::test_a_broker_paused_past_the_request_timeout":
+        "a 42 s pause of a broker; test_broker_restart_mid_run stops the broker in `make test`",
 }
 
 

@@ -82,19 +82,22 @@ def node_ports(ports: dict, node: int) -> dict[str, int]:
     return {name: ports[f"{name}{node_suffix(node)}"] for name in NODE_PORTS}
 
 
-def kafka_properties(node: int, brokers: int, ports: dict, data: Path | str, keystore: Path | str,
-                     password: str) -> str:
+def kafka_properties(node: int, brokers: int, ports: dict, data: Path | str, keystore: Path | str | None,
+                     password: str, addresses: dict[int, str] | None = None) -> str:
     """server.properties of node ``node`` of a ``brokers``-node KRaft cluster: every node is broker and
     controller, the voters are all nodes' CONTROLLER listeners (a static quorum). With 3 nodes or more the
     internal topics (and topics created without settings) have 3 replicas and 2 in sync replicas at least;
-    a single node's file is the single-broker stack's as it always was."""
+    a single node's file is the single-broker stack's as it always was. ``addresses``: each node's address
+    (default 127.0.0.1); with no ``keystore``, the PLAINTEXT listener alone (hosts of tests/hosts.py)."""
     own = node_ports(ports, node)
-    client = ",".join(f"{name}://127.0.0.1:{own[port]}" for name, port in LISTENERS)
-    voters = ",".join(f"{n}@127.0.0.1:{node_ports(ports, n)['controller']}" for n in range(1, brokers + 1))
+    address = {n: (addresses or {}).get(n, "127.0.0.1") for n in range(1, brokers + 1)}
+    listeners = LISTENERS if keystore is not None else LISTENERS[:1]
+    client = ",".join(f"{name}://{address[node]}:{own[port]}" for name, port in listeners)
+    voters = ",".join(f"{n}@{address[n]}:{node_ports(ports, n)['controller']}" for n in range(1, brokers + 1))
     replicas = min(3, brokers)
     min_isr = 2 if replicas >= 3 else 1
     sasl_lines = []
-    for listener in ("sasl_plaintext", "sasl_ssl"):
+    for listener in ("sasl_plaintext", "sasl_ssl") if keystore is not None else ():
         # SCRAM is checked against the credentials in the metadata log, PLAIN against its JAAS users
         sasl_lines.append(f"listener.name.{listener}.sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}")
         sasl_lines += [f"listener.name.{listener}.{m.lower()}.sasl.jaas.config="
@@ -108,18 +111,18 @@ def kafka_properties(node: int, brokers: int, ports: dict, data: Path | str, key
         "process.roles=broker,controller",
         f"node.id={node}",
         f"controller.quorum.voters={voters}",
-        f"listeners={client},CONTROLLER://127.0.0.1:{own['controller']}",
+        f"listeners={client},CONTROLLER://{address[node]}:{own['controller']}",
         f"advertised.listeners={client}",
         "controller.listener.names=CONTROLLER",
         "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=" + ",".join(f"{name}:{name}" for name, _ in LISTENERS)
+        "listener.security.protocol.map=" + ",".join(f"{name}:{name}" for name, _ in listeners)
         + ",CONTROLLER:PLAINTEXT",
-        f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}",
-        *sasl_lines,
-        # the TLS listeners (SSL, SASL_SSL): the stack's own certificate, no client certificates asked
-        "ssl.keystore.type=PEM",
-        f"ssl.keystore.location={keystore}",
-        "ssl.client.auth=none",
+        *([f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}",
+           *sasl_lines,
+           # the TLS listeners (SSL, SASL_SSL): the stack's own certificate, no client certificates asked
+           "ssl.keystore.type=PEM",
+           f"ssl.keystore.location={keystore}",
+           "ssl.client.auth=none"] if keystore is not None else []),
         f"log.dirs={data}",
         "num.partitions=6",
         f"offsets.topic.replication.factor={replicas}",
@@ -634,25 +637,8 @@ class LocalStack:
             json.dump(record, f, indent=2)
 
     def _start_s3proxy(self, java: str, libs: Path, ports: dict) -> dict:
-        data = self.dir / "s3-data"
-        data.mkdir(parents=True, exist_ok=True)
-        conf = self.dir / "s3proxy.conf"
-        conf.write_text("\n".join([
-            f"s3proxy.endpoint=http://127.0.0.1:{ports['s3']}",
-            "s3proxy.authorization=aws-v2-or-v4",
-            f"s3proxy.identity={ACCESS_KEY}",
-            f"s3proxy.credential={SECRET_KEY}",
-            "jclouds.provider=filesystem",
-            f"jclouds.filesystem.basedir={data}",
-            "",
-        ]))
-        logback = self.dir / "logback.xml"
-        # S3Proxy's jar logs every Jetty event at DEBUG otherwise, which costs more than the requests
-        logback.write_text('<configuration><appender name="O" class="ch.qos.logback.core.ConsoleAppender">'
-                           '<encoder><pattern>%d %level %logger{20}: %msg%n</pattern></encoder></appender>'
-                           '<root level="WARN"><appender-ref ref="O"/></root></configuration>\n')
-        pid = self._spawn("s3proxy", [java, self.marker, "-Xmx512m", f"-Dlogback.configurationFile={logback}",
-                                      "-cp", f"{libs}/*", "org.gaul.s3proxy.Main", "--properties", str(conf)])
+        endpoint = f"http://127.0.0.1:{ports['s3']}"
+        pid = self._spawn("s3proxy", s3proxy_argv(java, self.marker, libs, self.dir, endpoint))
         return {"pid": pid, "port": ports["s3"]}
 
     def _wait_kafka(self, bootstrap: str, timeout: float, brokers: int = 1) -> None:
@@ -736,6 +722,30 @@ class LocalStack:
             bind = next((line.strip() for line in lines if "Address already in use" in line), "")
             hint = " (port in use?)" if bind else ""
             raise StackError(f"{name} exited at start{hint}: {(bind or ' | '.join(lines[-3:]))[-400:]}")
+
+
+def s3proxy_argv(java: str, marker: str, libs: Path, folder: Path, endpoint: str) -> list[str]:
+    """S3Proxy's command line, serving ``endpoint`` from a filesystem backend in ``folder/s3-data`` (its
+    configuration files written in ``folder``)."""
+    data = folder / "s3-data"
+    data.mkdir(parents=True, exist_ok=True)
+    conf = folder / "s3proxy.conf"
+    conf.write_text("\n".join([
+        f"s3proxy.endpoint={endpoint}",
+        "s3proxy.authorization=aws-v2-or-v4",
+        f"s3proxy.identity={ACCESS_KEY}",
+        f"s3proxy.credential={SECRET_KEY}",
+        "jclouds.provider=filesystem",
+        f"jclouds.filesystem.basedir={data}",
+        "",
+    ]))
+    logback = folder / "logback.xml"
+    # S3Proxy's jar logs every Jetty event at DEBUG otherwise, which costs more than the requests
+    logback.write_text('<configuration><appender name="O" class="ch.qos.logback.core.ConsoleAppender">'
+                       '<encoder><pattern>%d %level %logger{20}: %msg%n</pattern></encoder></appender>'
+                       '<root level="WARN"><appender-ref ref="O"/></root></configuration>\n')
+    return [java, marker, "-Xmx512m", f"-Dlogback.configurationFile={logback}", "-cp", f"{libs}/*",
+            "org.gaul.s3proxy.Main", "--properties", str(conf)]
 
 
 def _is_kafka(service: str) -> bool:

@@ -18,13 +18,15 @@ class WorkerProcess:
     """A worker in a session of its own, so that ``kill`` takes its resize pool too. That also means
     nothing stops it when its starter dies: whatever the starter has not stopped at exit is SIGKILLed."""
 
-    def __init__(self, role: str, env: dict[str, str], log_dir: Path, name: str | None = None):
+    def __init__(self, role: str, env: dict[str, str], log_dir: Path, name: str | None = None,
+                 prefix: list[str] = ()):
+        """``prefix``: what the command runs under (say, another network namespace: tests/hosts.py)."""
         self.role = role
         self.name = name or role
         self.log_path = log_dir / f"worker-{self.name}.log"
         log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams", "worker", role],
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "streams", "worker", role],
                                      env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -224,12 +226,12 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 class FileServer:
-    """Serve a folder over HTTP on 127.0.0.1 (a free port), in a thread."""
+    """Serve a folder over HTTP on 127.0.0.1 (or ``address``), a free port, in a thread."""
 
-    def __init__(self, folder: Path | str):
+    def __init__(self, folder: Path | str, address: str = "127.0.0.1"):
         self.folder = Path(folder)
         handler = functools.partial(_QuietHandler, directory=str(folder))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = http.server.ThreadingHTTPServer((address, 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

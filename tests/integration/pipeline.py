@@ -56,8 +56,10 @@ class Pipeline:
         self.client = Client(self.config)
         self._admin: AdminClient | None = None
 
-    def start(self, role: str, name: str | None = None, wait: bool = True, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(role, {**self.env, **env}, self.log_dir, name=name or f"{role}-{len(self.workers)}")
+    def start(self, role: str, name: str | None = None, wait: bool = True, host=None, **env: str) -> WorkerProcess:
+        """Start a worker of ``role`` (on ``host``, a tests/hosts.py Host, when given)."""
+        worker = WorkerProcess(role, {**self.env, **env}, self.log_dir, name=name or f"{role}-{len(self.workers)}",
+                               prefix=host.prefix() if host is not None else ())
         self.workers.append(worker)
         if wait:
             assert wait_for_log(worker, "imagefork ready", 120), f"{role} did not start:\n{worker.log_tail(40)}"
@@ -66,12 +68,14 @@ class Pipeline:
     def start_together(self, *specs: str | tuple[str, dict]) -> list[WorkerProcess]:
         """Start several workers at once (a start is mostly waiting on the broker, so side by side is
         faster than one after the other) and wait until each is ready. A spec is a role, or (role,
-        settings) where the setting ``name`` names the worker and the rest is its environment."""
+        settings) where the setting ``name`` names the worker, ``host`` is its host (tests/hosts.py) and the
+        rest is its environment."""
         workers = []
         for spec in specs:
             role, env = (spec, {}) if isinstance(spec, str) else spec
             env = dict(env)
-            workers.append(self.start(role, name=env.pop("name", None), wait=False, **env))
+            workers.append(self.start(role, name=env.pop("name", None), wait=False, host=env.pop("host", None),
+                                      **env))
         for w in workers:
             assert wait_for_log(w, "imagefork ready", 180), f"{w.name} did not start:\n{w.log_tail(40)}"
         return workers

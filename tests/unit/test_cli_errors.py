@@ -23,9 +23,12 @@ def test_submit_of_a_file_that_is_not_there_is_one_line_naming_the_example():
 
 
 def test_submit_with_no_broker_is_one_line_with_the_address_and_the_hint():
+    from concurrent.futures import ThreadPoolExecutor
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
-    for wait in ((), ("--wait",)):
-        proc = imagefork("submit", "examples/request.json", *wait, KAFKA_BOOTSTRAP_SERVERS=address)
+    with ThreadPoolExecutor(2) as pool:  # each waits out the client's patience: side by side
+        procs = list(pool.map(lambda wait: imagefork("submit", "examples/request.json", *wait,
+                                                     KAFKA_BOOTSTRAP_SERVERS=address), ((), ("--wait",))))
+    for proc in procs:
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
         assert lines[0].startswith(f"imagefork: Kafka at {address}: ") and "imagefork stack up" in lines[0], lines
