@@ -91,8 +91,8 @@ bench: $(STAMP) redis netns
 	$(PY) bench/join.py
 	$(PY) bench/breakdown.py
 	$(PY) bench/peer.py
-	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/scale.py && $(PY) bench/drain.py; \
-	else echo "bench/scale.py and bench/drain.py left out: their hosts need root"; fi
+	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/scale.py && $(PY) bench/drain.py && $(PY) bench/overhead.py; \
+	else echo "bench/scale.py, drain.py and overhead.py left out: their hosts need root"; fi
 	$(PY) bench/pipeline.py  # last: its last line is the throughput ratio
 
 stack-up: $(STAMP)
