@@ -95,6 +95,11 @@ LONG = {
         "about 60 s; as above",
     "tests/integration/test_hosts.py::test_a_second_join_host_added_mid_run_then_the_first_removed":
         "about 60 s; test_a_second_join_takes_over_a_killed_ones_partitions moves the join's state in `make test`",
+    "tests/integration/test_hosts.py::test_a_resize_host_on_a_slow_lossy_link":
+        "20 s of a lossy link; the link cut (test_the_seed_across_hosts_with_a_resize_host_cut_past_its_session) "
+        "runs in `make test`",
+    "tests/integration/test_hosts.py::test_a_broker_whose_disk_fills_up":
+        "a cluster of its own on small disks; test_broker_restart_mid_run stops the broker in `make test`",
     "tests/integration/test_hosts.py::test_a_broker_paused_past_the_request_timeout":
         "a 42 s pause of a broker; test_broker_restart_mid_run stops the broker in `make test`",
 }

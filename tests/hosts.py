@@ -17,7 +17,8 @@ with it: every process left in its namespace.
         resize = hosts.add("resize-1", cpu=0.25)
         proc = resize.popen(["python", "-m", "streams", "worker", "resize"], env=...)
         resize.cut()       # its link down; .restore() brings it back
-        resize.netem("delay 200ms loss 5%")
+        resize.netem("delay 200ms loss 5%")   # where the kernel has sch_netem
+        resize.shape("1mbit", loss=0.1)       # anywhere: tbf and iptables' statistic match
 """
 from __future__ import annotations
 
@@ -131,6 +132,28 @@ class Host:
         for c in self.cgroups:
             (c.parents[1] / "cgroup.procs").write_text(str(pid))
 
+    def shape(self, rate: str | None, loss: float = 0.0) -> None:
+        """A slow, lossy link without netem (a kernel without sch_netem, as this machine's): ``tbf`` caps what
+        the host sends at ``rate`` (e.g. "1mbit"; its queue is the delay), and iptables' statistic match
+        drops ``loss`` (0-1) of the packets in and out, in the host's own namespace. ``shape(None)``
+        removes both."""
+        def run(*argv: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["ip", "netns", "exec", self.netns, *argv], capture_output=True, text=True)
+        run("tc", "qdisc", "del", "dev", "eth0", "root")
+        run("iptables", "-F", "INPUT")
+        run("iptables", "-F", "OUTPUT")
+        if rate is None:
+            return
+        steps = [("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kbit",
+                  "latency", "400ms")]
+        if loss:
+            steps += [("iptables", "-A", chain, "-m", "statistic", "--mode", "random", "--probability", str(loss),
+                       "-j", "DROP") for chain in ("INPUT", "OUTPUT")]
+        for step in steps:
+            proc = run(*step)
+            if proc.returncode != 0:
+                raise HostsUnavailable(f"{' '.join(step)}: {proc.stderr.strip()}")
+
     def cpu_seconds(self) -> float:
         """CPU time used on this host so far (cpuacct)."""
         for c in self.cgroups:
@@ -147,10 +170,14 @@ class Hosts:
             raise HostsUnavailable(reason)
         sweep()
         REGISTRY.mkdir(parents=True, exist_ok=True)
-        taken = {int(p.stem) for p in REGISTRY.glob("*.json") if p.stem.isdigit()}
         used = _ip("-o", "-4", "addr").stdout
-        for k in [*range(1, 255)]:
-            if k in taken or f" 198.18.{k}." in used:
+        links = _ip("-o", "link").stdout
+        for k in range(1, 255):
+            if f" 198.18.{k}." in used or f": ifk{k}:" in links:
+                continue
+            try:  # claimed by creating its record: two harnesses starting at once never take the same k
+                os.close(os.open(REGISTRY / f"{k}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
                 continue
             self.k = k
             break
@@ -162,6 +189,7 @@ class Hosts:
         self.bridge = self.tag
         self.address = str(self.subnet.network_address + 1)  # the tester's
         self.hosts: dict[str, Host] = {}
+        self.mounts: list[str] = []  # tmpfs disks mounted for hosts (HostStack's disk_mb), unmounted with them
         self.record = REGISTRY / f"{self.k}.json"
         self._save()
         try:
@@ -182,8 +210,9 @@ class Hosts:
 
     def _save(self) -> None:
         self.record.write_text(json.dumps({
-            "owner": os.getpid(), "k": self.k, "bridge": self.tag,
-            "hosts": [{"netns": h.netns, "cgroups": [str(c) for c in h.cgroups]} for h in self.hosts.values()]}))
+            "owner": os.getpid(), "k": self.k, "bridge": self.tag, "mounts": self.mounts,
+            "hosts": [{"netns": h.netns, "veth": h.veth, "cgroups": [str(c) for c in h.cgroups]}
+                      for h in self.hosts.values()]}))
 
     def add(self, name: str, cpu: float | None = None) -> Host:
         """A new host: its namespace, its link to the bridge, its address, its cgroups (a quota of ``cpu``
@@ -200,6 +229,7 @@ class Hosts:
                 host.cgroups.append(root / "imagefork" / netns)
         self._save()
         _ip("netns", "add", netns)
+        _ip("link", "del", veth, check=False)  # one left by a harness whose namespace the kernel still held
         _ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
         _ip("link", "set", f"{veth}p", "netns", netns)
         _ip("-n", netns, "link", "set", f"{veth}p", "name", "eth0")
@@ -218,8 +248,9 @@ class Hosts:
     def close(self) -> None:
         if not getattr(self, "record", None):
             return
-        _teardown({"bridge": self.tag, "hosts": [{"netns": h.netns, "cgroups": [str(c) for c in h.cgroups]}
-                                                 for h in self.hosts.values()]})
+        _teardown({"bridge": self.tag, "mounts": self.mounts,
+                   "hosts": [{"netns": h.netns, "veth": h.veth, "cgroups": [str(c) for c in h.cgroups]}
+                             for h in self.hosts.values()]})
         self._iptables("-D")
         self.record.unlink(missing_ok=True)
         self.record = None
@@ -240,6 +271,10 @@ def _teardown(record: dict) -> None:
                 os.kill(int(pid), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+        # the link first: a namespace outlives its name while the kernel still holds it, and its end of the
+        # link with it (seen here as veths left on the machine after their namespaces were deleted)
+        if host.get("veth"):
+            subprocess.run(["ip", "link", "del", host["veth"]], capture_output=True)
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         for c in host.get("cgroups", []):
             path = Path(c)
@@ -252,6 +287,8 @@ def _teardown(record: dict) -> None:
                 except OSError:
                     time.sleep(0.1)
     subprocess.run(["ip", "link", "del", record["bridge"]], capture_output=True)
+    for mount in record.get("mounts", []):
+        subprocess.run(["umount", "-l", mount], capture_output=True)
 
 
 def sweep() -> None:
@@ -259,19 +296,20 @@ def sweep() -> None:
     for path in REGISTRY.glob("*.json") if REGISTRY.exists() else []:
         try:
             record = json.loads(path.read_text())
-            os.kill(int(record["owner"]), 0)
+            owner = int(record["owner"])
+        except (OSError, ValueError, KeyError):
+            if time.time() - path.stat().st_mtime > 60:  # a claim never filled in: its harness died at once
+                path.unlink(missing_ok=True)
+            continue
+        try:
+            os.kill(owner, 0)
             continue  # its owner lives
         except ProcessLookupError:
             pass
-        except (OSError, ValueError, KeyError):
-            pass
-        try:
-            _teardown(record)
-            if shutil.which("iptables"):
-                subprocess.run(["iptables", "-D", "FORWARD", "-i", record["bridge"], "-o", record["bridge"],
-                                "-j", "ACCEPT"], capture_output=True)
-        except (NameError, KeyError):
-            pass
+        _teardown(record)
+        if shutil.which("iptables"):
+            subprocess.run(["iptables", "-D", "FORWARD", "-i", record["bridge"], "-o", record["bridge"],
+                            "-j", "ACCEPT"], capture_output=True)
         path.unlink(missing_ok=True)
 
 
@@ -284,7 +322,9 @@ class HostStack:
     and S3Proxy, each on a host of its own, in ``folder``; its ``env`` is what a worker needs to reach them
     (over the bridge only)."""
 
-    def __init__(self, hosts: Hosts, folder: Path, brokers: int = 3, broker_cpu: float | None = None):
+    def __init__(self, hosts: Hosts, folder: Path, brokers: int = 3, broker_cpu: float | None = None,
+                 disk_mb: int | None = None):
+        """``disk_mb``: each node's data folder is a tmpfs of that size (a disk that can fill up)."""
         from streams.stack import local
         self.hosts = hosts
         self.folder = folder
@@ -312,8 +352,19 @@ class HostStack:
         self.base = [self.java, self.marker, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
                      f"-Dlog4j2.configurationFile={log4j}", "-Djava.awt.headless=true", "-cp", f"{self.kafka_libs}/*"]
         self.props = {}
+        self.mounts: list[Path] = []
         for n in range(1, brokers + 1):
             data = folder / f"kafka-data-{n}"
+            if disk_mb:
+                data.mkdir(parents=True, exist_ok=True)
+                proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={disk_mb}m", "tmpfs", str(data)],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    self.close()
+                    raise HostsUnavailable(f"mount a {disk_mb} MB tmpfs: {proc.stderr.strip()}")
+                self.mounts.append(data)
+                hosts.mounts.append(str(data))
+                hosts._save()
             props = folder / f"server-{n}.properties"
             props.write_text(local.kafka_properties(n, brokers, ports, data, None, "", addresses=addresses))
             self.props[n] = props
@@ -334,9 +385,24 @@ class HostStack:
                                    f"http://{self.s3_host.address}:{S3_PORT}"),
                 stdout=open(folder / "s3proxy.log", "ab"), stderr=subprocess.STDOUT)
             self.wait_kafka()
+            self.wait_s3()
         except BaseException:
             self.close()
             raise
+
+    def wait_s3(self, timeout: float = 120.0) -> None:
+        """S3Proxy answers HTTP on its host."""
+        import socket
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as s:
+                s.settimeout(1)
+                if s.connect_ex((self.s3_host.address, S3_PORT)) == 0:
+                    return
+            if self.procs["s3"].poll() is not None or time.monotonic() > deadline:
+                raise HostsUnavailable(f"S3Proxy on its host did not answer: "
+                                       f"{(self.folder / 's3proxy.log').read_text()[-800:]}")
+            time.sleep(0.3)
 
     def start_kafka(self, node: int, wait: bool = True) -> None:
         log = open(self.folder / f"kafka-{node}.log", "ab")
@@ -349,7 +415,10 @@ class HostStack:
     def kill_kafka(self, node: int) -> None:
         proc = self.procs.pop(f"kafka-{node}", None)
         if proc is not None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended on its own (say, its disk filled up)
+                pass
             proc.wait(30)
 
     def wait_kafka(self, timeout: float = 120.0) -> None:
@@ -396,6 +465,23 @@ class HostStack:
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
+        for data in getattr(self, "mounts", []):
+            subprocess.run(["umount", "-l", str(data)], capture_output=True)
+            if str(data) in self.hosts.mounts:
+                self.hosts.mounts.remove(str(data))
+        self.mounts = []
+
+    def fill_disk(self, node: int) -> Path:
+        """Fill node ``node``'s data folder (a tmpfs: ``disk_mb``) to the last byte; the file, to free it."""
+        filler = self.folder / f"kafka-data-{node}" / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        return filler
 
 
 def _quiet():

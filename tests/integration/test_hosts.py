@@ -7,13 +7,16 @@ Root only: without namespaces these tests skip with the reason, and fail instead
 IMAGEFORK_REQUIRE_NETNS=1 (as `.ci/run` sets)."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -103,7 +106,7 @@ def test_hosts_are_separate_and_reach_each_other_only_over_their_bridge(cluster)
     host = stack.s3_host
     routes = subprocess.run(["ip", "-n", host.netns, "route"], capture_output=True, text=True).stdout
     assert "default" not in routes and str(hosts.subnet) in routes, routes
-    assert hosts.subnet.subnet_of(__import__("ipaddress").ip_network("198.18.0.0/15"))
+    assert hosts.subnet.subnet_of(ipaddress.ip_network("198.18.0.0/15"))
     # a host reaches a broker over the bridge, and not this machine's loopback services
     probe = "import socket,sys; s=socket.socket(); s.settimeout(2); sys.exit(s.connect_ex((sys.argv[1], int(sys.argv[2]))))"
     broker = stack.kafka_hosts[1].address
@@ -134,12 +137,18 @@ def test_the_seed_across_hosts_with_a_resize_host_cut_past_its_session(cluster, 
     ids = [p.submit(seed(location), f"hosts-{i}") for i in range(6)]
     # the cut comes once the new requests' tasks run (not the first request's)
     assert wait_until(lambda: any(re.search(r"task hosts-\d", w.log_tail(400)) for w in (r1, r2)), 60)
+    seen = r2.log_path.stat().st_size  # r2's lines from the cut on (it may have held all before r1 joined)
     role_hosts["r1"].cut()
     cut = time.monotonic()
     # the session ends: r2 owns every task partition (its "ready" line says so), r1 is still running
     session = float(p.env["IMAGEFORK_SESSION_TIMEOUT_S"])
     tasks = p.config.topics.tasks
-    assert wait_until(lambda: f"{tasks} {p.config.partitions} +" in r2.log_tail(30), session * 6), r2.log_tail(30)
+
+    def r2_took_all() -> bool:
+        with open(r2.log_path, "rb") as f:
+            f.seek(seen)
+            return f"{tasks} {p.config.partitions} +".encode() in f.read()
+    assert wait_until(r2_took_all, session * 6), r2.log_tail(30)
     assert time.monotonic() - cut >= session * 0.8 and r1.alive()
     time.sleep(2)
     role_hosts["r1"].restore()
@@ -222,3 +231,69 @@ def test_a_broker_paused_past_the_request_timeout(cluster, pipeline):
         node.signal(signal.SIGCONT)
     follower.wait(ids, 300)
     exactly_once(p, ids)
+
+
+def test_a_resize_host_on_a_slow_lossy_link(cluster, pipeline):
+    """One resize host's link slow and lossy (1 Mbit/s out, 10 % of the packets in and out dropped: tbf and
+    iptables' statistic match, this machine's kernel has no netem) while requests run, then healed: slower,
+    but every request ends once, complete."""
+    hosts, _stack = cluster
+    p = pipeline
+    made = start_roles(hosts, p, resize=2)
+    location, follower = put_source(p), p.follower()
+    made["r1"].shape("1mbit", loss=0.1)
+    try:
+        ids = [p.submit(seed(location), f"lossy-{i}") for i in range(6)]
+        time.sleep(20)
+    finally:
+        made["r1"].shape(None)
+    follower.wait(ids, 300)
+    exactly_once(p, ids)
+
+
+def test_a_broker_whose_disk_fills_up(tmp_path, namespace):
+    """A cluster of its own whose nodes keep their data on 256 MB disks (tmpfs). The disk of the node
+    leading events partition 0 is filled while requests run: Kafka takes the node down (its only log
+    folder failed); the disk is freed and the node started again: every request ends once, complete."""
+    require_hosts()
+    with Hosts() as hosts:
+        stack = HostStack(hosts, tmp_path / "disk", brokers=3, disk_mb=256)
+        try:
+            p = Pipeline(stack.env, namespace, tmp_path / "logs", IMAGEFORK_SESSION_TIMEOUT_S="6")
+            try:
+                start_roles(hosts, p, resize=2)
+                location, follower = put_source(p), p.follower()
+                ids = [p.submit(seed(location), f"disk-{i}") for i in range(4)]
+                node = stack.leader_of(p.config.topics.events, 0)
+                filler = stack.fill_disk(node)
+                ids += [p.submit(seed(location), f"disk-late-{i}", timeout_s=120) for i in range(4)]
+                down = wait_until(lambda: stack.procs[f"kafka-{node}"].poll() is not None, 90)
+                filler.unlink()
+                stack.kill_kafka(node)  # when the full disk did not stop it, a restart frees its state
+                stack.start_kafka(node)
+                follower.wait(ids, 300)
+                exactly_once(p, ids)
+                assert down, "the node whose disk filled up kept running"
+            finally:
+                p.stop()
+        finally:
+            stack.close()
+
+
+def test_a_harness_killed_is_torn_down_by_the_next():
+    """A test run SIGKILLed with its hosts up leaves namespaces, a bridge and cgroups behind: the next
+    harness to start removes them (its registry names their owner, who is gone)."""
+    require_hosts()
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from tests.hosts import Hosts; h = Hosts(); "
+            "x = h.add('left', cpu=0.2); print(h.bridge, x.netns, x.cgroups[0], flush=True); time.sleep(600)")
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", code, root], stdout=subprocess.PIPE, text=True)
+    bridge, netns, cgroup = proc.stdout.readline().split()
+    proc.kill()
+    proc.wait(10)
+    assert netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    with Hosts():
+        pass
+    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert subprocess.run(["ip", "link", "show", bridge], capture_output=True).returncode != 0
+    assert not os.path.exists(cgroup)
