@@ -50,6 +50,28 @@ SAMPLE = Path(__file__).resolve().parents[2] / "streams" / "assets" / "sample.pn
 SEED_SIZES = [{"width": 300, "height": 300}, {"width": 200, "height": 200}, {"width": 1200, "height": 1200}]
 
 
+def free_ports_in_a_row(count: int) -> int:
+    """A port p with p .. p+count-1 all free, below the ephemeral range: a port there is not taken at any
+    moment by an outgoing connection (CI: `worker all`'s resize could not listen on the metrics port + 1,
+    a Kafka client's ephemeral port)."""
+    import random
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for base in random.sample(range(20000, max(20001, low - count)), 200):
+        probes = []
+        try:
+            for port in range(base, base + count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError(f"no {count} free ports in a row below {low}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -554,7 +576,7 @@ def test_with_no_join_the_api_still_answers_what_it_can(full, files):
 
 def test_worker_all_runs_the_pipeline_and_the_api_and_a_taken_api_port_costs_only_the_api(make_pipeline, files):
     p = make_pipeline()
-    port, metrics = free_port(), free_port()
+    port, metrics = free_port(), free_ports_in_a_row(3)  # `worker all` serves its roles on metrics .. metrics+2
     base = f"http://127.0.0.1:{port}"
     first = p.start("all", name="all-1", IMAGEFORK_API_LISTEN=f"127.0.0.1:{port}",
                     IMAGEFORK_METRICS_LISTEN=f"127.0.0.1:{metrics}", IMAGEFORK_API_RESTART_AFTER_S="5")
