@@ -43,6 +43,8 @@ class Load(threading.Thread):
         self.sent: dict[str, float] = {}
         self.phase: dict[str, str] = {}
         self.now_phase = "steady"
+        self.step: dict[str, str] = {}
+        self.now_step = "steady"
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -51,6 +53,7 @@ class Load(threading.Thread):
             wf = self.client.submit(seed_request(self.location), timeout_s=120)
             self.sent[wf] = time.perf_counter()
             self.phase[wf] = self.now_phase
+            self.step[wf] = self.now_step
             next_at += self.period
             self.halt.wait(max(0.0, next_at - time.perf_counter()))
 
@@ -108,6 +111,7 @@ def main() -> int:
                         for kind, what in steps:
                             started = time.monotonic()
                             log(f"restarting {kind} {what}")
+                            load.now_step = f"{kind} {what}"
                             restart_kafka(stack, what) if kind == "kafka" else restart_worker(run, what)
                             log(f"  {kind} {what} back in {time.monotonic() - started:.1f}s")
                             time.sleep(max(0.0, args.every - (time.monotonic() - started)))
@@ -151,6 +155,13 @@ def main() -> int:
               "steady": {"n": len(steady), "p50": round(pct(steady, 0.5), 3), "p99": round(pct(steady, 0.99), 3)},
               "roll": {"n": len(roll), "p50": round(pct(roll, 0.5), 3), "p99": round(pct(roll, 0.99), 3)}}
     report["p99_ratio"] = round(report["roll"]["p99"] / report["steady"]["p99"], 2)
+    by_step: dict[str, list[float]] = {}
+    for wf in ids:
+        if load.phase[wf] == "roll":
+            by_step.setdefault(load.step[wf], []).append(latency[wf])
+    report["steps"] = {step: {"n": len(xs), "p50": round(pct(xs, 0.5), 3), "max": round(max(xs), 3),
+                              "over_3x_steady_p99": sum(x > 3 * report["steady"]["p99"] for x in xs)}
+                       for step, xs in by_step.items()}
     write_report(args.out, "roll", report,
         "# A rolling restart under steady load (bench/roll.py)\n\n"
         f"The seed request at {args.rate}/s; one host restarted every {args.every:.0f} s: the three Kafka nodes, "
@@ -158,6 +169,10 @@ def main() -> int:
         "| | requests | p50 s | p99 s |\n|---|---|---|---|\n"
         f"| steady | {report['steady']['n']} | {report['steady']['p50']} | {report['steady']['p99']} |\n"
         f"| during the roll | {report['roll']['n']} | {report['roll']['p50']} | {report['roll']['p99']} |\n\n"
+        "Requests sent while each host restarted (and the minute after it):\n\n"
+        "| host restarted | requests | p50 s | max s | over 3x steady p99 |\n|---|---|---|---|---|\n"
+        + "".join(f"| {step} | {v['n']} | {v['p50']} | {v['max']} | {v['over_3x_steady_p99']} |\n"
+                  for step, v in report["steps"].items()) + "\n"
         f"p99 during the roll / steady: {report['p99_ratio']}x; lost {len(lost)}, twice {len(twice)}, "
         f"not COMPLETED {len(bad)} of {len(ids)}.\n")
     print(f"roll: p99 {report['roll']['p99']} s during the roll, {report['steady']['p99']} s steady "

@@ -31,9 +31,13 @@ from confluent_kafka.admin import AdminClient
 from streams import serde
 from streams.adapters.http import health_routes, json_error
 from streams.adapters.kafka import client_config, partition_for
-from streams.client import SubmitError
+from streams.adapters.lag import register_lag
+from streams.adapters.objectstore import ObjectStore
+from streams.agents.join import CLIENT_ID
+from streams.client import Client, SubmitError
 from streams.config import Config, parse_host_port
-from streams.core.errors import RequestInvalid
+from streams.errors import StartError
+from streams.core.errors import PipelineError, RequestInvalid
 from streams.core.models import WorkflowCompleted
 from streams.core.planning import parse_request, valid_workflow_id
 from streams.core.status import (
@@ -148,7 +152,6 @@ class JoinRouter:
             raise
 
     def _describe_with(self, admin: AdminClient, timeout_s: float = 10.0) -> None:
-        from streams.agents.join import CLIENT_ID
         topic = self.config.topics.events
         meta = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
         partitions = len(meta.partitions) if meta is not None and meta.error is None else 0
@@ -248,8 +251,6 @@ class Api:
         return app
 
     async def _start(self, _app) -> None:
-        from streams.adapters.objectstore import ObjectStore
-        from streams.client import Client
         self.session = aiohttp.ClientSession()
         self.router = JoinRouter(self.config, self.session)
         self.client = Client(self.config)
@@ -488,7 +489,6 @@ class Api:
         found = next((o for o in (doc or {}).get("outputs", []) if o["taskRef"] == ref), None)
         if found is None:
             return json_error(404, "NOT_FOUND", f"workflow {workflow_id!r} has no output {ref!r} (yet)")
-        from streams.core.errors import PipelineError
         try:
             data = await asyncio.to_thread(self.store.get, found["s3Uri"], MAX_OUTPUT_BYTES)
         except PipelineError as exc:
@@ -596,7 +596,6 @@ def check_listen(host: str, port: int) -> None:
     """A taken or impossible address is one line (StartError), not aiohttp's traceback."""
     import socket
 
-    from streams.worker import StartError
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _name, address = infos[0]
@@ -609,7 +608,6 @@ def check_listen(host: str, port: int) -> None:
 
 
 def run(config: Config) -> int:
-    from streams.adapters.lag import register_lag
     host, port = parse_host_port(config.api_listen)
     register_lag(config, ["planner", "resize", "join"])  # the whole pipeline's lag on the API's /metrics
     check_listen(host, port)

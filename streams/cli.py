@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from streams.config import Config, ConfigError
+from streams import __version__
+from streams.config import Config
+from streams.console import download_outputs, output_links, print_final, progress_bar
+from streams.errors import ImageforkError
 
 
 def _stack(args) -> int:
-    from streams.stack.local import LocalStack
+    from streams.stack.local import LocalStack  # start-up: only this command loads it
     stack = LocalStack(args.dir)
     if args.action == "up":
         env = stack.up(brokers=args.brokers)
@@ -20,12 +23,12 @@ def _stack(args) -> int:
             print(f"{k}={v}")
         print(f"# written to {stack.env_file} (source it: set -a; . {stack.env_file}; set +a)")
     elif args.action == "down":
-        from streams.stack.processes import stop_kept_workers
+        from streams.stack.processes import stop_kept_workers  # start-up: only this command loads it
         # workers left running with this stack (``imagefork demo --keep-stack``) go first, while the
         # broker is there for them to leave their groups
         kept = [f"worker {name}" for name in stop_kept_workers(stack.dir)]
         if stack.kafka_running():
-            from streams.ops import attached_workers
+            from streams.ops import attached_workers  # start-up: only this command loads it
             attached = attached_workers(Config.from_env({**os.environ, **stack.env()}))
             if attached:
                 print(f"still attached to this stack's Kafka (they lose it now, and retry until a broker is back "
@@ -42,107 +45,17 @@ def _stack(args) -> int:
 
 
 def _worker(args) -> int:
-    from streams.adapters.kafka import KafkaUnavailable
-    from streams.adapters.schemas import SchemaTopicError
-    from streams.worker import StartError, run_all, run_role
-    # what stops a worker at start (bad settings, a broker that refuses us or does not answer) is
-    # one line on stderr and a non-zero exit, not a traceback
-    try:
-        config = Config.from_env()
-        return run_all(config) if args.role == "all" else run_role(args.role, config)
-    except ConfigError as exc:
-        print(f"imagefork: configuration: {exc}", file=sys.stderr)
-        return 2
-    except (KafkaUnavailable, SchemaTopicError, StartError) as exc:
-        print(f"imagefork: {exc}", file=sys.stderr)
-        return 1
+    from streams.worker import run_all, run_role  # start-up: only this command loads it
+    config = Config.from_env()
+    return run_all(config) if args.role == "all" else run_role(args.role, config)
 
 
 def _topics(args) -> int:
-    from streams.adapters.kafka import ensure_topics
+    from streams.adapters.kafka import ensure_topics  # start-up: only this command loads it
     config = Config.from_env()
     created = ensure_topics(config)
     print(f"created: {', '.join(created) if created else 'none (all exist)'}")
     return 0
-
-
-def progress_bar(stream=None):
-    """A bar redrawn in place on a terminal; elsewhere (a log file, a pipe) a plain line when the plan is
-    known and at each quarter of the tasks, with no carriage returns."""
-    shown: dict[str, int] = {}  # per workflow: the last quarter written as a line
-
-    def show(workflow_id: str, done: int, total: int | None) -> None:
-        out = stream or sys.stderr  # the stream of the moment (a caller may have redirected it)
-        isatty = getattr(out, "isatty", None)
-        if not (isatty and isatty()):
-            step = 4 * min(done, total) // total if total else -1
-            if shown.get(workflow_id, -2) < step:
-                shown[workflow_id] = step
-                out.write(f"{workflow_id}: {done}/{total} tasks\n" if total else f"{workflow_id}: waiting for the plan\n")
-                out.flush()
-            return
-        if total:
-            width = 30
-            filled = int(width * min(done, total) / total)
-            out.write(f"\r{workflow_id[:36]} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks")
-        else:
-            out.write(f"\r{workflow_id[:36]} waiting for the plan...")
-        out.flush()
-    return show
-
-
-def duration(seconds: float) -> str:
-    """3600 -> "1h", 5400 -> "1h30m", 90 -> "1m30s"."""
-    seconds = int(seconds)
-    parts = [(seconds // 86400, "d"), (seconds % 86400 // 3600, "h"), (seconds % 3600 // 60, "m"), (seconds % 60, "s")]
-    return "".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
-
-
-def output_links(config: Config, final) -> list[str]:
-    """A URL to open for each output of ``final``: with IMAGEFORK_PRESIGN_TTL_S > 0 a presigned GET URL,
-    signed here for this process's S3 endpoint (the bucket stays private, the final event keeps its
-    plain URLs); else the event's own URL (public only if the bucket or S3_PUBLIC_URL makes it so)."""
-    if not config.presign_ttl_s:
-        return [o.url for o in final.outputs]
-    from streams.adapters.objectstore import ObjectStore
-    store = ObjectStore(config)
-    return [store.presigned_url(o.s3Uri, config.presign_ttl_s) for o in final.outputs]
-
-
-def print_final(final, out=None, links: list[str] | None = None, ttl_s: int = 0, urls: bool = True) -> None:
-    """The final event as a table, then (with ``urls``) a URL per output: ``links`` (presigned for ``ttl_s``
-    seconds) if given, else the event's ``fileLocations``. ``out``: stdout of the moment by default."""
-    from streams.core.models import WorkflowCompleted
-    assert isinstance(final, WorkflowCompleted)
-    out = out or sys.stdout
-    seconds = (final.completedAt - final.submittedAt) / 1000
-    print(f"\nworkflow {final.workflowId}: {final.status} "
-          f"({len(final.outputs)} of {final.taskCount} outputs, {seconds:.2f}s)", file=out)
-    if final.outputs:
-        rows = [("format", "size", "bytes", "location")] + [
-            (o.format, f"{o.width}x{o.height}", f"{o.bytes:,}", o.s3Uri) for o in final.outputs]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for n, row in enumerate(rows):
-            print("  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))),
-                  file=out)
-            if n == 0:
-                print("  ".join("-" * w for w in widths), file=out)
-    for err in final.errors:
-        print(f"error {err.taskRef or '(request)'}: {err.code}: {err.message}", file=out)
-    if not urls:
-        return
-    if links and ttl_s:
-        print(f"\nfileLocations, presigned for {duration(ttl_s)} (IMAGEFORK_PRESIGN_TTL_S):", file=out)
-        for url in links:
-            print(url, file=out)
-    elif final.fileLocations:
-        print("\nfileLocations:", file=out)
-        for url in final.fileLocations:
-            print(url, file=out)
-        # on the terminal, not in what a script reads: why a plain link may answer 403
-        print(f"(the final event's own URLs open only where the bucket is public or S3_PUBLIC_URL serves it: "
-              f"`imagefork get {final.workflowId}` downloads the outputs, and IMAGEFORK_PRESIGN_TTL_S=3600 "
-              f"prints links that open for an hour)", file=sys.stderr)
 
 
 def _submit(args) -> int:
@@ -179,7 +92,7 @@ def _send(config: Config, doc: dict, workflow_id: str | None, args) -> int:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    from streams.adapters.kafka import client_config
+    from streams.adapters.kafka import client_config  # start-up: only this command loads it
     from streams.client import Client, Follower, SubmitError
     try:
         # a broker that does not answer is told in seconds, not after the producer's own time-out
@@ -223,7 +136,7 @@ def _events(args) -> int:
 
     from confluent_kafka import KafkaException
 
-    from streams import serde
+    from streams import serde  # start-up: only this command loads it
     from streams.adapters.kafka import KafkaUnavailable, committed_records
     from streams.adapters.schemas import install_resolver
     from streams.core.models import WorkflowCompleted
@@ -263,7 +176,7 @@ def _retry(args) -> int:
     ``POST /v1/workflows/{id}/retry``): one more run of the same id, with one more final event."""
     from confluent_kafka import KafkaException
 
-    from streams.adapters.schemas import install_resolver
+    from streams.adapters.schemas import install_resolver  # start-up: only this command loads it
     from streams.client import consume_completed
     from streams.core.status import retry_request, retryable
     config = Config.from_env()
@@ -296,7 +209,7 @@ def _get(args) -> int:
     and exit code 1."""
     from confluent_kafka import KafkaException
 
-    from streams.adapters.kafka import KafkaUnavailable
+    from streams.adapters.kafka import KafkaUnavailable  # start-up: only this command loads it
     from streams.adapters.schemas import install_resolver
     from streams.client import consume_completed
     from streams.core.errors import PipelineError
@@ -336,25 +249,8 @@ def _get(args) -> int:
     return 0
 
 
-def download_outputs(config: Config, final, folder: Path, show=None) -> list:
-    """Every output of ``final`` written to ``folder`` (created), each under its S3 object's name; a line
-    per file to ``show`` (path, format, size, bytes) if given. Returns (path, output) pairs in the
-    event's order; raises PipelineError if an object cannot be read."""
-    from streams.adapters.objectstore import ObjectStore, parse_s3_uri
-    folder.mkdir(parents=True, exist_ok=True)
-    store = ObjectStore(config)
-    files = []
-    for out in final.outputs:
-        path = folder / Path(parse_s3_uri(out.s3Uri)[1]).name
-        store.download(out.s3Uri, path)
-        files.append((path, out))
-        if show:
-            show(f"{path}  {out.format} {out.width}x{out.height}  {out.bytes:,} bytes")
-    return files
-
-
 def _demo(args) -> int:
-    from streams.demo import run_demo, stop_demo
+    from streams.demo import run_demo, stop_demo  # start-up: only this command loads it
     if args.stop:
         return stop_demo()
     return run_demo(keep=args.keep)
@@ -373,7 +269,7 @@ def kafka_failure(config: Config, exc: Exception) -> str:
 def _status(args) -> int:
     from confluent_kafka import KafkaException
 
-    from streams.adapters.lag import status_report
+    from streams.adapters.lag import status_report  # start-up: only this command loads it
     config = Config.from_env()
     try:
         report = status_report(config)
@@ -387,7 +283,7 @@ def _status(args) -> int:
 def _dlq_list(args) -> int:
     from confluent_kafka import KafkaException
 
-    from streams.ops import dead_letter_table, read_dead_letters
+    from streams.ops import dead_letter_table, read_dead_letters  # start-up: only this command loads it
     config = Config.from_env()
     try:
         letters = read_dead_letters(config, args.timeout)
@@ -413,6 +309,7 @@ def _dlq_list(args) -> int:
 def _dlq_replay(args) -> int:
     from confluent_kafka import KafkaException
 
+    # start-up: only this command loads it
     from streams.ops import OpsError, find_dead_letters, is_request, read_dead_letters, replay, replay_target
     config = Config.from_env()
     if bool(args.ids) == args.all:
@@ -450,7 +347,6 @@ def _dlq_replay(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streams import __version__
     parser = argparse.ArgumentParser(prog="imagefork", description=__doc__)
     parser.add_argument("--version", action="version", version=f"imagefork {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -566,25 +462,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"imagefork: configuration: {exc}", file=sys.stderr)
-        return 2
+    except ImageforkError as exc:  # bad settings, a broker that refuses us, a worker that cannot start
+        print(f"imagefork: {exc.label}{exc}", file=sys.stderr)
+        return exc.exit_code
+    except TimeoutError as exc:
+        print(f"imagefork: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the reader went away (`imagefork dlq list --json | head -1`): not an error to show
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141
-    except Exception as exc:
-        from streams.adapters.kafka import KafkaUnavailable
-        from streams.adapters.schemas import SchemaTopicError
-        from streams.client import SubmitError
-        from streams.serde import SerdeError
-        from streams.stack.local import StackError
-        if isinstance(exc, (StackError, SubmitError, TimeoutError, SerdeError, KafkaUnavailable, SchemaTopicError)):
-            print(f"imagefork: {exc}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -10,14 +10,16 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streams import serde
 from streams.adapters.kafka import client_config, producer_config, read_to_end
+from streams.adapters.schemas import install_resolver, publish_schemas
 from streams.config import Config
 from streams.core.models import WorkflowCompleted
 from streams.core.planning import parse_boolean
+from streams.errors import ImageforkError
 
 Progress = Callable[[str, int, int | None], None]
 
 
-class SubmitError(RuntimeError):
+class SubmitError(ImageforkError, RuntimeError):
     pass
 
 
@@ -31,7 +33,6 @@ class Follower:
     wait goes on for that run's final event. ``notices`` keeps the notice per workflow id."""
 
     def __init__(self, config: Config):
-        from streams.adapters.schemas import install_resolver
         self.config = config
         install_resolver(config)  # final events of workers newer than this client decode too
         self.consumer = Consumer(client_config(
@@ -172,7 +173,6 @@ class Client:
     def _publish_schemas(self) -> None:
         """An Avro writer publishes its schemas first, so a planner older than this client reads it."""
         if not self._published:
-            from streams.adapters.schemas import publish_schemas
             publish_schemas(self.config)
             self._published = True
 

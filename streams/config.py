@@ -12,9 +12,14 @@ import ssl
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 
+from streams.errors import ImageforkError
 
-class ConfigError(ValueError):
+
+class ConfigError(ImageforkError, ValueError):
     """A setting has a value we cannot use; the message names the variable."""
+
+    exit_code = 2
+    label = "configuration: "
 
 
 FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tiff", "avif")

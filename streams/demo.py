@@ -13,7 +13,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from streams.adapters.kafka import ensure_topics
+from streams.client import Client, Follower
 from streams.config import Config
+from streams.console import download_outputs, output_links, print_final, progress_bar
+from streams.core.errors import PipelineError
+from streams.stack.local import LocalStack, default_state_dir, free_port
+from streams.stack.processes import FileServer, WorkerProcess, keep_workers, stop_kept_workers, wait_for_log
 
 SAMPLE = Path(__file__).parent / "assets" / "sample.png"
 SEED_SIZES = [{"width": 300, "height": 300}, {"width": 200, "height": 200}, {"width": 1200, "height": 1200}]
@@ -33,14 +39,12 @@ def say(msg: str) -> None:
 
 def demo_stack_dir() -> Path:
     """The demo's own stack folder, beside the default one (``imagefork stack up`` never touches it)."""
-    from streams.stack.local import default_state_dir
     return default_state_dir().parent / "demo-stack"
 
 
 def demo_outputs_dir() -> Path:
     """Where the demo writes its outputs and contact sheet: a folder per workflow in here, beside the
     demo's stack; each demo replaces the previous one's."""
-    from streams.stack.local import default_state_dir
     return default_state_dir().parent / "demo-outputs"
 
 
@@ -111,7 +115,6 @@ def save_outputs(config: Config, final, parent: Path | None = None) -> Path:
     """Download ``final``'s outputs (as ``imagefork get`` does) to ``parent/<workflowId>/`` (default:
     ``demo_outputs_dir()``, earlier demos' folders there removed) and write the contact sheet; return
     its path."""
-    from streams.cli import download_outputs
     parent = parent or demo_outputs_dir()
     if parent.is_dir():
         for old in parent.iterdir():
@@ -125,8 +128,6 @@ def save_outputs(config: Config, final, parent: Path | None = None) -> Path:
 def start_api(env: dict[str, str], logs: Path):
     """The API and dashboard (``imagefork worker api``) as a worker process on a free loopback port;
     returns it and the dashboard's URL (``wait_for_http`` tells when it answers)."""
-    from streams.stack.local import free_port
-    from streams.stack.processes import WorkerProcess
     listen = f"127.0.0.1:{free_port()}"
     return WorkerProcess("api", {**env, "IMAGEFORK_API_LISTEN": listen}, logs), f"http://{listen}/"
 
@@ -147,8 +148,6 @@ def wait_for_http(worker, url: str, timeout: float = 60.0) -> bool:
 
 def stop_demo() -> int:
     """``imagefork demo --stop``: the workers, the API and the stack a ``--keep`` demo left running."""
-    from streams.stack.local import LocalStack
-    from streams.stack.processes import stop_kept_workers
     stack = LocalStack(demo_stack_dir())
     stopped = [f"worker {name}" for name in stop_kept_workers(stack.dir)] + stack.down()
     print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'} ({stack.dir})")
@@ -156,11 +155,6 @@ def stop_demo() -> int:
 
 
 def run_demo(keep: bool = False) -> int:
-    from streams.cli import output_links, print_final, progress_bar
-    from streams.client import Client, Follower
-    from streams.core.errors import PipelineError
-    from streams.stack.local import LocalStack
-    from streams.stack.processes import FileServer, WorkerProcess, keep_workers, stop_kept_workers, wait_for_log
 
     stack = LocalStack(demo_stack_dir())
     # workers a previous --keep demo left: this run starts its own
@@ -183,7 +177,6 @@ def run_demo(keep: bool = False) -> int:
     try:
         os.environ.update(env)
         config = Config.from_env()
-        from streams.adapters.kafka import ensure_topics
         ensure_topics(config)
         say(f"starting the workers (planner, resize, join); logs in {logs}")
         workers = [WorkerProcess(role, env, logs) for role in ("join", "resize", "planner")]

@@ -91,10 +91,3 @@ def add_io(taken) -> None:
     for what, label, n in taken or ():
         (BYTES_READ if what == "read" else BYTES_WRITTEN).labels(label).inc(n)
 
-
-def install(config, role: str) -> None:
-    """Per-process metrics set up at a worker's start (``role``: planner, resize, join, api): the
-    consumer lag of the role's own group (the api consumes nothing; it registers the roles it wants)."""
-    if role in ("planner", "resize", "join"):
-        from streams.adapters.lag import register_lag
-        register_lag(config, [role])

@@ -10,14 +10,16 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
+from streams.adapters.kafka import KafkaUnavailable, client_config, producer_config, read_to_end
 from streams.config import Config
+from streams.errors import ImageforkError
 
 HEADER_PREFIX = "imagefork."  # the pipeline's own headers: dropped on replay
 # agents whose dead letters hold a request (their value is what `imagefork submit` sends)
 REQUEST_AGENTS = ("planner", "planner.retry")
 
 
-class OpsError(RuntimeError):
+class OpsError(ImageforkError, RuntimeError):
     """One line for the user: an unknown id, a dead letter that cannot go where it was asked to."""
 
 
@@ -89,7 +91,6 @@ def read_dead_letters(config: Config, timeout: float = 60.0, answer_s: float = 1
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    from streams.adapters.kafka import KafkaUnavailable, client_config, read_to_end
     try:  # a quick look first: the reader would wait its full metadata timeout for a broker that is away
         AdminClient(client_config(config)).list_topics(config.topics.dead_letter, timeout=answer_s)
     except KafkaException as exc:
@@ -179,7 +180,6 @@ def replay(config: Config, plan: list[tuple[DeadLetter, str]], timeout: float = 
     topic; return where each landed, in order. Raises ``OpsError`` if the broker did not take them all."""
     from confluent_kafka import Producer
 
-    from streams.adapters.kafka import producer_config
     producer = Producer(producer_config(config))
     results: dict[int, Sent | str] = {}
 
@@ -207,7 +207,6 @@ def attached_workers(config: Config, timeout: float = 5.0) -> list[str]:
     (127.0.0.1)"): what ``stack down`` is about to cut off. Empty when the broker does not answer."""
     from confluent_kafka.admin import AdminClient
 
-    from streams.adapters.kafka import client_config
     admin = AdminClient(client_config(config))
     try:
         listed = admin.list_consumer_groups(request_timeout=timeout).result()

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import fastavro
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, load_schema, parse_schema, to_parsing_canonical_form
+from streams.errors import ImageforkError
 
 MAGIC = b"\xc3\x01"
 NAMESPACE = "io.imagefork"
@@ -31,7 +32,7 @@ NAMESPACE = "io.imagefork"
 Resolver = Callable[[bytes], str | None]
 
 
-class SerdeError(ValueError):
+class SerdeError(ImageforkError, ValueError):
     """Bytes that are not what the schema says; the message says why."""
 
 

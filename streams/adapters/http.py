@@ -8,6 +8,7 @@ broker and of S3, each probed at most every few seconds, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -16,7 +17,10 @@ from typing import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from streams.config import Config
+from streams.adapters.kafka import client_config
+from streams.adapters.objectstore import ObjectStore
+from streams.config import Config, metrics_address, parse_host_port
+from streams.errors import StartError
 
 
 def json_error(status: int, code: str, message: str, **extra) -> web.Response:
@@ -103,8 +107,6 @@ def dependency_probes(config: Config) -> dict[str, Probe]:
     """The broker (metadata within 5 s) and S3 (the bucket answers)."""
     from confluent_kafka.admin import AdminClient
 
-    from streams.adapters.kafka import client_config
-    from streams.adapters.objectstore import ObjectStore
 
     admin = AdminClient(client_config(config))
     store = ObjectStore(config, connect_timeout=3, read_timeout=5)
@@ -200,9 +202,7 @@ class ProcessServer:
 def serve(config: Config, role: str, ready: Callable[[], tuple[bool, str]], routes: list[web.RouteDef] = (),
           default_listen: str = "") -> ProcessServer | None:
     """This process's endpoints on IMAGEFORK_METRICS_LISTEN (else ``default_listen``; neither: none)."""
-    import logging
 
-    from streams.config import metrics_address, parse_host_port
     address = metrics_address(config) or (parse_host_port(default_listen) if default_listen else None)
     if address is None:
         return None
@@ -210,7 +210,6 @@ def serve(config: Config, role: str, ready: Callable[[], tuple[bool, str]], rout
     try:
         server.start()
     except OSError as exc:
-        from streams.worker import StartError
         raise StartError(f"{role} cannot listen on {address[0]}:{address[1]} (IMAGEFORK_METRICS_LISTEN): "
                          f"{exc.strerror or exc}") from None
     logging.getLogger("imagefork").info("%s: http://%s:%d/metrics, /healthz, /readyz", role, server.host,

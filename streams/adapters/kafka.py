@@ -7,13 +7,14 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import Config
+from streams.errors import ImageforkError
 
 
 # the largest record the join writes (a wide final event); its topics accept it
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
-class KafkaUnavailable(RuntimeError):
+class KafkaUnavailable(ImageforkError, RuntimeError):
     pass
 
 
@@ -118,7 +119,7 @@ def producer_config(config: Config, **extra) -> dict:
 
 
 # the replication factor ensure_topics chose, per bootstrap address: the Faust app of the same process
-# declares its own topics (its assignor's) with it too (streams/app.py)
+# declares its own topics (its assignor's) with it too (streams/adapters/faust.py)
 _REPLICATION: dict[str, int] = {}
 
 

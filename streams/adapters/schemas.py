@@ -18,11 +18,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from streams import serde
 from streams.adapters.kafka import client_config, producer_config
 from streams.config import Config
+from streams.errors import ImageforkError
 
 log = logging.getLogger("imagefork.schemas")
 
 
-class SchemaTopicError(RuntimeError):
+class SchemaTopicError(ImageforkError, RuntimeError):
     """The schemas topic could not be written; a writer must not start (its readers could not
     decode what it writes)."""
 

@@ -33,6 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from streams import serde
 from streams.adapters.changelog import ChangelogReader, load_state, row_key, row_value
+from streams.adapters.http import advertised_url, serve
 from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, partition_for, producer_config
 from streams.adapters.objectstore import ObjectStore
 from streams.agents.cleanup import SourceCleaner
@@ -846,7 +847,6 @@ def query_routes(box: dict) -> list:
 
 
 def run(config: Config) -> int:
-    from streams.adapters.http import advertised_url, serve
     box: dict = {}
 
     def readiness() -> tuple[bool, str]:

@@ -18,7 +18,7 @@ from streams.agents import resize_job
 from streams.agents.common import backoff_s, log, now_ms, send
 from streams.agents.crashes import CrashLedger, Entry
 from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, wait_not_before
-from streams.app import Topics
+from streams.adapters.faust import Topics
 from streams.config import Config
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
 from streams.metrics import COMPUTE_CPU, RETRIES, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io

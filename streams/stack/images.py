@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from streams.stack import local
+from streams.errors import ImageforkError
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = ROOT / "docker"
@@ -43,7 +44,7 @@ APP_IMAGE = "imagefork/app:local"
 APP_SOURCES = ("Dockerfile", "pyproject.toml", "constraints.txt", "README.md", "schemas", "streams")
 
 
-class ImageError(RuntimeError):
+class ImageError(ImageforkError, RuntimeError):
     """One line saying what is missing or what failed."""
 
 

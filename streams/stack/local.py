@@ -37,6 +37,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from streams.errors import ImageforkError
 
 KAFKA_VERSION = os.environ.get("IMAGEFORK_KAFKA_VERSION", "4.1.1")
 S3PROXY_VERSION = os.environ.get("IMAGEFORK_S3PROXY_VERSION", "2.6.0")
@@ -139,7 +140,7 @@ def kafka_properties(node: int, brokers: int, ports: dict, data: Path | str, key
     ])
 
 
-class StackError(RuntimeError):
+class StackError(ImageforkError, RuntimeError):
     """One clear line saying what is missing or what failed."""
 
 

@@ -79,7 +79,7 @@ class WorkerProcess:
     def _reaped(self) -> None:
         """The worker is gone: what it could not clean up itself (its data folder after a SIGKILL) goes."""
         _started.discard(self)
-        from streams.app import remove_stale_data_dirs  # Faust's module: imported only once a worker ran
+        from streams.adapters.faust import remove_stale_data_dirs  # Faust's module: imported only once a worker ran
         remove_stale_data_dirs()
 
     def log_tail(self, lines: int = 20) -> str:
@@ -151,7 +151,7 @@ def stop_kept_workers(folder: Path | str, timeout: float = 20.0) -> list[str]:
         time.sleep(0.1)
     path.unlink(missing_ok=True)
     if killed:
-        from streams.app import remove_stale_data_dirs  # what a SIGKILLed worker could not remove
+        from streams.adapters.faust import remove_stale_data_dirs  # what a SIGKILLed worker could not remove
         remove_stale_data_dirs()
     return [r["name"] for r in running]
 

@@ -283,7 +283,7 @@ AWAY_API = """
 import sys
 from streams import api
 from streams.config import Config
-from streams.worker import setup_logging
+from streams.logs import setup_logging
 config = Config.from_env()
 setup_logging("api", config.log_level, fmt=config.log_format, bootstrap=config.bootstrap_servers)
 sys.exit(api.run(config))

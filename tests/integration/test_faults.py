@@ -452,7 +452,7 @@ def test_repair_takes_only_an_object_of_the_workflows_run_written_long_enough_ag
 
 
 def data_folders_of(worker) -> list[str]:
-    """The data folders a worker holds open: the one it locks for Faust (streams/app.py: data_dir)."""
+    """The data folders a worker holds open: the one it locks for Faust (streams/adapters/faust.py: data_dir)."""
     found = []
     for fd in Path(f"/proc/{worker.pid}/fd").iterdir():
         try:

@@ -1,4 +1,4 @@
-"""The idempotent aiokafka producers of the Faust roles (streams/app.py), against the real broker: a batch
+"""The idempotent aiokafka producers of the Faust roles (streams/adapters/faust.py), against the real broker: a batch
 the broker refuses for good must not shut its partition for the rest of the producer's life."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.app import idempotent_producers
+from streams.adapters.faust import idempotent_producers
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""What streams/app.py changes in aiokafka 0.14 under Faust (the refused batch's sequence numbers have a
+"""What streams/adapters/faust.py changes in aiokafka 0.14 under Faust (the refused batch's sequence numbers have a
 test against the real broker: tests/integration/test_producers.py)."""
 import asyncio
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import pytest
 from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.errors import NotLeaderForPartitionError
 
-from streams.app import refresh_metadata_on_stale_leaders
+from streams.adapters.faust import refresh_metadata_on_stale_leaders
 
 
 class FakeClient:

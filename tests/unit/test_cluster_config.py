@@ -76,7 +76,7 @@ def test_producers_wait_for_all_replicas_and_are_idempotent():
     assert conf["acks"] == "all" and conf["enable.idempotence"] is True
     from faust.transport.drivers import aiokafka as driver
 
-    from streams.app import create_app
+    from streams.adapters.faust import create_app
     app = create_app("planner", Config.from_env({}))
     assert app.conf.producer_acks == -1
     extra = driver.Producer._settings_extra(app.producer)

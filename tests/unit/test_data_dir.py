@@ -1,10 +1,10 @@
-"""A worker's data folder (streams/app.py): a sweep by a worker starting at the same moment never takes
+"""A worker's data folder (streams/adapters/faust.py): a sweep by a worker starting at the same moment never takes
 a folder between its creation and its lock (seen in `make demo`: the planner's new folder swept away by
 the join starting beside it, FileNotFoundError at start)."""
 import os
 import tempfile
 
-from streams import app
+from streams.adapters import faust as app
 
 
 def test_a_sweep_right_after_the_folder_is_made_leaves_it(monkeypatch, tmp_path):

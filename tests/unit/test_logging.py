@@ -9,7 +9,7 @@ from collections import namedtuple
 
 import pytest
 
-from streams.worker import TransientRetries, describe_assignment, setup_logging
+from streams.logs import TransientRetries, describe_assignment, setup_logging
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} planner\[\d+\] (DEBUG|INFO|WARNING|ERROR) ")
 GETPID = ("GETPID", "rdkafka#producer-2", "[thrd:main]: Failed to acquire idempotence PID from broker "
@@ -64,7 +64,7 @@ def test_no_terminal_control_codes_reach_the_log(output):
 def test_the_faust_worker_has_no_spinner_and_leaves_logging_to_us(tmp_path, monkeypatch):
     """mode's spinner writes cursor codes and backspaces even into a file, at start and at its end."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the app's data folder
-    from streams.app import create_app
+    from streams.adapters.faust import create_app
     from streams.config import Config
     from streams.worker import faust_worker
     stdout = io.StringIO()
@@ -183,7 +183,7 @@ def test_a_failed_fetch_shows_mvns_errors(fetch_env, capsys):
 
 
 def test_a_library_line_repeated_during_an_outage_is_written_every_10s_with_a_count():
-    from streams.worker import RepeatedLines
+    from streams.logs import RepeatedLines
     now = [0.0]
     limiter = RepeatedLines(every_s=10, clock=lambda: now[0])
 

@@ -3,7 +3,7 @@ it is back (issue 26 item 6)."""
 import io
 import logging
 
-from streams.worker import BrokerAway
+from streams.logs import BrokerAway
 
 
 def test_one_line_when_the_broker_goes_and_one_when_it_is_back():

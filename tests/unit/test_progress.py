@@ -1,7 +1,7 @@
 """`imagefork submit --wait`'s progress: a bar on a terminal, plain lines anywhere else (no \\r in logs)."""
 import io
 
-from streams.cli import progress_bar
+from streams.console import progress_bar
 
 
 class Terminal(io.StringIO):
