@@ -22,7 +22,6 @@ class ConfigError(ImageforkError, ValueError):
     label = "configuration: "
 
 
-FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tiff", "avif")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")

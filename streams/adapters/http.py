@@ -171,10 +171,6 @@ class ProcessServer:
         self._started = threading.Event()
         self._error: BaseException | None = None
 
-    def add_routes(self, routes: list[web.RouteDef]) -> None:
-        """Before :meth:`start` only."""
-        self.app.add_routes(routes)
-
     def start(self) -> int:
         """Listen; the port bound (the one asked for, or the one the kernel chose for port 0)."""
         threading.Thread(target=self._run, name="http", daemon=True).start()

@@ -8,13 +8,13 @@ from dataclasses import replace
 import faust
 
 from streams import serde
+from streams.adapters.faust import Topics
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.source import fetch_http
 from streams.agents.common import backoff_s, log, now_ms, send, send_all
 from streams.agents.policy import (
     NOT_BEFORE, Disposition, Message, MessagePolicy, Reject, header_int, wait_not_before,
 )
-from streams.adapters.faust import Topics
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
 from streams.core.imaging import certain_output_pixels, probe_image, target_size, task_spec

@@ -14,12 +14,13 @@ from concurrent.futures.process import BrokenProcessPool
 import faust
 
 from streams import serde
+from streams.adapters.faust import Topics
 from streams.agents import resize_job
 from streams.agents.common import backoff_s, log, now_ms, send
 from streams.agents.crashes import CrashLedger, Entry
 from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, wait_not_before
-from streams.adapters.faust import Topics
 from streams.config import Config
+from streams.core.errors import DeadlineExceeded
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
 from streams.metrics import COMPUTE_CPU, RETRIES, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io
 from streams.serde import SerdeError
@@ -69,7 +70,7 @@ class Resizer:
             raise Reject("NOT_A_TASK", str(exc)) from None
         stages: dict[str, float] = {}
         if now_ms() >= task.deadline:
-            await self.report(task, {"ok": False, "code": "DEADLINE_EXCEEDED", "transient": False,
+            await self.report(task, {"ok": False, "code": DeadlineExceeded.code, "transient": False,
                                      "message": "the workflow deadline passed before this task ran"})
             return Disposition.PROCESSED
         started = time.perf_counter()

@@ -28,12 +28,6 @@ class RequestInvalid(PipelineError):
         super().__init__("; ".join(f"{f}: {why}" for f, why in problems))
 
 
-class NotARequest(PipelineError):
-    """The bytes cannot be read as a request at all (not JSON, not Avro, not an object)."""
-
-    code = "NOT_A_REQUEST"
-
-
 # --- source -----------------------------------------------------------------
 class SourceNotFound(PipelineError):
     code = "SOURCE_NOT_FOUND"

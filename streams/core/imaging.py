@@ -36,9 +36,8 @@ try:  # HEIC/HEIF input (iPhone photos): pillow-heif's opener, so Image.open rea
     import pillow_heif
 
     pillow_heif.register_heif_opener()
-    HEIF_INPUT = True
 except ImportError:  # pragma: no cover - a dependency; without it HEIC sources are IMAGE_UNDECODABLE
-    HEIF_INPUT = False
+    pass
 
 # The formats a source may be in (Pillow's names; JPEG includes MPO, a camera's multi-picture JPEG). Anything
 # else is IMAGE_UNDECODABLE before a byte of it is decoded: Pillow would run Ghostscript on an EPS, decode an

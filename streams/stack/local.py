@@ -35,7 +35,6 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from streams.errors import ImageforkError
 
@@ -279,13 +278,6 @@ def _java() -> str:
     if major and major < 17:
         raise StackError(f"Java 17+ is needed to run Kafka 4, found {out.splitlines()[0]}")
     return java
-
-
-@dataclass
-class Service:
-    name: str
-    pid: int
-    port: int
 
 
 class LocalStack:
