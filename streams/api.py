@@ -33,16 +33,16 @@ from streams.adapters.http import health_routes, json_error
 from streams.adapters.kafka import client_config, partition_for
 from streams.adapters.lag import register_lag
 from streams.adapters.objectstore import ObjectStore
-from streams.agents.join import CLIENT_ID
 from streams.client import Client, SubmitError
 from streams.config import Config, parse_host_port
-from streams.errors import StartError
 from streams.core.errors import PipelineError, RequestInvalid
 from streams.core.models import WorkflowCompleted
 from streams.core.planning import parse_request, valid_workflow_id
 from streams.core.status import (
     STATUSES, TERMINAL, final_doc, marker_doc, pending_doc, retry_request, retryable, running_doc, summary,
 )
+from streams.errors import StartError
+from streams.join.queries import CLIENT_ID
 
 log = logging.getLogger("imagefork")
 DASHBOARD = Path(__file__).parent / "assets" / "dashboard.html"

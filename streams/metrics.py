@@ -90,4 +90,3 @@ def take_io() -> list[tuple[str, str, int]]:
 def add_io(taken) -> None:
     for what, label, n in taken or ():
         (BYTES_READ if what == "read" else BYTES_WRITTEN).labels(label).inc(n)
-

@@ -39,9 +39,9 @@ def run_role(role: str, config: Config) -> int:
     if role == "api":  # aiohttp: the HTTP API and the dashboard (streams/api.py)
         from streams import api  # start-up: only the API's process loads it
         return api.run(config)
-    if role == "join":  # a transactional confluent-kafka loop, not a Faust app (see agents/join.py)
-        from streams.agents import join  # start-up: only the join's process loads it
-        return join.run(config)
+    if role == "join":  # a transactional confluent-kafka loop, not a Faust app (streams/join/)
+        from streams.join import loop  # start-up: only the join's process loads it
+        return loop.run(config)
     return run_faust_role(role, config)
 
 

@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 from aiohttp import web
+from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from streams.adapters.kafka import client_config
@@ -105,9 +106,6 @@ class Probe:
 
 def dependency_probes(config: Config) -> dict[str, Probe]:
     """The broker (metadata within 5 s) and S3 (the bucket answers)."""
-    from confluent_kafka.admin import AdminClient
-
-
     admin = AdminClient(client_config(config))
     store = ObjectStore(config, connect_timeout=3, read_timeout=5)
 

@@ -18,6 +18,12 @@ class KafkaUnavailable(ImageforkError, RuntimeError):
     pass
 
 
+def dead_letter_headers(code: str, reason: str, where: dict[str, str]) -> dict[str, bytes]:
+    """The headers of a dead-lettered message: why, and where it came from."""
+    return {"imagefork.error.code": code.encode(), "imagefork.error.reason": reason[:1000].encode(),
+            **{f"imagefork.source.{k}": str(v).encode() for k, v in where.items()}}
+
+
 def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
     """Every committed record of ``topic`` up to its end offsets, taken first (read_committed: the last
     stable offset). No group is joined and no time window is guessed: a partition is done when its

@@ -4,13 +4,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 
 import faust
 
+from streams.core.models import now_ms
 from streams.core.planning import retry_delay_s
 
 log = logging.getLogger("imagefork")
+__all__ = ["log", "now_ms", "origin", "backoff_s", "send", "send_all", "SendRejected"]
 
 
 def origin(event) -> dict[str, str]:
@@ -19,20 +20,10 @@ def origin(event) -> dict[str, str]:
     return {"topic": msg.topic, "partition": str(msg.partition), "offset": str(msg.offset)}
 
 
-def dead_letter_headers(code: str, reason: str, where: dict[str, str]) -> dict[str, bytes]:
-    """The headers of a dead-lettered message: why, and where it came from."""
-    return {"imagefork.error.code": code.encode(), "imagefork.error.reason": reason[:1000].encode(),
-            **{f"imagefork.source.{k}": str(v).encode() for k, v in where.items()}}
-
-
 def backoff_s(retry, attempt: int) -> float:
     """The configured delay before the next attempt, with jitter."""
     return retry_delay_s(attempt, policy=retry.policy, delay_s=retry.delay_s, max_delay_s=retry.max_delay_s,
                          jitter=random.random())
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class SendRejected(RuntimeError):

@@ -26,8 +26,9 @@ from typing import Awaitable, Callable
 
 import faust
 
+from streams.adapters.kafka import dead_letter_headers
 from streams.adapters.offsets import DRAIN, IN_FLIGHT
-from streams.agents.common import SendRejected, backoff_s, dead_letter_headers, log, now_ms, origin, send
+from streams.agents.common import SendRejected, backoff_s, log, now_ms, origin, send
 from streams.config import Config
 from streams.metrics import DEAD_LETTERS, MESSAGES, RETRIES, STAGE_SECONDS
 

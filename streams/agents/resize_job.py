@@ -19,13 +19,13 @@ from typing import Any
 from PIL import Image
 
 from streams import metrics
-from streams.metrics import SOURCE_CACHE_BYTES, SOURCE_CACHE_LOOKUPS
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.errors import ImageTooLarge, PipelineError
 from streams.core.imaging import (
-    Source, SourceOptions, draft_box_for, frame_count, open_image, prepare, resize_image, task_spec,
+    Source, SourceOptions, decode_cost, open_image, prepare, resize_image, task_spec,
 )
+from streams.metrics import SOURCE_CACHE_BYTES, SOURCE_CACHE_LOOKUPS
 
 _config: Config | None = None
 _store: ObjectStore | None = None
@@ -134,29 +134,6 @@ def image_bytes(im: Source | Image.Image) -> int:
     return im.width * im.height * per_pixel
 
 
-def decode_cost(data: bytes, limits, max_box: tuple[int, int], options: SourceOptions = SourceOptions()) -> int:
-    """Bytes a decode may hold at its peak: the frame (at its draft size) and one converted copy, 4 bytes a
-    pixel; an animation kept animated holds every frame (and one copy)."""
-    header = open_image(data, limits)
-    try:
-        w, h = header.width, header.height
-        frames = frame_count(header, data, limits) if options.animated else 1
-        jpeg = header.format == "JPEG"
-    finally:
-        header.close()
-    if frames > 1:
-        return (frames + 1) * w * h * 4
-    # only JPEG decodes at a reduced scale, and not when asked to keep an animation (prepare draws no draft
-    # then: a still JPEG under `animated: true` is decoded whole)
-    box = draft_box_for(data, limits, max_box) if jpeg and not options.animated else None
-    if box:
-        scale = 1
-        while w // (scale * 2) >= box[0] and h // (scale * 2) >= box[1] and scale < 8:
-            scale *= 2  # JPEG's reduced decode halves the size per step, up to 1/8
-        w, h = -(-w // scale), -(-h // scale)
-    return 2 * w * h * 4
-
-
 _budget: MemoryBudget | None = None
 
 
@@ -226,10 +203,11 @@ def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceO
             started = time.perf_counter()
             data = _store.get(uri, _config.limits.max_source_bytes)
             fetched, cpu = time.perf_counter(), time.thread_time()
-            cost = decode_cost(data, _config.limits, max_box, options)
+            header = open_image(data, _config.limits)  # read once: for the cost, then the decode
+            cost = decode_cost(header, data, _config.limits, max_box, options)
             _budget.reserve(cost)
             try:
-                im = prepare(data, _config.limits, max_box=max_box, options=options)
+                im = prepare(data, _config.limits, max_box=max_box, options=options, header=header)
                 if stages is not None:
                     stages["fetch"] = fetched - started
                     stages["decode"] = time.perf_counter() - fetched

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
-CONTENT_TYPES = {
-    "png": "image/png",
-    "jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
-    "gif": "image/gif",
-    "tiff": "image/tiff",
-    "avif": "image/avif",
-}
+
+def now_ms() -> int:
+    """The wall clock in milliseconds, as every timestamp of the contract."""
+    return int(time.time() * 1000)
+
 
 # workflow statuses
 COMPLETED, FAILED, TIMED_OUT, REJECTED = "COMPLETED", "FAILED", "TIMED_OUT", "REJECTED"

@@ -9,8 +9,9 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from streams.core.errors import RequestInvalid
+from streams.core.formats import FORMATS
 from streams.core.imaging import EFFORT_MAX, GRAVITIES, KEEP_METADATA, MODES, parse_colour
-from streams.core.models import CONTENT_TYPES, ImageRequest, ResizeTask, RetryOf, Size, TaskOutput, WorkflowPlan
+from streams.core.models import ImageRequest, ResizeTask, RetryOf, Size, TaskOutput, WorkflowPlan
 
 TASK_NAME = "image_convert_resize"
 SCHEMES = ("http", "https", "s3")
@@ -23,12 +24,9 @@ def task_ref(fmt: str, size: Size, index: int) -> str:
     return f"{TASK_NAME}_{fmt}_{size.width}x{size.height}_{index}"
 
 
-def extension(fmt: str) -> str:
-    return fmt
-
-
 def output_key(prefix: str, workflow_id: str, ref: str, fmt: str) -> str:
-    return f"{prefix}{workflow_id}/{ref}.{extension(fmt)}"
+    row = FORMATS.get(fmt)
+    return f"{prefix}{workflow_id}/{ref}.{row.suffix if row else fmt}"
 
 
 def format_of(ref: str) -> str | None:
@@ -41,7 +39,7 @@ def format_of(ref: str) -> str | None:
 
 
 def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: int = 0,
-                  formats: Iterable[str] = tuple(CONTENT_TYPES)) -> ImageRequest:
+                  formats: Iterable[str] = tuple(FORMATS)) -> ImageRequest:
     """Read and validate one request document; every problem is reported with its field. With
     ``max_pixels``, an output whose size is certain before the source is read (pad; force and fill when
     they may enlarge) and over that many pixels is refused here, not failed after its source was fetched."""

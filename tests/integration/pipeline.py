@@ -193,7 +193,7 @@ class Pipeline:
             head = self.store.head(key)
             assert head["ContentType"] == out.contentType
             # the object says which options were applied, as the output record does (repair reads them)
-            from streams.agents.repair import applied_options
+            from streams.join.repair import applied_options
             options = applied_options(head["Metadata"].get("imagefork-options", ""))
             if out.mode:  # a record written by a worker (a repaired one may predate the metadata)
                 assert options == {k: getattr(out, k) for k in options} and options.get("mode") == out.mode, \
@@ -273,7 +273,7 @@ class Pipeline:
         assert not errors, errors
 
     def _remove_join_locks(self) -> None:
-        """A join takes a slot lock file named after its group (agents/join.py: instance_id) in a folder
+        """A join takes a slot lock file named after its group (streams/join/session.py: instance_id) in a folder
         every join of the user shares; this pipeline's group is its own, so once its joins are gone,
         their files would only pile up."""
         group = self.config.group_id("join")

@@ -422,7 +422,7 @@ def test_repair_takes_only_an_object_of_the_workflows_run_written_long_enough_ag
     One another run of the same id wrote under the same key, one without a run (written by hand, or before
     runs), and one of this run written just now (its result is most likely on its way) are not used."""
     from streams.adapters.objectstore import ObjectStore
-    from streams.agents.repair import Repairer
+    from streams.join.repair import Repairer
     from streams.config import Config
     from streams.core.planning import output_key
     from tests.integration.pipeline import s3_prefixes

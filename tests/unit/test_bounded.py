@@ -1,11 +1,11 @@
-"""The join's guard around librdkafka calls that may not keep their own timeout (agents/join.py: bounded)."""
+"""The join's guard around librdkafka calls that may not keep their own timeout (streams/join/session.py: bounded)."""
 import threading
 import time
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from streams.agents.join import StuckCall, bounded
+from streams.join.session import StuckCall, bounded
 
 
 def test_a_call_that_returns_gives_its_result():

@@ -5,6 +5,7 @@ from PIL import Image
 
 from streams.config import Encoding, Limits
 from streams.core.errors import ImageTooLarge, ImageUndecodable, UnsupportedFormat
+from streams.core.formats import FORMATS
 from streams.core.imaging import OutputSpec, probe_image, resize_image, target_size
 from tests.unit.images import encode, jpeg_with_orientation, photo, png_declaring
 
@@ -198,7 +199,7 @@ def test_one_shared_image_encoded_from_many_threads_at_once():
         for _ in range(25):
             try:
                 data = imaging.encode(shared, fmt, Encoding(), settings)
-                assert Image.open(io.BytesIO(data)).format == imaging.PIL_FORMATS[fmt]
+                assert Image.open(io.BytesIO(data)).format == FORMATS[fmt].pil
             except Exception as exc:  # noqa: BLE001 - collected, asserted below
                 errors.append(f"{fmt}: {exc!r}")
 

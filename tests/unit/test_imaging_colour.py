@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageCms, PngImagePlugin, TiffImagePlugin
 
 from streams.config import Encoding, Limits
-from streams.core import imaging
+from streams.core.imaging import colour
 from streams.core.imaging import SRGB_ICC, OutputSpec, prepare_source, resize_image
 from tests.unit.images import encode, photo
 
@@ -206,7 +206,7 @@ def test_srgb_tagged_source_is_left_as_it_is():
     for profile in (SRGB_ICC, SRGB_V2):
         _, decoded = run(encode(im, "PNG", icc_profile=profile), "png", 64, 48)
         assert decoded.tobytes() == im.tobytes()
-        assert imaging._srgb_transform(profile, "RGB", "RGB") is None  # no pass over the pixels
+        assert colour._srgb_transform(profile, "RGB", "RGB") is None  # no pass over the pixels
 
 
 def test_alpha_survives_the_conversion():
@@ -283,11 +283,11 @@ def test_colour_key_transparency_becomes_alpha():
 
 
 def test_transforms_are_built_once_per_profile_and_bounded():
-    first = imaging._srgb_transform(ADOBE_RGB, "RGB", "RGB")
-    assert first is not None and imaging._srgb_transform(bytes(ADOBE_RGB), "RGB", "RGB") is first
-    for i in range(imaging._TRANSFORMS_MAX + 5):
-        imaging._srgb_transform(rgb_profile(f"gamma {i}", ADOBE_PRIMARIES, gamma=1.8 + i / 64), "RGB", "RGB")
-    assert len(imaging._TRANSFORMS) <= imaging._TRANSFORMS_MAX
+    first = colour._srgb_transform(ADOBE_RGB, "RGB", "RGB")
+    assert first is not None and colour._srgb_transform(bytes(ADOBE_RGB), "RGB", "RGB") is first
+    for i in range(colour._TRANSFORMS_MAX + 5):
+        colour._srgb_transform(rgb_profile(f"gamma {i}", ADOBE_PRIMARIES, gamma=1.8 + i / 64), "RGB", "RGB")
+    assert len(colour._TRANSFORMS) <= colour._TRANSFORMS_MAX
 
 
 # --- metadata -----------------------------------------------------------------------------------------

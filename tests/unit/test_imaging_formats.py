@@ -10,8 +10,9 @@ from PIL import ExifTags, Image, ImageChops
 
 from streams.config import Encoding, Limits
 from streams.core.errors import ImageTooLarge, ImageUndecodable
+from streams.core.imaging.encode import _fixed_times
 from streams.core.imaging import (
-    SRGB_ICC, OutputSpec, SourceOptions, _fixed_times, prepare, probe_image, resize_image,
+    SRGB_ICC, OutputSpec, SourceOptions, prepare, probe_image, resize_image,
 )
 from streams.demo import SAMPLE
 from tests.unit.images import encode, jpeg_with_orientation, photo
@@ -204,9 +205,11 @@ def test_a_truncated_animation_is_undecodable():
 
 
 def test_the_memory_budget_counts_every_frame():
-    from streams.agents.resize_job import decode_cost, image_bytes
+    from streams.agents.resize_job import image_bytes
+    from streams.core.imaging import decode_cost, open_image
     data = animation(n=4, size=(100, 100))
-    still, animated = decode_cost(data, LIM, (40, 40)), decode_cost(data, LIM, (40, 40), SourceOptions(animated=True))
+    still = decode_cost(open_image(data, LIM), data, LIM, (40, 40))
+    animated = decode_cost(open_image(data, LIM), data, LIM, (40, 40), SourceOptions(animated=True))
     assert still == 2 * 100 * 100 * 4 and animated == 5 * 100 * 100 * 4
     source = prepare(data, LIM, options=SourceOptions(animated=True))
     assert len(source.frames) == 4 and image_bytes(source) == 4 * image_bytes(source.frames[0])

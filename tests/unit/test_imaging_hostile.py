@@ -128,13 +128,15 @@ def test_metadata_too_long_for_a_jpeg_segment_is_left_out_not_fatal():
 def test_the_memory_budget_reserves_what_a_decode_holds(animated):
     """A still JPEG under `animated: true` is decoded whole (no draft), so its reservation must not assume
     the 1/8 draft (it reserved 7 MiB and held 171 MiB); an RGB image is held in 4 bytes a pixel."""
-    from streams.agents.resize_job import decode_cost, image_bytes
+    from streams.agents.resize_job import image_bytes
+    from streams.core.imaging import decode_cost, open_image
     b = io.BytesIO()
     Image.new("RGB", (2400, 1600), (9, 9, 9)).save(b, "JPEG")
     spec = OutputSpec("webp", 100, 100, animated=animated)
     source = prepare(b.getvalue(), LIM, max_box=(100, 100), options=spec.source_options)
     assert image_bytes(source) == source.image.width * source.image.height * 4
-    assert decode_cost(b.getvalue(), LIM, (100, 100), spec.source_options) >= image_bytes(source)
+    assert decode_cost(open_image(b.getvalue(), LIM), b.getvalue(), LIM, (100, 100), spec.source_options) >= \
+        image_bytes(source)
 
 
 @pytest.mark.parametrize("depth, row, key", [
@@ -155,20 +157,20 @@ def test_a_grey_colour_key_stays_transparent(depth, row, key):
 def test_a_gif_of_a_million_tiny_frames_is_refused_at_once():
     """Counting a million 1x1 frames took Pillow about 10 s, twice per task (the budget, then the decode);
     they are refused after counting one past IMAGEFORK_MAX_FRAMES."""
-    from streams.agents.resize_job import decode_cost
+    from streams.core.imaging import decode_cost, open_image
     frame = b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
     data = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff" + frame * 1_000_000 + b";"
     spec = OutputSpec("webp", 10, 10, animated=True)
     start = time.monotonic()
     with pytest.raises(ImageTooLarge, match=f"more than {4 * LIM.max_frames} frames, more than the limit of {LIM.max_frames}"):
-        decode_cost(data, LIM, (10, 10), spec.source_options)
+        decode_cost(open_image(data, LIM), data, LIM, (10, 10), spec.source_options)
     with pytest.raises(ImageTooLarge, match=f"more than {4 * LIM.max_frames} frames, more than the limit of {LIM.max_frames}"):
         run(data, spec)
     assert time.monotonic() - start < 3
 
 
 def test_the_quick_gif_count_agrees_with_pillow():
-    from streams.core.imaging import _gif_frames
+    from streams.core.imaging.limits import _gif_frames
     frames = [Image.new("RGB", (7, 5), (i * 20, 255 - i * 20, 0)) for i in range(12)]
     b = io.BytesIO()
     frames[0].save(b, "GIF", save_all=True, append_images=frames[1:], duration=40, loop=0, comment=b"x" * 600)

@@ -44,7 +44,7 @@ class CrashImageFile(ImageFile.ImageFile):
 Image.register_open(CrashImageFile.format, CrashImageFile, lambda prefix: prefix[:len(MAGIC)] == MAGIC)
 Image.register_extension(CrashImageFile.format, ".crashme")
 
-# imagefork opens only the formats it reads (streams.core.imaging.INPUT_FORMATS): this one too, here
-from streams.core import imaging  # noqa: E402
+# imagefork opens only the formats it reads (streams.core.formats.INPUT_FORMATS): this one too, here
+from streams.core import formats  # noqa: E402
 
-imaging.INPUT_FORMATS = (*imaging.INPUT_FORMATS, CrashImageFile.format)
+formats.INPUT_FORMATS = (*formats.INPUT_FORMATS, CrashImageFile.format)

@@ -62,7 +62,7 @@ def _patch_join(module) -> None:
             return super().send_offsets_to_transaction(*args, **kwargs)
 
     module.Producer = HangingProducer
-    module.JoinWorker.CALL_PATIENCE_S = float(os.environ.get("IMAGEFORK_FAULT_JOIN_PATIENCE_S", "3"))
+    module.Session.CALL_PATIENCE_S = float(os.environ.get("IMAGEFORK_FAULT_JOIN_PATIENCE_S", "3"))
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -108,5 +108,5 @@ def _chain() -> None:
 if MAGIC and _role() == "planner":
     sys.meta_path.insert(0, _PatchOnImport("streams.agents.planner", _patch_planner))
 if JOIN_HANG and _role() == "join":
-    sys.meta_path.insert(0, _PatchOnImport("streams.agents.join", _patch_join))
+    sys.meta_path.insert(0, _PatchOnImport("streams.join.session", _patch_join))
 _chain()

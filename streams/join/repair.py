@@ -9,17 +9,19 @@ loop, a bounded number of workflows at a time, each with a growing pause between
 """
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from streams.adapters.objectstore import ObjectStore
-from streams.agents.common import log, now_ms
 from streams.config import Config
 from streams.core.join import Workflow
-from streams.core.models import SUCCEEDED, TaskOutput, TaskResult
+from streams.core.models import SUCCEEDED, TaskOutput, TaskResult, now_ms
 from streams.core.planning import format_of, output_key
 from streams.metrics import REPAIR_ERRORS, REPAIRED
+
+log = logging.getLogger("imagefork")
 
 
 class Repairer:
@@ -48,6 +50,16 @@ class Repairer:
             missing = flow.missing_refs()
             run_id = flow.plan.runId if flow.plan else ""
             self.pool.submit(self._look, partition, wf, run_id, missing)
+
+    def scan(self, partitions, consumer) -> None:
+        """Look for the stalled workflows of the partitions read to their end (no result on its way)."""
+        now = now_ms()
+        for p, state in partitions.states.items():
+            if partitions.caught_up(consumer, p):
+                stalled = state.stalled(now, self.after_ms)
+                if stalled:
+                    self.consider(p, stalled)
+        self.forget({wf for s in partitions.states.values() for wf in s.open})
 
     def forget(self, open_ids) -> None:
         """Drop the pauses of workflows that are no longer open."""

@@ -2,12 +2,15 @@
 thread of its own, so that a burst of final events costs the join a queue append each."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 
 from streams.adapters.objectstore import ObjectStore
-from streams.agents.common import log
+from streams.core.planning import staging_key
+
+log = logging.getLogger("imagefork")
 
 
 class SourceCleaner:
@@ -21,6 +24,15 @@ class SourceCleaner:
 
     def delete(self, key: str) -> None:
         self._queue.put(key)
+
+    def finished_after_all(self, staged: list[tuple[str, str]], states: dict, partition_of, prefix: str) -> None:
+        """After an abort: delete the staged sources of the runs that the restored (committed) ``states`` show
+        finished (their finish was committed after all: no replay will finish them again)."""
+        for workflow_id, run_id in staged:
+            state = states.get(partition_of(workflow_id))
+            marker = state.marker(workflow_id) if state is not None else None
+            if marker is not None and marker.runId == run_id:
+                self.delete(staging_key(prefix, workflow_id, run_id))
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, for at most ``timeout`` seconds."""
