@@ -330,7 +330,7 @@ class HostStack:
         self.folder = folder
         self.brokers = brokers
         folder.mkdir(parents=True, exist_ok=True)
-        self.java = local._java()
+        self.java = local.find_java()
         self.kafka_libs = local.fetch("kafka")
         self.s3_libs = local.fetch("s3proxy")
         self.marker = f"-Dimagefork.hosts={folder}"
@@ -344,13 +344,7 @@ class HostStack:
             ports[f"controller{suffix}"] = CONTROLLER_PORT
         addresses = {n: h.address for n, h in self.kafka_hosts.items()}
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        log4j = folder / "log4j2.properties"
-        log4j.write_text("rootLogger.level=WARN\nrootLogger.appenderRef.stdout.ref=STDOUT\n"
-                         "appender.stdout.type=Console\nappender.stdout.name=STDOUT\n"
-                         "appender.stdout.layout.type=PatternLayout\n"
-                         "appender.stdout.layout.pattern=[%d] %p %m (%c)%n\n")
-        self.base = [self.java, self.marker, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
-                     f"-Dlog4j2.configurationFile={log4j}", "-Djava.awt.headless=true", "-cp", f"{self.kafka_libs}/*"]
+        self.base = local.kafka_command(self.java, self.marker, self.kafka_libs, folder)
         self.props = {}
         self.mounts: list[Path] = []
         for n in range(1, brokers + 1):

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from typing import Callable
 
-from confluent_kafka import KafkaException
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import Config
@@ -32,13 +35,12 @@ def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
     return list(committed_records(config, topic, timeout=timeout))
 
 
-def committed_records(config: Config, topic: str, *, follow: bool = False, timeout: float = 60.0):
-    """``read_to_end`` one record at a time; with ``follow``, then every record committed after, for as
-    long as the caller reads (a generator: close it, or stop iterating, to close the consumer)."""
-    import time
-    import uuid
-
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+def committed_records(config: Config, topic: str, *, follow: bool = False, timeout: float = 60.0,
+                      partitions: list[int] | None = None, on_end: Callable[[], None] | None = None):
+    """``read_to_end`` one record at a time (of ``partitions``, else all); with ``follow``, then every record
+    committed after, for as long as the caller reads (a generator: close it, or stop iterating, to close the
+    consumer). ``on_end`` is called once the end offsets taken at the start are reached. The one reader of a
+    topic to its end in the project (the CLI, the client, dead letters, the crash ledger, the API's index)."""
     consumer = Consumer(client_config(config, **{
         "group.id": f"imagefork-reader-{uuid.uuid4()}",  # required by the client; never joined (assign)
         "enable.auto.commit": False, "isolation.level": "read_committed"}))
@@ -46,12 +48,13 @@ def committed_records(config: Config, topic: str, *, follow: bool = False, timeo
         meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
         if meta is None or meta.error is not None:
             raise KafkaUnavailable(f"topic {topic} is not there at {config.bootstrap_servers}")
+        chosen = list(meta.partitions) if partitions is None else [p for p in partitions if p in meta.partitions]
         ends = {}
-        for p in meta.partitions:
+        for p in chosen:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
             if high > low:
                 ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (meta.partitions if follow else ends)])
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (chosen if follow else ends)])
         pending, deadline = dict(ends), time.monotonic() + timeout
         while pending:
             if time.monotonic() > deadline:
@@ -65,6 +68,8 @@ def committed_records(config: Config, topic: str, *, follow: bool = False, timeo
             for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
                 if tp.offset >= ends[tp.partition]:
                     del pending[tp.partition]
+        if on_end is not None:
+            on_end()
         while follow:
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import faust
 
-from streams.adapters.kafka import client_config
 from streams.adapters.ledger import read_partition
 from streams.agents.common import log, send
 from streams.config import Config
@@ -95,8 +94,7 @@ class CrashLedger:
             return rows
         async with self._locks.setdefault(partition, asyncio.Lock()):
             if partition not in self._rows:
-                raw = await asyncio.to_thread(read_partition, client_config(self.config),
-                                              self.topic.get_topic_name(), partition)
+                raw = await asyncio.to_thread(read_partition, self.config, self.topic.get_topic_name(), partition)
                 self._rows[partition] = rows = {}
                 for key, value in raw.items():
                     entry = _entry(partition, key, value)

@@ -13,20 +13,20 @@ from streams.adapters.objectstore import ObjectStore
 from streams.adapters.source import fetch_http
 from streams.agents.common import backoff_s, log, now_ms, send, send_all
 from streams.agents.policy import (
-    NOT_BEFORE, Disposition, Message, MessagePolicy, Reject, header_int, wait_not_before,
+    Disposition, Message, MessagePolicy, Reject, RetryLater, header_int, wait_not_before,
 )
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
 from streams.core.imaging import certain_output_pixels, probe_image, target_size, task_spec
 from streams.core.models import FAILED, REJECTED, PlanFailure, TaskError, TaskResult, WorkflowPlan
-from streams.metrics import RETRIES, STAGE_SECONDS
 from streams.core.planning import (
     make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
 )
+from streams.metrics import STAGE_SECONDS
 from streams.serde import SerdeError
 
 
-ATTEMPT = "imagefork.attempt"  # source fetch attempts (the policy's own count is imagefork.attempts)
+LEGACY_ATTEMPT = "imagefork.attempt"  # the source attempts of a request parked by a planner before 0.2
 SUBMITTED_AT = "imagefork.submitted-at"
 RUN_ID = "imagefork.run-id"
 
@@ -72,8 +72,9 @@ class Planner:
             source_uri, (src_w, src_h) = await asyncio.to_thread(self._stage, request.fileLocation, workflow_id,
                                                                  run_id)
         except PipelineError as exc:
-            if exc.transient and await self.schedule_retry(workflow_id, value, attempt, now, deadline, exc, run_id):
-                return Disposition.RETRIED
+            retry = self.retry(workflow_id, attempt, now, deadline, exc, run_id) if exc.transient else None
+            if retry is not None:
+                return retry
             if exc.transient:
                 exc.message += f" (after {attempt} attempts)"
             log.info("workflow %s failed at its source: %s", workflow_id, exc)
@@ -105,7 +106,8 @@ class Planner:
         """The request topic. A message back from the retry topic (its handling failed once) keeps its run
         id and its first submission time, so its deadline counts from the first submission."""
         run_id = msg.headers.get(RUN_ID)
-        return await self.handle(msg.key, msg.value, msg.where, attempt=header_int(msg.headers, ATTEMPT, 1),
+        attempt = max(msg.attempts, header_int(msg.headers, LEGACY_ATTEMPT, 1))
+        return await self.handle(msg.key, msg.value, msg.where, attempt=attempt,
                                  submitted_at=header_int(msg.headers, SUBMITTED_AT, 0) or None,
                                  run_id=run_id.decode("ascii", "replace") if run_id else None,
                                  timestamp_ms=msg.timestamp_ms)
@@ -143,19 +145,16 @@ class Planner:
             return field[:512], None  # an invalid field is reported by parse_request
         return f"req-{run_id}", None
 
-    async def schedule_retry(self, workflow_id: str, value: bytes, attempt: int, submitted_at: int,
-                             deadline: int, exc: PipelineError, run_id: str) -> bool:
-        """Park the request on the retry topic with a not-before time; False when retries are spent."""
+    def retry(self, workflow_id: str, attempt: int, submitted_at: int, deadline: int, exc: PipelineError,
+              run_id: str) -> RetryLater | None:
+        """The request again later from the retry topic (keeping its run id and first submission time); None
+        when its retries are spent or its deadline would pass first."""
         delay = backoff_s(self.config.retry, attempt)
-        not_before = now_ms() + int(delay * 1000)
-        if attempt > self.config.retry.max_retries or not_before >= deadline:
-            return False
+        if attempt > self.config.retry.max_retries or now_ms() + int(delay * 1000) >= deadline:
+            return None
         log.warning("workflow %s: source attempt %d failed (%s); retry in %.1fs", workflow_id, attempt, exc, delay)
-        await send(self.topics.request_retries, key=workflow_id.encode(), value=value, headers={
-            ATTEMPT: str(attempt + 1).encode(), NOT_BEFORE: str(not_before).encode(),
-            SUBMITTED_AT: str(submitted_at).encode(), RUN_ID: run_id.encode()})
-        RETRIES.labels("planner", exc.code).inc()
-        return True
+        return RetryLater(exc.code, delay, key=workflow_id.encode(),
+                     headers={SUBMITTED_AT: str(submitted_at).encode(), RUN_ID: run_id.encode()})
 
     async def fail_the_certainly_too_large(self, tasks, src_w: int, src_h: int) -> list:
         """The tasks whose output is over IMAGEFORK_MAX_PIXELS whatever happens (from the source's header,

@@ -1,7 +1,8 @@
 """One error policy for every Faust agent: each message ends processed, retried or dead-lettered.
 
-An agent's handler decodes, calls the core and sends; it returns ``PROCESSED`` or ``RETRIED`` (it parked
-the message on a retry topic itself, e.g. a source that did not answer), or raises:
+An agent's handler decodes, calls the core and sends; it returns ``PROCESSED``, or a ``RetryLater`` (run it
+again later: a source that did not answer, a task that failed transiently), which the policy carries out on
+the agent's retry topic with ``imagefork.attempts`` + 1 and a not-before time; or it raises:
 
 - ``Reject``: the message can never be processed (it does not decode, it is not for us): dead-lettered at
   once with its code.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import faust
@@ -86,7 +87,18 @@ def message_of(event) -> Message:
     return Message(event.key, event.value, headers, origin(event), int(round(stamp * 1000)))
 
 
-Handler = Callable[[Message], Awaitable["Disposition | None"]]
+@dataclass(frozen=True)
+class RetryLater:
+    """A handler's answer: run this message again in ``delay_s``, from the agent's retry topic. ``value`` and
+    ``headers`` replace the message's own bytes and add to its headers (a task's next attempt is in its record)."""
+    code: str  # why: the label of imagefork_retries_total
+    delay_s: float
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: dict[str, bytes] = field(default_factory=dict)
+
+
+Handler = Callable[[Message], Awaitable["Disposition | RetryLater | None"]]
 
 
 class MessagePolicy:
@@ -95,6 +107,7 @@ class MessagePolicy:
     def __init__(self, agent: str, config: Config, *, dead_letter: faust.TopicT, retry_topic: faust.TopicT,
                  retry_headers: Callable[[Message], dict[str, bytes]] | None = None):
         self.agent = agent
+        self.role = agent.partition(".")[0]  # planner.retry -> planner
         self.config = config
         self.dead_letter_topic = dead_letter
         self.retry_topic = retry_topic
@@ -128,7 +141,10 @@ class MessagePolicy:
 
     async def _dispose(self, msg: Message, handler: Handler) -> Disposition:
         try:
-            return await handler(msg) or Disposition.PROCESSED
+            answer = await handler(msg) or Disposition.PROCESSED
+            if isinstance(answer, RetryLater):
+                return await self.park(msg, answer, self.role)
+            return answer
         except asyncio.CancelledError:
             raise
         except Reject as exc:
@@ -143,15 +159,24 @@ class MessagePolicy:
         if msg.attempts > self.config.retry.max_retries:
             return await self.dead_letter(msg, "INTERNAL", reason)
         delay = backoff_s(self.config.retry, msg.attempts)
-        headers = {**msg.headers, **(self.retry_headers(msg) if self.retry_headers else {}),
-                   ATTEMPTS: str(msg.attempts + 1).encode(), NOT_BEFORE: str(now_ms() + int(delay * 1000)).encode()}
         log.warning("%s: retrying %s in %.1fs (attempt %d failed: %s)", self.agent, msg.where, delay,
                     msg.attempts, reason[:300])
+        retry = RetryLater("INTERNAL", delay, headers=self.retry_headers(msg) if self.retry_headers else {})
+        return await self.park(msg, retry, self.agent, reason)
+
+    async def park(self, msg: Message, retry: RetryLater, label: str, reason: str = "") -> Disposition:
+        """The one way to the retry topic: the message (or ``retry.value``) with its attempts + 1 and the
+        time it may run again; a retry topic that refuses it sends it to the dead letters."""
+        headers = {**msg.headers, **retry.headers, ATTEMPTS: str(msg.attempts + 1).encode(),
+                   NOT_BEFORE: str(now_ms() + int(retry.delay_s * 1000)).encode()}
+        key = msg.key if retry.key is None else retry.key
+        value = msg.value if retry.value is None else retry.value
         try:
-            await send(self.retry_topic, key=msg.key, value=msg.value, headers=headers)
+            await send(self.retry_topic, key=key, value=value, headers=headers)
         except Exception as exc:  # the retry topic refused it: park it where a person will look
-            return await self.dead_letter(msg, "INTERNAL", f"{reason}; then the retry was refused: {exc}")
-        RETRIES.labels(self.agent, "INTERNAL").inc()
+            why = f"{reason or retry.code}; then the retry was refused: {type(exc).__name__}: {exc}"
+            return await self.dead_letter(msg, "INTERNAL", why)
+        RETRIES.labels(label, retry.code).inc()
         return Disposition.RETRIED
 
     DEAD_LETTER_PAUSE_S = (1.0, 60.0)  # the first and the longest pause between tries of a refused dead letter

@@ -18,11 +18,11 @@ from streams.adapters.faust import Topics
 from streams.agents import resize_job
 from streams.agents.common import backoff_s, log, now_ms, send
 from streams.agents.crashes import CrashLedger, Entry
-from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, wait_not_before
+from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, RetryLater, wait_not_before
 from streams.config import Config
 from streams.core.errors import DeadlineExceeded
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
-from streams.metrics import COMPUTE_CPU, RETRIES, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io
+from streams.metrics import COMPUTE_CPU, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io
 from streams.serde import SerdeError
 
 
@@ -63,7 +63,7 @@ class Resizer:
             self.pool = make_pool(self.config)
         return self.pool
 
-    async def handle(self, msg: Message) -> Disposition:
+    async def handle(self, msg: Message) -> Disposition | RetryLater:
         try:
             task = ResizeTask.from_dict(serde.decode("ResizeTask", msg.value or b""))
         except SerdeError as exc:
@@ -86,8 +86,7 @@ class Resizer:
             stages["pool_wait"] = max(0.0, time.perf_counter() - begun - sum(stages.values()))
             stages["ledger"] = begun - started
             if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
-                await self.schedule_retry(task, outcome)
-                return Disposition.RETRIED
+                return self.retry(task, outcome)
             sending = time.perf_counter()
             await self.report(task, outcome)
             stages["result_send"] = time.perf_counter() - sending
@@ -141,15 +140,14 @@ class Resizer:
             self._free_sandboxes.put_nowait(slot)
         return crashed_outcome(entry)
 
-    async def schedule_retry(self, task: ResizeTask, outcome: dict) -> None:
+    def retry(self, task: ResizeTask, outcome: dict) -> RetryLater:
+        """The task's next attempt (its record says which, and when it may start) from the retry topic."""
         delay = backoff_s(self.config.retry, task.attempt)
         log.warning("task %s/%s attempt %d failed (%s: %s); retry in %.1fs", task.workflowId, task.taskRef,
                     task.attempt, outcome["code"], outcome["message"], delay)
-        retry = ResizeTask(**{**task.to_dict(), "attempt": task.attempt + 1,
-                              "notBefore": now_ms() + int(delay * 1000)})
-        await send(self.topics.retries, key=f"{task.workflowId}/{task.taskRef}".encode(),
-                   value=serde.encode("ResizeTask", retry.to_dict()))
-        RETRIES.labels("resize", outcome["code"]).inc()
+        again = ResizeTask(**{**task.to_dict(), "attempt": task.attempt + 1, "notBefore": now_ms() + int(delay * 1000)})
+        return RetryLater(outcome["code"], delay, key=f"{task.workflowId}/{task.taskRef}".encode(),
+                     value=serde.encode("ResizeTask", again.to_dict()))
 
     async def report(self, task: ResizeTask, outcome: dict) -> None:
         if outcome["ok"]:

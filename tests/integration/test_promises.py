@@ -1,4 +1,4 @@
-"""Promises of the README that no other test holds, on real processes, the real broker and the real S3 server.
+"""Promises of the README and docs/ that no other test holds, on real processes, the real broker and the real S3 server.
 
 - retries that run out end FAILED with their attempts (a source answering 503, an upload that always
   fails), and a source retry keeps the deadline of the first submission;
@@ -262,13 +262,14 @@ def test_a_source_that_always_answers_503_ends_failed_with_its_attempts(always_5
     assert "503" in error.message and f"after {retries + 1} attempts" in error.message, error.message
     assert len(always_503.calls) == retries + 1, always_503.calls
     headers = always_503.parked
-    assert sorted(int(h["imagefork.attempt"]) for h in headers) == list(range(2, retries + 2)), headers
+    assert sorted(int(h["imagefork.attempts"]) for h in headers) == list(range(2, retries + 2)), headers
     assert {int(h["imagefork.submitted-at"]) for h in headers} == {final.submittedAt}
     assert all(int(h["imagefork.not-before"]) > final.submittedAt for h in headers)
 
 
 def test_the_request_error_carries_the_attempt_count_in_its_field(always_503):
-    """README, Retries: "The attempt count is in the result and in each error" (TaskError.attempts)."""
+    """docs/failure-semantics.md, Retries: "The attempt count is in the result and in each error"
+    (TaskError.attempts)."""
     error = always_503.final.errors[0]
     assert error.attempts == always_503.retries + 1, f"the request's error says attempts={error.attempts}: {error}"
 

@@ -124,8 +124,9 @@ def test_client_connects_produces_and_reads(tls, client_namespace, protocol, mec
 def wrong_ca(tmp_path) -> str:
     """The CA of another stack (made as the stack makes its own): valid, but not the one that signed."""
     from streams.stack.local import LocalStack
+    from streams.stack.tls import ensure_certificates
     other = LocalStack(tmp_path / "other-stack")
-    other._ensure_certificates()
+    ensure_certificates(other.tls_dir)
     return str(other.ca_file)
 
 
@@ -225,6 +226,7 @@ def test_a_data_folder_formatted_without_scram_is_formatted_again(tmp_path, monk
     """``stack up`` on a folder an older imagefork formatted (no SCRAM user): formatted again, with the
     user; a folder formatted with it is kept (no Kafka started here: the format command is recorded)."""
     from streams.stack import local
+    from streams.stack.kraft import format_kafka
     stack = local.LocalStack(tmp_path)
     data, props = tmp_path / "kafka-data", tmp_path / "server.properties"
     data.mkdir()
@@ -239,18 +241,18 @@ def test_a_data_folder_formatted_without_scram_is_formatted_again(tmp_path, monk
         return subprocess.CompletedProcess(argv, 0, "", "")
 
     monkeypatch.setattr(local.subprocess, "run", fake_run)
-    stack._format_kafka(["java"], props, data)
+    format_kafka(["java"], props, data, folder=stack.dir, record_file=stack.format_file)
     assert len(calls) == 1 and not (data / "old-topic-0").exists()
     scram = [calls[0][i + 1] for i, arg in enumerate(calls[0]) if arg == "--add-scram"]
     creds = stack.sasl_credentials()
     assert scram == [f"{m}=[name={creds['username']},password={creds['password']}]"
                      for m in ("SCRAM-SHA-256", "SCRAM-SHA-512")]
-    stack._format_kafka(["java"], props, data)  # same layout: kept, same password
+    format_kafka(["java"], props, data, folder=stack.dir, record_file=stack.format_file)  # same layout: kept
     assert len(calls) == 1 and stack.sasl_credentials() == creds
     # a folder of the layout before SCRAM-SHA-512 and the TLS listeners (2) is formatted again
     record = json.loads(stack.format_file.read_text())
     stack.format_file.write_text(json.dumps({**record, "layout": 2}))
-    stack._format_kafka(["java"], props, data)
+    format_kafka(["java"], props, data, folder=stack.dir, record_file=stack.format_file)
     assert len(calls) == 2 and stack.sasl_credentials()["password"] != creds["password"]
 
 

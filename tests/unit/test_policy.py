@@ -136,3 +136,38 @@ def test_a_message_cancelled_mid_way_stays_in_flight():
             await task
     run(cancel())
     assert IN_FLIGHT.lowest("c", 1) == 7
+
+
+def test_a_handlers_retry_later_goes_to_the_retry_topic_with_its_value_key_and_headers():
+    """The one retry path: a handler's RetryLater (a source that did not answer, a transient task failure)
+    is sent by the policy, with the attempts + 1 and the not-before time, counted under the agent's role."""
+    from streams import metrics
+    from streams.agents.policy import RetryLater
+    policy, dlq, retry = make()
+    policy.role = "metrics-role"
+    counted = metrics.RETRIES.labels("metrics-role", "SOURCE_UNAVAILABLE")
+    before = counted._value.get()
+
+    async def later(m):
+        return RetryLater("SOURCE_UNAVAILABLE", 2.0, key=b"wf", value=b"again", headers={"run": b"r1"})
+    assert run(policy.process(msg(2), later)) is Disposition.RETRIED
+    (sent,) = retry.sent
+    h = sent["headers"]
+    assert (sent["key"], sent["value"]) == (b"wf", b"again")
+    assert h["mine"] == b"1" and h["run"] == b"r1" and h[ATTEMPTS] == b"3"
+    from streams.core.models import now_ms
+    assert now_ms() + 1000 < int(h[NOT_BEFORE]) <= now_ms() + 2000
+    assert counted._value.get() == before + 1 and dlq.sent == []
+
+
+def test_a_retry_topic_that_refuses_sends_the_message_to_the_dead_letters():
+    from streams.agents.policy import RetryLater
+    policy, dlq, retry = make()
+    retry.fail_with = [MessageSizeTooLargeError("too big")]
+
+    async def later(m):
+        return RetryLater("SOURCE_UNAVAILABLE", 0.01)
+    assert run(asyncio.wait_for(policy.process(msg(), later), 5)) is Disposition.DEAD_LETTERED
+    h = dlq.sent[0]["headers"]
+    assert h["imagefork.error.code"] == b"INTERNAL" and b"the retry was refused" in h["imagefork.error.reason"]
+    assert (dlq.sent[0]["key"], dlq.sent[0]["value"]) == (b"k", b"v")  # the original, not the retry's bytes

@@ -1,4 +1,4 @@
-"""``imagefork stack down`` stops exactly the processes ``stack up`` started (README, "The local stack").
+"""``imagefork stack down`` stops exactly the processes ``stack up`` started (docs/operations.md, "The local stack").
 
 One real stack (Kafka + S3Proxy, about a minute) in a temporary state folder, started and stopped with
 the CLI, with look-alike processes around it that ``down`` must leave alone."""
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from streams.stack.local import LocalStack
+from streams.stack.tls import ensure_certificates
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("java") is None, reason="the local stack needs Java 17+"),
@@ -166,7 +167,7 @@ def test_the_stack_makes_its_certificates_once(tmp_path):
     """The CA and the broker's certificate (for 127.0.0.1 and localhost, signed by the CA), made with openssl
     at the first start; kept after; made again when one is missing. No Kafka here."""
     stack = LocalStack(tmp_path / "stack")
-    keystore = stack._ensure_certificates()
+    keystore = ensure_certificates(stack.tls_dir)
     text = keystore.read_text()
     assert text.startswith("-----BEGIN PRIVATE KEY-----") and text.count("BEGIN CERTIFICATE") == 2  # its own, the CA's
     for key in (keystore, stack.tls_dir / "ca-key.pem"):
@@ -179,10 +180,10 @@ def test_the_stack_makes_its_certificates_once(tmp_path):
                               capture_output=True, text=True)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     ca = stack.ca_file.read_bytes()
-    assert stack._ensure_certificates() == keystore
+    assert ensure_certificates(stack.tls_dir) == keystore
     assert keystore.read_text() == text and stack.ca_file.read_bytes() == ca
     (stack.tls_dir / "ca-key.pem").unlink()
-    stack._ensure_certificates()
+    ensure_certificates(stack.tls_dir)
     assert stack.ca_file.read_bytes() != ca and (stack.tls_dir / "ca-key.pem").stat().st_mode & 0o777 == 0o600
 
 
