@@ -44,6 +44,32 @@ def consumer_settings(config: Config, group: str, url: str) -> dict:
     })
 
 
+def fetch_batch(consumer, size: int, timeout: float) -> list:
+    """Up to ``size`` messages: the first waited for up to ``timeout``, the rest what is there already."""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    batch = [first, *(consumer.consume(size - 1, timeout=0) if size > 1 else [])]
+    for msg in batch:
+        err = msg.error()
+        if err is not None and err.fatal():
+            raise ConsumerFailed(str(err))
+    return batch
+
+
+def group_of(consumer):
+    """The group's metadata a transaction's offsets are sent with (the broker checks our generation)."""
+    try:
+        group = consumer.consumer_group_metadata()
+    except KafkaException as exc:
+        raise ConsumerFailed(str(exc)) from None
+    if not consumer.memberid():
+        # out of the group already (the lost-partitions callback has not run yet): committing now would
+        # bypass the generation check
+        raise KafkaException(KafkaError(KafkaError._STATE, "not a member of the join group"))
+    return group
+
+
 class JoinWorker:
     TICK_BUDGET = 2000  # timeouts and expiries per clock pass, at most; the rest on the next pass
 
@@ -102,7 +128,7 @@ class JoinWorker:
         interval = self.config.join_commit_interval_ms / 1000
         txn = self.session.txn
         wait = 0.2 if not txn.open else max(0.0, txn.since + interval - time.monotonic())
-        batch = self._fetch(wait)
+        batch = fetch_batch(self.consumer, self.config.join_batch, wait)
         now = now_ms()
         due = any((t := s.next_due()) is not None and t <= now and self._clock_ready(p)
                   for p, s in self.partitions.states.items())
@@ -116,18 +142,6 @@ class JoinWorker:
         if txn.open and (txn.finals or txn.events >= self.config.join_batch
                          or time.monotonic() - txn.since >= interval):
             self._commit()
-
-    def _fetch(self, timeout: float) -> list:
-        first = self.consumer.poll(timeout)
-        if first is None:
-            return []
-        rest = self.consumer.consume(self.config.join_batch - 1, timeout=0) if self.config.join_batch > 1 else []
-        batch = [first, *rest]
-        for msg in batch:
-            err = msg.error()
-            if err is not None and err.fatal():
-                raise ConsumerFailed(str(err))
-        return batch
 
     def _clock_ready(self, p: int) -> bool:
         read = self.session.txn.offsets.get(p, self.partitions.positions.get(p, 0))
@@ -175,23 +189,8 @@ class JoinWorker:
         """Commit the open transaction with its offsets; when it cannot commit, abort it and restore."""
         txn = self.session.txn
         try:
-            # Every transaction carries the offsets of every partition we own, with the group's metadata,
-            # even one with nothing read (a clock pass, a repaired result): the broker then checks our
-            # generation (KIP-447), so a join that was frozen while its partitions moved on is fenced
-            # here, before its final events or changelog rows can be committed beside the new owner's.
-            offsets = {p: o for p, o in self.partitions.positions.items() if p in self.partitions.states}
-            offsets.update(txn.offsets)
-            group = None
-            if offsets:
-                try:
-                    group = self.consumer.consumer_group_metadata()
-                except KafkaException as exc:
-                    raise ConsumerFailed(str(exc)) from None
-                if not self.consumer.memberid():
-                    # out of the group already (the lost-partitions callback has not run yet): committing
-                    # now would bypass the generation check
-                    raise KafkaException(KafkaError(KafkaError._STATE, "not a member of the join group"))
-            self.session.commit(self.topic, offsets, group)
+            offsets = self.partitions.offsets(txn.offsets)
+            self.session.commit(self.topic, offsets, group_of(self.consumer) if offsets else None)
         except KafkaException as exc:
             self._abort(exc.args[0])
             return False

@@ -64,6 +64,16 @@ class Partitions:
                     f"{len(events.partitions)}: they must match")
         return None
 
+    def offsets(self, read: dict[int, int]) -> dict[int, int]:
+        """What a transaction commits: the next offset of every partition we own (``read``: those it read).
+        Every transaction carries them all, with the group's metadata, even one with nothing read (a clock
+        pass, a repaired result): the broker then checks our generation (KIP-447), so a join that was frozen
+        while its partitions moved on is fenced there, before its final events or rows are committed beside
+        the new owner's."""
+        offsets = {p: o for p, o in self.positions.items() if p in self.states}
+        offsets.update(read)
+        return offsets
+
     def of(self, workflow_id: str) -> int:
         return partition_for(workflow_id.encode(), self.count)
 

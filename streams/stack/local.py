@@ -90,8 +90,7 @@ class LocalStack:
         return dict(self._load().get("env", {}))
 
     def _outdated(self, brokers: int = 1) -> bool:
-        """A Kafka started by an older imagefork (another layout: without the SASL listener, without the
-        TLS listeners), or with another number of brokers: ``up`` restarts it."""
+        """A Kafka of another layout (an older imagefork's) or broker count: ``up`` restarts it."""
         state = self._load()
         return "kafka" in (state.get("services") or {}) and (
             state.get("layout") != KAFKA_LAYOUT or int(state.get("brokers") or 1) != brokers)
@@ -206,7 +205,7 @@ class LocalStack:
     def _start_kafka(self, java: str, libs: Path, ports: dict, *, nodes: list[int] | None = None,
                      brokers: int = 1) -> list[dict]:
         """Start Kafka nodes ``nodes`` (default: node 1) of a ``brokers``-node cluster, each formatted first
-        if it is not already (``_format_kafka``); their services, in the same order."""
+        if it is not already (``format_kafka``); their services, in the same order."""
         nodes = nodes or [1]
         keystore = ensure_certificates(self.tls_dir)
         files = {n: (self.dir / f"kafka-data{node_suffix(n)}", self.dir / f"server{node_suffix(n)}.properties")
