@@ -18,6 +18,9 @@ from streams.core.imaging.geometry import Layout
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# what Pillow's readers raise on damaged or hostile bytes (each is IMAGE_UNDECODABLE, never a crash)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError)
+
 try:  # HEIC/HEIF input (iPhone photos): pillow-heif's opener, so Image.open reads them like any other
     import pillow_heif
 
@@ -36,7 +39,7 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             im = Image.open(io.BytesIO(data), formats=formats.INPUT_FORMATS)
     except UnidentifiedImageError:
         raise ImageUndecodable(f"source is not an image in a format imagefork reads ({formats.INPUT_FORMAT_NAMES})") from None
-    except (OSError, SyntaxError, ValueError, TypeError, struct.error, EOFError, RuntimeError) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageUndecodable(f"source image header is damaged ({type(exc).__name__})") from None
     except Image.DecompressionBombError as exc:  # pragma: no cover - MAX_IMAGE_PIXELS is off
         raise ImageTooLarge(str(exc)) from None
@@ -92,7 +95,7 @@ def frame_count(im: Image.Image, data: bytes | None = None, limits: Limits | Non
             raise ImageTooLarge(f"source is an animation of {many} frames, more than the limit of {limits.max_frames}")
     try:
         return max(1, int(getattr(im, "n_frames", 1) or 1))
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError):
+    except DECODE_ERRORS:
         raise ImageUndecodable("source animation is damaged (its frames cannot be counted)") from None
 
 

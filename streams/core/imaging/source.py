@@ -2,7 +2,6 @@
 animated), oriented, in sRGB or with its kept profile, L/LA/RGB/RGBA, its metadata set aside."""
 from __future__ import annotations
 
-import struct
 import warnings
 from dataclasses import dataclass
 
@@ -11,7 +10,7 @@ from PIL import Image
 from streams.config import Limits
 from streams.core.errors import ImageTooLarge, ImageUndecodable
 from streams.core.imaging.colour import normalise_mode, to_srgb
-from streams.core.imaging.limits import check_frames, frame_count, open_image
+from streams.core.imaging.limits import DECODE_ERRORS, check_frames, frame_count, open_image
 from streams.core.imaging.metadata import kept_metadata, kept_profile, orient, strip_metadata
 from streams.core.imaging.spec import SourceOptions
 
@@ -49,7 +48,7 @@ def decode(im: Image.Image, data: bytes, *, draft_box: tuple[int, int] | None = 
             im.load()
             _png_grey_key(im, data)
             im = orient(im)
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageUndecodable(f"source image data is damaged or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
     except MemoryError:
         raise ImageTooLarge("source image does not fit in memory") from None
@@ -167,7 +166,7 @@ def _prepare_animation(im: Image.Image, limits: Limits, count: int, options: Sou
                 if frame.mode in ("RGB", "RGBA") and not isinstance(frame.info.get("transparency"), tuple):
                     frame.info.pop("transparency", None)  # a GIF's palette index, meaningless after its frame 0
                 frames.append(strip_metadata(normalise_mode(frame) if icc else _normalise(frame)))
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, IndexError, RuntimeError) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageUndecodable(f"source animation is damaged or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
     except MemoryError:
         raise ImageTooLarge("source animation does not fit in memory") from None
