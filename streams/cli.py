@@ -346,7 +346,8 @@ def _dlq_replay(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every subcommand and its options (tests/unit/test_docs.py checks the docs against it)."""
     parser = argparse.ArgumentParser(prog="imagefork", description=__doc__)
     parser.add_argument("--version", action="version", version=f"imagefork {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -458,8 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--stop", action="store_true",
                       help="stop what a --keep demo left running (its workers, its API and its stack)")
     p.set_defaults(func=_demo)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ImageforkError as exc:  # bad settings, a broker that refuses us, a worker that cannot start

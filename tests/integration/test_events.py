@@ -1,4 +1,4 @@
-"""Reading the final events from outside (README "Reading the final events", issue 26 item 7), against the
+"""Reading the final events from outside (docs/contract.md "Reading the final events", issue 26 item 7), against the
 real broker: the README's decode snippet run as written (its topic and patience aside), ``imagefork events``
 (summary lines and ``--json``), and the JSON mirror (IMAGEFORK_COMPLETED_JSON_TOPIC) written in the join's
 transactions: one record per workflow, the same document as the Avro final event's."""

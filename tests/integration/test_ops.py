@@ -125,7 +125,7 @@ def test_dead_letters_are_listed_and_a_fixed_request_replayed_runs(pipeline, fil
 
 
 def test_dlq_replay_all_to_origin_twice_and_keyless(pipeline, files):
-    """What `dlq replay` promises (README "Operations"): `--all` sends every dead-lettered request back to
+    """What `dlq replay` promises (docs/operations.md): `--all` sends every dead-lettered request back to
     the request topic and skips, saying so, a dead letter that is not a request; that one goes back only
     with `--to origin`, to the topic it came from, with its key, bytes and own headers (unchanged, it meets
     the same fault and is dead-lettered again); replaying twice sends twice, yet a request keyed by a

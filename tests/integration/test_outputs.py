@@ -1,4 +1,4 @@
-"""Reading the outputs (README "Reading the outputs"), with the real CLI in this process, one pipeline, the
+"""Reading the outputs (docs/operations.md "Reading the outputs"), with the real CLI in this process, one pipeline, the
 real broker and the real S3 server:
 
 - ``imagefork submit --wait`` with IMAGEFORK_PRESIGN_TTL_S prints presigned URLs that answer 200 with the

@@ -135,7 +135,7 @@ def test_s3_is_published_on_loopback_and_no_public_url_is_claimed_for_a_private_
     services = load_compose()["services"]
     assert "127.0.0.1:9000:9000" in services["s3"]["ports"]
     for name, svc in built_services().items():
-        assert "S3_PUBLIC_URL" not in svc["environment"], name  # the bucket is private (README)
+        assert "S3_PUBLIC_URL" not in svc["environment"], name  # the bucket is private (docs/docker.md)
 
 
 def test_the_pulled_images_are_the_local_stacks_versions():

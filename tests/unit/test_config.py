@@ -1,4 +1,4 @@
-"""Configuration is validated at start (streams/config.py): every setting the README's Configuration table
+"""Configuration is validated at start (streams/config.py): every setting docs/configuration.md's table
 lists has its default, every bound and combination is checked, and a value we cannot use is a
 ``ConfigError`` naming its variable; ``imagefork worker ROLE`` with one prints one line and exits non-zero."""
 import os

@@ -1,7 +1,7 @@
 """Peak memory of the resize path (``prepare_source`` once per request, then ``resize_image`` per output, as
 ``streams/agents/resize_job.py`` runs them) on a 50-megapixel JPEG, 3 requests x 9 outputs, measured in a
 fresh process against its own baseline, taken before it reads the source (another process builds it, so
-building it is not in the peak). The README's Performance table states both cases:
+building it is not in the peak). docs/performance.md's table states both cases:
 
 - a full decode (any non-JPEG source, or a JPEG without a box): Pillow holds RGB at 4 bytes a pixel
   (a 192 MiB frame) and EXIF orientation returns a copy, so two frames at the peak;
@@ -68,13 +68,13 @@ def measure(source, box: int) -> dict:
 
 def test_a_full_decode_peaks_at_two_frames_over_the_process(source):
     r = measure(source, 0)
-    # README: +390 MiB (two 192 MiB frames); a third copy anywhere on the path would add 192 MiB more
+    # docs/performance.md: +390 MiB (two 192 MiB frames); a third copy anywhere on the path would add 192 MiB more
     assert r["growth"] < 2 * FRAME_MIB + 32, r
     assert r["peaks"][-1] - r["peaks"][0] < 16, r  # and it does not grow with more requests
 
 
 def test_a_jpeg_decoded_at_the_box_scale_peaks_far_lower(source):
     r = measure(source, 1200)
-    # README: +31 MiB (a 2048x1536 decode); a full decode would be some 390
+    # docs/performance.md: +31 MiB (a 2048x1536 decode); a full decode would be some 390
     assert r["growth"] < 64, r
     assert r["peaks"][-1] - r["peaks"][0] < 16, r

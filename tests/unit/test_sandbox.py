@@ -1,4 +1,4 @@
-"""The resize sandbox (README, "Failure semantics", "Poison pills"): a suspect task runs alone in a one-process
+"""The resize sandbox (docs/failure-semantics.md, "Poison pills"): a suspect task runs alone in a one-process
 pool under an address-space limit (IMAGEFORK_MEMORY_BUDGET_MB + 1 GiB), and a run that hangs is killed at the
 workflow's deadline (120 s at most) and ends WORKER_HUNG.
 

@@ -1,4 +1,4 @@
-"""https:// sources on the real network path (README, "Fetching a source safely"): a local TLS server, a test
+"""https:// sources on the real network path (docs/security.md, "Fetching a source safely"): a local TLS server, a test
 CA made here with the openssl CLI, and the planner's own fetch (``fetch_http``, the pinned connection, the
 system's verification plus IMAGEFORK_SOURCE_CA_FILE).
 

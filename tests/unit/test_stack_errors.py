@@ -1,4 +1,4 @@
-"""``imagefork stack up`` says in one line what is missing or what failed (README, "The local stack"):
+"""``imagefork stack up`` says in one line what is missing or what failed (docs/operations.md, "The local stack"):
 ``mvn is not on PATH: ...``, ``Java 17+ is needed ...``, ``kafka exited at start (port in use?): ...``, and
 exits 1. The real CLI in a subprocess, with a PATH of the test's own: empty, or a stand-in ``java`` (a
 script) that prints an old version, or, for the port, one that binds the listeners of the
