@@ -263,7 +263,7 @@ def tick_run(markers: int = 1_000_000, n_open: int = 1000, ticks: int = 500) -> 
     whose deadlines fall in the day, so about markers / ticks expire per tick."""
     day, t0, rss0 = 86_400_000, 1_700_000_000_000, psutil.Process().memory_info().rss
     state = JoinState(default_timeout_ms=3_600_000, retention_ms=day)
-    # what the join does after each restore (streams/agents/join.py); the markers below then arrive as
+    # what the join does after each restore (streams/join/partitions.py); the markers below then arrive as
     # live ones would, after it: the worst case for the collector
     gc.collect()
     gc.freeze()

@@ -76,7 +76,7 @@ def _submit(args) -> int:
         return 2
     if not isinstance(doc, dict):
         print(f"imagefork: {args.file} holds a JSON {type(doc).__name__}, not a request object "
-              f"(see the README's contract)", file=sys.stderr)
+              f"(see docs/contract.md)", file=sys.stderr)
         return 2
     lim = config.limits
     try:  # what the planner would refuse is refused before anything is sent (it checks again: other clients)

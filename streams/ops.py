@@ -1,6 +1,6 @@
 """Operations on a running pipeline: the dead-letter topic read as a table, and dead letters sent back.
 
-A dead letter (agents/policy.py, agents/join.py) is the original message (key, value, headers) plus
+A dead letter (agents/policy.py, join/apply.py) is the original message (key, value, headers) plus
 headers saying why and where it came from: ``imagefork.error.code``, ``imagefork.error.reason``,
 ``imagefork.source.topic|partition|offset``, ``imagefork.attempts``, ``imagefork.agent``. Its own place
 on the dead-letter topic (topic/partition/offset) is its id: it never changes while the record is kept.

@@ -15,7 +15,7 @@ from streams.adapters import offsets
 from streams.adapters.kafka import faust_credentials, replication_factor
 from streams.config import Config
 
-ROLES = ("planner", "resize")  # the Faust roles; the join is a confluent-kafka loop (agents/join.py)
+ROLES = ("planner", "resize")  # the Faust roles; the join is a confluent-kafka loop (streams/join/)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def create_app(role: str, config: Config) -> faust.App:
         # what ensure_topics chose for this cluster (3 on a 3-broker one), for the topics Faust declares
         topic_replication_factor=replication_factor(config),
         # planner and resize are at-least-once (idempotent outputs); the join is transactional on its own
-        # (agents/join.py); see the README ("Delivery guarantees")
+        # (streams/join/); see docs/failure-semantics.md
         processing_guarantee="at_least_once",
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",

@@ -1,6 +1,6 @@
 """Every process's own HTTP endpoints (aiohttp, in a thread of its own so it answers whatever the role's
 loop is doing): ``/metrics`` (Prometheus text), ``/healthz`` (alive), ``/readyz`` (ready for work), and
-the routes a role adds (the join's state queries, :mod:`streams.agents.join`).
+the routes a role adds (the join's state queries, :mod:`streams.join.queries`).
 
 Readiness is the role's own check (partitions assigned, state restored) and the reachability of the
 broker and of S3, each probed at most every few seconds, off the event loop.

@@ -306,7 +306,7 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
                                            f"create topic {name}: {err.str()}") from None
                 raise
     # Partitions are never grown here: the events topic must keep the partition
-    # count of the join table's changelog (co-partitioning). See the README.
+    # count of the join table's changelog (co-partitioning): docs/operations.md.
     return created
 
 

@@ -250,7 +250,7 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
                    "lossless": out.lossless, "frames": out.frames, "keepMetadata": out.keep_metadata,
                    "keepProfile": out.keep_profile}
         # the object describes itself (its task, run and the options applied), so the join can recover a
-        # result it lost, as it was (see agents/repair.py)
+        # result it lost, as it was (see join/repair.py)
         uploading = time.perf_counter()
         _store.put(task["outputKey"], out.data, out.content_type, metadata={
             "imagefork-task": task["taskRef"], "imagefork-format": out.format,

@@ -11,7 +11,7 @@ transaction, so each workflow's final event is committed exactly once. Readers o
 topic use ``isolation.level=read_committed``.
 
 Why not Faust here: faust-streaming 0.15's ``exactly_once`` duplicated final events and lost
-results under the repeated-SIGKILL test (see the README), and its table rewrote a whole JSON state
+results under the repeated-SIGKILL test (docs/failure-semantics.md), and its table rewrote a whole JSON state
 per result (9-14 ms of CPU). This loop spends about 0.2 ms per result whatever the fan-out
 (bench/join.py).
 """
