@@ -6,6 +6,7 @@ Adding an output format is one row in ``FORMATS`` (and its tests); nothing else 
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
@@ -72,6 +73,16 @@ def _avif(asked: Asked, encoding: Encoding, effort: int) -> EncoderSettings:
     return EncoderSettings({"quality": quality, "speed": speed, "max_threads": 1}, quality=quality, effort=effort)
 
 
+def _jxl(asked: Asked, encoding: Encoding, effort: int) -> EncoderSettings:
+    # libjxl's effort runs 1 (fastest) ... 9; its default is 7. One thread: the pool runs a task per core,
+    # and the same task encoded twice writes the same bytes.
+    level = 7 if effort < 0 else max(1, effort)
+    if asked.lossless:
+        return EncoderSettings({"lossless": True, "effort": level, "num_threads": 1}, effort=effort, lossless=True)
+    quality = asked.quality or 90  # libjxl's default (distance 1.0: visually lossless)
+    return EncoderSettings({"quality": quality, "effort": level, "num_threads": 1}, quality=quality, effort=effort)
+
+
 def _no_knobs(params: dict) -> Callable[[Asked, Encoding, int], EncoderSettings]:
     return lambda asked, encoding, effort: EncoderSettings(dict(params))
 
@@ -89,12 +100,18 @@ class Format:
     animation: bool = False  # an animated source may stay animated (``animated: true``)
     extension: str = ""  # of its objects' keys: the name unless said
     needs: str = ""  # a Pillow feature it needs (features.check): without it the format is refused
+    plugin: str = ""  # the module that adds its writer to Pillow (imported on first use)
 
     @property
     def suffix(self) -> str:
         return self.extension or self.name
 
     def available(self) -> bool:
+        if self.plugin:
+            try:
+                importlib.import_module(self.plugin)  # registers the format with Pillow
+            except ImportError:
+                return False
         return not self.needs or bool(features.check(self.needs))
 
     def encoder(self, asked: Asked, encoding: Encoding, effort: int) -> EncoderSettings:
@@ -115,4 +132,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _no_knobs({"compression": "tiff_adobe_deflate"}), alpha=True, profile=True, metadata=True),
     Format("avif", "AVIF", "image/avif", ("RGB", "RGBA"), _avif, alpha=True, profile=True, metadata=True,
            animation=True, needs="avif"),
+    # JPEG XL (pillow-jxl-plugin): no ICC profile is written (the pixels are sRGB), no animation
+    Format("jxl", "JXL", "image/jxl", ("L", "LA", "RGB", "RGBA"), _jxl, alpha=True, metadata=True,
+           plugin="pillow_jxl"),
 )}

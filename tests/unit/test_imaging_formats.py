@@ -477,3 +477,30 @@ def test_damaged_avif_heic_and_animations_are_clear_errors_never_a_crash():
                 assert exc.code in ("IMAGE_UNDECODABLE", "IMAGE_TOO_LARGE"), (name, exc.code, exc.message)
                 outcomes.add(exc.code)
     assert "IMAGE_UNDECODABLE" in outcomes
+
+
+def test_jxl_is_one_row_of_the_format_table():
+    """JPEG XL output (pillow-jxl-plugin): decodes back at its size, keeps alpha, quality and effort reach the
+    encoder, lossless is exact, the same task writes the same bytes, and only the metadata asked for is kept."""
+    from streams.core.formats import FORMATS
+    assert FORMATS["jxl"].available(), "pillow-jxl-plugin is a dependency"
+    rgba = photo((120, 80)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((120, 80)))
+    src = encode(rgba, "PNG")
+    out = resize_image(src, OutputSpec("jxl", 60, 60), LIM, ENC)
+    im = decoded(out.data)
+    assert (out.content_type, im.format, im.mode, im.size) == ("image/jxl", "JXL", "RGBA", (60, 40))
+    assert (out.width, out.height, out.quality, out.effort) == (60, 40, 90, -1)
+    assert resize_image(src, OutputSpec("jxl", 60, 60), LIM, ENC).data == out.data
+    small = resize_image(src, OutputSpec("jxl", 60, 60, quality=30, effort=2), LIM, ENC)
+    assert (small.quality, small.effort) == (30, 2) and len(small.data) < len(out.data)
+    exact = resize_image(encode(photo((64, 64)), "PNG"), OutputSpec("jxl", 64, 64, lossless=True), LIM, ENC)
+    same = ImageChops.difference(decoded(exact.data).convert("RGB"), photo((64, 64)).convert("RGB"))
+    assert exact.lossless and same.getbbox() is None
+    exif = Image.Exif()
+    exif[ExifTags.Base.Copyright], exif[ExifTags.Base.Make] = "(c) someone", "Camera"
+    tagged = encode(photo((80, 60)), "JPEG", exif=exif.tobytes())
+    bare = decoded(resize_image(tagged, OutputSpec("jxl", 40, 40), LIM, ENC).data).getexif()
+    kept = decoded(resize_image(tagged, OutputSpec("jxl", 40, 40, keep_metadata="copyright"), LIM, ENC).data).getexif()
+    assert not bare.get(ExifTags.Base.Copyright) and kept.get(ExifTags.Base.Copyright) == "(c) someone"
+    assert not kept.get(ExifTags.Base.Make)
