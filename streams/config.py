@@ -147,6 +147,9 @@ class Config:
     metrics_listen: str = ""  # host:port of this process's /metrics, /healthz, /readyz; empty: none (a join: 127.0.0.1:0)
     advertised_url: str = ""  # how the API reaches this process's endpoints; empty: from the listen address
     api_listen: str = "127.0.0.1:8088"  # the API role's host:port
+    api_body_timeout_s: float = 30.0  # the API waits this long for a whole request body (then 408)
+    # `worker all`: an API that ran this long before it died is started again (sooner: it cannot start)
+    api_restart_after_s: float = 30.0
 
     def group_id(self, role: str) -> str:
         """The consumer group (and Faust app id) of a role; the namespace keeps test runs apart."""
@@ -194,177 +197,193 @@ class Config:
         return False
 
     def validate(self) -> "Config":
-        sec = self.kafka_security
-        checks = [
-            (sec.protocol in SECURITY_PROTOCOLS, f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}"),
-            (not sec.sasl or sec.sasl_mechanism in SASL_MECHANISMS,
-             f"KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)} with {sec.protocol}"),
-            (not sec.sasl or (sec.sasl_username and sec.sasl_password),
-             f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are needed with {sec.protocol}"),
-            (bool(sec.ssl_certfile) == bool(sec.ssl_keyfile), "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together"),
-            (self.max_crashes >= 1, "IMAGEFORK_MAX_CRASHES must be >= 1"),
-            (self.memory_budget_mb == 0 or self.memory_budget_mb >= 64,
-             "IMAGEFORK_MEMORY_BUDGET_MB must be 0 (sized from the memory limit) or >= 64"),
-            (self.source_idle_s > 0, "IMAGEFORK_SOURCE_IDLE_S must be > 0"),
-            (not self.metrics_listen or parse_host_port(self.metrics_listen) is not None,
-             "IMAGEFORK_METRICS_LISTEN must be host:port (port 0-65535; 0: any free one)"),
-            (parse_host_port(self.api_listen) is not None, "IMAGEFORK_API_LISTEN must be host:port"),
-            (not self.advertised_url or self.advertised_url.startswith(("http://", "https://")),
-             "IMAGEFORK_ADVERTISED_URL must be an http:// or https:// URL"),
-            (all(e and not e.startswith("s3://") for e in self.source_s3_allow),
-             "IMAGEFORK_SOURCE_S3_ALLOW lists bucket or bucket/prefix entries, without s3://"),
-            (self.partitions >= 1, "IMAGEFORK_PARTITIONS must be >= 1"),
-            (self.replication_factor >= 1, "IMAGEFORK_REPLICATION_FACTOR must be >= 1"),
-            (self.workflow_timeout_s > 0, "IMAGEFORK_WORKFLOW_TIMEOUT_S must be > 0"),
-            (self.resize_pool in ("process", "thread"), "IMAGEFORK_RESIZE_POOL must be process or thread"),
-            (self.resize_concurrency >= 0, "IMAGEFORK_RESIZE_CONCURRENCY must be >= 0"),
-            (self.planner_concurrency >= 1, "IMAGEFORK_PLANNER_CONCURRENCY must be >= 1"),
-            (1 <= self.join_batch <= 100_000, "IMAGEFORK_JOIN_BATCH must be 1..100000"),
-            (0 <= self.join_commit_interval_ms <= 60_000, "IMAGEFORK_JOIN_COMMIT_INTERVAL_MS must be 0..60000"),
-            (1 <= self.transaction_timeout_s <= 900, "IMAGEFORK_TRANSACTION_TIMEOUT_S must be 1..900"),
-            (self.finished_retention_s > 0, "IMAGEFORK_FINISHED_RETENTION_S must be > 0"),
-            (self.late_result_grace_s >= 0, "IMAGEFORK_LATE_RESULT_GRACE_S must be >= 0"),
-            (0 <= self.shutdown_grace_s <= 3600, "IMAGEFORK_SHUTDOWN_GRACE_S must be 0..3600"),
-            (1 <= self.join_max_aborts <= 100, "IMAGEFORK_JOIN_MAX_ABORTS must be 1..100"),
-            (self.retry.policy in ("fixed", "exponential"), "IMAGEFORK_RETRY_POLICY must be fixed or exponential"),
-            (self.retry.max_retries >= 0, "IMAGEFORK_MAX_RETRIES must be >= 0"),
-            (0 <= self.encoding.png_compress_level <= 9, "IMAGEFORK_PNG_COMPRESS_LEVEL must be 0..9"),
-            (1 <= self.encoding.jpeg_quality <= 100, "IMAGEFORK_JPEG_QUALITY must be 1..100"),
-            (0 <= self.encoding.webp_method <= 6, "IMAGEFORK_WEBP_METHOD must be 0..6"),
-            (1 <= self.encoding.webp_quality <= 100, "IMAGEFORK_WEBP_QUALITY must be 1..100"),
-            (1 <= self.encoding.avif_quality <= 100, "IMAGEFORK_AVIF_QUALITY must be 1..100"),
-            (0 <= self.encoding.avif_speed <= 10, "IMAGEFORK_AVIF_SPEED must be 0..10"),
-            (self.limits.max_frames > 0, "IMAGEFORK_MAX_FRAMES must be > 0"),
-            (self.limits.max_pixels > 0, "IMAGEFORK_MAX_PIXELS must be > 0"),
-            (self.limits.max_source_bytes > 0, "IMAGEFORK_MAX_SOURCE_BYTES must be > 0"),
-            (self.limits.max_dimension > 0, "IMAGEFORK_MAX_DIMENSION must be > 0"),
-            (self.limits.max_tasks > 0, "IMAGEFORK_MAX_TASKS must be > 0"),
-            (self.limits.connect_timeout_s > 0, "IMAGEFORK_CONNECT_TIMEOUT_S must be > 0"),
-            (self.limits.read_timeout_s > 0, "IMAGEFORK_READ_TIMEOUT_S must be > 0"),
-            (self.limits.max_redirects >= 0, "IMAGEFORK_MAX_REDIRECTS must be >= 0"),
-            (self.retry.delay_s >= 0 and self.retry.max_delay_s >= self.retry.delay_s,
-             "IMAGEFORK_RETRY_DELAY_S must be >= 0 and IMAGEFORK_RETRY_MAX_DELAY_S >= it"),
-            (self.session_timeout_s > 0, "IMAGEFORK_SESSION_TIMEOUT_S must be > 0"),
-            (self.log_level in LOG_LEVELS, f"IMAGEFORK_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}"),
-            (self.log_format in ("text", "json"), "IMAGEFORK_LOG_FORMAT must be text or json"),
-            (self.repair_after_s > 0, "IMAGEFORK_REPAIR_AFTER_S must be > 0"),
-            (self.bucket != "", "S3_BUCKET must not be empty"),
-            (0 <= self.presign_ttl_s <= MAX_PRESIGN_TTL_S,
-             f"IMAGEFORK_PRESIGN_TTL_S must be 0..{MAX_PRESIGN_TTL_S} (0: off; a SigV4 presigned URL lives 7 days at most)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        try:
-            self.fetch_allow_networks
-        except ValueError as exc:
-            raise ConfigError(f"IMAGEFORK_FETCH_ALLOW: {exc}") from None
-        if self.limits.source_ca_file:
-            try:  # read now, so a wrong path is a start error, not every https source failing later
-                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=self.limits.source_ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"IMAGEFORK_SOURCE_CA_FILE must be a readable PEM file of CA certificates: "
-                                  f"{self.limits.source_ca_file}: {exc}") from None
-        return self
+        """Every bound and combination checked; raises ConfigError naming the variables (``check``)."""
+        return check(self)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
-        env = os.environ if env is None else env
-        reader = _EnvReader(env)
-        d_lim, d_enc, d_ret, d_top = Limits(), Encoding(), Retry(), Topics()
-        namespace = reader.str("IMAGEFORK_NAMESPACE", "")
-        topics = Topics(**{
-            f.name: reader.str(f"IMAGEFORK_TOPIC_{f.name.upper()}", namespace + getattr(d_top, f.name))
-            for f in fields(Topics)
-        })
-        limits = Limits(
-            max_source_bytes=reader.int("IMAGEFORK_MAX_SOURCE_BYTES", d_lim.max_source_bytes),
-            max_pixels=reader.int("IMAGEFORK_MAX_PIXELS", d_lim.max_pixels),
-            max_frames=reader.int("IMAGEFORK_MAX_FRAMES", d_lim.max_frames),
-            max_dimension=reader.int("IMAGEFORK_MAX_DIMENSION", d_lim.max_dimension),
-            max_tasks=reader.int("IMAGEFORK_MAX_TASKS", d_lim.max_tasks),
-            connect_timeout_s=reader.float("IMAGEFORK_CONNECT_TIMEOUT_S", d_lim.connect_timeout_s),
-            read_timeout_s=reader.float("IMAGEFORK_READ_TIMEOUT_S", d_lim.read_timeout_s),
-            max_redirects=reader.int("IMAGEFORK_MAX_REDIRECTS", d_lim.max_redirects),
-            source_ca_file=reader.str("IMAGEFORK_SOURCE_CA_FILE", d_lim.source_ca_file),
-        )
-        encoding = Encoding(
-            png_compress_level=reader.int("IMAGEFORK_PNG_COMPRESS_LEVEL", d_enc.png_compress_level),
-            jpeg_quality=reader.int("IMAGEFORK_JPEG_QUALITY", d_enc.jpeg_quality),
-            webp_quality=reader.int("IMAGEFORK_WEBP_QUALITY", d_enc.webp_quality),
-            webp_method=reader.int("IMAGEFORK_WEBP_METHOD", d_enc.webp_method),
-            avif_quality=reader.int("IMAGEFORK_AVIF_QUALITY", d_enc.avif_quality),
-            avif_speed=reader.int("IMAGEFORK_AVIF_SPEED", d_enc.avif_speed),
-            jpeg_progressive=reader.bool("IMAGEFORK_JPEG_PROGRESSIVE", d_enc.jpeg_progressive),
-        )
-        retry = Retry(
-            max_retries=reader.int("IMAGEFORK_MAX_RETRIES", d_ret.max_retries),
-            policy=reader.str("IMAGEFORK_RETRY_POLICY", d_ret.policy).lower(),
-            delay_s=reader.float("IMAGEFORK_RETRY_DELAY_S", d_ret.delay_s),
-            max_delay_s=reader.float("IMAGEFORK_RETRY_MAX_DELAY_S", d_ret.max_delay_s),
-        )
-        d = cls()
-        allow = reader.str("IMAGEFORK_FETCH_ALLOW", "")
-        s3_allow = reader.str("IMAGEFORK_SOURCE_S3_ALLOW", "")
-        security = KafkaSecurity(
-            protocol=reader.str("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
-            sasl_mechanism=reader.str("KAFKA_SASL_MECHANISM", "").upper(),
-            sasl_username=reader.str("KAFKA_SASL_USERNAME", ""),
-            sasl_password=reader.str("KAFKA_SASL_PASSWORD", ""),
-            ssl_cafile=reader.str("KAFKA_SSL_CAFILE", ""),
-            ssl_certfile=reader.str("KAFKA_SSL_CERTFILE", ""),
-            ssl_keyfile=reader.str("KAFKA_SSL_KEYFILE", ""),
-        )
-        return cls(
-            bootstrap_servers=reader.str("KAFKA_BOOTSTRAP_SERVERS", d.bootstrap_servers),
-            kafka_security=security,
-            s3_endpoint_url=reader.str("S3_ENDPOINT_URL", "") or None,
-            s3_public_url=reader.str("S3_PUBLIC_URL", "") or None,
-            presign_ttl_s=reader.int("IMAGEFORK_PRESIGN_TTL_S", d.presign_ttl_s),
-            s3_region=reader.str("AWS_REGION", reader.str("AWS_DEFAULT_REGION", d.s3_region)),
-            aws_access_key_id=reader.str("AWS_ACCESS_KEY_ID", "") or None,
-            aws_secret_access_key=reader.str("AWS_SECRET_ACCESS_KEY", "") or None,
-            bucket=reader.str("S3_BUCKET", d.bucket),
-            output_prefix=reader.str("IMAGEFORK_OUTPUT_PREFIX", d.output_prefix),
-            staging_prefix=reader.str("IMAGEFORK_STAGING_PREFIX", d.staging_prefix),
-            topics=topics,
-            completed_json_topic=reader.str("IMAGEFORK_COMPLETED_JSON_TOPIC", ""),
-            metrics_peers=tuple(tuple(part.split("=", 1)) for part in  # type: ignore[misc]
-                                reader.str("IMAGEFORK_METRICS_PEERS", "").split(",") if "=" in part),
-            partitions=reader.int("IMAGEFORK_PARTITIONS", d.partitions),
-            replication_factor=reader.int("IMAGEFORK_REPLICATION_FACTOR", d.replication_factor),
-            workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),
-            session_timeout_s=reader.float("IMAGEFORK_SESSION_TIMEOUT_S", d.session_timeout_s),
-            repair_after_s=reader.float("IMAGEFORK_REPAIR_AFTER_S", d.repair_after_s),
-            finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),
-            join_batch=reader.int("IMAGEFORK_JOIN_BATCH", d.join_batch),
-            join_commit_interval_ms=reader.int("IMAGEFORK_JOIN_COMMIT_INTERVAL_MS", d.join_commit_interval_ms),
-            join_instance=reader.str("IMAGEFORK_JOIN_INSTANCE", d.join_instance),
-            transaction_timeout_s=reader.float("IMAGEFORK_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s),
-            late_result_grace_s=reader.float("IMAGEFORK_LATE_RESULT_GRACE_S", d.late_result_grace_s),
-            shutdown_grace_s=reader.float("IMAGEFORK_SHUTDOWN_GRACE_S", d.shutdown_grace_s),
-            join_max_aborts=reader.int("IMAGEFORK_JOIN_MAX_ABORTS", d.join_max_aborts),
-            resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),
-            resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),
-            planner_concurrency=reader.int("IMAGEFORK_PLANNER_CONCURRENCY", d.planner_concurrency),
-            fetch_allow=tuple(p.strip() for p in allow.split(",") if p.strip()),
-            source_s3_allow=tuple(p.strip() for p in s3_allow.split(",") if p.strip()),
-            max_crashes=reader.int("IMAGEFORK_MAX_CRASHES", d.max_crashes),
-            memory_budget_mb=reader.int("IMAGEFORK_MEMORY_BUDGET_MB", d.memory_budget_mb),
-            source_idle_s=reader.float("IMAGEFORK_SOURCE_IDLE_S", d.source_idle_s),
-            limits=limits,
-            encoding=encoding,
-            retry=retry,
-            log_level=reader.str("IMAGEFORK_LOG_LEVEL", d.log_level).lower(),
-            log_format=reader.str("IMAGEFORK_LOG_FORMAT", d.log_format).lower(),
-            namespace=namespace,
-            metrics_listen=reader.str("IMAGEFORK_METRICS_LISTEN", ""),
-            advertised_url=reader.str("IMAGEFORK_ADVERTISED_URL", ""),
-            api_listen=reader.str("IMAGEFORK_API_LISTEN", "127.0.0.1:8088"),
-        ).validate()
+        """defaults -> environment -> validate() (``read_env``)."""
+        return read_env(env)
 
     def with_(self, **changes) -> "Config":
         return replace(self, **changes).validate()
+
+
+def check(config: Config) -> Config:
+    """Every bound and combination of ``config``; raises ConfigError naming the variables."""
+    sec = config.kafka_security
+    checks = [
+        (sec.protocol in SECURITY_PROTOCOLS, f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}"),
+        (not sec.sasl or sec.sasl_mechanism in SASL_MECHANISMS,
+         f"KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)} with {sec.protocol}"),
+        (not sec.sasl or (sec.sasl_username and sec.sasl_password),
+         f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are needed with {sec.protocol}"),
+        (bool(sec.ssl_certfile) == bool(sec.ssl_keyfile), "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together"),
+        (config.max_crashes >= 1, "IMAGEFORK_MAX_CRASHES must be >= 1"),
+        (config.memory_budget_mb == 0 or config.memory_budget_mb >= 64,
+         "IMAGEFORK_MEMORY_BUDGET_MB must be 0 (sized from the memory limit) or >= 64"),
+        (config.source_idle_s > 0, "IMAGEFORK_SOURCE_IDLE_S must be > 0"),
+        (not config.metrics_listen or parse_host_port(config.metrics_listen) is not None,
+         "IMAGEFORK_METRICS_LISTEN must be host:port (port 0-65535; 0: any free one)"),
+        (parse_host_port(config.api_listen) is not None, "IMAGEFORK_API_LISTEN must be host:port"),
+        (config.api_body_timeout_s > 0, "IMAGEFORK_API_BODY_TIMEOUT_S must be > 0"),
+        (config.api_restart_after_s >= 0, "IMAGEFORK_API_RESTART_AFTER_S must be >= 0"),
+        (not config.advertised_url or config.advertised_url.startswith(("http://", "https://")),
+         "IMAGEFORK_ADVERTISED_URL must be an http:// or https:// URL"),
+        (all(e and not e.startswith("s3://") for e in config.source_s3_allow),
+         "IMAGEFORK_SOURCE_S3_ALLOW lists bucket or bucket/prefix entries, without s3://"),
+        (config.partitions >= 1, "IMAGEFORK_PARTITIONS must be >= 1"),
+        (config.replication_factor >= 1, "IMAGEFORK_REPLICATION_FACTOR must be >= 1"),
+        (config.workflow_timeout_s > 0, "IMAGEFORK_WORKFLOW_TIMEOUT_S must be > 0"),
+        (config.resize_pool in ("process", "thread"), "IMAGEFORK_RESIZE_POOL must be process or thread"),
+        (config.resize_concurrency >= 0, "IMAGEFORK_RESIZE_CONCURRENCY must be >= 0"),
+        (config.planner_concurrency >= 1, "IMAGEFORK_PLANNER_CONCURRENCY must be >= 1"),
+        (1 <= config.join_batch <= 100_000, "IMAGEFORK_JOIN_BATCH must be 1..100000"),
+        (0 <= config.join_commit_interval_ms <= 60_000, "IMAGEFORK_JOIN_COMMIT_INTERVAL_MS must be 0..60000"),
+        (1 <= config.transaction_timeout_s <= 900, "IMAGEFORK_TRANSACTION_TIMEOUT_S must be 1..900"),
+        (config.finished_retention_s > 0, "IMAGEFORK_FINISHED_RETENTION_S must be > 0"),
+        (config.late_result_grace_s >= 0, "IMAGEFORK_LATE_RESULT_GRACE_S must be >= 0"),
+        (0 <= config.shutdown_grace_s <= 3600, "IMAGEFORK_SHUTDOWN_GRACE_S must be 0..3600"),
+        (1 <= config.join_max_aborts <= 100, "IMAGEFORK_JOIN_MAX_ABORTS must be 1..100"),
+        (config.retry.policy in ("fixed", "exponential"), "IMAGEFORK_RETRY_POLICY must be fixed or exponential"),
+        (config.retry.max_retries >= 0, "IMAGEFORK_MAX_RETRIES must be >= 0"),
+        (0 <= config.encoding.png_compress_level <= 9, "IMAGEFORK_PNG_COMPRESS_LEVEL must be 0..9"),
+        (1 <= config.encoding.jpeg_quality <= 100, "IMAGEFORK_JPEG_QUALITY must be 1..100"),
+        (0 <= config.encoding.webp_method <= 6, "IMAGEFORK_WEBP_METHOD must be 0..6"),
+        (1 <= config.encoding.webp_quality <= 100, "IMAGEFORK_WEBP_QUALITY must be 1..100"),
+        (1 <= config.encoding.avif_quality <= 100, "IMAGEFORK_AVIF_QUALITY must be 1..100"),
+        (0 <= config.encoding.avif_speed <= 10, "IMAGEFORK_AVIF_SPEED must be 0..10"),
+        (config.limits.max_frames > 0, "IMAGEFORK_MAX_FRAMES must be > 0"),
+        (config.limits.max_pixels > 0, "IMAGEFORK_MAX_PIXELS must be > 0"),
+        (config.limits.max_source_bytes > 0, "IMAGEFORK_MAX_SOURCE_BYTES must be > 0"),
+        (config.limits.max_dimension > 0, "IMAGEFORK_MAX_DIMENSION must be > 0"),
+        (config.limits.max_tasks > 0, "IMAGEFORK_MAX_TASKS must be > 0"),
+        (config.limits.connect_timeout_s > 0, "IMAGEFORK_CONNECT_TIMEOUT_S must be > 0"),
+        (config.limits.read_timeout_s > 0, "IMAGEFORK_READ_TIMEOUT_S must be > 0"),
+        (config.limits.max_redirects >= 0, "IMAGEFORK_MAX_REDIRECTS must be >= 0"),
+        (config.retry.delay_s >= 0 and config.retry.max_delay_s >= config.retry.delay_s,
+         "IMAGEFORK_RETRY_DELAY_S must be >= 0 and IMAGEFORK_RETRY_MAX_DELAY_S >= it"),
+        (config.session_timeout_s > 0, "IMAGEFORK_SESSION_TIMEOUT_S must be > 0"),
+        (config.log_level in LOG_LEVELS, f"IMAGEFORK_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}"),
+        (config.log_format in ("text", "json"), "IMAGEFORK_LOG_FORMAT must be text or json"),
+        (config.repair_after_s > 0, "IMAGEFORK_REPAIR_AFTER_S must be > 0"),
+        (config.bucket != "", "S3_BUCKET must not be empty"),
+        (0 <= config.presign_ttl_s <= MAX_PRESIGN_TTL_S,
+         f"IMAGEFORK_PRESIGN_TTL_S must be 0..{MAX_PRESIGN_TTL_S} (0: off; a SigV4 presigned URL lives 7 days at most)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        config.fetch_allow_networks
+    except ValueError as exc:
+        raise ConfigError(f"IMAGEFORK_FETCH_ALLOW: {exc}") from None
+    if config.limits.source_ca_file:
+        try:  # read now, so a wrong path is a start error, not every https source failing later
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=config.limits.source_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"IMAGEFORK_SOURCE_CA_FILE must be a readable PEM file of CA certificates: "
+                              f"{config.limits.source_ca_file}: {exc}") from None
+    return config
+
+
+def read_env(env: Mapping[str, str] | None = None) -> Config:
+    """defaults -> ``env`` (the process's environment by default) -> check."""
+    env = os.environ if env is None else env
+    reader = _EnvReader(env)
+    d_lim, d_enc, d_ret, d_top = Limits(), Encoding(), Retry(), Topics()
+    namespace = reader.str("IMAGEFORK_NAMESPACE", "")
+    topics = Topics(**{
+        f.name: reader.str(f"IMAGEFORK_TOPIC_{f.name.upper()}", namespace + getattr(d_top, f.name))
+        for f in fields(Topics)
+    })
+    limits = Limits(
+        max_source_bytes=reader.int("IMAGEFORK_MAX_SOURCE_BYTES", d_lim.max_source_bytes),
+        max_pixels=reader.int("IMAGEFORK_MAX_PIXELS", d_lim.max_pixels),
+        max_frames=reader.int("IMAGEFORK_MAX_FRAMES", d_lim.max_frames),
+        max_dimension=reader.int("IMAGEFORK_MAX_DIMENSION", d_lim.max_dimension),
+        max_tasks=reader.int("IMAGEFORK_MAX_TASKS", d_lim.max_tasks),
+        connect_timeout_s=reader.float("IMAGEFORK_CONNECT_TIMEOUT_S", d_lim.connect_timeout_s),
+        read_timeout_s=reader.float("IMAGEFORK_READ_TIMEOUT_S", d_lim.read_timeout_s),
+        max_redirects=reader.int("IMAGEFORK_MAX_REDIRECTS", d_lim.max_redirects),
+        source_ca_file=reader.str("IMAGEFORK_SOURCE_CA_FILE", d_lim.source_ca_file),
+    )
+    encoding = Encoding(
+        png_compress_level=reader.int("IMAGEFORK_PNG_COMPRESS_LEVEL", d_enc.png_compress_level),
+        jpeg_quality=reader.int("IMAGEFORK_JPEG_QUALITY", d_enc.jpeg_quality),
+        webp_quality=reader.int("IMAGEFORK_WEBP_QUALITY", d_enc.webp_quality),
+        webp_method=reader.int("IMAGEFORK_WEBP_METHOD", d_enc.webp_method),
+        avif_quality=reader.int("IMAGEFORK_AVIF_QUALITY", d_enc.avif_quality),
+        avif_speed=reader.int("IMAGEFORK_AVIF_SPEED", d_enc.avif_speed),
+        jpeg_progressive=reader.bool("IMAGEFORK_JPEG_PROGRESSIVE", d_enc.jpeg_progressive),
+    )
+    retry = Retry(
+        max_retries=reader.int("IMAGEFORK_MAX_RETRIES", d_ret.max_retries),
+        policy=reader.str("IMAGEFORK_RETRY_POLICY", d_ret.policy).lower(),
+        delay_s=reader.float("IMAGEFORK_RETRY_DELAY_S", d_ret.delay_s),
+        max_delay_s=reader.float("IMAGEFORK_RETRY_MAX_DELAY_S", d_ret.max_delay_s),
+    )
+    d = Config()
+    allow = reader.str("IMAGEFORK_FETCH_ALLOW", "")
+    s3_allow = reader.str("IMAGEFORK_SOURCE_S3_ALLOW", "")
+    security = KafkaSecurity(
+        protocol=reader.str("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
+        sasl_mechanism=reader.str("KAFKA_SASL_MECHANISM", "").upper(),
+        sasl_username=reader.str("KAFKA_SASL_USERNAME", ""),
+        sasl_password=reader.str("KAFKA_SASL_PASSWORD", ""),
+        ssl_cafile=reader.str("KAFKA_SSL_CAFILE", ""),
+        ssl_certfile=reader.str("KAFKA_SSL_CERTFILE", ""),
+        ssl_keyfile=reader.str("KAFKA_SSL_KEYFILE", ""),
+    )
+    return Config(
+        bootstrap_servers=reader.str("KAFKA_BOOTSTRAP_SERVERS", d.bootstrap_servers),
+        kafka_security=security,
+        s3_endpoint_url=reader.str("S3_ENDPOINT_URL", "") or None,
+        s3_public_url=reader.str("S3_PUBLIC_URL", "") or None,
+        presign_ttl_s=reader.int("IMAGEFORK_PRESIGN_TTL_S", d.presign_ttl_s),
+        s3_region=reader.str("AWS_REGION", reader.str("AWS_DEFAULT_REGION", d.s3_region)),
+        aws_access_key_id=reader.str("AWS_ACCESS_KEY_ID", "") or None,
+        aws_secret_access_key=reader.str("AWS_SECRET_ACCESS_KEY", "") or None,
+        bucket=reader.str("S3_BUCKET", d.bucket),
+        output_prefix=reader.str("IMAGEFORK_OUTPUT_PREFIX", d.output_prefix),
+        staging_prefix=reader.str("IMAGEFORK_STAGING_PREFIX", d.staging_prefix),
+        topics=topics,
+        completed_json_topic=reader.str("IMAGEFORK_COMPLETED_JSON_TOPIC", ""),
+        metrics_peers=tuple(tuple(part.split("=", 1)) for part in  # type: ignore[misc]
+                            reader.str("IMAGEFORK_METRICS_PEERS", "").split(",") if "=" in part),
+        partitions=reader.int("IMAGEFORK_PARTITIONS", d.partitions),
+        replication_factor=reader.int("IMAGEFORK_REPLICATION_FACTOR", d.replication_factor),
+        workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),
+        session_timeout_s=reader.float("IMAGEFORK_SESSION_TIMEOUT_S", d.session_timeout_s),
+        repair_after_s=reader.float("IMAGEFORK_REPAIR_AFTER_S", d.repair_after_s),
+        finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),
+        join_batch=reader.int("IMAGEFORK_JOIN_BATCH", d.join_batch),
+        join_commit_interval_ms=reader.int("IMAGEFORK_JOIN_COMMIT_INTERVAL_MS", d.join_commit_interval_ms),
+        join_instance=reader.str("IMAGEFORK_JOIN_INSTANCE", d.join_instance),
+        transaction_timeout_s=reader.float("IMAGEFORK_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s),
+        late_result_grace_s=reader.float("IMAGEFORK_LATE_RESULT_GRACE_S", d.late_result_grace_s),
+        shutdown_grace_s=reader.float("IMAGEFORK_SHUTDOWN_GRACE_S", d.shutdown_grace_s),
+        join_max_aborts=reader.int("IMAGEFORK_JOIN_MAX_ABORTS", d.join_max_aborts),
+        resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),
+        resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),
+        planner_concurrency=reader.int("IMAGEFORK_PLANNER_CONCURRENCY", d.planner_concurrency),
+        fetch_allow=tuple(p.strip() for p in allow.split(",") if p.strip()),
+        source_s3_allow=tuple(p.strip() for p in s3_allow.split(",") if p.strip()),
+        max_crashes=reader.int("IMAGEFORK_MAX_CRASHES", d.max_crashes),
+        memory_budget_mb=reader.int("IMAGEFORK_MEMORY_BUDGET_MB", d.memory_budget_mb),
+        source_idle_s=reader.float("IMAGEFORK_SOURCE_IDLE_S", d.source_idle_s),
+        limits=limits,
+        encoding=encoding,
+        retry=retry,
+        log_level=reader.str("IMAGEFORK_LOG_LEVEL", d.log_level).lower(),
+        log_format=reader.str("IMAGEFORK_LOG_FORMAT", d.log_format).lower(),
+        namespace=namespace,
+        metrics_listen=reader.str("IMAGEFORK_METRICS_LISTEN", ""),
+        advertised_url=reader.str("IMAGEFORK_ADVERTISED_URL", ""),
+        api_listen=reader.str("IMAGEFORK_API_LISTEN", "127.0.0.1:8088"),
+        api_body_timeout_s=reader.float("IMAGEFORK_API_BODY_TIMEOUT_S", d.api_body_timeout_s),
+        api_restart_after_s=reader.float("IMAGEFORK_API_RESTART_AFTER_S", d.api_restart_after_s),
+    ).validate()
 
 
 def parse_host_port(text: str) -> tuple[str, int] | None:

@@ -36,7 +36,7 @@ def run_role(role: str, config: Config) -> int:
     publish_schemas(config)
     install_resolver(config)
     # each role imports only its own modules: a join or an API process does not load Faust (start-up cost)
-    if role == "api":  # aiohttp: the HTTP API and the dashboard (streams/api.py)
+    if role == "api":  # aiohttp: the HTTP API and the dashboard (streams/api/)
         from streams import api  # start-up: only the API's process loads it
         return api.run(config)
     if role == "join":  # a transactional confluent-kafka loop, not a Faust app (streams/join/)
@@ -118,10 +118,6 @@ def check_storage(config: Config) -> None:
         raise StartError(f"S3 at {where} cannot be used: {exc.message}") from None
 
 
-# an API that ran this long before it died is started again; one that died sooner cannot start (its port taken)
-API_RESTART_AFTER_S = float(os.environ.get("IMAGEFORK_API_RESTART_AFTER_S", "30"))
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -178,7 +174,7 @@ def run_all(config: Config) -> int:
         while all(c.poll() is None for c in pipeline):
             if not api_gone and not asked and children["api"].poll() is not None:
                 code, ran = children["api"].returncode, time.monotonic() - api_since
-                if ran >= API_RESTART_AFTER_S:
+                if ran >= config.api_restart_after_s:
                     print(f"imagefork: worker all: the API exited ({code}) after {ran:.0f}s; starting it again",
                           file=sys.stderr, flush=True)
                     children["api"], api_since = start_api(), time.monotonic()

@@ -36,11 +36,13 @@ def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
 
 
 def committed_records(config: Config, topic: str, *, follow: bool = False, timeout: float = 60.0,
-                      partitions: list[int] | None = None, on_end: Callable[[], None] | None = None):
+                      partitions: list[int] | None = None, on_end: Callable[[], None] | None = None,
+                      stop: Callable[[], bool] = lambda: False):
     """``read_to_end`` one record at a time (of ``partitions``, else all); with ``follow``, then every record
     committed after, for as long as the caller reads (a generator: close it, or stop iterating, to close the
-    consumer). ``on_end`` is called once the end offsets taken at the start are reached. The one reader of a
-    topic to its end in the project (the CLI, the client, dead letters, the crash ledger, the API's index)."""
+    consumer). ``on_end`` is called once the end offsets taken at the start are reached; ``stop`` is asked
+    between polls (True: the generator ends). The one reader of a topic to its end in the project (the CLI,
+    the client, dead letters, the crash ledger, the API's index)."""
     consumer = Consumer(client_config(config, **{
         "group.id": f"imagefork-reader-{uuid.uuid4()}",  # required by the client; never joined (assign)
         "enable.auto.commit": False, "isolation.level": "read_committed"}))
@@ -57,6 +59,8 @@ def committed_records(config: Config, topic: str, *, follow: bool = False, timeo
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (chosen if follow else ends)])
         pending, deadline = dict(ends), time.monotonic() + timeout
         while pending:
+            if stop():
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}: partitions {sorted(pending)} not read to their end within {timeout:.0f}s")
             msg = consumer.poll(0.2)
@@ -70,7 +74,7 @@ def committed_records(config: Config, topic: str, *, follow: bool = False, timeo
                     del pending[tp.partition]
         if on_end is not None:
             on_end()
-        while follow:
+        while follow and not stop():
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:
                 yield msg

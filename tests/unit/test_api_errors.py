@@ -3,10 +3,11 @@ large, a method not allowed, a path nobody serves, bad JSON, a bad workflow id),
 import asyncio
 import json
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from streams.api import MAX_BODY, Api
-from streams.config import Config
+from streams.api.routes import MAX_BODY, Api
+from streams.config import Config, ConfigError
 
 
 class Offline(Api):
@@ -17,9 +18,9 @@ class Offline(Api):
         pass
 
 
-def ask(method: str, path: str, **kw):
+def ask(method: str, path: str, config: Config | None = None, **kw):
     async def go():
-        async with TestClient(TestServer(Offline(Config()).app())) as client:
+        async with TestClient(TestServer(Offline(config or Config()).app())) as client:
             resp = await client.request(method, path, **kw)
             return resp.status, resp.headers.get("Content-Type", ""), await resp.read()
     return asyncio.run(go())
@@ -50,3 +51,19 @@ def test_unknown_paths_methods_and_bad_input_are_json():
 def test_the_dashboard_is_served_at_the_root():
     status, ctype, body = ask("GET", "/")
     assert status == 200 and ctype.startswith("text/html") and b"<html" in body.lower()
+
+
+def test_a_body_that_trickles_is_408_after_the_configured_time():
+    assert Config.from_env({}).api_body_timeout_s == 30
+    assert Config.from_env({"IMAGEFORK_API_BODY_TIMEOUT_S": "2.5"}).api_body_timeout_s == 2.5
+    with pytest.raises(ConfigError, match="IMAGEFORK_API_BODY_TIMEOUT_S"):
+        Config.from_env({"IMAGEFORK_API_BODY_TIMEOUT_S": "0"})
+
+    async def trickle():
+        yield b'{"fileLocation": '
+        await asyncio.sleep(5)
+        yield b'"http://img.test/a.png"}'
+
+    status, ctype, body = ask("POST", "/v1/workflows", Config(api_body_timeout_s=0.3), data=trickle(),
+                              headers={"Content-Type": "application/json"})
+    assert (status, json.loads(body)["error"]) == (408, "REQUEST_TIMEOUT") and ctype.startswith("application/json")

@@ -24,7 +24,8 @@ FLOAT_VARS = [
     "IMAGEFORK_WORKFLOW_TIMEOUT_S", "IMAGEFORK_RETRY_DELAY_S", "IMAGEFORK_RETRY_MAX_DELAY_S",
     "IMAGEFORK_CONNECT_TIMEOUT_S", "IMAGEFORK_READ_TIMEOUT_S", "IMAGEFORK_SESSION_TIMEOUT_S",
     "IMAGEFORK_REPAIR_AFTER_S", "IMAGEFORK_FINISHED_RETENTION_S", "IMAGEFORK_TRANSACTION_TIMEOUT_S",
-    "IMAGEFORK_LATE_RESULT_GRACE_S", "IMAGEFORK_SOURCE_IDLE_S",
+    "IMAGEFORK_LATE_RESULT_GRACE_S", "IMAGEFORK_SOURCE_IDLE_S", "IMAGEFORK_API_BODY_TIMEOUT_S",
+    "IMAGEFORK_API_RESTART_AFTER_S",
 ]
 
 SASL = {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
@@ -56,6 +57,7 @@ def test_defaults_are_the_readme_table():
     assert (lim.connect_timeout_s, lim.read_timeout_s, lim.max_redirects) == (5, 30, 5)
     assert c.fetch_allow == () and c.source_s3_allow == ()
     assert (c.max_crashes, c.memory_budget_mb) == (2, 0)
+    assert (c.api_body_timeout_s, c.api_restart_after_s) == (30, 30)
     assert c.kafka_security.protocol == "PLAINTEXT" and not c.kafka_security.sasl and not c.kafka_security.ssl
     assert (c.resize_concurrency, c.resize_pool) == (0, "thread") and c.resize_slots == 3 * (os.cpu_count() or 1)
     enc = c.encoding
@@ -148,6 +150,8 @@ BOUNDS = [
     ("IMAGEFORK_FINISHED_RETENTION_S", "0", "1"),
     ("IMAGEFORK_LATE_RESULT_GRACE_S", "-1", "0"),
     ("IMAGEFORK_SOURCE_IDLE_S", "0", "0.1"),
+    ("IMAGEFORK_API_BODY_TIMEOUT_S", "0", "0.1"),
+    ("IMAGEFORK_API_RESTART_AFTER_S", "-1", "0"),
     ("IMAGEFORK_JOIN_MAX_ABORTS", "0", "1"),
     ("IMAGEFORK_JOIN_MAX_ABORTS", "101", "100"),
     ("IMAGEFORK_PNG_COMPRESS_LEVEL", "-1", "0"),

@@ -1,0 +1,313 @@
+"""The API's HTTP side (aiohttp): the application, its error middleware, the handlers and the event
+stream. A handler parses the request, asks the workflow directory (``directory.py``) and shapes the
+answer; every error is JSON with a code and a message."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from streams.adapters.http import health_routes, json_error
+from streams.adapters.objectstore import ObjectStore
+from streams.api.directory import Directory, Unavailable
+from streams.api.index import CompletedIndex
+from streams.api.router import JoinRouter
+from streams.client import Client, SubmitError
+from streams.config import Config
+from streams.core.errors import PipelineError, RequestInvalid
+from streams.core.planning import parse_request, valid_workflow_id
+from streams.core.status import STATUSES, TERMINAL, retry_request, retryable
+
+log = logging.getLogger("imagefork")
+DASHBOARD = Path(__file__).parent.parent / "assets" / "dashboard.html"
+MAX_BODY = 1024 * 1024
+MAX_OUTPUT_BYTES = 256 * 1024 * 1024
+
+
+@web.middleware
+async def errors(request, handler):
+    """Every error is JSON, with a code and a message."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        resp = json_error(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason)
+        for name in ("Allow", "Retry-After"):
+            if name in exc.headers:
+                resp.headers[name] = exc.headers[name]
+        return resp
+    except Unavailable as exc:
+        return join_unavailable(exc)
+    except Exception as exc:  # a bug: say so in JSON, log the trace
+        log.exception("api: %s %s failed", request.method, request.path)
+        return json_error(500, "INTERNAL", f"{type(exc).__name__}: {exc}"[:500])
+
+
+def join_unavailable(exc: Unavailable) -> web.Response:
+    resp = json_error(503, "JOIN_UNAVAILABLE", f"the join's state cannot be asked now: {exc}")
+    resp.headers["Retry-After"] = "5"
+    return resp
+
+
+def not_found(workflow_id: str) -> web.Response:
+    return json_error(404, "NOT_FOUND", f"no workflow {workflow_id!r} is known here")
+
+
+def foreign(request) -> web.Response | None:
+    """A browser's POST from another site (a form or fetch aimed at this API on localhost): refused. Any
+    client may POST; a browser says where the page that sends it came from."""
+    origin = request.headers.get("Origin")
+    if not origin or origin.split("://", 1)[-1] == request.host:  # not a browser, or our own page
+        return None
+    return json_error(403, "FOREIGN_ORIGIN", f"a page from {origin} may not POST here")  # "null" too
+
+
+def workflow_id_of(request) -> str:
+    workflow_id = request.match_info["id"]
+    if not valid_workflow_id(workflow_id):
+        raise web.HTTPBadRequest(text=json.dumps({
+            "error": "INVALID_ID", "message": "a workflow id is 1-128 characters of A-Z a-z 0-9 . _ : -"}),
+            content_type="application/json")
+    return workflow_id
+
+
+def links(workflow_id: str) -> dict:
+    base = f"/v1/workflows/{workflow_id}"
+    return {"self": base, "events": f"{base}/events", "retry": f"{base}/retry"}
+
+
+async def stream(request, doc: dict, poll: Callable[[], Awaitable[dict | None]]) -> web.StreamResponse:
+    """Server-sent events: ``progress`` as tasks finish, then ``final`` (the whole document); ``doc`` is the
+    first look, ``poll`` the next ones."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+
+    async def send(event: str, data: dict) -> None:
+        await resp.write(f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
+
+    seen: dict[str, str] = {}
+    told_pending = False
+    last_beat = time.monotonic()
+    try:
+        while True:
+            # every task that finished since the last look, in the order they finished (the ones the
+            # final document reports too: a stream shows each task once, then the end)
+            finished = [t for t in doc["tasks"] if t["status"] != "PENDING" and seen.get(t["taskRef"]) != t["status"]]
+            finished.sort(key=lambda t: t["finishedAt"] or 0)
+            for task in finished:
+                seen[task["taskRef"]] = task["status"]
+                await send("progress", {**doc["progress"], "done": len(seen), "status": doc["status"],
+                                        "task": task})
+            if doc["status"] in TERMINAL:
+                await send("final", doc)
+                break
+            if doc["status"] == "PENDING" and not told_pending:
+                await send("progress", {**doc["progress"], "status": doc["status"], "task": None})
+                told_pending = True
+            if time.monotonic() - last_beat > 15:
+                await resp.write(b": keep-alive\n\n")
+                last_beat = time.monotonic()
+            await asyncio.sleep(0.25)
+            if request.transport is None or request.transport.is_closing():
+                return resp  # the client has gone: stop asking for it
+            try:
+                doc = await poll() or doc
+            except Unavailable as exc:  # the headers are sent: say it in the stream, and end it
+                await send("error", {"error": "JOIN_UNAVAILABLE", "message": f"the join's state cannot be "
+                                     f"asked now: {exc}", "retryAfter": 5})
+                break
+    except (ConnectionResetError, asyncio.CancelledError):
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+class Api:
+    """The handlers, and what they share: the directory, the index, the Kafka client and the store."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.index = CompletedIndex(config)
+        self.directory = Directory(self.index, workflow_timeout_s=config.workflow_timeout_s)
+        self.client = None
+        self.store = None
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[errors])
+        app.add_routes([
+            web.get("/", self.dashboard),
+            web.post("/v1/workflows", self.submit),
+            web.get("/v1/workflows", self.listing),
+            web.get("/v1/workflows/{id}", self.status),
+            web.get("/v1/workflows/{id}/events", self.events),
+            web.post("/v1/workflows/{id}/retry", self.retry),
+            web.get("/v1/workflows/{id}/outputs/{ref}", self.output),
+            *health_routes(self.config, "api", self.readiness),
+        ])
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, _app) -> None:
+        self.session = aiohttp.ClientSession()
+        self.directory.join = JoinRouter(self.config, self.session)
+        self.client = Client(self.config)
+        self.store = ObjectStore(self.config)
+        self.index.start(asyncio.get_running_loop())
+
+    async def _stop(self, _app) -> None:
+        self.index.stopping = True
+        await self.session.close()
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.index.caught_up.is_set():
+            return False, f"reading {self.config.topics.completed}"
+        return True, f"{len(self.index.finals)} finished workflows indexed"
+
+    # --- pages ----------------------------------------------------------------------------------
+    async def dashboard(self, _request):
+        if not DASHBOARD.exists():
+            return json_error(404, "NO_DASHBOARD", "the dashboard is not installed")
+        return web.Response(body=DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
+
+    # --- workflows ------------------------------------------------------------------------------
+    async def _send(self, body: dict, workflow_id: str) -> web.Response | None:
+        """Produce; a Kafka that does not confirm within 10 s is a 503 the client may repeat."""
+        try:
+            await asyncio.to_thread(self.client.submit, body, workflow_id, timeout_s=10.0)
+        except SubmitError as exc:
+            resp = json_error(503, "KAFKA_UNAVAILABLE",
+                              f"{exc}; it may still be delivered once Kafka answers: send it again with the same "
+                              f"workflowId ({workflow_id}), which is never run twice")
+            resp.headers["Retry-After"] = "5"
+            return resp
+        return None
+
+    async def submit(self, request):
+        refused = foreign(request)
+        if refused is not None:
+            return refused
+        timeout_s = self.config.api_body_timeout_s
+        try:
+            # a body that trickles (a Content-Length never met) would hold a connection for ever
+            doc = await asyncio.wait_for(request.json(loads=json.loads), timeout_s)
+        except asyncio.TimeoutError:
+            return json_error(408, "REQUEST_TIMEOUT", f"the body did not arrive within {timeout_s:.0f}s")
+        except (ValueError, UnicodeDecodeError, RecursionError, LookupError) as exc:
+            return json_error(400, "INVALID_JSON", f"the body is not JSON: {type(exc).__name__}: {exc}"[:300])
+        except web.RequestPayloadError as exc:
+            return json_error(400, "INVALID_BODY", f"the body cannot be read: {exc}"[:300])
+        lim = self.config.limits
+        try:
+            if isinstance(doc, dict) and "retry" in doc:
+                raise RequestInvalid([("retry", "is set by POST /v1/workflows/{id}/retry, not by a request")])
+            parsed = parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks,
+                                   max_pixels=lim.max_pixels)
+        except RequestInvalid as exc:
+            return json_error(400, "INVALID_REQUEST", exc.message,
+                              problems=[{"field": f, "message": m} for f, m in exc.problems])
+        workflow_id = parsed.workflowId or str(uuid.uuid4())
+        location = {"Location": f"/v1/workflows/{workflow_id}"}
+        async with self.directory.one_at_a_time(workflow_id):
+            try:
+                existing = await self.directory.known(workflow_id, patience_s=3.0)
+            except Unavailable:  # no join to ask: the request waits in Kafka; a duplicate id is ignored there
+                existing = None
+            if existing is not None:  # the same id again: nothing is sent twice
+                return web.json_response({"workflowId": workflow_id, "status": existing["status"],
+                                          "existing": True, "links": links(workflow_id)},
+                                         status=200, headers=location)
+            doc = {**doc, "workflowId": workflow_id}
+            failed = await self._send(doc, workflow_id)
+            if failed is not None:
+                return failed
+            self.directory.accept(workflow_id, parsed.fileLocation)
+        log.info("api: workflow %s accepted", workflow_id)
+        return web.json_response({"workflowId": workflow_id, "status": "PENDING", "existing": False,
+                                  "links": links(workflow_id)}, status=202, headers=location)
+
+    async def status(self, request):
+        workflow_id = workflow_id_of(request)
+        doc = await self.directory.known(workflow_id)
+        if doc is None:
+            return not_found(workflow_id)
+        return web.json_response(doc)
+
+    async def listing(self, request):
+        status = request.query.get("status", "").upper() or None
+        if status is not None and status not in STATUSES:
+            return json_error(400, "INVALID_REQUEST", f"status must be one of {', '.join(STATUSES)}",
+                              problems=[{"field": "status", "message": f"{status!r} is not one of {', '.join(STATUSES)}"}])
+        try:
+            limit = int(request.query.get("limit", "50"))
+            if not 1 <= limit <= 1000:
+                raise ValueError
+        except ValueError:
+            return json_error(400, "INVALID_REQUEST", "limit must be an integer 1-1000",
+                              problems=[{"field": "limit", "message": "must be an integer 1-1000"}])
+        return web.json_response({"workflows": await self.directory.listing(status, limit)})
+
+    async def output(self, request):
+        workflow_id, ref = workflow_id_of(request), request.match_info["ref"]
+        doc = await self.directory.known(workflow_id)
+        found = next((o for o in (doc or {}).get("outputs", []) if o["taskRef"] == ref), None)
+        if found is None:
+            return json_error(404, "NOT_FOUND", f"workflow {workflow_id!r} has no output {ref!r} (yet)")
+        try:
+            data = await asyncio.to_thread(self.store.get, found["s3Uri"], MAX_OUTPUT_BYTES)
+        except PipelineError as exc:
+            if exc.code == "SOURCE_NOT_FOUND":  # the object was deleted (a lifecycle rule, by hand)
+                return json_error(410, "OUTPUT_GONE",
+                                  f"output {ref!r} of {workflow_id} is no longer in the bucket ({found['s3Uri']})")
+            return json_error(502, exc.code, f"the object store: {exc.message}")
+        return web.Response(body=data, content_type=found["contentType"],
+                            headers={"Cache-Control": "private, max-age=300"})
+
+    async def events(self, request):
+        workflow_id = workflow_id_of(request)
+        doc = await self.directory.known(workflow_id)
+        if doc is None:
+            return not_found(workflow_id)
+        return await stream(request, doc, lambda: self.directory.poll(workflow_id))
+
+    async def retry(self, request):
+        refused = foreign(request)
+        if refused is not None:
+            return refused
+        workflow_id = workflow_id_of(request)
+        async with self.directory.one_at_a_time(workflow_id):
+            return await self._retry(workflow_id)
+
+    async def _retry(self, workflow_id: str):
+        doc = await self.directory.known(workflow_id)
+        if doc is None:
+            return not_found(workflow_id)
+        if doc["status"] not in TERMINAL:
+            return json_error(409, "NOT_FINISHED", f"workflow {workflow_id} is {doc['status']}: retry it once it has ended")
+        final = self.index.get(workflow_id)
+        if final is None:
+            return json_error(409, "NO_FINAL_EVENT", f"the final event of {workflow_id} is no longer on "
+                                                     f"{self.config.topics.completed}: submit it again")
+        ok, why = retryable(final)
+        if not ok:
+            return json_error(409, "NOT_RETRYABLE", f"workflow {workflow_id} cannot be retried: {why}")
+        body, refs = retry_request(final)
+        failed = await self._send(body, workflow_id)
+        if failed is not None:
+            return failed
+        self.directory.retry_sent(workflow_id, final.runId)
+        log.info("api: workflow %s: retry of run %s sent (%s)", workflow_id, final.runId,
+                 f"{len(refs)} tasks" if refs else "every task")
+        return web.json_response({"workflowId": workflow_id, "retryOf": final.runId, "tasks": refs or "all",
+                                  "links": links(workflow_id)}, status=202,
+                                 headers={"Location": f"/v1/workflows/{workflow_id}"})
