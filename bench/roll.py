@@ -80,6 +80,8 @@ def main() -> int:
     ap = hosts_parser(__doc__, 0.5)
     ap.add_argument("--rate", type=float, default=1.0, help="requests per second")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between two restarts")
+    ap.add_argument("--per-role", type=int, default=2,
+                    help="hosts of each role (join, planner, resize): a deploy restarts one while the others work")
     args = ap.parse_args()
     if no_hosts("roll.py"):
         return 2
@@ -89,8 +91,9 @@ def main() -> int:
         try:
             run = Run(hosts, stack, folder / "logs", partitions=6)
             try:
-                for role, name, cpu in (("join", "join", None), ("planner", "planner", None),
-                                        ("resize", "resize1", args.cpu), ("resize", "resize2", args.cpu)):
+                names = [(role, f"{role}{i}", args.cpu if role == "resize" else None)
+                         for role in ("join", "planner", "resize") for i in range(1, args.per_role + 1)]
+                for role, name, cpu in names:
                     run.start(role, name, cpu)
                 run.ready()
                 store = ObjectStore(run.config)
@@ -99,8 +102,7 @@ def main() -> int:
                 location = f"s3://{run.config.bucket}/{key}"
                 client, follower = Client(run.config), Follower(run.config)
                 follower.wait([client.submit(seed_request(location))], 300)  # warm
-                steps = [("kafka", n) for n in sorted(stack.kafka_hosts)] + [
-                    ("worker", n) for n in ("join", "planner", "resize1", "resize2")]
+                steps = [("kafka", n) for n in sorted(stack.kafka_hosts)] + [("worker", name) for _r, name, _c in names]
                 load = Load(client, location, args.rate)
                 failures: list[BaseException] = []
 
@@ -151,7 +153,7 @@ def main() -> int:
     roll = [latency[wf] for wf in ids if load.phase[wf] == "roll"]
     steady = [latency[wf] for wf in ids if load.phase[wf] == "steady"][-len(roll):]
     report = {"requests": len(ids), "lost": len(lost), "twice": len(twice), "not_completed": len(bad),
-              "every_s": args.every, "rate": args.rate,
+              "every_s": args.every, "rate": args.rate, "per_role": args.per_role,
               "steady": {"n": len(steady), "p50": round(pct(steady, 0.5), 3), "p99": round(pct(steady, 0.99), 3)},
               "roll": {"n": len(roll), "p50": round(pct(roll, 0.5), 3), "p99": round(pct(roll, 0.99), 3)}}
     report["p99_ratio"] = round(report["roll"]["p99"] / report["steady"]["p99"], 2)
@@ -165,7 +167,7 @@ def main() -> int:
     write_report(args.out, "roll", report,
         "# A rolling restart under steady load (bench/roll.py)\n\n"
         f"The seed request at {args.rate}/s; one host restarted every {args.every:.0f} s: the three Kafka nodes, "
-        "the join, the planner, the two resize workers.\n\n"
+        f"then each of the {args.per_role} join, {args.per_role} planner and {args.per_role} resize hosts.\n\n"
         "| | requests | p50 s | p99 s |\n|---|---|---|---|\n"
         f"| steady | {report['steady']['n']} | {report['steady']['p50']} | {report['steady']['p99']} |\n"
         f"| during the roll | {report['roll']['n']} | {report['roll']['p50']} | {report['roll']['p99']} |\n\n"
