@@ -205,7 +205,11 @@ def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceO
             fetched, cpu = time.perf_counter(), time.thread_time()
             header = open_image(data, _config.limits)  # read once: for the cost, then the decode
             cost = decode_cost(header, data, _config.limits, max_box, options)
-            _budget.reserve(cost)
+            try:
+                _budget.reserve(cost)
+            except BaseException:  # over the budget, or no memory came free: the header goes with the task
+                header.close()
+                raise
             try:
                 im = prepare(data, _config.limits, max_box=max_box, options=options, header=header)
                 if stages is not None:
