@@ -103,7 +103,7 @@ def mode_rows(src: Image.Image) -> list[tuple]:
         name = mode + (f" ({extra['gravity']})" if extra else "")
         times = []
         for box in BOXES:
-            s = OutputSpec("png", *box, mode=mode, **extra)
+            s = OutputSpec("png", *box, resizeMode=mode, **extra)
             seconds, out = best_of(lambda: apply_layout(src, layout(src.width, src.height, s, src), "#ffffff00"))
             times.append((seconds, out.size))
         rows.append((name, times))

@@ -33,7 +33,7 @@ from streams import serde  # noqa: E402
 from streams.adapters.kafka import client_config, ensure_topics, producer_config  # noqa: E402
 from streams.config import Config  # noqa: E402
 from streams.core.join import JoinState, Marker  # noqa: E402
-from streams.core.models import COMPLETED, SUCCEEDED, TaskOutput, TaskResult, WorkflowPlan  # noqa: E402
+from streams.core.models import COMPLETED, SUCCEEDED, TaskOutput, TaskResult, WorkflowPlan, descriptors_of  # noqa: E402
 from streams.stack.local import LocalStack  # noqa: E402
 from streams.stack.processes import WorkerProcess  # noqa: E402
 
@@ -46,7 +46,8 @@ log = functools.partial(print, file=sys.stderr, flush=True)
 
 # --- in: synthetic events; out: what the join wrote ---------------------------------------------
 def plan_event(wf: str, width: int, now: int) -> tuple[bytes, bytes]:
-    plan = WorkflowPlan(wf, f"http://127.0.0.1:9000/sources/{wf}.png", tuple(REF.format(i) for i in range(width)),
+    tasks = descriptors_of({"taskRefs": [REF.format(i) for i in range(width)]})
+    plan = WorkflowPlan(wf, f"http://127.0.0.1:9000/sources/{wf}.png", tasks,
                         submittedAt=now, deadline=now + 3_600_000, correlationId=f"bench-{wf}", runId="run-1")
     return wf.encode(), serde.encode_join_event("WorkflowPlan", plan.to_dict())
 
@@ -270,9 +271,10 @@ def tick_run(markers: int = 1_000_000, n_open: int = 1000, ticks: int = 500) -> 
     for i in range(markers):
         at, wf = t0 + i * day // markers, f"wf-{i:012x}"
         state.remember(wf, Marker(COMPLETED, at, "r"))
+    nine = descriptors_of({"taskRefs": [REF.format(i) for i in range(9)]})
     for k in range(n_open):
-        state.record_plan(WorkflowPlan(f"open-{k:08x}", "http://127.0.0.1:9000/sources/open.png",
-                                       tuple(REF.format(i) for i in range(9)), t0, t0 + day + k * day // n_open), t0)
+        state.record_plan(WorkflowPlan(f"open-{k:08x}", "http://127.0.0.1:9000/sources/open.png", nine, t0,
+                                       t0 + day + k * day // n_open), t0)
     rss_mb = (psutil.Process().memory_info().rss - rss0) / 2**20
     t = time.perf_counter()
     assert not state.due(t0 + 1000), "nothing is due yet"

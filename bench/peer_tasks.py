@@ -25,7 +25,7 @@ from celery.signals import worker_process_init
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.source import fetch_http
 from streams.config import Config
-from streams.core.imaging import OutputSpec, prepare, resize_image
+from streams.core.imaging import OutputSpec, prepare, resize_image, task_spec
 
 REDIS_URL = os.environ.get("IMAGEFORK_PEER_REDIS", "redis://127.0.0.1:6379")
 
@@ -84,15 +84,11 @@ def _decoded(request_id: str, url: str, max_box: tuple[int, int], spec: OutputSp
 def resize(task: dict, url: str, cached: bool) -> dict:
     """One output: ``task`` is imagefork's own task record (streams.core.planning.plan_tasks)."""
     _init()
-    spec = OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"],
-                      mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
-                      enlarge=task.get("enlarge", True), background=task.get("background", ""),
-                      quality=task.get("quality", 0), effort=task.get("effort", -1),
-                      progressive=task.get("progressive"), lossless=task.get("lossless", False))
+    spec = task_spec(task)  # its options, or (a task written before them) its flat fields
     source = _decoded(task["workflowId"], url, (task["maxWidth"], task["maxHeight"]), spec, cached)
     started = time.perf_counter()
     out = resize_image(source, spec, _config.limits, _config.encoding)
-    applied = {"mode": out.mode, "quality": out.quality, "effort": out.effort, "progressive": out.progressive}
+    applied = {"frames": out.frames, "options": out.applied.said()}  # as the resize worker writes it
     _store.put(task["outputKey"], out.data, out.content_type, metadata={
         "imagefork-task": task["taskRef"], "imagefork-format": out.format,
         "imagefork-width": str(out.width), "imagefork-height": str(out.height),

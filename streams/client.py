@@ -13,6 +13,7 @@ from streams.adapters.kafka import client_config, producer_config, read_to_end
 from streams.adapters.schemas import install_resolver, publish_schemas
 from streams.config import Config
 from streams.core.models import WorkflowCompleted
+from streams.core.options import OPTIONS, ImageOptions, flat_fields
 from streams.core.planning import parse_boolean
 from streams.errors import ImageforkError
 
@@ -134,22 +135,7 @@ class Client:
         if isinstance(request, dict):
             workflow_id = workflow_id or request.get("workflowId") or str(uuid.uuid4())
             if avro:
-                body = {"workflowId": None, "correlationId": None, **request}
-                # "false" means false and "80" means 80, as the JSON path reads them
-                defaults = {"maintainAspectRatio": True, "enlarge": True, "lossless": False, "animated": False,
-                            "keepProfile": False, "progressive": None}
-                for name, default in defaults.items():
-                    given = request.get(name, default)
-                    if given is None:
-                        continue
-                    flag, why = parse_boolean(given)
-                    if why:
-                        raise SubmitError(f"{name} {why}")
-                    body[name] = flag
-                for name in ("quality", "effort"):
-                    number = request.get(name)
-                    if isinstance(number, str) and number.strip().isdigit():
-                        body[name] = int(number)
+                body = avro_request(request)
                 value = serde.encode("ImageRequest", body)
                 self._publish_schemas()
             else:
@@ -191,3 +177,35 @@ def consume_completed(config: Config, ids: Iterable[str], timeout: float) -> lis
 
 
 __all__ = ["Client", "Follower", "SubmitError", "consume_completed"]
+
+
+def avro_request(doc: dict) -> dict:
+    """A request document (the seed's JSON form) as an ImageRequest record: its options in ``options`` (and
+    in the flat fields a planner older than ``options`` reads). "false" means false and "80" means 80, as
+    the JSON path reads them; a value no option takes is passed as given, for the planner to refuse with
+    its reason (or the encoder, when the record cannot hold it)."""
+    flag, why = parse_boolean(doc.get("maintainAspectRatio", True))
+    if why:
+        raise SubmitError(f"maintainAspectRatio {why}")
+    options = _options(doc)
+    sizes = []
+    for size in doc.get("outputSizes") or []:
+        if not isinstance(size, dict):
+            sizes.append(size)
+            continue
+        own = _options(size)
+        sizes.append({"width": size.get("width"), "height": size.get("height"), **flat_fields("Size", own),
+                      "options": own.to_dict() if own.said() else None})
+    body = {k: v for k, v in doc.items() if k not in ImageOptions.__dataclass_fields__ and k != "options"}
+    return {"workflowId": None, "correlationId": None, **body, "maintainAspectRatio": flag, "outputSizes": sizes,
+            **flat_fields("ImageRequest", options), "options": options.to_dict() if options.said() else None}
+
+
+def _options(doc: dict) -> ImageOptions:
+    given = {**doc, **(doc.get("options") if isinstance(doc.get("options"), dict) else {})}
+    values = {}
+    for option in OPTIONS:
+        if given.get(option.name) is not None:
+            value, why = option.parse(given[option.name])
+            values[option.name] = given[option.name] if why else value
+    return ImageOptions(**values)

@@ -65,7 +65,7 @@ class Planner:
         except RequestInvalid as exc:
             log.info("workflow %s rejected: %s", workflow_id, exc.message)
             return await self.send_plan(WorkflowPlan(
-                workflowId=workflow_id, correlationId=correlation, fileLocation=location[:2048], taskRefs=(),
+                workflowId=workflow_id, correlationId=correlation, fileLocation=location[:2048], tasks=(),
                 submittedAt=now, deadline=deadline, runId=run_id,
                 failure=PlanFailure(REJECTED, exc.code, exc.message)))
         try:
@@ -80,7 +80,7 @@ class Planner:
             log.info("workflow %s failed at its source: %s", workflow_id, exc)
             return await self.send_plan(WorkflowPlan(
                 workflowId=workflow_id, correlationId=request.correlationId, fileLocation=request.fileLocation,
-                taskRefs=(), submittedAt=now, deadline=deadline, runId=run_id,
+                tasks=(), submittedAt=now, deadline=deadline, runId=run_id,
                 retryOf=request.retry.runId if request.retry else "", request=request_json(request),
                 failure=PlanFailure(FAILED, exc.code, exc.message, attempts=attempt)))
         sending = time.perf_counter()

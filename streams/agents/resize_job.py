@@ -25,6 +25,7 @@ from streams.core.errors import ImageTooLarge, PipelineError
 from streams.core.imaging import (
     Source, SourceOptions, decode_cost, open_image, prepare, resize_image, task_spec,
 )
+from streams.core.models import TaskOutput
 from streams.metrics import SOURCE_CACHE_BYTES, SOURCE_CACHE_LOOKUPS
 
 _config: Config | None = None
@@ -249,10 +250,8 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
         finally:
             del im
             _budget.unlease(key)
-        applied = {"mode": out.mode, "gravity": out.gravity, "enlarge": out.enlarge, "background": out.background,
-                   "quality": out.quality, "effort": out.effort, "progressive": out.progressive,
-                   "lossless": out.lossless, "frames": out.frames, "keepMetadata": out.keep_metadata,
-                   "keepProfile": out.keep_profile}
+        output = TaskOutput(task["taskRef"], out.format, out.width, out.height, len(out.data), out.content_type,
+                            _store.uri(task["outputKey"]), _store.url(task["outputKey"]), out.frames, out.applied)
         # the object describes itself (its task, run and the options applied), so the join can recover a
         # result it lost, as it was (see join/repair.py)
         uploading = time.perf_counter()
@@ -260,13 +259,10 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
             "imagefork-task": task["taskRef"], "imagefork-format": out.format,
             "imagefork-width": str(out.width), "imagefork-height": str(out.height),
             "imagefork-run": task.get("runId", ""),
-            "imagefork-options": json.dumps(applied, separators=(",", ":"))})
+            "imagefork-options": json.dumps({"frames": out.frames, "options": out.applied.said()},
+                                            separators=(",", ":"))})
         stages["upload"] = time.perf_counter() - uploading
-        return {"ok": True, "output": {
-            "taskRef": task["taskRef"], "format": out.format, "width": out.width, "height": out.height,
-            "bytes": len(out.data), "contentType": out.content_type,
-            "s3Uri": _store.uri(task["outputKey"]), "url": _store.url(task["outputKey"]), **applied,
-        }, "seconds": time.perf_counter() - started}
+        return {"ok": True, "output": output.to_dict(), "seconds": time.perf_counter() - started}
     except PipelineError as exc:
         return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient}
     except MemoryError:

@@ -28,8 +28,8 @@ ANIMATED_SOURCES = ("GIF", "WEBP", "AVIF", "PNG")  # PNG: APNG
 
 
 class Asked(Protocol):
-    """What a request asks of the encoder (an ``OutputSpec``)."""
-    quality: int
+    """What a request asks of the encoder (an output's ``ImageOptions``)."""
+    quality: int | None
     progressive: bool | None
     lossless: bool
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from streams.core.models import (
     COMPLETED, FAILED, SUCCEEDED, TIMED_OUT,
-    TaskError, TaskResult, WorkflowCompleted, WorkflowPlan,
+    TaskDescriptor, TaskError, TaskResult, WorkflowCompleted, WorkflowPlan,
 )
 
 PLAN, RESULT, MARKER = "plan", "result", "marker"
@@ -84,10 +84,11 @@ class Workflow:
     def deadline(self, default_timeout_ms: int) -> int:
         return self.plan.deadline if self.plan else self.firstSeen + default_timeout_ms
 
-    def missing_refs(self) -> list[str]:
+    def missing(self) -> list[TaskDescriptor]:
+        """The plan's tasks with no result yet."""
         if self.plan is None:
             return []
-        return [ref for ref in self.plan.taskRefs if ref not in self.results]
+        return [t for t in self.plan.tasks if t.taskRef not in self.results]
 
     def progress(self) -> tuple[int, int | None]:
         return (self.done, len(self.plan.taskRefs)) if self.plan else (len(self.results), None)
@@ -302,6 +303,7 @@ def build_final(flow: Workflow, status: str, now: int) -> WorkflowCompleted:
         runId=plan.runId if plan else "",
         retryOf=plan.retryOf if plan else "",
         request=plan.request if plan else "",
+        tasks=plan.tasks if plan else (),
     )
 
 

@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
+from streams.core.options import ImageOptions, flat_fields, options_of
+
 
 def now_ms() -> int:
     """The wall clock in milliseconds, as every timestamp of the contract."""
@@ -23,9 +25,11 @@ SUCCEEDED = "SUCCEEDED"
 class Size:
     width: int
     height: int
-    resizeMode: str | None = None  # None: the request's
-    gravity: str | None = None  # None: the request's
-    quality: int | None = None  # None: the request's (a thumbnail may want more than a large image)
+    options: ImageOptions = ImageOptions()  # this size's own, over the request's
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a request document writes it: the box and its own options, flat."""
+        return {"width": self.width, "height": self.height, **self.options.said()}
 
 
 @dataclass(frozen=True)
@@ -44,49 +48,42 @@ class ImageRequest:
     maintainAspectRatio: bool = True
     workflowId: str | None = None
     correlationId: str | None = None
-    resizeMode: str | None = None  # fit | fill | force | pad; None: fit if maintainAspectRatio, else force
-    gravity: str = "center"
-    enlarge: bool = True
-    background: str | None = None  # #rrggbb or #rrggbbaa (pad); None: transparent, white for JPEG
-    quality: int | None = None  # 1-100 (jpg, webp, avif); None: the configured encoding's
+    options: ImageOptions = ImageOptions()  # as validated, with resizeMode always said
     retry: RetryOf | None = None
-    effort: int | None = None  # 0 (fastest) - 9 (smallest): png, jpg, webp, avif; None: the configured ones
-    progressive: bool | None = None  # jpg; None: the configured one (IMAGEFORK_JPEG_PROGRESSIVE)
-    lossless: bool = False  # webp
-    animated: bool = False  # gif, webp, avif outputs of an animated source stay animated
-    keepMetadata: str = "none"  # none | copyright | all
-    keepProfile: bool = False  # keep an RGB source's ICC profile instead of converting to sRGB
 
     @property
     def mode(self) -> str:
-        return self.resizeMode or ("fit" if self.maintainAspectRatio else "force")
+        return self.options.resizeMode or ("fit" if self.maintainAspectRatio else "force")
 
     def to_dict(self) -> dict[str, Any]:
+        """The request as a JSON document (the seed's flat form), without its retry."""
         return {
             "fileLocation": self.fileLocation,
             "outputFormats": list(self.outputFormats),
-            "outputSizes": [asdict(s) for s in self.outputSizes],
+            "outputSizes": [s.to_dict() for s in self.outputSizes],
             "maintainAspectRatio": self.maintainAspectRatio,
             "workflowId": self.workflowId,
             "correlationId": self.correlationId,
-            "resizeMode": self.resizeMode,
-            "gravity": self.gravity,
-            "enlarge": self.enlarge,
-            "background": self.background,
-            "quality": self.quality,
-            "effort": self.effort,
-            "progressive": self.progressive,
-            "lossless": self.lossless,
-            "animated": self.animated,
-            "keepMetadata": self.keepMetadata,
-            "keepProfile": self.keepProfile,
+            **self.options.said(),
         }
+
+
+@dataclass(frozen=True)
+class TaskDescriptor:
+    """One task of a plan: its reference and the output it asks for (the box, not the output's size)."""
+    taskRef: str
+    format: str
+    width: int
+    height: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"taskRef": self.taskRef, "format": self.format, "width": self.width, "height": self.height}
 
 
 def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool, bytes)):
         return value
-    if isinstance(value, _Record):
+    if isinstance(value, (_Record, ImageOptions)):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
@@ -132,17 +129,16 @@ class ResizeTask(_Record):
     maxWidth: int = 0
     maxHeight: int = 0
     runId: str = ""
-    resizeMode: str = ""  # "": from maintainAspectRatio (a task written before modes)
-    gravity: str = "center"
-    enlarge: bool = True
-    background: str = ""  # "": pad's default (transparent, white for JPEG)
-    quality: int = 0  # 0: the configured encoding's
-    effort: int = -1  # 0-9; -1: the configured encoding's
-    progressive: bool | None = None  # jpg; None: the configured one
-    lossless: bool = False
-    animated: bool = False
-    keepMetadata: str = "none"
-    keepProfile: bool = False
+    options: ImageOptions = ImageOptions()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {**d, **flat_fields("ResizeTask", self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ResizeTask":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "options"},
+                   options=options_of("ResizeTask", d))
 
 
 @dataclass(frozen=True)
@@ -155,17 +151,17 @@ class TaskOutput(_Record):
     contentType: str
     s3Uri: str
     url: str
-    mode: str = ""  # the resize mode applied ("": written before modes, or recovered by repair)
-    gravity: str = ""  # fill and pad only
-    enlarge: bool = True
-    background: str = ""  # pad only: #rrggbbaa
-    quality: int = 0  # jpg, lossy webp and avif only
-    effort: int = -1  # the request's 0-9 effort (png, jpg, webp, avif); -1: the configured one, or no such knob
-    progressive: bool = False  # jpg only
-    lossless: bool = False  # webp only
     frames: int = 1  # more than 1: an animation
-    keepMetadata: str = ""  # none | copyright | all, what was written ("": written before the option)
-    keepProfile: bool = False  # the source's own ICC profile was embedded (not sRGB)
+    options: ImageOptions = ImageOptions()  # what was applied; None: not applied
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {**d, **flat_fields("TaskOutput", self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskOutput":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "options"},
+                   options=options_of("TaskOutput", d))
 
 
 @dataclass(frozen=True)
@@ -228,7 +224,7 @@ class PlanFailure(_Record):
 class WorkflowPlan:
     workflowId: str
     fileLocation: str
-    taskRefs: tuple[str, ...]
+    tasks: tuple[TaskDescriptor, ...]  # in plan order
     submittedAt: int
     deadline: int
     correlationId: str | None = None
@@ -238,12 +234,17 @@ class WorkflowPlan:
     carried: tuple[TaskOutput, ...] = ()  # a retry: the outputs kept from that run
     request: str = ""  # the validated request (JSON), carried to the final event
 
+    @property
+    def taskRefs(self) -> tuple[str, ...]:
+        return tuple(t.taskRef for t in self.tasks)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "workflowId": self.workflowId,
             "correlationId": self.correlationId,
             "fileLocation": self.fileLocation,
-            "taskRefs": list(self.taskRefs),
+            "taskRefs": list(self.taskRefs),  # for readers older than ``tasks``
+            "tasks": [t.to_dict() for t in self.tasks],
             "submittedAt": self.submittedAt,
             "deadline": self.deadline,
             "failure": self.failure.to_dict() if self.failure else None,
@@ -259,7 +260,7 @@ class WorkflowPlan:
             workflowId=d["workflowId"],
             correlationId=d.get("correlationId"),
             fileLocation=d["fileLocation"],
-            taskRefs=tuple(d["taskRefs"]),
+            tasks=descriptors_of(d),
             submittedAt=d["submittedAt"],
             deadline=d["deadline"],
             failure=PlanFailure.from_dict(d["failure"]) if d.get("failure") else None,
@@ -291,6 +292,7 @@ class WorkflowCompleted:
     runId: str = ""
     retryOf: str = ""
     request: str = ""  # the validated request (JSON); "" for a REJECTED one
+    tasks: tuple[TaskDescriptor, ...] = ()  # the plan's (empty: no plan, or written before the field)
 
     def document(self) -> dict[str, Any]:
         """The final event as plain JSON for readers that do not speak Avro (``imagefork events --json``,
@@ -318,6 +320,7 @@ class WorkflowCompleted:
             "runId": self.runId,
             "retryOf": self.retryOf,
             "request": self.request,
+            "tasks": [t.to_dict() for t in self.tasks],
         }
 
     @classmethod
@@ -336,4 +339,19 @@ class WorkflowCompleted:
             runId=d.get("runId") or "",
             retryOf=d.get("retryOf") or "",
             request=d.get("request") or "",
+            tasks=descriptors_of(d),
         )
+
+
+def descriptors_of(d: dict[str, Any]) -> tuple[TaskDescriptor, ...]:
+    """A plan's (or a final event's) tasks; a plan written before ``tasks`` has only its references, named
+    ``image_convert_resize_{format}_{w}x{h}_{i}``: read back from them (the one place that parses one)."""
+    if d.get("tasks"):
+        return tuple(TaskDescriptor(**{k: t[k] for k in ("taskRef", "format", "width", "height")}) for t in d["tasks"])
+    out = []
+    for ref in d.get("taskRefs") or ():
+        parts = ref.removeprefix("image_convert_resize_").rsplit("_", 2)
+        box = parts[1].split("x") if len(parts) == 3 else ()
+        ok = ref.startswith("image_convert_resize_") and len(box) == 2 and all(b.isdigit() for b in box)
+        out.append(TaskDescriptor(ref, parts[0], int(box[0]), int(box[1])) if ok else TaskDescriptor(ref, "", 0, 0))
+    return tuple(out)

@@ -5,13 +5,14 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import replace
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from streams.core.errors import RequestInvalid
 from streams.core.formats import FORMATS
-from streams.core.imaging import EFFORT_MAX, GRAVITIES, KEEP_METADATA, MODES, parse_colour
-from streams.core.models import ImageRequest, ResizeTask, RetryOf, Size, TaskOutput, WorkflowPlan
+from streams.core.models import ImageRequest, ResizeTask, RetryOf, Size, TaskDescriptor, TaskOutput, WorkflowPlan
+from streams.core.options import ImageOptions, boolean, integer, parse_options
 
 TASK_NAME = "image_convert_resize"
 SCHEMES = ("http", "https", "s3")
@@ -27,15 +28,6 @@ def task_ref(fmt: str, size: Size, index: int) -> str:
 def output_key(prefix: str, workflow_id: str, ref: str, fmt: str) -> str:
     row = FORMATS.get(fmt)
     return f"{prefix}{workflow_id}/{ref}.{row.suffix if row else fmt}"
-
-
-def format_of(ref: str) -> str | None:
-    """The format in a task reference ``image_convert_resize_{format}_{w}x{h}_{i}``."""
-    head = f"{TASK_NAME}_"
-    if not ref.startswith(head):
-        return None
-    parts = ref[len(head):].rsplit("_", 2)
-    return parts[0] if len(parts) == 3 else None
 
 
 def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: int = 0,
@@ -86,50 +78,17 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
                 if why:
                     problems.append((f"outputSizes[{i}].{axis}", why))
                 dims.append(value)
-            size_mode = _choice(s.get("resizeMode"), MODES, f"outputSizes[{i}].resizeMode", problems)
-            size_gravity = _choice(s.get("gravity"), GRAVITIES, f"outputSizes[{i}].gravity", problems)
-            size_quality = s.get("quality")
-            if size_quality is not None:
-                size_quality, why = _dimension(size_quality, 100)
-                if why:
-                    problems.append((f"outputSizes[{i}].quality", why))
+            own = parse_options(s, f"outputSizes[{i}].", problems)
             if all(d is not None for d in dims):
-                sizes.append(Size(dims[0], dims[1], size_mode, size_gravity, size_quality))
+                sizes.append(Size(dims[0], dims[1], own))
                 size_fields.append(f"outputSizes[{i}]")
 
     keep, why = parse_boolean(doc.get("maintainAspectRatio", True))
     if why:
         problems.append(("maintainAspectRatio", why))
+    options = parse_options(doc, "", problems)
     # resizeMode wins over maintainAspectRatio when both are given and disagree
-    mode = _choice(doc.get("resizeMode"), MODES, "resizeMode", problems) or ("fit" if keep else "force")
-    gravity = _choice(doc.get("gravity"), GRAVITIES, "gravity", problems) or "center"
-    enlarge, why = parse_boolean(True if doc.get("enlarge") is None else doc.get("enlarge"))
-    if why:
-        problems.append(("enlarge", why))
-    background = doc.get("background")
-    if background is not None:
-        try:
-            parse_colour(background if isinstance(background, str) else "")
-            background = background.lower()
-        except ValueError:
-            problems.append(("background", f"must be #rrggbb or #rrggbbaa, got {background!r}"[:200]))
-    quality = doc.get("quality")
-    if quality is not None:
-        quality, why = _dimension(quality, 100)
-        if why:
-            problems.append(("quality", why))
-    effort = doc.get("effort")
-    if effort is not None:
-        effort, why = _dimension(effort, EFFORT_MAX, minimum=0)
-        if why:
-            problems.append(("effort", why))
-    flags = {}
-    for name, default in (("progressive", None), ("lossless", False), ("animated", False), ("keepProfile", False)):
-        value = doc.get(name)
-        flags[name], why = (default, None) if value is None else parse_boolean(value)
-        if why:
-            problems.append((name, why))
-    keep_metadata = _choice(doc.get("keepMetadata"), KEEP_METADATA, "keepMetadata", problems) or "none"
+    options = replace(options, resizeMode=options.resizeMode or ("fit" if keep else "force"))
 
     ids = {}
     for name in ("workflowId", "correlationId"):
@@ -143,7 +102,7 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
 
     retry = _retry(doc.get("retry"), problems)
     if max_pixels and not problems:
-        problems.extend(_certain_boxes_over(sizes, size_fields, mode, enlarge, max_pixels))
+        problems.extend(_certain_boxes_over(sizes, size_fields, options, max_pixels))
 
     if not problems and len(out_formats) * len(sizes) > max_tasks:
         problems.append(("outputSizes",
@@ -158,18 +117,8 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         maintainAspectRatio=keep,
         workflowId=ids.get("workflowId"),
         correlationId=ids.get("correlationId"),
-        resizeMode=mode,
-        gravity=gravity,
-        enlarge=enlarge,
-        background=background,
-        quality=quality,
+        options=options,
         retry=retry,
-        effort=effort,
-        progressive=flags["progressive"],
-        lossless=flags["lossless"],
-        animated=flags["animated"],
-        keepMetadata=keep_metadata,
-        keepProfile=flags["keepProfile"],
     )
 
 
@@ -215,17 +164,6 @@ def retry_split(request: ImageRequest, tasks: list[ResizeTask]) -> tuple[list[Re
     again = set(request.retry.taskRefs) or refs
     kept = tuple(o for o in request.retry.outputs if o.taskRef in refs and o.taskRef not in again)
     return [t for t in tasks if t.taskRef in again], kept
-
-
-def _choice(value: Any, names: tuple[str, ...], name: str, problems: list[tuple[str, str]]) -> str | None:
-    """One of ``names`` (case and surrounding blanks ignored), None when absent; else the problem is noted."""
-    if value is None:
-        return None
-    choice = value.strip().lower() if isinstance(value, str) else None
-    if choice not in names:
-        problems.append((name, f"{value!r} is not one of {', '.join(names)}"[:200]))
-        return None
-    return choice
 
 
 def _unencodable(value: Any, path: str, depth: int = 0) -> str | None:
@@ -280,33 +218,20 @@ def _check_location(location: str) -> list[tuple[str, str]]:
     return []
 
 
-def _dimension(value: Any, maximum: int, minimum: int = 1) -> tuple[int | None, str | None]:
-    if isinstance(value, bool):
-        return None, "must be an integer, got a boolean"
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 9:
-        value = int(value.strip())  # ASCII digits only: "²" is a digit to isdigit() and not to int()
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int):
-        return None, f"is required and must be an integer, got {value!r}"[:200]
-    if not minimum <= value <= maximum:
-        return None, f"must be between {minimum} and {maximum}, got {value}"
-    return value, None
+def _dimension(value: Any, maximum: int) -> tuple[int | None, str | None]:
+    return integer(1, maximum)(value)
 
 
 def parse_boolean(value: Any) -> tuple[bool, str | None]:
     """A JSON boolean, or the strings "true"/"false" (as the seed's worker took them); else why not."""
-    if isinstance(value, bool):
-        return value, None
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true", None
-    return True, f"must be true or false, got {value!r}"[:200]
+    flag, why = boolean(value)
+    return (True, why) if why else (flag, None)
 
 
 def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, deadline: int,
                output_prefix: str = "", run_id: str = "") -> list[ResizeTask]:
-    """One task per format x size, in the seed's order (formats outer, sizes inner); a size's own
-    resizeMode, gravity and quality override the request's."""
+    """One task per format x size, in the seed's order (formats outer, sizes inner); a size's own options
+    override the request's."""
     total = len(request.outputFormats) * len(request.outputSizes)
     max_w = max(s.width for s in request.outputSizes)
     max_h = max(s.height for s in request.outputSizes)
@@ -315,7 +240,7 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
         for size in request.outputSizes:
             i = len(tasks)
             ref = task_ref(fmt, size, i)
-            mode = size.resizeMode or request.mode
+            options = size.options.over(request.options)
             tasks.append(ResizeTask(
                 workflowId=workflow_id,
                 taskRef=ref,
@@ -326,23 +251,13 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
                 format=fmt,
                 width=size.width,
                 height=size.height,
-                maintainAspectRatio=mode != "force",  # what a resize worker older than modes does best
+                maintainAspectRatio=options.resizeMode != "force",  # what a resize worker older than modes does best
                 outputKey=output_key(output_prefix, workflow_id, ref, fmt),
                 deadline=deadline,
                 maxWidth=max_w,
                 maxHeight=max_h,
                 runId=run_id,
-                resizeMode=mode,
-                gravity=size.gravity or request.gravity,
-                enlarge=request.enlarge,
-                background=request.background or "",
-                quality=size.quality or request.quality or 0,
-                effort=-1 if request.effort is None else request.effort,
-                progressive=request.progressive,
-                lossless=request.lossless,
-                animated=request.animated,
-                keepMetadata=request.keepMetadata,
-                keepProfile=request.keepProfile,
+                options=options,
             ))
     return tasks
 
@@ -354,7 +269,7 @@ def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], 
         workflowId=workflow_id,
         correlationId=request.correlationId,
         fileLocation=request.fileLocation,
-        taskRefs=tuple(t.taskRef for t in tasks),
+        tasks=tuple(TaskDescriptor(t.taskRef, t.format, t.width, t.height) for t in tasks),
         submittedAt=submitted_at,
         deadline=deadline,
         runId=run_id,
@@ -364,15 +279,16 @@ def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], 
     )
 
 
-def _certain_boxes_over(sizes: list[Size], fields: list[str], mode: str, enlarge: bool,
+def _certain_boxes_over(sizes: list[Size], fields: list[str], options: ImageOptions,
                         max_pixels: int) -> list[tuple[str, str]]:
     """The sizes whose output is exactly their box whatever the source (pad always; force and fill when
     they may enlarge) and whose box is over ``max_pixels``: certain to fail, so refused up front."""
     side = math.isqrt(max_pixels)
     problems = []
     for size, name in zip(sizes, fields):
-        size_mode = size.resizeMode or mode
-        certain = size_mode == "pad" or (size_mode in ("force", "fill") and enlarge)
+        own = size.options.over(options)
+        enlarge = own.enlarge is not False
+        certain = own.resizeMode == "pad" or (own.resizeMode in ("force", "fill") and enlarge)
         if certain and size.width * size.height > max_pixels:
             problems.append((name, f"{size.width}x{size.height} is {size.width * size.height / 1e6:.1f} megapixels, "
                                    f"more than the limit of {max_pixels / 1e6:g} (IMAGEFORK_MAX_PIXELS; the largest "

@@ -2,26 +2,13 @@
 event: plain data in, plain data out (no I/O)."""
 from __future__ import annotations
 
-import re
-from typing import Any
 from urllib.parse import quote
 
-from streams.core.models import SUCCEEDED, TIMED_OUT, WorkflowCompleted
+from streams.core.models import SUCCEEDED, TIMED_OUT, WorkflowCompleted, descriptors_of
 
 PENDING, RUNNING = "PENDING", "RUNNING"
 TERMINAL = ("COMPLETED", "FAILED", "TIMED_OUT", "REJECTED")
 STATUSES = (PENDING, RUNNING, *TERMINAL)
-_REF = re.compile(r"^image_convert_resize_(?P<format>.+)_(?P<width>\d+)x(?P<height>\d+)_(?P<index>\d+)$")
-
-
-def ref_parts(ref: str) -> dict[str, Any]:
-    """Format, size and index from a task reference ``image_convert_resize_{format}_{w}x{h}_{i}``."""
-    m = _REF.match(ref)
-    if not m:
-        return {"format": None, "width": None, "height": None, "index": None}
-    return {"format": m["format"], "width": int(m["width"]), "height": int(m["height"]), "index": int(m["index"])}
-
-
 def output_href(workflow_id: str, ref: str) -> str:
     return f"/v1/workflows/{quote(workflow_id, safe='')}/outputs/{quote(ref, safe='')}"
 
@@ -32,11 +19,12 @@ def _output(workflow_id: str, output: dict | None) -> dict | None:
     return {**output, "href": output_href(workflow_id, output["taskRef"])}
 
 
-def _task(workflow_id: str, ref: str, status: str, attempts: int = 0, finished_at: int | None = None,
+def _task(workflow_id: str, task: dict, status: str, attempts: int = 0, finished_at: int | None = None,
           output: dict | None = None, error: dict | None = None) -> dict:
-    parts = ref_parts(ref)
-    return {"taskRef": ref, "format": parts["format"], "width": parts["width"], "height": parts["height"],
-            "status": status, "attempts": attempts, "finishedAt": finished_at,
+    """One task's line: its descriptor (reference, format, box), where it stands, its output or error."""
+    ref = task["taskRef"]
+    return {"taskRef": ref, "format": task["format"] or None, "width": task["width"] or None,
+            "height": task["height"] or None, "status": status, "attempts": attempts, "finishedAt": finished_at,
             "output": _output(workflow_id, output), "error": error}
 
 
@@ -52,14 +40,14 @@ def running_doc(answer: dict) -> dict:
     wf = answer["workflowId"]
     plan = answer.get("plan")
     results = {r["taskRef"]: r for r in answer.get("results", [])}
-    refs = list(plan["taskRefs"]) if plan else sorted(results)
+    planned = descriptors_of(plan) if plan else descriptors_of({"taskRefs": sorted(results)})
     tasks = []
-    for ref in refs:
-        r = results.get(ref)
+    for task in (t.to_dict() for t in planned):
+        r = results.get(task["taskRef"])
         if r is None:
-            tasks.append(_task(wf, ref, PENDING))
+            tasks.append(_task(wf, task, PENDING))
         else:
-            tasks.append(_task(wf, ref, r["status"], r.get("attempts", 0), r.get("finishedAt"), r.get("output"),
+            tasks.append(_task(wf, task, r["status"], r.get("attempts", 0), r.get("finishedAt"), r.get("output"),
                                r.get("error")))
     outputs = [t["output"] for t in tasks if t["output"] is not None and t["status"] == SUCCEEDED]
     errors = [t["error"] for t in tasks if t["error"] is not None and t["status"] != SUCCEEDED]
@@ -78,14 +66,22 @@ def running_doc(answer: dict) -> dict:
 def final_doc(final: WorkflowCompleted) -> dict:
     """A finished workflow, from its final event: every task, in plan order, with its output or error."""
     wf = final.workflowId
+    # a final event written before it carried the plan's tasks: they are read from the references
+    planned = final.tasks or descriptors_of({"taskRefs": [o.taskRef for o in final.outputs] +
+                                                         [e.taskRef for e in final.errors if e.taskRef]})
+    order = {t.taskRef: i for i, t in enumerate(planned)}
+    described = {t.taskRef: t.to_dict() for t in planned}
+    for ref in [o.taskRef for o in final.outputs] + [e.taskRef for e in final.errors if e.taskRef]:
+        if ref not in described:  # not in its plan (a writer's mistake): still shown, as its reference says
+            described[ref] = descriptors_of({"taskRefs": [ref]})[0].to_dict()
     by_ref: dict[str, dict] = {}
     for o in final.outputs:
-        by_ref[o.taskRef] = _task(wf, o.taskRef, SUCCEEDED, output=o.to_dict())
+        by_ref[o.taskRef] = _task(wf, described[o.taskRef], SUCCEEDED, output=o.to_dict())
     for e in final.errors:
         if e.taskRef and e.taskRef not in by_ref:
-            by_ref[e.taskRef] = _task(wf, e.taskRef, TIMED_OUT if e.code == "TIMED_OUT" else "FAILED",
+            by_ref[e.taskRef] = _task(wf, described[e.taskRef], TIMED_OUT if e.code == "TIMED_OUT" else "FAILED",
                                       e.attempts, error=e.to_dict())
-    tasks = sorted(by_ref.values(), key=lambda t: (ref_parts(t["taskRef"])["index"] or 0, t["taskRef"]))
+    tasks = sorted(by_ref.values(), key=lambda t: (order.get(t["taskRef"], len(order)), t["taskRef"]))
     done = len(tasks)
     return {
         "workflowId": wf, "status": final.status, "runId": final.runId, "retryOf": final.retryOf,

@@ -9,6 +9,7 @@ loop, a bounded number of workflows at a time, each with a growing pause between
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import time
@@ -17,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.join import Workflow
-from streams.core.models import SUCCEEDED, TaskOutput, TaskResult, now_ms
-from streams.core.planning import format_of, output_key
+from streams.core.models import SUCCEEDED, TaskDescriptor, TaskOutput, TaskResult, now_ms
+from streams.core.options import OPTIONS, ImageOptions, options_of
+from streams.core.planning import output_key
 from streams.metrics import REPAIR_ERRORS, REPAIRED
 
 log = logging.getLogger("imagefork")
@@ -47,7 +49,7 @@ class Repairer:
                 continue
             self._next[wf] = (attempts + 1, mono + min(300.0, self.config.repair_after_s * 2 ** attempts))
             self._in_flight.add(wf)
-            missing = flow.missing_refs()
+            missing = flow.missing()
             run_id = flow.plan.runId if flow.plan else ""
             self.pool.submit(self._look, partition, wf, run_id, missing)
 
@@ -74,9 +76,9 @@ class Repairer:
             except queue.Empty:
                 return out
 
-    def _look(self, partition: int, workflow_id: str, run_id: str, refs: list[str]) -> None:
+    def _look(self, partition: int, workflow_id: str, run_id: str, tasks: list[TaskDescriptor]) -> None:
         try:
-            found = self.find(workflow_id, run_id, refs)
+            found = self.find(workflow_id, run_id, tasks)
             if found:
                 log.warning("workflow %s: %d result(s) were lost; recovered them from their objects",
                             workflow_id, len(found))
@@ -88,12 +90,12 @@ class Repairer:
         finally:
             self._in_flight.discard(workflow_id)
 
-    def find(self, workflow_id: str, run_id: str, refs: list[str]) -> list[TaskResult]:
+    def find(self, workflow_id: str, run_id: str, tasks: list[TaskDescriptor]) -> list[TaskResult]:
         found = []
         older_than = time.time() - self.config.repair_after_s
-        for ref in refs:
-            fmt = format_of(ref)
-            if fmt is None:
+        for task in tasks:
+            ref, fmt = task.taskRef, task.format
+            if not fmt:
                 continue
             key = output_key(self.config.output_prefix, workflow_id, ref, fmt)
             head = self.store.head(key)
@@ -121,22 +123,24 @@ class Repairer:
 
 
 def applied_options(text: str) -> dict:
-    """The options an output object says were applied (its ``imagefork-options`` metadata, JSON); what
-    is not a field of TaskOutput, or has the wrong type, is left out (an object written before the
-    field, or by hand, gives defaults)."""
-    import json
+    """What an output object says was applied (its ``imagefork-options`` metadata, JSON: ``frames`` and
+    ``options``, or the flat fields of a worker older than ``options``), as TaskOutput's fields; a value
+    an option would not take, or the wrong type, is left out (an object written by hand gives defaults)."""
     try:
         given = json.loads(text) if text else {}
     except ValueError:
         return {}
     if not isinstance(given, dict):
         return {}
-    fields = TaskOutput.__dataclass_fields__
-    out = {}
-    for name, value in given.items():
-        field = fields.get(name)
-        default = getattr(field, "default", None) if field else None
-        if field is not None and name not in ("taskRef", "format", "width", "height", "bytes", "contentType",
-                                              "s3Uri", "url") and type(value) is type(default):
-            out[name] = value
+    raw = options_of("TaskOutput", given).said() if isinstance(given.get("options"), (dict, type(None))) else {}
+    kept = {}
+    for option in OPTIONS:
+        if option.name in raw:
+            value, why = option.parse(raw[option.name])
+            if why is None and type(value) is type(raw[option.name]):
+                kept[option.name] = value
+    out: dict = {"options": ImageOptions(**kept)}
+    frames = given.get("frames")
+    if type(frames) is int and frames > 0:
+        out["frames"] = frames
     return out

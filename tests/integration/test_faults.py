@@ -365,7 +365,7 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     """A result that never reaches the join (lost anywhere) is rebuilt from the self-describing output
     object once the workflow stalls, so the workflow completes instead of timing out."""
     from streams import serde
-    from streams.core.models import WorkflowPlan
+    from streams.core.models import WorkflowPlan, descriptors_of
     from streams.core.planning import output_key
     p = make_pipeline()
     port = free_port()
@@ -393,10 +393,11 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
             "imagefork-task": ref, "imagefork-format": fmt, "imagefork-width": "10", "imagefork-height": "7",
             **({"imagefork-options": options} if options else {})})
     now = int(time.time() * 1000)
-    plan = WorkflowPlan(wf, "http://example.invalid/x.png", refs, now, now + 60_000)
+    plan = WorkflowPlan(wf, "http://example.invalid/x.png", descriptors_of({"taskRefs": refs}), now, now + 60_000)
     p.client.producer.produce(p.config.topics.events, key=wf.encode(),
                               value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
-    bad_plan = WorkflowPlan(unreadable, "http://example.invalid/y.png", (bad_ref, good_ref), now, now + 8_500)
+    bad_plan = WorkflowPlan(unreadable, "http://example.invalid/y.png", descriptors_of({"taskRefs": (bad_ref, good_ref)}),
+                            now, now + 8_500)
     p.client.producer.produce(p.config.topics.events, key=unreadable.encode(),
                               value=serde.encode_join_event("WorkflowPlan", bad_plan.to_dict()))
     p.client.producer.flush(10)

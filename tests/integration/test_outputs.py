@@ -161,10 +161,11 @@ def test_get_of_a_running_workflow_is_one_line_and_exit_1(pipeline, env, tmp_pat
     resize worker) has no final event yet: `get` is one line and exit code 1, and writes nothing."""
     from streams import serde
     from streams.client import consume_completed
-    from streams.core.models import WorkflowPlan
+    from streams.core.models import TaskDescriptor, WorkflowPlan
     workflow_id = f"running-{uuid.uuid4().hex[:8]}"
     now = int(time.time() * 1000)
-    plan = WorkflowPlan(workflow_id, "http://example.invalid/x.png", ("image_convert_resize_png_16x16_0",),
+    plan = WorkflowPlan(workflow_id, "http://example.invalid/x.png",
+                        (TaskDescriptor("image_convert_resize_png_16x16_0", "png", 16, 16),),
                         now, now + 60_000, runId="r1")
     producer = pipeline.client.producer
     producer.produce(pipeline.config.topics.events, key=workflow_id.encode(),

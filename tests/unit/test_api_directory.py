@@ -13,7 +13,7 @@ from streams.api.directory import Directory, Unavailable
 from streams.api.routes import Api
 from streams.config import Config
 from streams.core.join import JoinState, describe, open_summaries
-from streams.core.models import TaskError, TaskOutput, TaskResult, WorkflowPlan
+from streams.core.models import TaskError, TaskOutput, TaskResult, WorkflowPlan, descriptors_of
 
 ROOT = Path(__file__).resolve().parents[2]
 REFS = tuple(f"image_convert_resize_png_{w}x{w}_{i}" for i, w in enumerate((10, 20, 30)))
@@ -21,7 +21,7 @@ SOURCE = "http://img.test/cat.png"
 
 
 def plan(wf="wf", run="r1", submitted=1000, **kw):
-    return WorkflowPlan(wf, SOURCE, REFS, submittedAt=submitted, deadline=submitted + 300_000,
+    return WorkflowPlan(wf, SOURCE, descriptors_of({"taskRefs": REFS}), submittedAt=submitted, deadline=submitted + 300_000,
                         correlationId="corr", runId=run, **kw)
 
 

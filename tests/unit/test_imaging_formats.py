@@ -62,12 +62,12 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 # --- AVIF out ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode, size", [("fit", (300, 200)), ("fill", (300, 300)), ("pad", (300, 300))])
 def test_avif_decodes_back_at_its_size(mode, size):
-    out = resize_image(encode(photo(), "PNG"), OutputSpec("avif", 300, 300, mode=mode), LIM, ENC)
+    out = resize_image(encode(photo(), "PNG"), OutputSpec("avif", 300, 300, resizeMode=mode), LIM, ENC)
     im = decoded(out.data)
     assert (im.format, im.size, (out.width, out.height)) == ("AVIF", size, size)
-    assert out.content_type == "image/avif" and out.quality == ENC.avif_quality
+    assert out.content_type == "image/avif" and out.applied.quality == ENC.avif_quality
     assert im.info.get("icc_profile") == SRGB_ICC
-    assert psnr(im, decoded(resize_image(encode(photo(), "PNG"), OutputSpec("png", 300, 300, mode=mode),
+    assert psnr(im, decoded(resize_image(encode(photo(), "PNG"), OutputSpec("png", 300, 300, resizeMode=mode),
                                          LIM, ENC).data)) > 30
 
 
@@ -79,7 +79,7 @@ def test_avif_keeps_alpha_and_quality_changes_bytes():
     assert im.mode == "RGBA" and im.getpixel((1, 1))[3] <= 4 and im.getpixel((16, 16))[3] >= 250
     low = resize_image(encode(photo(), "PNG"), OutputSpec("avif", 200, 200, quality=20), LIM, ENC)
     high = resize_image(encode(photo(), "PNG"), OutputSpec("avif", 200, 200, quality=90), LIM, ENC)
-    assert (low.quality, high.quality) == (20, 90) and len(low.data) < len(high.data)
+    assert (low.applied.quality, high.applied.quality) == (20, 90) and len(low.data) < len(high.data)
 
 
 def test_avif_source_is_read():
@@ -140,7 +140,7 @@ def test_formats_without_animation_take_the_first_frame_even_when_asked():
 
 def test_every_frame_gets_the_same_layout():
     """fill with smart gravity: the window is chosen once (on the first frame) and cut from every frame."""
-    out = resize_image(animation(size=(120, 60)), OutputSpec("webp", 30, 30, mode="fill", gravity="smart",
+    out = resize_image(animation(size=(120, 60)), OutputSpec("webp", 30, 30, resizeMode="fill", gravity="smart",
                                                                  animated=True, lossless=True), LIM, ENC)
     im = Image.open(io.BytesIO(out.data))
     sizes = set()
@@ -239,7 +239,8 @@ def test_effort_trades_time_for_bytes(fmt, side, slow_effort):
     slow_s, slow = best_time(lambda: run(slow_effort).data)
     assert len(slow) < len(fast), (len(slow), len(fast))
     assert slow_s > fast_s * 1.5, (slow_s, fast_s)
-    assert (run(0).effort, run(slow_effort).effort, run(-1).effort) == (0, slow_effort, -1)
+    assert (run(0).applied.effort, run(slow_effort).applied.effort, run(None).applied.effort) == \
+        (0, slow_effort, None)
 
 
 def test_effort_maps_to_each_encoders_knob():
@@ -251,7 +252,7 @@ def test_effort_maps_to_each_encoders_knob():
     defaults = {fmt: encoder_settings(fmt, OutputSpec(fmt, 1, 1), ENC).params[k] for fmt, k in knobs.items()}
     assert defaults == {"png": ENC.png_compress_level, "webp": ENC.webp_method, "avif": ENC.avif_speed, "jpg": False}
     lossless = [encoder_settings("webp", OutputSpec("webp", 1, 1, lossless=True, effort=e), ENC).params
-                for e in (0, 9, -1)]
+                for e in (0, 9, None)]
     assert [(p["method"], p["quality"]) for p in lossless] == [(0, 0), (6, 100), (0, 0)]
 
 
@@ -267,8 +268,8 @@ def test_progressive_jpeg_has_the_progressive_flag():
     data = encode(photo(), "PNG")
     progressive = resize_image(data, OutputSpec("jpg", 300, 300, progressive=True), LIM, ENC)
     baseline = resize_image(data, OutputSpec("jpg", 300, 300), LIM, ENC)
-    assert progressive.progressive and decoded(progressive.data).info.get("progressive") == 1
-    assert not baseline.progressive and "progressive" not in decoded(baseline.data).info
+    assert progressive.applied.progressive and decoded(progressive.data).info.get("progressive") == 1
+    assert not baseline.applied.progressive and "progressive" not in decoded(baseline.data).info
     on = Encoding(jpeg_progressive=True)  # IMAGEFORK_JPEG_PROGRESSIVE=true, and the request may turn it off
     assert decoded(resize_image(data, OutputSpec("jpg", 300, 300), LIM, on).data).info.get("progressive") == 1
     assert "progressive" not in decoded(resize_image(data, OutputSpec("jpg", 300, 300, progressive=False),
@@ -280,15 +281,15 @@ def test_lossless_webp_round_trips_pixels_exactly(mode):
     src = photo((96, 64), mode=mode) if mode == "RGB" else photo((96, 64)).convert("RGBA")
     if mode == "RGBA":
         src.putalpha(Image.linear_gradient("L").resize((96, 64)))
-    for effort in (-1, 0, 9):
+    for effort in (None, 0, 9):
         out = resize_image(encode(src, "PNG"), OutputSpec("webp", 96, 64, lossless=True, effort=effort), LIM, ENC)
-        assert out.lossless and out.quality == 0
+        assert out.applied.lossless and out.applied.quality is None
         assert ImageChops.difference(decoded(out.data).convert(mode), src).getbbox() is None
 
 
 def test_lossless_applies_to_webp_only():
     out = resize_image(encode(photo(), "PNG"), OutputSpec("jpg", 100, 100, lossless=True), LIM, ENC)
-    assert not out.lossless and out.quality == ENC.jpeg_quality
+    assert not out.applied.lossless and out.applied.quality == ENC.jpeg_quality
 
 
 # --- keepMetadata --------------------------------------------------------------------------------------
@@ -317,25 +318,25 @@ def tags(im: Image.Image) -> tuple[dict, dict]:
 def test_by_default_no_metadata_and_no_gps(fmt):
     out = resize_image(tagged_jpeg(), OutputSpec(fmt, 60, 60), LIM, ENC)
     im = decoded(out.data)
-    assert tags(im) == ({}, {}) and not im.info.get("xmp") and out.keep_metadata == "none"
+    assert tags(im) == ({}, {}) and not im.info.get("xmp") and out.applied.keepMetadata == "none"
 
 
 @pytest.mark.parametrize("fmt", ["jpg", "webp", "png", "avif", "tiff"])
 def test_keep_metadata_copyright_keeps_only_those_tags(fmt):
-    out = resize_image(tagged_jpeg(), OutputSpec(fmt, 60, 60, keep_metadata="copyright"), LIM, ENC)
+    out = resize_image(tagged_jpeg(), OutputSpec(fmt, 60, 60, keepMetadata="copyright"), LIM, ENC)
     im = decoded(out.data)
     kept, gps = tags(im)
     kept = {k: v for k, v in kept.items() if k in (ExifTags.Base.Copyright, ExifTags.Base.Artist, ExifTags.Base.Make,
                                                     ExifTags.Base.Orientation, ExifTags.IFD.GPSInfo)}
     assert kept == {ExifTags.Base.Copyright: "(c) Jane Doe", ExifTags.Base.Artist: "Jane Doe"}
-    assert gps == {} and not im.info.get("xmp") and out.keep_metadata == "copyright"
+    assert gps == {} and not im.info.get("xmp") and out.applied.keepMetadata == "copyright"
     if fmt != "tiff":
         assert set(im.getexif()) == {ExifTags.Base.Copyright, ExifTags.Base.Artist}
 
 
 @pytest.mark.parametrize("fmt", ["jpg", "webp", "png", "avif"])
 def test_keep_metadata_all_keeps_exif_gps_and_xmp_with_orientation_applied(fmt):
-    out = resize_image(tagged_jpeg(orientation=6), OutputSpec(fmt, 60, 60, keep_metadata="all"), LIM, ENC)
+    out = resize_image(tagged_jpeg(orientation=6), OutputSpec(fmt, 60, 60, keepMetadata="all"), LIM, ENC)
     im = decoded(out.data)
     assert im.size == (30, 60)  # turned: the source is 120x60 with orientation 6
     kept, gps = tags(im)
@@ -343,23 +344,23 @@ def test_keep_metadata_all_keeps_exif_gps_and_xmp_with_orientation_applied(fmt):
     assert kept.get(ExifTags.Base.Orientation, 1) == 1  # AVIF drops the tag (it would be a transform): 1 too
     assert gps[ExifTags.GPS.GPSLatitude] == (51.0, 30.0, 0.0)
     assert im.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] == "2026:01:02 03:04:05"
-    assert b'dc:format="image/jpeg"' in im.info["xmp"] and out.keep_metadata == "all"
+    assert b'dc:format="image/jpeg"' in im.info["xmp"] and out.applied.keepMetadata == "all"
 
 
 def test_gif_carries_no_metadata_and_says_so():
-    out = resize_image(tagged_jpeg(), OutputSpec("gif", 60, 60, keep_metadata="all"), LIM, ENC)
-    assert out.keep_metadata == "none" and "exif" not in decoded(out.data).info
+    out = resize_image(tagged_jpeg(), OutputSpec("gif", 60, 60, keepMetadata="all"), LIM, ENC)
+    assert out.applied.keepMetadata == "none" and "exif" not in decoded(out.data).info
 
 
 def test_a_broken_exif_block_is_dropped_not_fatal():
     data = encode(photo((40, 20)), "JPEG", exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f")
-    out = resize_image(data, OutputSpec("jpg", 20, 20, keep_metadata="all"), LIM, ENC)
+    out = resize_image(data, OutputSpec("jpg", 20, 20, keepMetadata="all"), LIM, ENC)
     assert decoded(out.data).size == (20, 10)
 
 
 def test_orientation_of_a_tagged_source_is_applied_whatever_is_kept():
     for level in ("none", "copyright", "all"):
-        out = resize_image(jpeg_with_orientation(6, size=(60, 30)), OutputSpec("png", 60, 60, keep_metadata=level),
+        out = resize_image(jpeg_with_orientation(6, size=(60, 30)), OutputSpec("png", 60, 60, keepMetadata=level),
                            LIM, ENC)
         assert (out.width, out.height) == (30, 60)
 
@@ -369,12 +370,12 @@ def test_orientation_of_a_tagged_source_is_applied_whatever_is_kept():
 def test_keep_profile_keeps_a_non_srgb_rgb_profile_and_the_pixels(fmt):
     colour = (30, 160, 90)
     src = encode(Image.new("RGB", (40, 40), colour), "PNG", icc_profile=ADOBE_RGB)
-    kept = resize_image(src, OutputSpec(fmt, 20, 20, keep_profile=True), LIM, ENC)
+    kept = resize_image(src, OutputSpec(fmt, 20, 20, keepProfile=True), LIM, ENC)
     im = decoded(kept.data).convert("RGB")
-    assert kept.keep_profile and decoded(kept.data).info["icc_profile"] == ADOBE_RGB
+    assert kept.applied.keepProfile and decoded(kept.data).info["icc_profile"] == ADOBE_RGB
     assert all(abs(a - b) <= 6 for a, b in zip(im.getpixel((10, 10)), colour))  # not converted
     converted = resize_image(src, OutputSpec(fmt, 20, 20), LIM, ENC)
-    assert not converted.keep_profile and decoded(converted.data).info["icc_profile"] == SRGB_ICC
+    assert not converted.applied.keepProfile and decoded(converted.data).info["icc_profile"] == SRGB_ICC
     assert decoded(converted.data).convert("RGB").getpixel((10, 10)) != im.getpixel((10, 10))
 
 
@@ -382,14 +383,14 @@ def test_keep_profile_never_embeds_a_cmyk_profile_in_rgb():
     cmyk = Image.new("CMYK", (40, 40), (0, 200, 200, 0))
     src = encode(cmyk, "JPEG", icc_profile=cmyk_profile())
     for fmt in ("jpg", "png", "webp", "avif"):
-        out = resize_image(src, OutputSpec(fmt, 20, 20, keep_profile=True), LIM, ENC)
-        assert not out.keep_profile and decoded(out.data).info.get("icc_profile") == SRGB_ICC
+        out = resize_image(src, OutputSpec(fmt, 20, 20, keepProfile=True), LIM, ENC)
+        assert not out.applied.keepProfile and decoded(out.data).info.get("icc_profile") == SRGB_ICC
 
 
 def test_keep_profile_with_gif_has_nowhere_to_put_it_so_gif_is_converted():
     src = encode(Image.new("RGB", (40, 40), (30, 160, 90)), "PNG", icc_profile=ADOBE_RGB)
-    out = resize_image(src, OutputSpec("gif", 20, 20, keep_profile=True), LIM, ENC)
-    assert not out.keep_profile and "icc_profile" not in decoded(out.data).info
+    out = resize_image(src, OutputSpec("gif", 20, 20, keepProfile=True), LIM, ENC)
+    assert not out.applied.keepProfile and "icc_profile" not in decoded(out.data).info
     plain = resize_image(src, OutputSpec("gif", 20, 20), LIM, ENC)
     assert decoded(out.data).convert("RGB").getpixel((10, 10)) == decoded(plain.data).convert("RGB").getpixel((10, 10))
 
@@ -423,7 +424,7 @@ def vips_result(mode: str, box: tuple[int, int]) -> Image.Image:
                                        ("fit", (640, 640)), ("fill", (128, 256)), ("force", (500, 130))])
 def test_fit_fill_force_match_libvips(mode, box):
     reference = vips_result(mode, box)
-    out = resize_image(SAMPLE.read_bytes(), OutputSpec("png", *box, mode=mode), LIM, ENC)
+    out = resize_image(SAMPLE.read_bytes(), OutputSpec("png", *box, resizeMode=mode), LIM, ENC)
     ours = decoded(out.data).convert("RGB")
     assert ours.size == reference.size == (out.width, out.height)
     assert psnr(ours, reference) >= 35, psnr(ours, reference)
@@ -490,17 +491,17 @@ def test_jxl_is_one_row_of_the_format_table():
     out = resize_image(src, OutputSpec("jxl", 60, 60), LIM, ENC)
     im = decoded(out.data)
     assert (out.content_type, im.format, im.mode, im.size) == ("image/jxl", "JXL", "RGBA", (60, 40))
-    assert (out.width, out.height, out.quality, out.effort) == (60, 40, 90, -1)
+    assert (out.width, out.height, out.applied.quality, out.applied.effort) == (60, 40, 90, None)
     assert resize_image(src, OutputSpec("jxl", 60, 60), LIM, ENC).data == out.data
     small = resize_image(src, OutputSpec("jxl", 60, 60, quality=30, effort=2), LIM, ENC)
-    assert (small.quality, small.effort) == (30, 2) and len(small.data) < len(out.data)
+    assert (small.applied.quality, small.applied.effort) == (30, 2) and len(small.data) < len(out.data)
     exact = resize_image(encode(photo((64, 64)), "PNG"), OutputSpec("jxl", 64, 64, lossless=True), LIM, ENC)
     same = ImageChops.difference(decoded(exact.data).convert("RGB"), photo((64, 64)).convert("RGB"))
-    assert exact.lossless and same.getbbox() is None
+    assert exact.applied.lossless and same.getbbox() is None
     exif = Image.Exif()
     exif[ExifTags.Base.Copyright], exif[ExifTags.Base.Make] = "(c) someone", "Camera"
     tagged = encode(photo((80, 60)), "JPEG", exif=exif.tobytes())
     bare = decoded(resize_image(tagged, OutputSpec("jxl", 40, 40), LIM, ENC).data).getexif()
-    kept = decoded(resize_image(tagged, OutputSpec("jxl", 40, 40, keep_metadata="copyright"), LIM, ENC).data).getexif()
+    kept = decoded(resize_image(tagged, OutputSpec("jxl", 40, 40, keepMetadata="copyright"), LIM, ENC).data).getexif()
     assert not bare.get(ExifTags.Base.Copyright) and kept.get(ExifTags.Base.Copyright) == "(c) someone"
     assert not kept.get(ExifTags.Base.Make)

@@ -119,7 +119,7 @@ def test_metadata_too_long_for_a_jpeg_segment_is_left_out_not_fatal():
     exif.get_ifd(0x8769)[0x927C] = b"\0" * 70000
     b = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 10, 10)).save(b, "PNG", exif=exif.tobytes())
-    out = run(b.getvalue(), OutputSpec("jpg", 64, 48, keep_metadata="all"))
+    out = run(b.getvalue(), OutputSpec("jpg", 64, 48, keepMetadata="all"))
     im = Image.open(io.BytesIO(out.data))
     assert im.format == "JPEG" and im.size == (64, 48) and not im.getexif()
 

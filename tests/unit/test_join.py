@@ -1,9 +1,9 @@
 """The join's core: plans, results and the clock over JoinState, with no Kafka."""
 from streams.core.join import MARKER, PLAN, RESULT, Ignored, JoinState, Marker
-from streams.core.models import PlanFailure, TaskError, TaskOutput, TaskResult, WorkflowPlan
+from streams.core.models import PlanFailure, TaskError, TaskOutput, TaskResult, WorkflowPlan, descriptors_of
 
 REFS = ("a", "b", "c")
-PLAN_ = WorkflowPlan("wf", "http://x/y.png", REFS, submittedAt=1000, deadline=5000, correlationId="corr",
+PLAN_ = WorkflowPlan("wf", "http://x/y.png", descriptors_of({"taskRefs": REFS}), submittedAt=1000, deadline=5000, correlationId="corr",
                      runId="r1")
 
 
@@ -174,13 +174,14 @@ def test_a_late_result_of_a_workflow_still_open_or_finished_is_not_refused_as_la
 
 def test_stalled_workflows_and_their_missing_refs():
     state, _, _ = feed([PLAN_, ok("a")], now=1000)
-    assert state.open["wf"].missing_refs() == ["b", "c"]
+    assert [t.taskRef for t in state.open["wf"].missing()] == ["b", "c"]
     assert state.stalled(1500, after_ms=1000) == [] and [f.workflowId for f in state.stalled(2000, 1000)] == ["wf"]
 
 
 def test_restore_rebuilds_the_same_state():
     from streams.adapters.changelog import row_key
-    state, _, outs = feed([PLAN_, ok("a"), bad("b"), WorkflowPlan(**{**PLAN_.__dict__, "workflowId": "w2", "taskRefs": ("x",)}),
+    w2 = WorkflowPlan(**{**PLAN_.__dict__, "workflowId": "w2", "tasks": descriptors_of({"taskRefs": ("x",)})})
+    state, _, outs = feed([PLAN_, ok("a"), bad("b"), w2,
                            ok("x", wf="w2")])
     rows = {}
     for out in outs:
@@ -226,7 +227,7 @@ def test_a_tick_costs_what_is_due_not_the_size_of_the_table():
 
 def test_wide_workflow_costs_the_same_per_result():
     refs = tuple(f"t{i}" for i in range(1000))
-    plan = WorkflowPlan("big", "http://x", refs, 1, 10**12, runId="r")
+    plan = WorkflowPlan("big", "http://x", descriptors_of({"taskRefs": refs}), 1, 10**12, runId="r")
     state = new_state()
     state.record_plan(plan, 1)
     rows = 0

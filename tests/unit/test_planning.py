@@ -3,6 +3,7 @@ from hypothesis import given, settings, strategies as st
 
 from streams.core.errors import RequestInvalid
 from streams.core.models import Size
+from streams.core.options import ImageOptions
 from streams.core.planning import parse_request, plan_tasks, retry_delay_s
 
 SEED = {
@@ -160,26 +161,28 @@ def test_run_ids_and_ids_without_key_are_deterministic_per_request_message():
 def test_seed_request_means_what_it_meant():
     for keep, mode in ((True, "fit"), (False, "force")):
         req = parse({**SEED, "maintainAspectRatio": keep})
-        assert (req.resizeMode, req.gravity, req.enlarge, req.background, req.quality) == \
-            (mode, "center", True, None, None)
+        o = req.options.resolved()
+        assert (o.resizeMode, o.gravity, o.enlarge, o.background, o.quality) == (mode, "center", True, None, None)
+        assert req.options == ImageOptions(resizeMode=mode)  # only what was said (the mode, from the seed's flag)
         tasks = plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)
-        assert {(t.resizeMode, t.gravity, t.enlarge, t.background, t.quality, t.maintainAspectRatio)
-                for t in tasks} == {(mode, "center", True, "", 0, keep)}
+        assert {(t.options.resolved(), t.maintainAspectRatio) for t in tasks} == {(o, keep)}
+        # what a resize worker older than ImageOptions reads
+        assert {tuple(t.to_dict()[k] for k in ("resizeMode", "gravity", "enlarge", "background", "quality"))
+                for t in tasks} == {(mode, "center", True, "", 0)}
 
 
 def test_resize_mode_wins_over_maintain_aspect_ratio():
-    assert parse({**SEED, "maintainAspectRatio": False, "resizeMode": "fit"}).resizeMode == "fit"
-    assert parse({**SEED, "maintainAspectRatio": True, "resizeMode": "force"}).resizeMode == "force"
+    assert parse({**SEED, "maintainAspectRatio": False, "resizeMode": "fit"}).options.resizeMode == "fit"
+    assert parse({**SEED, "maintainAspectRatio": True, "resizeMode": "force"}).options.resizeMode == "force"
 
 
 def test_every_option_reaches_the_tasks():
     req = parse({**SEED, "resizeMode": " FILL ", "gravity": "SouthEast", "enlarge": "false",
                  "background": "#AABBCC80", "quality": "70"})
-    assert (req.resizeMode, req.gravity, req.enlarge, req.background, req.quality) == \
-        ("fill", "southeast", False, "#aabbcc80", 70)
+    o = req.options
+    assert (o.resizeMode, o.gravity, o.enlarge, o.background, o.quality) == ("fill", "southeast", False, "#aabbcc80", 70)
     t = plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)[0]
-    assert (t.resizeMode, t.gravity, t.enlarge, t.background, t.quality, t.maintainAspectRatio) == \
-        ("fill", "southeast", False, "#aabbcc80", 70, True)
+    assert t.options == o and t.maintainAspectRatio
 
 
 def test_a_size_overrides_mode_and_gravity():
@@ -189,9 +192,9 @@ def test_a_size_overrides_mode_and_gravity():
                            {"width": 30, "height": 30, "resizeMode": "force"},
                            {"width": 40, "height": 40, "gravity": None, "resizeMode": None}]}
     req = parse(doc)
-    assert req.outputSizes[1] == Size(20, 20, "fill", "smart")
+    assert req.outputSizes[1] == Size(20, 20, ImageOptions(resizeMode="fill", gravity="smart"))
     tasks = plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)
-    assert [(t.resizeMode, t.gravity, t.maintainAspectRatio) for t in tasks] == [
+    assert [(t.options.resizeMode, t.options.gravity, t.maintainAspectRatio) for t in tasks] == [
         ("pad", "north", True), ("fill", "smart", True), ("force", "north", False), ("pad", "north", True)]
 
 
@@ -230,8 +233,8 @@ def test_avro_nulls_are_absent_options():
     """An Avro ImageRequest carries every optional field, null when not given."""
     req = parse({**SEED, "resizeMode": None, "gravity": None, "enlarge": None, "background": None,
                  "quality": None, "outputSizes": [{"width": 5, "height": 5, "resizeMode": None, "gravity": None}]})
-    assert (req.resizeMode, req.gravity, req.enlarge, req.background, req.quality) == \
-        ("fit", "center", True, None, None)
+    o = req.options.resolved()
+    assert (o.resizeMode, o.gravity, o.enlarge, o.background, o.quality) == ("fit", "center", True, None, None)
     assert req.outputSizes == (Size(5, 5),)
 
 
@@ -241,19 +244,20 @@ FORMAT_OPTIONS = ("effort", "progressive", "lossless", "animated", "keepMetadata
 
 def test_format_options_default_to_what_was_done_before():
     req = parse(SEED)
-    assert tuple(getattr(req, k) for k in FORMAT_OPTIONS) == (None, None, False, False, "none", False)
+    assert tuple(getattr(req.options.resolved(), k) for k in FORMAT_OPTIONS) == (None, None, False, False, "none", False)
     t = plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)[0]
-    assert tuple(getattr(t, k) for k in FORMAT_OPTIONS) == (-1, None, False, False, "none", False)
+    assert tuple(getattr(t.options.resolved(), k) for k in FORMAT_OPTIONS) == (None, None, False, False, "none", False)
+    assert tuple(t.to_dict()[k] for k in FORMAT_OPTIONS) == (-1, None, False, False, "none", False)  # flat, as before
 
 
 def test_format_options_reach_the_tasks_and_avif_is_a_format():
     req = parse({**SEED, "outputFormats": ["avif", "JPG"], "effort": "0", "progressive": "true",
                  "lossless": True, "animated": True, "keepMetadata": " Copyright ", "keepProfile": "true"})
     assert req.outputFormats == ("avif", "jpg")
-    assert tuple(getattr(req, k) for k in FORMAT_OPTIONS) == (0, True, True, True, "copyright", True)
+    assert tuple(getattr(req.options, k) for k in FORMAT_OPTIONS) == (0, True, True, True, "copyright", True)
     tasks = plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)
     assert tasks[0].taskRef == "image_convert_resize_avif_300x300_0" and tasks[0].outputKey.endswith(".avif")
-    assert {tuple(getattr(t, k) for k in FORMAT_OPTIONS) for t in tasks} == {(0, True, True, True, "copyright", True)}
+    assert {tuple(getattr(t.options, k) for k in FORMAT_OPTIONS) for t in tasks} == {(0, True, True, True, "copyright", True)}
     # the final event carries the request as JSON: it parses again to the same request (a retry does that)
     import json
     from streams.core.planning import request_json
@@ -282,14 +286,14 @@ def test_unknown_format_option_values_are_rejected_with_the_field_named(change, 
 def test_avro_nulls_are_absent_format_options():
     req = parse({**SEED, "effort": None, "progressive": None, "lossless": None, "animated": None,
                  "keepMetadata": None, "keepProfile": None})
-    assert tuple(getattr(req, k) for k in FORMAT_OPTIONS) == (None, None, False, False, "none", False)
+    assert tuple(getattr(req.options.resolved(), k) for k in FORMAT_OPTIONS) == (None, None, False, False, "none", False)
 
 
 def test_a_size_may_have_its_own_quality():
     req = parse({**SEED, "outputFormats": ["jpg"], "quality": 70,
                  "outputSizes": [{"width": 100, "height": 100, "quality": "92"}, {"width": 900, "height": 900}]})
-    assert req.outputSizes[0] == Size(100, 100, quality=92)
-    assert [t.quality for t in plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)] == [92, 70]
+    assert req.outputSizes[0] == Size(100, 100, ImageOptions(quality=92))
+    assert [t.options.quality for t in plan_tasks(req, "wf", source_uri="s3://b/s", deadline=1)] == [92, 70]
     with pytest.raises(RequestInvalid) as info:
         parse({**SEED, "outputSizes": [{"width": 1, "height": 1}, {"width": 1, "height": 1, "quality": 0}]})
     assert dict(info.value.problems)["outputSizes[1].quality"] == "must be between 1 and 100, got 0"
@@ -339,5 +343,5 @@ def test_certain_output_pixels_takes_either_orientation_and_the_mode():
     assert certain_output_pixels(2000, 1000, OutputSpec("png", 9000, 9000)) == 9000 * 4500  # fit: 40.5 MP
     # 6000x3000 as the header says, 1500x3000 if EXIF turns it: only the fewer is certain
     assert certain_output_pixels(2000, 1000, OutputSpec("png", 9000, 3000)) == 1500 * 3000
-    assert certain_output_pixels(2000, 1000, OutputSpec("png", 800, 800, mode="fill")) == 800 * 800
+    assert certain_output_pixels(2000, 1000, OutputSpec("png", 800, 800, resizeMode="fill")) == 800 * 800
     assert certain_output_pixels(2000, 1000, OutputSpec("png", 9000, 9000, enlarge=False)) == 2000 * 1000

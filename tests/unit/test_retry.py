@@ -8,9 +8,9 @@ import pytest
 from streams.adapters.changelog import load_state, row_key, row_value
 from streams.core.errors import RequestInvalid
 from streams.core.join import MARKER, describe, open_summaries
-from streams.core.models import WorkflowCompleted, WorkflowPlan
+from streams.core.models import TaskDescriptor, WorkflowCompleted, WorkflowPlan, descriptors_of
 from streams.core.planning import make_plan, parse_request, plan_tasks, request_json, retry_split
-from streams.core.status import final_doc, ref_parts, retry_request, retryable, running_doc
+from streams.core.status import final_doc, retry_request, retryable, running_doc
 from tests.unit.test_join import PLAN_, bad, feed, new_state, ok
 
 DOC = {"fileLocation": "http://x/y.png", "outputFormats": ["png", "jpg"], "outputSizes": [{"width": 10, "height": 8}],
@@ -138,5 +138,5 @@ def test_documents_for_running_and_finished_workflows():
     doc = final_doc(final)
     assert doc["status"] == "FAILED" and doc["retryable"] and [t["status"] for t in doc["tasks"]] == [
         "SUCCEEDED", "FAILED", "SUCCEEDED"]
-    assert ref_parts("image_convert_resize_webp_1200x800_7") == {"format": "webp", "width": 1200, "height": 800,
-                                                                 "index": 7}
+    assert descriptors_of({"taskRefs": ["image_convert_resize_webp_1200x800_7"]}) == (
+        TaskDescriptor("image_convert_resize_webp_1200x800_7", "webp", 1200, 800),)  # a plan written before tasks

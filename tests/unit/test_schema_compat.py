@@ -15,6 +15,8 @@ from fastavro.utils import generate_many
 from streams import serde
 from streams.adapters.schemas import SchemaTopicError, SchemaTopicResolver, publish_schemas
 from streams.config import Config
+from streams.core.models import TaskOutput
+from streams.core.options import LEGACY, ImageOptions, options_of
 from tests.unit.test_serde import RECORDS
 
 CURRENT = serde.schemas_dir()
@@ -282,12 +284,14 @@ def test_an_old_request_decodes_unchanged(keep, mode, tmp_path):
                "maintainAspectRatio": keep, "workflowId": "w", "correlationId": None}
     data = process_with(tmp_path / "old", {"ImageRequest": old}).encode("ImageRequest", written)
     doc = serde.decode_request_bytes(data)
-    assert doc["outputSizes"] == [{"width": 30, "height": 20, "resizeMode": None, "gravity": None, "quality": None}]
+    assert doc["outputSizes"] == [{"width": 30, "height": 20, "resizeMode": None, "gravity": None, "quality": None,
+                                   "options": None}]
     assert (doc["resizeMode"], doc["gravity"], doc["enlarge"], doc["background"], doc["quality"]) == \
         (None, None, True, None, None)
     request = parse_request(doc, max_dimension=100, max_tasks=10)
     task = plan_tasks(request, "w", source_uri="s3://b/s", deadline=1)[0]
-    assert (task.resizeMode, task.gravity, task.enlarge, task.background, task.quality) == (mode, "center", True, "", 0)
+    o = task.options.resolved()
+    assert (o.resizeMode, o.gravity, o.enlarge, o.background, o.quality) == (mode, "center", True, None, None)
 
 
 @pytest.mark.parametrize("keep, mode", [(True, "fit"), (False, "force")])
@@ -298,17 +302,20 @@ def test_an_old_task_resizes_as_before(keep, mode, tmp_path):
     task = {k: v for k, v in SAMPLES["ResizeTask"].items() if k in {f["name"] for f in old["fields"]}}
     data = process_with(tmp_path / "old", {"ResizeTask": old}).encode("ResizeTask", {**task, "maintainAspectRatio": keep})
     read = ResizeTask.from_dict(serde.decode("ResizeTask", data))
-    assert (read.resizeMode, read.gravity, read.enlarge, read.background, read.quality) == ("", "center", True, "", 0)
-    spec = OutputSpec(read.format, read.width, read.height, read.maintainAspectRatio, mode=read.resizeMode)
-    assert spec.resize_mode == mode
+    assert read.options.resolved() == ImageOptions().resolved()  # a v3 task said no option: the defaults
+    spec = OutputSpec(read.format, read.width, read.height, read.maintainAspectRatio, read.options)
+    assert spec.options.resizeMode == mode
 
 
 def test_an_old_output_record_says_no_mode(tmp_path):
     old = load(CURRENT / "history" / "io.imagefork.TaskOutput.v1.avsc")
     written = conform(SAMPLES["TaskOutput"], old)
     data = process_with(tmp_path / "old", {"TaskOutput": old}).encode("TaskOutput", written)
-    assert serde.decode("TaskOutput", data) == {**written, "mode": "", "gravity": "", "enlarge": True,
-                                                "background": "", "quality": 0, **NO_FORMAT_OPTIONS}
+    read = serde.decode("TaskOutput", data)
+    assert read == {**written, "mode": "", "gravity": "", "enlarge": True, "background": "", "quality": 0,
+                    **NO_FORMAT_OPTIONS, "options": None}
+    assert TaskOutput.from_dict(read).options == ImageOptions(enlarge=True, progressive=False, lossless=False,
+                                                              keepProfile=False)
 
 
 # --- formats and encoder options (issue 9): records written before them --------------------------------
@@ -326,8 +333,9 @@ def test_a_request_before_the_format_options_plans_as_before(tmp_path):
         == {"effort": None, "progressive": None, "lossless": False, "animated": False, "keepMetadata": None,
             "keepProfile": False}
     task = plan_tasks(parse_request(doc, max_dimension=100, max_tasks=10), "w", source_uri="s3://b/s", deadline=1)[0]
-    assert (task.effort, task.progressive, task.lossless, task.animated, task.keepMetadata, task.keepProfile) == \
-        (-1, None, False, False, "none", False)
+    o = task.options.resolved()
+    assert (o.effort, o.progressive, o.lossless, o.animated, o.keepMetadata, o.keepProfile) == \
+        (None, None, False, False, "none", False)
 
 
 def test_a_task_before_the_format_options_encodes_as_configured(tmp_path):
@@ -335,7 +343,67 @@ def test_a_task_before_the_format_options_encodes_as_configured(tmp_path):
     old = load(CURRENT / "history" / "io.imagefork.ResizeTask.v4.avsc")
     written = conform(SAMPLES["ResizeTask"], old)
     data = process_with(tmp_path / "old", {"ResizeTask": old}).encode("ResizeTask", written)
-    read = ResizeTask.from_dict(serde.decode("ResizeTask", data))
+    read = ResizeTask.from_dict(serde.decode("ResizeTask", data)).options.resolved()
     assert (read.effort, read.progressive, read.lossless, read.animated, read.keepMetadata, read.keepProfile) == \
-        (-1, None, False, False, "none", False)
+        (None, None, False, False, "none", False)
 
+
+
+# --- ImageOptions (issue 23): every kept version's flat options mean what they meant ------------------
+# one value of each legacy flat field that is not its default (ImageRequest, Size, ResizeTask, TaskOutput)
+SAID = {"resizeMode": "pad", "mode": "pad", "gravity": "smart", "enlarge": False, "background": "#102030",
+        "quality": 42, "effort": 3, "progressive": True, "lossless": True, "animated": True,
+        "keepMetadata": "copyright", "keepProfile": True}
+WITH_OPTIONS = {"ImageRequest", "Size", "ResizeTask", "TaskOutput", "TaskResult", "JoinEvent", "WorkflowCompleted"}
+
+
+def _with_options(record: str, value: dict):
+    """(record, dict) of every record carrying options in ``value`` (a ``record``), outermost first."""
+    if record in LEGACY:
+        yield record, value
+    if record == "ImageRequest":
+        for size in value["outputSizes"]:
+            yield "Size", size
+    if record == "JoinEvent":
+        yield from _with_options(value["body"][0].rsplit(".", 1)[-1], value["body"][1])
+    if record == "TaskResult" and value.get("output"):
+        yield "TaskOutput", value["output"]
+    if record == "WorkflowCompleted":
+        for output in value["outputs"]:
+            yield "TaskOutput", output
+
+
+@pytest.mark.parametrize("path", [p for p in HISTORY if record_of(p) in WITH_OPTIONS], ids=lambda p: p.name)
+def test_every_kept_version_reads_its_flat_options_into_image_options(path, tmp_path):
+    """A record of each kept version, written with every flat option field it has set to a value that is
+    not its default, reads today into ``ImageOptions`` that say each of them; a field it did not have reads
+    as today's schema's default says."""
+    name, old = record_of(path), load(path)
+    today = named_types(current(name), {})
+    written = conform(SAMPLES[name], old)
+    had = []
+    for record, value in _with_options(name, written):
+        flat = {field: SAID[field] for field in LEGACY[record] if field in value}
+        value.update(flat)
+        had.append((record, flat))
+    data = process_with(tmp_path / "old", {name: old}).encode(name, written)
+    read = list(_with_options(name, serde.decode(name, data)))
+    assert [r for r, _ in read] == [r for r, _ in had]
+    for (record, value), (_, flat) in zip(read, had):
+        schema = today.get(f"io.imagefork.{record}") or today[record]
+        defaults = {f["name"]: f["default"] for f in schema["fields"] if f["name"] in LEGACY[record]}
+        options = options_of(record, value)
+        assert options == options_of(record, {**defaults, **flat}), record
+        assert options.said().items() >= {LEGACY[record][f][0]: v for f, v in flat.items()}.items(), record
+
+
+def test_the_flat_fields_are_still_written_for_older_readers():
+    """A resize worker of the version before ImageOptions reads a new task's flat fields: they say what
+    ``options`` says."""
+    from streams.core.models import ResizeTask
+    task = ResizeTask.from_dict(SAMPLES["ResizeTask"])
+    assert task.options.said() and task.to_dict()["options"] == task.options.to_dict()
+    data = serde.encode("ResizeTask", task.to_dict())
+    v5 = fastavro.parse_schema(load(CURRENT / "history" / "io.imagefork.ResizeTask.v5.avsc"))
+    as_v5 = fastavro.schemaless_reader(io.BytesIO(data[10:]), serde.schema("ResizeTask").parsed, v5)
+    assert "options" not in as_v5 and options_of("ResizeTask", as_v5) == task.options

@@ -4,34 +4,44 @@ import pytest
 
 from streams import serde
 from streams.core.models import (
-    DeadlineCheck, PlanFailure, ResizeTask, TaskError, TaskOutput, TaskResult, WorkflowCompleted, WorkflowPlan,
+    DeadlineCheck, PlanFailure, ResizeTask, TaskDescriptor, TaskError, TaskOutput, TaskResult, WorkflowCompleted,
+    WorkflowPlan,
 )
+from streams.core.options import ImageOptions
 
-OUT = TaskOutput("r0", "png", 300, 200, 1234, "image/png", "s3://b/k.png", "http://s3/b/k.png",
-                 "pad", "west", False, "#ff000080", 0, effort=7, progressive=False, lossless=False, frames=3,
-                 keepMetadata="copyright", keepProfile=True)
+OUT = TaskOutput("r0", "png", 300, 200, 1234, "image/png", "s3://b/k.png", "http://s3/b/k.png", frames=3,
+                 options=ImageOptions(resizeMode="pad", gravity="west", enlarge=False, background="#ff000080",
+                                      effort=7, progressive=False, lossless=False, animated=True,
+                                      keepMetadata="copyright", keepProfile=True))
+OPTIONS = ImageOptions(resizeMode="fill", gravity="north", enlarge=False, background="#123456", quality=90, effort=0,
+                       progressive=False, lossless=True, animated=True, keepMetadata="copyright", keepProfile=True)
+TASKS = (TaskDescriptor("image_convert_resize_png_3x4_0", "png", 3, 4), TaskDescriptor("r1", "webp", 5, 6))
 ERR = TaskError("r1", "IMAGE_UNDECODABLE", "bad", 1)
 RECORDS = {
     "ImageRequest": {"fileLocation": "s3://b/k", "outputFormats": ["png"],
-                     "outputSizes": [{"width": 1, "height": 2, "resizeMode": None, "gravity": None, "quality": None},
+                     "outputSizes": [{"width": 1, "height": 2, "resizeMode": None, "gravity": None, "quality": None,
+                                      "options": None},
                                      {"width": 3, "height": 4, "resizeMode": "fill", "gravity": "smart",
-                                      "quality": 90}],
+                                      "quality": 90, "options": {**ImageOptions().to_dict(), "lossless": False}}],
                      "maintainAspectRatio": False, "workflowId": "w", "correlationId": None,
                      "resizeMode": "pad", "gravity": "southeast", "enlarge": False, "background": "#00ff00",
                      "quality": 70, "retry": None, "effort": 4, "progressive": True, "lossless": True,
-                     "animated": True, "keepMetadata": "all", "keepProfile": True},
+                     "animated": True, "keepMetadata": "all", "keepProfile": True,
+                     "options": OPTIONS.to_dict()},
     "ResizeTask": ResizeTask("w", "r0", 0, 1, "s3://b/s", "http://x/y", "png", 3, 4, True, "w/r0.png", 99, 2, 5,
-                             resizeMode="fill", gravity="north", enlarge=False, background="#123456",
-                             quality=90, effort=0, progressive=False, lossless=True, animated=True,
-                             keepMetadata="copyright", keepProfile=True).to_dict(),
+                             options=OPTIONS).to_dict(),
     "TaskResult": TaskResult("w", "r0", "SUCCEEDED", 1, 7, output=OUT, runId="r1").to_dict(),
-    "WorkflowPlan": WorkflowPlan("w", "http://x", ("r0", "r1"), 1, 2, "c",
+    "WorkflowPlan": WorkflowPlan("w", "http://x", TASKS, 1, 2, "c",
                                  PlanFailure("REJECTED", "REQUEST_INVALID", "x")).to_dict(),
     "DeadlineCheck": DeadlineCheck("w", 5).to_dict(),
-    "WorkflowCompleted": WorkflowCompleted("w", None, "FAILED", "http://x", ("u",), (OUT,), (ERR,), 2, 1, 2).to_dict(),
+    "WorkflowCompleted": WorkflowCompleted("w", None, "FAILED", "http://x", ("u",), (OUT,), (ERR,), 2, 1, 2,
+                                           tasks=TASKS).to_dict(),
     "TaskOutput": OUT.to_dict(),
     "TaskError": ERR.to_dict(),
-    "Size": {"width": 1, "height": 2, "resizeMode": "force", "gravity": None, "quality": 55},
+    "Size": {"width": 1, "height": 2, "resizeMode": "force", "gravity": None, "quality": 55,
+             "options": {**ImageOptions().to_dict(), "resizeMode": "force", "quality": 55, "keepProfile": True}},
+    "ImageOptions": OPTIONS.to_dict(),
+    "TaskDescriptor": TASKS[0].to_dict(),
     "PlanFailure": {"status": "FAILED", "code": "c", "message": "m", "attempts": 4},
     "JoinMarker": {"status": "COMPLETED", "at": 5, "runId": "r1"},
     "RunIgnored": {"workflowId": "w", "runId": "r2", "reason": "finished", "takenRunId": "r1",

@@ -13,7 +13,8 @@ EXIF/XMP; quality, effort, progressive, lossless).
 - the formats themselves: ``streams/core/formats.py``
 """
 from streams.core.formats import EFFORT_MAX
-from streams.core.imaging.colour import SRGB_ICC, parse_colour
+from streams.core.imaging.colour import SRGB_ICC
+from streams.core.options import parse_colour
 from streams.core.imaging.encode import encode, encoder_settings
 from streams.core.imaging.geometry import Layout, apply_layout, certain_output_pixels, layout, resize, target_size
 from streams.core.imaging.limits import frame_count, open_image, probe_image

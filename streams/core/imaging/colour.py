@@ -174,12 +174,3 @@ def _keyed(grey: Image.Image, raw: Image.Image, key) -> Image.Image:
     out = grey.convert("LA")
     out.putalpha(alpha)
     return out
-
-
-def parse_colour(text: str) -> tuple[int, int, int, int]:
-    """``#rrggbb`` or ``#rrggbbaa`` -> (r, g, b, a); raises ValueError."""
-    digits = text[1:] if text.startswith("#") else ""
-    if len(digits) not in (6, 8) or any(c not in "0123456789abcdefABCDEF" for c in digits):
-        raise ValueError(f"must be #rrggbb or #rrggbbaa, got {text!r}")
-    rgba = [int(digits[i:i + 2], 16) for i in range(0, len(digits), 2)]
-    return (*rgba, 255)[:4] if len(rgba) == 3 else tuple(rgba)  # type: ignore[return-value]

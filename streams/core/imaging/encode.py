@@ -41,7 +41,8 @@ def convert_for(im: Image.Image, fmt: str, gif_colors: int = 256) -> Image.Image
 
 def encoder_settings(fmt: str, spec: OutputSpec, encoding: Encoding) -> EncoderSettings:
     """Quality and effort for one output, as its format's row maps them (``core/formats.py``)."""
-    return FORMATS[fmt].encoder(spec, encoding, spec.effort)
+    effort = spec.options.effort
+    return FORMATS[fmt].encoder(spec.options, encoding, -1 if effort is None else effort)
 
 
 def encode(im: Image.Image, fmt: str, encoding: Encoding, settings: EncoderSettings | None = None, *,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from streams.core.formats import FORMATS
-from streams.core.imaging.colour import parse_colour
+from streams.core.options import parse_colour
 from streams.core.imaging.spec import OutputSpec
 
 _SMART_SIDE = 128  # smart gravity scores crop windows on a greyscale thumbnail this long
@@ -34,27 +34,27 @@ def layout(src_w: int, src_h: int, spec: OutputSpec, image: Image.Image | None =
     pad: fit, then centred (or at the gravity) on a box-sized canvas. Without ``enlarge`` nothing is
     scaled up: fit, fill and pad scale by at most 1 (fill's crop is then at most the source; pad's canvas
     is still the box), force scales both axes down together until neither is enlarged (imgproxy's rule)."""
-    box_w, box_h = spec.width, spec.height
-    mode = spec.resize_mode
+    box_w, box_h, o = spec.width, spec.height, spec.options
+    mode = o.resizeMode
     if mode == "force":
         sx, sy = box_w / src_w, box_h / src_h
-        if not spec.enlarge and max(sx, sy) > 1:
+        if not o.enlarge and max(sx, sy) > 1:
             sx, sy = sx / max(sx, sy), sy / max(sx, sy)
         size = (max(1, round(src_w * sx)), max(1, round(src_h * sy)))
         return Layout(size, (0, 0, *size), size)
     scale = max(box_w / src_w, box_h / src_h) if mode == "fill" else min(box_w / src_w, box_h / src_h)
-    if not spec.enlarge:
+    if not o.enlarge:
         scale = min(scale, 1.0)
     scaled = (max(1, round(src_w * scale)), max(1, round(src_h * scale)))
     if mode == "fill":
         window = (min(box_w, scaled[0]), min(box_h, scaled[1]))
-        if spec.gravity == "smart" and image is not None:
+        if o.gravity == "smart" and image is not None:
             x, y = _smart_offset(image, scaled, window)
         else:
-            x, y = _gravity_offset(spec.gravity, scaled[0] - window[0], scaled[1] - window[1])
+            x, y = _gravity_offset(o.gravity, scaled[0] - window[0], scaled[1] - window[1])
         return Layout(scaled, (x, y, *window), window)
     if mode == "pad":
-        offset = _gravity_offset(spec.gravity, box_w - scaled[0], box_h - scaled[1])
+        offset = _gravity_offset(o.gravity, box_w - scaled[0], box_h - scaled[1])
         return Layout(scaled, (0, 0, *scaled), (box_w, box_h), offset)
     return Layout(scaled, (0, 0, *scaled), scaled)
 
@@ -105,8 +105,8 @@ def _smart_offset(im: Image.Image, scaled: tuple[int, int], window: tuple[int, i
 def pad_background(spec: OutputSpec) -> str:
     """The pad canvas colour as ``#rrggbbaa``: the spec's, else transparent where the format keeps
     alpha, white for JPEG."""
-    if spec.background:
-        return "#%02x%02x%02x%02x" % parse_colour(spec.background)
+    if spec.options.background:
+        return "#%02x%02x%02x%02x" % parse_colour(spec.options.background)
     row = FORMATS.get(spec.format.lower())
     return "#ffffff00" if row is not None and row.alpha else "#ffffffff"
 

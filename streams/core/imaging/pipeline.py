@@ -1,6 +1,7 @@
 """One output from a source: ``resize_image`` runs the steps of ``STEPS`` in order over one ``Context``
 (as imgproxy's ``processing/processing.go``). Each step reads what the ones before it set and sets its own
-part; adding an image option is a field of ``OutputSpec`` and, where it acts, a step here."""
+part; adding an image option is a field of ``ImageOptions`` (``core/options.py``) and, where it acts,
+a step here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from streams.core.imaging.geometry import Layout, apply_layout, layout, pad_back
 from streams.core.imaging.limits import check_output, open_image
 from streams.core.imaging.source import Source, prepare_opened
 from streams.core.imaging.spec import GRAVITIES, KEEP_METADATA, MODES, EncodedImage, OutputSpec, SourceOptions
+from streams.core.options import ImageOptions
 
 
 @dataclass
@@ -44,11 +46,12 @@ def check_spec(ctx: Context) -> None:
     ctx.row = FORMATS.get(ctx.fmt)
     if ctx.row is None or not ctx.row.available():
         raise UnsupportedFormat(f"output format {spec.format!r} is not supported")
-    ctx.mode = spec.resize_mode
-    if ctx.mode not in MODES or spec.gravity not in GRAVITIES:
-        raise UnsupportedFormat(f"resize mode {ctx.mode!r} with gravity {spec.gravity!r} is not supported")
-    if spec.keep_metadata not in KEEP_METADATA:
-        raise UnsupportedFormat(f"keepMetadata {spec.keep_metadata!r} is not one of {', '.join(KEEP_METADATA)}")
+    o = spec.options
+    ctx.mode = o.resizeMode
+    if ctx.mode not in MODES or o.gravity not in GRAVITIES:
+        raise UnsupportedFormat(f"resize mode {ctx.mode!r} with gravity {o.gravity!r} is not supported")
+    if o.keepMetadata not in KEEP_METADATA:
+        raise UnsupportedFormat(f"keepMetadata {o.keepMetadata!r} is not one of {', '.join(KEEP_METADATA)}")
     ctx.background = pad_background(spec) if ctx.mode == "pad" else ""
     ctx.options = spec.source_options
 
@@ -107,9 +110,10 @@ def resize_image(data: bytes | Image.Image | Source, spec: OutputSpec, limits: L
     for step in STEPS:
         step(ctx)
     out, settings, mode = ctx.frames[0], ctx.settings, ctx.mode
-    return EncodedImage(ctx.body, out.width, out.height, ctx.fmt, ctx.row.mime, mode=mode,
-                        gravity=spec.gravity if mode in ("fill", "pad") else "", enlarge=spec.enlarge,
-                        background=ctx.background, quality=settings.quality, effort=settings.effort,
-                        progressive=settings.progressive, lossless=settings.lossless, frames=len(ctx.frames),
-                        keep_metadata=ctx.options.keep_metadata if ctx.kept else "none",
-                        keep_profile=ctx.icc is not None)
+    applied = ImageOptions(
+        resizeMode=mode, gravity=spec.options.gravity if mode in ("fill", "pad") else None,
+        enlarge=spec.options.enlarge, background=ctx.background or None, quality=settings.quality or None,
+        effort=settings.effort if settings.effort >= 0 else None, progressive=settings.progressive,
+        lossless=settings.lossless, animated=len(ctx.frames) > 1 or None,
+        keepMetadata=ctx.options.keep_metadata if ctx.kept else "none", keepProfile=ctx.icc is not None)
+    return EncodedImage(ctx.body, out.width, out.height, ctx.fmt, ctx.row.mime, applied, frames=len(ctx.frames))

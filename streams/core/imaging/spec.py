@@ -3,43 +3,34 @@ was made (``EncodedImage``). Resize modes and gravities have imgproxy's names (r
 pad is rs:fit + ex:1)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from streams.core.formats import FORMATS
+from streams.core.options import GRAVITIES, KEEP_METADATA, MODES, ImageOptions, options_of
 
-# Resize modes and gravities, with imgproxy's names (rs:fit, rs:fill, rs:force; pad is rs:fit + ex:1).
-MODES = ("fit", "fill", "force", "pad")
-
-
-GRAVITIES = ("center", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest",
-             "smart")
+__all__ = ["GRAVITIES", "KEEP_METADATA", "MODES", "EncodedImage", "OutputSpec", "SourceOptions", "task_spec"]
 
 
-# keepMetadata: none (the default), copyright (EXIF Copyright and Artist), all (EXIF, orientation 1, and XMP)
-KEEP_METADATA = ("none", "copyright", "all")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class OutputSpec:
+    """One output: its format, its box, and its options with every default filled in (``quality``,
+    ``effort``, ``progressive`` and ``background`` may stay None: the configured one, the format's)."""
     format: str
     width: int
     height: int
-    maintain_aspect_ratio: bool = True
-    mode: str = ""  # fit | fill | force | pad; "" -> fit if maintain_aspect_ratio else force
-    gravity: str = "center"
-    enlarge: bool = True
-    background: str = ""  # #rrggbb or #rrggbbaa, for pad; "" -> transparent, white for JPEG
-    quality: int = 0  # 1-100 for jpg/webp/avif; 0 -> the Encoding's
-    effort: int = -1  # 0 (fastest) - 9 (smallest) for png/jpg/webp/avif; -1 -> the Encoding's
-    progressive: bool | None = None  # jpg; None -> the Encoding's
-    lossless: bool = False  # webp
-    animated: bool = False  # gif/webp/avif: an animated source stays animated
-    keep_metadata: str = "none"  # none | copyright | all
-    keep_profile: bool = False  # an RGB source's own ICC profile instead of the conversion to sRGB
+    options: ImageOptions
 
-    @property
-    def resize_mode(self) -> str:
-        return self.mode or ("fit" if self.maintain_aspect_ratio else "force")
+    def __init__(self, format: str, width: int, height: int, maintain_aspect_ratio: bool = True,
+                 options: ImageOptions | None = None, **given):
+        """``given``: options by their contract names, over ``options``; with no resizeMode, fit (force
+        when ``maintain_aspect_ratio`` is false, the seed's flag)."""
+        asked = ImageOptions(**given).over(options or ImageOptions())
+        if asked.resizeMode is None:
+            asked = replace(asked, resizeMode="fit" if maintain_aspect_ratio else "force")
+        object.__setattr__(self, "format", format)
+        object.__setattr__(self, "width", width)
+        object.__setattr__(self, "height", height)
+        object.__setattr__(self, "options", asked.resolved())
 
     @property
     def source_options(self) -> "SourceOptions":
@@ -47,8 +38,9 @@ class OutputSpec:
         row = FORMATS.get(self.format.lower())
         if row is None:
             return SourceOptions()
-        return SourceOptions(animated=self.animated and row.animation, keep_profile=self.keep_profile and row.profile,
-                             keep_metadata=self.keep_metadata if row.metadata else "none")
+        o = self.options
+        return SourceOptions(animated=o.animated and row.animation, keep_profile=o.keepProfile and row.profile,
+                             keep_metadata=o.keepMetadata if row.metadata else "none")
 
 
 @dataclass(frozen=True)
@@ -69,26 +61,11 @@ class EncodedImage:
     height: int
     format: str
     content_type: str
-    # what was applied (the final event's output records say it)
-    mode: str = ""
-    gravity: str = ""  # fill and pad only
-    enlarge: bool = True
-    background: str = ""  # pad only, #rrggbbaa
-    quality: int = 0  # jpg, webp (lossy) and avif only
-    effort: int = -1  # the request's 0-9 effort where the format has a knob; -1: the configured one
-    progressive: bool = False  # jpg only
-    lossless: bool = False  # webp only
+    applied: ImageOptions  # what was applied; None: not applied (not a knob of the format, or not asked)
     frames: int = 1
-    keep_metadata: str = "none"  # what was written: none | copyright | all
-    keep_profile: bool = False  # the source's own profile was embedded
 
 
-def task_spec(task) -> OutputSpec:
+def task_spec(task: dict) -> OutputSpec:
     """The output a task (its record as a dict) asks for."""
     return OutputSpec(task["format"], task["width"], task["height"], task["maintainAspectRatio"],
-                      mode=task.get("resizeMode", ""), gravity=task.get("gravity", "center"),
-                      enlarge=task.get("enlarge", True), background=task.get("background", ""),
-                      quality=task.get("quality", 0), effort=task.get("effort", -1),
-                      progressive=task.get("progressive"), lossless=task.get("lossless", False),
-                      animated=task.get("animated", False), keep_metadata=task.get("keepMetadata") or "none",
-                      keep_profile=task.get("keepProfile", False))
+                      options_of("ResizeTask", task))

@@ -1,0 +1,124 @@
+"""ImageOptions (streams/core/options.py): one record from the request to the output. An option is one
+field and one row; these tests follow every option through every record, so a new one is covered when it
+is added."""
+import json
+
+import pytest
+
+from streams import serde
+from streams.client import avro_request
+from streams.core.errors import RequestInvalid
+from streams.core.imaging import task_spec
+from streams.core.models import (
+    ResizeTask, TaskDescriptor, TaskOutput, WorkflowCompleted, WorkflowPlan, descriptors_of,
+)
+from streams.core.options import (
+    DEFAULTS, LEGACY, NAMES, OPTIONS, ImageOptions, flat_fields, options_of, parse_options,
+)
+from streams.core.planning import make_plan, parse_request, plan_tasks, request_json
+
+SEED = {"fileLocation": "http://x/y.png", "outputFormats": ["jpg", "webp"],
+        "outputSizes": [{"width": 30, "height": 20}, {"width": 10, "height": 10}]}
+# a valid value of every option, none of them its default
+GIVEN = {"resizeMode": "pad", "gravity": "southwest", "enlarge": False, "background": "#112233", "quality": 61,
+         "effort": 2, "progressive": True, "lossless": True, "animated": True, "keepMetadata": "all",
+         "keepProfile": True}
+
+
+def parse(doc):
+    return parse_request(doc, max_dimension=100, max_tasks=10)
+
+
+def test_every_option_has_its_row_its_schema_field_and_a_test_value():
+    schema = json.loads((serde.schemas_dir() / "io.imagefork.ImageOptions.avsc").read_text())
+    fields = {f["name"]: f for f in schema["fields"]}
+    assert tuple(fields) == NAMES == tuple(o.name for o in OPTIONS) == tuple(GIVEN)
+    assert all(f["type"][0] == "null" and f["default"] is None for f in fields.values()), "every option optional"
+    assert all(o.parse(GIVEN[o.name]) == (GIVEN[o.name], None) for o in OPTIONS)
+
+
+def test_every_option_goes_from_the_request_to_the_resize_worker():
+    request = parse({**SEED, **GIVEN})
+    assert request.options == ImageOptions(**GIVEN)
+    for task in plan_tasks(request, "wf", source_uri="s3://b/s", deadline=1):
+        record = serde.decode("ResizeTask", serde.encode("ResizeTask", task.to_dict()))
+        assert ResizeTask.from_dict(record) == task
+        assert task_spec(record).options == ImageOptions(**GIVEN)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_size_may_override_any_option(name):
+    other = {**SEED, "outputFormats": ["png"],
+             "outputSizes": [{"width": 5, "height": 5, name: GIVEN[name]}, {"width": 6, "height": 6}]}
+    tasks = plan_tasks(parse(other), "wf", source_uri="s3://b/s", deadline=1)
+    assert getattr(tasks[0].options, name) == GIVEN[name]
+    assert getattr(tasks[1].options.resolved(), name) == (getattr(DEFAULTS, name) if name != "resizeMode" else "fit")
+
+
+def test_options_in_an_options_object_win_over_flat_ones_and_are_named_by_their_path():
+    request = parse({**SEED, "quality": 50, "options": {"quality": 90, "gravity": "north"}})
+    assert (request.options.quality, request.options.gravity) == (90, "north")
+    with pytest.raises(RequestInvalid) as info:
+        parse({**SEED, "options": {"quality": 0},
+               "outputSizes": [{"width": 1, "height": 1, "options": {"gravity": "up"}}]})
+    assert [f for f, _ in info.value.problems] == ["outputSizes[0].options.gravity", "options.quality"]
+    with pytest.raises(RequestInvalid, match="options: must be an object"):
+        parse({**SEED, "options": [1]})
+
+
+def test_the_validated_request_parses_again_to_itself():
+    request = parse({**SEED, **GIVEN, "outputSizes": [{"width": 5, "height": 5, "quality": 99}]})
+    assert parse(json.loads(request_json(request))) == request
+
+
+def test_an_avro_request_means_what_its_json_means():
+    """``submit --avro`` writes the options in ``options`` and the flat fields an older planner reads."""
+    doc = {**SEED, **{k: str(v).lower() if isinstance(v, bool) else v for k, v in GIVEN.items()},
+           "outputSizes": [{"width": 5, "height": 5, "quality": "80"}]}
+    record = serde.decode_request_bytes(serde.encode("ImageRequest", avro_request(doc)))
+    assert parse(record) == parse(doc)
+    assert record["options"]["enlarge"] is False and record["enlarge"] is False  # "false" is false, both ways
+    assert record["outputSizes"][0]["options"]["quality"] == 80 and record["outputSizes"][0]["quality"] == 80
+
+
+@pytest.mark.parametrize("record", ["ImageRequest", "Size", "ResizeTask", "TaskOutput"])
+def test_flat_fields_and_back_keep_what_they_can_say(record):
+    said = ImageOptions(**{name: GIVEN[name] for name, _ in LEGACY[record].values()})
+    assert options_of(record, flat_fields(record, said)) == said
+    assert options_of(record, {**flat_fields(record, said), "options": ImageOptions(quality=7).to_dict()}) == \
+        ImageOptions(quality=7)  # a record with options is read from them alone
+
+
+def test_plans_and_final_events_carry_their_tasks():
+    request = parse(SEED)
+    tasks = plan_tasks(request, "wf", source_uri="s3://b/s", deadline=1)
+    plan = make_plan(request, "wf", tasks, submitted_at=1, deadline=2, run_id="r")
+    assert plan.tasks[1] == TaskDescriptor("image_convert_resize_jpg_10x10_1", "jpg", 10, 10)
+    assert plan.taskRefs == tuple(t.taskRef for t in tasks)
+    kind, body = serde.decode_join_event(serde.encode_join_event("WorkflowPlan", plan.to_dict()))
+    assert WorkflowPlan.from_dict(body) == plan
+    final = WorkflowCompleted("wf", None, "COMPLETED", "http://x", (), (), (), 4, 1, 2, tasks=plan.tasks)
+    assert WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted",
+                                                    serde.encode("WorkflowCompleted", final.to_dict()))) == final
+
+
+def test_a_plan_written_before_tasks_is_read_from_its_references():
+    refs = ["image_convert_resize_webp_1200x800_7", "image_convert_resize_my_fmt_3x4_0", "not-a-ref"]
+    assert descriptors_of({"taskRefs": refs}) == (TaskDescriptor(refs[0], "webp", 1200, 800),
+                                                  TaskDescriptor(refs[1], "my_fmt", 3, 4),
+                                                  TaskDescriptor(refs[2], "", 0, 0))
+
+
+def test_an_output_round_trips_with_its_applied_options():
+    out = TaskOutput("r", "jpg", 3, 2, 10, "image/jpeg", "s3://b/k", "http://s3/b/k", 1,
+                     ImageOptions(resizeMode="fit", enlarge=True, quality=80, progressive=True, lossless=False,
+                                  keepMetadata="none", keepProfile=False))
+    record = serde.decode("TaskOutput", serde.encode("TaskOutput", out.to_dict()))
+    assert TaskOutput.from_dict(record) == out
+    assert (record["mode"], record["quality"], record["gravity"], record["effort"]) == ("fit", 80, "", -1)
+
+
+def test_parse_options_reports_every_bad_value():
+    problems = []
+    parse_options({"quality": "x", "gravity": 1, "enlarge": "maybe"}, "", problems)
+    assert [f for f, _ in problems] == ["gravity", "enlarge", "quality"]
