@@ -37,6 +37,7 @@ class ImageOptions:
     animated: bool | None = None  # gif, webp, avif outputs of an animated source stay animated; None: false
     keepMetadata: str | None = None  # none | copyright | all; None: none
     keepProfile: bool | None = None  # an RGB source's own ICC profile instead of sRGB; None: false
+    sharpen: float | None = None  # an unsharp mask of this sigma (px) after the resize; None: none
 
     def over(self, base: "ImageOptions") -> "ImageOptions":
         """These options where said, ``base``'s elsewhere."""
@@ -88,6 +89,22 @@ def integer(minimum: int, maximum: int) -> Callable[[Any], Parsed]:
     return parse
 
 
+def number(minimum: float, maximum: float) -> Callable[[Any], Parsed]:
+    """A finite number in [minimum, maximum], as a float."""
+    def parse(value: Any) -> Parsed:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return None, f"must be a number, got {value!r}"[:200]
+        if not minimum <= value <= maximum:
+            return None, f"must be between {minimum:g} and {maximum:g}, got {value:g}"
+        return float(value), None
+    return parse
+
+
 def choice(names: tuple[str, ...]) -> Callable[[Any], Parsed]:
     """One of ``names``, case and surrounding blanks ignored."""
     def parse(value: Any) -> Parsed:
@@ -134,6 +151,7 @@ OPTIONS = (
     Option("animated", boolean, False),
     Option("keepMetadata", choice(KEEP_METADATA), "none"),
     Option("keepProfile", boolean, False),
+    Option("sharpen", number(0.1, 10.0)),
 )
 assert tuple(o.name for o in OPTIONS) == NAMES, "every field of ImageOptions has its row"
 DEFAULTS = ImageOptions(**{o.name: o.default for o in OPTIONS if o.default is not None})

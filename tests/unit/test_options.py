@@ -22,7 +22,7 @@ SEED = {"fileLocation": "http://x/y.png", "outputFormats": ["jpg", "webp"],
 # a valid value of every option, none of them its default
 GIVEN = {"resizeMode": "pad", "gravity": "southwest", "enlarge": False, "background": "#112233", "quality": 61,
          "effort": 2, "progressive": True, "lossless": True, "animated": True, "keepMetadata": "all",
-         "keepProfile": True}
+         "keepProfile": True, "sharpen": 1.5}
 
 
 def parse(doc):
@@ -122,3 +122,40 @@ def test_parse_options_reports_every_bad_value():
     problems = []
     parse_options({"quality": "x", "gravity": 1, "enlarge": "maybe"}, "", problems)
     assert [f for f, _ in problems] == ["gravity", "enlarge", "quality"]
+
+
+# --- sharpen: the option added as one field and its step (issue 23's example) ---------------------------
+def _detail(im) -> float:
+    """High-frequency energy: how far the image is from itself blurred."""
+    from PIL import ImageChops, ImageFilter, ImageStat
+    grey = im.convert("RGB").convert("L")
+    return ImageStat.Stat(ImageChops.difference(grey, grey.filter(ImageFilter.GaussianBlur(1)))).mean[0]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "webp"])
+def test_sharpen_sharpens_and_says_so(fmt):
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from streams.config import Encoding, Limits
+    from streams.core.imaging import OutputSpec, resize_image
+    src = Image.new("RGBA", (400, 400), (255, 255, 255, 255))
+    draw = ImageDraw.Draw(src)
+    for x in range(0, 400, 100):
+        draw.rectangle((x, 0, x + 49, 399), fill=(20, 40, 200, 128 if x % 200 else 255))
+    plain = resize_image(src, OutputSpec(fmt, 150, 150), Limits(), Encoding())
+    sharp = resize_image(src, OutputSpec(fmt, 150, 150, sharpen=2.0), Limits(), Encoding())
+    assert (plain.applied.sharpen, sharp.applied.sharpen) == (None, 2.0)
+    a, b = Image.open(io.BytesIO(plain.data)), Image.open(io.BytesIO(sharp.data))
+    assert b.size == a.size and _detail(b) > 1.2 * _detail(a)
+    if fmt != "jpg":  # alpha is left as it is
+        assert list(a.getchannel("A").getdata()) == list(b.getchannel("A").getdata())
+
+
+@pytest.mark.parametrize("value, why", [(0, "between 0.1 and 10"), (11, "between 0.1 and 10"), ("x", "a number"),
+                                        (True, "a number"), ("nan", "a number"), (float("inf"), "between")])
+def test_sharpen_refuses_what_is_not_a_sigma(value, why):
+    with pytest.raises(RequestInvalid) as info:
+        parse({**SEED, "sharpen": value})
+    assert why in dict(info.value.problems)["sharpen"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from streams.config import Encoding, Limits
 from streams.core.errors import UnsupportedFormat
@@ -80,9 +80,41 @@ def plan_layout(ctx: Context) -> None:
 
 
 def transform(ctx: Context) -> None:
-    """Scale, crop and pad each frame, then make it what the format's writer takes."""
-    ctx.frames = [convert_for(apply_layout(f, ctx.plan, ctx.background or "#ffffff00"), ctx.fmt,
-                              ctx.encoding.gif_colors) for f in ctx.frames]
+    """Each frame through ``FRAME_STEPS``, one frame at a time (an animation is not held twice)."""
+    ctx.frames = [_frame(ctx, f) for f in ctx.frames]
+
+
+def _frame(ctx: Context, frame: Image.Image) -> Image.Image:
+    for step in FRAME_STEPS:
+        frame = step(ctx, frame)
+    return frame
+
+
+def place(ctx: Context, frame: Image.Image) -> Image.Image:
+    """Scale, crop and pad."""
+    return apply_layout(frame, ctx.plan, ctx.background or "#ffffff00")
+
+
+def sharpen(ctx: Context, frame: Image.Image) -> Image.Image:
+    """An unsharp mask of the asked sigma on the colour channels; alpha is left as it is."""
+    sigma = ctx.spec.options.sharpen
+    if not sigma:
+        return frame
+    mask = ImageFilter.UnsharpMask(radius=sigma, percent=100, threshold=0)
+    if frame.mode in ("RGB", "L"):
+        return frame.filter(mask)
+    with_alpha = frame if frame.mode in ("RGBA", "LA") else frame.convert("RGBA")
+    out = with_alpha.convert(with_alpha.mode[:-1] or "RGB").filter(mask)
+    out.putalpha(with_alpha.getchannel("A"))
+    return out
+
+
+def convert(ctx: Context, frame: Image.Image) -> Image.Image:
+    """What the format's writer takes (JPEG: no alpha; GIF: a palette)."""
+    return convert_for(frame, ctx.fmt, ctx.encoding.gif_colors)
+
+
+FRAME_STEPS = (place, sharpen, convert)
 
 
 def choose_settings(ctx: Context) -> None:
@@ -115,5 +147,6 @@ def resize_image(data: bytes | Image.Image | Source, spec: OutputSpec, limits: L
         enlarge=spec.options.enlarge, background=ctx.background or None, quality=settings.quality or None,
         effort=settings.effort if settings.effort >= 0 else None, progressive=settings.progressive,
         lossless=settings.lossless, animated=len(ctx.frames) > 1 or None,
-        keepMetadata=ctx.options.keep_metadata if ctx.kept else "none", keepProfile=ctx.icc is not None)
+        keepMetadata=ctx.options.keep_metadata if ctx.kept else "none", keepProfile=ctx.icc is not None,
+        sharpen=spec.options.sharpen)
     return EncodedImage(ctx.body, out.width, out.height, ctx.fmt, ctx.row.mime, applied, frames=len(ctx.frames))
