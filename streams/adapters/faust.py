@@ -51,11 +51,10 @@ def idempotent_producers() -> None:
 def refresh_metadata_on_stale_leaders() -> None:
     """aiokafka 0.14 finds the start of a partition with no committed offset by asking its leader; when the
     answer is NotLeaderForPartition (leadership moved: a broker restarted, or the controller handed the
-    partition back to its preferred leader) it logs the error and asks the same node again, every retry
-    backoff, until the metadata's own refresh (``metadata_max_age_ms``, 5 minutes): every partition in that
-    request waits that long. Seen on a rolling restart of the hosts' cluster (bench/roll.py): a resize
-    worker read nothing for 4 minutes. Here a stale-leader answer asks for new metadata at once, as
-    aiokafka's other offset look-ups do."""
+    partition back to its preferred leader) it asks the same node again, every retry backoff, until the
+    metadata's own refresh (``metadata_max_age_ms``, 5 minutes): every partition in that request waits that
+    long. Here a stale-leader answer asks for new metadata at once, as aiokafka's other offset look-ups do.
+    Pinned by tests/unit/test_aiokafka_patches.py."""
     from aiokafka.consumer import fetcher
     from aiokafka.errors import KafkaError
     if getattr(fetcher.Fetcher, "_imagefork_refreshes", False):
@@ -151,9 +150,9 @@ def data_dir(role: str) -> str:
     whoever reaps the dead one (``remove_stale_data_dirs``). The process holds a lock on its folder while
     it lives, which is how a dead process's folder is told from a live one's."""
     remove_stale_data_dirs()
-    # made under a name the sweep does not look at, locked, then renamed: a process starting beside this
-    # one never sees the folder unlocked (workers started side by side raced here: one swept another's
-    # new folder between its creation and its lock). The lock is on the folder itself: it survives the rename.
+    # made under a name the sweep does not look at, locked, then renamed, so a sweep by a process starting
+    # beside this one never takes it between creation and lock (pinned by tests/unit/test_data_dir.py).
+    # The lock is on the folder itself: it survives the rename.
     hidden = tempfile.mkdtemp(prefix=f".imagefork-{role}-")
     fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by exec'd children (PEP 446)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

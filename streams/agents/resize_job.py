@@ -145,9 +145,9 @@ MMAP_THRESHOLD = 128 << 10
 def return_freed_buffers(threshold: int = MMAP_THRESHOLD) -> bool:
     """glibc serves blocks over its mmap threshold with mmap and gives them back to the system when freed,
     but raises the threshold (up to 32 MiB) each time such a block is freed: after the first decoded image
-    is freed, the next ones come from its heaps, which keep them once freed. With the budget full, a 312 MiB
-    budget's worker then held 599 MB; with the threshold fixed at 128 KiB, 454 MB (docs/soak.md). A
-    ``MALLOC_MMAP_THRESHOLD_`` in the environment is the user's choice and stands; not glibc: nothing."""
+    is freed, the next ones come from its heaps, which keep them once freed. So the threshold is fixed (at
+    128 KiB; pinned by tests/unit/test_memory_budget.py). A ``MALLOC_MMAP_THRESHOLD_`` in the environment
+    is the user's choice and stands; not glibc: nothing."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:

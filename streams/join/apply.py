@@ -42,7 +42,7 @@ class Applier:
             return self.dead_letter(msg, "NOT_A_JOIN_EVENT", str(exc))
         self._processed.inc()
         if kind not in ("WorkflowPlan", "TaskResult"):
-            return  # DeadlineCheck: the clock is internal now; older producers' ticks change nothing
+            return  # DeadlineCheck, from older producers: the clock is internal, so their ticks change nothing
         try:
             if kind == "WorkflowPlan":
                 record = WorkflowPlan.from_dict(body)

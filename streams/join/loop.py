@@ -28,7 +28,7 @@ log = logging.getLogger("imagefork")
 
 def consumer_settings(config: Config, group: str, url: str) -> dict:
     """The join's consumer: read_committed, offsets committed only inside its transactions."""
-    # No static membership (group.instance.id): after a broker restart librdkafka fenced the consumer
+    # No static membership (group.instance.id): after a broker restart librdkafka can fence the consumer
     # against itself ("Static consumer fenced by other consumer with same group.instance.id").
     return client_config(config, **{
         "group.id": group,

@@ -20,10 +20,10 @@ from PIL import Image, ImageChops, ImageCms, ImageMath
 
 def _stable_srgb_profile() -> bytes:
     """lcms's sRGB profile, the same bytes in every process: lcms stamps the creation time into the
-    header, so each worker process made its own profile and a task run twice (after a worker was
-    killed) wrote an object that differed by a byte from the result already recorded. The date is set
-    to a fixed one and the profile ID (the MD5 of the profile with its flags, intent and ID zeroed, as
-    ICC v4 defines it) is computed again."""
+    header, and a task run twice must write the same object. The date is set to a fixed one and the
+    profile ID (the MD5 of the profile with its flags, intent and ID zeroed, as ICC v4 defines it) is
+    computed again. Pinned by
+    tests/unit/test_imaging_colour.py::test_the_same_task_gives_the_same_bytes_in_every_process."""
     raw = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
     raw[24:36] = struct.pack(">6H", 2020, 1, 1, 0, 0, 0)
     probe = bytearray(raw)
@@ -167,7 +167,7 @@ def normalise_mode(im: Image.Image) -> Image.Image:
 
 def _keyed(grey: Image.Image, raw: Image.Image, key) -> Image.Image:
     """``grey`` with the alpha a colour key (a PNG's tRNS) gives: 0 where ``raw`` (the pixels before scaling
-    to 8 bits) equals the key. A 1-bit or 16-bit grey PNG's transparency was lost in the conversion."""
+    to 8 bits) equals the key: converting a 1-bit or 16-bit grey PNG to L drops the key."""
     if not isinstance(key, int) or isinstance(key, bool):
         return grey
     alpha = ImageMath.lambda_eval(lambda a: (a["raw"] != key) * 255, raw=raw.convert("I")).convert("L")

@@ -75,10 +75,9 @@ def _bare(im: Image.Image) -> Image.Image:
     """A new Image object on the same pixels (nothing is copied) carrying nothing from elsewhere: not what
     the PNG, TIFF, JPEG and GIF writers would copy from a decoded file (its profile, comments, TIFF tags),
     and not another save's settings. ``Image.save`` keeps its parameters on the object it saves
-    (``encoderinfo``) while it runs, and merges what it finds there into its own: two threads saving one
-    shared image (a cached source that needs no resize, written as JPEG and TIFF at once) mixed their
-    settings, and the loser's ``finally`` left them on the image for good ("quality setting only
-    supported for 'jpeg' compression")."""
+    (``encoderinfo``) while it runs, and merges what it finds there into its own, so threads saving one
+    shared image (a cached source that needs no resize) would mix their settings. Pinned by
+    tests/unit/test_imaging.py::test_one_shared_image_encoded_from_many_threads_at_once."""
     im.load()
     own = im._new(im.im)
     transparency = im.info.get("transparency")

@@ -57,7 +57,7 @@ def decode(im: Image.Image, data: bytes, *, draft_box: tuple[int, int] | None = 
 
 def _png_grey_key(im: Image.Image, data: bytes) -> None:
     """A 2- or 4-bit grey PNG's colour key (tRNS) on the scale of its pixels: Pillow widens the pixels to
-    8 bits (x85, x17) and leaves the key as written, so no pixel matched it and the transparency was lost."""
+    8 bits (x85, x17) but leaves the key as written, where no pixel would match it."""
     key = im.info.get("transparency")
     if im.format == "PNG" and im.mode == "L" and isinstance(key, int) and data[12:16] == b"IHDR" \
             and data[25] == 0 and data[24] in (2, 4):
