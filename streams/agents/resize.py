@@ -10,6 +10,7 @@ import asyncio
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 
 import faust
 
@@ -145,7 +146,7 @@ class Resizer:
         delay = backoff_s(self.config.retry, task.attempt)
         log.warning("task %s/%s attempt %d failed (%s: %s); retry in %.1fs", task.workflowId, task.taskRef,
                     task.attempt, outcome["code"], outcome["message"], delay)
-        again = ResizeTask(**{**task.to_dict(), "attempt": task.attempt + 1, "notBefore": now_ms() + int(delay * 1000)})
+        again = replace(task, attempt=task.attempt + 1, notBefore=now_ms() + int(delay * 1000))
         return RetryLater(outcome["code"], delay, key=f"{task.workflowId}/{task.taskRef}".encode(),
                      value=serde.encode("ResizeTask", again.to_dict()))
 

@@ -159,3 +159,16 @@ def test_sharpen_refuses_what_is_not_a_sigma(value, why):
     with pytest.raises(RequestInvalid) as info:
         parse({**SEED, "sharpen": value})
     assert why in dict(info.value.problems)["sharpen"]
+
+
+def test_a_task_retried_after_a_transient_failure_keeps_its_options():
+    """The resize worker's retry writes the task again with its next attempt: same options, same record."""
+    from types import SimpleNamespace
+
+    from streams.agents.resize import Resizer
+    from streams.config import Config
+    task = plan_tasks(parse({**SEED, **GIVEN}), "wf", source_uri="s3://b/s", deadline=2**62)[0]
+    later = Resizer.retry(SimpleNamespace(config=Config()), task, {"code": "SOURCE_UNAVAILABLE", "message": "x"})
+    again = ResizeTask.from_dict(serde.decode("ResizeTask", later.value))
+    assert again.attempt == 2 and again.notBefore > 0 and again.options == task.options
+    assert again == ResizeTask(**{**task.__dict__, "attempt": 2, "notBefore": again.notBefore})
