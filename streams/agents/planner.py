@@ -21,6 +21,7 @@ from streams.core.imaging import certain_output_pixels, probe_image, target_size
 from streams.core.models import FAILED, REJECTED, PlanFailure, TaskError, TaskResult, WorkflowPlan
 from streams.core.planning import (
     make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
+    with_facts,
 )
 from streams.metrics import STAGE_SECONDS
 from streams.serde import SerdeError
@@ -86,7 +87,7 @@ class Planner:
         sending = time.perf_counter()
         await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline,
                                        run_id=run_id, carried=carried))
-        to_run = await self.fail_the_certainly_too_large(to_run, src_w, src_h)
+        to_run = with_facts(await self.fail_the_certainly_too_large(to_run, src_w, src_h), request)
         planned = time.perf_counter()
         STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
         # largest outputs first: the longest tasks start first, so the workflow ends sooner

@@ -22,7 +22,7 @@ from streams.agents.crashes import CrashLedger, Entry
 from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, RetryLater, wait_not_before
 from streams.config import Config
 from streams.core.errors import DeadlineExceeded
-from streams.core.models import FAILED, SUCCEEDED, ResizeTask, TaskError, TaskOutput, TaskResult
+from streams.core.models import FAILED, SUCCEEDED, ResizeTask, SourceFacts, TaskError, TaskOutput, TaskResult
 from streams.metrics import COMPUTE_CPU, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io
 from streams.serde import SerdeError
 
@@ -151,14 +151,15 @@ class Resizer:
                      value=serde.encode("ResizeTask", again.to_dict()))
 
     async def report(self, task: ResizeTask, outcome: dict) -> None:
+        facts = SourceFacts.from_dict(outcome["facts"]) if outcome.get("facts") else None
         if outcome["ok"]:
             result = TaskResult(task.workflowId, task.taskRef, SUCCEEDED, task.attempt, now_ms(),
                                 output=TaskOutput.from_dict(outcome["output"]), runId=task.runId,
-                                deadline=task.deadline)
+                                deadline=task.deadline, facts=facts)
         else:
             result = TaskResult(task.workflowId, task.taskRef, FAILED, task.attempt, now_ms(),
                                 error=TaskError(task.taskRef, outcome["code"], outcome["message"], task.attempt),
-                                runId=task.runId, deadline=task.deadline)
+                                runId=task.runId, deadline=task.deadline, facts=facts)
         await send(self.topics.events, key=task.workflowId.encode(),
                    value=serde.encode_join_event("TaskResult", result.to_dict()))
         log.info("task %s/%s %s (attempt %d)", task.workflowId, task.taskRef, result.status, task.attempt)

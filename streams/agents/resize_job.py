@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import logging
 import os
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import asdict
 from typing import Any
 
 from PIL import Image
@@ -25,9 +27,11 @@ from streams.core.errors import ImageTooLarge, PipelineError
 from streams.core.imaging import (
     Source, SourceOptions, decode_cost, open_image, prepare, resize_image, task_spec,
 )
+from streams.core.imaging.facts import pixel_facts
 from streams.core.models import TaskOutput
 from streams.metrics import SOURCE_CACHE_BYTES, SOURCE_CACHE_LOOKUPS
 
+log = logging.getLogger("imagefork")
 _config: Config | None = None
 _store: ObjectStore | None = None
 _lock = threading.Lock()
@@ -238,11 +242,14 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
+    facts: dict | None = None
     try:
         spec = task_spec(task)
         key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)), spec.source_options,
                           stages)
         try:
+            if task.get("facts"):
+                facts = _facts(task, im, stages)
             started, cpu = time.perf_counter(), time.thread_time()
             out = resize_image(im, spec, _config.limits, _config.encoding)
             stages["resize_encode"] = time.perf_counter() - started
@@ -262,13 +269,28 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
             "imagefork-options": json.dumps({"frames": out.frames, "options": out.applied.said()},
                                             separators=(",", ":"))})
         stages["upload"] = time.perf_counter() - uploading
-        return {"ok": True, "output": output.to_dict(), "seconds": time.perf_counter() - started}
+        return {"ok": True, "output": output.to_dict(), "seconds": time.perf_counter() - started, "facts": facts}
     except PipelineError as exc:
-        return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient}
+        return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient, "facts": facts}
     except MemoryError:
         gc.collect()
         err = ImageTooLarge("the image does not fit in this worker's memory")
-        return {"ok": False, "code": err.code, "message": err.message, "transient": False}
+        return {"ok": False, "code": err.code, "message": err.message, "transient": False, "facts": facts}
     except Exception as exc:  # hostile input can raise anything from a decoder
         return {"ok": False, "code": "INTERNAL", "message": f"{type(exc).__name__}: {str(exc)[:200]}",
-                "transient": False}
+                "transient": False, "facts": facts}
+
+
+def _facts(task: dict[str, Any], source: Source, stages: dict[str, float]) -> dict | None:
+    """The source's facts (``SourceFacts`` as a dict), as the task asks; never the task's failure."""
+    if source.info is None:
+        return None
+    started = time.thread_time()
+    try:
+        facts = {**asdict(source.info), **pixel_facts(source.frames[0], tuple(task["facts"]))}
+    except Exception as exc:  # a placeholder is not worth an output
+        log.warning("task %s/%s: the source's facts failed (%s: %s); the output goes on without them",
+                    task.get("workflowId"), task.get("taskRef"), type(exc).__name__, str(exc)[:200])
+        facts = asdict(source.info)
+    stages["facts"] = time.thread_time() - started
+    return facts

@@ -304,6 +304,7 @@ def build_final(flow: Workflow, status: str, now: int) -> WorkflowCompleted:
         retryOf=plan.retryOf if plan else "",
         request=plan.request if plan else "",
         tasks=plan.tasks if plan else (),
+        facts=next((results[r].facts for r in refs if r in results and results[r].facts), None),
     )
 
 

@@ -50,6 +50,7 @@ class ImageRequest:
     correlationId: str | None = None
     options: ImageOptions = ImageOptions()  # as validated, with resizeMode always said
     retry: RetryOf | None = None
+    facts: tuple[str, ...] | None = None  # the costly source facts asked (None: all)
 
     @property
     def mode(self) -> str:
@@ -65,6 +66,7 @@ class ImageRequest:
             "workflowId": self.workflowId,
             "correlationId": self.correlationId,
             **self.options.said(),
+            **({} if self.facts is None else {"facts": list(self.facts)}),
         }
 
 
@@ -130,15 +132,16 @@ class ResizeTask(_Record):
     maxHeight: int = 0
     runId: str = ""
     options: ImageOptions = ImageOptions()
+    facts: tuple[str, ...] = ()  # the source facts this task reports (empty: another task of the run does)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        return {**d, **flat_fields("ResizeTask", self.options)}
+        return {**d, **flat_fields("ResizeTask", self.options), "facts": list(self.facts)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ResizeTask":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "options"},
-                   options=options_of("ResizeTask", d))
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in ("options", "facts")},
+                   options=options_of("ResizeTask", d), facts=tuple(d.get("facts") or ()))
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,35 @@ class TaskError(_Record):
     attempts: int = 0
 
 
+COSTLY_FACTS = ("colors", "placeholder", "phash")  # the source facts a request may leave out
+
+
+@dataclass(frozen=True)
+class SourceFacts(_Record):
+    """What the source is (``streams/core/imaging/facts.py``)."""
+    sha256: str
+    width: int
+    height: int
+    format: str
+    orientation: int
+    alpha: bool
+    frames: int
+    colorSpace: str
+    profile: str | None = None
+    dominantColor: str | None = None
+    palette: tuple[str, ...] = ()
+    blurhash: str | None = None
+    phash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "palette": list(self.palette)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SourceFacts":
+        given = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**{**given, "palette": tuple(d.get("palette") or ())})
+
+
 @dataclass(frozen=True)
 class TaskResult:
     workflowId: str
@@ -183,6 +215,7 @@ class TaskResult:
     error: TaskError | None = None
     runId: str = ""
     deadline: int = 0  # the workflow's deadline as the task carried it (0: unknown)
+    facts: SourceFacts | None = None  # from the one task of the run that was asked for them
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,6 +228,7 @@ class TaskResult:
             "error": self.error.to_dict() if self.error else None,
             "runId": self.runId,
             "deadline": self.deadline,
+            "facts": self.facts.to_dict() if self.facts else None,
         }
 
     @classmethod
@@ -209,6 +243,7 @@ class TaskResult:
             error=TaskError.from_dict(d["error"]) if d.get("error") else None,
             runId=d.get("runId") or "",
             deadline=d.get("deadline") or 0,
+            facts=SourceFacts.from_dict(d["facts"]) if d.get("facts") else None,
         )
 
 
@@ -293,6 +328,7 @@ class WorkflowCompleted:
     retryOf: str = ""
     request: str = ""  # the validated request (JSON); "" for a REJECTED one
     tasks: tuple[TaskDescriptor, ...] = ()  # the plan's (empty: no plan, or written before the field)
+    facts: SourceFacts | None = None  # what the source is (None: not known)
 
     def document(self) -> dict[str, Any]:
         """The final event as plain JSON for readers that do not speak Avro (``imagefork events --json``,
@@ -321,6 +357,7 @@ class WorkflowCompleted:
             "retryOf": self.retryOf,
             "request": self.request,
             "tasks": [t.to_dict() for t in self.tasks],
+            "facts": self.facts.to_dict() if self.facts else None,
         }
 
     @classmethod
@@ -340,6 +377,7 @@ class WorkflowCompleted:
             retryOf=d.get("retryOf") or "",
             request=d.get("request") or "",
             tasks=descriptors_of(d),
+            facts=SourceFacts.from_dict(d["facts"]) if d.get("facts") else None,
         )
 
 

@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 
 from streams.core.errors import RequestInvalid
 from streams.core.formats import FORMATS
-from streams.core.models import ImageRequest, ResizeTask, RetryOf, Size, TaskDescriptor, TaskOutput, WorkflowPlan
+from streams.core.models import (
+    COSTLY_FACTS, ImageRequest, ResizeTask, RetryOf, Size, TaskDescriptor, TaskOutput, WorkflowPlan,
+)
 from streams.core.options import ImageOptions, boolean, integer, parse_options
 
 TASK_NAME = "image_convert_resize"
@@ -101,6 +103,7 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         problems.append(("workflowId", "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"))
 
     retry = _retry(doc.get("retry"), problems)
+    facts = _facts(doc.get("facts"), problems)
     if max_pixels and not problems:
         problems.extend(_certain_boxes_over(sizes, size_fields, options, max_pixels))
 
@@ -119,6 +122,7 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         correlationId=ids.get("correlationId"),
         options=options,
         retry=retry,
+        facts=facts,
     )
 
 
@@ -145,6 +149,31 @@ def _retry(value: Any, problems: list[tuple[str, str]]) -> RetryOf | None:
         except (TypeError, KeyError, AttributeError):
             problems.append((f"retry.outputs[{i}]", "is not an output record"))
     return RetryOf(run_id if isinstance(run_id, str) else "", tuple(refs), tuple(kept))
+
+
+def _facts(value: Any, problems: list[tuple[str, str]]) -> tuple[str, ...] | None:
+    """The costly source facts asked: a list of ``COSTLY_FACTS`` (None: all of them)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(("facts", f"must be a list of {', '.join(COSTLY_FACTS)} (or absent: all)"))
+        return None
+    names = [v.strip().lower() for v in value]
+    unknown = [v for v in names if v not in COSTLY_FACTS]
+    if unknown:
+        problems.append(("facts", f"{unknown[0]!r} is not one of {', '.join(COSTLY_FACTS)}"[:200]))
+        return None
+    return tuple(dict.fromkeys(names))
+
+
+def with_facts(tasks: list[ResizeTask], request: ImageRequest) -> list[ResizeTask]:
+    """The tasks to run, the first of them (in plan order) asked to report the source's facts: one task per
+    run does, from the decode it makes anyway."""
+    if not tasks:
+        return tasks
+    first = min(range(len(tasks)), key=lambda i: tasks[i].index)
+    wanted = ("basic", *(COSTLY_FACTS if request.facts is None else request.facts))
+    return [replace(t, facts=wanted) if i == first else t for i, t in enumerate(tasks)]
 
 
 def request_json(request: ImageRequest) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from streams.core.imaging.facts import placeholder_data_url
 from streams.core.models import SUCCEEDED, TIMED_OUT, WorkflowCompleted, descriptors_of
 
 PENDING, RUNNING = "PENDING", "RUNNING"
@@ -32,7 +33,8 @@ def pending_doc(workflow_id: str, accepted_at: int, file_location: str = "") -> 
     """Accepted by the API, not planned yet."""
     return {"workflowId": workflow_id, "status": PENDING, "runId": "", "retryOf": "", "fileLocation": file_location,
             "correlationId": None, "submittedAt": accepted_at, "completedAt": None, "deadline": None,
-            "progress": {"done": 0, "total": None, "failed": 0}, "tasks": [], "outputs": [], "errors": []}
+            "progress": {"done": 0, "total": None, "failed": 0}, "tasks": [], "outputs": [], "errors": [],
+            "facts": None}
 
 
 def running_doc(answer: dict) -> dict:
@@ -60,6 +62,7 @@ def running_doc(answer: dict) -> dict:
         "progress": {"done": answer.get("done", len(results)), "total": answer.get("total"),
                      "failed": answer.get("failed", 0)},
         "tasks": tasks, "outputs": outputs, "errors": errors,
+        "facts": facts_doc(next((r["facts"] for r in answer.get("results", []) if r.get("facts")), None)),
     }
 
 
@@ -92,7 +95,16 @@ def final_doc(final: WorkflowCompleted) -> dict:
         "tasks": tasks, "outputs": [_output(wf, o.to_dict()) for o in final.outputs],
         "errors": [e.to_dict() for e in final.errors],
         "retryable": retryable(final)[0],
+        "facts": facts_doc(final.facts.to_dict() if final.facts else None),
     }
+
+
+def facts_doc(facts: dict | None) -> dict | None:
+    """The source's facts, with the placeholder as a data URL a page can paint at once."""
+    if not facts:
+        return None
+    url = placeholder_data_url(facts["blurhash"], facts["width"], facts["height"]) if facts.get("blurhash") else None
+    return {**facts, "placeholder": url}
 
 
 def marker_doc(answer: dict) -> dict:
@@ -100,7 +112,7 @@ def marker_doc(answer: dict) -> dict:
     return {"workflowId": answer["workflowId"], "status": answer["status"], "runId": answer.get("runId", ""),
             "retryOf": "", "fileLocation": "", "correlationId": None, "submittedAt": None,
             "completedAt": answer.get("at"), "deadline": None, "progress": {"done": 0, "total": None, "failed": 0},
-            "tasks": [], "outputs": [], "errors": []}
+            "tasks": [], "outputs": [], "errors": [], "facts": None}
 
 
 def summary(doc: dict) -> dict:

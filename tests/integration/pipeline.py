@@ -195,9 +195,8 @@ class Pipeline:
             # the object says which options were applied, as the output record does (repair reads them)
             from streams.join.repair import applied_options
             options = applied_options(head["Metadata"].get("imagefork-options", ""))
-            if out.mode:  # a record written by a worker (a repaired one may predate the metadata)
-                assert options == {k: getattr(out, k) for k in options} and options.get("mode") == out.mode, \
-                    (options, out)
+            if out.options.resizeMode:  # a record written by a worker (a repaired one may predate the metadata)
+                assert options == {"options": out.options, "frames": out.frames}, (options, out)
 
     # --- evidence that the join has handled events -------------------------------------------
     def events(self, workflow_id: str) -> list[tuple[int, int, str]]:

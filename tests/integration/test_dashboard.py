@@ -181,6 +181,11 @@ def test_the_seed_request_shows_nine_thumbnails_and_completes(page, files):
         timeout=20_000)
     expect(page.get_by_test_id("retry-button")).to_be_hidden()
     expect(page.get_by_test_id("detail-progress-count")).to_have_text("9/9")
+    # the source's placeholder was painted under each thumbnail, and is gone once its image loaded
+    expect(page.get_by_test_id("placeholder")).to_have_count(9)
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="placeholder"]')].every((f) => !f.style.background)""",
+        timeout=20_000)
     events = page.evaluate("window.__events")
     assert events.count("final") == 1 and events[-1] == "final", events  # the stream brought COMPLETED
 

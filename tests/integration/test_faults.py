@@ -388,7 +388,8 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     for ref, fmt, ctype in zip(refs, ("png", "jpg"), ("image/png", "image/jpeg")):
         data = encoded(fmt, (10, 7))
         sizes[ref] = len(data)
-        options = '{"mode":"fill","gravity":"smart","quality":70}' if fmt == "jpg" else ""  # as a worker writes
+        # as a worker before ImageOptions wrote it
+        options = '{"mode":"fill","gravity":"smart","quality":70}' if fmt == "jpg" else ""
         p.store.put(output_key(p.config.output_prefix, wf, ref, fmt), data, ctype, metadata={
             "imagefork-task": ref, "imagefork-format": fmt, "imagefork-width": "10", "imagefork-height": "7",
             **({"imagefork-options": options} if options else {})})
@@ -396,7 +397,8 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     plan = WorkflowPlan(wf, "http://example.invalid/x.png", descriptors_of({"taskRefs": refs}), now, now + 60_000)
     p.client.producer.produce(p.config.topics.events, key=wf.encode(),
                               value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
-    bad_plan = WorkflowPlan(unreadable, "http://example.invalid/y.png", descriptors_of({"taskRefs": (bad_ref, good_ref)}),
+    bad_plan = WorkflowPlan(unreadable, "http://example.invalid/y.png",
+                            descriptors_of({"taskRefs": (bad_ref, good_ref)}),
                             now, now + 8_500)
     p.client.producer.produce(p.config.topics.events, key=unreadable.encode(),
                               value=serde.encode_join_event("WorkflowPlan", bad_plan.to_dict()))
@@ -406,7 +408,8 @@ def test_join_recovers_a_lost_result_from_its_object(make_pipeline):
     assert [(o.taskRef, o.width, o.height, o.bytes) for o in finals[wf].outputs] == [
         (refs[0], 10, 7, sizes[refs[0]]), (refs[1], 10, 7, sizes[refs[1]])]
     # the options the object says were applied come back with it (an object without them: defaults)
-    assert [(o.mode, o.gravity, o.quality) for o in finals[wf].outputs] == [("", "", 0), ("fill", "smart", 70)]
+    assert [(o.options.resizeMode, o.options.gravity, o.options.quality) for o in finals[wf].outputs] == [
+        (None, None, None), ("fill", "smart", 70)]
     # the counter that says "never" elsewhere: both of wf's, and the readable one beside the unreadable object
     assert metric(port, "imagefork_repaired_results_total") == 3.0
     # the unreadable one: not repaired (its deadline ended the workflow), counted once; its sibling recovered

@@ -1,4 +1,5 @@
 """The whole pipeline against the real broker and the real S3 server."""
+import hashlib
 import io
 import json
 import time
@@ -6,7 +7,7 @@ import time
 import pytest
 from PIL import Image
 
-from streams.demo import seed_request
+from streams.demo import SAMPLE, seed_request
 from tests.integration.pipeline import wait_until
 
 pytestmark = pytest.mark.integration
@@ -47,6 +48,21 @@ def test_seed_request_gives_nine_objects_and_one_final_event(pipeline, files):
     pipeline.check_outputs(final)
     assert len(pipeline.output_keys("seed-1")) == 9
     assert len(pipeline.finals_for(["seed-1"])) == 1
+    # what the source is, from one task's decode (issue 25): its bytes' hash, its size, a placeholder
+    facts = final.facts
+    assert facts is not None and facts.sha256 == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+    assert (facts.width, facts.height, facts.format, facts.orientation, facts.frames) == (900, 900, "png", 1, 1)
+    assert facts.blurhash and len(facts.phash) == 16 and facts.dominantColor == facts.palette[0]
+    assert final.tasks[0].taskRef == "image_convert_resize_png_300x300_0" and len(final.tasks) == 9
+
+
+def test_a_request_may_leave_out_the_costly_facts(pipeline, files):
+    request = {**seed_request(files.url("sample.png")), "outputFormats": ["png"],
+               "outputSizes": [{"width": 32, "height": 32}, {"width": 16, "height": 16}], "facts": []}
+    final = run(pipeline, {"facts-1": request})["facts-1"]
+    assert final.status == "COMPLETED", final.errors
+    assert final.facts.sha256 and (final.facts.width, final.facts.colorSpace) == (900, "RGB")
+    assert (final.facts.blurhash, final.facts.phash, final.facts.dominantColor) == (None, None, None)
 
 
 def test_every_resize_mode_and_format_through_the_stack(pipeline, files):
@@ -68,10 +84,11 @@ def test_every_resize_mode_and_format_through_the_stack(pipeline, files):
                 ("pad", "north", (300, 150)), ("fit", "", (900, 900))]
     for i, out in enumerate(final.outputs):
         mode, gravity, size = expected[i % len(sizes)]
-        assert (out.format, out.mode, out.gravity, (out.width, out.height), out.enlarge) == \
+        assert (out.format, out.options.resizeMode, out.options.gravity or "", (out.width, out.height),
+                out.options.enlarge) == \
             (formats[i // len(sizes)], mode, gravity, size, False), out
     # pad: the image (150x150) sits at the top centre; the sides are the background
-    pads = {o.format: o for o in final.outputs if o.mode == "pad"}
+    pads = {o.format: o for o in final.outputs if o.options.resizeMode == "pad"}
     png = Image.open(io.BytesIO(pipeline.object(pads["png"].s3Uri.split("/", 3)[3]))).convert("RGBA")
     assert png.getpixel((10, 75))[3] == 0 and png.getpixel((150, 75))[3] == 255  # transparent sides
     jpg = Image.open(io.BytesIO(pipeline.object(pads["jpg"].s3Uri.split("/", 3)[3]))).convert("RGB")
@@ -237,15 +254,15 @@ def test_formats_animation_and_encoder_options_through_the_stack(pipeline, files
         [(f, *wh) for f in ("avif", "jpg", "webp", "png") for wh in ((300, 200), (200, 200))]
     for out in opts:
         im = image(out)
-        assert out.effort == 4 and out.keepMetadata == "copyright" and out.keepProfile, out
+        assert out.options.effort == 4 and out.options.keepMetadata == "copyright" and out.options.keepProfile, out
         assert im.info["icc_profile"] == ADOBE_RGB  # the source's profile, not sRGB
         kept = im.getexif()
         assert kept.get(ExifTags.Base.Copyright) == "(c) Jane Doe" and ExifTags.Base.Make not in kept
         assert ExifTags.IFD.GPSInfo not in kept  # GPS gone
-        assert out.progressive == (out.format == "jpg") and out.lossless == (out.format == "webp")
+        assert out.options.progressive == (out.format == "jpg") and out.options.lossless == (out.format == "webp")
         assert (im.info.get("progressive") == 1) == (out.format == "jpg")
     enc = pipeline.config.encoding  # the first size asks for quality 90, the second takes the configured one
-    assert [o.quality for o in opts] == [90, enc.avif_quality, 90, enc.jpeg_quality, 0, 0, 0, 0]
+    assert [o.options.quality or 0 for o in opts] == [90, enc.avif_quality, 90, enc.jpeg_quality, 0, 0, 0, 0]
 
     anim = {o.format: o for o in finals["anim-1"].outputs}
     for fmt in ("gif", "webp", "avif"):
@@ -254,6 +271,6 @@ def test_formats_animation_and_encoder_options_through_the_stack(pipeline, files
     assert anim["png"].frames == 1 and image(anim["png"]).size == (40, 30)
 
     heic = finals["heic-1"].outputs
-    assert [(o.format, o.width, o.height, o.keepMetadata) for o in heic] == \
+    assert [(o.format, o.width, o.height, o.options.keepMetadata) for o in heic] == \
         [("avif", 120, 120, "none"), ("jpg", 120, 120, "none")]
     assert all(image(o).info.get("icc_profile") != ADOBE_RGB for o in heic)

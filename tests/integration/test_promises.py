@@ -320,7 +320,7 @@ def test_every_output_object_carries_its_metadata_and_endpoint_url(pipeline, fil
         assert meta == {"imagefork-task": out.taskRef, "imagefork-format": out.format,
                         "imagefork-width": str(out.width), "imagefork-height": str(out.height),
                         "imagefork-run": plan["runId"]}, (key, meta)
-        assert options == {k: getattr(out, k) for k in options} and options["mode"] == out.mode == "fit"
+        assert options == {"frames": out.frames, "options": out.options.said()} and out.options.resizeMode == "fit"
         endpoint = pipeline.config.s3_endpoint_url.rstrip("/")
         assert out.url == f"{endpoint}/{pipeline.config.bucket}/{key}"
     assert sorted(pipeline.store.list_keys(f"{pipeline.config.output_prefix}{wf}/")) == sorted(keys)

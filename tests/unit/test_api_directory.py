@@ -21,7 +21,8 @@ SOURCE = "http://img.test/cat.png"
 
 
 def plan(wf="wf", run="r1", submitted=1000, **kw):
-    return WorkflowPlan(wf, SOURCE, descriptors_of({"taskRefs": REFS}), submittedAt=submitted, deadline=submitted + 300_000,
+    return WorkflowPlan(wf, SOURCE, descriptors_of({"taskRefs": REFS}), submittedAt=submitted,
+                        deadline=submitted + 300_000,
                         correlationId="corr", runId=run, **kw)
 
 

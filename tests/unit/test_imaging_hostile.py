@@ -170,9 +170,9 @@ def test_a_gif_of_a_million_tiny_frames_is_refused_at_once():
 
 
 def test_the_quick_gif_count_agrees_with_pillow():
-    from streams.core.imaging.limits import _gif_frames
+    from streams.core.imaging.limits import gif_frames
     frames = [Image.new("RGB", (7, 5), (i * 20, 255 - i * 20, 0)) for i in range(12)]
     b = io.BytesIO()
     frames[0].save(b, "GIF", save_all=True, append_images=frames[1:], duration=40, loop=0, comment=b"x" * 600)
-    assert _gif_frames(b.getvalue(), 100) == Image.open(io.BytesIO(b.getvalue())).n_frames == 12
-    assert _gif_frames(b.getvalue(), 5) == 5
+    assert gif_frames(b.getvalue(), 100) == Image.open(io.BytesIO(b.getvalue())).n_frames == 12
+    assert gif_frames(b.getvalue(), 5) == 5

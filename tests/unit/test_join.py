@@ -3,7 +3,8 @@ from streams.core.join import MARKER, PLAN, RESULT, Ignored, JoinState, Marker
 from streams.core.models import PlanFailure, TaskError, TaskOutput, TaskResult, WorkflowPlan, descriptors_of
 
 REFS = ("a", "b", "c")
-PLAN_ = WorkflowPlan("wf", "http://x/y.png", descriptors_of({"taskRefs": REFS}), submittedAt=1000, deadline=5000, correlationId="corr",
+PLAN_ = WorkflowPlan("wf", "http://x/y.png", descriptors_of({"taskRefs": REFS}), submittedAt=1000, deadline=5000,
+                     correlationId="corr",
                      runId="r1")
 
 

@@ -4,8 +4,8 @@ import pytest
 
 from streams import serde
 from streams.core.models import (
-    DeadlineCheck, PlanFailure, ResizeTask, TaskDescriptor, TaskError, TaskOutput, TaskResult, WorkflowCompleted,
-    WorkflowPlan,
+    DeadlineCheck, PlanFailure, ResizeTask, SourceFacts, TaskDescriptor, TaskError, TaskOutput, TaskResult,
+    WorkflowCompleted, WorkflowPlan,
 )
 from streams.core.options import ImageOptions
 
@@ -15,6 +15,8 @@ OUT = TaskOutput("r0", "png", 300, 200, 1234, "image/png", "s3://b/k.png", "http
                                       keepMetadata="copyright", keepProfile=True))
 OPTIONS = ImageOptions(resizeMode="fill", gravity="north", enlarge=False, background="#123456", quality=90, effort=0,
                        progressive=False, lossless=True, animated=True, keepMetadata="copyright", keepProfile=True)
+FACTS = SourceFacts("ab" * 32, 900, 600, "jpeg", 6, False, 1, "CMYK", "U.S. Web Coated (SWOP) v2", "#102030",
+                    ("#102030", "#ffffff"), "LEHV6nWB2yk8pyo0adR*.7kCMdnj", "ee4a9862f66b8926")
 TASKS = (TaskDescriptor("image_convert_resize_png_3x4_0", "png", 3, 4), TaskDescriptor("r1", "webp", 5, 6))
 ERR = TaskError("r1", "IMAGE_UNDECODABLE", "bad", 1)
 RECORDS = {
@@ -27,20 +29,21 @@ RECORDS = {
                      "resizeMode": "pad", "gravity": "southeast", "enlarge": False, "background": "#00ff00",
                      "quality": 70, "retry": None, "effort": 4, "progressive": True, "lossless": True,
                      "animated": True, "keepMetadata": "all", "keepProfile": True,
-                     "options": OPTIONS.to_dict()},
+                     "options": OPTIONS.to_dict(), "facts": ["phash"]},
     "ResizeTask": ResizeTask("w", "r0", 0, 1, "s3://b/s", "http://x/y", "png", 3, 4, True, "w/r0.png", 99, 2, 5,
-                             options=OPTIONS).to_dict(),
-    "TaskResult": TaskResult("w", "r0", "SUCCEEDED", 1, 7, output=OUT, runId="r1").to_dict(),
+                             options=OPTIONS, facts=("basic", "phash")).to_dict(),
+    "TaskResult": TaskResult("w", "r0", "SUCCEEDED", 1, 7, output=OUT, runId="r1", facts=FACTS).to_dict(),
     "WorkflowPlan": WorkflowPlan("w", "http://x", TASKS, 1, 2, "c",
                                  PlanFailure("REJECTED", "REQUEST_INVALID", "x")).to_dict(),
     "DeadlineCheck": DeadlineCheck("w", 5).to_dict(),
     "WorkflowCompleted": WorkflowCompleted("w", None, "FAILED", "http://x", ("u",), (OUT,), (ERR,), 2, 1, 2,
-                                           tasks=TASKS).to_dict(),
+                                           tasks=TASKS, facts=FACTS).to_dict(),
     "TaskOutput": OUT.to_dict(),
     "TaskError": ERR.to_dict(),
     "Size": {"width": 1, "height": 2, "resizeMode": "force", "gravity": None, "quality": 55,
              "options": {**ImageOptions().to_dict(), "resizeMode": "force", "quality": 55, "keepProfile": True}},
     "ImageOptions": OPTIONS.to_dict(),
+    "SourceFacts": FACTS.to_dict(),
     "TaskDescriptor": TASKS[0].to_dict(),
     "PlanFailure": {"status": "FAILED", "code": "c", "message": "m", "attempts": 4},
     "JoinMarker": {"status": "COMPLETED", "at": 5, "runId": "r1"},

@@ -89,7 +89,7 @@ def frame_count(im: Image.Image, data: bytes | None = None, limits: Limits | Non
         return 1
     if im.format == "GIF" and data is not None and limits is not None:
         bound = 4 * limits.max_frames
-        quick = _gif_frames(data, bound + 1)
+        quick = gif_frames(data, bound + 1)
         if quick > limits.max_frames:
             many = f"more than {bound}" if quick > bound else str(quick)
             raise ImageTooLarge(f"source is an animation of {many} frames, more than the limit of {limits.max_frames}")
@@ -99,7 +99,7 @@ def frame_count(im: Image.Image, data: bytes | None = None, limits: Limits | Non
         raise ImageUndecodable("source animation is damaged (its frames cannot be counted)") from None
 
 
-def _gif_frames(data: bytes, stop: int) -> int:
+def gif_frames(data: bytes, stop: int) -> int:
     """Image descriptors in a GIF, counted by walking its blocks (no pixel decoded), up to ``stop``. Every
     frame Pillow reads has one, so this many frames at least are there."""
     if len(data) < 13 or not data.startswith(b"GIF"):

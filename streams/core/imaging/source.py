@@ -3,13 +3,14 @@ animated), oriented, in sRGB or with its kept profile, L/LA/RGB/RGBA, its metada
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
 from streams.config import Limits
 from streams.core.errors import ImageTooLarge, ImageUndecodable
 from streams.core.imaging.colour import normalise_mode, to_srgb
+from streams.core.imaging.facts import SourceInfo, source_info
 from streams.core.imaging.limits import DECODE_ERRORS, check_frames, frame_count, open_image
 from streams.core.imaging.metadata import kept_metadata, kept_profile, orient, strip_metadata
 from streams.core.imaging.spec import SourceOptions
@@ -27,6 +28,7 @@ class Source:
     icc: bytes | None = None
     exif: bytes | None = None
     xmp: bytes | None = None
+    info: SourceInfo | None = None  # what the source is (its header's facts, its SHA-256)
 
     @property
     def image(self) -> Image.Image:
@@ -118,14 +120,14 @@ def decode_cost(header: Image.Image, data: bytes, limits: Limits, max_box: tuple
 def prepare_opened(im: Image.Image, data: bytes, limits: Limits, draft_box: tuple[int, int] | None,
                    options: SourceOptions) -> Source:
     """``prepare`` of a source opened already (``open_image``: its header read and checked, once)."""
-    if options.animated:
-        try:
-            count = frame_count(im, data, limits)
-        except BaseException:
-            im.close()
-            raise
-        if count > 1:
-            return _prepare_animation(im, limits, count, options)
+    try:
+        info = source_info(im, data, limits)  # before the decode: a JPEG draft changes the header's size
+        count = frame_count(im, data, limits) if options.animated else 1
+    except BaseException:
+        im.close()
+        raise
+    if count > 1:
+        return replace(_prepare_animation(im, limits, count, options), info=info)
     im = decode(im, data, draft_box=draft_box)
     exif, xmp = kept_metadata(im, options.keep_metadata)
     icc = kept_profile(im, options.keep_profile)
@@ -136,7 +138,7 @@ def prepare_opened(im: Image.Image, data: bytes, limits: Limits, draft_box: tupl
         raise ImageUndecodable(f"source image data is inconsistent ({type(exc).__name__}: {str(exc)[:120]})") from None
     except MemoryError:
         raise ImageTooLarge("source image does not fit in memory") from None
-    return Source((im,), icc=icc, exif=exif, xmp=xmp)
+    return Source((im,), icc=icc, exif=exif, xmp=xmp, info=info)
 
 
 def _prepare_animation(im: Image.Image, limits: Limits, count: int, options: SourceOptions) -> Source:
