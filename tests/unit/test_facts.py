@@ -145,3 +145,13 @@ def test_unknown_facts_are_refused(value):
     with pytest.raises(RequestInvalid) as info:
         parse({**SEED, "facts": value})
     assert "facts" in dict(info.value.problems)
+
+
+def test_a_png_says_its_orientation_without_being_decoded():
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    data = encode(photo((40, 20)), "PNG", exif=exif.tobytes())
+    header = open_image(data, LIM)
+    info = source_info(header, data, LIM)
+    assert (info.orientation, info.width, info.height) == (8, 20, 40)
+    assert getattr(header, "_im", None) is None  # nothing was decoded for it

@@ -42,11 +42,7 @@ class SourceInfo:
 def source_info(header: Image.Image, data: bytes, limits: Limits) -> SourceInfo:
     """From the opened header (nothing decoded) and the source's bytes. An animation of more frames than
     the limit (an error only when kept animated) is counted to one past the limit's bound."""
-    try:
-        orientation = int(header.getexif().get(_ORIENTATION, 1))
-    except Exception:  # a damaged EXIF block is not a reason to fail the image
-        orientation = 1
-    orientation = orientation if 1 <= orientation <= 8 else 1
+    orientation = _orientation(header)
     width, height = header.size
     if orientation >= 5:  # 5-8 turn the image a quarter
         width, height = height, width
@@ -56,6 +52,23 @@ def source_info(header: Image.Image, data: bytes, limits: Limits) -> SourceInfo:
                       format=(header.format or "").lower(), orientation=orientation, alpha=alpha,
                       frames=_frames(header, data, limits), colorSpace=mode,
                       profile=_profile_name(header.info.get("icc_profile")))
+
+
+def _orientation(header: Image.Image) -> int:
+    """The EXIF orientation, read without decoding: a PNG's ``getexif`` decodes the image to look for an
+    eXIf chunk after the pixels, so a PNG's is read from the chunk before them (where the PNG spec puts it)."""
+    try:
+        if header.format == "PNG":
+            raw = header.info.get("exif")
+            exif = Image.Exif()
+            if raw:
+                exif.load(raw)
+        else:
+            exif = header.getexif()
+        value = int(exif.get(_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block is not a reason to fail the image
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _frames(header: Image.Image, data: bytes, limits: Limits) -> int:
