@@ -87,6 +87,7 @@ test-integration: $(STAMP) browser netns
 
 bench: $(STAMP) redis netns
 	$(PY) bench/encoders.py
+	$(PY) bench/facts.py
 	$(PY) bench/timeline.py
 	$(PY) bench/join.py
 	$(PY) bench/breakdown.py
