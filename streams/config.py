@@ -23,6 +23,7 @@ class ConfigError(ImageforkError, ValueError):
 
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+REUSE_SCOPES = ("off", "prefix", "global")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
@@ -122,6 +123,8 @@ class Config:
     workflow_timeout_s: float = 300.0
     session_timeout_s: float = 15.0
     repair_after_s: float = 15.0
+    reuse: str = "off"  # off | prefix | global: where an output of the same source bytes and spec is reused
+    reuse_ttl_s: float = 7 * 24 * 3600.0  # an output older than this is made again rather than reused
     finished_retention_s: float = 24 * 3600.0
     join_batch: int = 500  # events per join transaction, at most
     join_commit_interval_ms: int = 1000  # a transaction without a final event commits after this
@@ -267,6 +270,8 @@ def check(config: Config) -> Config:
         (config.log_level in LOG_LEVELS, f"IMAGEFORK_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}"),
         (config.log_format in ("text", "json"), "IMAGEFORK_LOG_FORMAT must be text or json"),
         (config.repair_after_s > 0, "IMAGEFORK_REPAIR_AFTER_S must be > 0"),
+        (config.reuse in REUSE_SCOPES, f"IMAGEFORK_REUSE must be one of {', '.join(REUSE_SCOPES)}"),
+        (config.reuse_ttl_s > 0, "IMAGEFORK_REUSE_TTL_S must be > 0"),
         (config.bucket != "", "S3_BUCKET must not be empty"),
         (0 <= config.presign_ttl_s <= MAX_PRESIGN_TTL_S,
          f"IMAGEFORK_PRESIGN_TTL_S must be 0..{MAX_PRESIGN_TTL_S} (0: off; a SigV4 presigned URL lives 7 days at most)"),
@@ -356,6 +361,8 @@ def read_env(env: Mapping[str, str] | None = None) -> Config:
         workflow_timeout_s=reader.float("IMAGEFORK_WORKFLOW_TIMEOUT_S", d.workflow_timeout_s),
         session_timeout_s=reader.float("IMAGEFORK_SESSION_TIMEOUT_S", d.session_timeout_s),
         repair_after_s=reader.float("IMAGEFORK_REPAIR_AFTER_S", d.repair_after_s),
+        reuse=reader.str("IMAGEFORK_REUSE", d.reuse).strip().lower(),
+        reuse_ttl_s=reader.float("IMAGEFORK_REUSE_TTL_S", d.reuse_ttl_s),
         finished_retention_s=reader.float("IMAGEFORK_FINISHED_RETENTION_S", d.finished_retention_s),
         join_batch=reader.int("IMAGEFORK_JOIN_BATCH", d.join_batch),
         join_commit_interval_ms=reader.int("IMAGEFORK_JOIN_COMMIT_INTERVAL_MS", d.join_commit_interval_ms),

@@ -159,6 +159,14 @@ class ObjectStore:
             raise _classify(exc, f"upload s3://{self.bucket}/{key}") from None
         count_written("staging" if key.startswith(self.config.staging_prefix) else "output", len(data))
 
+    def copy(self, source_key: str, key: str, content_type: str, metadata: dict[str, str]) -> None:
+        """A server-side copy within the bucket, with its own content type and metadata."""
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": source_key},
+                                    MetadataDirective="REPLACE", ContentType=content_type, Metadata=metadata)
+        except Exception as exc:
+            raise _classify(exc, f"copy s3://{self.bucket}/{source_key} to {key}") from None
+
     def get(self, uri: str, max_bytes: int) -> bytes:
         """Read an object, refusing it past ``max_bytes`` (size from HEAD, then a reader that stops)."""
         bucket, key = parse_s3_uri(uri)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import replace
 
@@ -70,8 +71,8 @@ class Planner:
                 submittedAt=now, deadline=deadline, runId=run_id,
                 failure=PlanFailure(REJECTED, exc.code, exc.message)))
         try:
-            source_uri, (src_w, src_h) = await asyncio.to_thread(self._stage, request.fileLocation, workflow_id,
-                                                                 run_id)
+            source_uri, (src_w, src_h), sha256 = await asyncio.to_thread(self._stage, request.fileLocation,
+                                                                         workflow_id, run_id)
         except PipelineError as exc:
             retry = self.retry(workflow_id, attempt, now, deadline, exc, run_id) if exc.transient else None
             if retry is not None:
@@ -93,7 +94,7 @@ class Planner:
         # largest outputs first: the longest tasks start first, so the workflow ends sooner
         await send_all(self.topics.tasks, [
             (f"{workflow_id}/{task.taskRef}".encode(),
-             serde.encode("ResizeTask", replace(task, sourceUri=source_uri).to_dict()))
+             serde.encode("ResizeTask", replace(task, sourceUri=source_uri, sourceSha256=sha256).to_dict()))
             for task in sorted(to_run, key=lambda t: t.width * t.height, reverse=True)])
         STAGE_SECONDS.labels("planner", "task_send").observe(time.perf_counter() - planned)
         if request.retry is not None:
@@ -180,8 +181,9 @@ class Planner:
                      len(failed))
         return keep
 
-    def _stage(self, location: str, workflow_id: str, run_id: str) -> tuple[str, tuple[int, int]]:
-        """Stage the source (an S3 one is read where it is); its URI and its header's size."""
+    def _stage(self, location: str, workflow_id: str, run_id: str) -> tuple[str, tuple[int, int], str]:
+        """Stage the source (an S3 one is read where it is); its URI, its header's size and its bytes' SHA-256
+        (what an output is reused by: the same bytes, whatever URL they came from)."""
         lim = self.config.limits
         if location.startswith("s3://"):
             bucket, _, key = location[len("s3://"):].partition("/")
@@ -190,7 +192,7 @@ class Planner:
                                       f"lists the buckets and prefixes a request may read)")
             data = self.store.get(location, lim.max_source_bytes)
             _fmt, width, height = probe_image(data, lim)
-            return location, (width, height)
+            return location, (width, height), hashlib.sha256(data).hexdigest()
         started = time.perf_counter()
         data = fetch_http(location, lim, self.config.fetch_allow_networks)
         _fmt, width, height = probe_image(data, lim)
@@ -199,7 +201,7 @@ class Planner:
         self.store.put(key, data, "application/octet-stream")
         STAGE_SECONDS.labels("planner", "fetch").observe(fetched - started)
         STAGE_SECONDS.labels("planner", "stage").observe(time.perf_counter() - fetched)
-        return self.store.uri(key), (width, height)
+        return self.store.uri(key), (width, height), hashlib.sha256(data).hexdigest()
 
     async def send_plan(self, plan: WorkflowPlan) -> None:
         await send(self.topics.events, key=plan.workflowId.encode(),

@@ -23,7 +23,7 @@ from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, R
 from streams.config import Config
 from streams.core.errors import DeadlineExceeded
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, SourceFacts, TaskError, TaskOutput, TaskResult
-from streams.metrics import COMPUTE_CPU, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io
+from streams.metrics import COMPUTE_CPU, OUTPUTS_REUSED, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io
 from streams.serde import SerdeError
 
 
@@ -162,9 +162,12 @@ class Resizer:
                                 runId=task.runId, deadline=task.deadline, facts=facts)
         await send(self.topics.events, key=task.workflowId.encode(),
                    value=serde.encode_join_event("TaskResult", result.to_dict()))
-        log.info("task %s/%s %s (attempt %d)", task.workflowId, task.taskRef, result.status, task.attempt)
+        log.info("task %s/%s %s (attempt %d)%s", task.workflowId, task.taskRef, result.status, task.attempt,
+                 f", reused {result.output.reusedFrom}" if result.output and result.output.reused else "")
         TASKS.labels(result.status, "" if outcome["ok"] else outcome["code"]).inc()
-        if outcome["ok"] and "seconds" in outcome:
+        if outcome["ok"] and result.output.reused:
+            OUTPUTS_REUSED.inc()
+        elif outcome["ok"] and "seconds" in outcome:
             TASK_SECONDS.labels(result.output.format).observe(outcome["seconds"])
 
     async def release(self, msg: Message) -> Disposition:

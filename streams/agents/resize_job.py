@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from PIL import Image
@@ -28,7 +28,8 @@ from streams.core.imaging import (
     Source, SourceOptions, decode_cost, open_image, prepare, resize_image, task_spec,
 )
 from streams.core.imaging.facts import pixel_facts
-from streams.core.models import TaskOutput
+from streams.core.models import TaskOutput, now_ms
+from streams.core.reuse import facts_cover, facts_key, pointer, pointer_key, scope_prefix, spec_key, usable
 from streams.metrics import SOURCE_CACHE_BYTES, SOURCE_CACHE_LOOKUPS
 
 log = logging.getLogger("imagefork")
@@ -245,6 +246,9 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
     facts: dict | None = None
     try:
         spec = task_spec(task)
+        reused = _reused(task, spec)
+        if reused is not None:
+            return reused
         key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)), spec.source_options,
                           stages)
         try:
@@ -259,16 +263,10 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
             _budget.unlease(key)
         output = TaskOutput(task["taskRef"], out.format, out.width, out.height, len(out.data), out.content_type,
                             _store.uri(task["outputKey"]), _store.url(task["outputKey"]), out.frames, out.applied)
-        # the object describes itself (its task, run and the options applied), so the join can recover a
-        # result it lost, as it was (see join/repair.py)
         uploading = time.perf_counter()
-        _store.put(task["outputKey"], out.data, out.content_type, metadata={
-            "imagefork-task": task["taskRef"], "imagefork-format": out.format,
-            "imagefork-width": str(out.width), "imagefork-height": str(out.height),
-            "imagefork-run": task.get("runId", ""),
-            "imagefork-options": json.dumps({"frames": out.frames, "options": out.applied.said()},
-                                            separators=(",", ":"))})
+        _store.put(task["outputKey"], out.data, out.content_type, metadata=_metadata(task, output))
         stages["upload"] = time.perf_counter() - uploading
+        _remember(task, spec, output, facts)
         return {"ok": True, "output": output.to_dict(), "seconds": time.perf_counter() - started, "facts": facts}
     except PipelineError as exc:
         return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient, "facts": facts}
@@ -294,3 +292,78 @@ def _facts(task: dict[str, Any], source: Source, stages: dict[str, float]) -> di
         facts = asdict(source.info)
     stages["facts"] = time.thread_time() - started
     return facts
+
+
+def _metadata(task: dict[str, Any], output: TaskOutput) -> dict[str, str]:
+    """The object describes itself (its task, run and the options applied), so the join can recover a result
+    it lost, as it was (see join/repair.py)."""
+    return {"imagefork-task": task["taskRef"], "imagefork-format": output.format,
+            "imagefork-width": str(output.width), "imagefork-height": str(output.height),
+            "imagefork-run": task.get("runId", ""),
+            "imagefork-options": json.dumps({"frames": output.frames, "options": output.options.said()},
+                                            separators=(",", ":"))}
+
+
+# --- reuse (streams/core/reuse.py): the same source bytes and spec, made before ---------------------------
+def _reuse_prefix(task: dict[str, Any]) -> str | None:
+    return scope_prefix(_config.reuse, _config.output_prefix) if task.get("sourceSha256") else None
+
+
+def _json(key: str) -> Any:
+    try:
+        return json.loads(_store.get(_store.uri(key), 1 << 20))
+    except (PipelineError, ValueError):
+        return None
+
+
+def _reused(task: dict[str, Any], spec) -> dict[str, Any] | None:
+    """The task's output copied from one made before from the same bytes and spec, if there is one, young
+    enough and still there (and, for the task that reports the facts, the source's facts too); else None:
+    the task is made. A lookup that fails makes the task."""
+    prefix = _reuse_prefix(task)
+    if prefix is None:
+        return None
+    started, sha = time.perf_counter(), task["sourceSha256"]
+    try:
+        facts = None
+        if task.get("facts"):
+            facts = _json(facts_key(prefix, sha))
+            if not facts_cover(facts, tuple(task["facts"])):
+                return None  # this task decodes the source for its facts: it may as well make its output
+        doc = usable(_json(pointer_key(prefix, sha, _spec_key(spec))), now_ms(), _config.reuse_ttl_s)
+        if doc is None:
+            return None
+        head = _store.head(doc["key"])
+        record = TaskOutput.from_dict(doc["output"])
+        if head is None or head.get("ContentLength") != record.bytes:
+            return None  # deleted, or replaced by something else
+        output = replace(record, taskRef=task["taskRef"], s3Uri=_store.uri(task["outputKey"]),
+                         url=_store.url(task["outputKey"]), reused=True, reusedFrom=_store.uri(doc["key"]))
+        if doc["key"] != task["outputKey"]:
+            _store.copy(doc["key"], task["outputKey"], record.contentType, _metadata(task, output))
+    except (PipelineError, KeyError, TypeError, ValueError) as exc:
+        log.info("task %s/%s: no reuse (%s: %s); made", task.get("workflowId"), task.get("taskRef"),
+                 type(exc).__name__, str(exc)[:200])
+        return None
+    return {"ok": True, "output": output.to_dict(), "seconds": time.perf_counter() - started, "facts": facts}
+
+
+def _remember(task: dict[str, Any], spec, output: TaskOutput, facts: dict | None) -> None:
+    """Point the task's (bytes, spec) at the output just made, and keep the source's facts; never the
+    task's failure."""
+    prefix = _reuse_prefix(task)
+    if prefix is None:
+        return
+    sha = task["sourceSha256"]
+    try:
+        _store.put(pointer_key(prefix, sha, _spec_key(spec)),
+                   pointer(task["outputKey"], output.to_dict(), now_ms()), "application/json")
+        if facts and facts.get("sha256") == sha:
+            _store.put(facts_key(prefix, sha), json.dumps(facts).encode(), "application/json")
+    except PipelineError as exc:
+        log.warning("task %s/%s: its reuse pointer was not written (%s)", task.get("workflowId"),
+                    task.get("taskRef"), exc)
+
+
+def _spec_key(spec) -> str:
+    return spec_key(spec.format, spec.width, spec.height, spec.options, _config.encoding)

@@ -132,7 +132,8 @@ class ResizeTask(_Record):
     maxHeight: int = 0
     runId: str = ""
     options: ImageOptions = ImageOptions()
-    facts: tuple[str, ...] = ()  # the source facts this task reports (empty: another task of the run does)
+    facts: tuple[str, ...] = ()
+    sourceSha256: str = ""  # of the source's bytes, as the planner fetched them  # the source facts this task reports (empty: another task of the run does)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -156,6 +157,8 @@ class TaskOutput(_Record):
     url: str
     frames: int = 1  # more than 1: an animation
     options: ImageOptions = ImageOptions()  # what was applied; None: not applied
+    reused: bool = False  # copied from an output of the same source bytes and spec (reusedFrom)
+    reusedFrom: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

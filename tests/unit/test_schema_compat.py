@@ -313,7 +313,7 @@ def test_an_old_output_record_says_no_mode(tmp_path):
     data = process_with(tmp_path / "old", {"TaskOutput": old}).encode("TaskOutput", written)
     read = serde.decode("TaskOutput", data)
     assert read == {**written, "mode": "", "gravity": "", "enlarge": True, "background": "", "quality": 0,
-                    **NO_FORMAT_OPTIONS, "options": None}
+                    **NO_FORMAT_OPTIONS, "options": None, "reused": False, "reusedFrom": ""}
     assert TaskOutput.from_dict(read).options == ImageOptions(enlarge=True, progressive=False, lossless=False,
                                                               keepProfile=False)
 
