@@ -96,6 +96,7 @@ class Topics:
     task_attempts: str = "imagefork.tasks.attempts"  # resize's crash ledger (compacted)
     schemas: str = "imagefork.schemas"  # every schema version a writer used, by fingerprint (compacted)
     notices: str = "imagefork.notices"  # RunIgnored: a resubmitted workflow id, answered at once
+    sources: str = "imagefork.sources"  # final events by source bytes: key {sha256}/{workflowId} (compacted)
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]

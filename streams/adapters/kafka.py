@@ -181,6 +181,9 @@ def topic_specs(config: Config) -> dict[str, dict]:
                           "min.cleanable.dirty.ratio": "0.2", "delete.retention.ms": str(3600 * 1000)},
         # every schema version any writer used, keyed by fingerprint; kept for good
         t.schemas: {"cleanup.policy": "compact"},
+        # the final events of the workflows whose source is known, keyed {sha256}/{workflowId}: what the API's
+        # /v1/sources and /v1/similar answer from; one record per source and workflow, kept for good
+        t.sources: {"cleanup.policy": "compact", "max.message.bytes": str(MAX_MESSAGE_BYTES)},
         # the join's state: compacted, and compacted soon (small segments, low dirty ratio), so a
         # restart replays little more than the live rows; tombstones stay an hour (a restore takes seconds)
         t.join_state: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),

@@ -12,41 +12,38 @@ from streams import serde
 from streams.adapters.kafka import committed_records
 from streams.config import Config
 from streams.core.models import WorkflowCompleted
+from streams.core.sources import SourceCatalog
 
 log = logging.getLogger("imagefork")
 
 
-class CompletedIndex:
-    """The completed topic, read from its start (read_committed) in a thread: the latest final event of
-    each workflow id, at most ``capacity`` of them (the oldest forgotten first)."""
+class FinalsReader:
+    """A topic of final events, read from its start (read_committed) in a thread, each one given to
+    ``take``; ``caught_up`` is set once the topic's end was reached."""
 
-    def __init__(self, config: Config, capacity: int = 100_000):
-        self.config, self.capacity = config, capacity
-        self.finals: OrderedDict[str, WorkflowCompleted] = OrderedDict()
+    topic_name = "completed"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.topic = getattr(config.topics, self.topic_name)
         self.lock = threading.Lock()
         self.caught_up = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
 
-    def get(self, workflow_id: str) -> WorkflowCompleted | None:
-        with self.lock:
-            return self.finals.get(workflow_id)
-
-    def recent(self) -> list[WorkflowCompleted]:
-        with self.lock:
-            return list(self.finals.values())
+    def take(self, final: WorkflowCompleted) -> None:
+        raise NotImplementedError
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        threading.Thread(target=self._run, name="completed-index", daemon=True).start()
+        threading.Thread(target=self._run, name=f"{self.topic_name}-index", daemon=True).start()
 
     def _run(self) -> None:
-        topic = self.config.topics.completed
         while not self.stopping:
             try:
-                self._follow(topic)
+                self._follow(self.topic)
             except Exception as exc:  # the broker away: read again from the start
-                log.warning("api: reading %s failed (%s); again in 2s", topic, exc)
+                log.warning("api: reading %s failed (%s); again in 2s", self.topic, exc)
                 time.sleep(2)
 
     def _follow(self, topic: str) -> None:
@@ -61,7 +58,50 @@ class CompletedIndex:
                 log.debug("api: skipping %s/%d/%d: %s", topic, msg.partition(), msg.offset(), exc)
                 continue
             with self.lock:
-                self.finals.pop(final.workflowId, None)
-                self.finals[final.workflowId] = final
-                while len(self.finals) > self.capacity:
-                    self.finals.popitem(last=False)
+                self.take(final)
+
+
+class CompletedIndex(FinalsReader):
+    """The completed topic: the latest final event of each workflow id, at most ``capacity`` of them (the
+    oldest forgotten first)."""
+
+    def __init__(self, config: Config, capacity: int = 100_000):
+        super().__init__(config)
+        self.capacity = capacity
+        self.finals: OrderedDict[str, WorkflowCompleted] = OrderedDict()
+
+    def get(self, workflow_id: str) -> WorkflowCompleted | None:
+        with self.lock:
+            return self.finals.get(workflow_id)
+
+    def recent(self) -> list[WorkflowCompleted]:
+        with self.lock:
+            return list(self.finals.values())
+
+    def take(self, final: WorkflowCompleted) -> None:
+        self.finals.pop(final.workflowId, None)
+        self.finals[final.workflowId] = final
+        while len(self.finals) > self.capacity:
+            self.finals.popitem(last=False)
+
+
+class SourceIndex(FinalsReader):
+    """The sources topic (the final events of workflows whose source is known, by its bytes): a
+    ``SourceCatalog`` the API's /v1/sources and /v1/similar answer from."""
+
+    topic_name = "sources"
+
+    def __init__(self, config: Config, capacity: int = 100_000):
+        super().__init__(config)
+        self.catalog = SourceCatalog(capacity)
+
+    def take(self, final: WorkflowCompleted) -> None:
+        self.catalog.add(final)
+
+    def source(self, sha256: str) -> dict | None:
+        with self.lock:
+            return self.catalog.source(sha256)
+
+    def similar(self, phash: int, distance: int, limit: int) -> list[dict]:
+        with self.lock:
+            return self.catalog.similar(phash, distance, limit)

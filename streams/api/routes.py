@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ from aiohttp import web
 from streams.adapters.http import health_routes, json_error
 from streams.adapters.objectstore import ObjectStore
 from streams.api.directory import Directory, Unavailable
-from streams.api.index import CompletedIndex
+from streams.api.index import CompletedIndex, SourceIndex
 from streams.api.router import JoinRouter
 from streams.client import Client, SubmitError
 from streams.config import Config
@@ -29,6 +30,8 @@ log = logging.getLogger("imagefork")
 DASHBOARD = Path(__file__).parent.parent / "assets" / "dashboard.html"
 MAX_BODY = 1024 * 1024
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
+SHA256 = re.compile(r"[0-9a-f]{64}")
+PHASH = re.compile(r"[0-9a-f]{16}")
 
 
 @web.middleware
@@ -55,6 +58,48 @@ def join_unavailable(exc: Unavailable) -> web.Response:
     resp = json_error(503, "JOIN_UNAVAILABLE", f"the join's state cannot be asked now: {exc}")
     resp.headers["Retry-After"] = "5"
     return resp
+
+
+def still_reading(topic: str) -> web.Response:
+    """A question about what a topic holds, asked before the API has read it to its end."""
+    resp = json_error(503, "UNAVAILABLE", f"the API is still reading {topic}; ask again")
+    resp.headers["Retry-After"] = "2"
+    return resp
+
+
+def source_answer(sources, sha: str, topic: str) -> web.Response:
+    sha = sha.strip().lower()
+    if not SHA256.fullmatch(sha):
+        return json_error(400, "INVALID_REQUEST", "a source is named by its SHA-256: 64 hex digits",
+                          problems=[{"field": "sha256", "message": "must be 64 hex digits"}])
+    doc = sources.source(sha)
+    if doc is None and not sources.caught_up.is_set():
+        return still_reading(topic)
+    if doc is None:
+        return json_error(404, "NOT_FOUND", f"no workflow made from source {sha} is known here")
+    return web.json_response(doc)
+
+
+def similar_answer(sources, query, topic: str) -> web.Response:
+    problems = []
+    phash = query.get("phash", "").strip().lower()
+    if not PHASH.fullmatch(phash):
+        problems.append({"field": "phash", "message": "must be 16 hex digits (a 64-bit pHash, as the facts say)"})
+    numbers = {}
+    for name, default, low, top in (("distance", 8, 0, 64), ("limit", 50, 1, 500)):
+        try:
+            numbers[name] = int(query.get(name, str(default)))
+            if not low <= numbers[name] <= top:
+                raise ValueError
+        except ValueError:
+            problems.append({"field": name, "message": f"must be an integer {low}-{top}"})
+    if problems:
+        return json_error(400, "INVALID_REQUEST", "; ".join(f"{p['field']} {p['message']}" for p in problems),
+                          problems=problems)
+    if not sources.caught_up.is_set():
+        return still_reading(topic)
+    found = sources.similar(int(phash, 16), numbers["distance"], numbers["limit"])
+    return web.json_response({"phash": phash, "distance": numbers["distance"], "sources": found})
 
 
 def not_found(workflow_id: str) -> web.Response:
@@ -137,6 +182,7 @@ class Api:
     def __init__(self, config: Config):
         self.config = config
         self.index = CompletedIndex(config)
+        self.sources = SourceIndex(config)
         self.directory = Directory(self.index, workflow_timeout_s=config.workflow_timeout_s)
         self.client = None
         self.store = None
@@ -152,6 +198,8 @@ class Api:
             web.get("/v1/workflows/{id}/events", self.events),
             web.post("/v1/workflows/{id}/retry", self.retry),
             web.get("/v1/workflows/{id}/outputs/{ref}", self.output),
+            web.get("/v1/sources/{sha256}", self.source),
+            web.get("/v1/similar", self.similar),
             *health_routes(self.config, "api", self.readiness),
         ])
         app.on_startup.append(self._start)
@@ -164,9 +212,10 @@ class Api:
         self.client = Client(self.config)
         self.store = ObjectStore(self.config)
         self.index.start(asyncio.get_running_loop())
+        self.sources.start(asyncio.get_running_loop())
 
     async def _stop(self, _app) -> None:
-        self.index.stopping = True
+        self.index.stopping = self.sources.stopping = True
         await self.session.close()
 
     def readiness(self) -> tuple[bool, str]:
@@ -242,6 +291,14 @@ class Api:
         if doc is None:
             return not_found(workflow_id)
         return web.json_response(doc)
+
+    async def source(self, request):
+        """The workflows made from one source's bytes, and its facts."""
+        return source_answer(self.sources, request.match_info["sha256"], self.config.topics.sources)
+
+    async def similar(self, request):
+        """The sources whose perceptual hash is within ``distance`` bits of ``phash``, nearest first."""
+        return similar_answer(self.sources, request.query, self.config.topics.sources)
 
     async def listing(self, request):
         status = request.query.get("status", "").upper() or None

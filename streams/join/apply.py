@@ -92,7 +92,12 @@ class Applier:
             final = degraded(final, err)
             log.error("join: the final event of %s was refused %d times (%s); sending it %s %s without its "
                       "outputs", final.workflowId, tries, err, final.status, final.errors[0].code)
-        self.session.produce(self.topics.completed, key, serde.encode("WorkflowCompleted", final.to_dict()))
+        encoded = serde.encode("WorkflowCompleted", final.to_dict())
+        self.session.produce(self.topics.completed, key, encoded)
+        if final.facts is not None:  # indexed by its source's bytes (the API's /v1/sources, /v1/similar)
+            by_source = f"{final.facts.sha256}/{final.workflowId}".encode()
+            if not self.session.given_up(self.topics.sources, by_source, f"the source record of {final.workflowId}"):
+                self.session.produce(self.topics.sources, by_source, encoded)
         mirror = self.config.completed_json_topic
         if mirror and not self.session.given_up(mirror, key, f"the JSON mirror of {final.workflowId}'s final event"):
             self.session.produce(mirror, key, json.dumps(final.document(), separators=(",", ":")).encode())

@@ -536,6 +536,32 @@ def test_retry_redoes_only_the_failed_task_and_the_final_event_lists_every_outpu
         server.close()
 
 
+def test_sources_and_similar_images_are_found_by_their_bytes(full, files):
+    """Two workflows of one source: /v1/sources/{sha256} lists both with their outputs, /v1/similar finds the
+    source by its pHash (issue 25, item 3), from the sources topic the join writes with each final event."""
+    p, base, _join = full
+    ids = [f"same-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for wf in ids:
+        request = {**seed(files, wf), "outputFormats": ["png"], "outputSizes": [{"width": 24, "height": 24}]}
+        assert call(base, "POST", "/v1/workflows", request)[0] == 202
+    finals = [sse(base, f"/v1/workflows/{wf}/events")[-1][1] for wf in ids]
+    assert [f["status"] for f in finals] == ["COMPLETED"] * 2, finals
+    facts = finals[0]["facts"]
+    assert facts["sha256"] == finals[1]["facts"]["sha256"] and facts["placeholder"].startswith("data:image/png")
+
+    def listed():
+        return {w["workflowId"] for w in call(base, "GET", f"/v1/sources/{facts['sha256']}")[1].get("workflows", [])}
+    assert wait_until(lambda: set(ids) <= listed(), 30), listed()
+    status, doc, _ = call(base, "GET", f"/v1/sources/{facts['sha256']}")
+    mine = [w for w in doc["workflows"] if w["workflowId"] in ids]
+    assert status == 200 and all(len(w["outputs"]) == 1 and w["status"] == "COMPLETED" for w in mine), doc
+    assert call(base, "GET", mine[0]["outputs"][0]["href"])[0] == 200
+    status, doc, _ = call(base, "GET", f"/v1/similar?phash={facts['phash']}&distance=0")
+    assert status == 200 and facts["sha256"] in [s["sha256"] for s in doc["sources"]], doc
+    assert call(base, "GET", "/v1/sources/" + "0" * 64)[0] == 404
+    assert call(base, "GET", "/v1/similar?phash=zz")[0] == 400
+
+
 def test_with_no_join_the_api_still_answers_what_it_can(full, files):
     """Last user of ``full``: it stops the join. A finished workflow is answered from its final event, a
     new request is accepted (it waits in Kafka) and PENDING, an unknown one is 503 with Retry-After."""
