@@ -16,7 +16,7 @@ A, B, C = "a" * 64, "b" * 64, "c" * 64
 
 def final(wf, sha, phash, status="COMPLETED", at=5):
     facts = SourceFacts(sha, 900, 600, "jpeg", 1, False, 1, "RGB", phash=phash, blurhash="LEHV6nWB2yk8pyo0adR*.7kCMdnj")
-    out = TaskOutput(f"image_convert_resize_png_10x10_0", "png", 10, 7, 99, "image/png", f"s3://b/{wf}/x.png",
+    out = TaskOutput("image_convert_resize_png_10x10_0", "png", 10, 7, 99, "image/png", f"s3://b/{wf}/x.png",
                      f"http://s3/b/{wf}/x.png")
     return WorkflowCompleted(wf, None, status, "http://x/y.jpg", (out.url,), (out,), (), 1, 1, at, runId="r",
                              facts=facts)
@@ -41,7 +41,8 @@ def test_a_source_lists_the_workflows_made_from_its_bytes_latest_first():
 def test_a_workflow_run_again_is_listed_once_with_its_latest_final():
     c = catalog()
     c.add(final("wf-1", A, "ffff000000000000", status="FAILED", at=20))
-    assert [(w["workflowId"], w["status"]) for w in c.source(A)["workflows"]] == [("wf-1", "FAILED"), ("wf-2", "COMPLETED")]
+    assert [(w["workflowId"], w["status"]) for w in c.source(A)["workflows"]] == [
+        ("wf-1", "FAILED"), ("wf-2", "COMPLETED")]
 
 
 def test_similar_sources_nearest_first_within_the_distance():
