@@ -196,7 +196,7 @@ class Pipeline:
             from streams.join.repair import applied_options
             options = applied_options(head["Metadata"].get("imagefork-options", ""))
             if out.options.resizeMode:  # a record written by a worker (a repaired one may predate the metadata)
-                assert options == {"options": out.options, "frames": out.frames}, (options, out)
+                assert (options.get("options"), options.get("frames", 1)) == (out.options, out.frames), (options, out)
 
     # --- evidence that the join has handled events -------------------------------------------
     def events(self, workflow_id: str) -> list[tuple[int, int, str]]:

@@ -428,6 +428,7 @@ def test_repair_takes_only_an_object_of_the_workflows_run_written_long_enough_ag
     from streams.adapters.objectstore import ObjectStore
     from streams.join.repair import Repairer
     from streams.config import Config
+    from streams.core.models import descriptors_of
     from streams.core.planning import output_key
     from tests.integration.pipeline import s3_prefixes
     config = Config.from_env({**os.environ, **stack_env, "IMAGEFORK_NAMESPACE": namespace, **s3_prefixes(namespace),
@@ -448,7 +449,7 @@ def test_repair_takes_only_an_object_of_the_workflows_run_written_long_enough_ag
     put(young, run)
     repairer = Repairer(config, store)
     try:
-        found = repairer.find(wf, run, [own, other, no_run, young, absent])
+        found = repairer.find(wf, run, list(descriptors_of({"taskRefs": [own, other, no_run, young, absent]})))
     finally:
         repairer.close()
     assert [(r.taskRef, r.runId, r.output.width, r.output.height) for r in found] == [(own, run, 10, 7)], found
