@@ -136,10 +136,11 @@ class Applier:
 
 def degraded(final: WorkflowCompleted, err: KafkaError | None) -> WorkflowCompleted:
     """The final event the completed topic refused, made as small as it can be: FAILED with one error
-    saying why, without the per-output list and the request (the outputs stay in the bucket)."""
+    saying why, without the per-output list, the request, the task list and the source's facts (the outputs
+    stay in the bucket)."""
     too_large = err is not None and err.code() in TOO_LARGE
     code = "FINAL_TOO_LARGE" if too_large else "FINAL_REFUSED"
     message = (f"the final event ({final.status}, {len(final.outputs)} of {final.taskCount} outputs) was refused by "
                f"the completed topic: {err.str() if err is not None else 'unknown error'}; sent without its outputs")
-    return replace(final, status=FAILED, fileLocations=(), outputs=(), request="",
+    return replace(final, status=FAILED, fileLocations=(), outputs=(), request="", tasks=(), facts=None,
                    errors=(TaskError(taskRef="", code=code, message=message[:1000]),))

@@ -237,3 +237,19 @@ def test_wide_workflow_costs_the_same_per_result():
     assert rows == 999  # one row per result, whatever the width
     last = state.record_result(ok(refs[-1], wf="big", run="r"), 3)
     assert last.final.status == "COMPLETED" and len(last.final.outputs) == 1000
+
+
+def test_a_degraded_final_event_is_small_whatever_the_workflow():
+    """The final event the completed topic refused is sent without its outputs, request, task list and facts:
+    a 1000-task workflow's fits in 1 KB (the integration test caps the topic there)."""
+    from streams import serde
+    from streams.core.models import SourceFacts, TaskDescriptor, WorkflowCompleted
+    from streams.join.apply import degraded
+    tasks = tuple(TaskDescriptor(f"image_convert_resize_png_{i}x{i}_{i}", "png", i, i) for i in range(1, 1001))
+    out = TaskOutput("r", "png", 1, 1, 10, "image/png", "s3://b/k", "http://s3/b/k")
+    big = WorkflowCompleted("wf", "corr", "COMPLETED", "http://x/y.png", ("u",) * 1000, (out,) * 1000, (), 1000, 1, 2,
+                            request="{}" * 1000, tasks=tasks,
+                            facts=SourceFacts("a" * 64, 1, 1, "png", 1, False, 1, "RGB", blurhash="L" * 30))
+    small = degraded(big, None)
+    assert (small.status, small.outputs, small.tasks, small.facts, small.request) == ("FAILED", (), (), None, "")
+    assert len(serde.encode("WorkflowCompleted", small.to_dict())) < 1024
