@@ -29,7 +29,9 @@ from streams.core.imaging import (
 )
 from streams.core.imaging.facts import pixel_facts
 from streams.core.models import TaskOutput, now_ms
-from streams.core.reuse import facts_cover, facts_key, pointer, pointer_key, scope_prefix, spec_key, usable
+from streams.core.reuse import (
+    facts_cover, facts_key, pointer, pointer_key, same_object, scope_prefix, spec_key, usable,
+)
 from streams.metrics import SOURCE_CACHE_BYTES, SOURCE_CACHE_LOOKUPS
 
 log = logging.getLogger("imagefork")
@@ -333,10 +335,9 @@ def _reused(task: dict[str, Any], spec) -> dict[str, Any] | None:
         doc = usable(_json(pointer_key(prefix, sha, _spec_key(spec))), now_ms(), _config.reuse_ttl_s)
         if doc is None:
             return None
-        head = _store.head(doc["key"])
-        record = TaskOutput.from_dict(doc["output"])
-        if head is None or head.get("ContentLength") != record.bytes:
+        if not same_object(doc, _store.head(doc["key"])):
             return None  # deleted, or replaced by something else
+        record = TaskOutput.from_dict(doc["output"])
         output = replace(record, taskRef=task["taskRef"], s3Uri=_store.uri(task["outputKey"]),
                          url=_store.url(task["outputKey"]), reused=True, reusedFrom=_store.uri(doc["key"]))
         if doc["key"] != task["outputKey"]:
@@ -357,7 +358,7 @@ def _remember(task: dict[str, Any], spec, output: TaskOutput, facts: dict | None
     sha = task["sourceSha256"]
     try:
         _store.put(pointer_key(prefix, sha, _spec_key(spec)),
-                   pointer(task["outputKey"], output.to_dict(), now_ms()), "application/json")
+                   pointer(task["outputKey"], output.to_dict(), now_ms(), task.get("runId", "")), "application/json")
         if facts and facts.get("sha256") == sha:
             _store.put(facts_key(prefix, sha), json.dumps(facts).encode(), "application/json")
     except PipelineError as exc:

@@ -45,9 +45,18 @@ def facts_key(prefix: str, sha256: str) -> str:
     return f"{prefix}{sha256}/facts.json"
 
 
-def pointer(key: str, output: dict, at_ms: int) -> bytes:
-    """The pointer to an output just made (``output``: its TaskOutput record as a dict)."""
-    return json.dumps({"key": key, "at": at_ms, "output": output}, separators=(",", ":")).encode()
+def pointer(key: str, output: dict, at_ms: int, run_id: str) -> bytes:
+    """The pointer to an output just made (``output``: its TaskOutput record as a dict) by a task of run
+    ``run_id`` (the object's ``imagefork-run``: another run that writes the same key later is not it)."""
+    return json.dumps({"key": key, "at": at_ms, "run": run_id, "output": output}, separators=(",", ":")).encode()
+
+
+def same_object(doc: dict, head: dict | None) -> bool:
+    """Whether the object at the pointer's key is still the one it points to: there, of its size, and
+    written by its run."""
+    if head is None or head.get("ContentLength") != doc["output"].get("bytes"):
+        return False
+    return (head.get("Metadata") or {}).get("imagefork-run", "") == doc.get("run", "")
 
 
 def usable(doc: object, now_ms: int, ttl_s: float) -> dict | None:

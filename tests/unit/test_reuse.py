@@ -110,6 +110,17 @@ def test_an_old_pointer_or_a_vanished_object_is_made_again(bucket):
     assert all(o["output"]["reused"] for o in run_all(tasks("wf-4", (40,))))  # wf-3's, made a moment ago
 
 
+def test_an_object_another_run_wrote_over_is_not_reused(bucket):
+    """A resubmission of the same workflow id with other options writes the same key (its run is ignored by
+    the join, its tasks under way still upload): the pointer's object is no longer the one it points to."""
+    run_all(tasks("wf-1", (40,)))
+    key = next(k for k in bucket.objects if k.startswith("out/wf-1/") and k.endswith(".png"))
+    data, ctype, meta = bucket.objects[key]
+    bucket.objects[key] = (data, ctype, {**meta, "imagefork-run": "another-run"})
+    made = run_all(tasks("wf-2", (40,)))
+    assert [o["output"]["reused"] for o in made] == [False, True]  # the png made again, the jpg reused
+
+
 def test_reuse_off_looks_nothing_up(bucket):
     resize_job._config = Config(reuse="off", output_prefix="out/")
     run_all(tasks("wf-1", (40,)))
