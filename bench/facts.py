@@ -110,19 +110,20 @@ def main() -> None:
         "placeholder (BlurHash)": lambda: pixel_facts(frame, ("placeholder",)),
         "phash": lambda: pixel_facts(frame, ("phash",)),
     }
+    together = lambda: pixel_facts(frame)  # noqa: E731 - what a facts task runs: one resize shared by the three
     pixel_facts(frame)  # imports imagehash and scipy once, as a worker does at its first facts task
     seed, facts, each = [], [], {k: [] for k in parts}
     for _ in range(args.runs):
         seed.append(cpu(lambda: seed_compute(data)))
         for name, fn in parts.items():
             each[name].append(cpu(fn))
-        facts.append(sum(each[name][-1] for name in parts))
+        facts.append(each["sha256 and header"][-1] + cpu(together))
     s, f = statistics.median(seed), statistics.median(facts)
     print(f"source: {SAMPLE.name}, {len(data)} bytes, {frame.width}x{frame.height}; {args.runs} runs, CPU medians")
     print(f"seed request compute (decode + 9 resize/encode): {s * 1000:8.1f} ms")
     for name, values in each.items():
         print(f"  facts: {name:<24} {statistics.median(values) * 1000:8.2f} ms")
-    print(f"facts, all of them:                              {f * 1000:8.1f} ms")
+    print(f"facts, all of them (one task's, the pixel facts in one call): {f * 1000:8.1f} ms")
     print(f"facts / seed request compute: {100 * f / s:.1f} %")
     made, reused = reuse_runs(data, args.runs)
     m, r = statistics.median(made), statistics.median(reused)

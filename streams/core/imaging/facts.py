@@ -22,7 +22,8 @@ from streams.core.imaging.limits import frame_count, gif_frames
 from streams.core.models import COSTLY_FACTS as COSTLY  # what a request may leave out; the rest is always there
 
 _ORIENTATION = 0x0112
-_THUMB = 32  # the side the placeholder and the colours are computed on
+_THUMB = 32  # the side the colours are computed on
+_HASHED = 20  # and the placeholder's (the BlurHash encoder is pure Python: its time goes with the pixels)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,11 @@ def pixel_facts(frame: Image.Image, wanted: tuple[str, ...] = COSTLY) -> dict:
         return out
     import imagehash  # with numpy and scipy, 70 ms at import: paid by the processes that compute facts only
     import numpy
-    thumb = _flattened(frame)
+    # one pass over the frame, to 128 px; then everything works on that
+    scale = min(1.0, 128 / max(frame.size))
+    small = frame.resize((max(1, round(frame.width * scale)), max(1, round(frame.height * scale))),
+                         Image.Resampling.BOX) if scale < 1 else frame
+    thumb = _flattened(small)
     thumb.thumbnail((_THUMB, _THUMB), Image.Resampling.BOX)
     if "colors" in wanted:
         quantized = thumb.quantize(colors=5, method=Image.Quantize.MEDIANCUT)
@@ -106,9 +111,11 @@ def pixel_facts(frame: Image.Image, wanted: tuple[str, ...] = COSTLY) -> dict:
         out["dominantColor"] = out["palette"][0] if out["palette"] else None
     if "placeholder" in wanted:
         x, y = (4, 3) if thumb.width >= thumb.height else (3, 4)
-        out["blurhash"] = blurhash.encode(numpy.asarray(thumb), components_x=x, components_y=y)
+        tiny = thumb.copy()
+        tiny.thumbnail((_HASHED, _HASHED), Image.Resampling.BOX)  # 4x3 components need no more pixels
+        out["blurhash"] = blurhash.encode(numpy.asarray(tiny), components_x=x, components_y=y)
     if "phash" in wanted:
-        out["phash"] = str(imagehash.phash(frame.convert("L") if frame.mode != "L" else frame))
+        out["phash"] = str(imagehash.phash(small.convert("L") if small.mode != "L" else small))
     return out
 
 
