@@ -91,7 +91,7 @@ class Workflow:
         return [t for t in self.plan.tasks if t.taskRef not in self.results]
 
     def progress(self) -> tuple[int, int | None]:
-        return (self.done, len(self.plan.taskRefs)) if self.plan else (len(self.results), None)
+        return (self.done, len(self.plan.tasks)) if self.plan else (len(self.results), None)
 
 
 class JoinState:
@@ -205,7 +205,7 @@ class JoinState:
     def stalled(self, now: int, after_ms: int) -> list[Workflow]:
         """Open workflows with a plan and missing results that made no progress for ``after_ms``."""
         return [f for f in self.open.values()
-                if f.plan is not None and f.done < len(f.plan.taskRefs) and now - f.updatedAt >= after_ms]
+                if f.plan is not None and f.done < len(f.plan.tasks) and now - f.updatedAt >= after_ms]
 
     def next_due(self) -> int | None:
         """When the clock next has something to do (epoch ms), or None."""
@@ -255,7 +255,7 @@ class JoinState:
 
     def _maybe_complete(self, flow: Workflow, now: int, rows: list[Row]) -> Outcome:
         plan = flow.plan
-        if plan is None or flow.done < len(plan.taskRefs):
+        if plan is None or flow.done < len(plan.tasks):
             return Outcome(rows)
         return self._finish(flow, FAILED if flow.failed else COMPLETED, now, rows)
 

@@ -161,8 +161,11 @@ class TaskOutput(_Record):
     reusedFrom: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        return {**d, **flat_fields("TaskOutput", self.options)}
+        # written out: this runs for every output of every final event the join writes
+        return {"taskRef": self.taskRef, "format": self.format, "width": self.width, "height": self.height,
+                "bytes": self.bytes, "contentType": self.contentType, "s3Uri": self.s3Uri, "url": self.url,
+                "frames": self.frames, "options": self.options.to_dict(), "reused": self.reused,
+                "reusedFrom": self.reusedFrom, **flat_fields("TaskOutput", self.options)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskOutput":

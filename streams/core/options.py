@@ -45,14 +45,14 @@ class ImageOptions:
         return replace(base, **said) if said else base
 
     def said(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {k: v for k, v in self.to_dict().items() if v is not None}
 
     def resolved(self) -> "ImageOptions":
         """Every option with a default set to it (the ones left None mean "the configured one")."""
         return self.over(DEFAULTS)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return dict(self.__dict__)  # the fields, in order (a frozen dataclass without slots)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "ImageOptions":
@@ -221,11 +221,15 @@ def options_of(record: str, d: dict[str, Any]) -> ImageOptions:
 
 def flat_fields(record: str, options: ImageOptions) -> dict[str, Any]:
     """The flat fields an older reader of ``record`` looks at, for ``options``."""
-    defaults = _FLAT_DEFAULTS.get(record, {})
+    given = options.__dict__
     out = {}
-    for flat, (name, unsaid) in LEGACY[record].items():
-        value = getattr(options, name)
-        if value is None:
-            value = defaults.get(flat, None if unsaid is _UNSAID else unsaid)
-        out[flat] = value
+    for flat, name, unsaid in _FLAT[record]:
+        value = given[name]
+        out[flat] = unsaid if value is None else value
     return out
+
+
+# record -> (flat field, option, what the field says when the option is not)
+_FLAT = {record: tuple((flat, name, _FLAT_DEFAULTS.get(record, {}).get(flat, None if unsaid is _UNSAID else unsaid))
+                       for flat, (name, unsaid) in fields_.items())
+         for record, fields_ in LEGACY.items()}
