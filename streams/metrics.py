@@ -16,6 +16,8 @@ WORKER_CRASHES = Counter("imagefork_worker_crashes", "Resize processes that died
                          ["kind"])
 REPAIR_ERRORS = Counter("imagefork_repair_errors", "Failed lookups of lost results in the object store")
 REPAIRED = Counter("imagefork_repaired_results", "Task results the join's repair rebuilt from their output objects")
+SOURCES_REVALIDATED = Counter("imagefork_sources_revalidated", "Sources a server answered 304 Not Modified: "
+                              "staged from the copy kept of their bytes, not downloaded (IMAGEFORK_REUSE)")
 OUTPUTS_REUSED = Counter("imagefork_outputs_reused", "Outputs copied from one made before from the same source "
                          "bytes and spec (IMAGEFORK_REUSE), not made again")
 

@@ -14,6 +14,7 @@ import ipaddress
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 from urllib.parse import urljoin, urlsplit
 
@@ -180,10 +181,31 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """A source fetched, or (``data`` None) not modified since the validators given; and the validators the
+    server gave for it (None: it gave none)."""
+    data: bytes | None
+    etag: str | None = None
+    last_modified: str | None = None
+
+
 def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
                resolver: Resolver = _resolve) -> bytes:
     """GET ``url`` within the limits. Raises SourceNotFound/Forbidden/TooLarge (permanent) or SourceUnavailable."""
+    return fetch_http_validated(url, limits, allow, resolver=resolver).data  # type: ignore[return-value]
+
+
+def fetch_http_validated(url: str, limits: Limits, allow: Sequence[Network] = (), *, resolver: Resolver = _resolve,
+                         etag: str | None = None, last_modified: str | None = None) -> Fetched:
+    """``fetch_http``, conditional when validators are given (``If-None-Match``, ``If-Modified-Since``): a
+    ``304 Not Modified`` is ``Fetched(None, etag, last_modified)``; a 200 carries the new validators."""
     started = time.monotonic()
+    conditional = {}
+    if etag:
+        conditional["If-None-Match"] = etag
+    if last_modified:
+        conditional["If-Modified-Since"] = last_modified
     for _hop in range(limits.max_redirects + 1):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -208,8 +230,10 @@ def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
             conn.connect()
             conn.sock.settimeout(limits.read_timeout_s)
             conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5",
-                                               "Accept-Encoding": "identity"})
+                                               "Accept-Encoding": "identity", **conditional})
             resp = _await_headers(conn, host, limits)
+            if resp.status == 304 and conditional:
+                return Fetched(None, etag, last_modified)
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 if not location:
@@ -224,7 +248,7 @@ def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
                 raise SourceNotFound(f"HTTP {resp.status} {resp.reason} for {_short(url)}")
             data = _read_capped(resp, limits, started)
             count_read("http", len(data))
-            return data
+            return Fetched(data, resp.getheader("ETag"), resp.getheader("Last-Modified"))
         except PipelineError:
             raise
         except ssl.SSLCertVerificationError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import replace
 
 import faust
@@ -11,7 +12,7 @@ import faust
 from streams import serde
 from streams.adapters.faust import Topics
 from streams.adapters.objectstore import ObjectStore
-from streams.adapters.source import fetch_http
+from streams.adapters.source import Fetched, fetch_http_validated
 from streams.agents.common import backoff_s, log, now_ms, send, send_all
 from streams.agents.policy import (
     Disposition, Message, MessagePolicy, Reject, RetryLater, header_int, wait_not_before,
@@ -24,7 +25,8 @@ from streams.core.planning import (
     make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
     with_facts,
 )
-from streams.metrics import STAGE_SECONDS
+from streams.core.reuse import scope_prefix, source_key
+from streams.metrics import SOURCES_REVALIDATED, STAGE_SECONDS
 from streams.serde import SerdeError
 
 
@@ -38,6 +40,7 @@ class Planner:
         self.config = config
         self.topics = topics
         self.store = store
+        self.sources = Revalidator(config, store)
 
     # --- the steps ------------------------------------------------------------
     async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
@@ -194,18 +197,70 @@ class Planner:
             _fmt, width, height = probe_image(data, lim)
             return location, (width, height), hashlib.sha256(data).hexdigest()
         started = time.perf_counter()
-        data = fetch_http(location, lim, self.config.fetch_allow_networks)
-        _fmt, width, height = probe_image(data, lim)
-        fetched = time.perf_counter()
         key = staging_key(self.config.staging_prefix, workflow_id, run_id)
+        kept, got = self.sources.revalidated(location, key)
+        if kept is not None:
+            return kept
+        got = got or fetch_http_validated(location, lim, self.config.fetch_allow_networks)
+        data = got.data
+        _fmt, width, height = probe_image(data, lim)
+        sha = hashlib.sha256(data).hexdigest()
+        fetched = time.perf_counter()
         self.store.put(key, data, "application/octet-stream")
+        self.sources.keep(location, got, key, sha, (width, height), len(data))
         STAGE_SECONDS.labels("planner", "fetch").observe(fetched - started)
         STAGE_SECONDS.labels("planner", "stage").observe(time.perf_counter() - fetched)
-        return self.store.uri(key), (width, height), hashlib.sha256(data).hexdigest()
+        return self.store.uri(key), (width, height), sha
 
     async def send_plan(self, plan: WorkflowPlan) -> None:
         await send(self.topics.events, key=plan.workflowId.encode(),
                    value=serde.encode_join_event("WorkflowPlan", plan.to_dict()))
+
+
+class Revalidator:
+    """With IMAGEFORK_REUSE on, a source seen before is asked for only if it changed: the validators and hash
+    of the bytes last fetched from each URL (the newest 10,000), and a copy of those bytes kept by their
+    hash beside the reuse pointers."""
+
+    def __init__(self, config: Config, store: ObjectStore):
+        self.config, self.store = config, store
+        self.validators: OrderedDict[str, dict] = OrderedDict()
+
+    def revalidated(self, location: str, key: str) -> tuple[tuple[str, tuple[int, int], str] | None, Fetched | None]:
+        """With reuse on, a URL fetched before is asked with its validators: a ``304 Not Modified`` stages the
+        copy kept of its bytes (a server-side copy) instead of downloading them again, and is returned
+        staged; a 200 is returned fetched. (None, None): not known, or its kept copy is gone: fetch it whole."""
+        prefix = scope_prefix(self.config.reuse, self.config.output_prefix)
+        known = self.validators.get(location) if prefix is not None else None
+        if known is None:
+            return None, None
+        got = fetch_http_validated(location, self.config.limits, self.config.fetch_allow_networks,
+                                   etag=known["etag"], last_modified=known["lastModified"])
+        if got.data is not None:
+            return None, got
+        copy = source_key(prefix, known["sha256"])
+        head = self.store.head(copy)
+        if head is None or head.get("ContentLength") != known["bytes"]:
+            self.validators.pop(location, None)
+            return None, None
+        self.store.copy(copy, key, "application/octet-stream", {})
+        SOURCES_REVALIDATED.inc()
+        return (self.store.uri(key), known["size"], known["sha256"]), None
+
+    def keep(self, location: str, got, key: str, sha: str, size: tuple[int, int], length: int) -> None:
+        """Remember a fetched source's validators, and keep a copy of its bytes by their hash, so that the
+        next request for it can be answered 304 and staged without a download (reuse on only)."""
+        prefix = scope_prefix(self.config.reuse, self.config.output_prefix)
+        if prefix is None or not (got.etag or got.last_modified):
+            return
+        copy = source_key(prefix, sha)
+        if self.store.head(copy) is None:
+            self.store.copy(key, copy, "application/octet-stream", {})
+        self.validators.pop(location, None)
+        self.validators[location] = {"etag": got.etag, "lastModified": got.last_modified, "sha256": sha,
+                                     "size": size, "bytes": length}
+        while len(self.validators) > 10_000:
+            self.validators.popitem(last=False)
 
 
 def register(app: faust.App, config: Config, topics: Topics) -> Planner:

@@ -41,6 +41,11 @@ def pointer_key(prefix: str, sha256: str, spec: str) -> str:
     return f"{prefix}{sha256}/{spec}.json"
 
 
+def source_key(prefix: str, sha256: str) -> str:
+    """Where a source's bytes are kept by their hash, so that a URL answered 304 is staged from them."""
+    return f"{prefix}{sha256}/source"
+
+
 def facts_key(prefix: str, sha256: str) -> str:
     return f"{prefix}{sha256}/facts.json"
 

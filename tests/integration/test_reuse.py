@@ -1,8 +1,11 @@
 """Content-addressed reuse through the real stack (issue 25, item 2): the same source under two workflow ids,
 the second with one size more: only the new outputs are made, the others copied from the first's; both
-final events complete and correct. A changed source behind the same URL is not reused."""
+final events complete and correct; the second fetch of the source is a conditional GET answered 304. A
+changed source behind the same URL is fetched again and not reused."""
 import hashlib
+import os
 import shutil
+import time
 
 from PIL import Image
 
@@ -17,9 +20,10 @@ def test_the_same_source_twice_reuses_what_was_made(make_pipeline, tmp_path):
     folder.mkdir()
     shutil.copy(SAMPLE, folder / "photo.png")
     server = FileServer(folder)
-    port = free_port()
+    port, planner_port = free_port(), free_port()
     p = make_pipeline(IMAGEFORK_REUSE="prefix")
-    p.start_together("join", "planner", ("resize", {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{port}"}))
+    p.start_together("join", ("planner", {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{planner_port}"}),
+                     ("resize", {"IMAGEFORK_METRICS_LISTEN": f"127.0.0.1:{port}"}))
     request = {"fileLocation": server.url("photo.png"), "outputFormats": ["png", "jpg"],
                "outputSizes": [{"width": 120, "height": 120}, {"width": 60, "height": 60}]}
     try:
@@ -45,9 +49,13 @@ def test_the_same_source_twice_reuses_what_was_made(make_pipeline, tmp_path):
             assert p.object(out.s3Uri.split("/", 3)[3]) == p.object(original.s3Uri.split("/", 3)[3])
         assert second.facts is not None and second.facts.sha256 == first.facts.sha256 == \
             hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+        # the planner asked for the source with its Last-Modified: 304, staged from the copy it kept
+        assert metric(planner_port, "imagefork_sources_revalidated_total") == 1.0
 
         # another image behind the same URL: other bytes, nothing reused
         Image.open(SAMPLE).convert("L").save(folder / "photo.png")
+        later = time.time() + 5  # a Last-Modified of its own (whole seconds), whatever the clock did
+        os.utime(folder / "photo.png", (later, later))
         follower = p.follower()
         p.submit(request, "reuse-c")
         third = finish(p, follower, ["reuse-c"], 120)["reuse-c"]
@@ -55,5 +63,6 @@ def test_the_same_source_twice_reuses_what_was_made(make_pipeline, tmp_path):
         assert third.facts.sha256 == hashlib.sha256((folder / "photo.png").read_bytes()).hexdigest()
         assert third.facts.sha256 != first.facts.sha256
         assert metric(port, "imagefork_outputs_reused_total") == 4.0
+        assert metric(planner_port, "imagefork_sources_revalidated_total") == 1.0  # modified: fetched whole
     finally:
         server.close()
