@@ -193,6 +193,8 @@ class ObjectStore:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
             raise _classify(exc, key) from None
+        except Exception as exc:  # the endpoint away (a connection error, a timeout): transient, as get's
+            raise _classify(exc, key) from None
 
     def delete(self, key: str) -> None:
         try:

@@ -188,6 +188,7 @@ class Fetched:
     data: bytes | None
     etag: str | None = None
     last_modified: str | None = None
+    redirected: bool = False  # the bytes came from another URL: its validators are not this URL's
 
 
 def fetch_http(url: str, limits: Limits, allow: Sequence[Network] = (), *,
@@ -206,7 +207,9 @@ def fetch_http_validated(url: str, limits: Limits, allow: Sequence[Network] = ()
         conditional["If-None-Match"] = etag
     if last_modified:
         conditional["If-Modified-Since"] = last_modified
-    for _hop in range(limits.max_redirects + 1):
+    for hop in range(limits.max_redirects + 1):
+        if hop:
+            conditional = {}  # validators are the first URL's: a redirect is fetched whole
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
@@ -248,7 +251,7 @@ def fetch_http_validated(url: str, limits: Limits, allow: Sequence[Network] = ()
                 raise SourceNotFound(f"HTTP {resp.status} {resp.reason} for {_short(url)}")
             data = _read_capped(resp, limits, started)
             count_read("http", len(data))
-            return Fetched(data, resp.getheader("ETag"), resp.getheader("Last-Modified"))
+            return Fetched(data, resp.getheader("ETag"), resp.getheader("Last-Modified"), redirected=hop > 0)
         except PipelineError:
             raise
         except ssl.SSLCertVerificationError as exc:

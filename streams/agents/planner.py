@@ -229,33 +229,47 @@ class Revalidator:
     def revalidated(self, location: str, key: str) -> tuple[tuple[str, tuple[int, int], str] | None, Fetched | None]:
         """With reuse on, a URL fetched before is asked with its validators: a ``304 Not Modified`` stages the
         copy kept of its bytes (a server-side copy) instead of downloading them again, and is returned
-        staged; a 200 is returned fetched. (None, None): not known, or its kept copy is gone: fetch it whole."""
-        prefix = scope_prefix(self.config.reuse, self.config.output_prefix)
-        known = self.validators.get(location) if prefix is not None else None
+        staged; a 200 is returned fetched. (None, None): not known, or the kept copy failed: fetch it whole."""
+        if scope_prefix(self.config.reuse, self.config.output_prefix) is None:
+            return None, None
+        known = self.validators.get(location)
         if known is None:
             return None, None
         got = fetch_http_validated(location, self.config.limits, self.config.fetch_allow_networks,
                                    etag=known["etag"], last_modified=known["lastModified"])
         if got.data is not None:
             return None, got
-        copy = source_key(prefix, known["sha256"])
-        head = self.store.head(copy)
-        if head is None or head.get("ContentLength") != known["bytes"]:
+        copy = source_key(self.config.staging_prefix, known["sha256"])
+        try:
+            head = self.store.head(copy)
+            if head is None or head.get("ContentLength") != known["bytes"]:
+                raise LookupError("the kept copy is gone")
+            self.store.copy(copy, key, "application/octet-stream", {})
+        except Exception as exc:  # a copy that fails (deleted meanwhile, refused): the source is fetched whole
+            log.info("source %s not modified, but its kept copy cannot be staged (%s: %s): fetched whole",
+                     location[:200], type(exc).__name__, str(exc)[:200])
             self.validators.pop(location, None)
             return None, None
-        self.store.copy(copy, key, "application/octet-stream", {})
         SOURCES_REVALIDATED.inc()
         return (self.store.uri(key), known["size"], known["sha256"]), None
 
-    def keep(self, location: str, got, key: str, sha: str, size: tuple[int, int], length: int) -> None:
+    def keep(self, location: str, got: Fetched, key: str, sha: str, size: tuple[int, int], length: int) -> None:
         """Remember a fetched source's validators, and keep a copy of its bytes by their hash, so that the
-        next request for it can be answered 304 and staged without a download (reuse on only)."""
-        prefix = scope_prefix(self.config.reuse, self.config.output_prefix)
-        if prefix is None or not (got.etag or got.last_modified):
+        next request for it can be answered 304 and staged without a download (reuse on only; never the
+        request's failure)."""
+        if scope_prefix(self.config.reuse, self.config.output_prefix) is None:
             return
-        copy = source_key(prefix, sha)
-        if self.store.head(copy) is None:
-            self.store.copy(key, copy, "application/octet-stream", {})
+        if got.redirected or not (got.etag or got.last_modified):
+            self.validators.pop(location, None)
+            return
+        copy = source_key(self.config.staging_prefix, sha)
+        try:
+            if self.store.head(copy) is None:
+                self.store.copy(key, copy, "application/octet-stream", {})
+        except Exception as exc:
+            log.warning("source %s: its copy for revalidation was not kept (%s: %s)", location[:200],
+                        type(exc).__name__, str(exc)[:200])
+            return
         self.validators.pop(location, None)
         self.validators[location] = {"etag": got.etag, "lastModified": got.last_modified, "sha256": sha,
                                      "size": size, "bytes": length}

@@ -28,7 +28,7 @@ from streams.core.imaging import (
     Source, SourceOptions, decode_cost, open_image, prepare, resize_image, task_spec,
 )
 from streams.core.imaging.facts import pixel_facts
-from streams.core.models import TaskOutput, now_ms
+from streams.core.models import SourceFacts, TaskOutput, now_ms
 from streams.core.reuse import (
     facts_cover, facts_key, pointer, pointer_key, same_object, scope_prefix, spec_key, usable,
 )
@@ -192,10 +192,10 @@ _loading: dict[str, threading.Lock] = {}
 
 
 def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceOptions(),
-            stages: dict[str, float] | None = None) -> tuple[str, Source]:
+            stages: dict[str, float] | None = None, sha256: str = "") -> tuple[str, Source]:
     """The decoded source, leased (unlease it when done): fetched and decoded once per process (and per way
     of preparing it: animated, keeping the profile or metadata) even when threads ask at once."""
-    key = f"{uri}#{max_box[0]}x{max_box[1]}#{options.key}"
+    key = f"{uri}#{sha256}#{max_box[0]}x{max_box[1]}#{options.key}"  # the bytes' hash: an s3:// source rewritten
     im = _budget.lease(key)
     if im is not None:
         SOURCE_CACHE_LOOKUPS.labels("hit").inc()
@@ -252,10 +252,15 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
         if reused is not None:
             return reused
         key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)), spec.source_options,
-                          stages)
+                          stages, task.get("sourceSha256", ""))
         try:
             if task.get("facts"):
                 facts = _facts(task, im, stages)
+            # the bytes decoded are the ones the planner hashed (an s3:// source is read where it is, and may
+            # have been written over since): else no pointer is filed under that hash
+            given = im.info.sha256 if im.info is not None else None
+            if task.get("sourceSha256") and given != task["sourceSha256"]:
+                task = {**task, "sourceSha256": ""}
             started, cpu = time.perf_counter(), time.thread_time()
             out = resize_image(im, spec, _config.limits, _config.encoding)
             stages["resize_encode"] = time.perf_counter() - started
@@ -332,6 +337,7 @@ def _reused(task: dict[str, Any], spec) -> dict[str, Any] | None:
             facts = _json(facts_key(prefix, sha))
             if not facts_cover(facts, tuple(task["facts"])):
                 return None  # this task decodes the source for its facts: it may as well make its output
+            facts = SourceFacts.from_dict(facts).to_dict()  # a stored file that is not facts: made
         doc = usable(_json(pointer_key(prefix, sha, _spec_key(spec))), now_ms(), _config.reuse_ttl_s)
         if doc is None:
             return None
@@ -342,7 +348,7 @@ def _reused(task: dict[str, Any], spec) -> dict[str, Any] | None:
                          url=_store.url(task["outputKey"]), reused=True, reusedFrom=_store.uri(doc["key"]))
         if doc["key"] != task["outputKey"]:
             _store.copy(doc["key"], task["outputKey"], record.contentType, _metadata(task, output))
-    except (PipelineError, KeyError, TypeError, ValueError) as exc:
+    except Exception as exc:  # a lookup or a copy that fails, a pointer not ours: the task is made
         log.info("task %s/%s: no reuse (%s: %s); made", task.get("workflowId"), task.get("taskRef"),
                  type(exc).__name__, str(exc)[:200])
         return None

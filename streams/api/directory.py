@@ -149,7 +149,7 @@ class Directory:
         """Finished, open and accepted workflows (of ``status``, any when None), newest first."""
         rows: dict[str, dict] = {}
         for final in self.index.recent():
-            rows[final.workflowId] = summary(final_doc(final))
+            rows[final.workflowId] = summary(final_doc(final, placeholder=False))
         for w in await self.join.open_workflows(limit):
             rows[w["workflowId"]] = {"workflowId": w["workflowId"], "status": "RUNNING", "runId": w["runId"],
                                      "fileLocation": w["fileLocation"], "submittedAt": w["submittedAt"],

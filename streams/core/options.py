@@ -99,8 +99,8 @@ def number(minimum: float, maximum: float) -> Callable[[Any], Parsed]:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             return None, f"must be a number, got {value!r}"[:200]
-        if not minimum <= value <= maximum:
-            return None, f"must be between {minimum:g} and {maximum:g}, got {value:g}"
+        if not minimum <= value <= maximum:  # an int of any size compares; none is formatted as a float
+            return None, f"must be between {minimum:g} and {maximum:g}, got {value!r}"[:200]
         return float(value), None
     return parse
 

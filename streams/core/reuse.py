@@ -41,9 +41,10 @@ def pointer_key(prefix: str, sha256: str, spec: str) -> str:
     return f"{prefix}{sha256}/{spec}.json"
 
 
-def source_key(prefix: str, sha256: str) -> str:
-    """Where a source's bytes are kept by their hash, so that a URL answered 304 is staged from them."""
-    return f"{prefix}{sha256}/source"
+def source_key(staging_prefix: str, sha256: str) -> str:
+    """Where a source's bytes are kept by their hash, so that a URL answered 304 is staged from them: with the
+    staged sources (private), not beside the outputs. No workflow id begins with ``_``."""
+    return f"{staging_prefix}_kept/{sha256}"
 
 
 def facts_key(prefix: str, sha256: str) -> str:

@@ -8,6 +8,9 @@ from streams.core.models import WorkflowCompleted
 from streams.core.status import output_href
 
 
+PER_SOURCE = 1000  # workflows listed per source, the latest
+
+
 class SourceCatalog:
     """sha256 -> the source's facts and the workflows made from it (their latest final events), at most
     ``capacity`` workflows in all (the sources seen longest ago forgotten first)."""
@@ -29,6 +32,8 @@ class SourceCatalog:
         self.count -= len(workflows)
         workflows.pop(final.workflowId, None)
         workflows[final.workflowId] = _summary(final)
+        while len(workflows) > PER_SOURCE:  # a default avatar's thousands: the latest ones
+            workflows.popitem(last=False)
         self.count += len(workflows)
         if facts.phash:
             try:

@@ -66,7 +66,7 @@ def running_doc(answer: dict) -> dict:
     }
 
 
-def final_doc(final: WorkflowCompleted) -> dict:
+def final_doc(final: WorkflowCompleted, placeholder: bool = True) -> dict:
     """A finished workflow, from its final event: every task, in plan order, with its output or error."""
     wf = final.workflowId
     # a final event written before it carried the plan's tasks: they are read from the references
@@ -95,16 +95,18 @@ def final_doc(final: WorkflowCompleted) -> dict:
         "tasks": tasks, "outputs": [_output(wf, o.to_dict()) for o in final.outputs],
         "errors": [e.to_dict() for e in final.errors],
         "retryable": retryable(final)[0],
-        "facts": facts_doc(final.facts.to_dict() if final.facts else None),
+        "facts": facts_doc(final.facts.to_dict() if final.facts else None, placeholder),
     }
 
 
-def facts_doc(facts: dict | None) -> dict | None:
-    """The source's facts, with the placeholder as a data URL a page can paint at once."""
+def facts_doc(facts: dict | None, placeholder: bool = True) -> dict | None:
+    """The source's facts, with the placeholder as a data URL a page can paint at once (a few ms to paint:
+    a list of workflows does without it)."""
     if not facts:
         return None
-    url = placeholder_data_url(facts["blurhash"], facts["width"], facts["height"]) if facts.get("blurhash") else None
-    return {**facts, "placeholder": url}
+    paint = placeholder and facts.get("blurhash")
+    return {**facts, "placeholder": placeholder_data_url(facts["blurhash"], facts["width"], facts["height"]) if paint
+            else None}
 
 
 def marker_doc(answer: dict) -> dict:

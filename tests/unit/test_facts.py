@@ -155,3 +155,14 @@ def test_a_png_says_its_orientation_without_being_decoded():
     info = source_info(header, data, LIM)
     assert (info.orientation, info.width, info.height) == (8, 20, 40)
     assert getattr(header, "_im", None) is None  # nothing was decoded for it
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF", "WEBP", "PNG"])
+def test_the_size_is_the_decoded_one_whatever_the_format(fmt):
+    """Pillow's TIFF header is turned already by its orientation, a JPEG's is not: the facts say what the
+    decode makes either way."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo((64, 48)), fmt, exif=exif.tobytes())
+    facts = facts_of(data)
+    assert (facts["width"], facts["height"]) == prepare(data, LIM).frames[0].size == (48, 64)

@@ -172,3 +172,9 @@ def test_a_task_retried_after_a_transient_failure_keeps_its_options():
     again = ResizeTask.from_dict(serde.decode("ResizeTask", later.value))
     assert again.attempt == 2 and again.notBefore > 0 and again.options == task.options
     assert again == ResizeTask(**{**task.__dict__, "attempt": 2, "notBefore": again.notBefore})
+
+
+def test_a_sharpen_of_a_400_digit_number_is_refused_not_a_crash():
+    with pytest.raises(RequestInvalid) as info:
+        parse({**SEED, "sharpen": 10 ** 400})
+    assert "between 0.1 and 10" in dict(info.value.problems)["sharpen"]

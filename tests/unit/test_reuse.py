@@ -158,3 +158,11 @@ def test_spec_keys_and_pointers():
     assert usable(json.loads(json.dumps(doc)), 1000, 10) == doc
     assert facts_cover({"sha256": "a", "phash": "f"}, ("basic", "phash"))
     assert not facts_cover({"sha256": "a", "phash": None}, ("basic", "phash")) and not facts_cover(None, ())
+
+
+def test_bytes_that_are_not_the_planners_file_no_pointer(bucket):
+    """An s3:// source read where it is may have been written over after the planner hashed it: the output
+    is made from what is there, and filed under no hash."""
+    stale = tasks("wf-1", (40,), data=b"what the planner read")
+    assert all(o["ok"] and not o["output"]["reused"] for o in run_all(stale))
+    assert not any(k.startswith("out/_reuse/") for k in bucket.objects)

@@ -93,7 +93,7 @@ def test_without_reuse_nothing_is_asked_conditionally(origin):
 def test_a_kept_copy_gone_fetches_the_source_whole(origin):
     p = planner()
     p._stage(origin.url, "wf-1", "r1")
-    for key in [k for k in p.store.objects if k.endswith("/source") and "_reuse/" in k]:
+    for key in [k for k in p.store.objects if "_kept/" in k]:
         del p.store.objects[key]
     staged = p._stage(origin.url, "wf-2", "r2")
     assert origin.sent == 2 and staged[2] == hashlib.sha256(V1).hexdigest()
@@ -105,3 +105,38 @@ def test_fetch_says_not_modified_only_when_asked(origin):
     assert got.data == V1 and (got.etag or got.last_modified)
     again = fetch_http_validated(origin.url, Config().limits, allow, etag=got.etag, last_modified=got.last_modified)
     assert again.data is None and (again.etag, again.last_modified) == (got.etag, got.last_modified)
+
+
+def test_a_redirected_source_is_fetched_whole_and_its_validators_not_kept():
+    """Validators are the first URL's: one that redirects is never asked conditionally (its target may
+    change while the target's validators still match)."""
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", origin.url)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    origin = Origin(etag=True)
+    hop = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=hop.serve_forever, daemon=True).start()
+    try:
+        p = planner()
+        url = f"http://127.0.0.1:{hop.server_address[1]}/avatar"
+        p._stage(url, "wf-1", "r1")
+        p._stage(url, "wf-2", "r2")
+        assert origin.sent == 2 and origin.conditional == [None, None] and url not in p.sources.validators
+    finally:
+        hop.shutdown()
+        origin.close()
+
+
+def test_a_kept_copy_that_cannot_be_written_costs_only_the_revalidation(origin):
+    p = planner()
+
+    def refused(*args):
+        raise RuntimeError("AccessDenied")
+    p.store.copy = refused
+    staged = p._stage(origin.url, "wf-1", "r1")
+    assert staged[2] == hashlib.sha256(V1).hexdigest() and origin.url not in p.sources.validators

@@ -45,7 +45,7 @@ def source_info(header: Image.Image, data: bytes, limits: Limits) -> SourceInfo:
     the limit (an error only when kept animated) is counted to one past the limit's bound."""
     orientation = _orientation(header)
     width, height = header.size
-    if orientation >= 5:  # 5-8 turn the image a quarter
+    if orientation >= 5 and header.format != "TIFF":  # 5-8 turn a quarter (Pillow's TIFF header is turned already)
         width, height = height, width
     mode = header.mode
     alpha = "A" in mode or "a" in mode or "transparency" in header.info
