@@ -13,7 +13,7 @@ from streams.adapters.kafka import client_config, producer_config, read_to_end
 from streams.adapters.schemas import install_resolver, publish_schemas
 from streams.config import Config
 from streams.core.models import WorkflowCompleted
-from streams.core.options import OPTIONS, ImageOptions, flat_fields
+from streams.core.options import ImageOptions, flat_fields, parse_options
 from streams.core.planning import parse_boolean
 from streams.errors import ImageforkError
 
@@ -187,25 +187,16 @@ def avro_request(doc: dict) -> dict:
     flag, why = parse_boolean(doc.get("maintainAspectRatio", True))
     if why:
         raise SubmitError(f"maintainAspectRatio {why}")
-    options = _options(doc)
+    options = parse_options(doc, "", [], keep_bad=True)
     sizes = []
     for size in doc.get("outputSizes") or []:
         if not isinstance(size, dict):
             sizes.append(size)
             continue
-        own = _options(size)
+        own = parse_options(size, "", [], keep_bad=True)
         sizes.append({"width": size.get("width"), "height": size.get("height"), **flat_fields("Size", own),
                       "options": own.to_dict() if own.said() else None})
     body = {k: v for k, v in doc.items() if k not in ImageOptions.__dataclass_fields__ and k != "options"}
     return {"workflowId": None, "correlationId": None, **body, "maintainAspectRatio": flag, "outputSizes": sizes,
             **flat_fields("ImageRequest", options), "options": options.to_dict() if options.said() else None}
 
-
-def _options(doc: dict) -> ImageOptions:
-    given = {**doc, **(doc.get("options") if isinstance(doc.get("options"), dict) else {})}
-    values = {}
-    for option in OPTIONS:
-        if given.get(option.name) is not None:
-            value, why = option.parse(given[option.name])
-            values[option.name] = given[option.name] if why else value
-    return ImageOptions(**values)

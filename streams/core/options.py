@@ -157,9 +157,10 @@ assert tuple(o.name for o in OPTIONS) == NAMES, "every field of ImageOptions has
 DEFAULTS = ImageOptions(**{o.name: o.default for o in OPTIONS if o.default is not None})
 
 
-def parse_options(doc: dict, where: str, problems: list[tuple[str, str]]) -> ImageOptions:
+def parse_options(doc: dict, where: str, problems: list[tuple[str, str]], *, keep_bad: bool = False) -> ImageOptions:
     """The options of a request document or one of its sizes: given flat (``{"quality": 80}``, the seed's
-    form) or in an ``options`` object, which wins; each bad value is noted with its field."""
+    form) or in an ``options`` object, which wins; each bad value is noted with its field (``keep_bad``: kept
+    as given instead, for a reader further on to refuse with its reason)."""
     nested = doc.get("options")
     if nested is not None and not isinstance(nested, dict):
         problems.append((f"{where}options", "must be an object"))
@@ -172,7 +173,9 @@ def parse_options(doc: dict, where: str, problems: list[tuple[str, str]]) -> Ima
         if value is None:
             continue
         values[option.name], why = option.parse(value)
-        if why:
+        if why and keep_bad:
+            values[option.name] = value
+        elif why:
             problems.append((f"{where}{field}", why))
     return ImageOptions(**{k: v for k, v in values.items() if v is not None})
 
