@@ -100,6 +100,23 @@ class AvroSchema:
             raise SerdeError(f"{self.name}: {len(data) - 10 - buf.tell()} trailing bytes after the record")
         return record
 
+    def encode_body(self, record: dict[str, Any]) -> bytes:
+        """The Avro body alone (no frame): a record to be written inside another (``Splice``)."""
+        out = io.BytesIO()
+        try:
+            fastavro.schemaless_writer(out, self.parsed, self.tag(record) if self.tag else record)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SerdeError(f"{self.name}: record does not fit the schema: {exc}") from None
+        return out.getvalue()
+
+    def decode_body(self, body: bytes) -> dict[str, Any]:
+        """A body of this schema's current version (``encode_body``, or one ``PassingReader`` kept)."""
+        buf = io.BytesIO(body)
+        record = self._read(buf, self.parsed, None)
+        if buf.tell() != len(body):
+            raise SerdeError(f"{self.name}: {len(body) - buf.tell()} trailing bytes after the record")
+        return record
+
     def _writer(self, fp: bytes) -> dict:
         try:
             writer = self.versions.writer(fp)

@@ -13,7 +13,7 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from streams import serde
+from streams import segments, serde
 from streams.core.join import MARKER, PLAN, RESULT, JoinState, Marker, Row
 from streams.core.models import TaskResult, WorkflowPlan
 
@@ -47,11 +47,11 @@ def load_state(rows: dict[bytes, bytes], state: JoinState, now: int) -> None:
             m = serde.decode("JoinMarker", value)
             markers[key[1:].decode()] = Marker(m["status"], m["at"], m.get("runId") or "")
             continue
-        kind, body = serde.decode_join_event(value)
+        kind, body, passed = segments.decode_join_event_passing(value)
         if tag == b"P" and kind == "WorkflowPlan":
             plans.append(WorkflowPlan.from_dict(body))
         elif tag == b"R" and kind == "TaskResult":
-            results.append(TaskResult.from_dict(body))
+            results.append(TaskResult.from_dict(body, passed))
     state.restore(plans, results, markers, now)
 
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
+from streams import segments, serde
 from streams.core.options import ImageOptions, flat_fields, options_of
 
 
@@ -85,7 +86,7 @@ class TaskDescriptor:
 def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool, bytes)):
         return value
-    if isinstance(value, (_Record, ImageOptions)):
+    if isinstance(value, (_Record, ImageOptions, PassedOutput)):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
@@ -174,6 +175,26 @@ class TaskOutput(_Record):
 
 
 @dataclass(frozen=True)
+class PassedOutput:
+    """An output as its resize worker encoded it (``body``: the current TaskOutput's Avro body), with the
+    two fields the join reads: the join writes it into the final event as it came instead of building and
+    encoding the record again (``serde.PassingReader``)."""
+    taskRef: str
+    url: str
+    body: bytes
+
+    def full(self) -> TaskOutput:
+        return TaskOutput.from_dict(serde.schema("TaskOutput").decode_body(self.body))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.full().to_dict()
+
+
+def output_body(output: TaskOutput | PassedOutput) -> bytes:
+    return output.body if isinstance(output, PassedOutput) else serde.schema("TaskOutput").encode_body(output.to_dict())
+
+
+@dataclass(frozen=True)
 class TaskError(_Record):
     taskRef: str
     code: str
@@ -217,7 +238,7 @@ class TaskResult:
     status: str  # SUCCEEDED | FAILED
     attempts: int
     finishedAt: int
-    output: TaskOutput | None = None
+    output: TaskOutput | PassedOutput | None = None  # PassedOutput: in the join
     error: TaskError | None = None
     runId: str = ""
     deadline: int = 0  # the workflow's deadline as the task carried it (0: unknown)
@@ -238,14 +259,17 @@ class TaskResult:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TaskResult":
+    def from_dict(cls, d: dict[str, Any], output_body: bytes | None = None) -> "TaskResult":
+        """``output_body``: the output was read for its taskRef and url only (``serde.decode_result_passing``)."""
+        out = d.get("output")
         return cls(
             workflowId=d["workflowId"],
             taskRef=d["taskRef"],
             status=d["status"],
             attempts=d["attempts"],
             finishedAt=d["finishedAt"],
-            output=TaskOutput.from_dict(d["output"]) if d.get("output") else None,
+            output=(None if not out else PassedOutput(out["taskRef"], out["url"], output_body)
+                    if output_body is not None else TaskOutput.from_dict(out)),
             error=TaskError.from_dict(d["error"]) if d.get("error") else None,
             runId=d.get("runId") or "",
             deadline=d.get("deadline") or 0,
@@ -325,7 +349,7 @@ class WorkflowCompleted:
     status: str
     fileLocation: str
     fileLocations: tuple[str, ...]
-    outputs: tuple[TaskOutput, ...]
+    outputs: tuple[TaskOutput | PassedOutput, ...]  # PassedOutput: built by the join
     errors: tuple[TaskError, ...]
     taskCount: int
     submittedAt: int
@@ -347,14 +371,19 @@ class WorkflowCompleted:
             pass  # kept as the text it was
         return doc
 
-    def to_dict(self) -> dict[str, Any]:
+    def encode(self) -> bytes:
+        """The Avro frame, each output's record written from its body (the bytes a resize worker wrote)."""
+        return segments.encode_spliced("WorkflowCompleted", self.to_dict(outputs=False), "outputs",
+                                    [output_body(o) for o in self.outputs])
+
+    def to_dict(self, outputs: bool = True) -> dict[str, Any]:
         return {
             "workflowId": self.workflowId,
             "correlationId": self.correlationId,
             "status": self.status,
             "fileLocation": self.fileLocation,
             "fileLocations": list(self.fileLocations),
-            "outputs": [o.to_dict() for o in self.outputs],
+            "outputs": [o.to_dict() for o in self.outputs] if outputs else [],
             "errors": [e.to_dict() for e in self.errors],
             "taskCount": self.taskCount,
             "submittedAt": self.submittedAt,

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from confluent_kafka import KafkaError
 
-from streams import serde
+from streams import segments, serde
 from streams.adapters.changelog import row_key, row_value
 from streams.adapters.kafka import dead_letter_headers
 from streams.config import Config
@@ -32,9 +32,9 @@ class Applier:
 
     def event(self, p: int, state: JoinState, msg, now: int) -> None:
         """One message of the events topic."""
-        raw = msg.value()
+        raw = msg.value() or b""
         try:
-            kind, body = serde.decode_join_event(raw if raw is not None else b"")
+            kind, body, passed = segments.decode_join_event_passing(raw)
             if msg.key() != body["workflowId"].encode():
                 raise SerdeError(f"the key {msg.key()!r} is not the workflow id {body['workflowId']!r} "
                                  "(the join's state is partitioned by workflow id)")
@@ -48,7 +48,7 @@ class Applier:
                 record = WorkflowPlan.from_dict(body)
                 outcome = state.record_plan(record, now)
             else:
-                record = TaskResult.from_dict(body)
+                record = TaskResult.from_dict(body, passed)
                 outcome = state.record_result(record, now)
         except Exception as exc:  # a bug must not stop the partition: park the event with the reason
             log.exception("join failed on %s", body.get("workflowId"))
@@ -92,7 +92,7 @@ class Applier:
             final = degraded(final, err)
             log.error("join: the final event of %s was refused %d times (%s); sending it %s %s without its "
                       "outputs", final.workflowId, tries, err, final.status, final.errors[0].code)
-        encoded = serde.encode("WorkflowCompleted", final.to_dict())
+        encoded = final.encode()
         self.session.produce(self.topics.completed, key, encoded)
         if final.facts is not None:  # indexed by its source's bytes (the API's /v1/sources, /v1/similar)
             by_source = f"{final.facts.sha256}/{final.workflowId}".encode()

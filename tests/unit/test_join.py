@@ -1,4 +1,6 @@
 """The join's core: plans, results and the clock over JoinState, with no Kafka."""
+from dataclasses import replace
+
 from streams.core.join import MARKER, PLAN, RESULT, Ignored, JoinState, Marker
 from streams.core.models import PlanFailure, TaskError, TaskOutput, TaskResult, WorkflowPlan, descriptors_of
 
@@ -208,7 +210,8 @@ def test_changelog_codec_round_trip():
     rows = {row_key(r): row_value(r) for out in outs for r in out.rows}
     again = new_state()
     load_state(rows, again, 5)
-    assert again.open["wf"].plan == PLAN_ and again.open["wf"].results["a"] == ok("a")
+    restored = again.open["wf"].results["a"]  # its output passed on as the bytes it came in
+    assert again.open["wf"].plan == PLAN_ and replace(restored, output=restored.output.full()) == ok("a")
     _, _, done = feed([ok("b"), ok("c")], state=state)
     marker = next(r for r in done[-1].rows if r.kind == MARKER)
     again2 = new_state()
