@@ -6,11 +6,10 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from streams import __version__
 from streams.config import Config
-from streams.console import download_outputs, output_links, print_final, progress_bar
+from streams.commands import NO_BROKER_HINT, _cancel, _get, _retry, _submit, kafka_failure
 from streams.errors import ImageforkError
 
 
@@ -58,77 +57,6 @@ def _topics(args) -> int:
     return 0
 
 
-def _submit(args) -> int:
-    # imported here, as elsewhere in this file: `imagefork --help` and the light commands start fast
-    from streams.core.errors import RequestInvalid
-    from streams.core.planning import parse_request
-    config = Config.from_env()
-    try:
-        raw = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
-    except OSError as exc:
-        print(f"imagefork: cannot read the request {args.file}: {exc.strerror or exc} (examples/request.json "
-              f"is the seed's request, to copy)", file=sys.stderr)
-        return 2
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        print(f"imagefork: {args.file} is not JSON: {exc}", file=sys.stderr)
-        return 2
-    if not isinstance(doc, dict):
-        print(f"imagefork: {args.file} holds a JSON {type(doc).__name__}, not a request object "
-              f"(see docs/contract.md)", file=sys.stderr)
-        return 2
-    lim = config.limits
-    try:  # what the planner would refuse is refused before anything is sent (it checks again: other clients)
-        parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks, max_pixels=lim.max_pixels)
-    except RequestInvalid as exc:
-        print(f"imagefork: {args.file} is not a valid request: {exc.message}", file=sys.stderr)
-        return 2
-    return _send(config, doc, args.workflow_id, args)
-
-
-def _send(config: Config, doc: dict, workflow_id: str | None, args) -> int:
-    """Produce ``doc`` (a request, or a retry's) and, with ``--wait``, follow it to its final event."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    from streams.adapters.kafka import client_config  # start-up: only this command loads it
-    from streams.client import Client, Follower, SubmitError
-    try:
-        # a broker that does not answer is told in seconds, not after the producer's own time-out
-        AdminClient(client_config(config)).list_topics(timeout=10)
-        follower = Follower(config) if args.wait else None
-        client = Client(config)
-        workflow_id = client.submit(doc, workflow_id, avro=getattr(args, "avro", False))
-    except KafkaException as exc:
-        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
-        return 1
-    except SubmitError as exc:
-        print(f"imagefork: {exc}; {NO_BROKER_HINT}", file=sys.stderr)
-        return 1
-    print(f"submitted workflow {workflow_id} to {config.topics.requests}", file=sys.stderr)
-    if not follower:
-        print(workflow_id)
-        return 0
-    try:
-        final = follower.wait([workflow_id], args.timeout, progress_bar())[workflow_id]
-    finally:
-        follower.close()
-    notice = follower.notices.get(workflow_id)
-    if notice is not None:  # a resubmission: the answer is the run that has the id
-        was = "had already finished" if notice["reason"] == "finished" else "was already running"
-        print(f"\nworkflow {workflow_id} {was} (run {notice['takenRunId']}): this request was not run "
-              f"again; the final event below is that run's"
-              + (f" (`imagefork retry {workflow_id}` runs its failed tasks again)"
-                 if notice["reason"] == "finished" and notice.get("takenStatus") != "COMPLETED" else ""),
-              file=sys.stderr)
-    if args.json:
-        print(json.dumps(final.to_dict(), indent=2))
-    else:
-        print_final(final, links=output_links(config, final), ttl_s=config.presign_ttl_s)
-    return 0 if final.status == "COMPLETED" else 1
-
-
 def _events(args) -> int:
     """The final events on the completed topic, oldest first, one line each: a summary, or (``--json``) the
     event as a JSON object (``WorkflowCompleted.document``: the request an object, not JSON text).
@@ -171,99 +99,11 @@ def _events(args) -> int:
     return 0
 
 
-def _retry(args) -> int:
-    """Run a finished workflow's failed and timed-out tasks again, keeping its outputs (as the API's
-    ``POST /v1/workflows/{id}/retry``): one more run of the same id, with one more final event."""
-    from confluent_kafka import KafkaException
-
-    from streams.adapters.schemas import install_resolver  # start-up: only this command loads it
-    from streams.client import consume_completed
-    from streams.core.status import retry_request, retryable
-    config = Config.from_env()
-    workflow_id = args.workflow_id
-    install_resolver(config)
-    try:
-        finals = consume_completed(config, [workflow_id], args.timeout)
-    except KafkaException as exc:
-        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
-        return 1
-    if not finals:
-        print(f"imagefork: no final event for workflow {workflow_id} on {config.topics.completed} (an unknown id, "
-              f"a workflow still running, or one past the topic's retention): nothing to retry", file=sys.stderr)
-        return 1
-    final = finals[-1]
-    ok, why = retryable(final)
-    if not ok:
-        print(f"imagefork: workflow {workflow_id} cannot be retried: {why}", file=sys.stderr)
-        return 1
-    doc, refs = retry_request(final)
-    print(f"retrying run {final.runId} of workflow {workflow_id} ({final.status}): "
-          f"{f'{len(refs)} task(s)' if refs else 'every task'} again, {len(final.outputs)} output(s) kept",
-          file=sys.stderr)
-    return _send(config, doc, workflow_id, args)
-
-
-def _get(args) -> int:
-    """The outputs of a finished workflow, found by its final event on the completed topic: downloaded,
-    or (``--urls``) one URL per line. An unknown id, or a workflow that did not complete, is one line
-    and exit code 1."""
-    from confluent_kafka import KafkaException
-
-    from streams.adapters.kafka import KafkaUnavailable  # start-up: only this command loads it
-    from streams.adapters.schemas import install_resolver
-    from streams.client import consume_completed
-    from streams.core.errors import PipelineError
-    config = Config.from_env()
-    workflow_id = args.workflow_id
-    if args.dir is None and workflow_id in (".", ".."):
-        print(f"imagefork: workflow id {workflow_id!r} names no folder of its own: give --dir", file=sys.stderr)
-        return 2
-    install_resolver(config)  # final events written by newer workers decode too
-    try:
-        finals = consume_completed(config, [workflow_id], args.timeout)
-    except (KafkaException, KafkaUnavailable, TimeoutError) as exc:
-        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
-        return 1
-    if not finals:
-        print(f"imagefork: no final event for workflow {workflow_id} on {config.topics.completed} "
-              f"(an unknown id, a workflow still running, or one past the topic's retention)", file=sys.stderr)
-        return 1
-    final = finals[-1]
-    if final.status != "COMPLETED":
-        why = f": {final.errors[0].code}: {final.errors[0].message}" if final.errors else ""
-        print(f"imagefork: workflow {workflow_id} did not complete: {final.status} "
-              f"({len(final.outputs)} of {final.taskCount} outputs){why}", file=sys.stderr)
-        return 1
-    if args.urls:
-        for url in output_links(config, final):
-            print(url)
-        return 0
-    folder = Path(args.dir) if args.dir is not None else Path(workflow_id)
-    try:
-        files = download_outputs(config, final, folder, show=print)
-    except PipelineError as exc:
-        print(f"imagefork: {exc}", file=sys.stderr)
-        return 1
-    total = sum(path.stat().st_size for path, _out in files)
-    print(f"{len(final.outputs)} outputs of workflow {workflow_id}, {total:,} bytes, in {folder}/", file=sys.stderr)
-    return 0
-
-
 def _demo(args) -> int:
     from streams.demo import run_demo, stop_demo  # start-up: only this command loads it
     if args.stop:
         return stop_demo()
     return run_demo(keep=args.keep)
-
-
-NO_BROKER_HINT = ("is the local stack up (`imagefork stack up`) and its settings loaded "
-                  "(`set -a; . ~/.cache/imagefork/stack/stack.env; set +a`)?")
-
-
-def kafka_failure(config: Config, exc: Exception) -> str:
-    """One line for a Kafka call that failed (``KafkaException``: its error's text, not a repr)."""
-    err = exc.args[0] if exc.args else None
-    return f"Kafka at {config.bootstrap_servers}: {err.str() if hasattr(err, 'str') else exc}"
 
 
 def _status(args) -> int:
@@ -433,7 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final event as JSON")
     p.set_defaults(func=_retry)
 
-    p = sub.add_parser("get", help="download a finished workflow's outputs (or print their URLs)")
+    p = sub.add_parser("cancel", help="cancel a running workflow: it ends CANCELLED with the outputs made so far "
+                                      "(exit code 3, as get's for a cancelled workflow)")
+    p.add_argument("workflow_id", help="the workflow id")
+    p.add_argument("--reason", default="", help="why, in a few words (in the final event's error)")
+    p.add_argument("--run", help="cancel this run of the id only (default: the run that is open)")
+    p.add_argument("--no-wait", action="store_true", help="send the cancel and exit, without its final event")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the final event (60)")
+    p.add_argument("--json", action="store_true", help="print the final event as JSON")
+    p.set_defaults(func=_cancel)
+
+    p = sub.add_parser("get", help="download a finished workflow's outputs (or print their URLs); exit code 0 "
+                                   "when it completed, 3 when it was cancelled (its outputs made before the "
+                                   "cancel), 1 otherwise")
     p.add_argument("workflow_id", help="the workflow id (the key of its final event)")
     p.add_argument("--dir", help="folder to write the outputs to (default: ./WORKFLOW_ID/)")
     p.add_argument("--urls", action="store_true",

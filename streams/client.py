@@ -12,7 +12,7 @@ from streams import serde
 from streams.adapters.kafka import client_config, producer_config, read_to_end
 from streams.adapters.schemas import install_resolver, publish_schemas
 from streams.config import Config
-from streams.core.models import WorkflowCompleted
+from streams.core.models import Cancellation, WorkflowCompleted
 from streams.core.options import ImageOptions, flat_fields, parse_options
 from streams.core.planning import parse_boolean
 from streams.errors import ImageforkError
@@ -155,6 +155,18 @@ class Client:
             raise SubmitError(f"request not delivered to {self.config.bootstrap_servers}: "
                               f"{errors[0] if errors else 'timed out'}")
         return workflow_id or ""
+
+    def cancel(self, cancel: Cancellation, timeout_s: float = 30.0) -> None:
+        """Produce a cancel on the cancellations topic (the join takes it from there)."""
+        errors: list[str] = []
+        self._publish_schemas()
+        self.producer.produce(self.config.topics.cancellations, key=cancel.workflowId.encode(),
+                              value=serde.encode("Cancellation", cancel.to_dict()),
+                              on_delivery=lambda err, _msg: err is not None and errors.append(str(err)))
+        remaining = self.producer.flush(timeout_s)
+        if remaining or errors:
+            raise SubmitError(f"cancel not delivered to {self.config.bootstrap_servers}: "
+                              f"{errors[0] if errors else 'timed out'}")
 
     def _publish_schemas(self) -> None:
         """An Avro writer publishes its schemas first, so a planner older than this client reads it."""

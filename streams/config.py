@@ -97,6 +97,7 @@ class Topics:
     schemas: str = "imagefork.schemas"  # every schema version a writer used, by fingerprint (compacted)
     notices: str = "imagefork.notices"  # RunIgnored: a resubmitted workflow id, answered at once
     sources: str = "imagefork.sources"  # final events by source bytes: key {sha256}/{workflowId} (compacted)
+    cancellations: str = "imagefork.cancellations"  # Cancellation by workflowId (compacted, a day)
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]

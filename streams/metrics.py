@@ -32,7 +32,7 @@ SOURCE_CACHE_LOOKUPS = Counter("imagefork_source_cache_lookups", "Decoded-source
                                "result (hit: decoded already; miss: fetched and decoded)", ["result"])
 
 # --- tasks (observed by resize) ------------------------------------------------------------------
-TASKS = Counter("imagefork_tasks", "Resize tasks ended, by status (SUCCEEDED, FAILED) and error code "
+TASKS = Counter("imagefork_tasks", "Resize tasks ended, by status (SUCCEEDED, FAILED, CANCELLED: its run was cancelled) and code "
                 "(empty when SUCCEEDED); a task retried counts once, when it ends", ["status", "code"])
 TASK_SECONDS = Histogram("imagefork_task_duration_seconds", "A succeeded task's resize, encode and upload "
                          "time, by output format", ["format"],

@@ -106,7 +106,7 @@ class PassingReader:
     """Reads a JoinEvent frame of the current version holding a TaskResult, with the result's output
     decoded only for ``keep`` (its other fields are checked, not built) and kept as its body."""
 
-    def __init__(self, event: AvroSchema, keep: tuple[str, ...] = ("taskRef", "url")):
+    def __init__(self, event: AvroSchema, keep: tuple[str, ...] = ("taskRef", "url", "s3Uri")):
         named: dict = {}
         full = parse_schema(event.expanded, named_schemas=named)
         self.header = event.header
@@ -173,7 +173,7 @@ def _passing(schema: AvroSchema) -> PassingReader:
 
 def decode_join_event_passing(data: bytes) -> tuple[str, dict[str, Any], bytes | None]:
     """``decode_join_event`` plus, for a task result of the current version, its output's body to pass on
-    as it came (``PassingReader``; the output in the record then holds only its taskRef and url)."""
+    as it came (``PassingReader``; the output in the record then holds only its taskRef, url and s3Uri)."""
     try:
         found = _passing(serde.schema("JoinEvent")).read(bytes(data))
     except Exception:  # fastavro raises many types on garbage: decoded whole below, which says why

@@ -2,7 +2,7 @@
 finished marker, written to the same partition number as the event that caused it.
 
 Keys: ``P`` + workflow id (the plan), ``R`` + workflow id + ``NUL`` + task ref (one result),
-``F`` + workflow id (the finished marker). Plan and result rows hold the event's own bytes (an
+``F`` + workflow id (the finished marker), ``C`` + workflow id (a cancel waiting for its plan). Plan and result rows hold the event's own bytes (an
 Avro ``JoinEvent``), so the hot path writes what it read without encoding it again; a marker is
 an Avro ``JoinMarker``. A ``None`` value is a tombstone.
 """
@@ -14,10 +14,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaErr
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from streams import segments, serde
-from streams.core.join import MARKER, PLAN, RESULT, JoinState, Marker, Row
-from streams.core.models import TaskResult, WorkflowPlan
+from streams.core.join import CANCEL, MARKER, PLAN, RESULT, JoinState, Marker, Row, restore
+from streams.core.models import Cancellation, TaskResult, WorkflowPlan
 
-_PREFIX = {PLAN: b"P", RESULT: b"R", MARKER: b"F"}
+_PREFIX = {PLAN: b"P", RESULT: b"R", MARKER: b"F", CANCEL: b"C"}
+_EVENT = {PLAN: "WorkflowPlan", RESULT: "TaskResult", CANCEL: "Cancellation"}
 
 
 def row_key(row: Row) -> bytes:
@@ -31,28 +32,29 @@ def row_value(row: Row, raw: bytes | None = None) -> bytes | None:
         return None
     if row.kind == MARKER:
         m = row.value
-        return serde.encode("JoinMarker", {"status": m.status, "at": m.at, "runId": m.runId})
+        return serde.encode("JoinMarker", {"status": m.status, "at": m.at, "runId": m.runId, "kept": list(m.kept)})
     if raw is not None:
         return raw
-    kind = "WorkflowPlan" if row.kind == PLAN else "TaskResult"
-    return serde.encode_join_event(kind, row.value.to_dict())
+    return serde.encode_join_event(_EVENT[row.kind], row.value.to_dict())
 
 
 def load_state(rows: dict[bytes, bytes], state: JoinState, now: int) -> None:
     """Fill ``state`` from the rows that survive (key -> last value)."""
-    plans, results, markers = [], [], {}
+    plans, results, markers, cancels = [], [], {}, []
     for key, value in rows.items():
         tag = key[:1]
         if tag == b"F":
             m = serde.decode("JoinMarker", value)
-            markers[key[1:].decode()] = Marker(m["status"], m["at"], m.get("runId") or "")
+            markers[key[1:].decode()] = Marker(m["status"], m["at"], m.get("runId") or "", tuple(m.get("kept") or ()))
             continue
         kind, body, passed = segments.decode_join_event_passing(value)
         if tag == b"P" and kind == "WorkflowPlan":
             plans.append(WorkflowPlan.from_dict(body))
         elif tag == b"R" and kind == "TaskResult":
             results.append(TaskResult.from_dict(body, passed))
-    state.restore(plans, results, markers, now)
+        elif tag == b"C" and kind == "Cancellation":
+            cancels.append(Cancellation.from_dict(body))
+    restore(state, plans, results, markers, now, cancels)
 
 
 class ChangelogReader:

@@ -184,6 +184,11 @@ def topic_specs(config: Config) -> dict[str, dict]:
         # the final events of the workflows whose source is known, keyed {sha256}/{workflowId}: what the API's
         # /v1/sources and /v1/similar answer from; one record per source and workflow, kept for good
         t.sources: {"cleanup.policy": "compact", "max.message.bytes": str(MAX_MESSAGE_BYTES)},
+        # cancels by workflow id: clients write them, the join writes them back applied; resize workers read
+        # the whole topic at start, so it keeps one record per id for about as long as a finished marker
+        t.cancellations: {"cleanup.policy": "compact,delete",
+                          "retention.ms": str(max(int(config.finished_retention_s * 1000), 24 * 3600 * 1000)),
+                          "segment.ms": str(3600 * 1000), "min.cleanable.dirty.ratio": "0.2"},
         # the join's state: compacted, and compacted soon (small segments, low dirty ratio), so a
         # restart replays little more than the live rows; tombstones stay an hour (a restore takes seconds)
         t.join_state: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),

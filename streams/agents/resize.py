@@ -17,6 +17,7 @@ import faust
 from streams import serde
 from streams.adapters.faust import Topics
 from streams.agents import resize_job
+from streams.agents.cancels import CancelWatch
 from streams.agents.common import backoff_s, log, now_ms, send
 from streams.agents.crashes import CrashLedger, Entry
 from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, RetryLater, wait_not_before
@@ -58,6 +59,7 @@ class Resizer:
         self.sandboxes: list[Executor | None] = [None] * config.resize_processes
         self._free_sandboxes: asyncio.Queue[int] | None = None
         self.ledger = CrashLedger(config, topics.task_attempts, topics.tasks.get_topic_name())
+        self.cancels = CancelWatch(config)
 
     def ensure_pool(self) -> Executor:
         if self.pool is None:
@@ -70,6 +72,8 @@ class Resizer:
         except SerdeError as exc:
             raise Reject("NOT_A_TASK", str(exc)) from None
         stages: dict[str, float] = {}
+        if self.cancels.cancelled(task.workflowId, task.runId):
+            return self.skip(task)
         if now_ms() >= task.deadline:
             await self.report(task, {"ok": False, "code": DeadlineExceeded.code, "transient": False,
                                      "message": "the workflow deadline passed before this task ran"})
@@ -86,6 +90,8 @@ class Resizer:
             COMPUTE_CPU.inc(stages.pop("cpu", 0.0))
             stages["pool_wait"] = max(0.0, time.perf_counter() - begun - sum(stages.values()))
             stages["ledger"] = begun - started
+            if not outcome["ok"] and outcome["code"] == "CANCELLED":
+                return self.skip(task, started=True)
             if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
                 return self.retry(task, outcome)
             sending = time.perf_counter()
@@ -103,11 +109,22 @@ class Resizer:
                 for stage, seconds in stages.items():
                     STAGE_SECONDS.labels("resize", stage).observe(seconds)
 
+    def skip(self, task: ResizeTask, started: bool = False) -> Disposition:
+        """A task of a cancelled run: no result (the join ended the run; its final event lists what was made)."""
+        log.info("task %s/%s %s: its run %s was cancelled", task.workflowId, task.taskRef,
+                 "stopped" if started else "skipped", task.runId)
+        TASKS.labels("CANCELLED", "CANCELLED").inc()
+        return Disposition.PROCESSED
+
+    def job(self, task: ResizeTask) -> dict:
+        """The task as the pool's job reads it, with the flag file that says its run was cancelled."""
+        return {**task.to_dict(), "cancelFlag": self.cancels.flag(task.workflowId, task.runId)}
+
     async def run(self, task: ResizeTask, entry: Entry, *, sandboxed: bool) -> dict:
         loop = asyncio.get_running_loop()
         while not sandboxed:
             try:
-                return await loop.run_in_executor(self.ensure_pool(), resize_job.run, task.to_dict())
+                return await loop.run_in_executor(self.ensure_pool(), resize_job.run, self.job(task))
             except BrokenProcessPool:
                 # a pool process died (killed, or a decoder crashed): which task did it is not known,
                 # so every task it held becomes a suspect and runs once more, alone, in the sandbox
@@ -126,7 +143,7 @@ class Resizer:
                 limit_s = max(1.0, min(SANDBOX_TIMEOUT_S, (task.deadline - now_ms()) / 1000))
                 try:
                     return await asyncio.wait_for(
-                        loop.run_in_executor(self.sandboxes[slot], resize_job.run, task.to_dict()), limit_s)
+                        loop.run_in_executor(self.sandboxes[slot], resize_job.run, self.job(task)), limit_s)
                 except asyncio.TimeoutError:
                     # a sandbox that hangs must not hold its slot: kill it; the task is retried
                     self.sandboxes[slot] = _shut(self.sandboxes[slot], kill=True)
@@ -177,6 +194,8 @@ class Resizer:
         except SerdeError as exc:
             raise Reject("NOT_A_TASK", str(exc)) from None
         await wait_not_before(msg, min(task.notBefore, task.deadline))
+        if self.cancels.cancelled(task.workflowId, task.runId):
+            return self.skip(task)
         await send(self.topics.tasks, key=f"{task.workflowId}/{task.taskRef}".encode(), value=msg.value,
                    headers=msg.headers)
         return Disposition.PROCESSED
@@ -215,6 +234,7 @@ def register(app: faust.App, config: Config, topics: Topics) -> Resizer:
 
     @app.task
     async def warm_up():
+        resizer.cancels.start()
         resizer.ensure_pool()
 
     return resizer

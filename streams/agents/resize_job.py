@@ -23,7 +23,7 @@ from PIL import Image
 from streams import metrics
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
-from streams.core.errors import ImageTooLarge, PipelineError
+from streams.core.errors import Cancelled, ImageTooLarge, PipelineError
 from streams.core.imaging import (
     Source, SourceOptions, decode_cost, open_image, prepare, resize_image, task_spec,
 )
@@ -244,16 +244,25 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
+def _go_on(task: dict[str, Any]) -> None:
+    """Between steps: a task whose run was cancelled since it started stops here (agents/cancels.py)."""
+    flag = task.get("cancelFlag")
+    if flag and os.path.exists(flag):
+        raise Cancelled("the workflow's run was cancelled while this task ran")
+
+
 def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
     facts: dict | None = None
     try:
         spec = task_spec(task)
+        _go_on(task)
         reused = _reused(task, spec)
         if reused is not None:
             return reused
         key, im = _source(task["sourceUri"], (task.get("maxWidth", 0), task.get("maxHeight", 0)), spec.source_options,
                           stages, task.get("sourceSha256", ""))
         try:
+            _go_on(task)
             if task.get("facts"):
                 facts = _facts(task, im, stages)
             # the bytes decoded are the ones the planner hashed (an s3:// source is read where it is, and may
@@ -268,6 +277,7 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
         finally:
             del im
             _budget.unlease(key)
+        _go_on(task)
         output = TaskOutput(task["taskRef"], out.format, out.width, out.height, len(out.data), out.content_type,
                             _store.uri(task["outputKey"]), _store.url(task["outputKey"]), out.frames, out.applied)
         uploading = time.perf_counter()

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from streams.adapters.http import health_routes, json_error
 from streams.adapters.objectstore import ObjectStore
+from streams.api.control import cancel_workflow, links, not_found, retry_workflow
 from streams.api.directory import Directory, Unavailable
 from streams.api.index import CompletedIndex, SourceIndex
 from streams.api.router import JoinRouter
@@ -24,7 +25,7 @@ from streams.client import Client, SubmitError
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid
 from streams.core.planning import parse_request, valid_workflow_id
-from streams.core.status import STATUSES, TERMINAL, retry_request, retryable
+from streams.core.status import STATUSES, TERMINAL
 
 log = logging.getLogger("imagefork")
 DASHBOARD = Path(__file__).parent.parent / "assets" / "dashboard.html"
@@ -102,10 +103,6 @@ def similar_answer(sources, query, topic: str) -> web.Response:
     return web.json_response({"phash": phash, "distance": numbers["distance"], "sources": found})
 
 
-def not_found(workflow_id: str) -> web.Response:
-    return json_error(404, "NOT_FOUND", f"no workflow {workflow_id!r} is known here")
-
-
 def foreign(request) -> web.Response | None:
     """A browser's POST from another site (a form or fetch aimed at this API on localhost): refused. Any
     client may POST; a browser says where the page that sends it came from."""
@@ -122,11 +119,6 @@ def workflow_id_of(request) -> str:
             "error": "INVALID_ID", "message": "a workflow id is 1-128 characters of A-Z a-z 0-9 . _ : -"}),
             content_type="application/json")
     return workflow_id
-
-
-def links(workflow_id: str) -> dict:
-    base = f"/v1/workflows/{workflow_id}"
-    return {"self": base, "events": f"{base}/events", "retry": f"{base}/retry"}
 
 
 async def stream(request, doc: dict, poll: Callable[[], Awaitable[dict | None]]) -> web.StreamResponse:
@@ -197,6 +189,7 @@ class Api:
             web.get("/v1/workflows/{id}", self.status),
             web.get("/v1/workflows/{id}/events", self.events),
             web.post("/v1/workflows/{id}/retry", self.retry),
+            web.post("/v1/workflows/{id}/cancel", self.cancel),
             web.get("/v1/workflows/{id}/outputs/{ref}", self.output),
             web.get("/v1/sources/{sha256}", self.source),
             web.get("/v1/similar", self.similar),
@@ -345,26 +338,11 @@ class Api:
         async with self.directory.one_at_a_time(workflow_id):
             return await self._retry(workflow_id)
 
+    async def cancel(self, request):
+        refused = foreign(request)
+        if refused is not None:
+            return refused
+        return await cancel_workflow(self, request, workflow_id_of(request))
+
     async def _retry(self, workflow_id: str):
-        doc = await self.directory.known(workflow_id)
-        if doc is None:
-            return not_found(workflow_id)
-        if doc["status"] not in TERMINAL:
-            return json_error(409, "NOT_FINISHED", f"workflow {workflow_id} is {doc['status']}: retry it once it has ended")
-        final = self.index.get(workflow_id)
-        if final is None:
-            return json_error(409, "NO_FINAL_EVENT", f"the final event of {workflow_id} is no longer on "
-                                                     f"{self.config.topics.completed}: submit it again")
-        ok, why = retryable(final)
-        if not ok:
-            return json_error(409, "NOT_RETRYABLE", f"workflow {workflow_id} cannot be retried: {why}")
-        body, refs = retry_request(final)
-        failed = await self._send(body, workflow_id)
-        if failed is not None:
-            return failed
-        self.directory.retry_sent(workflow_id, final.runId)
-        log.info("api: workflow %s: retry of run %s sent (%s)", workflow_id, final.runId,
-                 f"{len(refs)} tasks" if refs else "every task")
-        return web.json_response({"workflowId": workflow_id, "retryOf": final.runId, "tasks": refs or "all",
-                                  "links": links(workflow_id)}, status=202,
-                                 headers={"Location": f"/v1/workflows/{workflow_id}"})
+        return await retry_workflow(self, workflow_id)

@@ -18,6 +18,11 @@ class PipelineError(Exception):
         return f"{self.code}: {self.message}"
 
 
+class Cancelled(PipelineError):
+    """The task's run was cancelled: it stops at its next step."""
+    code = "CANCELLED"
+
+
 class RequestInvalid(PipelineError):
     """The request document breaks the contract; ``problems`` lists (field, why)."""
 

@@ -22,11 +22,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from streams.core.models import (
-    COMPLETED, FAILED, SUCCEEDED, TIMED_OUT,
-    TaskDescriptor, TaskError, TaskResult, WorkflowCompleted, WorkflowPlan,
+    CANCELLED, COMPLETED, FAILED, SUCCEEDED, TIMED_OUT,
+    Cancellation, TaskDescriptor, TaskError, TaskResult, WorkflowCompleted, WorkflowPlan,
 )
 
-PLAN, RESULT, MARKER = "plan", "result", "marker"
+PLAN, RESULT, MARKER, CANCEL = "plan", "result", "marker", "cancel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +35,16 @@ class Marker:
     status: str
     at: int
     runId: str = ""
+    kept: tuple[str, ...] = ()  # a CANCELLED run: the tasks whose outputs its final event lists
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
     """One changelog change: ``value`` None deletes the row."""
-    kind: str  # PLAN | RESULT | MARKER
+    kind: str  # PLAN | RESULT | MARKER | CANCEL (a cancel waiting for its plan)
     workflowId: str
     taskRef: str = ""
-    value: WorkflowPlan | TaskResult | Marker | None = None
+    value: WorkflowPlan | TaskResult | Marker | Cancellation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +66,12 @@ class Outcome:
     ignored: str = ""  # why the event changed nothing ("" when it did)
     notice: Ignored | None = None  # a resubmission's answer (with ``discarded``)
     late: bool = False  # a result for no known workflow, past its deadline and the grace: refused
+    orphan: str = ""  # the s3:// URI of an output made for a cancelled run after its final event: delete it
 
 
 class Workflow:
     """An open workflow: its plan (once known) and one result per task."""
-    __slots__ = ("workflowId", "plan", "results", "firstSeen", "updatedAt", "index", "done", "failed")
+    __slots__ = ("workflowId", "plan", "results", "firstSeen", "updatedAt", "index", "done", "failed", "cancel")
 
     def __init__(self, workflow_id: str, now: int):
         self.workflowId = workflow_id
@@ -80,6 +82,7 @@ class Workflow:
         self.index: frozenset[str] = frozenset()  # the plan's task refs
         self.done = 0  # results counted against the plan
         self.failed = 0  # of which not SUCCEEDED
+        self.cancel: Cancellation | None = None  # a cancel that came before the plan it is for
 
     def deadline(self, default_timeout_ms: int) -> int:
         return self.plan.deadline if self.plan else self.firstSeen + default_timeout_ms
@@ -109,6 +112,7 @@ class JoinState:
         self.finished: dict[str, str] = {}
         self._deadlines: list[tuple[int, str]] = []  # (deadline, workflow id); stale entries skipped
         self._expiry: deque[tuple[int, str]] = deque()  # (finished at, workflow id), in finishing order
+        self.cancelled: dict[str, frozenset[str]] = {}  # CANCELLED markers' kept task refs
 
     # --- the verbs ------------------------------------------------------------------------
     def record_plan(self, plan: WorkflowPlan, now: int) -> Outcome:
@@ -124,6 +128,7 @@ class JoinState:
                                notice=Ignored(wf, plan.runId, "finished", marker))
             # a retry of the run that finished last, which did not complete: the workflow opens again
             del self.finished[wf]  # its expiry entry is skipped when it comes up (no marker)
+            self.cancelled.pop(wf, None)
             rows.append(Row(MARKER, wf))
         flow = self.open.get(wf)
         if flow is not None and flow.plan is not None:
@@ -150,11 +155,37 @@ class JoinState:
         heapq.heappush(self._deadlines, (plan.deadline, wf))
         if plan.failure is not None:
             return self._finish(flow, plan.failure.status, now, rows)
+        if flow.cancel is not None:
+            if flow.cancel.runId in ("", plan.runId):  # cancelled before it was planned: it ends here
+                return self._finish(flow, CANCELLED, now, rows)
+            flow.cancel = None  # for another run of the id
+            rows.append(Row(CANCEL, wf))
         return self._maybe_complete(flow, now, rows)
+
+    def record_cancel(self, cancel: Cancellation, now: int) -> Outcome:
+        """End the workflow CANCELLED with the outputs it has; before its plan comes, wait for it."""
+        wf = cancel.workflowId
+        if wf in self.finished:
+            return Outcome(ignored="finished")
+        flow = self.open.get(wf)
+        if flow is not None and flow.plan is not None:
+            if cancel.runId not in ("", flow.plan.runId):
+                return Outcome(ignored="another run")
+            flow.cancel = cancel
+            return self._finish(flow, CANCELLED, now, [])
+        if flow is None:
+            flow = self._open(wf, now)
+        flow.cancel = cancel
+        return Outcome([Row(CANCEL, wf, value=cancel)])
 
     def record_result(self, result: TaskResult, now: int) -> Outcome:
         wf = result.workflowId
         if wf in self.finished:
+            kept = self.cancelled.get(wf)
+            if (kept is not None and result.output is not None and result.taskRef not in kept
+                    and result.runId == self.marker(wf).runId):
+                # made for a cancelled run after its final event, which does not list it: no orphan is left
+                return Outcome(ignored="cancelled", orphan=result.output.s3Uri)
             return Outcome(ignored="finished")
         flow = self.open.get(wf)
         if flow is None:
@@ -189,7 +220,11 @@ class JoinState:
             flow = self.open.get(wf)
             if flow is None or flow.deadline(self.default_timeout_ms) != deadline:
                 continue  # finished, or its deadline moved (a later entry stands for it)
-            outcomes.append(self._finish(flow, TIMED_OUT, now, []))
+            if flow.cancel is not None and flow.plan is None and not flow.results:
+                del self.open[wf]  # a cancel whose workflow never came: nothing to end
+                outcomes.append(Outcome([Row(CANCEL, wf)], ignored="cancel of nothing"))
+                continue
+            outcomes.append(self._finish(flow, CANCELLED if flow.cancel else TIMED_OUT, now, []))
         expired = 0
         queue = self._expiry
         while queue and queue[0][0] + self.retention_ms <= now and expired < limit:
@@ -198,6 +233,7 @@ class JoinState:
             if marker is None or marker.at != at:
                 continue
             del self.finished[wf]
+            self.cancelled.pop(wf, None)
             outcomes.append(Outcome([Row(MARKER, wf)]))
             expired += 1
         return outcomes
@@ -227,25 +263,8 @@ class JoinState:
         """Keep a finished marker (markers must come in finishing order: the expiry queue is FIFO)."""
         self.finished[wf] = f"{marker.status} {marker.at} {marker.runId}"
         self._expiry.append((marker.at, wf))
-
-    # --- restore --------------------------------------------------------------------------
-    def restore(self, plans: list[WorkflowPlan], results: list[TaskResult], markers: dict[str, Marker],
-                now: int) -> None:
-        """Rebuild from the changelog's surviving rows (what compaction would keep)."""
-        for wf, marker in sorted(markers.items(), key=lambda kv: kv[1].at):
-            self.remember(wf, marker)
-        for plan in plans:
-            flow = self._open(plan.workflowId, plan.submittedAt)
-            flow.plan, flow.index = plan, frozenset(plan.taskRefs)
-            heapq.heappush(self._deadlines, (plan.deadline, plan.workflowId))
-        for res in results:
-            flow = self.open.get(res.workflowId) or self._open(res.workflowId, res.finishedAt)
-            flow.results[res.taskRef] = res
-        for flow in self.open.values():
-            flow.done = len(flow.results)
-            flow.failed = sum(1 for r in flow.results.values() if r.status != SUCCEEDED)
-            # progress is measured from the restore: a restart does not make every workflow look stalled
-            flow.updatedAt = now
+        if marker.status == CANCELLED:
+            self.cancelled[wf] = frozenset(marker.kept)
 
     # --- inside ---------------------------------------------------------------------------
     def _open(self, wf: str, now: int) -> Workflow:
@@ -263,13 +282,38 @@ class JoinState:
         wf = flow.workflowId
         final = build_final(flow, status, now)
         del self.open[wf]
-        marker = Marker(status, now, flow.plan.runId if flow.plan else "")
+        kept = tuple(o.taskRef for o in final.outputs) if status == CANCELLED else ()
+        marker = Marker(status, now, flow.plan.runId if flow.plan else "", kept)
         self.remember(wf, marker)
         # the state rows go (tombstones, so compaction reclaims them) and the marker stays
         refs = set(flow.results) | {r.taskRef for r in rows if r.kind == RESULT}
         rows = ([Row(PLAN, wf)] if flow.plan is not None else []) + [Row(RESULT, wf, ref) for ref in refs]
+        if flow.cancel is not None:
+            rows.append(Row(CANCEL, wf))
         rows.append(Row(MARKER, wf, value=marker))
         return Outcome(rows, final)
+
+
+def restore(state: JoinState, plans: list[WorkflowPlan], results: list[TaskResult], markers: dict[str, Marker],
+            now: int, cancels: list[Cancellation] = ()) -> None:
+    """Rebuild ``state`` (new) from the changelog's surviving rows (what compaction would keep)."""
+    for wf, marker in sorted(markers.items(), key=lambda kv: kv[1].at):
+        state.remember(wf, marker)
+    for plan in plans:
+        flow = state._open(plan.workflowId, plan.submittedAt)
+        flow.plan, flow.index = plan, frozenset(plan.taskRefs)
+        heapq.heappush(state._deadlines, (plan.deadline, plan.workflowId))
+    for res in results:
+        flow = state.open.get(res.workflowId) or state._open(res.workflowId, res.finishedAt)
+        flow.results[res.taskRef] = res
+    for cancel in cancels:
+        flow = state.open.get(cancel.workflowId) or state._open(cancel.workflowId, cancel.at or now)
+        flow.cancel = cancel
+    for flow in state.open.values():
+        flow.done = len(flow.results)
+        flow.failed = sum(1 for r in flow.results.values() if r.status != SUCCEEDED)
+        # progress is measured from the restore: a restart does not make every workflow look stalled
+        flow.updatedAt = now
 
 
 def build_final(flow: Workflow, status: str, now: int) -> WorkflowCompleted:
@@ -281,6 +325,12 @@ def build_final(flow: Workflow, status: str, now: int) -> WorkflowCompleted:
     if plan and plan.failure:
         errors.append(TaskError(taskRef="", code=plan.failure.code, message=plan.failure.message,
                                 attempts=plan.failure.attempts))
+    if status == CANCELLED:
+        cancel = flow.cancel
+        who = f" by {cancel.by}" if cancel and cancel.by else ""
+        why = f": {cancel.reason}" if cancel and cancel.reason else ""
+        errors.append(TaskError(taskRef="", code="CANCELLED", message=(
+            f"cancelled{who}{why}; {len(outputs)} of {len(refs)} outputs had been made")[:1000]))
     for ref in refs:
         res = results.get(ref)
         if res is None:

@@ -17,7 +17,7 @@ def now_ms() -> int:
 
 
 # workflow statuses
-COMPLETED, FAILED, TIMED_OUT, REJECTED = "COMPLETED", "FAILED", "TIMED_OUT", "REJECTED"
+COMPLETED, FAILED, TIMED_OUT, REJECTED, CANCELLED = "COMPLETED", "FAILED", "TIMED_OUT", "REJECTED", "CANCELLED"
 # task statuses
 SUCCEEDED = "SUCCEEDED"
 
@@ -177,10 +177,11 @@ class TaskOutput(_Record):
 @dataclass(frozen=True)
 class PassedOutput:
     """An output as its resize worker encoded it (``body``: the current TaskOutput's Avro body), with the
-    two fields the join reads: the join writes it into the final event as it came instead of building and
+    fields the join reads: the join writes it into the final event as it came instead of building and
     encoding the record again (``serde.PassingReader``)."""
     taskRef: str
     url: str
+    s3Uri: str
     body: bytes
 
     def full(self) -> TaskOutput:
@@ -260,7 +261,7 @@ class TaskResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], output_body: bytes | None = None) -> "TaskResult":
-        """``output_body``: the output was read for its taskRef and url only (``serde.decode_result_passing``)."""
+        """``output_body``: the output was read for the fields PassedOutput has only (``segments``)."""
         out = d.get("output")
         return cls(
             workflowId=d["workflowId"],
@@ -268,7 +269,7 @@ class TaskResult:
             status=d["status"],
             attempts=d["attempts"],
             finishedAt=d["finishedAt"],
-            output=(None if not out else PassedOutput(out["taskRef"], out["url"], output_body)
+            output=(None if not out else PassedOutput(out["taskRef"], out["url"], out["s3Uri"], output_body)
                     if output_body is not None else TaskOutput.from_dict(out)),
             error=TaskError.from_dict(d["error"]) if d.get("error") else None,
             runId=d.get("runId") or "",
@@ -340,6 +341,17 @@ class WorkflowPlan:
 class DeadlineCheck(_Record):
     workflowId: str
     at: int
+
+
+@dataclass(frozen=True)
+class Cancellation(_Record):
+    """A cancel of a workflow (``schemas/io.imagefork.Cancellation.avsc``)."""
+    workflowId: str
+    runId: str = ""  # empty: the id's open run, or the next one planned
+    reason: str = ""
+    by: str = ""
+    at: int = 0
+    applied: bool = False  # written back by the join as it ended run ``runId`` CANCELLED
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from streams.core.imaging.facts import placeholder_data_url
 from streams.core.models import SUCCEEDED, TIMED_OUT, WorkflowCompleted, descriptors_of
 
 PENDING, RUNNING = "PENDING", "RUNNING"
-TERMINAL = ("COMPLETED", "FAILED", "TIMED_OUT", "REJECTED")
+TERMINAL = ("COMPLETED", "FAILED", "TIMED_OUT", "REJECTED", "CANCELLED")
 STATUSES = (PENDING, RUNNING, *TERMINAL)
 def output_href(workflow_id: str, ref: str) -> str:
     return f"/v1/workflows/{quote(workflow_id, safe='')}/outputs/{quote(ref, safe='')}"
@@ -84,14 +84,18 @@ def final_doc(final: WorkflowCompleted, placeholder: bool = True) -> dict:
         if e.taskRef and e.taskRef not in by_ref:
             by_ref[e.taskRef] = _task(wf, described[e.taskRef], TIMED_OUT if e.code == "TIMED_OUT" else "FAILED",
                                       e.attempts, error=e.to_dict())
+    if final.status == "CANCELLED":  # the tasks it had not made when it was cancelled
+        for t in planned:
+            by_ref.setdefault(t.taskRef, _task(wf, described[t.taskRef], "CANCELLED"))
     tasks = sorted(by_ref.values(), key=lambda t: (order.get(t["taskRef"], len(order)), t["taskRef"]))
-    done = len(tasks)
+    done = sum(1 for t in tasks if t["status"] != "CANCELLED")
     return {
         "workflowId": wf, "status": final.status, "runId": final.runId, "retryOf": final.retryOf,
         "fileLocation": final.fileLocation, "correlationId": final.correlationId,
         "submittedAt": final.submittedAt, "updatedAt": final.completedAt, "completedAt": final.completedAt,
         "deadline": None,
-        "progress": {"done": done, "total": final.taskCount, "failed": sum(1 for t in tasks if t["status"] != SUCCEEDED)},
+        "progress": {"done": done, "total": final.taskCount,
+                     "failed": sum(1 for t in tasks if t["status"] not in (SUCCEEDED, "CANCELLED"))},
         "tasks": tasks, "outputs": [_output(wf, o.to_dict()) for o in final.outputs],
         "errors": [e.to_dict() for e in final.errors],
         "retryable": retryable(final)[0],

@@ -13,7 +13,9 @@ from streams.adapters.changelog import row_key, row_value
 from streams.adapters.kafka import dead_letter_headers
 from streams.config import Config
 from streams.core.join import MARKER, Ignored, JoinState, Outcome
-from streams.core.models import FAILED, TaskError, TaskResult, WorkflowCompleted, WorkflowPlan, now_ms
+from streams.core.models import (
+    CANCELLED, FAILED, Cancellation, TaskError, TaskResult, WorkflowCompleted, WorkflowPlan, now_ms,
+)
 from streams.join.session import TOO_LARGE, Session
 from streams.metrics import DEAD_LETTERS, MESSAGES
 from streams.serde import SerdeError
@@ -41,12 +43,17 @@ class Applier:
         except SerdeError as exc:
             return self.dead_letter(msg, "NOT_A_JOIN_EVENT", str(exc))
         self._processed.inc()
-        if kind not in ("WorkflowPlan", "TaskResult"):
+        if kind not in ("WorkflowPlan", "TaskResult", "Cancellation"):
             return  # DeadlineCheck, from older producers: the clock is internal, so their ticks change nothing
         try:
             if kind == "WorkflowPlan":
                 record = WorkflowPlan.from_dict(body)
                 outcome = state.record_plan(record, now)
+            elif kind == "Cancellation":
+                record = Cancellation.from_dict(body)
+                outcome = state.record_cancel(record, now)
+                log.info("workflow %s: cancel%s by %s: %s", record.workflowId, f" of run {record.runId}"
+                         if record.runId else "", record.by or "someone", outcome.ignored or "taken")
             else:
                 record = TaskResult.from_dict(body, passed)
                 outcome = state.record_result(record, now)
@@ -75,6 +82,8 @@ class Applier:
                 after.append((final.workflowId, run_id))
         if outcome.discarded is not None:
             after.append(outcome.discarded)
+        if outcome.orphan:
+            self.session.txn.orphans.append(outcome.orphan)
         if outcome.notice is not None:
             self.notice(outcome.notice)
 
@@ -98,6 +107,12 @@ class Applier:
             by_source = f"{final.facts.sha256}/{final.workflowId}".encode()
             if not self.session.given_up(self.topics.sources, by_source, f"the source record of {final.workflowId}"):
                 self.session.produce(self.topics.sources, by_source, encoded)
+        if final.status == CANCELLED and final.runId:  # resize workers skip the run's tasks from here on
+            cancel = serde.encode("Cancellation", {"workflowId": final.workflowId, "runId": final.runId,
+                                                   "reason": "", "by": "join", "at": final.completedAt,
+                                                   "applied": True})
+            if not self.session.given_up(self.topics.cancellations, key, f"the cancel of {final.workflowId}"):
+                self.session.produce(self.topics.cancellations, key, cancel)
         mirror = self.config.completed_json_topic
         if mirror and not self.session.given_up(mirror, key, f"the JSON mirror of {final.workflowId}'s final event"):
             self.session.produce(mirror, key, json.dumps(final.document(), separators=(",", ":")).encode())

@@ -1,4 +1,4 @@
-"""Deletes the staged sources of finished workflows: in batches (one S3 request per 1,000 keys), on a
+"""Deletes the staged sources of finished workflows (and the outputs a cancelled run made after its final event): in batches (one S3 request per 1,000 keys), on a
 thread of its own, so that a burst of final events costs the join a queue append each."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import queue
 import threading
 import time
 
-from streams.adapters.objectstore import ObjectStore
+from streams.adapters.objectstore import ObjectStore, parse_s3_uri
+from streams.core.errors import SourceNotFound
 from streams.core.planning import staging_key
 
 log = logging.getLogger("imagefork")
@@ -24,6 +25,25 @@ class SourceCleaner:
 
     def delete(self, key: str) -> None:
         self._queue.put(key)
+
+    def committed(self, staged: list[tuple[str, str]], orphans: list[str], prefix: str) -> None:
+        """What a committed transaction leaves to delete: the staged sources of the runs it finished and the
+        outputs made for cancelled runs after their final events."""
+        for workflow_id, run_id in staged:
+            self.delete(staging_key(prefix, workflow_id, run_id))
+        for uri in orphans:
+            self.delete_uri(uri)
+
+    def delete_uri(self, uri: str) -> None:
+        """An object named by its s3:// URI, if it is in the bucket this cleaner deletes from."""
+        try:
+            bucket, key = parse_s3_uri(uri)
+        except SourceNotFound:
+            bucket, key = "", ""
+        if bucket == self.store.bucket and key:
+            self.delete(key)
+        else:
+            log.warning("join: not deleting %s: not an object of bucket %s", uri, self.store.bucket)
 
     def finished_after_all(self, staged: list[tuple[str, str]], states: dict, partition_of, prefix: str) -> None:
         """After an abort: delete the staged sources of the runs that the restored (committed) ``states`` show

@@ -14,8 +14,8 @@ from streams.adapters.kafka import client_config
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.models import now_ms
-from streams.core.planning import staging_key
 from streams.join.apply import Applier
+from streams.join.cancels import CancelForwarder
 from streams.join.cleanup import SourceCleaner
 from streams.join.partitions import ConsumerFailed, Partitions
 from streams.join.queries import CLIENT_ID, query_routes, readiness_of
@@ -70,6 +70,14 @@ def group_of(consumer):
     return group
 
 
+def counted(txn, states: dict) -> None:
+    """The metrics of a committed transaction."""
+    for status, seconds in txn.finished:
+        WORKFLOWS.labels(status).inc()
+        WORKFLOW_SECONDS.labels(status).observe(seconds)
+    OPEN_WORKFLOWS.set(sum(len(s.open) for s in list(states.values())))
+
+
 class JoinWorker:
     TICK_BUDGET = 2000  # timeouts and expiries per clock pass, at most; the rest on the next pass
 
@@ -88,6 +96,7 @@ class JoinWorker:
         store = ObjectStore(config)
         self.repair = Repairer(config, store)
         self.cleanup = SourceCleaner(store)
+        self.cancels = CancelForwarder(config)
         self.stopping = False
         self.ready = False
 
@@ -98,6 +107,7 @@ class JoinWorker:
             raise JoinFatal(problem)
         self.session.init_transactions()
         self._subscribe()
+        self.cancels.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         last_repair = 0.0
@@ -197,12 +207,8 @@ class JoinWorker:
         self.stats["transactions"] += 1
         self.stats["events"] += txn.events
         self.partitions.positions.update(txn.offsets)
-        for status, seconds in txn.finished:
-            WORKFLOWS.labels(status).inc()
-            WORKFLOW_SECONDS.labels(status).observe(seconds)
-        OPEN_WORKFLOWS.set(sum(len(s.open) for s in list(self.partitions.states.values())))
-        for workflow_id, run_id in txn.after:
-            self.cleanup.delete(staging_key(self.config.staging_prefix, workflow_id, run_id))
+        counted(txn, self.partitions.states)
+        self.cleanup.committed(txn.after, txn.orphans, self.config.staging_prefix)
         txn.close()
         return True
 
@@ -268,6 +274,7 @@ class JoinWorker:
         self.session.close()
         self.partitions.close()
         self.repair.close()
+        self.cancels.close()
         self.cleanup.close()
 
 

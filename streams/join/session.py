@@ -117,6 +117,7 @@ class Checkpoint:
         self.open, self.since = False, 0.0
         self.offsets: dict[int, int] = {}  # next offset per events partition, committed with it
         self.after: list[tuple[str, str]] = []  # (workflow id, run id) whose staged source goes once committed
+        self.orphans: list[str] = []  # s3:// URIs of outputs made for cancelled runs: deleted once committed
         self.events = 0
         self.finals = 0  # final events wait in it: commit at once
         self.finished: list[tuple[str, float]] = []  # (status, seconds) of its final events, counted once committed

@@ -159,6 +159,25 @@ def test_a_source_that_is_not_there_shows_its_error(page, files):
     expect(page.get_by_test_id("retry-button")).to_be_visible()
 
 
+def test_a_running_workflow_is_cancelled_with_its_button(page, files):
+    from playwright.sync_api import expect
+    request = {"fileLocation": files.url("sample.png"), "outputFormats": ["jpg"], "maintainAspectRatio": True,
+               "outputSizes": [{"width": 16 + i, "height": 16 + i} for i in range(300)]}
+    workflow_id = submit(page, request)
+    expect(page.get_by_test_id("cancel-button")).to_be_visible(timeout=10_000)
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+    page.get_by_test_id("cancel-button").click()
+    expect(page.get_by_test_id("detail-notice-text")).to_contain_text("Cancelling")
+    expect(page.get_by_test_id("detail-status")).to_have_text("CANCELLED", timeout=TERMINAL_S)
+    assert asked and workflow_id in asked[0]
+    expect(page.get_by_test_id("cancel-button")).to_be_hidden()
+    expect(page.get_by_test_id("retry-button")).to_be_visible()  # a cancelled run is resumed by a retry
+    doc = document(page, workflow_id)
+    assert doc["status"] == "CANCELLED" and len(doc["outputs"]) < 300
+    expect(page.get_by_test_id("output-img")).to_have_count(len(doc["outputs"]))
+
+
 def test_a_request_that_breaks_the_contract_shows_its_problems(page):
     from playwright.sync_api import expect
     page.get_by_test_id("submit-json").fill(json.dumps({"fileLocation": "", "outputFormats": ["png"]}))
@@ -180,6 +199,7 @@ def test_the_seed_request_shows_nine_thumbnails_and_completes(page, files):
                    return imgs.length === 9 && imgs.every((i) => i.complete && i.naturalWidth > 0); }""",
         timeout=20_000)
     expect(page.get_by_test_id("retry-button")).to_be_hidden()
+    expect(page.get_by_test_id("cancel-button")).to_be_hidden()
     expect(page.get_by_test_id("detail-progress-count")).to_have_text("9/9")
     # the source's placeholder was painted under each thumbnail, and is gone once its image loaded
     expect(page.get_by_test_id("placeholder")).to_have_count(9)

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from streams.agents import crashes, resize
+from streams.agents.cancels import CancelWatch
 from streams.agents.policy import Message
 from streams.config import Config
 from streams.core.models import ResizeTask
@@ -61,6 +62,7 @@ def test_a_redelivered_killer_ends_worker_crashed_without_running(broker, monkey
     config = Config(max_crashes=2)
     resizer = resize.Resizer.__new__(resize.Resizer)
     resizer.config, resizer.ledger = config, crashes.CrashLedger(config, Topic(), "tasks")
+    resizer.cancels = CancelWatch(config)  # not started: no run is cancelled
     reported, ran = [], []
 
     async def report(task, outcome):

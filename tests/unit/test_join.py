@@ -1,7 +1,7 @@
 """The join's core: plans, results and the clock over JoinState, with no Kafka."""
 from dataclasses import replace
 
-from streams.core.join import MARKER, PLAN, RESULT, Ignored, JoinState, Marker
+from streams.core.join import MARKER, PLAN, RESULT, Ignored, JoinState, Marker, restore
 from streams.core.models import PlanFailure, TaskError, TaskOutput, TaskResult, WorkflowPlan, descriptors_of
 
 REFS = ("a", "b", "c")
@@ -197,7 +197,7 @@ def test_restore_rebuilds_the_same_state():
     results = [r.value for r in rows.values() if r.kind == RESULT]
     markers = {r.workflowId: r.value for r in rows.values() if r.kind == MARKER}
     again = new_state()
-    again.restore(plans, results, markers, 9000)
+    restore(again, plans, results, markers, 9000)
     assert set(again.open) == {"wf"} and again.open["wf"].progress() == (2, 3) and again.open["wf"].failed == 1
     assert set(again.finished) == {"w2"}
     final = again.record_result(ok("c"), 9001).final

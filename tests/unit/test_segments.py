@@ -36,7 +36,7 @@ def test_a_result_reads_as_decoding_it_whole_does_with_its_output_kept_as_bytes(
     kind, body, kept = passed(res)
     whole_kind, whole = serde.decode_join_event(serde.encode_join_event("TaskResult", res.to_dict()))
     assert kind == whole_kind == "TaskResult"
-    assert body["output"] == {"taskRef": output.taskRef, "url": output.url}
+    assert body["output"] == {"taskRef": output.taskRef, "url": output.url, "s3Uri": output.s3Uri}
     assert {**body, "output": whole["output"]} == whole
     again = TaskResult.from_dict(body, kept)
     assert isinstance(again.output, PassedOutput) and again.output.full() == output

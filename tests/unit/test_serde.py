@@ -46,7 +46,8 @@ RECORDS = {
     "SourceFacts": FACTS.to_dict(),
     "TaskDescriptor": TASKS[0].to_dict(),
     "PlanFailure": {"status": "FAILED", "code": "c", "message": "m", "attempts": 4},
-    "JoinMarker": {"status": "COMPLETED", "at": 5, "runId": "r1"},
+    "JoinMarker": {"status": "CANCELLED", "at": 5, "runId": "r1", "kept": ["r0", "r2"]},
+    "Cancellation": {"workflowId": "w", "runId": "r1", "reason": "a mistake", "by": "api", "at": 5, "applied": True},
     "RunIgnored": {"workflowId": "w", "runId": "r2", "reason": "finished", "takenRunId": "r1",
                    "takenStatus": "COMPLETED", "takenFinishedAt": 5, "at": 6},
 }
