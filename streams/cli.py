@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "running with another count is restarted)")
     p.set_defaults(func=_stack)
 
-    p = sub.add_parser("worker", help="run a role: planner, resize, join, api, or all")
-    p.add_argument("role", choices=["planner", "resize", "join", "api", "all"])
+    p = sub.add_parser("worker", help="run a role: planner, resize, join, webhook (a request's "
+                                      "callbackUrl gets its final event), api, or all")
+    p.add_argument("role", choices=["planner", "resize", "join", "webhook", "api", "all"])
     p.set_defaults(func=_worker)
 
     p = sub.add_parser("api", help="the HTTP API and dashboard on IMAGEFORK_API_LISTEN (default "

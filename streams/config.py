@@ -98,6 +98,8 @@ class Topics:
     notices: str = "imagefork.notices"  # RunIgnored: a resubmitted workflow id, answered at once
     sources: str = "imagefork.sources"  # final events by source bytes: key {sha256}/{workflowId} (compacted)
     cancellations: str = "imagefork.cancellations"  # Cancellation by workflowId (compacted, a day)
+    webhooks: str = "imagefork.webhooks"  # WebhookDelivery: each run's delivery state, by workflowId (compacted)
+    webhook_redeliver: str = "imagefork.webhooks.redeliver"  # final events sent again (a dead letter replayed)
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -155,6 +157,13 @@ class Config:
     api_body_timeout_s: float = 30.0  # the API waits this long for a whole request body (then 408)
     # `worker all`: an API that ran this long before it died is started again (sooner: it cannot start)
     api_restart_after_s: float = 30.0
+    # the webhook role (streams/agents/webhooks.py): a request's callbackUrl gets its final event
+    webhook_secret: str = field(default="", repr=False)  # HMAC-SHA256 key of the signature; the role needs one
+    webhook_timeout_s: float = 10.0  # one call: connect and answer
+    webhook_max_tries: int = 8  # then the final event is dead-lettered (WEBHOOK_UNDELIVERED)
+    webhook_delay_s: float = 1.0  # the pause after the first failed try, doubling ...
+    webhook_max_delay_s: float = 300.0  # ... up to this
+    webhook_concurrency: int = 32  # calls under way at once (each waits out its own retries)
 
     def group_id(self, role: str) -> str:
         """The consumer group (and Faust app id) of a role; the namespace keeps test runs apart."""
@@ -275,6 +284,11 @@ def check(config: Config) -> Config:
         (config.reuse in REUSE_SCOPES, f"IMAGEFORK_REUSE must be one of {', '.join(REUSE_SCOPES)}"),
         (config.reuse_ttl_s > 0, "IMAGEFORK_REUSE_TTL_S must be > 0"),
         (config.bucket != "", "S3_BUCKET must not be empty"),
+        (config.webhook_timeout_s > 0, "IMAGEFORK_WEBHOOK_TIMEOUT_S must be > 0"),
+        (config.webhook_max_tries >= 1, "IMAGEFORK_WEBHOOK_MAX_TRIES must be >= 1"),
+        (0 <= config.webhook_delay_s <= config.webhook_max_delay_s,
+         "IMAGEFORK_WEBHOOK_DELAY_S must be >= 0 and IMAGEFORK_WEBHOOK_MAX_DELAY_S >= it"),
+        (config.webhook_concurrency >= 1, "IMAGEFORK_WEBHOOK_CONCURRENCY must be >= 1"),
         (0 <= config.presign_ttl_s <= MAX_PRESIGN_TTL_S,
          f"IMAGEFORK_PRESIGN_TTL_S must be 0..{MAX_PRESIGN_TTL_S} (0: off; a SigV4 presigned URL lives 7 days at most)"),
     ]
@@ -392,6 +406,12 @@ def read_env(env: Mapping[str, str] | None = None) -> Config:
         api_listen=reader.str("IMAGEFORK_API_LISTEN", "127.0.0.1:8088"),
         api_body_timeout_s=reader.float("IMAGEFORK_API_BODY_TIMEOUT_S", d.api_body_timeout_s),
         api_restart_after_s=reader.float("IMAGEFORK_API_RESTART_AFTER_S", d.api_restart_after_s),
+        webhook_secret=reader.str("IMAGEFORK_WEBHOOK_SECRET", ""),
+        webhook_timeout_s=reader.float("IMAGEFORK_WEBHOOK_TIMEOUT_S", d.webhook_timeout_s),
+        webhook_max_tries=reader.int("IMAGEFORK_WEBHOOK_MAX_TRIES", d.webhook_max_tries),
+        webhook_delay_s=reader.float("IMAGEFORK_WEBHOOK_DELAY_S", d.webhook_delay_s),
+        webhook_max_delay_s=reader.float("IMAGEFORK_WEBHOOK_MAX_DELAY_S", d.webhook_max_delay_s),
+        webhook_concurrency=reader.int("IMAGEFORK_WEBHOOK_CONCURRENCY", d.webhook_concurrency),
     ).validate()
 
 

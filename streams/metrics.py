@@ -23,6 +23,8 @@ OUTPUTS_REUSED = Counter("imagefork_outputs_reused", "Outputs copied from one ma
 
 # --- workflows (observed by the join) ------------------------------------------------------------
 WORKFLOWS = Counter("imagefork_workflows", "Workflows finished, by final status", ["status"])
+WEBHOOKS = Counter("imagefork_webhooks", "Final events POSTed to their callbackUrl, by outcome (DELIVERED, FAILED: "
+                   "dead-lettered)", ["outcome"])
 WORKFLOW_SECONDS = Histogram("imagefork_workflow_duration_seconds",
                              "End-to-end latency: request submitted to final event", ["status"],
                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))

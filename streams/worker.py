@@ -42,6 +42,9 @@ def run_role(role: str, config: Config) -> int:
     if role == "join":  # a transactional confluent-kafka loop, not a Faust app (streams/join/)
         from streams.join import loop  # start-up: only the join's process loads it
         return loop.run(config)
+    if role == "webhook":  # a confluent-kafka consumer and a pool of callers (streams/agents/webhooks.py)
+        from streams.agents import webhooks  # start-up: only the webhook role's process loads it
+        return webhooks.run(config)
     return run_faust_role(role, config)
 
 
@@ -128,7 +131,8 @@ def run_all(config: Config) -> int:
     """``worker all``: one child process per role (and the API); if one dies, stop the others and exit
     non-zero."""
     ensure_topics(config)  # a broker that refuses us or is away is one line here, not one per child
-    roles = ("join", "resize", "planner")
+    # the webhook role runs when it has a secret to sign with
+    roles = ("join", "resize", "planner", *(("webhook",) if config.webhook_secret else ()))
     address = metrics_address(config)
     # each child serves its metrics on IMAGEFORK_METRICS_LISTEN's port and the next two (free loopback
     # ports when it is not set), and the API's /metrics carries them all, each sample labelled with its role

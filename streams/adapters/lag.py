@@ -31,7 +31,7 @@ def role_topics(config: Config, role: str) -> tuple[str, ...]:
     """The topics a role's group consumes (any other topic it committed offsets for is shown too)."""
     t = config.topics
     return {"planner": (t.requests, t.request_retries), "resize": (t.tasks, t.retries),
-            "join": (t.events,)}.get(role, ())
+            "join": (t.events,), "webhook": (t.completed, t.webhook_redeliver)}.get(role, ())
 
 
 @dataclass(frozen=True)

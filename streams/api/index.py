@@ -34,6 +34,9 @@ class FinalsReader:
     def take(self, final: WorkflowCompleted) -> None:
         raise NotImplementedError
 
+    def decode(self, value: bytes):
+        return WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", value))
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         threading.Thread(target=self._run, name=f"{self.topic_name}-index", daemon=True).start()
@@ -53,8 +56,8 @@ class FinalsReader:
             if msg.value() is None:
                 continue
             try:
-                final = WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value()))
-            except Exception as exc:  # not a final event: not ours to judge here
+                final = self.decode(msg.value())
+            except Exception as exc:  # not a record of the topic's: not ours to judge here
                 log.debug("api: skipping %s/%d/%d: %s", topic, msg.partition(), msg.offset(), exc)
                 continue
             with self.lock:
@@ -105,3 +108,27 @@ class SourceIndex(FinalsReader):
     def similar(self, phash: int, distance: int, limit: int) -> list[dict]:
         with self.lock:
             return self.catalog.similar(phash, distance, limit)
+
+
+class DeliveryIndex(FinalsReader):
+    """The webhooks topic: the latest delivery state (``WebhookDelivery``) of each workflow with a callbackUrl."""
+
+    topic_name = "webhooks"
+
+    def __init__(self, config: Config, capacity: int = 100_000):
+        super().__init__(config)
+        self.capacity = capacity
+        self.states: OrderedDict[str, dict] = OrderedDict()
+
+    def decode(self, value: bytes) -> dict:
+        return serde.decode("WebhookDelivery", value)
+
+    def take(self, state: dict) -> None:  # type: ignore[override]
+        self.states.pop(state["workflowId"], None)
+        self.states[state["workflowId"]] = state
+        while len(self.states) > self.capacity:
+            self.states.popitem(last=False)
+
+    def get(self, workflow_id: str) -> dict | None:
+        with self.lock:
+            return self.states.get(workflow_id)

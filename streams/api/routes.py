@@ -19,7 +19,7 @@ from streams.adapters.http import health_routes, json_error
 from streams.adapters.objectstore import ObjectStore
 from streams.api.control import cancel_workflow, links, not_found, retry_workflow
 from streams.api.directory import Directory, Unavailable
-from streams.api.index import CompletedIndex, SourceIndex
+from streams.api.index import CompletedIndex, DeliveryIndex, SourceIndex
 from streams.api.router import JoinRouter
 from streams.client import Client, SubmitError
 from streams.config import Config
@@ -175,6 +175,7 @@ class Api:
         self.config = config
         self.index = CompletedIndex(config)
         self.sources = SourceIndex(config)
+        self.deliveries = DeliveryIndex(config)
         self.directory = Directory(self.index, workflow_timeout_s=config.workflow_timeout_s)
         self.client = None
         self.store = None
@@ -206,9 +207,10 @@ class Api:
         self.store = ObjectStore(self.config)
         self.index.start(asyncio.get_running_loop())
         self.sources.start(asyncio.get_running_loop())
+        self.deliveries.start(asyncio.get_running_loop())
 
     async def _stop(self, _app) -> None:
-        self.index.stopping = self.sources.stopping = True
+        self.index.stopping = self.sources.stopping = self.deliveries.stopping = True
         await self.session.close()
 
     def readiness(self) -> tuple[bool, str]:
@@ -283,7 +285,8 @@ class Api:
         doc = await self.directory.known(workflow_id)
         if doc is None:
             return not_found(workflow_id)
-        return web.json_response(doc)
+        delivery = self.deliveries.get(workflow_id)  # its callbackUrl's delivery (streams/agents/webhooks.py)
+        return web.json_response({**doc, "webhook": delivery} if delivery else doc)
 
     async def source(self, request):
         """The workflows made from one source's bytes, and its facts."""

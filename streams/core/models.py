@@ -52,6 +52,7 @@ class ImageRequest:
     options: ImageOptions = ImageOptions()  # as validated, with resizeMode always said
     retry: RetryOf | None = None
     facts: tuple[str, ...] | None = None  # the costly source facts asked (None: all)
+    callbackUrl: str | None = None  # where the final event is POSTed (core/webhooks.py)
 
     @property
     def mode(self) -> str:
@@ -68,6 +69,7 @@ class ImageRequest:
             "correlationId": self.correlationId,
             **self.options.said(),
             **({} if self.facts is None else {"facts": list(self.facts)}),
+            **({} if self.callbackUrl is None else {"callbackUrl": self.callbackUrl}),
         }
 
 

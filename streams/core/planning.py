@@ -15,6 +15,7 @@ from streams.core.models import (
     COSTLY_FACTS, ImageRequest, ResizeTask, RetryOf, Size, TaskDescriptor, TaskOutput, WorkflowPlan,
 )
 from streams.core.options import ImageOptions, boolean, integer, parse_options
+from streams.core.webhooks import callback_problem
 
 TASK_NAME = "image_convert_resize"
 SCHEMES = ("http", "https", "s3")
@@ -104,6 +105,9 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
 
     retry = _retry(doc.get("retry"), problems)
     facts = _facts(doc.get("facts"), problems)
+    callback = doc.get("callbackUrl")
+    if callback is not None and (why := callback_problem(callback)):
+        problems.append(("callbackUrl", why))
     if max_pixels and not problems:
         problems.extend(_certain_boxes_over(sizes, size_fields, options, max_pixels))
 
@@ -123,6 +127,7 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         options=options,
         retry=retry,
         facts=facts,
+        callbackUrl=callback,
     )
 
 
