@@ -104,9 +104,11 @@ class Splice:
 
 class PassingReader:
     """Reads a JoinEvent frame of the current version holding a TaskResult, with the result's output
-    decoded only for ``keep`` (its other fields are checked, not built) and kept as its body."""
+    decoded (so every string in it is checked as UTF-8, as a reader of the final event will) and kept as
+    its body. (Reading the output through a reader schema of the three fields the join uses would skip the
+    rest without checking its strings: a final event no reader can decode could be written.)"""
 
-    def __init__(self, event: AvroSchema, keep: tuple[str, ...] = ("taskRef", "url", "s3Uri")):
+    def __init__(self, event: AvroSchema):
         named: dict = {}
         full = parse_schema(event.expanded, named_schemas=named)
         self.header = event.header
@@ -121,10 +123,6 @@ class PassingReader:
         self.head = _segment("ResultHead", [*result[:i], {"name": "_output", "type": "long"}], named)
         self.tail = _segment("ResultTail", result[i + 1:], named)
         self.output = _segment("Output", [{"name": "v", "type": f"{NAMESPACE}.TaskOutput"}], named)
-        out = named[f"{NAMESPACE}.TaskOutput"]
-        self.keep = parse_schema({"type": "record", "name": "Output", "fields": [
-            {"name": "v", "type": {"type": "record", "name": out["name"],
-                                   "fields": [f for f in out["fields"] if f["name"] in keep]}}]})
 
     def read(self, data: bytes) -> tuple[dict[str, Any], bytes | None] | None:
         """(the TaskResult, its output's body or None); None: not a current result frame."""
@@ -143,7 +141,7 @@ class PassingReader:
         body = None
         if present == self.present:
             start = buf.tell()
-            record["output"] = fastavro.schemaless_reader(buf, self.output, self.keep, **READ_OPTIONS)["v"]
+            record["output"] = fastavro.schemaless_reader(buf, self.output, None, **READ_OPTIONS)["v"]
             body = data[start:buf.tell()]
         elif present == self.null:
             record["output"] = None
@@ -173,7 +171,7 @@ def _passing(schema: AvroSchema) -> PassingReader:
 
 def decode_join_event_passing(data: bytes) -> tuple[str, dict[str, Any], bytes | None]:
     """``decode_join_event`` plus, for a task result of the current version, its output's body to pass on
-    as it came (``PassingReader``; the output in the record then holds only its taskRef, url and s3Uri)."""
+    as it came (``PassingReader``; the output in the record is a plain dict, not made a TaskOutput)."""
     try:
         found = _passing(serde.schema("JoinEvent")).read(bytes(data))
     except Exception:  # fastavro raises many types on garbage: decoded whole below, which says why

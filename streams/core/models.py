@@ -263,7 +263,7 @@ class TaskResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], output_body: bytes | None = None) -> "TaskResult":
-        """``output_body``: the output was read for the fields PassedOutput has only (``segments``)."""
+        """``output_body``: the output's Avro body, kept to be written into the final event as it came (``segments``)."""
         out = d.get("output")
         return cls(
             workflowId=d["workflowId"],
