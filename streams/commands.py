@@ -123,10 +123,10 @@ def _cancel(args) -> int:
     try:
         finals = consume_completed(config, [workflow_id], args.timeout)
         ended = [f for f in finals if f.runId == args.run] if args.run else finals[-1:]
-        if ended:
+        if ended and (args.run or ended[-1].status == "COMPLETED"):
             final = ended[-1]
             print(f"imagefork: workflow {workflow_id} has ended ({final.status}, run {final.runId}): there is "
-                  f"nothing to cancel (a later run of the id is cancelled with --run RUN)", file=sys.stderr)
+                  f"nothing to cancel", file=sys.stderr)
             return 1
         follower = Follower(config)  # from now on: the final event the cancel brings cannot slip by
         Client(config).cancel(cancel)
@@ -140,12 +140,18 @@ def _cancel(args) -> int:
     if args.no_wait:
         follower.close()
         return 0
+    # its last run ended without completing: a retry of it may be running (the join decides), or not
+    wait = min(args.timeout, 10.0) if ended else args.timeout
     try:
-        final = follower.wait([workflow_id], args.timeout)[workflow_id]
+        final = follower.wait([workflow_id], wait)[workflow_id]
     except TimeoutError:
-        print(f"imagefork: no final event for workflow {workflow_id} within {args.timeout:.0f}s: the cancel waits "
-              f"in the join until the workflow's plan comes (an id not submitted yet, or unknown: it is dropped "
-              f"after the workflow timeout)", file=sys.stderr)
+        if ended:
+            print(f"imagefork: workflow {workflow_id} has ended ({ended[-1].status}, run {ended[-1].runId}) and no "
+                  f"retry of it ran: there was nothing to cancel", file=sys.stderr)
+        else:
+            print(f"imagefork: no final event for workflow {workflow_id} within {wait:.0f}s: the cancel waits in "
+                  f"the join until the workflow's plan comes (an id not submitted yet, or unknown: it is dropped "
+                  f"after the workflow timeout)", file=sys.stderr)
         return 1
     finally:
         follower.close()

@@ -34,8 +34,8 @@ SOURCE_CACHE_LOOKUPS = Counter("imagefork_source_cache_lookups", "Decoded-source
                                "result (hit: decoded already; miss: fetched and decoded)", ["result"])
 
 # --- tasks (observed by resize) ------------------------------------------------------------------
-TASKS = Counter("imagefork_tasks", "Resize tasks ended, by status (SUCCEEDED, FAILED, CANCELLED: its run was cancelled) and code "
-                "(empty when SUCCEEDED); a task retried counts once, when it ends", ["status", "code"])
+TASKS = Counter("imagefork_tasks", "Resize tasks ended, by status (SUCCEEDED, FAILED, CANCELLED: its run was "
+                "cancelled) and code (empty when SUCCEEDED); a task retried counts once, when it ends", ["status", "code"])
 TASK_SECONDS = Histogram("imagefork_task_duration_seconds", "A succeeded task's resize, encode and upload "
                          "time, by output format", ["format"],
                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))

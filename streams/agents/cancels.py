@@ -10,6 +10,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from streams.adapters.kafka import committed_records
@@ -36,6 +37,7 @@ class CancelWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # the topic was read to its end once
+        self._last_prune = time.monotonic()
 
     def start(self) -> None:
         if self._thread is None:
@@ -57,33 +59,41 @@ class CancelWatch:
 
     def _follow(self) -> None:
         topic = self.config.topics.cancellations
-        retention_ms = int(self.config.finished_retention_s * 1000)
-        last_prune = time.monotonic()
         while not self._stop.is_set():
             try:
                 for msg in committed_records(self.config, topic, follow=True, timeout=300,
-                                             on_end=self.ready.set, stop=self._stop.is_set):
+                                             on_end=self.ready.set, stop=self._between_polls):
                     self._take(msg)
-                    if time.monotonic() - last_prune > 60:
-                        last_prune = time.monotonic()
-                        self._prune(now_ms() - retention_ms)
             except Exception as exc:  # the broker away, the topic not there yet: read it again later
                 log.warning("resize: reading %s: %s: %s", topic, type(exc).__name__, exc)
                 self._stop.wait(2.0)
 
+    def _between_polls(self) -> bool:
+        """Asked between polls: whether to stop; once a minute, cancels older than the retention go."""
+        now = time.monotonic()
+        if now - self._last_prune > 60:
+            self._last_prune = now
+            self._prune(now_ms() - int(self.config.finished_retention_s * 1000))
+        return self._stop.is_set()
+
     def _take(self, msg) -> None:
+        """One record; whatever it holds, the reading goes on (a record that is not a cancel is the join's
+        to dead-letter)."""
         if msg.value() is None:
             return
         try:
             cancel = decode_cancellation(msg.key(), msg.value())
+            with self._lock:  # kept by when this worker learned it (a client's clock says nothing here)
+                new = self.index.add(replace(cancel, at=now_ms()))
+            if new:
+                Path(self.flag(cancel.workflowId, cancel.runId)).touch()
+                log.info("resize: run %s of workflow %s is cancelled: its tasks are skipped", cancel.runId,
+                         cancel.workflowId)
         except (RequestInvalid, SerdeError):
-            return  # the join dead-letters it, with the reason
-        with self._lock:
-            new = self.index.add(cancel)
-        if new:
-            Path(self.flag(cancel.workflowId, cancel.runId)).touch()
-            log.info("resize: run %s of workflow %s is cancelled: its tasks are skipped", cancel.runId,
-                     cancel.workflowId)
+            return
+        except Exception as exc:
+            log.warning("resize: a cancel at %s[%d:%d] not taken: %s: %s", msg.topic(), msg.partition(),
+                        msg.offset(), type(exc).__name__, exc)
 
     def _prune(self, older_than: int) -> None:
         with self._lock:
@@ -91,5 +101,5 @@ class CancelWatch:
         for wf, run in gone:
             try:
                 os.unlink(self.flag(wf, run))
-            except FileNotFoundError:
+            except (OSError, UnicodeEncodeError):
                 pass

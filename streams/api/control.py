@@ -9,6 +9,8 @@ from aiohttp import web
 
 from streams.adapters.http import json_error
 from streams.client import SubmitError
+from streams.core.cancels import parse_cancellation
+from streams.core.errors import RequestInvalid
 from streams.core.models import Cancellation, now_ms
 from streams.core.status import TERMINAL, retry_request, retryable
 
@@ -60,10 +62,14 @@ async def cancel_workflow(api, request, workflow_id: str):
             return json_error(408, "REQUEST_TIMEOUT", "the body did not arrive in time")
         except (ValueError, UnicodeDecodeError, RecursionError, LookupError, web.RequestPayloadError) as exc:
             return json_error(400, "INVALID_JSON", f"the body is not JSON: {type(exc).__name__}: {exc}"[:300])
-        reason = body.get("reason", "") if isinstance(body, dict) else None
-        if not isinstance(reason, str) or len(reason) > 500:
-            return json_error(400, "INVALID_REQUEST", "reason must be a string of at most 500 characters",
-                              problems=[{"field": "reason", "message": "must be a string of at most 500 characters"}])
+        if not isinstance(body, dict):
+            return json_error(400, "INVALID_REQUEST", 'the body, if any, is a JSON object: {"reason": "..."}')
+        reason = body.get("reason") or ""
+    try:  # the same checks as a cancel from Kafka: a string of at most 500 characters UTF-8 can encode
+        parse_cancellation({"workflowId": workflow_id, "reason": reason}, 0)
+    except RequestInvalid as exc:
+        return json_error(400, "INVALID_REQUEST", exc.message,
+                          problems=[{"field": f, "message": why} for f, why in exc.problems])
     doc = await api.directory.known(workflow_id)
     if doc is None:
         return not_found(workflow_id)

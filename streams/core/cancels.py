@@ -15,6 +15,8 @@ from streams.core.models import Cancellation, now_ms
 from streams.core.planning import valid_workflow_id
 
 MAX_TEXT = 500  # reason and by: a few words each
+MAX_RUN_ID = 200
+MAX_AT = 2 ** 63 - 1  # an Avro long
 
 
 def parse_cancellation(doc: Any, now: int) -> Cancellation:
@@ -25,14 +27,16 @@ def parse_cancellation(doc: Any, now: int) -> Cancellation:
     wf = doc.get("workflowId")
     if not isinstance(wf, str) or not valid_workflow_id(wf):
         problems.append(("workflowId", "must be 1-128 characters of A-Z a-z 0-9 . _ : - (a letter or digit first)"))
-    for name in ("runId", "reason", "by"):
+    for name, most in (("runId", MAX_RUN_ID), ("reason", MAX_TEXT), ("by", MAX_TEXT)):
         value = doc.get(name, "")
         if value is not None and not isinstance(value, str):
             problems.append((name, "must be a string"))
-        elif value and len(value) > MAX_TEXT:
-            problems.append((name, f"must be at most {MAX_TEXT} characters"))
+        elif value and len(value) > most:
+            problems.append((name, f"must be at most {most} characters"))
+        elif value and not _utf8(value):
+            problems.append((name, "must be text UTF-8 can encode (no lone surrogates)"))
     at = doc.get("at", 0)
-    if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
+    if at is not None and (not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= MAX_AT):
         problems.append(("at", "must be epoch milliseconds"))
     applied = doc.get("applied", False)
     if not isinstance(applied, bool):
@@ -60,6 +64,14 @@ def decode_cancellation(key: bytes | None, value: bytes | None) -> Cancellation:
         raise RequestInvalid([("key", f"the record's key {key[:200]!r} is not its workflowId "
                                       f"{cancel.workflowId!r} (the topic is compacted by workflow id)")])
     return cancel
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class CancelIndex:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from streams.core.models import (
     CANCELLED, COMPLETED, FAILED, SUCCEEDED, TIMED_OUT,
@@ -66,7 +66,9 @@ class Outcome:
     ignored: str = ""  # why the event changed nothing ("" when it did)
     notice: Ignored | None = None  # a resubmission's answer (with ``discarded``)
     late: bool = False  # a result for no known workflow, past its deadline and the grace: refused
-    orphan: str = ""  # the s3:// URI of an output made for a cancelled run after its final event: delete it
+    # (s3:// URI, workflow id, run id) of an output made for a cancelled run after its final event, which
+    # does not list it: its object goes (if it is still that run's: the key is the task's in every run)
+    orphan: tuple[str, str, str] | None = None
 
 
 class Workflow:
@@ -156,23 +158,27 @@ class JoinState:
         if plan.failure is not None:
             return self._finish(flow, plan.failure.status, now, rows)
         if flow.cancel is not None:
-            if flow.cancel.runId in ("", plan.runId):  # cancelled before it was planned: it ends here
+            if cancels(flow.cancel, plan):  # cancelled before it was planned: it ends here
                 return self._finish(flow, CANCELLED, now, rows)
             flow.cancel = None  # for another run of the id
             rows.append(Row(CANCEL, wf))
         return self._maybe_complete(flow, now, rows)
 
     def record_cancel(self, cancel: Cancellation, now: int) -> Outcome:
-        """End the workflow CANCELLED with the outputs it has; before its plan comes, wait for it."""
+        """End the workflow's run CANCELLED with the outputs it has; before its plan comes (the planner is at
+        its source, or it is a retry of a finished run not planned yet), wait for it until the timeout."""
         wf = cancel.workflowId
-        if wf in self.finished:
-            return Outcome(ignored="finished")
+        cancel = replace(cancel, at=now)  # when the join had it: the client's clock decides nothing here
         flow = self.open.get(wf)
         if flow is not None and flow.plan is not None:
-            if cancel.runId not in ("", flow.plan.runId):
+            if not cancels(cancel, flow.plan):
                 return Outcome(ignored="another run")
             flow.cancel = cancel
             return self._finish(flow, CANCELLED, now, [])
+        marker = self.marker(wf)
+        # a cancel without a run, of an id whose run ended without completing, waits: a retry of it may come
+        if marker is not None and (cancel.runId == marker.runId or not cancel.runId and marker.status == COMPLETED):
+            return Outcome(ignored="finished")
         if flow is None:
             flow = self._open(wf, now)
         flow.cancel = cancel
@@ -182,10 +188,10 @@ class JoinState:
         wf = result.workflowId
         if wf in self.finished:
             kept = self.cancelled.get(wf)
-            if (kept is not None and result.output is not None and result.taskRef not in kept
-                    and result.runId == self.marker(wf).runId):
+            run = self.marker(wf).runId
+            if kept is not None and result.output is not None and result.taskRef not in kept and result.runId == run:
                 # made for a cancelled run after its final event, which does not list it: no orphan is left
-                return Outcome(ignored="cancelled", orphan=result.output.s3Uri)
+                return Outcome(ignored="cancelled", orphan=(result.output.s3Uri, wf, run))
             return Outcome(ignored="finished")
         flow = self.open.get(wf)
         if flow is None:
@@ -294,6 +300,14 @@ class JoinState:
         return Outcome(rows, final)
 
 
+def cancels(cancel: Cancellation, plan: WorkflowPlan) -> bool:
+    """Whether ``cancel`` is for ``plan``'s run: it names that run, or names none and came after the run was
+    submitted (a cancel of an id's earlier run, delivered again late, does not end a new run)."""
+    if cancel.runId:
+        return cancel.runId == plan.runId
+    return cancel.at >= plan.submittedAt
+
+
 def restore(state: JoinState, plans: list[WorkflowPlan], results: list[TaskResult], markers: dict[str, Marker],
             now: int, cancels: list[Cancellation] = ()) -> None:
     """Rebuild ``state`` (new) from the changelog's surviving rows (what compaction would keep)."""
@@ -377,9 +391,9 @@ def describe_open(flow: Workflow) -> dict:
 
 def describe(state: JoinState, workflow_id: str) -> dict:
     """What this partition knows of ``workflow_id``: open (with its results), finished (its marker), or
-    unknown."""
+    unknown. A cancel waiting for a plan is not a workflow yet."""
     flow = state.open.get(workflow_id)
-    if flow is not None:
+    if flow is not None and (flow.plan is not None or flow.results):
         return describe_open(flow)
     marker = state.marker(workflow_id)
     if marker is not None:
@@ -390,7 +404,7 @@ def describe(state: JoinState, workflow_id: str) -> dict:
 
 def open_summaries(states: list[JoinState], limit: int) -> list[dict]:
     """The ``limit`` most recently started open workflows of these partitions, newest first."""
-    flows = heapq.nlargest(limit, (f for s in states for f in s.open.values()),
+    flows = heapq.nlargest(limit, (f for s in states for f in s.open.values() if f.plan is not None or f.results),
                            key=lambda f: f.plan.submittedAt if f.plan else f.firstSeen)
     out = []
     for f in flows:

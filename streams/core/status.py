@@ -144,7 +144,10 @@ def retry_request(final: WorkflowCompleted) -> tuple[dict, list[str]]:
     import json
     doc = json.loads(final.request)
     failed = [e.taskRef for e in final.errors if e.taskRef]
-    if any(not e.taskRef for e in final.errors) or not final.taskCount:
+    if final.status == "CANCELLED" and final.tasks:  # the tasks it had not made: the rest of the run
+        made = {o.taskRef for o in final.outputs}
+        failed = [t.taskRef for t in final.tasks if t.taskRef not in made]
+    elif any(not e.taskRef for e in final.errors) or not final.taskCount:
         failed = []  # the run failed as a whole (e.g. its source): every task again
     doc["workflowId"] = final.workflowId
     doc["retry"] = {"runId": final.runId, "taskRefs": failed, "outputs": [o.to_dict() for o in final.outputs]}

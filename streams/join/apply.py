@@ -101,21 +101,30 @@ class Applier:
             final = degraded(final, err)
             log.error("join: the final event of %s was refused %d times (%s); sending it %s %s without its "
                       "outputs", final.workflowId, tries, err, final.status, final.errors[0].code)
-        encoded = final.encode()
+        mirror = self.config.completed_json_topic
+        try:
+            encoded = final.encode()
+            doc = json.dumps(final.document(), separators=(",", ":")).encode() if mirror else b""
+        except Exception as exc:  # a bug, or bytes no check caught: one final event all the same, said loudly
+            log.exception("join: the final event of %s could not be written", final.workflowId)
+            final = degraded(final, None, f"could not be written: {type(exc).__name__}: {exc}")
+            encoded = final.encode()
+            doc = json.dumps(final.document(), separators=(",", ":")).encode()
         self.session.produce(self.topics.completed, key, encoded)
         if final.facts is not None:  # indexed by its source's bytes (the API's /v1/sources, /v1/similar)
             by_source = f"{final.facts.sha256}/{final.workflowId}".encode()
             if not self.session.given_up(self.topics.sources, by_source, f"the source record of {final.workflowId}"):
                 self.session.produce(self.topics.sources, by_source, encoded)
+        if final.status == CANCELLED:  # what the run uploads that the event does not list goes, once committed
+            self.session.txn.sweeps.append((final.workflowId, final.runId, frozenset(o.s3Uri for o in final.outputs)))
         if final.status == CANCELLED and final.runId:  # resize workers skip the run's tasks from here on
             cancel = serde.encode("Cancellation", {"workflowId": final.workflowId, "runId": final.runId,
                                                    "reason": "", "by": "join", "at": final.completedAt,
                                                    "applied": True})
             if not self.session.given_up(self.topics.cancellations, key, f"the cancel of {final.workflowId}"):
                 self.session.produce(self.topics.cancellations, key, cancel)
-        mirror = self.config.completed_json_topic
         if mirror and not self.session.given_up(mirror, key, f"the JSON mirror of {final.workflowId}'s final event"):
-            self.session.produce(mirror, key, json.dumps(final.document(), separators=(",", ":")).encode())
+            self.session.produce(mirror, key, doc)
         txn = self.session.txn
         self.stats["finals"] += 1
         txn.finals += 1
@@ -149,13 +158,15 @@ class Applier:
         self._dead_lettered.inc()
 
 
-def degraded(final: WorkflowCompleted, err: KafkaError | None) -> WorkflowCompleted:
-    """The final event the completed topic refused, made as small as it can be: FAILED with one error
-    saying why, without the per-output list, the request, the task list and the source's facts (the outputs
-    stay in the bucket)."""
+def degraded(final: WorkflowCompleted, err: KafkaError | None, unwritable: str = "") -> WorkflowCompleted:
+    """The final event the completed topic refused (or that could not be written: ``unwritable`` says why),
+    made as small as it can be: FAILED with one error saying why, without the per-output list, the request,
+    the task list and the source's facts (the outputs stay in the bucket)."""
     too_large = err is not None and err.code() in TOO_LARGE
-    code = "FINAL_TOO_LARGE" if too_large else "FINAL_REFUSED"
-    message = (f"the final event ({final.status}, {len(final.outputs)} of {final.taskCount} outputs) was refused by "
-               f"the completed topic: {err.str() if err is not None else 'unknown error'}; sent without its outputs")
+    code = "FINAL_UNWRITABLE" if unwritable else "FINAL_TOO_LARGE" if too_large else "FINAL_REFUSED"
+    why = unwritable or (f"was refused by the completed topic: "
+                         f"{err.str() if err is not None else 'unknown error'}")
+    message = (f"the final event ({final.status}, {len(final.outputs)} of {final.taskCount} outputs) {why}; "
+               f"sent without its outputs")
     return replace(final, status=FAILED, fileLocations=(), outputs=(), request="", tasks=(), facts=None,
                    errors=(TaskError(taskRef="", code=code, message=message[:1000]),))

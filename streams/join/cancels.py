@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from streams import serde
 from streams.adapters.kafka import client_config, dead_letter_headers, producer_config
 from streams.config import Config
 from streams.core.cancels import decode_cancellation
-from streams.core.errors import RequestInvalid
 from streams.metrics import DEAD_LETTERS
 
 log = logging.getLogger("imagefork")
@@ -48,52 +47,66 @@ class CancelForwarder:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            batch = []
             try:
-                batch = self.consumer.consume(500, 0.5)
-                sent = [self._forward(m) for m in batch if m.error() is None]
-                if any(sent):
-                    left = self.producer.flush(30)
-                    if left:
-                        raise KafkaException(f"{left} cancel(s) not delivered to {self.topics.events}")
-                if batch:
-                    self.consumer.commit(asynchronous=False)
-            except KafkaException as exc:  # not committed: read again once the broker answers
-                log.warning("join: forwarding cancels: %s", exc)
-                self._rewind()
-                self._stop.wait(1.0)
-            except Exception:  # a bug must not end cancels for good
-                log.exception("join: forwarding cancels failed")
-                self._rewind()
+                batch = [m for m in self.consumer.consume(500, 0.5) if m.error() is None]
+                if not batch:
+                    continue
+                failed: list[str] = []
+                for msg in batch:
+                    self._forward(msg, failed)
+                left = self.producer.flush(30)
+                if left or failed:
+                    raise KafkaException(f"{left} record(s) not confirmed, {len(failed)} refused"
+                                         f"{': ' + failed[0] if failed else ''}")
+                self.consumer.commit(asynchronous=False)
+            except Exception as exc:  # not committed: the batch is read again once the broker answers
+                log.warning("join: forwarding cancels: %s: %s", type(exc).__name__, exc)
+                self._rewind(batch)
                 self._stop.wait(1.0)
 
-    def _rewind(self) -> None:
-        try:
-            committed = self.consumer.committed(self.consumer.assignment(), timeout=10)
-            for tp in committed:
-                if tp.offset >= 0:
-                    self.consumer.seek(tp)
-        except (KafkaException, RuntimeError) as exc:
-            log.debug("join: rewinding the cancels consumer: %s", exc)
+    def _rewind(self, batch: list) -> None:
+        """Back to the first record of ``batch`` on each partition (what is committed may be nothing yet)."""
+        first: dict[tuple[str, int], int] = {}
+        for msg in batch:
+            first.setdefault((msg.topic(), msg.partition()), msg.offset())
+        for (topic, p), offset in first.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, p, offset))
+            except (KafkaException, RuntimeError) as exc:  # not assigned any more: its new owner reads it
+                log.debug("join: rewinding %s[%d]: %s", topic, p, exc)
 
-    def _forward(self, msg) -> bool:
+    def _forward(self, msg, failed: list[str]) -> None:
+        """One record: forwarded, skipped (the join's own), or dead-lettered with the reason; never raises
+        for what the record holds."""
+        def delivered(err, _msg):
+            if err is not None:
+                failed.append(str(err))
+        if msg.value() is None:
+            return  # a tombstone: compaction's, not a cancel
         try:
             cancel = decode_cancellation(msg.key(), msg.value())
-        except (RequestInvalid, serde.SerdeError) as exc:
-            self._dead_letter(msg, str(exc))
-            return False
-        if cancel.applied:
-            return False  # the join's own record: the run is over already
-        self.producer.produce(self.topics.events, key=cancel.workflowId.encode(),
-                              value=serde.encode_join_event("Cancellation", cancel.to_dict()))
+            if cancel.applied and cancel.by == "join":
+                return  # the join's own record: the run is over already
+            value = serde.encode_join_event("Cancellation", cancel.to_dict())
+        except Exception as exc:  # RequestInvalid, SerdeError, or what a hostile value makes of the encoder
+            return self._dead_letter(msg, f"{type(exc).__name__}: {exc}"[:1000], delivered)
+        self.producer.produce(self.topics.events, key=cancel.workflowId.encode(), value=value, on_delivery=delivered)
         self.forwarded += 1
         log.info("join: cancel of %s%s forwarded (by %s)", cancel.workflowId,
                  f" run {cancel.runId}" if cancel.runId else "", cancel.by or "a Kafka client")
-        return True
 
-    def _dead_letter(self, msg, reason: str) -> None:
+    def _dead_letter(self, msg, reason: str, delivered) -> None:
         where = {"topic": msg.topic(), "partition": str(msg.partition()), "offset": str(msg.offset())}
         log.warning("join: dead-lettered %s: not a cancel: %s", where, reason)
-        headers = [*(msg.headers() or []), *dead_letter_headers("NOT_A_CANCEL", reason, where).items(),
+        headers = [*(msg.headers() or [])[:50], *dead_letter_headers("NOT_A_CANCEL", reason, where).items(),
                    ("imagefork.attempts", b"1"), ("imagefork.agent", b"join")]
-        self.producer.produce(self.topics.dead_letter, key=msg.key(), value=msg.value(), headers=headers)
+        value = msg.value()
+        try:
+            self.producer.produce(self.topics.dead_letter, key=msg.key(), value=value, headers=headers,
+                                  on_delivery=delivered)
+        except (KafkaException, BufferError, ValueError):  # too large for the dead-letter topic: its start only
+            headers.append(("imagefork.truncated", str(len(value or b"")).encode()))
+            self.producer.produce(self.topics.dead_letter, key=(msg.key() or b"")[:1024], value=(value or b"")[:65536],
+                                  headers=headers, on_delivery=delivered)
         DEAD_LETTERS.labels("join", "NOT_A_CANCEL").inc()

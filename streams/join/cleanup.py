@@ -1,5 +1,6 @@
-"""Deletes the staged sources of finished workflows (and the outputs a cancelled run made after its final event): in batches (one S3 request per 1,000 keys), on a
-thread of its own, so that a burst of final events costs the join a queue append each."""
+"""Deletes the staged sources of finished workflows, in batches (one S3 request per 1,000 keys), and the
+objects of a cancelled run that its final event does not list, on a thread of its own, so that a burst of
+final events costs the join a queue append each."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ import threading
 import time
 
 from streams.adapters.objectstore import ObjectStore, parse_s3_uri
-from streams.core.errors import SourceNotFound
+from streams.core.errors import PipelineError
 from streams.core.planning import staging_key
 
 log = logging.getLogger("imagefork")
@@ -17,33 +18,36 @@ log = logging.getLogger("imagefork")
 class SourceCleaner:
     BATCH = 1000
 
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, output_prefix: str = ""):
         self.store = store
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.output_prefix = output_prefix
+        # a key to delete, or (workflow id, run id, keys or None: all under the workflow's prefix, keys kept)
+        self._queue: queue.SimpleQueue[str | tuple | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="cleanup", daemon=True)
         self._thread.start()
 
     def delete(self, key: str) -> None:
         self._queue.put(key)
 
-    def committed(self, staged: list[tuple[str, str]], orphans: list[str], prefix: str) -> None:
-        """What a committed transaction leaves to delete: the staged sources of the runs it finished and the
-        outputs made for cancelled runs after their final events."""
+    def committed(self, staged: list[tuple[str, str]], orphans: list[tuple[str, str, str]],
+                  sweeps: list[tuple[str, str, frozenset[str]]], prefix: str) -> None:
+        """What a committed transaction leaves to delete: the staged sources of the runs it finished; the
+        outputs made for cancelled runs after their final events; and what a cancelled run uploaded that its
+        final event does not list (a task under way whose result will come, or never will)."""
         for workflow_id, run_id in staged:
             self.delete(staging_key(prefix, workflow_id, run_id))
-        for uri in orphans:
-            self.delete_uri(uri)
+        self.orphaned(orphans)
+        for workflow_id, run_id, listed in sweeps:
+            self._queue.put((workflow_id, run_id, None, listed))
 
-    def delete_uri(self, uri: str) -> None:
-        """An object named by its s3:// URI, if it is in the bucket this cleaner deletes from."""
-        try:
-            bucket, key = parse_s3_uri(uri)
-        except SourceNotFound:
-            bucket, key = "", ""
-        if bucket == self.store.bucket and key:
-            self.delete(key)
-        else:
-            log.warning("join: not deleting %s: not an object of bucket %s", uri, self.store.bucket)
+    def orphaned(self, orphans: list[tuple[str, str, str]]) -> None:
+        for uri, workflow_id, run_id in orphans:
+            try:
+                bucket, key = parse_s3_uri(uri)
+            except PipelineError:
+                continue
+            if bucket == self.store.bucket:
+                self._queue.put((workflow_id, run_id, [key], frozenset()))
 
     def finished_after_all(self, staged: list[tuple[str, str]], states: dict, partition_of, prefix: str) -> None:
         """After an abort: delete the staged sources of the runs that the restored (committed) ``states`` show
@@ -64,28 +68,47 @@ class SourceCleaner:
     def _run(self) -> None:
         closing = False
         while not closing:
-            first = self._queue.get()
-            batch = [] if first is None else [first]
-            closing = first is None
-            while len(batch) < self.BATCH:
+            item = self._queue.get()
+            batch: list[str] = []
+            while item is not None:
+                if isinstance(item, tuple):
+                    batch.extend(self._of_run(*item))
+                else:
+                    batch.append(item)
+                if len(batch) >= self.BATCH:
+                    break
                 try:
-                    key = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if key is None:
-                    closing = True
-                    break
-                batch.append(key)
+            closing = item is None
             if batch:
                 self._delete(batch)
+
+    def _of_run(self, workflow_id: str, run_id: str, keys: list[str] | None, listed: frozenset[str]) -> list[str]:
+        """The keys among ``keys`` (None: every key under the workflow's output prefix) whose URIs are not listed and
+        hold an object that run wrote (the key is the task's in every run: a retry's own object stays)."""
+        prefix = f"{self.output_prefix}{workflow_id}/"
+        try:
+            keys = self.store.list_keys(prefix) if keys is None else keys
+            mine = []
+            for key in keys:
+                if key.startswith(prefix) and self.store.uri(key) not in listed:
+                    head = self.store.head(key)
+                    if head is not None and (head.get("Metadata") or {}).get("imagefork-run") == run_id:
+                        mine.append(key)
+            return mine
+        except Exception as exc:  # best effort: a leftover output is only storage
+            log.warning("join: looking for outputs of cancelled run %s of %s failed: %s", run_id, workflow_id, exc)
+            return []
 
     def _delete(self, keys: list[str]) -> None:
         for attempt in range(3):
             try:
                 failed = self.store.delete_many(keys)
                 if failed:
-                    log.warning("could not delete %d staged source(s), e.g. %s", len(failed), failed[0])
+                    log.warning("could not delete %d object(s), e.g. %s", len(failed), failed[0])
                 return
-            except Exception as exc:  # best effort: a leftover staged copy is only storage
-                log.warning("deleting %d staged source(s) failed (%s); attempt %d", len(keys), exc, attempt + 1)
+            except Exception as exc:  # best effort: a leftover copy is only storage
+                log.warning("deleting %d object(s) failed (%s); attempt %d", len(keys), exc, attempt + 1)
                 time.sleep(1.0 + attempt)

@@ -95,7 +95,7 @@ class JoinWorker:
         self.apply = Applier(config, self.session, self.stats)
         store = ObjectStore(config)
         self.repair = Repairer(config, store)
-        self.cleanup = SourceCleaner(store)
+        self.cleanup = SourceCleaner(store, config.output_prefix)
         self.cancels = CancelForwarder(config)
         self.stopping = False
         self.ready = False
@@ -208,7 +208,7 @@ class JoinWorker:
         self.stats["events"] += txn.events
         self.partitions.positions.update(txn.offsets)
         counted(txn, self.partitions.states)
-        self.cleanup.committed(txn.after, txn.orphans, self.config.staging_prefix)
+        self.cleanup.committed(txn.after, txn.orphans, txn.sweeps, self.config.staging_prefix)
         txn.close()
         return True
 
@@ -218,7 +218,9 @@ class JoinWorker:
         if err.fatal():
             raise JoinFatal(f"join transaction failed for good: {err}") from None
         self.stats["aborts"] += 1
-        staged = list(self.session.txn.after)  # its commit may have gone through all the same (a call timed out)
+        txn = self.session.txn
+        staged = list(txn.after)  # its commit may have gone through all the same (a call timed out)
+        self.cleanup.committed([], list(txn.orphans), list(txn.sweeps), "")  # a cancelled run's, either way
         self.session.aborted(err)
         if self.session.aborts_in_a_row > 1:  # the same failure again: no hot loop of restores
             time.sleep(min(5.0, 0.2 * 2 ** min(self.session.aborts_in_a_row, 5)))

@@ -117,7 +117,8 @@ class Checkpoint:
         self.open, self.since = False, 0.0
         self.offsets: dict[int, int] = {}  # next offset per events partition, committed with it
         self.after: list[tuple[str, str]] = []  # (workflow id, run id) whose staged source goes once committed
-        self.orphans: list[str] = []  # s3:// URIs of outputs made for cancelled runs: deleted once committed
+        self.orphans: list[tuple[str, str, str]] = []  # (uri, workflow, run): outputs made after a cancel's final
+        self.sweeps: list[tuple[str, str, frozenset[str]]] = []  # (workflow, run, URIs listed) of cancelled runs
         self.events = 0
         self.finals = 0  # final events wait in it: commit at once
         self.finished: list[tuple[str, float]] = []  # (status, seconds) of its final events, counted once committed
