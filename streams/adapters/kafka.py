@@ -175,7 +175,7 @@ def topic_specs(config: Config) -> dict[str, dict]:
         t.events: {"retention.ms": day},
         t.completed: {"retention.ms": week, "max.message.bytes": str(MAX_MESSAGE_BYTES)},
         t.notices: {"retention.ms": day},
-        t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000)},
+        t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000), "max.message.bytes": str(MAX_MESSAGE_BYTES + 65536)},
         # resize's crash ledger: a row per source and partition while its tasks run, a tombstone after
         t.task_attempts: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),
                           "min.cleanable.dirty.ratio": "0.2", "delete.retention.ms": str(3600 * 1000)},

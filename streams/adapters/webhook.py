@@ -7,6 +7,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import time
 from typing import Sequence
 from urllib.parse import urlsplit
 
@@ -28,7 +29,9 @@ class Undelivered(Exception):
 
 def post(url: str, body: bytes, headers: dict[str, str], allow: Sequence[Network], timeout_s: float,
          cafile: str = "", resolver: Resolver = _resolve) -> int:
-    """The HTTP status the receiver answered; Undelivered when it gave none."""
+    """The HTTP status the receiver answered; Undelivered when it gave none. Connecting takes at most
+    ``timeout_s`` per address tried (a few at most); once connected, sending and the whole answer (a
+    receiver that trickles it a byte at a time too) take at most ``timeout_s`` together."""
     parts = urlsplit(url)
     host, scheme = parts.hostname or "", parts.scheme.lower()
     try:
@@ -47,6 +50,7 @@ def post(url: str, body: bytes, headers: dict[str, str], allow: Sequence[Network
     try:
         conn.connect()
         conn.sock.settimeout(timeout_s)
+        conn.sock.headers_due = time.monotonic() + timeout_s  # every read after this: within the time left
         conn.request("POST", path, body=body, headers=headers)
         resp = conn.getresponse()
         resp.read(MAX_ANSWER)
@@ -59,6 +63,8 @@ def post(url: str, body: bytes, headers: dict[str, str], allow: Sequence[Network
         raise Undelivered(f"{host} did not answer within {timeout_s:.0f}s", retry=True) from None
     except (ConnectionError, OSError, http.client.HTTPException) as exc:
         raise Undelivered(f"{host}: {type(exc).__name__}: {str(exc)[:120]}", retry=True) from None
+    except (ValueError, UnicodeError) as exc:  # what http.client refuses to send (a URL or header it cannot)
+        raise Undelivered(f"cannot call {url[:200]}: {type(exc).__name__}: {str(exc)[:120]}", retry=False) from None
     finally:
         conn.close()
 

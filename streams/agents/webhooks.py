@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from streams import serde
 from streams.adapters.http import serve
-from streams.adapters.kafka import client_config, dead_letter_headers, producer_config
+from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, dead_letter_headers, producer_config
 from streams.adapters.source import USER_AGENT
 from streams.adapters.webhook import Undelivered, post
 from streams.config import Config
@@ -102,7 +102,7 @@ class WebhookSender:
         self.consumer = Consumer(client_config(config, **{
             "group.id": config.group_id("webhook"), "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "isolation.level": "read_committed", "partition.assignment.strategy": "cooperative-sticky"}))
-        self.producer = Producer(producer_config(config))
+        self.producer = Producer(producer_config(config, **{"message.max.bytes": MAX_MESSAGE_BYTES + 65536}))
         self.pool = ThreadPoolExecutor(config.webhook_concurrency, thread_name_prefix="webhook")
         self.offsets = Offsets()
         self.stopping = threading.Event()
@@ -142,16 +142,34 @@ class WebhookSender:
 
     def _take(self, msg) -> None:
         topic, p, offset = msg.topic(), msg.partition(), msg.offset()
-        try:
-            final = WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value() or b""))
-        except serde.SerdeError as exc:
-            log.warning("webhook: %s[%d:%d] is not a final event (%s); skipped", topic, p, offset, exc)
-            return self.offsets.take(topic, p, offset, done=True)
-        url = callback_of(final)
-        if url is None:
-            return self.offsets.take(topic, p, offset, done=True)
         self.offsets.take(topic, p, offset)
-        self.pool.submit(self._deliver, msg.value(), final, url, (topic, p, offset))
+        self.pool.submit(self._handle, msg.key(), msg.value() or b"", (topic, p, offset))
+
+    def _handle(self, key: bytes | None, raw: bytes, where: tuple[str, int, int]) -> None:
+        """One record: decoded (a version this process does not know yet is asked for again for a minute:
+        its writer publishes it), then delivered if it has a callbackUrl; whatever goes wrong, it ends
+        delivered, dead-lettered, or not done (so it comes again): never skipped."""
+        try:
+            final = self._decoded(raw)
+            if final is None:
+                return self._dead_letter(raw, key, None, "", "WEBHOOK_UNREADABLE",
+                                         "not a final event this role can read", 0, where)
+            url = callback_of(final)
+            if url is None:
+                return self.offsets.done(*where)
+            self._deliver_with_retries(raw, final, url, where)
+        except Exception as exc:  # a bug, or what a receiver's URL makes of the HTTP client: dead-lettered
+            log.exception("webhook: delivering %s[%d:%d] failed", *where)
+            self._dead_letter(raw, key, None, "", "WEBHOOK_FAILED", f"{type(exc).__name__}: {exc}"[:1000], 0, where)
+
+    def _decoded(self, raw: bytes) -> WorkflowCompleted | None:
+        for _ in range(20):
+            try:
+                return WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", raw))
+            except serde.SerdeError as exc:
+                if "does not know" not in str(exc) or self.stopping.wait(3.0):
+                    return None
+        return None
 
     def _commit(self) -> None:
         ready = self.offsets.committable()
@@ -166,12 +184,6 @@ class WebhookSender:
             log.warning("webhook: committing offsets: %s", exc)
 
     # --- one delivery ------------------------------------------------------------------------------
-    def _deliver(self, raw: bytes, final: WorkflowCompleted, url: str, where: tuple[str, int, int]) -> None:
-        try:
-            self._deliver_with_retries(raw, final, url, where)
-        except Exception:  # a bug must not lose the delivery silently: it stays undone, so it comes again
-            log.exception("webhook: delivering %s failed", final.workflowId)
-
     def _deliver_with_retries(self, raw: bytes, final: WorkflowCompleted, url: str, where) -> None:
         body = json.dumps({"event": "workflow.completed", **final.document()}, separators=(",", ":")).encode()
         key = f"{final.workflowId}:{final.runId}"
@@ -196,9 +208,8 @@ class WebhookSender:
             if result == REFUSED or attempt == cfg.webhook_max_tries:
                 code = "WEBHOOK_REFUSED" if result == REFUSED else "WEBHOOK_UNDELIVERED"
                 self._record(final, url, "FAILED", attempt, status, why)
-                self._dead_letter(raw, final, url, code, f"{why} (after {attempt} tries)", attempt, where)
-                WEBHOOKS.labels("FAILED").inc()
-                return self.offsets.done(*where)
+                return self._dead_letter(raw, final.workflowId.encode(), final, url, code,
+                                         f"{why} (after {attempt} tries)", attempt, where)
             pause = backoff_s(attempt, cfg.webhook_delay_s, cfg.webhook_max_delay_s)
             self._record(final, url, "RETRYING", attempt, status, why, now_ms() + int(pause * 1000))
             log.info("webhook: %s run %s: %s from %s; try %d of %d in %.1fs", final.workflowId, final.runId, why,
@@ -213,15 +224,29 @@ class WebhookSender:
                                 "at": now_ms(), "nextAt": next_at}))
         self.producer.poll(0)
 
-    def _dead_letter(self, raw: bytes, final, url: str, code: str, reason: str, attempts: int, where) -> None:
-        """The final event, on the dead-letter topic; its origin is the redeliver topic, so replaying it
-        (`imagefork dlq replay --to origin ID`) gives it to this role again, not a second final event."""
-        log.warning("webhook: %s run %s not delivered to %s: %s", final.workflowId, final.runId, url, reason)
-        origin = {"topic": self.topics.webhook_redeliver, "partition": str(where[1]), "offset": str(where[2])}
+    def _dead_letter(self, raw: bytes, key: bytes | None, final, url: str, code: str, reason: str, attempts: int,
+                     where: tuple[str, int, int]) -> None:
+        """The final event, on the dead-letter topic; its offset is done once the broker has it (until then
+        it is not: a dead letter lost comes again). Its origin header names the redeliver topic, so replaying
+        it (`imagefork dlq replay --to origin ID`) gives it to this role again, not a second final event;
+        where it was read is in ``imagefork.webhook.from``."""
+        log.warning("webhook: %s not delivered to %s: %s", final.workflowId if final else key, url or "-", reason)
+        origin = {"topic": self.topics.webhook_redeliver}
         headers = [*dead_letter_headers(code, reason, origin).items(), ("imagefork.attempts", str(attempts).encode()),
-                   ("imagefork.agent", b"webhook"), ("imagefork.webhook.url", url.encode())]
-        self.producer.produce(self.topics.dead_letter, key=final.workflowId.encode(), value=raw, headers=headers)
-        DEAD_LETTERS.labels("webhook", code).inc()
+                   ("imagefork.agent", b"webhook"), ("imagefork.webhook.url", url.encode("utf-8", "replace")),
+                   ("imagefork.webhook.from", "%s/%d/%d".encode() % (where[0].encode(), where[1], where[2]))]
+
+        def acked(err, _msg):
+            if err is None:
+                self.offsets.done(*where)
+                WEBHOOKS.labels("FAILED").inc()
+                DEAD_LETTERS.labels("webhook", code).inc()
+            else:  # not done: the event is read and tried again after a restart; said loudly meanwhile
+                log.error("webhook: the dead letter of %s[%d:%d] was refused (%s)", *where, err)
+        try:
+            self.producer.produce(self.topics.dead_letter, key=key, value=raw, headers=headers, on_delivery=acked)
+        except (KafkaException, BufferError) as exc:
+            log.error("webhook: the dead letter of %s[%d:%d] could not be sent (%s)", *where, exc)
 
     # --- partitions come and go ---------------------------------------------------------------------
     def _assigned(self, consumer, partitions) -> None:

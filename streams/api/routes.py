@@ -286,7 +286,8 @@ class Api:
         if doc is None:
             return not_found(workflow_id)
         delivery = self.deliveries.get(workflow_id)  # its callbackUrl's delivery (streams/agents/webhooks.py)
-        return web.json_response({**doc, "webhook": delivery} if delivery else doc)
+        mine = delivery is not None and delivery["runId"] == doc.get("runId")  # not an earlier run's
+        return web.json_response({**doc, "webhook": delivery} if mine else doc)
 
     async def source(self, request):
         """The workflows made from one source's bytes, and its facts."""

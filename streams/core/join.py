@@ -301,11 +301,9 @@ class JoinState:
 
 
 def cancels(cancel: Cancellation, plan: WorkflowPlan) -> bool:
-    """Whether ``cancel`` is for ``plan``'s run: it names that run, or names none and came after the run was
-    submitted (a cancel of an id's earlier run, delivered again late, does not end a new run)."""
-    if cancel.runId:
-        return cancel.runId == plan.runId
-    return cancel.at >= plan.submittedAt
+    """Whether ``cancel`` is for ``plan``'s run: it names that run, or none (the open one, or the next
+    planned: a request waits in the planner's backlog, or at its source, before its plan comes)."""
+    return cancel.runId in ("", plan.runId)
 
 
 def restore(state: JoinState, plans: list[WorkflowPlan], results: list[TaskResult], markers: dict[str, Marker],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from urllib.parse import urlsplit
 
 SIGNATURE_HEADER = "Imagefork-Signature"
@@ -28,15 +29,18 @@ def sign(secret: bytes, body: bytes, t: int) -> str:
 def verify(secret: bytes, body: bytes, header: str, now: float, tolerance_s: int = TOLERANCE_S) -> bool:
     """What a receiver does with ``Imagefork-Signature`` (any ``v1`` of the header may match: a secret being
     rotated is signed with both)."""
+    if not isinstance(header, str) or len(header) > 4096:
+        return False
     parts = [p.split("=", 1) for p in header.split(",") if "=" in p]
-    stamps = [v for k, v in parts if k.strip() == "t"]
-    if len(stamps) != 1 or not stamps[0].strip().isdigit():
+    stamps = [v.strip() for k, v in parts if k.strip() == "t"]
+    if len(stamps) != 1 or not re.fullmatch(r"[0-9]{1,12}", stamps[0], re.ASCII):
         return False
     t = int(stamps[0])
     if abs(now - t) > tolerance_s:
         return False
-    expected = sign(secret, body, t).split("v1=", 1)[1]
-    return any(hmac.compare_digest(expected, v.strip()) for k, v in parts if k.strip() == "v1")
+    expected = sign(secret, body, t).split("v1=", 1)[1].encode()
+    return any(hmac.compare_digest(expected, v.strip().encode("utf-8", "replace"))
+               for k, v in parts if k.strip() == "v1")
 
 
 def outcome(status: int) -> str:
@@ -76,4 +80,6 @@ def callback_problem(url) -> str | None:
         return "must not have a #fragment"
     if any(c.isspace() or ord(c) < 32 for c in url):
         return "must not contain spaces or control characters"
+    if not url.isascii():
+        return "must be ASCII (percent-encode the rest, as an HTTP request line must)"
     return None

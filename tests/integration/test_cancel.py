@@ -6,8 +6,8 @@
   half its tasks ran and none finished later than shortly after the cancel was acknowledged;
 - a finished workflow is 409, an unknown one 404;
 - a JSON cancel written to the cancellations topic by a client without the API (no run id) ends its run;
-  one cancelled before its plan came ends when the plan comes, with no output; a message that is not a
-  cancel is dead-lettered with the reason;
+  one that comes before its plan ends the run when the plan comes, with no output; a message that is not
+  a cancel is dead-lettered with the reason;
 - ``imagefork cancel`` waits for the CANCELLED final event (exit code 3), refuses a finished workflow
   (exit code 1); ``imagefork get`` of a cancelled workflow fetches what was made and exits 3.
 """
@@ -116,14 +116,20 @@ def test_kafka_clients_and_the_cli_cancel_too(make_pipeline, files, tmp_path):
     p.client.producer.produce(p.config.topics.cancellations, key=wf.encode(),
                               value=json.dumps({"workflowId": wf, "reason": "from a script", "by": "ops"}).encode())
     p.client.producer.flush(10)
-    # a cancel that comes before its workflow: the plan ends it at once
+    # a cancel that comes before its workflow (the request waits in the planner's backlog, or at its source):
+    # the plan ends it at once
     early = f"early-{uuid.uuid4().hex[:8]}"
     p.client.producer.produce(p.config.topics.cancellations, key=early.encode(),
                               value=json.dumps({"workflowId": early}).encode())
     # a message that is not a cancel
     p.client.producer.produce(p.config.topics.cancellations, key=b"junk", value=b"\x00\x01 not a cancel")
     p.client.producer.flush(10)
-    time.sleep(1.0)
+
+    def cancel_read():  # forwarded to the events topic, and the join committed past it
+        found = [(part, off) for part, off, kind in p.events(early) if kind == "Cancellation"]
+        committed = p.join_committed()
+        return bool(found) and all(committed.get(part, -1) > off for part, off in found)
+    assert wait_until(cancel_read, 60, interval=0.3), p.logs()
     p.submit(wide(files, early, 3), early)
     finals = {f.workflowId: f for f in p.finals_for([wf, early])}
     assert finals[wf].status == "CANCELLED" and "by ops: from a script" in finals[wf].errors[0].message

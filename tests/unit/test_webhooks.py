@@ -141,3 +141,87 @@ def test_offsets_commit_only_a_done_prefix_per_partition():
     o.drop({("c", 0)})
     o.done("c", 0, 9)  # finished after its partition went: nothing to commit here
     assert o.committable() == [] and o.under_way() == 0
+
+
+@pytest.mark.parametrize("header", ["t=\u00b2,v1=ab", "t=1,v1=\u00e9\u00e9", "t=" + "9" * 5000 + ",v1=ab", "", "t=,v1=",
+                                    "v1=ab,v1=cd", "t=1,t=2,v1=ab", "garbage" * 1000])
+def test_a_hostile_signature_header_is_refused_not_an_error(header):
+    assert verify(SECRET, b"{}", header, now=1) is False
+
+
+def test_a_url_that_is_not_ascii_is_refused_with_the_request():
+    assert "ASCII" in callback_problem("https://h/caf\u00e9")
+    assert callback_problem("https://h/caf%C3%A9") is None
+
+
+class Trickler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(40):  # a header byte every 0.1 s: each read is quick, the answer never ends in time
+            self.wfile.write(b"X")
+            self.wfile.flush()
+            time.sleep(0.1)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_at_the_timeout():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(Undelivered) as caught:
+            post(f"http://127.0.0.1:{server.server_address[1]}/", b"{}", {}, LOOPBACK, 1.0)
+        assert caught.value.retry and time.monotonic() - started < 2.5
+    finally:
+        server.shutdown()
+
+
+class FakeProducer:
+    def __init__(self, fail: bool = False):
+        self.sent, self.fail = [], fail
+
+    def produce(self, topic, key=None, value=None, headers=None, on_delivery=None):
+        self.sent.append((topic, key, value, dict(headers or [])))
+        if on_delivery is not None:
+            on_delivery("refused" if self.fail else None, None)
+
+    def poll(self, timeout=0):
+        return 0
+
+
+def sender(producer):
+    from streams.agents.webhooks import WebhookSender
+    from streams.config import Config
+    s = WebhookSender.__new__(WebhookSender)
+    s.config, s.topics, s.secret, s.allow = Config(webhook_max_tries=1), Config().topics, SECRET, LOOPBACK
+    s.producer, s.offsets, s.stopping = producer, Offsets(), threading.Event()
+    return s
+
+
+def test_what_the_role_cannot_read_or_call_is_dead_lettered_never_skipped():
+    from streams import serde
+    final = WorkflowCompleted("w", None, "COMPLETED", "x", (), (), (), 0, 1, 2,
+                              request='{"callbackUrl": "http://127.0.0.1:1/x"}', runId="r1")
+    for raw, code in [(b"garbage", b"WEBHOOK_UNREADABLE"), (serde.encode("WorkflowCompleted", final.to_dict()),
+                                                            b"WEBHOOK_UNDELIVERED")]:
+        s = sender(FakeProducer())
+        s.offsets.take("c", 0, 7)
+        s._handle(b"w", raw, ("c", 0, 7))
+        dead = [m for m in s.producer.sent if m[0] == s.topics.dead_letter]
+        assert [m[3]["imagefork.error.code"] for m in dead] == [code] and dead[0][2] == raw
+        assert dead[0][3]["imagefork.source.topic"] == s.topics.webhook_redeliver.encode()
+        assert [(tp.partition, tp.offset) for tp in s.offsets.committable()] == [(0, 8)]  # done once it is acked
+    # a dead letter the broker refuses: the event is not done, so it comes again
+    s = sender(FakeProducer(fail=True))
+    s.offsets.take("c", 0, 7)
+    s._handle(b"w", b"garbage", ("c", 0, 7))
+    assert s.offsets.committable() == [] and s.offsets.under_way() == 1
+    # a final event without a callbackUrl: done at once, nothing sent
+    s = sender(FakeProducer())
+    s.offsets.take("c", 0, 9)
+    s._handle(b"w", serde.encode("WorkflowCompleted", WorkflowCompleted(
+        "w", None, "COMPLETED", "x", (), (), (), 0, 1, 2).to_dict()), ("c", 0, 9))
+    assert s.producer.sent == [] and [(tp.offset) for tp in s.offsets.committable()] == [10]
