@@ -165,27 +165,36 @@ def _cancel(args) -> int:
     return exit_code(final.status)
 
 
-def _retry(args) -> int:
-    """Run a finished workflow's failed and timed-out tasks again, keeping its outputs (as the API's
-    ``POST /v1/workflows/{id}/retry``): one more run of the same id, with one more final event."""
+def _last_final(config: Config, workflow_id: str, timeout: float, after: str = ""):
+    """The workflow's last final event on the completed topic, or the exit code (1) once the reason it is
+    not there is printed."""
     from confluent_kafka import KafkaException
 
-    from streams.adapters.schemas import install_resolver  # start-up: only this command loads it
+    from streams.adapters.kafka import KafkaUnavailable  # start-up: only the commands that read finals load it
+    from streams.adapters.schemas import install_resolver
     from streams.client import consume_completed
-    from streams.core.status import retry_request, retryable
-    config = Config.from_env()
-    workflow_id = args.workflow_id
-    install_resolver(config)
+    install_resolver(config)  # final events written by newer workers decode too
     try:
-        finals = consume_completed(config, [workflow_id], args.timeout)
-    except KafkaException as exc:
+        finals = consume_completed(config, [workflow_id], timeout)
+    except (KafkaException, KafkaUnavailable, TimeoutError) as exc:
         print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
         return 1
     if not finals:
         print(f"imagefork: no final event for workflow {workflow_id} on {config.topics.completed} (an unknown id, "
-              f"a workflow still running, or one past the topic's retention): nothing to retry", file=sys.stderr)
+              f"a workflow still running, or one past the topic's retention){after}", file=sys.stderr)
         return 1
-    final = finals[-1]
+    return finals[-1]
+
+
+def _retry(args) -> int:
+    """Run a finished workflow's failed and timed-out tasks again, keeping its outputs (as the API's
+    ``POST /v1/workflows/{id}/retry``): one more run of the same id, with one more final event."""
+    from streams.core.status import retry_request, retryable  # start-up: only this command loads it
+    config = Config.from_env()
+    workflow_id = args.workflow_id
+    final = _last_final(config, workflow_id, args.timeout, ": nothing to retry")
+    if isinstance(final, int):
+        return final
     ok, why = retryable(final)
     if not ok:
         print(f"imagefork: workflow {workflow_id} cannot be retried: {why}", file=sys.stderr)
@@ -201,28 +210,15 @@ def _get(args) -> int:
     """The outputs of a finished workflow, found by its final event on the completed topic: downloaded,
     or (``--urls``) one URL per line. An unknown id, or a workflow that did not complete, is one line
     and exit code 1."""
-    from confluent_kafka import KafkaException
-
-    from streams.adapters.kafka import KafkaUnavailable  # start-up: only this command loads it
-    from streams.adapters.schemas import install_resolver
-    from streams.client import consume_completed
-    from streams.core.errors import PipelineError
+    from streams.core.errors import PipelineError  # start-up: only this command loads it
     config = Config.from_env()
     workflow_id = args.workflow_id
     if args.dir is None and workflow_id in (".", ".."):
         print(f"imagefork: workflow id {workflow_id!r} names no folder of its own: give --dir", file=sys.stderr)
         return 2
-    install_resolver(config)  # final events written by newer workers decode too
-    try:
-        finals = consume_completed(config, [workflow_id], args.timeout)
-    except (KafkaException, KafkaUnavailable, TimeoutError) as exc:
-        print(f"imagefork: {kafka_failure(config, exc)}; {NO_BROKER_HINT}", file=sys.stderr)
-        return 1
-    if not finals:
-        print(f"imagefork: no final event for workflow {workflow_id} on {config.topics.completed} "
-              f"(an unknown id, a workflow still running, or one past the topic's retention)", file=sys.stderr)
-        return 1
-    final = finals[-1]
+    final = _last_final(config, workflow_id, args.timeout)
+    if isinstance(final, int):
+        return final
     if final.status == "CANCELLED":
         print(f"imagefork: workflow {workflow_id} was cancelled: {len(final.outputs)} of {final.taskCount} "
               f"outputs were made", file=sys.stderr)
