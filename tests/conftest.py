@@ -102,6 +102,12 @@ LONG = {
         "a cluster of its own on small disks; test_broker_restart_mid_run stops the broker in `make test`",
     "tests/integration/test_hosts.py::test_a_broker_paused_past_the_request_timeout":
         "a 42 s pause of a broker; test_broker_restart_mid_run stops the broker in `make test`",
+    "tests/integration/test_join_faults.py::test_results_back_after_the_marker_horizon_are_late_not_a_second_final_event":
+        "waits out a marker's retention (25 s); tests/unit/test_join.py's late results (test_a_result_past_its_deadline_"
+        "and_the_grace_never_opens_a_workflow, test_markers_outlive_*) judge the same horizon in `make test`",
+    "tests/integration/test_join_faults.py::test_a_final_event_the_topic_always_refuses_ends_failed_final_too_large":
+        "aborts until the join gives up (25 s); tests/unit/test_join.py::test_a_degraded_final_event_is_small_"
+        "whatever_the_workflow and the frozen join (aborted transactions) run in `make test`",
 }
 
 
