@@ -79,10 +79,7 @@ class AvroSchema:
     def encode(self, record: dict[str, Any]) -> bytes:
         out = io.BytesIO()
         out.write(self.header)
-        try:
-            fastavro.schemaless_writer(out, self.parsed, self.tag(record) if self.tag else record)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise SerdeError(f"{self.name}: record does not fit the schema: {exc}") from None
+        self._write(out, record)
         return out.getvalue()
 
     def decode(self, data: bytes) -> dict[str, Any]:
@@ -103,11 +100,14 @@ class AvroSchema:
     def encode_body(self, record: dict[str, Any]) -> bytes:
         """The Avro body alone (no frame): a record to be written inside another (``Splice``)."""
         out = io.BytesIO()
+        self._write(out, record)
+        return out.getvalue()
+
+    def _write(self, out: io.BytesIO, record: dict[str, Any]) -> None:
         try:
             fastavro.schemaless_writer(out, self.parsed, self.tag(record) if self.tag else record)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SerdeError(f"{self.name}: record does not fit the schema: {exc}") from None
-        return out.getvalue()
 
     def decode_body(self, body: bytes) -> dict[str, Any]:
         """A body of this schema's current version (``encode_body``, or one ``PassingReader`` kept)."""
