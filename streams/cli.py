@@ -11,6 +11,7 @@ from streams import __version__
 from streams.config import Config
 from streams.commands import NO_BROKER_HINT, _cancel, _get, _retry, _submit, kafka_failure
 from streams.errors import ImageforkError
+from streams.tokens import add_parser as add_token_parser
 
 
 def _stack(args) -> int:
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the request topic; only dead-lettered requests go there)")
     q.add_argument("--timeout", type=float, default=60.0, help="seconds to read the topic to its end (60)")
     q.set_defaults(func=_dlq_replay)
+
+    add_token_parser(sub)
 
     p = sub.add_parser("topics", help="create the topics with the configured partitions and replication")
     p.set_defaults(func=_topics)

@@ -1,9 +1,6 @@
-"""The only configuration: defaults -> environment -> validate().
-
-Every process of the project (workers, client, demo, tests) reads the same
-environment variables, so sourcing the file written by ``imagefork stack up``
-points any of them at a stack.
-"""
+"""The only configuration: defaults -> environment -> validate(). Every process of the project (workers,
+client, demo, tests) reads the same environment variables, so sourcing the file written by ``imagefork
+stack up`` points any of them at a stack."""
 from __future__ import annotations
 
 import ipaddress
@@ -155,10 +152,13 @@ class Config:
     advertised_url: str = ""  # how the API reaches this process's endpoints; empty: from the listen address
     api_listen: str = "127.0.0.1:8088"  # the API role's host:port
     api_body_timeout_s: float = 30.0  # the API waits this long for a whole request body (then 408)
-    # `worker all`: an API that ran this long before it died is started again (sooner: it cannot start)
-    api_restart_after_s: float = 30.0
-    # the webhook role (streams/agents/webhooks.py): a request's callbackUrl gets its final event
-    webhook_secret: str = field(default="", repr=False)  # HMAC-SHA256 key of the signature; the role needs one
+    api_tokens_file: str = ""  # hashed tokens with scopes (streams/core/access.py); none: loopback, no auth
+    api_rate: float = 50.0  # requests/s per token (then 429) ...
+    api_burst: int = 500  # ... and at once (a page of 500 thumbnails)
+    api_allow_anonymous: bool = False  # no tokens on a non-loopback address (a port published on loopback)
+    api_restart_after_s: float = 30.0  # `worker all` restarts an API that ran this long (sooner: it cannot start)
+    # the webhook role (streams/agents/webhooks.py): HMAC-SHA256 key of the signature; the role needs one
+    webhook_secret: str = field(default="", repr=False)
     webhook_timeout_s: float = 10.0  # one call: connect and answer
     webhook_max_tries: int = 8  # then the final event is dead-lettered (WEBHOOK_UNDELIVERED)
     webhook_delay_s: float = 1.0  # the pause after the first failed try, doubling ...
@@ -241,6 +241,7 @@ def check(config: Config) -> Config:
          "IMAGEFORK_METRICS_LISTEN must be host:port (port 0-65535; 0: any free one)"),
         (parse_host_port(config.api_listen) is not None, "IMAGEFORK_API_LISTEN must be host:port"),
         (config.api_body_timeout_s > 0, "IMAGEFORK_API_BODY_TIMEOUT_S must be > 0"),
+        (config.api_rate > 0 and config.api_burst >= 1, "IMAGEFORK_API_RATE must be > 0, IMAGEFORK_API_BURST >= 1"),
         (config.api_restart_after_s >= 0, "IMAGEFORK_API_RESTART_AFTER_S must be >= 0"),
         (not config.advertised_url or config.advertised_url.startswith(("http://", "https://")),
          "IMAGEFORK_ADVERTISED_URL must be an http:// or https:// URL"),
@@ -405,6 +406,10 @@ def read_env(env: Mapping[str, str] | None = None) -> Config:
         advertised_url=reader.str("IMAGEFORK_ADVERTISED_URL", ""),
         api_listen=reader.str("IMAGEFORK_API_LISTEN", "127.0.0.1:8088"),
         api_body_timeout_s=reader.float("IMAGEFORK_API_BODY_TIMEOUT_S", d.api_body_timeout_s),
+        api_tokens_file=reader.str("IMAGEFORK_API_TOKENS_FILE", ""),
+        api_rate=reader.float("IMAGEFORK_API_RATE", d.api_rate),
+        api_burst=reader.int("IMAGEFORK_API_BURST", d.api_burst),
+        api_allow_anonymous=reader.bool("IMAGEFORK_API_ALLOW_ANONYMOUS", d.api_allow_anonymous),
         api_restart_after_s=reader.float("IMAGEFORK_API_RESTART_AFTER_S", d.api_restart_after_s),
         webhook_secret=reader.str("IMAGEFORK_WEBHOOK_SECRET", ""),
         webhook_timeout_s=reader.float("IMAGEFORK_WEBHOOK_TIMEOUT_S", d.webhook_timeout_s),

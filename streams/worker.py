@@ -25,6 +25,9 @@ from streams.logs import describe_assignment, setup_logging
 
 def run_role(role: str, config: Config) -> int:
     setup_logging(role, config.log_level, fmt=config.log_format, bootstrap=config.bootstrap_servers)
+    if role == "api":  # an API that may not or cannot listen says so before anything touches Kafka
+        from streams import api  # start-up: only the API's process loads it
+        api.preflight(config)
     created = ensure_topics(config)
     if created:
         logging.getLogger("imagefork").info("created topics %s", ", ".join(created))
@@ -37,7 +40,6 @@ def run_role(role: str, config: Config) -> int:
     install_resolver(config)
     # each role imports only its own modules: a join or an API process does not load Faust (start-up cost)
     if role == "api":  # aiohttp: the HTTP API and the dashboard (streams/api/)
-        from streams import api  # start-up: only the API's process loads it
         return api.run(config)
     if role == "join":  # a transactional confluent-kafka loop, not a Faust app (streams/join/)
         from streams.join import loop  # start-up: only the join's process loads it

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from streams.adapters.http import health_routes, json_error
 from streams.adapters.objectstore import ObjectStore
+from streams.api.auth import WORKFLOW, Gate, foreign, middleware, session_routes
 from streams.api.control import cancel_workflow, links, not_found, retry_workflow
 from streams.api.directory import Directory, Unavailable
 from streams.api.index import CompletedIndex, DeliveryIndex, SourceIndex
@@ -103,15 +104,6 @@ def similar_answer(sources, query, topic: str) -> web.Response:
     return web.json_response({"phash": phash, "distance": numbers["distance"], "sources": found})
 
 
-def foreign(request) -> web.Response | None:
-    """A browser's POST from another site (a form or fetch aimed at this API on localhost): refused. Any
-    client may POST; a browser says where the page that sends it came from."""
-    origin = request.headers.get("Origin")
-    if not origin or origin.split("://", 1)[-1] == request.host:  # not a browser, or our own page
-        return None
-    return json_error(403, "FOREIGN_ORIGIN", f"a page from {origin} may not POST here")  # "null" too
-
-
 def workflow_id_of(request) -> str:
     workflow_id = request.match_info["id"]
     if not valid_workflow_id(workflow_id):
@@ -177,23 +169,30 @@ class Api:
         self.sources = SourceIndex(config)
         self.deliveries = DeliveryIndex(config)
         self.directory = Directory(self.index, workflow_timeout_s=config.workflow_timeout_s)
+        self.gate = Gate(config)
         self.client = None
         self.store = None
 
     # --- set-up ---------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[errors])
+        routes = [  # method, path, handler, the scope a token needs (streams/core/access.py)
+            ("GET", "/v1/workflows", self.listing, "read"),
+            ("POST", "/v1/workflows", self.submit, "submit"),
+            ("GET", "/v1/workflows/{id}", self.status, "read"),
+            ("GET", "/v1/workflows/{id}/events", self.events, "read"),
+            ("POST", "/v1/workflows/{id}/retry", self.retry, "operate"),
+            ("POST", "/v1/workflows/{id}/cancel", self.cancel, "operate"),
+            ("GET", "/v1/workflows/{id}/outputs/{ref}", self.output, "read"),
+            ("GET", "/v1/sources/{sha256}", self.source, "read"),
+            ("GET", "/v1/similar", self.similar, "read"),
+        ]
+        self.scopes = {(method, path): scope for method, path, _handler, scope in routes}
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[middleware(self.gate, self.scopes), errors])
         app.add_routes([
-            web.get("/", self.dashboard),
-            web.post("/v1/workflows", self.submit),
-            web.get("/v1/workflows", self.listing),
-            web.get("/v1/workflows/{id}", self.status),
-            web.get("/v1/workflows/{id}/events", self.events),
-            web.post("/v1/workflows/{id}/retry", self.retry),
-            web.post("/v1/workflows/{id}/cancel", self.cancel),
-            web.get("/v1/workflows/{id}/outputs/{ref}", self.output),
-            web.get("/v1/sources/{sha256}", self.source),
-            web.get("/v1/similar", self.similar),
+            web.get("/", self.dashboard),  # the page itself holds no data: it signs in (/v1/session)
+            *(web.get(path, handler) if method == "GET" else web.route(method, path, handler)
+              for method, path, handler, _scope in routes),
+            *session_routes(self.gate),
             *health_routes(self.config, "api", self.readiness),
         ])
         app.on_startup.append(self._start)
@@ -261,6 +260,7 @@ class Api:
             return json_error(400, "INVALID_REQUEST", exc.message,
                               problems=[{"field": f, "message": m} for f, m in exc.problems])
         workflow_id = parsed.workflowId or str(uuid.uuid4())
+        request[WORKFLOW] = workflow_id  # for the audit line
         location = {"Location": f"/v1/workflows/{workflow_id}"}
         async with self.directory.one_at_a_time(workflow_id):
             try:

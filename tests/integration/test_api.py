@@ -78,10 +78,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(base: str, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict | bytes, dict]:
+def call(base: str, method: str, path: str, body: dict | bytes | None = None,
+         headers: dict | None = None) -> tuple[int, dict | bytes, dict]:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data is not None else {})
+                                 headers={**({"Content-Type": "application/json"} if data is not None else {}),
+                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             status, raw, headers = resp.status, resp.read(), dict(resp.headers)

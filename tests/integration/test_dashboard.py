@@ -68,11 +68,12 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def api_url(browser, request, tmp_path_factory):
-    """The API's base URL: the whole pipeline plus the API role, started side by side. (IMAGEFORK_API_URL
-    points the tests at an API already running instead; its planner must reach the test's file server.)"""
+def pipeline(browser, request, tmp_path_factory):
+    """The whole pipeline plus the API role, started side by side: (pipeline, the API's base URL).
+    (IMAGEFORK_API_URL points the tests at an API already running instead, and no pipeline; its planner
+    must reach the test's file server.)"""
     if given := os.environ.get("IMAGEFORK_API_URL"):
-        yield given.rstrip("/")
+        yield None, given.rstrip("/")
         return
     stack_env = request.getfixturevalue("stack_env")  # after `browser`: no stack is started for a skip
     listen = f"127.0.0.1:{free_port()}"
@@ -81,9 +82,14 @@ def api_url(browser, request, tmp_path_factory):
         p.start_together("join", "resize", "planner", ("api", {"IMAGEFORK_API_LISTEN": listen}))
         url = f"http://{listen}"
         assert wait_until(lambda: answers(url + "/v1/workflows?limit=1"), 30), f"the API does not answer:\n{p.logs()}"
-        yield url
+        yield p, url
     finally:
         p.stop()
+
+
+@pytest.fixture(scope="module")
+def api_url(pipeline):
+    return pipeline[1]
 
 
 @pytest.fixture
@@ -235,3 +241,68 @@ def test_the_seed_request_shows_nine_thumbnails_and_completes(page, files):
     if target := os.environ.get("IMAGEFORK_SCREENSHOT"):
         path = Path(target) if Path(target).is_absolute() else ROOT / target
         page.screenshot(path=str(path), full_page=True)
+
+
+def test_with_tokens_the_page_signs_in_and_each_scope_shows(browser, pipeline, files, tmp_path):
+    """An API with a token file: the page asks for a token, keeps it for the session (a cookie), shows who
+    is signed in, refuses what the token's scopes do not cover, loads thumbnails with it, and asks again
+    once the token is revoked (no restart)."""
+    from playwright.sync_api import expect
+    from streams.core.access import new_token, token_line
+    p, _url = pipeline
+    if p is None:
+        pytest.fail("this test starts its own API with tokens: unset IMAGEFORK_API_URL")
+    viewer, admin = new_token(), new_token()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token_line("viewer", frozenset({"read"}), viewer) + "\n"
+                      + token_line("admin", frozenset({"read", "submit", "operate"}), admin) + "\n")
+    listen = f"127.0.0.1:{free_port()}"
+    api = p.start("api", name="api-tokens", IMAGEFORK_API_LISTEN=listen, IMAGEFORK_API_TOKENS_FILE=str(tokens))
+    context = browser.new_context(base_url=f"http://{listen}", viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto("/")
+        expect(page.get_by_test_id("signin")).to_be_visible()
+        expect(page.get_by_test_id("connection")).to_have_text("signed out")
+        assert page.request.get("/v1/workflows").status == 401
+
+        page.get_by_test_id("token-input").fill("ifk_not-a-token")
+        page.get_by_test_id("signin-button").click()
+        expect(page.get_by_test_id("signin-result-text")).to_contain_text("UNAUTHORIZED")
+
+        page.get_by_test_id("token-input").fill(viewer)
+        page.get_by_test_id("signin-button").click()
+        expect(page.get_by_test_id("who")).to_have_text("viewer (read)")
+        expect(page.get_by_test_id("signin")).to_be_hidden()
+        expect(page.get_by_test_id("connection")).to_contain_text("updated", timeout=10_000)
+        page.reload()  # kept for the session
+        expect(page.get_by_test_id("who")).to_have_text("viewer (read)")
+        page.get_by_test_id("submit-json").fill(json.dumps(seed_request(files.url("sample.png"))))
+        page.get_by_test_id("submit-button").click()
+        expect(page.get_by_test_id("submit-result-text")).to_contain_text("FORBIDDEN", timeout=10_000)
+        expect(page.get_by_test_id("submit-result-text")).to_contain_text("it needs submit")
+
+        page.get_by_test_id("signout-button").click()
+        expect(page.get_by_test_id("signin")).to_be_visible()
+        assert page.request.get("/v1/workflows").status == 401  # the cookie is gone
+        page.get_by_test_id("token-input").fill(admin)
+        page.get_by_test_id("signin-button").click()
+        expect(page.get_by_test_id("who")).to_have_text("admin (read, submit, operate)")
+        request = {"fileLocation": files.url("sample.png"), "outputFormats": ["png", "webp"],
+                   "outputSizes": [{"width": 64, "height": 64}], "maintainAspectRatio": True}
+        workflow_id = submit(page, request)
+        expect(page.get_by_test_id("detail-status")).to_have_text("COMPLETED", timeout=TERMINAL_S)
+        page.wait_for_function(  # each thumbnail came through the API with the session's token
+            """() => { const imgs = [...document.querySelectorAll('[data-testid="output-img"]')];
+                       return imgs.length === 2 && imgs.every((i) => i.complete && i.naturalWidth > 0); }""",
+            timeout=20_000)
+
+        tokens.write_text(token_line("viewer", frozenset({"read"}), viewer) + "\n")  # admin revoked
+        expect(page.get_by_test_id("signin")).to_be_visible(timeout=10_000)
+        expect(page.get_by_test_id("signin-result-text")).to_contain_text("not known here")
+        log = api.log_tail(400)
+        assert f"audit: who=admin action=POST /v1/workflows workflow={workflow_id} status=202" in log, log
+        assert "audit: who=viewer action=POST /v1/workflows workflow=" in log and "status=403" in log, log
+    finally:
+        context.close()
+        api.stop()
