@@ -11,6 +11,7 @@ from streams import __version__
 from streams.config import Config
 from streams.commands import NO_BROKER_HINT, _cancel, _get, _retry, _submit, kafka_failure
 from streams.errors import ImageforkError
+from streams.preset_commands import add_parsers as add_preset_parsers
 from streams.tokens import add_parser as add_token_parser
 
 
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_dlq_replay)
 
     add_token_parser(sub)
+    add_preset_parsers(sub)
 
     p = sub.add_parser("topics", help="create the topics with the configured partitions and replication")
     p.set_defaults(func=_topics)

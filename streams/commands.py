@@ -42,8 +42,13 @@ def _submit(args) -> int:
               f"(see docs/contract.md)", file=sys.stderr)
         return 2
     lim = config.limits
+    presets = None
+    if isinstance(doc.get("preset"), str):
+        from streams.adapters.presets import read_presets  # start-up: only a request with a preset reads them
+        presets = read_presets(config)
     try:  # what the planner would refuse is refused before anything is sent (it checks again: other clients)
-        parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks, max_pixels=lim.max_pixels)
+        parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks, max_pixels=lim.max_pixels,
+                      presets=presets)
     except RequestInvalid as exc:
         print(f"imagefork: {args.file} is not a valid request: {exc.message}", file=sys.stderr)
         return 2

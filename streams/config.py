@@ -97,6 +97,7 @@ class Topics:
     cancellations: str = "imagefork.cancellations"  # Cancellation by workflowId (compacted, a day)
     webhooks: str = "imagefork.webhooks"  # WebhookDelivery: each run's delivery state, by workflowId (compacted)
     webhook_redeliver: str = "imagefork.webhooks.redeliver"  # final events sent again (a dead letter replayed)
+    presets: str = "imagefork.presets"  # Preset by name (compacted, kept for good; a tombstone deletes one)
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]

@@ -184,12 +184,14 @@ def topic_specs(config: Config) -> dict[str, dict]:
         # the final events of the workflows whose source is known, keyed {sha256}/{workflowId}: what the API's
         # /v1/sources and /v1/similar answer from; one record per source and workflow, kept for good
         t.sources: {"cleanup.policy": "compact", "max.message.bytes": str(MAX_MESSAGE_BYTES)},
-        # cancels by workflow id: clients write them, the join writes them back applied; resize workers read
-        # the whole topic at start, so it keeps one record per id for about as long as a finished marker
         # each run's webhook delivery state, by workflow id (the API shows it), and final events sent to the
         # webhook role again (`imagefork dlq replay --to origin` of a webhook's dead letter)
         t.webhooks: {"cleanup.policy": "compact", "segment.ms": str(3600 * 1000), "min.cleanable.dirty.ratio": "0.2"},
         t.webhook_redeliver: {"retention.ms": week, "max.message.bytes": str(MAX_MESSAGE_BYTES)},
+        # the named presets, by name: every planner and API reads the whole topic, kept for good
+        t.presets: {"cleanup.policy": "compact"},
+        # cancels by workflow id: clients write them, the join writes them back applied; resize workers read
+        # the whole topic at start, so it keeps one record per id for about as long as a finished marker
         t.cancellations: {"cleanup.policy": "compact,delete",
                           "retention.ms": str(max(int(config.finished_retention_s * 1000), 24 * 3600 * 1000)),
                           "segment.ms": str(3600 * 1000), "min.cleanable.dirty.ratio": "0.2"},

@@ -12,6 +12,7 @@ import faust
 from streams import serde
 from streams.adapters.faust import Topics
 from streams.adapters.objectstore import ObjectStore
+from streams.adapters.presets import PresetTable
 from streams.adapters.source import Fetched, fetch_http_validated
 from streams.agents.common import backoff_s, log, now_ms, send, send_all
 from streams.agents.policy import (
@@ -41,6 +42,7 @@ class Planner:
         self.topics = topics
         self.store = store
         self.sources = Revalidator(config, store)
+        self.presets = PresetTable(config)  # started by register(): the topic is read in a thread
 
     # --- the steps ------------------------------------------------------------
     async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
@@ -60,10 +62,20 @@ class Planner:
         # echoed in a REJECTED final event: text UTF-8 can encode (a lone surrogate becomes "?")
         location = _text(doc.get("fileLocation")) or ""
         correlation = _text(doc.get("correlationId"))
+        presets = None
+        if isinstance(doc.get("preset"), str):  # resolved against the presets topic, read whole first
+            presets = await asyncio.to_thread(self.presets.for_name, doc["preset"], 30.0)
+            if presets is None:
+                exc = PipelineError(f"the presets topic {self.config.topics.presets} cannot be read now",
+                                    code="PRESETS_UNAVAILABLE", transient=True)
+                return self.retry(workflow_id, attempt, now, deadline, exc, run_id) or await self.send_plan(
+                    WorkflowPlan(workflowId=workflow_id, correlationId=correlation, fileLocation=location[:2048],
+                                 tasks=(), submittedAt=now, deadline=deadline, runId=run_id,
+                                 failure=PlanFailure(FAILED, exc.code, exc.message, attempts=attempt)))
         try:
             if key_problem:
                 raise RequestInvalid([("workflowId", key_problem)])
-            request = self.parse(doc)
+            request = self.parse(doc, presets)
             tasks = plan_tasks(request, workflow_id, source_uri="", deadline=deadline,
                                output_prefix=self.config.output_prefix, run_id=run_id)
             to_run, carried = retry_split(request, tasks)
@@ -88,6 +100,11 @@ class Planner:
                 tasks=(), submittedAt=now, deadline=deadline, runId=run_id,
                 retryOf=request.retry.runId if request.retry else "", request=request_json(request),
                 failure=PlanFailure(FAILED, exc.code, exc.message, attempts=attempt)))
+        if request.retry is not None and request.retry.sourceSha256 and request.retry.sourceSha256 != sha256:
+            # a regeneration whose kept outputs were made from other bytes: every output is made again
+            log.warning("workflow %s: the source's bytes changed since run %s (sha256 %s, now %s): every output is "
+                        "made again", workflow_id, request.retry.runId, request.retry.sourceSha256[:12], sha256[:12])
+            to_run, carried = tasks, ()
         sending = time.perf_counter()
         await self.send_plan(make_plan(request, workflow_id, tasks, submitted_at=now, deadline=deadline,
                                        run_id=run_id, carried=carried))
@@ -131,9 +148,10 @@ class Planner:
                                                              where["offset"], msg.timestamp_ms).encode(),
                 SUBMITTED_AT: msg.headers.get(SUBMITTED_AT) or str(now_ms()).encode()}
 
-    def parse(self, doc: dict):
+    def parse(self, doc: dict, presets=None):
         lim = self.config.limits
-        return parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks, max_pixels=lim.max_pixels)
+        return parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks, max_pixels=lim.max_pixels,
+                             presets=presets)
 
     @staticmethod
     def workflow_id(key: bytes | None, doc: dict, run_id: str) -> tuple[str, str | None]:
@@ -294,6 +312,7 @@ def register(app: faust.App, config: Config, topics: Topics) -> Planner:
 
     @app.task
     async def prepare():
+        planner.presets.start()
         await asyncio.to_thread(planner.store.ensure_bucket)
 
     return planner

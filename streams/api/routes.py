@@ -17,10 +17,12 @@ from aiohttp import web
 
 from streams.adapters.http import health_routes, json_error
 from streams.adapters.objectstore import ObjectStore
+from streams.adapters.presets import PresetTable
 from streams.api.auth import WORKFLOW, Gate, foreign, middleware, session_routes
 from streams.api.control import cancel_workflow, links, not_found, retry_workflow
 from streams.api.directory import Directory, Unavailable
 from streams.api.index import CompletedIndex, DeliveryIndex, SourceIndex
+from streams.api.presets import routes as preset_routes, unavailable
 from streams.api.router import JoinRouter
 from streams.client import Client, SubmitError
 from streams.config import Config
@@ -170,6 +172,7 @@ class Api:
         self.deliveries = DeliveryIndex(config)
         self.directory = Directory(self.index, workflow_timeout_s=config.workflow_timeout_s)
         self.gate = Gate(config)
+        self.presets = PresetTable(config)
         self.client = None
         self.store = None
 
@@ -185,6 +188,7 @@ class Api:
             ("GET", "/v1/workflows/{id}/outputs/{ref}", self.output, "read"),
             ("GET", "/v1/sources/{sha256}", self.source, "read"),
             ("GET", "/v1/similar", self.similar, "read"),
+            *preset_routes(self),
         ]
         self.scopes = {(method, path): scope for method, path, _handler, scope in routes}
         app = web.Application(client_max_size=MAX_BODY, middlewares=[middleware(self.gate, self.scopes), errors])
@@ -207,9 +211,10 @@ class Api:
         self.index.start(asyncio.get_running_loop())
         self.sources.start(asyncio.get_running_loop())
         self.deliveries.start(asyncio.get_running_loop())
+        self.presets.start()
 
     async def _stop(self, _app) -> None:
-        self.index.stopping = self.sources.stopping = self.deliveries.stopping = True
+        self.index.stopping = self.sources.stopping = self.deliveries.stopping = self.presets.stopping = True
         await self.session.close()
 
     def readiness(self) -> tuple[bool, str]:
@@ -251,11 +256,16 @@ class Api:
         except web.RequestPayloadError as exc:
             return json_error(400, "INVALID_BODY", f"the body cannot be read: {exc}"[:300])
         lim = self.config.limits
+        presets = None
+        if isinstance(doc, dict) and isinstance(doc.get("preset"), str):  # checked as the planner will
+            presets = await asyncio.to_thread(self.presets.for_name, doc["preset"], 5.0)
+            if presets is None:
+                return unavailable("the presets topic cannot be read")
         try:
             if isinstance(doc, dict) and "retry" in doc:
                 raise RequestInvalid([("retry", "is set by POST /v1/workflows/{id}/retry, not by a request")])
             parsed = parse_request(doc, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks,
-                                   max_pixels=lim.max_pixels)
+                                   max_pixels=lim.max_pixels, presets=presets)
         except RequestInvalid as exc:
             return json_error(400, "INVALID_REQUEST", exc.message,
                               problems=[{"field": f, "message": m} for f, m in exc.problems])

@@ -6,8 +6,8 @@ A token file holds one token per line, its SHA-256 and never the token itself::
     ci-bot      read,submit     sha256:9f86d081884c7d65...
     ops-alice   read,operate    sha256:60303ae22b998861...  rate=5 burst=20
 
-Scopes: ``read`` (status, list, outputs, events, sources), ``submit`` (new requests), ``operate``
-(cancel, retry). A scope does not imply another: a client that submits and then follows its workflow
+Scopes: ``read`` (status, list, outputs, events, sources, presets), ``submit`` (new requests), ``operate``
+(cancel, retry, presets). A scope does not imply another: a client that submits and then follows its workflow
 needs ``read,submit``. A token is ``ifk_`` and 43 URL-safe characters (256 random bits), so one SHA-256
 is enough at rest (a digest cannot be walked back to a token of that much chance). No I/O here: the API
 reads the file (``streams/api/auth.py``)."""

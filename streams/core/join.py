@@ -125,10 +125,11 @@ class JoinState:
             if plan.runId == marker.runId:
                 # the same run's plan again (its request replayed): the planner staged the source again
                 return Outcome(discarded=(wf, plan.runId), ignored="finished")
-            if not (plan.retryOf and plan.retryOf == marker.runId and marker.status != COMPLETED):
+            again = marker.status != COMPLETED or plan.preset is not None  # COMPLETED: only a regeneration
+            if not (plan.retryOf and plan.retryOf == marker.runId and again):
                 return Outcome(discarded=(wf, plan.runId), ignored="finished",
                                notice=Ignored(wf, plan.runId, "finished", marker))
-            # a retry of the run that finished last, which did not complete: the workflow opens again
+            # a retry of the run that finished last (which did not complete, or is regenerated): it opens again
             del self.finished[wf]  # its expiry entry is skipped when it comes up (no marker)
             self.cancelled.pop(wf, None)
             rows.append(Row(MARKER, wf))
@@ -367,6 +368,7 @@ def build_final(flow: Workflow, status: str, now: int) -> WorkflowCompleted:
         request=plan.request if plan else "",
         tasks=plan.tasks if plan else (),
         facts=next((results[r].facts for r in refs if r in results and results[r].facts), None),
+        preset=plan.preset if plan else None,
     )
 
 

@@ -35,10 +35,53 @@ class Size:
 
 @dataclass(frozen=True)
 class RetryOf:
-    """A retry of a finished run: its tasks ``taskRefs`` (empty: all) run again, ``outputs`` are kept."""
+    """A retry of a finished run: its tasks ``taskRefs`` (empty: all) run again, ``outputs`` are kept. With
+    ``sourceSha256`` (a regeneration), the kept outputs were made from those bytes: a source whose bytes
+    changed since is made into every output again."""
     runId: str
     taskRefs: tuple[str, ...] = ()
     outputs: tuple["TaskOutput", ...] = ()
+    sourceSha256: str = ""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of outputs (formats x sizes, options), versioned (``schemas/io.imagefork.Preset.avsc``):
+    a request names it instead of, or besides, its own sizes (``core/presets.py``)."""
+    name: str
+    version: int
+    outputFormats: tuple[str, ...]
+    outputSizes: tuple[Size, ...]
+    maintainAspectRatio: bool = True
+    options: ImageOptions = ImageOptions()  # as validated, with resizeMode always said
+    description: str = ""
+    updatedAt: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a request that used it carries (in its final event's ``request``): the preset as it was."""
+        return {"name": self.name, "version": self.version, "outputFormats": list(self.outputFormats),
+                "outputSizes": [s.to_dict() for s in self.outputSizes],
+                "maintainAspectRatio": self.maintainAspectRatio, **self.options.said()}
+
+    def document(self) -> dict[str, Any]:
+        return {**self.snapshot(), "description": self.description, "updatedAt": self.updatedAt}
+
+    @property
+    def ref(self) -> "PresetRef":
+        return PresetRef(self.name, self.version)
+
+
+@dataclass(frozen=True)
+class PresetRef:
+    name: str
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "PresetRef | None":
+        return cls(d["name"], d["version"]) if d else None
 
 
 @dataclass(frozen=True)
@@ -53,6 +96,7 @@ class ImageRequest:
     retry: RetryOf | None = None
     facts: tuple[str, ...] | None = None  # the costly source facts asked (None: all)
     callbackUrl: str | None = None  # where the final event is POSTed (core/webhooks.py)
+    preset: Preset | None = None  # the preset it names, as it was when planned
 
     @property
     def mode(self) -> str:
@@ -60,16 +104,18 @@ class ImageRequest:
 
     def to_dict(self) -> dict[str, Any]:
         """The request as a JSON document (the seed's flat form), without its retry."""
+        own = {"outputFormats": list(self.outputFormats), "outputSizes": [s.to_dict() for s in self.outputSizes]} \
+            if self.outputSizes or self.preset is None else {}  # a preset's alone: nothing of its own
         return {
             "fileLocation": self.fileLocation,
-            "outputFormats": list(self.outputFormats),
-            "outputSizes": [s.to_dict() for s in self.outputSizes],
+            **own,
             "maintainAspectRatio": self.maintainAspectRatio,
             "workflowId": self.workflowId,
             "correlationId": self.correlationId,
             **self.options.said(),
             **({} if self.facts is None else {"facts": list(self.facts)}),
             **({} if self.callbackUrl is None else {"callbackUrl": self.callbackUrl}),
+            **({} if self.preset is None else {"preset": self.preset.snapshot()}),
         }
 
 
@@ -301,6 +347,7 @@ class WorkflowPlan:
     retryOf: str = ""  # a retry: the finished run it retries
     carried: tuple[TaskOutput, ...] = ()  # a retry: the outputs kept from that run
     request: str = ""  # the validated request (JSON), carried to the final event
+    preset: PresetRef | None = None  # the preset the request named, and its version
 
     @property
     def taskRefs(self) -> tuple[str, ...]:
@@ -320,6 +367,7 @@ class WorkflowPlan:
             "retryOf": self.retryOf,
             "carried": json.dumps([o.to_dict() for o in self.carried], separators=(",", ":")) if self.carried else "",
             "request": self.request,
+            "preset": self.preset.to_dict() if self.preset else None,
         }
 
     @classmethod
@@ -336,6 +384,7 @@ class WorkflowPlan:
             retryOf=d.get("retryOf") or "",
             carried=tuple(TaskOutput.from_dict(o) for o in _json_list(d.get("carried"))),
             request=d.get("request") or "",
+            preset=PresetRef.from_dict(d.get("preset")),
         )
 
 
@@ -373,6 +422,7 @@ class WorkflowCompleted:
     request: str = ""  # the validated request (JSON); "" for a REJECTED one
     tasks: tuple[TaskDescriptor, ...] = ()  # the plan's (empty: no plan, or written before the field)
     facts: SourceFacts | None = None  # what the source is (None: not known)
+    preset: PresetRef | None = None  # the preset the request named, and its version
 
     def document(self) -> dict[str, Any]:
         """The final event as plain JSON for readers that do not speak Avro (``imagefork events --json``,
@@ -407,6 +457,7 @@ class WorkflowCompleted:
             "request": self.request,
             "tasks": [t.to_dict() for t in self.tasks],
             "facts": self.facts.to_dict() if self.facts else None,
+            "preset": self.preset.to_dict() if self.preset else None,
         }
 
     @classmethod
@@ -427,6 +478,7 @@ class WorkflowCompleted:
             request=d.get("request") or "",
             tasks=descriptors_of(d),
             facts=SourceFacts.from_dict(d["facts"]) if d.get("facts") else None,
+            preset=PresetRef.from_dict(d.get("preset")),
         )
 
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from streams.core.errors import RequestInvalid
 from streams.core.formats import FORMATS
 from streams.core.models import (
-    COSTLY_FACTS, ImageRequest, ResizeTask, RetryOf, Size, TaskDescriptor, TaskOutput, WorkflowPlan,
+    COSTLY_FACTS, ImageRequest, Preset, ResizeTask, RetryOf, Size, TaskDescriptor, TaskOutput, WorkflowPlan,
 )
 from streams.core.options import ImageOptions, boolean, integer, parse_options
 from streams.core.webhooks import callback_problem
@@ -34,10 +34,11 @@ def output_key(prefix: str, workflow_id: str, ref: str, fmt: str) -> str:
 
 
 def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: int = 0,
-                  formats: Iterable[str] = tuple(FORMATS)) -> ImageRequest:
+                  formats: Iterable[str] = tuple(FORMATS), presets=None) -> ImageRequest:
     """Read and validate one request document; every problem is reported with its field. With
     ``max_pixels``, an output whose size is certain before the source is read (pad; force and fill when
-    they may enlarge) and over that many pixels is refused here, not failed after its source was fetched."""
+    they may enlarge) and over that many pixels is refused here, not failed after its source was fetched.
+    A request that names a preset is parsed with ``presets`` (name -> Preset)."""
     if not isinstance(doc, dict):
         raise RequestInvalid([("$", f"must be a JSON object, got {type(doc).__name__}")])
     bad_text = _unencodable(doc, "")
@@ -53,46 +54,11 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         location = location.strip()
         problems.extend(_check_location(location))
 
-    out_formats: list[str] = []
-    raw_formats = doc.get("outputFormats")
-    if not isinstance(raw_formats, list) or not raw_formats:
-        problems.append(("outputFormats", "is required and must be a non-empty list"))
-    else:
-        for i, f in enumerate(raw_formats):
-            name = f.strip().lower().lstrip(".") if isinstance(f, str) else None
-            if name not in known:
-                problems.append((f"outputFormats[{i}]", f"{f!r} is not one of {', '.join(known)}"))
-            else:
-                out_formats.append(name)
-
-    sizes: list[Size] = []
-    size_fields: list[str] = []  # the field each of ``sizes`` came from
-    raw_sizes = doc.get("outputSizes")
-    if not isinstance(raw_sizes, list) or not raw_sizes:
-        problems.append(("outputSizes", "is required and must be a non-empty list of {width, height}"))
-    else:
-        for i, s in enumerate(raw_sizes):
-            if not isinstance(s, dict):
-                problems.append((f"outputSizes[{i}]", "must be an object {width, height}"))
-                continue
-            dims = []
-            for axis in ("width", "height"):
-                value, why = _dimension(s.get(axis), max_dimension)
-                if why:
-                    problems.append((f"outputSizes[{i}].{axis}", why))
-                dims.append(value)
-            own = parse_options(s, f"outputSizes[{i}].", problems)
-            if all(d is not None for d in dims):
-                sizes.append(Size(dims[0], dims[1], own))
-                size_fields.append(f"outputSizes[{i}]")
-
-    keep, why = parse_boolean(doc.get("maintainAspectRatio", True))
-    if why:
-        problems.append(("maintainAspectRatio", why))
-    options = parse_options(doc, "", problems)
-    # resizeMode wins over maintainAspectRatio when both are given and disagree
-    options = replace(options, resizeMode=options.resizeMode or ("fit" if keep else "force"))
-
+    preset = _preset(doc, presets, problems, max_dimension=max_dimension, max_tasks=max_tasks,
+                     max_pixels=max_pixels, formats=known)
+    # a request that names a preset may ask for nothing of its own (no formats, no sizes, or both empty)
+    own = doc.get("preset") is None or bool(doc.get("outputFormats")) or bool(doc.get("outputSizes"))
+    out_formats, sizes, size_fields, keep, options = _outputs(doc, "", problems, max_dimension, known, own=own)
     ids = {}
     for name in ("workflowId", "correlationId"):
         value = doc.get(name)
@@ -111,10 +77,12 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
     if max_pixels and not problems:
         problems.extend(_certain_boxes_over(sizes, size_fields, options, max_pixels))
 
-    if not problems and len(out_formats) * len(sizes) > max_tasks:
+    count = len(out_formats) * len(sizes) + (len(preset.outputFormats) * len(preset.outputSizes) if preset else 0)
+    if not problems and count > max_tasks:
         problems.append(("outputSizes",
-                         f"{len(out_formats)} formats x {len(sizes)} sizes = "
-                         f"{len(out_formats) * len(sizes)} tasks, more than the limit of {max_tasks}"))
+                         f"{len(out_formats)} formats x {len(sizes)} sizes = {len(out_formats) * len(sizes)} tasks"
+                         + (f" and the preset's {count - len(out_formats) * len(sizes)}" if preset else "")
+                         + f", more than the limit of {max_tasks}"))
     if problems:
         raise RequestInvalid(problems)
     return ImageRequest(
@@ -128,7 +96,112 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         retry=retry,
         facts=facts,
         callbackUrl=callback,
+        preset=preset,
     )
+
+
+def _outputs(doc: dict, where: str, problems: list[tuple[str, str]], max_dimension: int, known: tuple[str, ...],
+             own: bool = True) -> tuple[list[str], list[Size], list[str], bool, ImageOptions]:
+    """The formats, sizes (and the field each came from), maintainAspectRatio and options of a request or
+    a preset; without ``own`` (a request that names a preset and asks for nothing else), no formats or sizes."""
+    out_formats: list[str] = []
+    raw_formats = doc.get("outputFormats") if own else []
+    if not isinstance(raw_formats, list) or (own and not raw_formats):
+        problems.append((f"{where}outputFormats", "is required and must be a non-empty list"))
+    else:
+        for i, f in enumerate(raw_formats):
+            name = f.strip().lower().lstrip(".") if isinstance(f, str) else None
+            if name not in known:
+                problems.append((f"{where}outputFormats[{i}]", f"{f!r} is not one of {', '.join(known)}"[:300]))
+            else:
+                out_formats.append(name)
+
+    sizes: list[Size] = []
+    size_fields: list[str] = []  # the field each of ``sizes`` came from
+    raw_sizes = doc.get("outputSizes") if own else []
+    if not isinstance(raw_sizes, list) or (own and not raw_sizes):
+        problems.append((f"{where}outputSizes", "is required and must be a non-empty list of {width, height}"))
+    else:
+        for i, s in enumerate(raw_sizes):
+            if not isinstance(s, dict):
+                problems.append((f"{where}outputSizes[{i}]", "must be an object {width, height}"))
+                continue
+            dims = []
+            for axis in ("width", "height"):
+                value, why = _dimension(s.get(axis), max_dimension)
+                if why:
+                    problems.append((f"{where}outputSizes[{i}].{axis}", why))
+                dims.append(value)
+            own = parse_options(s, f"{where}outputSizes[{i}].", problems)
+            if all(d is not None for d in dims):
+                sizes.append(Size(dims[0], dims[1], own))
+                size_fields.append(f"{where}outputSizes[{i}]")
+
+    keep, why = parse_boolean(doc.get("maintainAspectRatio", True))
+    if why:
+        problems.append((f"{where}maintainAspectRatio", why))
+    options = parse_options(doc, where, problems)
+    # resizeMode wins over maintainAspectRatio when both are given and disagree
+    options = replace(options, resizeMode=options.resizeMode or ("fit" if keep else "force"))
+    return out_formats, sizes, size_fields, keep, options
+
+
+def parse_preset(doc: Any, name: str, version: int, *, max_dimension: int, max_tasks: int, max_pixels: int = 0,
+                 formats: Iterable[str] = tuple(FORMATS), where: str = "", description: Any = "",
+                 updated_at: int = 0) -> Preset:
+    """A preset's document (formats, sizes, options, as a request writes them), validated as a request's;
+    its problems are named under ``where`` (RequestInvalid)."""
+    problems: list[tuple[str, str]] = []
+    if not isinstance(doc, dict):
+        raise RequestInvalid([(where.rstrip(".") or "$", "must be a JSON object {outputFormats, outputSizes, ...}")])
+    if not valid_preset_name(name):
+        problems.append((f"{where}name", "must be 1-64 characters of a-z 0-9 . _ - (starting with a letter or digit)"))
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 2 ** 31:
+        problems.append((f"{where}version", "must be an integer from 1"))
+    if not isinstance(description, str) or len(description) > 1000:
+        problems.append((f"{where}description", "must be a string of at most 1000 characters"))
+    known = tuple(formats)
+    out_formats, sizes, size_fields, keep, options = _outputs(doc, where, problems, max_dimension, known)
+    if max_pixels and not problems:
+        problems.extend(_certain_boxes_over(sizes, size_fields, options, max_pixels))
+    if not problems and len(out_formats) * len(sizes) > max_tasks:
+        count = len(out_formats) * len(sizes)
+        problems.append((f"{where}outputSizes", f"{len(out_formats)} formats x {len(sizes)} sizes = {count} tasks, "
+                                                f"more than the limit of {max_tasks}"))
+    if problems:
+        raise RequestInvalid(problems)
+    return Preset(name, version, tuple(out_formats), tuple(sizes), keep, options, description, updated_at)
+
+
+_PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def valid_preset_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(_PRESET_NAME.fullmatch(name))
+
+
+def _preset(doc: dict, presets, problems: list[tuple[str, str]], **limits) -> Preset | None:
+    """The request's ``preset``: a name, resolved in ``presets`` (a mapping name -> Preset); or, in a retry
+    (a regeneration), the preset as the run is to use it, written whole."""
+    value = doc.get("preset")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if presets is None:
+            raise ValueError("a request that names a preset is parsed with the presets")
+        found = presets.get(value.strip())
+        if found is None:
+            known = ", ".join(sorted(presets)[:20]) or "none"
+            problems.append(("preset", f"no preset named {value[:100]!r} (known: {known})"[:400]))
+        return found
+    if isinstance(value, dict) and "retry" in doc:
+        try:
+            return parse_preset(value, value.get("name"), value.get("version"), where="preset.", **limits)
+        except RequestInvalid as exc:
+            problems.extend(exc.problems)
+            return None
+    problems.append(("preset", "must be the name of a preset (GET /v1/presets)"))
+    return None
 
 
 def _retry(value: Any, problems: list[tuple[str, str]]) -> RetryOf | None:
@@ -139,6 +212,10 @@ def _retry(value: Any, problems: list[tuple[str, str]]) -> RetryOf | None:
         problems.append(("retry", "must be an object {runId, taskRefs, outputs}"))
         return None
     run_id, refs, outputs = value.get("runId"), value.get("taskRefs") or [], value.get("outputs") or []
+    sha = value.get("sourceSha256") or ""
+    if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
+        problems.append(("retry.sourceSha256", "must be 64 lower-case hex digits"))
+        sha = ""
     if not isinstance(run_id, str) or not run_id:
         problems.append(("retry.runId", "is required: the run id of the finished run to retry"))
     if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
@@ -153,7 +230,7 @@ def _retry(value: Any, problems: list[tuple[str, str]]) -> RetryOf | None:
             kept.append(TaskOutput.from_dict(o))
         except (TypeError, KeyError, AttributeError):
             problems.append((f"retry.outputs[{i}]", "is not an output record"))
-    return RetryOf(run_id if isinstance(run_id, str) else "", tuple(refs), tuple(kept))
+    return RetryOf(run_id if isinstance(run_id, str) else "", tuple(refs), tuple(kept), sha)
 
 
 def _facts(value: Any, problems: list[tuple[str, str]]) -> tuple[str, ...] | None:
@@ -262,37 +339,45 @@ def parse_boolean(value: Any) -> tuple[bool, str | None]:
     return (True, why) if why else (flag, None)
 
 
+def outputs_of(request: ImageRequest) -> list[tuple[str, Size, ImageOptions]]:
+    """Every output the request asks for, in plan order: its preset's (formats outer, sizes inner), then its
+    own, less those its preset already makes; a size's own options over the request's (or the preset's)."""
+    preset = [(fmt, size, size.options.over(request.preset.options)) for fmt in request.preset.outputFormats
+              for size in request.preset.outputSizes] if request.preset else []
+    made = {(fmt, size.width, size.height, options) for fmt, size, options in preset}
+    own = [(fmt, size, size.options.over(request.options)) for fmt in request.outputFormats
+           for size in request.outputSizes]
+    return preset + [o for o in own if (o[0], o[1].width, o[1].height, o[2]) not in made]
+
+
 def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, deadline: int,
                output_prefix: str = "", run_id: str = "") -> list[ResizeTask]:
-    """One task per format x size, in the seed's order (formats outer, sizes inner); a size's own options
-    override the request's."""
-    total = len(request.outputFormats) * len(request.outputSizes)
-    max_w = max(s.width for s in request.outputSizes)
-    max_h = max(s.height for s in request.outputSizes)
+    """One task per output asked (``outputs_of``: format x size, the preset's then the request's own)."""
+    outputs = outputs_of(request)
+    total = len(outputs)
+    max_w = max(s.width for _f, s, _o in outputs)
+    max_h = max(s.height for _f, s, _o in outputs)
     tasks = []
-    for fmt in request.outputFormats:
-        for size in request.outputSizes:
-            i = len(tasks)
-            ref = task_ref(fmt, size, i)
-            options = size.options.over(request.options)
-            tasks.append(ResizeTask(
-                workflowId=workflow_id,
-                taskRef=ref,
-                index=i,
-                total=total,
-                sourceUri=source_uri,
-                fileLocation=request.fileLocation,
-                format=fmt,
-                width=size.width,
-                height=size.height,
-                maintainAspectRatio=options.resizeMode != "force",  # what a resize worker older than modes does best
-                outputKey=output_key(output_prefix, workflow_id, ref, fmt),
-                deadline=deadline,
-                maxWidth=max_w,
-                maxHeight=max_h,
-                runId=run_id,
-                options=options,
-            ))
+    for i, (fmt, size, options) in enumerate(outputs):
+        ref = task_ref(fmt, size, i)
+        tasks.append(ResizeTask(
+            workflowId=workflow_id,
+            taskRef=ref,
+            index=i,
+            total=total,
+            sourceUri=source_uri,
+            fileLocation=request.fileLocation,
+            format=fmt,
+            width=size.width,
+            height=size.height,
+            maintainAspectRatio=options.resizeMode != "force",  # what a resize worker older than modes does best
+            outputKey=output_key(output_prefix, workflow_id, ref, fmt),
+            deadline=deadline,
+            maxWidth=max_w,
+            maxHeight=max_h,
+            runId=run_id,
+            options=options,
+        ))
     return tasks
 
 
@@ -310,6 +395,7 @@ def make_plan(request: ImageRequest, workflow_id: str, tasks: list[ResizeTask], 
         retryOf=request.retry.runId if request.retry else "",
         carried=carried,
         request=request_json(request),
+        preset=request.preset.ref if request.preset else None,
     )
 
 

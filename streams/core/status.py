@@ -61,7 +61,7 @@ def running_doc(answer: dict) -> dict:
         "completedAt": None, "deadline": plan["deadline"] if plan else None,
         "progress": {"done": answer.get("done", len(results)), "total": answer.get("total"),
                      "failed": answer.get("failed", 0)},
-        "tasks": tasks, "outputs": outputs, "errors": errors,
+        "tasks": tasks, "outputs": outputs, "errors": errors, "preset": plan.get("preset") if plan else None,
         "facts": facts_doc(next((r["facts"] for r in answer.get("results", []) if r.get("facts")), None)),
     }
 
@@ -98,7 +98,7 @@ def final_doc(final: WorkflowCompleted, placeholder: bool = True) -> dict:
                      "failed": sum(1 for t in tasks if t["status"] not in (SUCCEEDED, "CANCELLED"))},
         "tasks": tasks, "outputs": [_output(wf, o.to_dict()) for o in final.outputs],
         "errors": [e.to_dict() for e in final.errors],
-        "retryable": retryable(final)[0],
+        "retryable": retryable(final)[0], "preset": final.preset.to_dict() if final.preset else None,
         "facts": facts_doc(final.facts.to_dict() if final.facts else None, placeholder),
     }
 

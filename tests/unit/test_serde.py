@@ -4,7 +4,7 @@ import pytest
 
 from streams import serde
 from streams.core.models import (
-    DeadlineCheck, PlanFailure, ResizeTask, SourceFacts, TaskDescriptor, TaskError, TaskOutput, TaskResult,
+    DeadlineCheck, PlanFailure, PresetRef, ResizeTask, SourceFacts, TaskDescriptor, TaskError, TaskOutput, TaskResult,
     WorkflowCompleted, WorkflowPlan,
 )
 from streams.core.options import ImageOptions
@@ -29,15 +29,16 @@ RECORDS = {
                      "resizeMode": "pad", "gravity": "southeast", "enlarge": False, "background": "#00ff00",
                      "quality": 70, "retry": None, "effort": 4, "progressive": True, "lossless": True,
                      "animated": True, "keepMetadata": "all", "keepProfile": True,
-                     "options": OPTIONS.to_dict(), "facts": ["phash"], "callbackUrl": "https://hooks.example.com/x"},
+                     "options": OPTIONS.to_dict(), "facts": ["phash"], "callbackUrl": "https://hooks.example.com/x",
+                     "preset": "product-gallery"},
     "ResizeTask": ResizeTask("w", "r0", 0, 1, "s3://b/s", "http://x/y", "png", 3, 4, True, "w/r0.png", 99, 2, 5,
                              options=OPTIONS, facts=("basic", "phash")).to_dict(),
     "TaskResult": TaskResult("w", "r0", "SUCCEEDED", 1, 7, output=OUT, runId="r1", facts=FACTS).to_dict(),
     "WorkflowPlan": WorkflowPlan("w", "http://x", TASKS, 1, 2, "c",
-                                 PlanFailure("REJECTED", "REQUEST_INVALID", "x")).to_dict(),
+                                 PlanFailure("REJECTED", "REQUEST_INVALID", "x"), preset=PresetRef("g", 2)).to_dict(),
     "DeadlineCheck": DeadlineCheck("w", 5).to_dict(),
     "WorkflowCompleted": WorkflowCompleted("w", None, "FAILED", "http://x", ("u",), (OUT,), (ERR,), 2, 1, 2,
-                                           tasks=TASKS, facts=FACTS).to_dict(),
+                                           tasks=TASKS, facts=FACTS, preset=PresetRef("g", 3)).to_dict(),
     "TaskOutput": OUT.to_dict(),
     "TaskError": ERR.to_dict(),
     "Size": {"width": 1, "height": 2, "resizeMode": "force", "gravity": None, "quality": 55,
@@ -50,6 +51,11 @@ RECORDS = {
     "WebhookDelivery": {"workflowId": "w", "runId": "r1", "url": "https://h/x", "state": "RETRYING", "attempts": 2,
                         "lastStatus": 503, "lastError": "HTTP 503", "at": 5, "nextAt": 9},
     "Cancellation": {"workflowId": "w", "runId": "r1", "reason": "a mistake", "by": "api", "at": 5, "applied": True},
+    "PresetRef": {"name": "g", "version": 3},
+    "Preset": {"name": "g", "version": 3, "outputFormats": ["png", "webp"],
+               "outputSizes": [{"width": 1, "height": 2, "resizeMode": None, "gravity": None, "quality": None,
+                                "options": {**ImageOptions().to_dict(), "quality": 50}}],
+               "maintainAspectRatio": True, "options": OPTIONS.to_dict(), "description": "d", "updatedAt": 9},
     "RunIgnored": {"workflowId": "w", "runId": "r2", "reason": "finished", "takenRunId": "r1",
                    "takenStatus": "COMPLETED", "takenFinishedAt": 5, "at": 6},
 }
