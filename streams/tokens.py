@@ -4,9 +4,13 @@ never the token. ``create`` prints a new token once and adds its line; ``revoke`
 ``create`` of the new token, clients moved to it, then ``revoke`` of the old one, without a restart."""
 from __future__ import annotations
 
+import fcntl
+import math
 import os
+import stat
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from streams.core.access import SCOPES, TokensInvalid, new_token, parse_scopes, parse_tokens, token_line
@@ -34,15 +38,48 @@ def _read(path: Path) -> str:
     return text
 
 
-def _write(path: Path, text: str) -> None:
-    """The whole file at once (a reader sees the old file or the new one), owner-only like a key."""
+@contextmanager
+def _locked(path: Path):
+    """One change of the file at a time (two creates at once would each write the file without the other's
+    line): an exclusive lock on a file beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write(path: Path, text: str) -> None:
+    """The whole file at once (a reader sees the old file or the new one), checked first (a line the API
+    would refuse is never written), with the old file's owner and mode (an API running as another user
+    still reads it; a new file is owner-only, like a key), and on disk before the rename."""
+    try:
+        parse_tokens(text)
+    except TokensInvalid as exc:
+        raise ConfigError(f"{path} would not be a token file: {exc}") from None
+    old = path.stat() if path.exists() else None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
-        os.chmod(tmp, 0o600)
+            out.flush()
+            if old is not None:
+                os.fchmod(out.fileno(), stat.S_IMODE(old.st_mode))
+                try:
+                    os.fchown(out.fileno(), old.st_uid, old.st_gid)
+                except PermissionError:  # not root: the file becomes ours, with its mode
+                    pass
+            else:
+                os.fchmod(out.fileno(), 0o600)
+            os.fsync(out.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -50,13 +87,19 @@ def _write(path: Path, text: str) -> None:
 
 def create(args) -> int:
     path = token_file(args)
+    with _locked(path):
+        return _create(args, path)
+
+
+def _create(args, path: Path) -> int:
     text = _read(path)
     try:
         scopes = parse_scopes(args.scopes)
         token = new_token()
         line = token_line(args.name, scopes, token, args.rate, args.burst)
-        if args.rate is not None and not args.rate > 0 or args.burst is not None and args.burst < 1:
-            raise ValueError("--rate is > 0 requests per second and --burst >= 1")
+        if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0) or \
+                args.burst is not None and args.burst < 1:
+            raise ValueError("--rate is a number > 0 (requests per second) and --burst >= 1")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if any(t.name == args.name for t in parse_tokens(text).values()):
@@ -72,6 +115,11 @@ def create(args) -> int:
 
 def revoke(args) -> int:
     path = token_file(args)
+    with _locked(path):
+        return _revoke(args, path)
+
+
+def _revoke(args, path: Path) -> int:
     text = _read(path)
     kept, gone = [], 0
     for raw in text.splitlines(keepends=True):

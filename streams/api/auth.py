@@ -4,20 +4,24 @@ checked per route's scope, a rate per token, and one audit line per write.
 - A token comes in ``Authorization: Bearer TOKEN`` or, for the dashboard's own page (its ``<img>``,
   links and event stream cannot send a header), in the session cookie ``POST /v1/session`` sets
   (HttpOnly, SameSite=Strict, no expiry: gone with the browser's session).
-- The file is read again within a second of a change (a rotation needs no restart). A file that turns
-  unreadable or invalid keeps the tokens it had (the log says why); a file that is removed lets nobody in.
+- The file is looked at once a second at most, and read again when its bytes changed (a rotation needs no
+  restart). A file that turns unreadable or invalid keeps the tokens it had (the log says why, and says it
+  again each minute); a file that is removed lets nobody in.
 - No file: no authentication (today's behaviour), and ``check_exposure`` refuses any listen address but
   loopback unless ``IMAGEFORK_API_ALLOW_ANONYMOUS`` says the network in front is private.
 """
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import ipaddress
+import json
 import logging
 import math
-import os
 import socket
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -64,48 +68,51 @@ class Gate:
     def __init__(self, config: Config, clock=time.monotonic):
         self.path = Path(config.api_tokens_file) if config.api_tokens_file else None
         self.limiter = Limiter(config.api_rate, config.api_burst)
+        self.body_timeout_s = config.api_body_timeout_s
         self.clock = clock
         self.tokens: dict[str, Token] | None = None
-        self.seen: tuple | None = None
-        self.looked_at = 0.0
+        self.seen: str | None = None  # the SHA-256 of the bytes last looked at
+        self.looked_at = self.complained_at = 0.0
         if self.path is not None:
             try:
-                self.tokens, self.seen = self._read()
+                data = self.path.read_bytes()
+                self.tokens, self.seen = parse_tokens(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
             except (OSError, UnicodeDecodeError, TokensInvalid) as exc:
                 raise StartError(f"IMAGEFORK_API_TOKENS_FILE {self.path}: {describe(exc)}") from None
             log.info("api: %d tokens from %s", len(self.tokens), self.path)
 
-    def _read(self) -> tuple[dict[str, Token], tuple]:
-        stat = os.stat(self.path)
-        tokens = parse_tokens(self.path.read_text("utf-8"))
-        return tokens, (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
     def _fresh(self) -> dict[str, Token]:
+        """The tokens, the file looked at again when a second has passed: its bytes, not its times (a rewrite
+        within one tick of the file system's clock is seen too)."""
         now = self.clock()
-        if now - self.looked_at >= 1.0:  # a stat at most once a second
-            self.looked_at = now
+        if now - self.looked_at < 1.0:
+            return self.tokens
+        self.looked_at = now
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            if self.tokens:
+                log.error("api: %s is gone: no token is accepted until it is back", self.path)
+            self.tokens, self.seen = {}, None
+            return self.tokens
+        except OSError as exc:
+            self._complain(exc, now)
+            return self.tokens
+        seen = hashlib.sha256(data).hexdigest()
+        if seen != self.seen:
+            self.seen = seen  # a broken file is not parsed again until its bytes change
             try:
-                stat = os.stat(self.path)
-                if (stat.st_ino, stat.st_mtime_ns, stat.st_size) != self.seen:
-                    self.tokens, self.seen = self._read()
-                    log.warning("api: tokens read again from %s: %d tokens", self.path, len(self.tokens))
-            except FileNotFoundError:
-                if self.tokens:
-                    log.error("api: %s is gone: no token is accepted until it is back", self.path)
-                self.tokens, self.seen = {}, None
-            except (OSError, UnicodeDecodeError, TokensInvalid) as exc:
-                log.error("api: %s cannot be used (%s): the tokens read before stay in force", self.path,
-                          describe(exc))
-                self.seen = None if isinstance(exc, OSError) else self.seen_now()
+                self.tokens = parse_tokens(data.decode("utf-8"))
+                log.warning("api: tokens read again from %s: %d tokens", self.path, len(self.tokens))
+            except (UnicodeDecodeError, TokensInvalid) as exc:
+                self.complained_at = 0.0
+                self._complain(exc, now)
         return self.tokens
 
-    def seen_now(self) -> tuple | None:
-        """The file as it is now (an invalid one is not read again until it changes)."""
-        try:
-            stat = os.stat(self.path)
-        except OSError:
-            return None
-        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    def _complain(self, exc: Exception, now: float) -> None:
+        if now - self.complained_at >= 60.0:
+            self.complained_at = now
+            log.error("api: %s cannot be used (%s): the tokens read before stay in force", self.path, describe(exc))
 
     def identify(self, request) -> Token | web.Response:
         """The token asking (ANONYMOUS with no authentication), or the 401 to answer."""
@@ -199,14 +206,20 @@ def middleware(gate: Gate, scopes: dict[tuple[str, str], str]):
     return access
 
 
+def plain(text: str, limit: int = 300) -> str:
+    """A field of an audit line as the client cannot shape it: percent-encoded past a few safe characters
+    (no newline, no space, no ``=``: one line, one field)."""
+    return quote(text[:limit], safe="/{}:@._-")
+
+
 def audit(request, resp) -> None:
     """One line per write: who, what, which workflow, and the answer."""
     token = request.get(TOKEN)
     who = token.name if token is not None else "-"
     workflow = request.match_info.get("id") or request.get(WORKFLOW) or "-"
     status = getattr(resp, "status", 500) if resp is not None else 500
-    audit_log.info("audit: who=%s action=%s %s workflow=%s status=%d from=%s", who, request.method,
-                   request.path, workflow, status, request.remote or "-")
+    audit_log.info("audit: who=%s action=%s %s workflow=%s status=%d from=%s", who, plain(request.method, 16),
+                   plain(request.path), plain(workflow), status, plain(request.remote or "-", 64))
 
 
 def session_routes(gate: Gate) -> list[web.RouteDef]:
@@ -226,10 +239,12 @@ def session_routes(gate: Gate) -> list[web.RouteDef]:
             return refused
         if gate.path is None:
             return web.json_response({**ANONYMOUS.describe(), "authentication": "none"})
-        try:
-            body = await request.json()
+        try:  # a body that trickles, or nests past the parser, is refused as any other request's is
+            body = await asyncio.wait_for(request.json(loads=json.loads), gate.body_timeout_s)
             presented = body.get("token") if isinstance(body, dict) else None
-        except ValueError:
+        except asyncio.TimeoutError:
+            return json_error(408, "REQUEST_TIMEOUT", "the body did not arrive in time")
+        except (ValueError, UnicodeDecodeError, RecursionError, LookupError, web.RequestPayloadError):
             presented = None
         if not isinstance(presented, str) or not bearer("Bearer " + presented):
             return json_error(400, "INVALID_REQUEST", 'the body is {"token": "ifk_..."}')

@@ -244,3 +244,48 @@ def test_imagefork_token_creates_lists_and_revokes(tmp_path, capsys):
     tokens = parse_tokens(path.read_text())
     assert [t.name for t in tokens.values()] == ["ops"] and digest(token) not in tokens
     assert main(["token", "create", "x", "--scopes", "admin", "--file", str(path)]) == 2
+
+
+def test_an_audit_line_is_one_line_whatever_the_path(config, caplog):
+    caplog.set_level(logging.INFO, logger="imagefork.audit")
+    calls(config, ("POST", "/nothing%0Afake%20who=admin", None, {}),
+          ("POST", "/v1/workflows/a%0Ab/cancel", OPERATE, {}))
+    lines = [r.getMessage() for r in caplog.records if r.name == "imagefork.audit"]
+    assert len(lines) == 2 and all("\n" not in line and line.count("who=") == 1 for line in lines), lines
+    assert "/nothing%0Afake%20who%3Dadmin" in lines[0]
+
+
+def test_a_rewrite_of_the_same_size_and_time_is_seen(config, tmp_path):
+    api = Offline(config)
+    path = tmp_path / "tokens"
+    before = os.stat(path)
+    text = path.read_text()
+    swapped = text.replace(digest(READ), "0" * 64)  # reader's token replaced: the file's size stays
+    assert len(swapped) == len(text)
+    path.write_text(swapped)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same size and mtime
+    api.gate.looked_at = float("-inf")
+    assert calls(config, ("GET", "/v1/sources/xyz", READ, {}), api=api)[0][0] == 401
+
+
+def test_sign_in_refuses_a_hostile_body_with_json_errors(config):
+    deep = b"[" * 100_000
+    status = [a[0] for a in calls(config, ("POST", "/v1/session", None, {"data": deep}),
+                                  ("POST", "/v1/session", None, {"data": b"\xff\xfe"}),
+                                  ("POST", "/v1/session", None, {"json": ["x"]}))]
+    assert status == [400, 400, 400]
+
+
+def test_token_changes_at_once_keep_every_line_and_a_bad_one_is_never_written(tmp_path, capsys):
+    from concurrent.futures import ThreadPoolExecutor
+    path = tmp_path / "tokens"
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: main(["token", "create", f"c{i}", "--scopes", "read", "--file", str(path)]),
+                              range(8)))
+    assert codes == [0] * 8 and sorted(t.name for t in parse_tokens(path.read_text()).values()) == \
+        [f"c{i}" for i in range(8)]
+    os.chmod(path, 0o640)
+    assert main(["token", "create", "z", "--scopes", "read", "--rate", "inf", "--file", str(path)]) == 2
+    assert main(["token", "revoke", "c0", "--file", str(path)]) == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640  # the file keeps its mode
+    assert len(parse_tokens(path.read_text())) == 7
