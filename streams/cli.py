@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "workflowId, else a new UUID")
     p.add_argument("--avro", action="store_true", help="send the request Avro-encoded instead of JSON")
     p.add_argument("--json", action="store_true", help="print the final event as JSON")
+    p.add_argument("--priority", choices=["interactive", "batch"], default=None,
+                   help="its lane (default: the document's priority, else interactive); batch work gets what "
+                        "interactive work leaves")
     p.set_defaults(func=_submit)
 
     p = sub.add_parser("retry", help="run a finished workflow's failed and timed-out tasks again, keeping its "

@@ -148,8 +148,10 @@ class Client:
             if err is not None:
                 errors.append(str(err))
 
-        self.producer.produce(self.config.topics.requests, key=workflow_id.encode() if workflow_id else None,
-                              value=value, on_delivery=delivered)
+        batch = isinstance(request, dict) and str(request.get("priority") or "").strip().lower() == "batch"
+        topic = self.config.topics.requests_batch if batch else self.config.topics.requests  # its lane
+        self.producer.produce(topic, key=workflow_id.encode() if workflow_id else None, value=value,
+                              on_delivery=delivered)
         remaining = self.producer.flush(timeout_s)
         if remaining or errors:
             raise SubmitError(f"request not delivered to {self.config.bootstrap_servers}: "

@@ -41,6 +41,8 @@ def _submit(args) -> int:
         print(f"imagefork: {args.file} holds a JSON {type(doc).__name__}, not a request object "
               f"(see docs/contract.md)", file=sys.stderr)
         return 2
+    if args.priority:
+        doc["priority"] = args.priority
     lim = config.limits
     presets = None
     if isinstance(doc.get("preset"), str):
@@ -74,7 +76,8 @@ def _send(config: Config, doc: dict, workflow_id: str | None, args) -> int:
     except SubmitError as exc:
         print(f"imagefork: {exc}; {NO_BROKER_HINT}", file=sys.stderr)
         return 1
-    print(f"submitted workflow {workflow_id} to {config.topics.requests}", file=sys.stderr)
+    lane = config.topics.requests_batch if str(doc.get("priority") or "").lower() == "batch" else config.topics.requests
+    print(f"submitted workflow {workflow_id} to {lane}", file=sys.stderr)
     if not follower:
         print(workflow_id)
         return 0

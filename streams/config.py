@@ -1,6 +1,7 @@
 """The only configuration: defaults -> environment -> validate(). Every process of the project (workers,
 client, demo, tests) reads the same environment variables, so sourcing the file written by ``imagefork
-stack up`` points any of them at a stack."""
+stack up`` points any of them at a stack. Longer than 500 lines because every setting of every role is
+here, once: its default, its variable and its check, a line each."""
 from __future__ import annotations
 
 import ipaddress
@@ -83,14 +84,17 @@ class Retry:
 @dataclass(frozen=True)
 class Topics:
     requests: str = "imagefork.requests"
+    requests_batch: str = "imagefork.requests.batch"  # the batch lane's requests (priority "batch")
     request_retries: str = "imagefork.requests.retry"
     tasks: str = "imagefork.tasks"
+    tasks_batch: str = "imagefork.tasks.batch"  # the batch lane's tasks: served with what interactive leaves
     retries: str = "imagefork.tasks.retry"
     events: str = "imagefork.events"
     completed: str = "imagefork.completed"
     dead_letter: str = "imagefork.requests.dlq"
     join_state: str = "imagefork.join.state"  # the join's changelog (compacted)
     task_attempts: str = "imagefork.tasks.attempts"  # resize's crash ledger (compacted)
+    task_attempts_batch: str = "imagefork.tasks.batch.attempts"  # the batch lane's crash ledger (compacted)
     schemas: str = "imagefork.schemas"  # every schema version a writer used, by fingerprint (compacted)
     notices: str = "imagefork.notices"  # RunIgnored: a resubmitted workflow id, answered at once
     sources: str = "imagefork.sources"  # final events by source bytes: key {sha256}/{workflowId} (compacted)
@@ -138,6 +142,7 @@ class Config:
     resize_concurrency: int = 0  # 0: three per core (a task waits on S3 and Kafka most of its time)
     resize_pool: str = "thread"  # or "process" (measured: threads are faster, see docs/bench.md)
     planner_concurrency: int = 4
+    batch_share: float = 0.2  # of a worker's slots, what the batch lane keeps while interactive work waits
     fetch_allow: tuple[str, ...] = ()
     source_s3_allow: tuple[str, ...] = ()  # "bucket" or "bucket/prefix"; the staging prefix is always allowed
     max_crashes: int = 2  # a task whose processing killed this many workers ends FAILED (WORKER_CRASHED)
@@ -254,6 +259,7 @@ def check(config: Config) -> Config:
         (config.resize_pool in ("process", "thread"), "IMAGEFORK_RESIZE_POOL must be process or thread"),
         (config.resize_concurrency >= 0, "IMAGEFORK_RESIZE_CONCURRENCY must be >= 0"),
         (config.planner_concurrency >= 1, "IMAGEFORK_PLANNER_CONCURRENCY must be >= 1"),
+        (0 < config.batch_share <= 1, "IMAGEFORK_BATCH_SHARE must be > 0 and <= 1 (a share of the slots)"),
         (1 <= config.join_batch <= 100_000, "IMAGEFORK_JOIN_BATCH must be 1..100000"),
         (0 <= config.join_commit_interval_ms <= 60_000, "IMAGEFORK_JOIN_COMMIT_INTERVAL_MS must be 0..60000"),
         (1 <= config.transaction_timeout_s <= 900, "IMAGEFORK_TRANSACTION_TIMEOUT_S must be 1..900"),
@@ -392,6 +398,7 @@ def read_env(env: Mapping[str, str] | None = None) -> Config:
         resize_concurrency=reader.int("IMAGEFORK_RESIZE_CONCURRENCY", d.resize_concurrency),
         resize_pool=reader.str("IMAGEFORK_RESIZE_POOL", d.resize_pool).lower(),
         planner_concurrency=reader.int("IMAGEFORK_PLANNER_CONCURRENCY", d.planner_concurrency),
+        batch_share=reader.float("IMAGEFORK_BATCH_SHARE", d.batch_share),
         fetch_allow=tuple(p.strip() for p in allow.split(",") if p.strip()),
         source_s3_allow=tuple(p.strip() for p in s3_allow.split(",") if p.strip()),
         max_crashes=reader.int("IMAGEFORK_MAX_CRASHES", d.max_crashes),

@@ -29,6 +29,8 @@ WORKFLOW_SECONDS = Histogram("imagefork_workflow_duration_seconds",
                              "End-to-end latency: request submitted to final event", ["status"],
                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
 OPEN_WORKFLOWS = Gauge("imagefork_open_workflows", "Workflows open in this join process's partitions")
+LANE_TASKS = Gauge("imagefork_lane_tasks", "Messages of each priority lane a process is running or holding "
+                   "for a slot (interactive first; batch keeps IMAGEFORK_BATCH_SHARE)", ["role", "lane", "state"])
 SOURCE_CACHE_BYTES = Gauge("imagefork_source_cache_bytes", "Decoded source pixels a resize process holds (cache + in use)")
 SOURCE_CACHE_LOOKUPS = Counter("imagefork_source_cache_lookups", "Decoded-source lookups of a resize process, by "
                                "result (hit: decoded already; miss: fetched and decoded)", ["result"])

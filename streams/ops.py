@@ -16,7 +16,7 @@ from streams.errors import ImageforkError
 
 HEADER_PREFIX = "imagefork."  # the pipeline's own headers: dropped on replay
 # agents whose dead letters hold a request (their value is what `imagefork submit` sends)
-REQUEST_AGENTS = ("planner", "planner.retry")
+REQUEST_AGENTS = ("planner", "planner.batch", "planner.retry")
 
 
 class OpsError(ImageforkError, RuntimeError):
@@ -163,7 +163,7 @@ def replay_target(letter: DeadLetter, to: str | None, config: Config) -> str:
 def is_request(letter: DeadLetter, config: Config) -> bool:
     t = config.topics
     if letter.origin_topic:
-        return letter.origin_topic in (t.requests, t.request_retries)
+        return letter.origin_topic in (t.requests, t.requests_batch, t.request_retries)
     return letter.agent in REQUEST_AGENTS
 
 

@@ -21,13 +21,16 @@ ROLES = ("planner", "resize")  # the Faust roles; the join is a confluent-kafka 
 @dataclass(frozen=True)
 class Topics:
     requests: faust.TopicT
+    requests_batch: faust.TopicT
     request_retries: faust.TopicT
     tasks: faust.TopicT
+    tasks_batch: faust.TopicT
     retries: faust.TopicT
     events: faust.TopicT
     completed: faust.TopicT
     dead_letter: faust.TopicT
     task_attempts: faust.TopicT
+    task_attempts_batch: faust.TopicT
 
 
 def idempotent_producers() -> None:
@@ -197,11 +200,14 @@ def declare_topics(app: faust.App, config: Config) -> Topics:
 
     return Topics(
         requests=topic(t.requests),
+        requests_batch=topic(t.requests_batch),
         request_retries=topic(t.request_retries),
         tasks=topic(t.tasks),
+        tasks_batch=topic(t.tasks_batch),
         retries=topic(t.retries),
         events=topic(t.events),
         completed=topic(t.completed),
         dead_letter=topic(t.dead_letter),
         task_attempts=topic(t.task_attempts),
+        task_attempts_batch=topic(t.task_attempts_batch),
     )

@@ -169,8 +169,10 @@ def topic_specs(config: Config) -> dict[str, dict]:
     return {
         **mirror,
         t.requests: {"retention.ms": week},
+        t.requests_batch: {"retention.ms": week},
         t.request_retries: {"retention.ms": day},
         t.tasks: {"retention.ms": day},
+        t.tasks_batch: {"retention.ms": week},  # a backfill may take days to drain
         t.retries: {"retention.ms": day},
         t.events: {"retention.ms": day},
         t.completed: {"retention.ms": week, "max.message.bytes": str(MAX_MESSAGE_BYTES)},
@@ -178,6 +180,8 @@ def topic_specs(config: Config) -> dict[str, dict]:
         t.dead_letter: {"retention.ms": str(30 * 24 * 3600 * 1000), "max.message.bytes": str(MAX_MESSAGE_BYTES + 65536)},
         # resize's crash ledger: a row per source and partition while its tasks run, a tombstone after
         t.task_attempts: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),
+                          "min.cleanable.dirty.ratio": "0.2", "delete.retention.ms": str(3600 * 1000)},
+        t.task_attempts_batch: {"cleanup.policy": "compact", "segment.ms": str(10 * 60 * 1000),
                           "min.cleanable.dirty.ratio": "0.2", "delete.retention.ms": str(3600 * 1000)},
         # every schema version any writer used, keyed by fingerprint; kept for good
         t.schemas: {"cleanup.policy": "compact"},

@@ -30,8 +30,14 @@ FAUST_LEADER_TOPIC = "-__assignor-__leader"
 def role_topics(config: Config, role: str) -> tuple[str, ...]:
     """The topics a role's group consumes (any other topic it committed offsets for is shown too)."""
     t = config.topics
-    return {"planner": (t.requests, t.request_retries), "resize": (t.tasks, t.retries),
+    return {"planner": (t.requests, t.requests_batch, t.request_retries), "resize": (t.tasks, t.tasks_batch, t.retries),
             "join": (t.events,), "webhook": (t.completed, t.webhook_redeliver)}.get(role, ())
+
+
+def lane_topics(config: Config) -> dict[str, str]:
+    """The topics of the priority lanes (core/lanes.py), and each one's lane."""
+    t = config.topics
+    return {t.requests: "interactive", t.tasks: "interactive", t.requests_batch: "batch", t.tasks_batch: "batch"}
 
 
 @dataclass(frozen=True)
@@ -197,14 +203,20 @@ class LagCollector(Collector):
                                 labels=["group", "topic", "partition"])
         committed = GaugeMetricFamily("imagefork_consumer_committed_offset", "A consumer group's committed "
                                       "offset in a partition", labels=["group", "topic", "partition"])
+        by_lane = GaugeMetricFamily("imagefork_lane_lag", "Records a role's group has not committed yet in each "
+                                    "priority lane's topic (interactive, batch)", labels=["role", "lane"])
+        lanes = lane_topics(self.config)
         for g in self.groups():
             for p in g.partitions:
                 labels = [g.group, p.topic, str(p.partition)]
                 lag.add_metric(labels, p.lag)
                 if p.committed is not None:
                     committed.add_metric(labels, p.committed)
+            for lane, value in lanes_of(g, lanes).items():
+                by_lane.add_metric([g.role, lane], value)
         yield lag
         yield committed
+        yield by_lane
 
     def groups(self) -> list[GroupStatus]:
         """The last reading, taken anew when older than ``cache_s`` (by one scrape; the others wait for it)."""
@@ -256,10 +268,19 @@ def status_report(config: Config, timeout_s: float = 10.0) -> str:
     """Each role's group: its state, its members with their partitions' offsets and lag, and totals.
     Raises KafkaUnavailable (a one-line message) when the cluster does not answer."""
     admin = admin_client(config)
-    return format_status(read_groups(admin, config, ROLES, timeout_s, describe=True))
+    return format_status(read_groups(admin, config, ROLES, timeout_s, describe=True), lane_topics(config))
 
 
-def format_status(groups: list[GroupStatus]) -> str:
+def lanes_of(g: GroupStatus, lanes: dict[str, str]) -> dict[str, int]:
+    """A group's lag per priority lane (none for a role without lanes)."""
+    out: dict[str, int] = {}
+    for p in g.partitions:
+        if p.topic in lanes:
+            out[lanes[p.topic]] = out.get(lanes[p.topic], 0) + p.lag
+    return out
+
+
+def format_status(groups: list[GroupStatus], lanes: dict[str, str] | None = None) -> str:
     lines: list[str] = []
     for g in groups:
         if lines:
@@ -286,6 +307,10 @@ def format_status(groups: list[GroupStatus]) -> str:
         lines.extend(_aligned(rows))
         lines.append(f"  total: lag {g.lag} over {len(g.partitions)} partitions, "
                      f"committed in {sum(p.committed is not None for p in g.partitions)}")
+        by_lane = lanes_of(g, lanes or {})
+        if by_lane:
+            lines.append("  lanes: " + ", ".join(f"{lane} lag {lag}" for lane, lag in sorted(
+                by_lane.items(), key=lambda kv: kv[0] != "interactive")))
     lines.append("")
     lines.append(f"all roles: lag {sum(g.lag for g in groups)}"
                  + ("" if not any(g.error for g in groups) else

@@ -13,6 +13,7 @@ from streams import serde
 from streams.adapters.faust import Topics
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.presets import PresetTable
+from streams.agents.lanes import LaneGate
 from streams.adapters.source import Fetched, fetch_http_validated
 from streams.agents.common import backoff_s, log, now_ms, send, send_all
 from streams.agents.policy import (
@@ -20,6 +21,7 @@ from streams.agents.policy import (
 )
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
+from streams.core.lanes import BATCH, INTERACTIVE
 from streams.core.imaging import certain_output_pixels, probe_image, target_size, task_spec
 from streams.core.models import FAILED, REJECTED, PlanFailure, TaskError, TaskResult, WorkflowPlan
 from streams.core.planning import (
@@ -43,6 +45,7 @@ class Planner:
         self.store = store
         self.sources = Revalidator(config, store)
         self.presets = PresetTable(config)  # started by register(): the topic is read in a thread
+        self.gate = LaneGate("planner", config.planner_concurrency, config.batch_share)
 
     # --- the steps ------------------------------------------------------------
     async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
@@ -112,7 +115,7 @@ class Planner:
         planned = time.perf_counter()
         STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
         # largest outputs first: the longest tasks start first, so the workflow ends sooner
-        await send_all(self.topics.tasks, [
+        await send_all(self.topics.tasks_batch if request.priority == BATCH else self.topics.tasks, [
             (f"{workflow_id}/{task.taskRef}".encode(),
              serde.encode("ResizeTask", replace(task, sourceUri=source_uri, sourceSha256=sha256).to_dict()))
             for task in sorted(to_run, key=lambda t: t.width * t.height, reverse=True)])
@@ -124,15 +127,16 @@ class Planner:
             log.info("workflow %s planned: %d tasks", workflow_id, len(tasks))
         return Disposition.PROCESSED
 
-    async def handle_message(self, msg: Message) -> Disposition:
-        """The request topic. A message back from the retry topic (its handling failed once) keeps its run
-        id and its first submission time, so its deadline counts from the first submission."""
+    async def handle_message(self, msg: Message, lane: str = INTERACTIVE) -> Disposition:
+        """A request topic (of ``lane``). A message back from the retry topic (its handling failed once) keeps
+        its run id and its first submission time, so its deadline counts from the first submission."""
         run_id = msg.headers.get(RUN_ID)
         attempt = max(msg.attempts, header_int(msg.headers, LEGACY_ATTEMPT, 1))
-        return await self.handle(msg.key, msg.value, msg.where, attempt=attempt,
-                                 submitted_at=header_int(msg.headers, SUBMITTED_AT, 0) or None,
-                                 run_id=run_id.decode("ascii", "replace") if run_id else None,
-                                 timestamp_ms=msg.timestamp_ms)
+        async with self.gate.slot(lane):  # interactive requests first; batch with what is left, and its share
+            return await self.handle(msg.key, msg.value, msg.where, attempt=attempt,
+                                     submitted_at=header_int(msg.headers, SUBMITTED_AT, 0) or None,
+                                     run_id=run_id.decode("ascii", "replace") if run_id else None,
+                                     timestamp_ms=msg.timestamp_ms)
 
     async def release(self, msg: Message) -> Disposition:
         """Retry topic: wait until the request's not-before time, then plan it again (a waiting
@@ -299,12 +303,18 @@ def register(app: faust.App, config: Config, topics: Topics) -> Planner:
     planner = Planner(config, topics, ObjectStore(config))
     requests = MessagePolicy("planner", config, dead_letter=topics.dead_letter, retry_topic=topics.request_retries,
                              retry_headers=Planner.retry_headers)
+    batch = MessagePolicy("planner.batch", config, dead_letter=topics.dead_letter, retry_topic=topics.request_retries,
+                          retry_headers=Planner.retry_headers)
     retries = MessagePolicy("planner.retry", config, dead_letter=topics.dead_letter,
                             retry_topic=topics.request_retries, retry_headers=Planner.retry_headers)
 
     @app.agent(topics.requests, concurrency=config.planner_concurrency, name="imagefork.planner")
     async def plan_requests(stream):
         await requests.consume(stream, planner.handle_message)
+
+    @app.agent(topics.requests_batch, concurrency=config.planner_concurrency, name="imagefork.planner.batch")
+    async def plan_batch(stream):  # the same slots (planner.gate): what interactive requests leave
+        await batch.consume(stream, lambda msg: planner.handle_message(msg, BATCH))
 
     @app.agent(topics.request_retries, concurrency=64, name="imagefork.planner.retry")
     async def release_retries(stream):

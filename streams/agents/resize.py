@@ -20,9 +20,11 @@ from streams.agents import resize_job
 from streams.agents.cancels import CancelWatch
 from streams.agents.common import backoff_s, log, now_ms, send
 from streams.agents.crashes import CrashLedger, Entry
+from streams.agents.lanes import LaneGate
 from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, RetryLater, wait_not_before
 from streams.config import Config
 from streams.core.errors import DeadlineExceeded
+from streams.core.lanes import BATCH, INTERACTIVE, lane_of
 from streams.core.models import FAILED, SUCCEEDED, ResizeTask, SourceFacts, TaskError, TaskOutput, TaskResult
 from streams.metrics import COMPUTE_CPU, OUTPUTS_REUSED, STAGE_SECONDS, TASK_SECONDS, TASKS, add_io
 from streams.serde import SerdeError
@@ -59,6 +61,10 @@ class Resizer:
         self.sandboxes: list[Executor | None] = [None] * config.resize_processes
         self._free_sandboxes: asyncio.Queue[int] | None = None
         self.ledger = CrashLedger(config, topics.task_attempts, topics.tasks.get_topic_name())
+        # each lane's task topic has its own ledger: a row names a partition and offset of its own topic
+        self.ledgers = {INTERACTIVE: self.ledger,
+                        BATCH: CrashLedger(config, topics.task_attempts_batch, topics.tasks_batch.get_topic_name())}
+        self.gate = LaneGate("resize", config.resize_slots, config.batch_share)
         self.cancels = CancelWatch(config)
 
     def ensure_pool(self) -> Executor:
@@ -66,11 +72,15 @@ class Resizer:
             self.pool = make_pool(self.config)
         return self.pool
 
-    async def handle(self, msg: Message) -> Disposition | RetryLater:
+    async def handle(self, msg: Message, lane: str = INTERACTIVE) -> Disposition | RetryLater:
         try:
             task = ResizeTask.from_dict(serde.decode("ResizeTask", msg.value or b""))
         except SerdeError as exc:
             raise Reject("NOT_A_TASK", str(exc)) from None
+        async with self.gate.slot(lane):  # interactive first; batch with what is left, and its share
+            return await self._handle(msg, task, self.ledgers[lane])
+
+    async def _handle(self, msg: Message, task: ResizeTask, ledger: CrashLedger) -> Disposition | RetryLater:
         stages: dict[str, float] = {}
         if self.cancels.cancelled(task.workflowId, task.runId):
             return self.skip(task)
@@ -79,12 +89,11 @@ class Resizer:
                                      "message": "the workflow deadline passed before this task ran"})
             return Disposition.PROCESSED
         started = time.perf_counter()
-        entry, suspect = await self.ledger.begin(int(msg.where["partition"]), int(msg.where["offset"]),
-                                                 task.sourceUri)
+        entry, suspect = await ledger.begin(int(msg.where["partition"]), int(msg.where["offset"]), task.sourceUri)
         begun = time.perf_counter()
         try:
             outcome = crashed_outcome(entry) if entry.crashes >= self.config.max_crashes else \
-                await self.run(task, entry, sandboxed=suspect)
+                await self.run(task, entry, sandboxed=suspect, ledger=ledger)
             add_io(outcome.pop("io", ()))
             stages = outcome.pop("stages", {})
             COMPUTE_CPU.inc(stages.pop("cpu", 0.0))
@@ -103,7 +112,7 @@ class Resizer:
             # committed yet when its partition moved) ends WORKER_CRASHED at once wherever it lands, and
             # its source stays a suspect there, instead of being decoded in-process
             ending = time.perf_counter()
-            await self.ledger.end(entry, keep=entry.crashes >= self.config.max_crashes)
+            await ledger.end(entry, keep=entry.crashes >= self.config.max_crashes)
             if stages:
                 stages["ledger"] += time.perf_counter() - ending
                 for stage, seconds in stages.items():
@@ -120,7 +129,7 @@ class Resizer:
         """The task as the pool's job reads it, with the flag file that says its run was cancelled."""
         return {**task.to_dict(), "cancelFlag": self.cancels.flag(task.workflowId, task.runId)}
 
-    async def run(self, task: ResizeTask, entry: Entry, *, sandboxed: bool) -> dict:
+    async def run(self, task: ResizeTask, entry: Entry, *, sandboxed: bool, ledger: CrashLedger | None = None) -> dict:
         loop = asyncio.get_running_loop()
         while not sandboxed:
             try:
@@ -153,7 +162,7 @@ class Resizer:
                 except BrokenProcessPool:
                     self.sandboxes[slot] = _shut(self.sandboxes[slot])
                     log.error("task %s/%s killed its sandbox (%d)", task.workflowId, task.taskRef, entry.crashes + 1)
-                    await self.ledger.crashed(entry)
+                    await (ledger or self.ledger).crashed(entry)
         finally:
             self._free_sandboxes.put_nowait(slot)
         return crashed_outcome(entry)
@@ -196,8 +205,8 @@ class Resizer:
         await wait_not_before(msg, min(task.notBefore, task.deadline))
         if self.cancels.cancelled(task.workflowId, task.runId):
             return self.skip(task)
-        await send(self.topics.tasks, key=f"{task.workflowId}/{task.taskRef}".encode(), value=msg.value,
-                   headers=msg.headers)
+        lane = self.topics.tasks_batch if lane_of(task.priority) == BATCH else self.topics.tasks
+        await send(lane, key=f"{task.workflowId}/{task.taskRef}".encode(), value=msg.value, headers=msg.headers)
         return Disposition.PROCESSED
 
 
@@ -213,11 +222,16 @@ def _shut(pool: Executor | None, kill: bool = False) -> None:
 def register(app: faust.App, config: Config, topics: Topics) -> Resizer:
     resizer = Resizer(config, topics)
     tasks = MessagePolicy("resize", config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
+    batch = MessagePolicy("resize.batch", config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
     retries = MessagePolicy("resize.retry", config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
 
     @app.agent(topics.tasks, concurrency=config.resize_slots, name="imagefork.resize")
     async def resize_tasks(stream):
         await tasks.consume(stream, resizer.handle)
+
+    @app.agent(topics.tasks_batch, concurrency=config.resize_slots, name="imagefork.resize.batch")
+    async def resize_batch(stream):  # the same slots (resizer.gate): what interactive tasks leave
+        await batch.consume(stream, lambda msg: resizer.handle(msg, BATCH))
 
     @app.agent(topics.retries, concurrency=64, name="imagefork.retry")
     async def release_retries(stream):
@@ -225,12 +239,14 @@ def register(app: faust.App, config: Config, topics: Topics) -> Resizer:
 
     @app.on_partitions_revoked.connect
     async def forget_ledger(app, revoked, **kwargs):
-        mine = {tp.partition for tp in revoked if tp.topic == topics.tasks.get_topic_name()}
-        try:
-            await asyncio.wait_for(resizer.ledger.release(mine), 5.0)
-        except Exception as exc:  # rows left behind only make their sources suspects for the next owner
-            log.warning("crash-ledger rows of revoked partitions not tombstoned (%s: %s)", type(exc).__name__, exc)
-            resizer.ledger.forget(mine)
+        for lane, ledger in resizer.ledgers.items():
+            mine = {tp.partition for tp in revoked if tp.topic == ledger.tasks_topic}
+            try:
+                await asyncio.wait_for(ledger.release(mine), 5.0)
+            except Exception as exc:  # rows left behind only make their sources suspects for the next owner
+                log.warning("crash-ledger rows of revoked %s partitions not tombstoned (%s: %s)", lane,
+                            type(exc).__name__, exc)
+                ledger.forget(mine)
 
     @app.task
     async def warm_up():

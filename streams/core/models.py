@@ -97,6 +97,7 @@ class ImageRequest:
     facts: tuple[str, ...] | None = None  # the costly source facts asked (None: all)
     callbackUrl: str | None = None  # where the final event is POSTed (core/webhooks.py)
     preset: Preset | None = None  # the preset it names, as it was when planned
+    priority: str = "interactive"  # its lane: "interactive" or "batch" (core/lanes.py)
 
     @property
     def mode(self) -> str:
@@ -116,6 +117,7 @@ class ImageRequest:
             **({} if self.facts is None else {"facts": list(self.facts)}),
             **({} if self.callbackUrl is None else {"callbackUrl": self.callbackUrl}),
             **({} if self.preset is None else {"preset": self.preset.snapshot()}),
+            **({} if self.priority == "interactive" else {"priority": self.priority}),
         }
 
 
@@ -181,8 +183,9 @@ class ResizeTask(_Record):
     maxHeight: int = 0
     runId: str = ""
     options: ImageOptions = ImageOptions()
-    facts: tuple[str, ...] = ()
-    sourceSha256: str = ""  # of the source's bytes, as the planner fetched them  # the source facts this task reports (empty: another task of the run does)
+    facts: tuple[str, ...] = ()  # the source facts this task reports (empty: another task of the run does)
+    sourceSha256: str = ""  # of the source's bytes, as the planner fetched them
+    priority: str = ""  # its lane: "batch", or "" (interactive); a retried task goes back to its lane
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

@@ -18,6 +18,7 @@ from streams.core.options import ImageOptions, boolean, integer, parse_options
 from streams.core.webhooks import callback_problem
 
 TASK_NAME = "image_convert_resize"
+LANES = ("interactive", "batch")  # a request's priority: the lane its tasks go to (core/lanes.py)
 SCHEMES = ("http", "https", "s3")
 _WORKFLOW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _MAX_ID_TEXT = 512
@@ -70,6 +71,10 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         problems.append(("workflowId", "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"))
 
     retry = _retry(doc.get("retry"), problems)
+    priority = doc.get("priority") or "interactive"
+    if not isinstance(priority, str) or priority.strip().lower() not in LANES:
+        problems.append(("priority", f"must be one of {', '.join(LANES)} (absent: interactive)"))
+        priority = "interactive"
     facts = _facts(doc.get("facts"), problems)
     callback = doc.get("callbackUrl")
     if callback is not None and (why := callback_problem(callback)):
@@ -97,6 +102,7 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         facts=facts,
         callbackUrl=callback,
         preset=preset,
+        priority=priority.strip().lower(),
     )
 
 
@@ -377,6 +383,7 @@ def plan_tasks(request: ImageRequest, workflow_id: str, *, source_uri: str, dead
             maxHeight=max_h,
             runId=run_id,
             options=options,
+            priority="" if request.priority == "interactive" else request.priority,
         ))
     return tasks
 

@@ -108,7 +108,8 @@ class Pipeline:
         return consume_completed(self.config, ids, timeout=max(timeout, settle))
 
     # role -> the topics its consumer group reads
-    INPUTS = {"planner": ("requests", "request_retries"), "resize": ("tasks", "retries"), "join": ("events",)}
+    INPUTS = {"planner": ("requests", "requests_batch", "request_retries"),
+              "resize": ("tasks", "tasks_batch", "retries"), "join": ("events",)}
 
     def drain_state(self) -> dict[tuple[str, str, int], tuple[int, int]]:
         """(group, topic, partition) -> (committed offset, end offset) for every input topic of every role

@@ -8,6 +8,7 @@ import pytest
 
 from streams.agents import crashes, resize
 from streams.agents.cancels import CancelWatch
+from streams.agents.lanes import LaneGate
 from streams.agents.policy import Message
 from streams.config import Config
 from streams.core.models import ResizeTask
@@ -62,6 +63,7 @@ def test_a_redelivered_killer_ends_worker_crashed_without_running(broker, monkey
     config = Config(max_crashes=2)
     resizer = resize.Resizer.__new__(resize.Resizer)
     resizer.config, resizer.ledger = config, crashes.CrashLedger(config, Topic(), "tasks")
+    resizer.ledgers, resizer.gate = {"interactive": resizer.ledger}, LaneGate("resize", 1, 0.2)
     resizer.cancels = CancelWatch(config)  # not started: no run is cancelled
     reported, ran = [], []
 

@@ -90,7 +90,8 @@ def resizer(s3, monkeypatch):
                               "IMAGEFORK_CONNECT_TIMEOUT_S": "2", "IMAGEFORK_READ_TIMEOUT_S": "5",
                               "IMAGEFORK_RESIZE_CONCURRENCY": "1"})  # one sandbox: every run in the same slot
     assert config.resize_processes == 1
-    r = resize.Resizer(config, SimpleNamespace(task_attempts=_Topic(), tasks=_Topic()))
+    r = resize.Resizer(config, SimpleNamespace(task_attempts=_Topic(), tasks=_Topic(), task_attempts_batch=_Topic(),
+                                               tasks_batch=_Topic()))
     yield r
     for pool in r.sandboxes:
         if pool is not None:

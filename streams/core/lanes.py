@@ -1,0 +1,34 @@
+"""Priority lanes: a request's ``priority`` (``interactive``, the default, or ``batch``) sends it, and its
+tasks, to a lane of their own (``imagefork.requests.batch``, ``imagefork.tasks.batch``). A process serves
+both lanes from one set of slots (``agents/lanes.py``): a free slot goes to interactive work first, and to
+batch work only when no interactive work runs or waits (a request's tasks come a few at a time: a slot
+given to batch between two of them would make the next wait, and share the cores meanwhile); while
+interactive work is under way, batch work keeps a share of the slots (``IMAGEFORK_BATCH_SHARE``, at least
+one slot), so a backfill is slowed by interactive traffic, never stopped by it. No I/O here."""
+from __future__ import annotations
+
+import math
+
+INTERACTIVE, BATCH = "interactive", "batch"
+LANES = (INTERACTIVE, BATCH)
+
+
+def batch_floor(slots: int, share: float) -> int:
+    """The slots batch work keeps while interactive work waits: ``share`` of them, at least one."""
+    return max(1, math.floor(slots * share + 1e-9))
+
+
+def next_lane(running: dict[str, int], waiting: dict[str, int], slots: int, floor: int) -> str | None:
+    """The lane whose oldest waiter takes a free slot now; None when no slot is free or nobody waits."""
+    if running[INTERACTIVE] + running[BATCH] >= slots:
+        return None
+    if waiting[BATCH] and running[BATCH] < floor:
+        return BATCH  # below its share: batch first, or a steady interactive stream would starve it
+    if waiting[INTERACTIVE]:
+        return INTERACTIVE
+    return BATCH if waiting[BATCH] and not running[INTERACTIVE] else None
+
+
+def lane_of(priority: str) -> str:
+    """A task's or request's lane from its ``priority`` field ("" and unknown values: interactive)."""
+    return BATCH if (priority or "").strip().lower() == BATCH else INTERACTIVE
