@@ -211,6 +211,7 @@ def avro_request(doc: dict) -> dict:
         sizes.append({"width": size.get("width"), "height": size.get("height"), **flat_fields("Size", own),
                       "options": own.to_dict() if own.said() else None})
     body = {k: v for k, v in doc.items() if k not in ImageOptions.__dataclass_fields__ and k != "options"}
-    return {"workflowId": None, "correlationId": None, **body, "maintainAspectRatio": flag, "outputSizes": sizes,
+    return {"workflowId": None, "correlationId": None, "outputFormats": [], **body,  # a preset alone: none of its own
+            "maintainAspectRatio": flag, "outputSizes": sizes,
             **flat_fields("ImageRequest", options), "options": options.to_dict() if options.said() else None}
 

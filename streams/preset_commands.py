@@ -12,7 +12,7 @@ from streams.adapters.kafka import read_to_end
 from streams.adapters.presets import delete_preset, put_preset, read_presets
 from streams.config import Config, ConfigError
 from streams.core.errors import RequestInvalid
-from streams.core.models import REJECTED, WorkflowCompleted
+from streams.core.models import REJECTED, WorkflowCompleted, now_ms
 from streams.core.presets import Regeneration, regeneration
 from streams import serde
 
@@ -90,6 +90,8 @@ def parse_since(text: str | None) -> int:
         return 0
     try:
         return int(float(text) * 1000)
+    except OverflowError:
+        raise ConfigError(f"--since {text!r} is not a time") from None
     except ValueError:
         pass
     try:
@@ -100,18 +102,41 @@ def parse_since(text: str | None) -> int:
 
 
 def finals_using(config: Config, name: str, since_ms: int, timeout: float) -> list[WorkflowCompleted]:
-    """The latest final event of each workflow whose run used preset ``name`` and ended at or after ``since_ms``."""
+    """The latest final event of each workflow whose run used preset ``name`` and ended at or after
+    ``since_ms``: from the completed topic (a week) and the sources topic (kept for good)."""
     latest: dict[str, WorkflowCompleted] = {}
-    for msg in read_to_end(config, config.topics.completed, timeout):
-        if msg.value() is None:
-            continue
-        try:
-            final = WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value()))
-        except Exception:  # not a final event of ours: not this command's to judge
-            continue
-        latest[final.workflowId] = final
+    for topic in (config.topics.sources, config.topics.completed):
+        for msg in read_to_end(config, topic, timeout):
+            if msg.value() is None:
+                continue
+            try:
+                final = WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value()))
+            except Exception:  # not a final event of ours: not this command's to judge
+                continue
+            known = latest.get(final.workflowId)
+            if known is None or final.completedAt >= known.completedAt:
+                latest[final.workflowId] = final
     return [f for f in latest.values() if f.preset is not None and f.preset.name == name
             and f.status != REJECTED and f.completedAt >= since_ms]
+
+
+def newer_plans(config: Config, finals: list[WorkflowCompleted], timeout: float) -> dict[str, str]:
+    """The workflows with a plan on the events topic newer than their final event: a run that may still be
+    open (a retry, a regeneration under way), by workflow id -> its run id."""
+    by_id = {f.workflowId: f for f in finals}
+    found: dict[str, str] = {}
+    for msg in read_to_end(config, config.topics.events, timeout):
+        final = by_id.get((msg.key() or b"").decode("utf-8", "replace"))
+        if final is None or msg.value() is None:
+            continue
+        try:
+            kind, body = serde.decode_join_event(msg.value())
+        except Exception:
+            continue
+        newer = body.get("submittedAt", 0) > final.completedAt
+        if kind == "WorkflowPlan" and body.get("runId") != final.runId and newer:
+            found[final.workflowId] = body.get("runId") or "?"
+    return found
 
 
 def regenerate(args) -> int:
@@ -124,14 +149,20 @@ def regenerate(args) -> int:
         return 1
     lim = config.limits
     plans: list[Regeneration] = []
-    current = failed = 0
-    for final in finals_using(config, preset.name, parse_since(args.since), args.timeout):
-        if final.preset.version == preset.version:
-            current += 1
+    failed = 0
+    finals = finals_using(config, preset.name, parse_since(args.since), args.timeout)
+    stale = [f for f in finals if f.preset.version != preset.version]
+    current = len(finals) - len(stale)
+    busy = newer_plans(config, stale, args.timeout) if stale else {}
+    for final in stale:
+        if final.workflowId in busy:
+            failed += 1
+            print(f"{final.workflowId}: skipped: run {busy[final.workflowId]} is newer than its final event (it may "
+                  f"still be running): regenerate again once it has ended", file=sys.stderr)
             continue
         try:
             plans.append(regeneration(final, preset, max_dimension=lim.max_dimension, max_tasks=lim.max_tasks,
-                                      max_pixels=lim.max_pixels))
+                                      max_pixels=lim.max_pixels, priority=args.priority))
         except (RequestInvalid, ValueError) as exc:
             failed += 1
             print(f"{final.workflowId}: cannot be regenerated: {getattr(exc, 'message', exc)}", file=sys.stderr)
@@ -148,6 +179,7 @@ def regenerate(args) -> int:
     if args.dry_run or not work:
         return 1 if failed else 0
     client = Client(config)
+    sent_at = now_ms()
     try:
         for p in work:
             client.submit(p.request, p.workflowId)
@@ -156,14 +188,15 @@ def regenerate(args) -> int:
     print(f"sent {len(work)} regeneration run(s)", file=sys.stderr)
     if not (args.wait or args.delete_dropped):
         return 1 if failed else 0
-    ended = _wait(config, {p.workflowId: p.runId for p in work}, args.timeout)
+    ended = _wait(config, {p.workflowId: p.runId for p in work}, args.timeout, sent_at)
     store = ObjectStore(config) if args.delete_dropped else None
     code = 1 if failed else 0
     for p in work:
         final = ended.get(p.workflowId)
-        if final is None or final.status != "COMPLETED":
+        if not isinstance(final, WorkflowCompleted) or final.status != "COMPLETED":
             code = 1
-            print(f"{p.workflowId}: {final.status if final else 'no final event yet'}", file=sys.stderr)
+            why = final if isinstance(final, str) else final.status if final else "no final event yet"
+            print(f"{p.workflowId}: {why}", file=sys.stderr)
             continue
         listed = {o.s3Uri for o in final.outputs}
         for o in p.dropped if store is not None else ():
@@ -173,8 +206,9 @@ def regenerate(args) -> int:
     return code
 
 
-def _wait(config: Config, runs: dict[str, str], timeout: float) -> dict[str, WorkflowCompleted]:
-    """The final event of each workflow's run after ``runs[id]`` (the regeneration), waited for."""
+def _wait(config: Config, runs: dict[str, str], timeout: float, sent_at: int) -> dict[str, WorkflowCompleted | str]:
+    """The final event of each workflow's run after ``runs[id]`` (the regeneration), waited for; or why the
+    join did not take it (its notice: the source could not be fetched, or another run was open)."""
     give_up, ended = time.monotonic() + timeout, {}
     while True:
         for msg in read_to_end(config, config.topics.completed, timeout):
@@ -183,6 +217,13 @@ def _wait(config: Config, runs: dict[str, str], timeout: float) -> dict[str, Wor
                 final = WorkflowCompleted.from_dict(serde.decode("WorkflowCompleted", msg.value()))
                 if final.retryOf == runs[wf]:
                     ended[wf] = final
+        for msg in read_to_end(config, config.topics.notices, timeout):
+            wf = (msg.key() or b"").decode()
+            if wf in runs and wf not in ended and msg.value() is not None:
+                notice = serde.decode("RunIgnored", msg.value())
+                if notice.get("at", 0) >= sent_at and notice.get("takenRunId") in (runs[wf], ""):
+                    ended[wf] = (f"not taken ({notice.get('reason')}: the join kept run {notice.get('takenRunId')}, "
+                                 f"{notice.get('takenStatus')}); its source may have failed: see the planner's log")
         if len(ended) == len(runs) or time.monotonic() > give_up:
             return ended
         time.sleep(1)
@@ -217,5 +258,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--wait", action="store_true", help="wait for each new run's final event")
     p.add_argument("--delete-dropped", action="store_true",
                    help="after each new run completed, delete the outputs the preset no longer asks for")
+    p.add_argument("--priority", choices=["interactive", "batch"], default="batch",
+                   help="the lane of the new runs (default batch: a regeneration is a backfill)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(func=regenerate)

@@ -8,6 +8,7 @@ broker and of S3, each probed at most every few seconds, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -27,6 +28,29 @@ from streams.errors import StartError
 def json_error(status: int, code: str, message: str, **extra) -> web.Response:
     """Every error of imagefork's HTTP endpoints: ``{"error": CODE, "message": ..., ...}``."""
     return web.json_response({"error": code, "message": message, **extra}, status=status)
+
+
+async def json_body(request, timeout_s: float) -> tuple[object, web.Response | None]:
+    """A request's JSON body, or the error to answer instead: 408 for a body that has not arrived within
+    ``timeout_s`` (one that trickles would hold a connection for ever), 400 for one that is not JSON (nested
+    past the parser, an unknown charset) or cannot be read (a damaged Content-Encoding)."""
+    try:
+        return await asyncio.wait_for(request.json(loads=json.loads), timeout_s), None
+    except asyncio.TimeoutError:
+        return None, json_error(408, "REQUEST_TIMEOUT", f"the body did not arrive within {timeout_s:.0f}s")
+    except (ValueError, UnicodeDecodeError, RecursionError, LookupError) as exc:
+        return None, json_error(400, "INVALID_JSON", f"the body is not JSON: {type(exc).__name__}: {exc}"[:300])
+    except web.RequestPayloadError as exc:
+        return None, json_error(400, "INVALID_BODY", f"the body cannot be read: {exc}"[:300])
+
+
+def path_part(request, name: str, valid: Callable[[str], bool], code: str, message: str) -> str:
+    """A part of the path (``{name}``), or a 400 ``code`` raised when ``valid`` refuses it."""
+    value = request.match_info[name]
+    if not valid(value):
+        raise web.HTTPBadRequest(text=json.dumps({"error": code, "message": message}),
+                                 content_type="application/json")
+    return value
 
 
 def metrics_response(_request=None, body: bytes | None = None) -> web.Response:

@@ -7,13 +7,15 @@ import asyncio
 from collections import deque
 from contextlib import asynccontextmanager
 
-from streams.core.lanes import BATCH, INTERACTIVE, LANES, batch_floor, next_lane
+from streams.core.lanes import BATCH, INTERACTIVE, LANES, batch_every, batch_floor, next_lane
 from streams.metrics import LANE_TASKS
 
 
 class LaneGate:
     def __init__(self, role: str, slots: int, share: float):
         self.role, self.slots, self.floor = role, slots, batch_floor(slots, share)
+        self.every = batch_every(share) if self.floor == 0 else 0  # one slot: batch by turns
+        self.streak = 0  # interactive turns in a row while batch work waited
         self.running = {INTERACTIVE: 0, BATCH: 0}
         self.waiting: dict[str, deque[asyncio.Future]] = {INTERACTIVE: deque(), BATCH: deque()}
 
@@ -24,12 +26,14 @@ class LaneGate:
 
     def _wake(self) -> None:
         while True:
-            lane = next_lane(self.running, {k: len(v) for k, v in self.waiting.items()}, self.slots, self.floor)
+            lane = next_lane(self.running, {k: len(v) for k, v in self.waiting.items()}, self.slots, self.floor,
+                             self.streak, self.every)
             if lane is None:
                 break
             waiter = self.waiting[lane].popleft()
             if waiter.done():  # its handler was cancelled while it waited
                 continue
+            self.streak = self.streak + 1 if lane == INTERACTIVE and self.waiting[BATCH] else 0
             self.running[lane] += 1
             waiter.set_result(None)
         self._show()

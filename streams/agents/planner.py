@@ -21,7 +21,7 @@ from streams.agents.policy import (
 )
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
-from streams.core.lanes import BATCH, INTERACTIVE
+from streams.core.lanes import BATCH, INTERACTIVE, lane_of
 from streams.core.imaging import certain_output_pixels, probe_image, target_size, task_spec
 from streams.core.models import FAILED, REJECTED, PlanFailure, TaskError, TaskResult, WorkflowPlan
 from streams.core.planning import (
@@ -142,7 +142,7 @@ class Planner:
         """Retry topic: wait until the request's not-before time, then plan it again (a waiting
         request holds one of many light slots of this agent, never the request partitions)."""
         await wait_not_before(msg)
-        return await self.handle_message(msg)
+        return await self.handle_message(msg, request_lane(msg.value))  # back in its own lane
 
     @staticmethod
     def retry_headers(msg: Message) -> dict[str, bytes]:
@@ -326,6 +326,14 @@ def register(app: faust.App, config: Config, topics: Topics) -> Planner:
         await asyncio.to_thread(planner.store.ensure_bucket)
 
     return planner
+
+
+def request_lane(value: bytes | None) -> str:
+    """The lane of a request's bytes (not a request: interactive, and handle() says what it is)."""
+    try:
+        return lane_of(serde.decode_request_bytes(value or b"").get("priority") or "")
+    except (SerdeError, AttributeError):
+        return INTERACTIVE
 
 
 def _text(value) -> str | None:

@@ -12,10 +12,8 @@ checked per route's scope, a rate per token, and one audit line per write.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
-import json
 import logging
 import math
 import socket
@@ -25,7 +23,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from streams.adapters.http import json_error
+from streams.adapters.http import json_body, json_error
 from streams.config import Config
 from streams.core.access import Limiter, Token, TokensInvalid, bearer, digest, parse_tokens
 from streams.errors import StartError
@@ -239,13 +237,10 @@ def session_routes(gate: Gate) -> list[web.RouteDef]:
             return refused
         if gate.path is None:
             return web.json_response({**ANONYMOUS.describe(), "authentication": "none"})
-        try:  # a body that trickles, or nests past the parser, is refused as any other request's is
-            body = await asyncio.wait_for(request.json(loads=json.loads), gate.body_timeout_s)
-            presented = body.get("token") if isinstance(body, dict) else None
-        except asyncio.TimeoutError:
-            return json_error(408, "REQUEST_TIMEOUT", "the body did not arrive in time")
-        except (ValueError, UnicodeDecodeError, RecursionError, LookupError, web.RequestPayloadError):
-            presented = None
+        body, refused = await json_body(request, gate.body_timeout_s)  # as any other request's is
+        if refused is not None:
+            return refused
+        presented = body.get("token") if isinstance(body, dict) else None
         if not isinstance(presented, str) or not bearer("Bearer " + presented):
             return json_error(400, "INVALID_REQUEST", 'the body is {"token": "ifk_..."}')
         token = gate.lookup(presented)

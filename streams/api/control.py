@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from aiohttp import web
 
-from streams.adapters.http import json_error
+from streams.adapters.http import json_body, json_error
 from streams.client import SubmitError
 from streams.core.cancels import parse_cancellation
 from streams.core.errors import RequestInvalid
@@ -56,12 +55,9 @@ async def cancel_workflow(api, request, workflow_id: str):
     event follows), 404 for an unknown id, 409 for a workflow that has ended."""
     reason = ""
     if request.can_read_body:
-        try:
-            body = await asyncio.wait_for(request.json(loads=json.loads), api.config.api_body_timeout_s)
-        except asyncio.TimeoutError:
-            return json_error(408, "REQUEST_TIMEOUT", "the body did not arrive in time")
-        except (ValueError, UnicodeDecodeError, RecursionError, LookupError, web.RequestPayloadError) as exc:
-            return json_error(400, "INVALID_JSON", f"the body is not JSON: {type(exc).__name__}: {exc}"[:300])
+        body, refused = await json_body(request, api.config.api_body_timeout_s)
+        if refused is not None:
+            return refused
         if not isinstance(body, dict):
             return json_error(400, "INVALID_REQUEST", 'the body, if any, is a JSON object: {"reason": "..."}')
         reason = body.get("reason") or ""

@@ -4,12 +4,11 @@ reads it from there)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from aiohttp import web
 
-from streams.adapters.http import json_error
+from streams.adapters.http import json_body, json_error, path_part
 from streams.adapters.presets import PresetsUnavailable, delete_preset, put_preset
 from streams.api.auth import WORKFLOW, foreign
 from streams.core.errors import RequestInvalid
@@ -25,12 +24,8 @@ def unavailable(exc: Exception) -> web.Response:
 
 
 def name_of(request) -> str:
-    name = request.match_info["name"]
-    if not valid_preset_name(name):
-        raise web.HTTPBadRequest(text=json.dumps({
-            "error": "INVALID_NAME", "message": "a preset's name is 1-64 characters of a-z 0-9 . _ -"}),
-            content_type="application/json")
-    return name
+    return path_part(request, "name", valid_preset_name, "INVALID_NAME",
+                     "a preset's name is 1-64 characters of a-z 0-9 . _ -")
 
 
 def routes(api) -> list[tuple]:
@@ -55,12 +50,9 @@ def routes(api) -> list[tuple]:
             return refused
         name = name_of(request)
         request[WORKFLOW] = f"preset:{name}"  # the audit line's subject
-        try:
-            doc = await asyncio.wait_for(request.json(loads=json.loads), api.config.api_body_timeout_s)
-        except asyncio.TimeoutError:
-            return json_error(408, "REQUEST_TIMEOUT", "the body did not arrive in time")
-        except (ValueError, UnicodeDecodeError, RecursionError, LookupError, web.RequestPayloadError) as exc:
-            return json_error(400, "INVALID_JSON", f"the body is not JSON: {type(exc).__name__}: {exc}"[:300])
+        doc, refused = await json_body(request, api.config.api_body_timeout_s)
+        if refused is not None:
+            return refused
         try:
             preset, changed = await asyncio.to_thread(put_preset, api.config, name, doc)
         except RequestInvalid as exc:

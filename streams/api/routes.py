@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from streams.adapters.http import health_routes, json_error
+from streams.adapters.http import health_routes, json_body, json_error, path_part
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.presets import PresetTable
 from streams.api.auth import WORKFLOW, Gate, foreign, middleware, session_routes
@@ -107,12 +107,8 @@ def similar_answer(sources, query, topic: str) -> web.Response:
 
 
 def workflow_id_of(request) -> str:
-    workflow_id = request.match_info["id"]
-    if not valid_workflow_id(workflow_id):
-        raise web.HTTPBadRequest(text=json.dumps({
-            "error": "INVALID_ID", "message": "a workflow id is 1-128 characters of A-Z a-z 0-9 . _ : -"}),
-            content_type="application/json")
-    return workflow_id
+    return path_part(request, "id", valid_workflow_id, "INVALID_ID",
+                     "a workflow id is 1-128 characters of A-Z a-z 0-9 . _ : -")
 
 
 async def stream(request, doc: dict, poll: Callable[[], Awaitable[dict | None]]) -> web.StreamResponse:
@@ -245,16 +241,9 @@ class Api:
         refused = foreign(request)
         if refused is not None:
             return refused
-        timeout_s = self.config.api_body_timeout_s
-        try:
-            # a body that trickles (a Content-Length never met) would hold a connection for ever
-            doc = await asyncio.wait_for(request.json(loads=json.loads), timeout_s)
-        except asyncio.TimeoutError:
-            return json_error(408, "REQUEST_TIMEOUT", f"the body did not arrive within {timeout_s:.0f}s")
-        except (ValueError, UnicodeDecodeError, RecursionError, LookupError) as exc:
-            return json_error(400, "INVALID_JSON", f"the body is not JSON: {type(exc).__name__}: {exc}"[:300])
-        except web.RequestPayloadError as exc:
-            return json_error(400, "INVALID_BODY", f"the body cannot be read: {exc}"[:300])
+        doc, refused = await json_body(request, self.config.api_body_timeout_s)
+        if refused is not None:
+            return refused
         lim = self.config.limits
         presets = None
         if isinstance(doc, dict) and isinstance(doc.get("preset"), str):  # checked as the planner will

@@ -14,16 +14,25 @@ LANES = (INTERACTIVE, BATCH)
 
 
 def batch_floor(slots: int, share: float) -> int:
-    """The slots batch work keeps while interactive work waits: ``share`` of them, at least one."""
-    return max(1, math.floor(slots * share + 1e-9))
+    """The slots batch work keeps while interactive work runs or waits: ``share`` of them, at least one, and
+    never all of them (one slot alone is shared by turns: ``batch_every``)."""
+    return min(max(1, math.floor(slots * share + 1e-9)), slots - 1)
 
 
-def next_lane(running: dict[str, int], waiting: dict[str, int], slots: int, floor: int) -> str | None:
-    """The lane whose oldest waiter takes a free slot now; None when no slot is free or nobody waits."""
+def batch_every(share: float) -> int:
+    """With one slot: batch takes every this many-th turn while interactive work waits."""
+    return max(2, round(1 / share))
+
+
+def next_lane(running: dict[str, int], waiting: dict[str, int], slots: int, floor: int,
+              streak: int = 0, every: int = 0) -> str | None:
+    """The lane whose oldest waiter takes a free slot now; None when no slot is free or nobody waits.
+    ``streak``: interactive turns given in a row while batch work waited; at ``every`` (one slot, no
+    floor), batch takes the next turn."""
     if running[INTERACTIVE] + running[BATCH] >= slots:
         return None
-    if waiting[BATCH] and running[BATCH] < floor:
-        return BATCH  # below its share: batch first, or a steady interactive stream would starve it
+    if waiting[BATCH] and (running[BATCH] < floor or (every and streak >= every - 1)):
+        return BATCH  # below its share (or its turn): batch first, or a steady interactive stream starves it
     if waiting[INTERACTIVE]:
         return INTERACTIVE
     return BATCH if waiting[BATCH] and not running[INTERACTIVE] else None

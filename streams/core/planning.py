@@ -71,7 +71,8 @@ def parse_request(doc: Any, *, max_dimension: int, max_tasks: int, max_pixels: i
         problems.append(("workflowId", "must be 1-128 characters of A-Z a-z 0-9 . _ : - (it names S3 keys)"))
 
     retry = _retry(doc.get("retry"), problems)
-    priority = doc.get("priority") or "interactive"
+    priority = doc.get("priority")
+    priority = "interactive" if priority is None or priority == "" else priority
     if not isinstance(priority, str) or priority.strip().lower() not in LANES:
         problems.append(("priority", f"must be one of {', '.join(LANES)} (absent: interactive)"))
         priority = "interactive"
@@ -160,6 +161,9 @@ def parse_preset(doc: Any, name: str, version: int, *, max_dimension: int, max_t
     problems: list[tuple[str, str]] = []
     if not isinstance(doc, dict):
         raise RequestInvalid([(where.rstrip(".") or "$", "must be a JSON object {outputFormats, outputSizes, ...}")])
+    bad_text = _unencodable(doc, where.rstrip("."))
+    if bad_text:
+        raise RequestInvalid([(bad_text, "is not valid Unicode text (a lone surrogate)")])
     if not valid_preset_name(name):
         problems.append((f"{where}name", "must be 1-64 characters of a-z 0-9 . _ - (starting with a letter or digit)"))
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 2 ** 31:
@@ -170,6 +174,14 @@ def parse_preset(doc: Any, name: str, version: int, *, max_dimension: int, max_t
     out_formats, sizes, size_fields, keep, options = _outputs(doc, where, problems, max_dimension, known)
     if max_pixels and not problems:
         problems.extend(_certain_boxes_over(sizes, size_fields, options, max_pixels))
+    # an output asked twice would be two tasks writing one output (a regeneration keeps outputs by spec)
+    for i, fmt in enumerate(out_formats):
+        if fmt in out_formats[:i]:
+            problems.append((f"{where}outputFormats[{i}]", f"repeats {fmt!r}"))
+    for i, size in enumerate(sizes):
+        first = next((j for j, other in enumerate(sizes[:i]) if other == size), None)
+        if first is not None:
+            problems.append((size_fields[i], f"repeats {size_fields[first]} (the same box and options)"))
     if not problems and len(out_formats) * len(sizes) > max_tasks:
         count = len(out_formats) * len(sizes)
         problems.append((f"{where}outputSizes", f"{len(out_formats)} formats x {len(sizes)} sizes = {count} tasks, "

@@ -25,10 +25,11 @@ from streams.core.planning import outputs_of, parse_preset, parse_request, task_
 _ANY = {"max_dimension": 1 << 30, "max_tasks": 1 << 30, "max_pixels": 0}
 
 
-def preset_record(preset: Preset) -> dict[str, Any]:
-    """The Avro ``Preset`` record (its options also flat in each size, for readers of ``Size`` v1)."""
+def preset_record(preset: Preset, deleted: bool = False) -> dict[str, Any]:
+    """The Avro ``Preset`` record (its options also flat in each size, for readers of ``Size`` v1); a deleted
+    one keeps its last version."""
     return {
-        "name": preset.name, "version": preset.version, "outputFormats": list(preset.outputFormats),
+        "deleted": deleted, "name": preset.name, "version": preset.version, "outputFormats": list(preset.outputFormats),
         "outputSizes": [{"width": s.width, "height": s.height, **flat_fields("Size", s.options),
                          "options": s.options.to_dict() if s.options.said() else None} for s in preset.outputSizes],
         "maintainAspectRatio": preset.maintainAspectRatio, "options": preset.options.to_dict(),
@@ -64,7 +65,7 @@ def _spec(fmt: str, size, options) -> tuple:
 
 
 def regeneration(final: WorkflowCompleted, preset: Preset, *, max_dimension: int, max_tasks: int,
-                 max_pixels: int = 0) -> Regeneration:
+                 max_pixels: int = 0, priority: str | None = None) -> Regeneration:
     """``final``'s run again with ``preset`` as it is now; raises RequestInvalid when its request cannot be
     read or no longer passes (a preset grown past the task limit)."""
     if not final.request:
@@ -76,7 +77,8 @@ def regeneration(final: WorkflowCompleted, preset: Preset, *, max_dimension: int
     old = parse_request({**doc, "retry": retry}, **_ANY)
     if old.preset is None or old.preset.name != preset.name:
         raise RequestInvalid([("preset", f"the run did not use preset {preset.name!r}")])
-    again = {**doc, "preset": preset.snapshot(), "workflowId": final.workflowId}
+    again = {**doc, "preset": preset.snapshot(), "workflowId": final.workflowId,
+             **({"priority": priority} if priority else {})}
     new = parse_request({**again, "retry": retry}, **limits)
     made = {o.taskRef: o for o in final.outputs}
     by_spec = {}
@@ -84,17 +86,22 @@ def regeneration(final: WorkflowCompleted, preset: Preset, *, max_dimension: int
         output = made.get(task_ref(fmt, size, i))
         if output is not None:
             by_spec[_spec(fmt, size, options)] = output
-    make, kept, wanted = [], [], set()
-    for i, (fmt, size, options) in enumerate(outputs_of(new)):
-        ref, spec = task_ref(fmt, size, i), _spec(fmt, size, options)
-        wanted.add(spec)
-        if spec in by_spec:
-            kept.append(replace(by_spec[spec], taskRef=ref))
-        else:
-            make.append(ref)
+    planned = [(task_ref(fmt, size, i), _spec(fmt, size, options))
+               for i, (fmt, size, options) in enumerate(outputs_of(new))]
+    wanted = {spec for _ref, spec in planned}
+    keep = {spec for _ref, spec in planned if spec in by_spec}
+    while True:  # an output made under a reference whose object a kept output still is: that one is made too
+        made_refs = {ref for ref, spec in planned if spec not in keep}
+        clash = {spec for spec in keep if by_spec[spec].taskRef in made_refs}
+        if not clash:
+            break
+        keep -= clash
+    make = tuple(ref for ref, spec in planned if spec not in keep)
+    kept = tuple(replace(by_spec[spec], taskRef=ref) for ref, spec in planned if spec in keep)
     dropped = tuple(o for spec, o in by_spec.items() if spec not in wanted)
     request = None
     if make:
-        request = {**again, "retry": {"runId": final.runId, "taskRefs": make, "outputs": [o.to_dict() for o in kept],
+        request = {**again, "retry": {"runId": final.runId, "taskRefs": list(make),
+                                      "outputs": [o.to_dict() for o in kept],
                                       "sourceSha256": final.facts.sha256 if final.facts else ""}}
-    return Regeneration(final.workflowId, final.runId, old.preset.version, request, tuple(make), tuple(kept), dropped)
+    return Regeneration(final.workflowId, final.runId, old.preset.version, request, make, kept, dropped)

@@ -106,5 +106,12 @@ def test_a_preset_is_named_recorded_and_regenerated_for_its_new_size_only(stack_
 
         code, out, err = run_cli(p.env, "regenerate", "--preset", "gallery")
         assert code == 0 and "0 workflow(s) to regenerate" in out and "2 already at v2" in out, out
+
+        # deleted, then defined again: its versions go on (a workflow of version 1 is never taken for current)
+        status, body, _ = call(api, "DELETE", "/v1/presets/gallery")
+        assert status == 200 and body == {"deleted": "gallery", "version": 2}
+        assert wait_until(lambda: call(api, "GET", "/v1/presets/gallery")[0] == 404, 20)
+        status, body, _ = call(api, "PUT", "/v1/presets/gallery", gallery)
+        assert status == 200 and body["version"] == 3 and body["changed"], body
     finally:
         p.stop()

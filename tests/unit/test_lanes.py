@@ -22,7 +22,7 @@ def counts(i, b):
 
 def test_the_rule_serves_interactive_first_and_keeps_batchs_share():
     assert batch_floor(6, 0.2) == 1 and batch_floor(10, 0.25) == 2 and batch_floor(2, 0.01) == 1
-    assert batch_floor(4, 1.0) == 4
+    assert batch_floor(4, 1.0) == 3 and batch_floor(1, 0.5) == 0  # never every slot
     assert next_lane(counts(3, 3), counts(1, 1), 6, 1) is None  # no free slot
     assert next_lane(counts(2, 1), counts(1, 1), 6, 1) == INTERACTIVE  # batch has its share: interactive first
     assert next_lane(counts(5, 0), counts(1, 1), 6, 1) == BATCH  # batch below its share goes first
@@ -70,6 +70,30 @@ def test_a_steady_interactive_stream_does_not_starve_batch():
         return done, gate.running
     done, running = asyncio.run(go())
     assert done == {INTERACTIVE: 200, BATCH: 50} and running == counts(0, 0)
+
+
+def test_one_slot_is_shared_by_turns():
+    async def go(share):
+        gate = LaneGate("test", slots=1, share=share)
+        order: list[str] = []
+        hold = asyncio.Event()
+
+        async def work(lane, name):
+            async with gate.slot(lane):
+                order.append(name)
+                await hold.wait()
+
+        first = asyncio.create_task(work(INTERACTIVE, "i0"))
+        await asyncio.sleep(0)
+        rest = [asyncio.create_task(work(BATCH, f"b{i}")) for i in range(3)] + \
+            [asyncio.create_task(work(INTERACTIVE, f"i{i}")) for i in range(1, 8)]
+        await asyncio.sleep(0)
+        hold.set()
+        await asyncio.gather(first, *rest)
+        return "".join(name[0] for name in order)
+    # interactive first, batch every fourth turn (share 0.25) while both wait, never waiting for ever
+    assert asyncio.run(go(0.25)) == "iiiibiiibib"
+    assert asyncio.run(go(0.5)).startswith("iibibib")
 
 
 def test_a_waiter_cancelled_gives_back_its_slot():

@@ -159,3 +159,30 @@ def test_the_join_takes_a_regeneration_of_a_completed_run_and_no_other_retry_of_
     regen = WorkflowPlan(**{**first.__dict__, "runId": "r3", "retryOf": "r1", "preset": PresetRef("gallery", 2)})
     taken = state.record_plan(regen, 4)
     assert not taken.ignored and "wf" in state.open
+
+
+def test_an_output_is_never_kept_under_an_object_a_new_one_is_written_to():
+    one = parse_preset({"outputFormats": ["png"], "outputSizes": [{"width": 100, "height": 100, "quality": 80}]},
+                       "gallery", 1, **LIMITS)
+    final = completed(parse_request({"fileLocation": SRC, "preset": "gallery", "workflowId": "wf"},
+                                    presets={"gallery": one}, **LIMITS))
+    two = parse_preset({"outputFormats": ["png"], "outputSizes": [{"width": 100, "height": 100, "quality": 90},
+                                                                  {"width": 100, "height": 100, "quality": 80}]},
+                       "gallery", 2, **LIMITS)
+    plan = regeneration(final, two, **LIMITS)
+    # the q80 output's object is ..._0.png, which the new q90 task (reference _0) writes: it is made again too
+    assert plan.make == ("image_convert_resize_png_100x100_0", "image_convert_resize_png_100x100_1")
+    assert plan.kept == () and plan.dropped == ()
+
+
+def test_a_preset_that_asks_for_an_output_twice_is_refused():
+    for doc, field in (({"outputFormats": ["png", "png"], "outputSizes": SIZES}, "outputFormats[1]"),
+                       ({"outputFormats": ["png"], "outputSizes": SIZES + SIZES[:1]}, "outputSizes[3]")):
+        with pytest.raises(RequestInvalid) as caught:
+            parse_preset(doc, "gallery", 1, **LIMITS)
+        assert [f for f, _ in caught.value.problems] == [field]
+    parse_preset({"outputFormats": ["png"], "outputSizes": [SIZES[0], {**SIZES[0], "quality": 50}]}, "gallery", 1,
+                 **LIMITS)  # the same box with other options is another output
+    with pytest.raises(RequestInvalid, match="lone surrogate"):
+        parse_preset({"outputFormats": ["png"], "outputSizes": SIZES, "description": "\ud800"}, "gallery", 1,
+                     **LIMITS)

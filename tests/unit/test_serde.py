@@ -55,7 +55,8 @@ RECORDS = {
     "Preset": {"name": "g", "version": 3, "outputFormats": ["png", "webp"],
                "outputSizes": [{"width": 1, "height": 2, "resizeMode": None, "gravity": None, "quality": None,
                                 "options": {**ImageOptions().to_dict(), "quality": 50}}],
-               "maintainAspectRatio": True, "options": OPTIONS.to_dict(), "description": "d", "updatedAt": 9},
+               "maintainAspectRatio": True, "options": OPTIONS.to_dict(), "description": "d", "updatedAt": 9,
+               "deleted": True},
     "RunIgnored": {"workflowId": "w", "runId": "r2", "reason": "finished", "takenRunId": "r1",
                    "takenStatus": "COMPLETED", "takenFinishedAt": 5, "at": 6},
 }
