@@ -90,7 +90,7 @@ def test_a_rolling_deploy_with_new_and_old_workers_side_by_side(make_pipeline, f
     tasks through the schemas topic; the new join reads the old worker's results by Avro resolution.
     Every request completes, exactly once."""
     new = newer_schemas(tmp_path / "v-next", {
-        "ResizeTask": {"name": "priority", "type": "int", "default": 0},
+        "ResizeTask": {"name": "urgency", "type": "int", "default": 0},
         "TaskResult": {"name": "note", "type": ["null", "string"], "default": None}})
     p = make_pipeline()
     p.start_together(("join", {"IMAGEFORK_SCHEMAS_DIR": str(new)}),
