@@ -145,7 +145,7 @@ def test_kafka_clients_and_the_cli_cancel_too(make_pipeline, files, tmp_path):
 
     # the CLI: a running workflow is cancelled and waited for (exit code 3); a finished one is refused
     wf2 = f"cli-{uuid.uuid4().hex[:8]}"
-    p.submit(wide(files, wf2, 200), wf2)
+    p.submit(wide(files, wf2, 500), wf2)  # 200 tiny outputs were done once before the cancel came (CI)
     assert wait_until(lambda: len(results_of(p, wf2)) >= 5, 120, interval=0.2), p.logs()
     code, out, err = run_cli(env, "cancel", wf2, "--reason", "not needed", "--json")
     assert code == 3, err
