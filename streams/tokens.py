@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from streams.core.access import SCOPES, TokensInvalid, new_token, parse_scopes, parse_tokens, token_line
+# streams.core.access (hashlib, secrets) loads when a token command runs: `imagefork --help` starts without it
 from streams.config import ConfigError
 
 
@@ -25,6 +25,7 @@ def token_file(args) -> Path:
 
 
 def _read(path: Path) -> str:
+    from streams.core.access import TokensInvalid, parse_tokens  # start-up: only token commands load it
     try:
         text = path.read_text("utf-8")
     except FileNotFoundError:
@@ -55,6 +56,7 @@ def _write(path: Path, text: str) -> None:
     """The whole file at once (a reader sees the old file or the new one), checked first (a line the API
     would refuse is never written), with the old file's owner and mode (an API running as another user
     still reads it; a new file is owner-only, like a key), and on disk before the rename."""
+    from streams.core.access import TokensInvalid, parse_tokens  # start-up: only token commands load it
     try:
         parse_tokens(text)
     except TokensInvalid as exc:
@@ -92,6 +94,8 @@ def create(args) -> int:
 
 
 def _create(args, path: Path) -> int:
+    # start-up: only token commands load it
+    from streams.core.access import SCOPES, new_token, parse_scopes, parse_tokens, token_line
     text = _read(path)
     try:
         scopes = parse_scopes(args.scopes)
@@ -137,6 +141,7 @@ def _revoke(args, path: Path) -> int:
 
 
 def listing(args) -> int:
+    from streams.core.access import parse_tokens  # start-up: only token commands load it
     path = token_file(args)
     tokens = sorted(parse_tokens(_read(path)).values(), key=lambda t: t.name)
     for t in tokens:
