@@ -16,8 +16,10 @@ from fastavro.schema import parse_schema
 
 from streams import serde
 from streams.serde import NAMESPACE, AvroSchema, SerdeError, branch_tagger
+from streams.skim import checker, read_long
 
 READ_OPTIONS = {"return_record_name": True, "return_record_name_override": True}
+PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 
 
 # The join reads each task result and writes its output into the final event unchanged: decoding the
@@ -59,17 +61,16 @@ def _long(n: int) -> bytes:
     return bytes(out)
 
 
-def _read_long(data: bytes, pos: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise SerdeError("truncated varint")
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return (n >> 1) ^ -(n & 1), pos
+def _options(segment: dict) -> dict:
+    """fastavro's reading options for ``segment``: serde's names for a union of two or more named types."""
+    def named_union(t: Any) -> bool:
+        if isinstance(t, list):
+            return sum(1 for b in t if isinstance(b, dict) or b not in PRIMITIVES) > 1 or any(map(named_union, t))
+        if isinstance(t, dict):
+            inner = [f["type"] for f in t.get("fields", ())] + [t[k] for k in ("items", "values") if k in t]
+            return any(map(named_union, inner))
+        return False
+    return READ_OPTIONS if named_union(segment) else {}
 
 
 class Splice:
@@ -104,9 +105,10 @@ class Splice:
 
 class PassingReader:
     """Reads a JoinEvent frame of the current version holding a TaskResult, with the result's output
-    decoded (so every string in it is checked as UTF-8, as a reader of the final event will) and kept as
-    its body. (Reading the output through a reader schema of the three fields the join uses would skip the
-    rest without checking its strings: a final event no reader can decode could be written.)"""
+    checked (every string in it is UTF-8, as a reader of the final event needs: ``skim.checker``) and kept
+    as its body; of the output only the fields the join uses are read out. (A reader schema of those three
+    fields would skip the rest without checking its strings: a final event no reader can decode could be
+    written.)"""
 
     def __init__(self, event: AvroSchema):
         named: dict = {}
@@ -122,32 +124,35 @@ class PassingReader:
         self.null, self.present = union.index("null"), union.index(f"{NAMESPACE}.TaskOutput")
         self.head = _segment("ResultHead", [*result[:i], {"name": "_output", "type": "long"}], named)
         self.tail = _segment("ResultTail", result[i + 1:], named)
-        self.output = _segment("Output", [{"name": "v", "type": f"{NAMESPACE}.TaskOutput"}], named)
+        self.output = checker(named[f"{NAMESPACE}.TaskOutput"], named, keep=("taskRef", "url", "s3Uri"))
+        # record names matter only in a union of two or more named types (none in a result today)
+        self.head_options, self.tail_options = _options(self.head), _options(self.tail)
 
     def read(self, data: bytes) -> tuple[dict[str, Any], bytes | None] | None:
         """(the TaskResult, its output's body or None); None: not a current result frame."""
         if data[:10] != self.header:
             return None
-        size, pos = _read_long(data, 10)  # the event's workflowId
+        size, pos = read_long(data, 10)  # the event's workflowId
         if size < 0:
             return None
-        branch, pos = _read_long(data, pos + size)
+        branch, pos = read_long(data, pos + size)
         if branch != self.branch:
             return None
         buf = io.BytesIO(data)
         buf.seek(pos)
-        record = fastavro.schemaless_reader(buf, self.head, None, **READ_OPTIONS)
+        record = fastavro.schemaless_reader(buf, self.head, None, **self.head_options)
         present = record.pop("_output")
         body = None
         if present == self.present:
             start = buf.tell()
-            record["output"] = fastavro.schemaless_reader(buf, self.output, None, **READ_OPTIONS)["v"]
-            body = data[start:buf.tell()]
+            end, record["output"] = self.output(data, start)
+            body = data[start:end]
+            buf.seek(end)
         elif present == self.null:
             record["output"] = None
         else:
             return None
-        record.update(fastavro.schemaless_reader(buf, self.tail, None, **READ_OPTIONS))
+        record.update(fastavro.schemaless_reader(buf, self.tail, None, **self.tail_options))
         return (record, body) if buf.tell() == len(data) else None
 
 

@@ -489,7 +489,7 @@ def descriptors_of(d: dict[str, Any]) -> tuple[TaskDescriptor, ...]:
     """A plan's (or a final event's) tasks; a plan written before ``tasks`` has only its references, named
     ``image_convert_resize_{format}_{w}x{h}_{i}``: read back from them (the one place that parses one)."""
     if d.get("tasks"):
-        return tuple(TaskDescriptor(**{k: t[k] for k in ("taskRef", "format", "width", "height")}) for t in d["tasks"])
+        return tuple(TaskDescriptor(t["taskRef"], t["format"], t["width"], t["height"]) for t in d["tasks"])
     out = []
     for ref in d.get("taskRefs") or ():
         parts = ref.removeprefix("image_convert_resize_").rsplit("_", 2)
