@@ -1,20 +1,24 @@
 """The Faust apps, one per role, each its own consumer group, and their data folders; nothing else."""
 from __future__ import annotations
 
+import asyncio
 import atexit
 import fcntl
 import glob
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 
 import faust
+from aiokafka.errors import KafkaError
 
 from streams.adapters import offsets
 from streams.adapters.kafka import faust_credentials, replication_factor
 from streams.config import Config
 
+log = logging.getLogger("imagefork")
 ROLES = ("planner", "resize")  # the Faust roles; the join is a confluent-kafka loop (streams/join/)
 
 
@@ -31,6 +35,18 @@ class Topics:
     dead_letter: faust.TopicT
     task_attempts: faust.TopicT
     task_attempts_batch: faust.TopicT
+
+
+async def partition_count(topic: faust.TopicT, timeout_s: float = 5.0) -> int:
+    """The topic's partitions as the app's producer knows them (its metadata, fetched when missing); 0 when
+    they cannot be known now (the caller then lets the keys decide)."""
+    try:
+        producer = topic.app.producer._ensure_producer()  # Faust's own aiokafka producer
+        return len(await asyncio.wait_for(producer.partitions_for(topic.get_topic_name()), timeout_s) or ())
+    except (asyncio.TimeoutError, AttributeError, KafkaError) as exc:
+        log.warning("partitions of %s not known (%s: %s); its records go where their keys hash",
+                    topic.get_topic_name(), type(exc).__name__, exc)
+        return 0
 
 
 def idempotent_producers() -> None:

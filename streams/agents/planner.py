@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import time
 from collections import OrderedDict
 from dataclasses import replace
@@ -10,7 +11,7 @@ from dataclasses import replace
 import faust
 
 from streams import serde
-from streams.adapters.faust import Topics
+from streams.adapters.faust import Topics, partition_count
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.presets import PresetTable
 from streams.agents.lanes import LaneGate
@@ -26,7 +27,7 @@ from streams.core.imaging import certain_output_pixels, probe_image, target_size
 from streams.core.models import FAILED, REJECTED, PlanFailure, TaskError, TaskResult, WorkflowPlan
 from streams.core.planning import (
     make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
-    with_facts,
+    spread, with_facts,
 )
 from streams.core.reuse import scope_prefix, source_key
 from streams.metrics import SOURCES_REVALIDATED, STAGE_SECONDS
@@ -46,6 +47,7 @@ class Planner:
         self.sources = Revalidator(config, store)
         self.presets = PresetTable(config)  # started by register(): the topic is read in a thread
         self.gate = LaneGate("planner", config.planner_concurrency, config.batch_share)
+        self.next_partition = random.randrange(1 << 16)  # where this planner's next request's tasks begin
 
     # --- the steps ------------------------------------------------------------
     async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
@@ -115,10 +117,13 @@ class Planner:
         planned = time.perf_counter()
         STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
         # largest outputs first: the longest tasks start first, so the workflow ends sooner
-        await send_all(self.topics.tasks_batch if request.priority == BATCH else self.topics.tasks, [
-            (f"{workflow_id}/{task.taskRef}".encode(),
-             serde.encode("ResizeTask", replace(task, sourceUri=source_uri, sourceSha256=sha256).to_dict()))
-            for task in sorted(to_run, key=lambda t: t.width * t.height, reverse=True)])
+        lane = self.topics.tasks_batch if request.priority == BATCH else self.topics.tasks
+        ordered = sorted(to_run, key=lambda t: t.width * t.height, reverse=True)
+        spots = spread(len(ordered), await partition_count(lane), self.next_partition)
+        self.next_partition += len(ordered)
+        await send_all(lane, [(f"{workflow_id}/{task.taskRef}".encode(), serde.encode(
+            "ResizeTask", replace(task, sourceUri=source_uri, sourceSha256=sha256).to_dict())) for task in ordered],
+            partitions=spots)
         STAGE_SECONDS.labels("planner", "task_send").observe(time.perf_counter() - planned)
         if request.retry is not None:
             log.info("workflow %s planned: a retry of run %s, %d of %d tasks again", workflow_id,
@@ -181,7 +186,7 @@ class Planner:
             return None
         log.warning("workflow %s: source attempt %d failed (%s); retry in %.1fs", workflow_id, attempt, exc, delay)
         return RetryLater(exc.code, delay, key=workflow_id.encode(),
-                     headers={SUBMITTED_AT: str(submitted_at).encode(), RUN_ID: run_id.encode()})
+                          headers={SUBMITTED_AT: str(submitted_at).encode(), RUN_ID: run_id.encode()})
 
     async def fail_the_certainly_too_large(self, tasks, src_w: int, src_h: int) -> list:
         """The tasks whose output is over IMAGEFORK_MAX_PIXELS whatever happens (from the source's header,

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 from streams.core.errors import RequestInvalid
 from streams.core.models import Size
 from streams.core.options import ImageOptions
-from streams.core.planning import parse_request, plan_tasks, retry_delay_s
+from streams.core.planning import parse_request, plan_tasks, retry_delay_s, spread
 
 SEED = {
     "fileLocation": "https://example.com/media/FJY7ud0XEAYVCS8?format=png&name=900x900",
@@ -345,3 +345,22 @@ def test_certain_output_pixels_takes_either_orientation_and_the_mode():
     assert certain_output_pixels(2000, 1000, OutputSpec("png", 9000, 3000)) == 1500 * 3000
     assert certain_output_pixels(2000, 1000, OutputSpec("png", 800, 800, resizeMode="fill")) == 800 * 800
     assert certain_output_pixels(2000, 1000, OutputSpec("png", 9000, 9000, enlarge=False)) == 2000 * 1000
+
+
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=40), st.integers(1, 64), st.integers(0, 1 << 20))
+def test_a_stream_of_requests_spreads_its_tasks_evenly_over_the_partitions(counts, partitions, start):
+    # the planner goes on from where its last request ended: over any stream of requests no partition of the
+    # tasks topic has more than one task more than another, whatever the requests' widths
+    load, at = [0] * partitions, start
+    for count in counts:
+        spots = spread(count, partitions, at)
+        at += count
+        assert len(spots) == count and all(0 <= p < partitions for p in spots)
+        for p in spots:
+            load[p] += 1
+    assert max(load) - min(load) <= 1
+
+
+def test_a_request_s_largest_tasks_land_on_different_partitions_and_unknown_partitions_leave_it_to_the_keys():
+    assert spread(9, 8, 6) == [6, 7, 0, 1, 2, 3, 4, 5, 6]
+    assert spread(3, 0, 5) == [None, None, None]
