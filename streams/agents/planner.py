@@ -116,14 +116,9 @@ class Planner:
         to_run = with_facts(await self.fail_the_certainly_too_large(to_run, src_w, src_h), request)
         planned = time.perf_counter()
         STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
-        # largest outputs first: the longest tasks start first, so the workflow ends sooner
         lane = self.topics.tasks_batch if request.priority == BATCH else self.topics.tasks
-        ordered = sorted(to_run, key=lambda t: t.width * t.height, reverse=True)
-        spots = spread(len(ordered), await partition_count(lane), self.next_partition)
-        self.next_partition += len(ordered)
-        await send_all(lane, [(f"{workflow_id}/{task.taskRef}".encode(), serde.encode(
-            "ResizeTask", replace(task, sourceUri=source_uri, sourceSha256=sha256).to_dict())) for task in ordered],
-            partitions=spots)
+        staged = [replace(task, sourceUri=source_uri, sourceSha256=sha256) for task in to_run]
+        self.next_partition += await send_tasks(lane, staged, self.next_partition)
         STAGE_SECONDS.labels("planner", "task_send").observe(time.perf_counter() - planned)
         if request.retry is not None:
             log.info("workflow %s planned: a retry of run %s, %d of %d tasks again", workflow_id,
@@ -302,6 +297,16 @@ class Revalidator:
                                      "size": size, "bytes": length}
         while len(self.validators) > 10_000:
             self.validators.popitem(last=False)
+
+
+async def send_tasks(lane: faust.TopicT, tasks: list, cursor: int) -> int:
+    """Send a request's tasks, largest outputs first (the longest start first, so the workflow ends sooner),
+    dealt over the lane's partitions from ``cursor`` on (``spread``); returns the partitions it used."""
+    ordered = sorted(tasks, key=lambda t: t.width * t.height, reverse=True)
+    spots = spread(len(ordered), await partition_count(lane), cursor)
+    await send_all(lane, [(f"{t.workflowId}/{t.taskRef}".encode(), serde.encode("ResizeTask", t.to_dict()))
+                          for t in ordered], partitions=spots)
+    return len(set(spots) - {None})
 
 
 def register(app: faust.App, config: Config, topics: Topics) -> Planner:

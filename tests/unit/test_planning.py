@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 from streams.core.errors import RequestInvalid
 from streams.core.models import Size
 from streams.core.options import ImageOptions
-from streams.core.planning import parse_request, plan_tasks, retry_delay_s, spread
+from streams.core.planning import RUN, parse_request, plan_tasks, retry_delay_s, spread
 
 SEED = {
     "fileLocation": "https://example.com/media/FJY7ud0XEAYVCS8?format=png&name=900x900",
@@ -349,18 +349,34 @@ def test_certain_output_pixels_takes_either_orientation_and_the_mode():
 
 @given(st.lists(st.integers(1, 1000), min_size=1, max_size=40), st.integers(1, 64), st.integers(0, 1 << 20))
 def test_a_stream_of_requests_spreads_its_tasks_evenly_over_the_partitions(counts, partitions, start):
-    # the planner goes on from where its last request ended: over any stream of requests no partition of the
-    # tasks topic has more than one task more than another, whatever the requests' widths
-    load, at = [0] * partitions, start
+    # the planner goes on from where its last request ended: over a stream of requests no partition of the
+    # tasks topic has more than about one request's share more than another, whatever the requests' widths
+    load, at, share = [0] * partitions, start, 0
     for count in counts:
         spots = spread(count, partitions, at)
-        at += count
+        used = set(spots)
+        at += len(used)
         assert len(spots) == count and all(0 <= p < partitions for p in spots)
+        assert len(used) == min(partitions, -(-count // RUN))  # each partition it uses gets RUN tasks or more
+        share = max(share, max(spots.count(p) for p in used))
         for p in spots:
             load[p] += 1
-    assert max(load) - min(load) <= 1
+    assert max(load) - min(load) <= 2 * share
 
 
-def test_a_request_s_largest_tasks_land_on_different_partitions_and_unknown_partitions_leave_it_to_the_keys():
-    assert spread(9, 8, 6) == [6, 7, 0, 1, 2, 3, 4, 5, 6]
+def test_equal_requests_load_every_partition_alike():
+    load, at = [0] * 8, 3
+    for _ in range(8 * 9):
+        spots = spread(9, 8, at)
+        at += len(set(spots))
+        for p in spots:
+            load[p] += 1
+    assert max(load) == min(load)
+
+
+def test_a_request_s_tasks_are_dealt_over_the_fewest_partitions_and_unknown_partitions_leave_it_to_the_keys():
+    assert spread(9, 8, 6) == [6, 7, 6, 7, 6, 7, 6, 7, 6]  # the largest two on two partitions, not one
+    assert spread(9, 8, 14) == [7, 6, 7, 6, 7, 6, 7, 6, 7]  # round again: the other one takes five
+    assert spread(1000, 8, 0) == [i % 8 for i in range(1000)]
+    assert spread(4, 8, 2) == [2, 2, 2, 2]
     assert spread(3, 0, 5) == [None, None, None]
