@@ -133,3 +133,13 @@ def test_a_string_that_is_not_utf8_anywhere_in_the_output_is_refused_not_passed(
     data[at + 1] = 0xFF  # the same length, no longer UTF-8
     with pytest.raises(serde.SerdeError):
         segments.decode_join_event_passing(bytes(data))
+
+
+def test_record_names_are_read_only_where_a_union_has_two_named_branches():
+    reader = segments._passing(serde.schema("JoinEvent"))
+    assert reader.head_options == reader.tail_options == {}  # no such union in a result today
+    two = {"type": "record", "name": "x.R", "fields": [{"name": "v", "type": ["null", "x.A", "x.B"]}]}
+    nested = {"type": "record", "name": "x.R", "fields": [{"name": "v", "type": {"type": "array", "items": two}}]}
+    assert segments._options(two) == segments._options(nested) == segments.READ_OPTIONS
+    assert segments._options({"type": "record", "name": "x.R", "fields": [
+        {"name": "v", "type": ["null", "string", "int"]}, {"name": "w", "type": ["null", "x.A"]}]}) == {}
