@@ -118,7 +118,9 @@ class Planner:
         STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
         lane = self.topics.tasks_batch if request.priority == BATCH else self.topics.tasks
         staged = [replace(task, sourceUri=source_uri, sourceSha256=sha256) for task in to_run]
-        self.next_partition += await send_tasks(lane, staged, self.next_partition)
+        spots = spread(len(staged), await partition_count(lane), self.next_partition)
+        self.next_partition += len(set(spots) - {None})  # at once: requests planned side by side get other windows
+        await send_tasks(lane, staged, spots)
         STAGE_SECONDS.labels("planner", "task_send").observe(time.perf_counter() - planned)
         if request.retry is not None:
             log.info("workflow %s planned: a retry of run %s, %d of %d tasks again", workflow_id,
@@ -299,14 +301,12 @@ class Revalidator:
             self.validators.popitem(last=False)
 
 
-async def send_tasks(lane: faust.TopicT, tasks: list, cursor: int) -> int:
+async def send_tasks(lane: faust.TopicT, tasks: list, spots: list[int | None]) -> None:
     """Send a request's tasks, largest outputs first (the longest start first, so the workflow ends sooner),
-    dealt over the lane's partitions from ``cursor`` on (``spread``); returns the partitions it used."""
+    the first to the first of ``spots`` (their partitions: ``spread``) and so on."""
     ordered = sorted(tasks, key=lambda t: t.width * t.height, reverse=True)
-    spots = spread(len(ordered), await partition_count(lane), cursor)
     await send_all(lane, [(f"{t.workflowId}/{t.taskRef}".encode(), serde.encode("ResizeTask", t.to_dict()))
                           for t in ordered], partitions=spots)
-    return len(set(spots) - {None})
 
 
 def register(app: faust.App, config: Config, topics: Topics) -> Planner:
