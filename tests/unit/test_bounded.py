@@ -35,3 +35,19 @@ def test_a_call_that_never_returns_is_given_up_on_time_as_a_retriable_timeout():
     assert isinstance(caught.value, KafkaException)  # the join's abort path handles it like any other
     assert err.code() == KafkaError._TIMED_OUT and err.retriable() and not err.fatal()
     assert "send_offsets_to_transaction did not return within" in err.str()
+
+
+def test_calls_share_one_helper_thread_and_a_late_call_does_not_hold_up_the_next():
+    names = {bounded("name", lambda: threading.current_thread().ident, 5) for _ in range(50)}
+    assert len(names) == 1  # one thread for every call, not one started per call
+    release = threading.Event()
+    with pytest.raises(StuckCall):
+        bounded("commit_transaction", release.wait, 0.2)
+    try:
+        started = time.monotonic()
+        # the helper is still inside the late call: the next call runs on a thread of its own at once
+        assert bounded("add", lambda: 2 + 2, 5) == 4
+        assert time.monotonic() - started < 4
+        assert bounded("name", lambda: threading.current_thread().ident, 5) not in names
+    finally:
+        release.set()
