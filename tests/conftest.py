@@ -84,6 +84,12 @@ LONG = {
     "tests/integration/test_join_faults.py::test_a_join_down_across_deadlines_judges_them_after_reading_its_backlog":
         "waits out a 40 s workflow timeout; test_lost_tasks_end_in_timed_out judges deadlines and "
         "test_sigkill_join_and_restart_completes_from_the_changelog restarts the join in `make test`",
+    "tests/integration/test_faults.py::test_two_resize_workers_share_the_work":
+        "two resize workers and eight requests; test_sigkill_one_of_two_resize_workers_mid_run checks that each "
+        "of its two workers made outputs in `make test` (and bench/scale.py measures the sharing)",
+    "tests/integration/test_faults.py::test_a_thousand_wide_request_through_the_whole_stack":
+        "1,000 outputs through the stack; test_cancel.py's 500-output request and the join's 1,000-wide unit "
+        "tests run in `make test`",
     "tests/integration/test_faults.py::test_workers_leave_no_data_folder_behind":
         "three worker starts and stops; tests/unit/test_data_dir.py keeps the folder's lock and sweep in "
         "`make test`",
