@@ -234,16 +234,3 @@ def setup_logging(role: str, level: str, stream=None, fmt: str = "text", bootstr
     logging.getLogger("mode").setLevel(framework)
     logging.getLogger("imagefork").setLevel(min(logging.INFO, threshold))
     return handler
-
-
-def describe_assignment(partitions) -> str:
-    """``13 partitions assigned: imagefork.requests 6 + imagefork.requests.retry 6 + ...-__assignor-__leader 1``:
-    the count per topic, so a total above IMAGEFORK_PARTITIONS is no mystery (a Faust consumer also holds
-    its app's one-partition leader topic)."""
-    per_topic: dict[str, int] = {}
-    for tp in partitions:
-        per_topic[tp.topic] = per_topic.get(tp.topic, 0) + 1
-    topics = sorted(per_topic, key=lambda t: ("__" in t, t))  # Faust's own topics last
-    listed = " + ".join(f"{t} {per_topic[t]}" for t in topics)
-    total = sum(per_topic.values())
-    return f"{total} partition{'s' if total != 1 else ''} assigned" + (f": {listed}" if listed else "")

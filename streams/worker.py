@@ -1,4 +1,5 @@
-"""Run one role as a Faust worker, or all three as child processes."""
+"""Run one role (the planner as a Faust worker; resize, the join and the webhook role on confluent-kafka
+loops of their own; the API), or all of them as child processes."""
 from __future__ import annotations
 
 import faulthandler
@@ -12,7 +13,7 @@ import time
 
 import asyncio
 
-from streams.adapters.kafka import ensure_topics
+from streams.adapters.kafka import describe_assignment, ensure_topics
 from streams.adapters.lag import register_lag
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.offsets import DRAIN
@@ -20,7 +21,7 @@ from streams.adapters.schemas import install_resolver, publish_schemas
 from streams.config import Config, metrics_address
 from streams.core.errors import PipelineError
 from streams.errors import StartError
-from streams.logs import describe_assignment, setup_logging
+from streams.logs import setup_logging
 
 
 def run_role(role: str, config: Config) -> int:
@@ -47,6 +48,9 @@ def run_role(role: str, config: Config) -> int:
     if role == "webhook":  # a confluent-kafka consumer and a pool of callers (streams/agents/webhooks.py)
         from streams.agents import webhooks  # start-up: only the webhook role's process loads it
         return webhooks.run(config)
+    if role == "resize":  # asyncio agents on a confluent-kafka consumer (streams/adapters/agent_loop.py)
+        from streams.agents import resize  # start-up: only the resize role's process loads it
+        return resize.run(config)
     return run_faust_role(role, config)
 
 
@@ -54,11 +58,11 @@ def run_faust_role(role: str, config: Config) -> int:
     # start-up: Faust and the agents, only in the processes that run them
     from streams.adapters.faust import create_app, declare_topics
     from streams.adapters.http import serve
-    from streams.agents import planner, resize
+    from streams.agents import planner
 
     app = create_app(role, config)
     topics = declare_topics(app, config)
-    {"planner": planner.register, "resize": resize.register}[role](app, config, topics)
+    planner.register(app, config, topics)
     log = logging.getLogger("imagefork")
     assigned: dict[str, str] = {}
 

@@ -9,32 +9,16 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 
 import faust
 from aiokafka.errors import KafkaError
 
 from streams.adapters import offsets
-from streams.adapters.kafka import faust_credentials, replication_factor
+from streams.adapters.kafka import Topics, faust_credentials, replication_factor, topics_of
 from streams.config import Config
 
 log = logging.getLogger("imagefork")
-ROLES = ("planner", "resize")  # the Faust roles; the join is a confluent-kafka loop (streams/join/)
-
-
-@dataclass(frozen=True)
-class Topics:
-    requests: faust.TopicT
-    requests_batch: faust.TopicT
-    request_retries: faust.TopicT
-    tasks: faust.TopicT
-    tasks_batch: faust.TopicT
-    retries: faust.TopicT
-    events: faust.TopicT
-    completed: faust.TopicT
-    dead_letter: faust.TopicT
-    task_attempts: faust.TopicT
-    task_attempts_batch: faust.TopicT
+ROLES = ("planner",)  # the Faust role; resize, the join and webhooks run confluent-kafka loops of their own
 
 
 async def partition_count(topic: faust.TopicT, timeout_s: float = 5.0) -> int:
@@ -208,22 +192,5 @@ def remove_stale_data_dirs(tmp: str | None = None) -> list[str]:
 
 
 def declare_topics(app: faust.App, config: Config) -> Topics:
-    t = config.topics
-
-    def topic(name: str) -> faust.TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, partitions=config.partitions,
-                         replicas=replication_factor(config))
-
-    return Topics(
-        requests=topic(t.requests),
-        requests_batch=topic(t.requests_batch),
-        request_retries=topic(t.request_retries),
-        tasks=topic(t.tasks),
-        tasks_batch=topic(t.tasks_batch),
-        retries=topic(t.retries),
-        events=topic(t.events),
-        completed=topic(t.completed),
-        dead_letter=topic(t.dead_letter),
-        task_attempts=topic(t.task_attempts),
-        task_attempts_batch=topic(t.task_attempts_batch),
-    )
+    return topics_of(config, lambda name: app.topic(name, key_type=bytes, value_type=bytes,
+                                                    partitions=config.partitions, replicas=replication_factor(config)))

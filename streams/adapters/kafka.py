@@ -1,9 +1,11 @@
 """Kafka admin (explicit topic creation) and client settings, with confluent-kafka."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -337,3 +339,39 @@ def partition_for(key: bytes, partitions: int) -> int:
     workers (aiokafka) use for every keyed record they write: murmur2 of the key."""
     from aiokafka.partitioner import murmur2
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def describe_assignment(partitions) -> str:
+    """``13 partitions assigned: imagefork.requests 6 + imagefork.requests.retry 6 + ...-__assignor-__leader 1``:
+    the count per topic, so a total above IMAGEFORK_PARTITIONS is no mystery (a Faust consumer also holds
+    its app's one-partition leader topic)."""
+    per_topic: dict[str, int] = {}
+    for tp in partitions:
+        per_topic[tp.topic] = per_topic.get(tp.topic, 0) + 1
+    topics = sorted(per_topic, key=lambda t: ("__" in t, t))  # Faust's own topics last
+    listed = " + ".join(f"{t} {per_topic[t]}" for t in topics)
+    total = sum(per_topic.values())
+    return f"{total} partition{'s' if total != 1 else ''} assigned" + (f": {listed}" if listed else "")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics the planner and resize agents send to and read from: Faust's (adapters/faust.py) or
+    confluent-kafka's (adapters/agent_loop.py)."""
+    requests: object
+    requests_batch: object
+    request_retries: object
+    tasks: object
+    tasks_batch: object
+    retries: object
+    events: object
+    completed: object
+    dead_letter: object
+    task_attempts: object
+    task_attempts_batch: object
+
+
+def topics_of(config: Config, make) -> Topics:
+    """Every field of :class:`Topics` as ``make(its configured name)``."""
+    names = config.topics
+    return Topics(**{f.name: make(getattr(names, f.name)) for f in dataclasses.fields(Topics)})

@@ -21,7 +21,6 @@ import threading
 import time
 from collections import defaultdict
 
-from faust.transport import consumer as faust_consumer
 
 
 class InFlight:
@@ -174,5 +173,6 @@ def install() -> None:
     """Replace Faust's offset computation (once per process)."""
     global _installed
     if not _installed:
+        from faust.transport import consumer as faust_consumer  # start-up: Faust only where a Faust role runs
         faust_consumer.Consumer._new_offset = new_offset
         _installed = True

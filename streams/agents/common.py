@@ -5,12 +5,14 @@ import asyncio
 import logging
 import random
 
-import faust
 
 from streams.core.models import now_ms
 from streams.core.planning import retry_delay_s
 
 log = logging.getLogger("imagefork")
+# a topic with get_topic_name() and an async send() whose result is awaited for the ack: a Faust topic
+# (the planner) or adapters/agent_loop.KafkaTopic (resize)
+TopicLike = object
 __all__ = ["log", "now_ms", "origin", "backoff_s", "send", "send_all", "SendRejected"]
 
 
@@ -37,7 +39,7 @@ _NEVER_RETRIED = {"MessageSizeTooLargeError", "RecordTooLargeError", "TopicAutho
 _UNKNOWN_TOPIC_PATIENCE_S = 30.0
 
 
-async def send(topic: faust.TopicT, *, key: bytes | None, value: bytes, headers: dict | None = None,
+async def send(topic: TopicLike, *, key: bytes | None, value: bytes, headers: dict | None = None,
                patience_s: float = 600.0, partition: int | None = None) -> None:
     """Send and wait for the broker's ack; retry (with backoff) while the broker is away.
 
@@ -68,7 +70,7 @@ async def send(topic: faust.TopicT, *, key: bytes | None, value: bytes, headers:
             delay = min(delay * 2, 5.0)
 
 
-async def send_all(topic: faust.TopicT, records: list[tuple[bytes | None, bytes]],
+async def send_all(topic: TopicLike, records: list[tuple[bytes | None, bytes]],
                    partitions: list[int | None] | None = None) -> None:
     """Send many records and wait for all their acks at once (in the producer's batches), not one by
     one: a request's 1,000 tasks took 2.2 s sent one at a time, and 0.1 s this way (docs/breakdown.md).

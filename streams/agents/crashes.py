@@ -27,10 +27,9 @@ import json
 import time
 from dataclasses import dataclass
 
-import faust
 
 from streams.adapters.ledger import read_partition
-from streams.agents.common import log, send
+from streams.agents.common import TopicLike, log, send
 from streams.config import Config
 from streams.metrics import WORKER_CRASHES
 
@@ -62,7 +61,7 @@ now_s = time.monotonic
 
 
 class CrashLedger:
-    def __init__(self, config: Config, topic: faust.TopicT, tasks_topic: str):
+    def __init__(self, config: Config, topic: TopicLike, tasks_topic: str):
         self.config = config
         self.topic = topic
         self.tasks_topic = tasks_topic

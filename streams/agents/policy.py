@@ -25,11 +25,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-import faust
 
 from streams.adapters.kafka import dead_letter_headers
 from streams.adapters.offsets import DRAIN, IN_FLIGHT
-from streams.agents.common import SendRejected, backoff_s, log, now_ms, origin, send
+from streams.agents.common import TopicLike, SendRejected, backoff_s, log, now_ms, origin, send
 from streams.config import Config
 from streams.metrics import DEAD_LETTERS, MESSAGES, RETRIES, STAGE_SECONDS
 
@@ -87,6 +86,14 @@ def message_of(event) -> Message:
     return Message(event.key, event.value, headers, origin(event), int(round(stamp * 1000)))
 
 
+def message_of_record(record) -> Message:
+    """A confluent-kafka record as a :class:`Message` (adapters/agent_loop.py hands these over)."""
+    headers = {k: (v if isinstance(v, bytes) else str(v or "").encode()) for k, v in record.headers() or ()}
+    where = {"topic": record.topic(), "partition": str(record.partition()), "offset": str(record.offset())}
+    kind, stamp = record.timestamp()
+    return Message(record.key(), record.value(), headers, where, stamp if stamp and stamp > 0 else 0)
+
+
 @dataclass(frozen=True)
 class RetryLater:
     """A handler's answer: run this message again in ``delay_s``, from the agent's retry topic. ``value`` and
@@ -104,7 +111,7 @@ Handler = Callable[[Message], Awaitable["Disposition | RetryLater | None"]]
 class MessagePolicy:
     """The wrapper every agent's loop uses; ``retry_topic`` takes messages whose handling failed."""
 
-    def __init__(self, agent: str, config: Config, *, dead_letter: faust.TopicT, retry_topic: faust.TopicT,
+    def __init__(self, agent: str, config: Config, *, dead_letter: TopicLike, retry_topic: TopicLike,
                  retry_headers: Callable[[Message], dict[str, bytes]] | None = None):
         self.agent = agent
         self.role = agent.partition(".")[0]  # planner.retry -> planner

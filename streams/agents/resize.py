@@ -12,16 +12,18 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 
-import faust
-
 from streams import serde
-from streams.adapters.faust import Topics
+from streams.adapters.agent_loop import AgentLoop, KafkaTopic, Lane, Outbox
+from streams.adapters.http import serve
+from streams.adapters.kafka import Topics, topics_of
 from streams.agents import resize_job
 from streams.agents.cancels import CancelWatch
 from streams.agents.common import backoff_s, log, now_ms, send
 from streams.agents.crashes import CrashLedger, Entry
 from streams.agents.lanes import LaneGate
-from streams.agents.policy import Disposition, Message, MessagePolicy, Reject, RetryLater, wait_not_before
+from streams.agents.policy import (
+    Disposition, Message, MessagePolicy, Reject, RetryLater, message_of_record, wait_not_before,
+)
 from streams.config import Config
 from streams.core.errors import DeadlineExceeded
 from streams.core.lanes import BATCH, INTERACTIVE, lane_of
@@ -71,6 +73,11 @@ class Resizer:
         if self.pool is None:
             self.pool = make_pool(self.config)
         return self.pool
+
+    def close(self) -> None:
+        self.pool = _shut(self.pool)
+        self.sandboxes = [_shut(pool) for pool in self.sandboxes]
+        self.cancels.close()
 
     async def handle(self, msg: Message, lane: str = INTERACTIVE) -> Disposition | RetryLater:
         try:
@@ -174,7 +181,7 @@ class Resizer:
                     task.attempt, outcome["code"], outcome["message"], delay)
         again = replace(task, attempt=task.attempt + 1, notBefore=now_ms() + int(delay * 1000))
         return RetryLater(outcome["code"], delay, key=f"{task.workflowId}/{task.taskRef}".encode(),
-                     value=serde.encode("ResizeTask", again.to_dict()))
+                          value=serde.encode("ResizeTask", again.to_dict()))
 
     async def report(self, task: ResizeTask, outcome: dict) -> None:
         facts = SourceFacts.from_dict(outcome["facts"]) if outcome.get("facts") else None
@@ -219,38 +226,53 @@ def _shut(pool: Executor | None, kill: bool = False) -> None:
     return None
 
 
-def register(app: faust.App, config: Config, topics: Topics) -> Resizer:
+def run(config: Config) -> int:
+    """The resize role: its agents on a confluent-kafka loop (adapters/agent_loop.py), until a signal."""
+    asyncio.run(_run(config))
+    return 0
+
+
+async def _run(config: Config) -> None:
+    outbox = Outbox(config, asyncio.get_running_loop())
+    topics = topics_of(config, lambda name: KafkaTopic(name, outbox))
     resizer = Resizer(config, topics)
-    tasks = MessagePolicy("resize", config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
-    batch = MessagePolicy("resize.batch", config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
-    retries = MessagePolicy("resize.retry", config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
+    policies = {name: MessagePolicy(name, config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
+                for name in ("resize", "resize.batch", "resize.retry")}
 
-    @app.agent(topics.tasks, concurrency=config.resize_slots, name="imagefork.resize")
-    async def resize_tasks(stream):
-        await tasks.consume(stream, resizer.handle)
+    def lane(topic, policy: str, handler, concurrency: int) -> Lane:
+        async def handle(record, taken_at: float) -> None:
+            STAGE_SECONDS.labels(policy, "loop").observe(time.perf_counter() - taken_at)
+            await policies[policy].process(message_of_record(record), handler)
+        return Lane(topic.get_topic_name(), concurrency, handle)
 
-    @app.agent(topics.tasks_batch, concurrency=config.resize_slots, name="imagefork.resize.batch")
-    async def resize_batch(stream):  # the same slots (resizer.gate): what interactive tasks leave
-        await batch.consume(stream, lambda msg: resizer.handle(msg, BATCH))
-
-    @app.agent(topics.retries, concurrency=64, name="imagefork.retry")
-    async def release_retries(stream):
-        await retries.consume(stream, resizer.release)
-
-    @app.on_partitions_revoked.connect
-    async def forget_ledger(app, revoked, **kwargs):
-        for lane, ledger in resizer.ledgers.items():
-            mine = {tp.partition for tp in revoked if tp.topic == ledger.tasks_topic}
+    async def revoked(keys: set[tuple[str, int]]) -> None:
+        for ledger in resizer.ledgers.values():
+            mine = {p for t, p in keys if t == ledger.tasks_topic}
             try:
                 await asyncio.wait_for(ledger.release(mine), 5.0)
             except Exception as exc:  # rows left behind only make their sources suspects for the next owner
-                log.warning("crash-ledger rows of revoked %s partitions not tombstoned (%s: %s)", lane,
+                log.warning("crash-ledger rows of revoked %s partitions not tombstoned (%s: %s)", ledger.tasks_topic,
                             type(exc).__name__, exc)
                 ledger.forget(mine)
 
-    @app.task
-    async def warm_up():
-        resizer.cancels.start()
-        resizer.ensure_pool()
+    def lost(keys: set[tuple[str, int]]) -> None:
+        for ledger in resizer.ledgers.values():
+            ledger.forget({p for t, p in keys if t == ledger.tasks_topic})
 
-    return resizer
+    slots = config.resize_slots
+    agents = AgentLoop(config, "resize", [
+        lane(topics.tasks, "resize", resizer.handle, slots),
+        # the same slots (resizer.gate): what interactive tasks leave
+        lane(topics.tasks_batch, "resize.batch", lambda msg: resizer.handle(msg, BATCH), slots),
+        lane(topics.retries, "resize.retry", resizer.release, 64),
+    ], on_revoked=revoked, on_lost=lost)
+    serve(config, "resize", agents.readiness)
+    resizer.cancels.start()
+    resizer.ensure_pool()
+    try:
+        await agents.run()
+    finally:
+        left = outbox.close()
+        if left:
+            log.warning("resize: %d record(s) not delivered at the stop; their tasks run again", left)
+        resizer.close()

@@ -18,9 +18,10 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer
 
 from streams import serde
+from streams.adapters.agent_loop import Offsets
 from streams.adapters.http import serve
 from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, dead_letter_headers, producer_config
 from streams.adapters.source import USER_AGENT
@@ -44,50 +45,6 @@ def callback_of(final: WorkflowCompleted) -> str | None:
         return None
     url = request.get("callbackUrl") if isinstance(request, dict) else None
     return url if isinstance(url, str) and url else None
-
-
-class Offsets:
-    """Per partition, the offsets taken in order and whether each is done: what may be committed is the
-    offset after the longest done prefix."""
-
-    def __init__(self):
-        self._open: dict[tuple[str, int], dict[int, bool]] = {}
-        self.lock = threading.Lock()
-
-    def take(self, topic: str, partition: int, offset: int, done: bool = False) -> None:
-        with self.lock:
-            self._open.setdefault((topic, partition), {})[offset] = done
-
-    def done(self, topic: str, partition: int, offset: int) -> None:
-        with self.lock:
-            offsets = self._open.get((topic, partition))
-            if offsets is not None and offset in offsets:  # gone: its partition was revoked meanwhile
-                offsets[offset] = True
-
-    def committable(self, only: set[tuple[str, int]] | None = None) -> list[TopicPartition]:
-        out = []
-        with self.lock:
-            for (topic, p), offsets in self._open.items():
-                if only is not None and (topic, p) not in only:
-                    continue
-                upto = None
-                for offset in sorted(offsets):
-                    if not offsets[offset]:
-                        break
-                    upto = offset
-                    del offsets[offset]
-                if upto is not None:
-                    out.append(TopicPartition(topic, p, upto + 1))
-        return out
-
-    def drop(self, keys: set[tuple[str, int]]) -> None:
-        with self.lock:
-            for key in keys:
-                self._open.pop(key, None)
-
-    def under_way(self) -> int:
-        with self.lock:
-            return sum(1 for offsets in self._open.values() for done in offsets.values() if not done)
 
 
 class WebhookSender:

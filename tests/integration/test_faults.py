@@ -56,12 +56,12 @@ def in_flight_partitions(p) -> set[int]:
 
 
 def assigned_task_partitions(p, worker) -> set[int]:
-    """The tasks partitions a resize worker holds, from its last assignment line (Faust's consumer
-    logs the whole assignment at each rebalance)."""
-    lines = [line for line in worker.log_path.read_text(errors="replace").splitlines()
-             if "Setting newly assigned partitions" in line]
+    """The tasks partitions a resize worker holds, from its last "now holding" line (it logs one each time
+    its partitions change)."""
+    lines = [line for line in worker.log_path.read_text(errors="replace").splitlines() if ": now holding " in line]
     topic = re.escape(p.config.topics.tasks)
-    return {int(n) for n in re.findall(rf"topic='{topic}', partition=(\d+)", lines[-1])} if lines else set()
+    found = re.search(rf"(?<![\w.]){topic}\[([\d,]*)\]", lines[-1]) if lines else None
+    return {int(n) for n in found.group(1).split(",") if n} if found else set()
 
 
 def kill_while_holding_a_task(p, victim, timeout: float = 90) -> set[int]:

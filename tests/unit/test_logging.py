@@ -9,7 +9,8 @@ from collections import namedtuple
 
 import pytest
 
-from streams.logs import TransientRetries, describe_assignment, setup_logging
+from streams.adapters.kafka import describe_assignment
+from streams.logs import TransientRetries, setup_logging
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} planner\[\d+\] (DEBUG|INFO|WARNING|ERROR) ")
 GETPID = ("GETPID", "rdkafka#producer-2", "[thrd:main]: Failed to acquire idempotence PID from broker "
