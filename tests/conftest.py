@@ -100,7 +100,15 @@ LONG = {
     "tests/integration/test_hosts.py::test_a_node_killed_mid_run_and_restarted_later[the join group's coordinator]":
         "about 60 s; as above",
     "tests/integration/test_hosts.py::test_a_second_join_host_added_mid_run_then_the_first_removed":
-        "about 60 s; test_a_second_join_takes_over_a_killed_ones_partitions moves the join's state in `make test`",
+        "about 60 s; test_a_join_frozen_past_its_session_is_fenced_and_gives_no_second_final_event hands a join's "
+        "partitions and state to a second join in `make test`",
+    "tests/integration/test_faults.py::test_a_second_join_takes_over_a_killed_ones_partitions":
+        "a join SIGKILLed and a second one taking over (25 s); in `make test` the frozen join's partitions go to a "
+        "second join (test_join_faults.py) and test_sigkill_join_and_restart_completes_from_the_changelog restores "
+        "a killed join's state",
+    "tests/integration/test_faults.py::test_readyz_says_503_and_which_check_failed_while_s3_is_away":
+        "S3 cut off until /readyz says so (15 s); test_broker_restart_mid_run checks /readyz's 503 and its named "
+        "check (the broker's) in `make test`",
     "tests/integration/test_hosts.py::test_a_resize_host_on_a_slow_lossy_link":
         "20 s of a lossy link; the link cut (test_the_seed_across_hosts_with_a_resize_host_cut_past_its_session) "
         "runs in `make test`",
