@@ -22,7 +22,6 @@ import time
 from collections import defaultdict
 
 
-
 class InFlight:
     """(topic, partition) -> offsets started and not finished, in this process."""
 

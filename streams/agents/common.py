@@ -5,7 +5,6 @@ import asyncio
 import logging
 import random
 
-
 from streams.core.models import now_ms
 from streams.core.planning import retry_delay_s
 

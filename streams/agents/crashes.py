@@ -27,7 +27,6 @@ import json
 import time
 from dataclasses import dataclass
 
-
 from streams.adapters.ledger import read_partition
 from streams.agents.common import TopicLike, log, send
 from streams.config import Config

@@ -25,10 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-
 from streams.adapters.kafka import dead_letter_headers
 from streams.adapters.offsets import DRAIN, IN_FLIGHT
-from streams.agents.common import TopicLike, SendRejected, backoff_s, log, now_ms, origin, send
+from streams.agents.common import SendRejected, TopicLike, backoff_s, log, now_ms, origin, send
 from streams.config import Config
 from streams.metrics import DEAD_LETTERS, MESSAGES, RETRIES, STAGE_SECONDS
 
@@ -90,7 +89,7 @@ def message_of_record(record) -> Message:
     """A confluent-kafka record as a :class:`Message` (adapters/agent_loop.py hands these over)."""
     headers = {k: (v if isinstance(v, bytes) else str(v or "").encode()) for k, v in record.headers() or ()}
     where = {"topic": record.topic(), "partition": str(record.partition()), "offset": str(record.offset())}
-    kind, stamp = record.timestamp()
+    _kind, stamp = record.timestamp()
     return Message(record.key(), record.value(), headers, where, stamp if stamp and stamp > 0 else 0)
 
 
