@@ -9,7 +9,7 @@ import sys
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
-from streams.adapters.agent_loop import READ_AHEAD, AgentLoop, Lane, send_error
+from streams.adapters.agent_loop import READ_AHEAD, RESUME_AT, AgentLoop, Lane, send_error
 from streams.adapters.offsets import DRAIN
 from streams.agents.common import SendRejected, send
 from streams.config import Config
@@ -120,6 +120,39 @@ def test_a_lane_reads_ahead_then_pauses_runs_its_concurrency_and_commits_only_a_
             [("tasks", 0, 5 + READ_AHEAD * 2)]
         loop._flow()
         assert fake.resumed[1:] == [[("tasks", 0), ("tasks", 1)]]
+
+    asyncio.run(go())
+
+
+def test_a_paused_lane_reads_again_while_it_still_has_work_queued():
+    """Resumed only once it ran dry, a lane's slots waited on the fetch the resume starts."""
+    async def go():
+        loop = AgentLoop(Config.from_env({}), "resize", [Lane("tasks", 2, None)])
+        loop.consumer.close()
+        fake = loop.consumer = FakeConsumer()
+        loop._loop = asyncio.get_running_loop()
+        gates = {}
+
+        async def handle(msg, taken_at):
+            await gates.setdefault(msg.offset(), asyncio.Event()).wait()
+        loop.lanes["tasks"] = Lane("tasks", 2, handle)
+        loop._assigned(fake, [TopicPartition("tasks", 0)])
+        for offset in range(READ_AHEAD * 2):
+            loop._take(Record("tasks", 0, offset))
+        await asyncio.sleep(0.01)
+        loop._flow()
+        assert loop.paused == {"tasks"}
+        finished = 0
+        while loop.held["tasks"] > RESUME_AT * 2:  # one at a time: paused until it holds RESUME_AT x 2
+            assert loop.paused == {"tasks"}
+            gates.setdefault(finished, asyncio.Event()).set()
+            finished += 1
+            await asyncio.sleep(0.01)
+            loop._flow()
+        assert loop.paused == set() and fake.resumed[-1] == [("tasks", 0)]
+        assert loop.held["tasks"] == RESUME_AT * 2 > loop.running["tasks"]  # resumed with records still queued
+        for event in gates.values():
+            event.set()
 
     asyncio.run(go())
 
