@@ -84,46 +84,52 @@ class Resizer:
             task = ResizeTask.from_dict(serde.decode("ResizeTask", msg.value or b""))
         except SerdeError as exc:
             raise Reject("NOT_A_TASK", str(exc)) from None
-        async with self.gate.slot(lane):  # interactive first; batch with what is left, and its share
-            return await self._handle(msg, task, self.ledgers[lane])
+        return await self._handle(msg, task, self.ledgers[lane], lane)
 
-    async def _handle(self, msg: Message, task: ResizeTask, ledger: CrashLedger) -> Disposition | RetryLater:
+    async def _handle(self, msg: Message, task: ResizeTask, ledger: CrashLedger, lane: str) -> Disposition | RetryLater:
         stages: dict[str, float] = {}
-        if self.cancels.cancelled(task.workflowId, task.runId):
-            return self.skip(task)
-        if now_ms() >= task.deadline:
-            await self.report(task, {"ok": False, "code": DeadlineExceeded.code, "transient": False,
-                                     "message": "the workflow deadline passed before this task ran"})
-            return Disposition.PROCESSED
-        started = time.perf_counter()
-        entry, suspect = await ledger.begin(int(msg.where["partition"]), int(msg.where["offset"]), task.sourceUri)
-        begun = time.perf_counter()
+        entry = None
         try:
-            outcome = crashed_outcome(entry) if entry.crashes >= self.config.max_crashes else \
-                await self.run(task, entry, sandboxed=suspect, ledger=ledger)
-            add_io(outcome.pop("io", ()))
-            stages = outcome.pop("stages", {})
-            COMPUTE_CPU.inc(stages.pop("cpu", 0.0))
-            stages["pool_wait"] = max(0.0, time.perf_counter() - begun - sum(stages.values()))
-            stages["ledger"] = begun - started
+            # a slot (interactive first; batch with what is left, and its share) while the task computes; its
+            # result's send and ack wait outside, so the next task's work starts meanwhile
+            async with self.gate.slot(lane):
+                if self.cancels.cancelled(task.workflowId, task.runId):
+                    return self.skip(task)
+                if now_ms() >= task.deadline:
+                    outcome = {"ok": False, "code": DeadlineExceeded.code, "transient": False,
+                               "message": "the workflow deadline passed before this task ran"}
+                else:
+                    started = time.perf_counter()
+                    entry, suspect = await ledger.begin(int(msg.where["partition"]), int(msg.where["offset"]),
+                                                        task.sourceUri)
+                    begun = time.perf_counter()
+                    outcome = crashed_outcome(entry) if entry.crashes >= self.config.max_crashes else \
+                        await self.run(task, entry, sandboxed=suspect, ledger=ledger)
+                    add_io(outcome.pop("io", ()))
+                    stages = outcome.pop("stages", {})
+                    COMPUTE_CPU.inc(stages.pop("cpu", 0.0))
+                    stages["pool_wait"] = max(0.0, time.perf_counter() - begun - sum(stages.values()))
+                    stages["ledger"] = begun - started
             if not outcome["ok"] and outcome["code"] == "CANCELLED":
                 return self.skip(task, started=True)
             if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
                 return self.retry(task, outcome)
             sending = time.perf_counter()
             await self.report(task, outcome)
-            stages["result_send"] = time.perf_counter() - sending
+            if stages:
+                stages["result_send"] = time.perf_counter() - sending
             return Disposition.PROCESSED
         finally:
             # a task that killed its sandboxes keeps its row: a redelivery of its message (its offset not
             # committed yet when its partition moved) ends WORKER_CRASHED at once wherever it lands, and
             # its source stays a suspect there, instead of being decoded in-process
-            ending = time.perf_counter()
-            await ledger.end(entry, keep=entry.crashes >= self.config.max_crashes)
-            if stages:
-                stages["ledger"] += time.perf_counter() - ending
-                for stage, seconds in stages.items():
-                    STAGE_SECONDS.labels("resize", stage).observe(seconds)
+            if entry is not None:
+                ending = time.perf_counter()
+                await ledger.end(entry, keep=entry.crashes >= self.config.max_crashes)
+                if stages:
+                    stages["ledger"] += time.perf_counter() - ending
+                    for stage, seconds in stages.items():
+                        STAGE_SECONDS.labels("resize", stage).observe(seconds)
 
     def skip(self, task: ResizeTask, started: bool = False) -> Disposition:
         """A task of a cancelled run: no result (the join ended the run; its final event lists what was made)."""
@@ -259,10 +265,11 @@ async def _run(config: Config) -> None:
         for ledger in resizer.ledgers.values():
             ledger.forget({p for t, p in keys if t == ledger.tasks_topic})
 
-    slots = config.resize_slots
+    # a lane's tasks: its slots' worth computing (resizer.gate, shared by both lanes) and, beside them, one per
+    # pool process whose result is on its way to the broker while the next task starts
+    slots = config.resize_slots + config.resize_processes
     agents = AgentLoop(config, "resize", [
         lane(topics.tasks, "resize", resizer.handle, slots),
-        # the same slots (resizer.gate): what interactive tasks leave
         lane(topics.tasks_batch, "resize.batch", lambda msg: resizer.handle(msg, BATCH), slots),
         lane(topics.retries, "resize.retry", resizer.release, 64),
     ], on_revoked=revoked, on_lost=lost)
