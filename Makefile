@@ -72,8 +72,11 @@ images: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m streams demo
 
+# two pytest-xdist workers (TEST_WORKERS=0: one process), each file's tests on one worker (tests/conftest.py);
+# most integration tests wait on the broker's clocks (sessions, timeouts), not on the CPU
+TEST_WORKERS ?= 2
 test: $(STAMP) browser netns
-	$(PY) -m pytest -q -ra --durations=25 -m "not long"
+	$(PY) -m pytest -q -ra --durations=25 -m "not long" -n $(TEST_WORKERS) --dist loadgroup
 
 # the long runs (tests/conftest.py LONG: each with its reason and its shorter sibling in `make test`)
 test-long: $(STAMP) browser netns

@@ -125,11 +125,19 @@ LONG = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the marker must be on the items by then
+# `make test` runs on two pytest-xdist workers (`-n 2 --dist loadgroup`): a file's tests stay together on one
+# worker, so a module's pipeline starts once; the two Docker files share a group (compose publishes fixed ports).
+XDIST_GROUPS = {"tests/integration/test_testcontainers.py": "docker",
+                "tests/integration/test_docker_compose.py": "docker"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects and xdist groups: the markers must be on the items by then
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in LONG:
             item.add_marker(pytest.mark.long)
+        where = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(where, where)))
     _dedupe_testcontainers(config, items)
 
 
@@ -150,27 +158,44 @@ COMPOSE_MODULE = "test_docker_compose.py"
 
 def pytest_report_collectionfinish(config, start_path, items):
     """Which broker this run's integration tests use (shown with -q too)."""
-    integration = [item for item in items if item.get_closest_marker("integration")]
+    return broker_lines([item.nodeid for item in items if item.get_closest_marker("integration")])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """The same lines once under pytest-xdist, whose main process collects nothing itself."""
+    config = node.config
+    if getattr(config, "_imagefork_broker_said", False):
+        return
+    config._imagefork_broker_said = True
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    for line in broker_lines([i for i in ids if i.startswith("tests/integration/")]) if reporter else ():
+        reporter.write_line(line)
+
+
+def broker_lines(integration: list[str]) -> list[str]:
+    """``integration``: the node ids of the run's integration tests."""
     if not integration:
         return []
     from streams.stack import images
-    on_container = [item for item in integration if item.path.name == TESTCONTAINERS_MODULE]
-    on_compose = [item for item in integration if item.path.name == COMPOSE_MODULE]
-    rest = len(integration) - len(on_container) - len(on_compose)
+    module = [nodeid.split("::")[0].rsplit("/", 1)[-1] for nodeid in integration]
+    on_container = module.count(TESTCONTAINERS_MODULE)
+    on_compose = module.count(COMPOSE_MODULE)
+    rest = len(integration) - on_container - on_compose
     reason = docker_unavailable() if on_container or on_compose else None
     outcome = "fail" if docker_required() else "skip"
     lines = []
     if on_container and reason is None:
-        lines.append(f"broker: testcontainers {images.KAFKA_IMAGE} ({len(on_container)} tests, {TESTCONTAINERS_MODULE})")
+        lines.append(f"broker: testcontainers {images.KAFKA_IMAGE} ({on_container} tests, {TESTCONTAINERS_MODULE})")
     if rest:
         if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
             lines.append(f"broker: KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS']} ({rest} tests)")
         else:
             lines.append(f"broker: local stack ({rest} tests)")
     if on_compose and reason is None:
-        lines.append(f"broker: docker-compose.yml + docker-compose.local.yml ({len(on_compose)} tests, {COMPOSE_MODULE})")
+        lines.append(f"broker: docker-compose.yml + docker-compose.local.yml ({on_compose} tests, {COMPOSE_MODULE})")
     if (on_container or on_compose) and reason is not None:
-        lines.append(f"docker: {reason}: the {len(on_container) + len(on_compose)} Testcontainers and compose "
+        lines.append(f"docker: {reason}: the {on_container + on_compose} Testcontainers and compose "
                      f"tests {outcome}" + (", their originals run on the local stack" if on_container else ""))
     return lines
 

@@ -2,6 +2,8 @@
 the Java that runs them."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -57,6 +59,28 @@ def fetch(component: str) -> Path:
     marker = libs.parent / ".complete"
     if marker.exists():
         return libs
+    # two stacks starting at once (two test workers, two `stack up`s) fetch once: the other waits here
+    with _fetch_lock():
+        if not marker.exists():
+            _fetch(component, libs)
+    return libs
+
+
+@contextlib.contextmanager
+def _fetch_lock():
+    """One fetch at a time on this machine's cache (the mvn runs share ~/.m2 too)."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".fetch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fetch(component: str, libs: Path) -> None:
+    deps = COMPONENTS[component]
+    marker = libs.parent / ".complete"
     mvn = require("mvn", "Maven is needed to fetch Kafka and S3Proxy from Maven Central")
     libs.parent.mkdir(parents=True, exist_ok=True)
     if libs.exists():
@@ -84,7 +108,6 @@ def fetch(component: str) -> Path:
                          f"in {took:.0f}s (exit code {proc.returncode}): {said} {log}")
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     say(f"fetched {LABELS[component]} in {took:.0f}s")
-    return libs
 
 
 def java() -> str:
