@@ -37,7 +37,7 @@ from streams.demo import SAMPLE, seed_request  # noqa: E402
 from streams.stack.local import LocalStack  # noqa: E402
 from streams.stack.processes import FileServer, WorkerProcess, wait_for_log  # noqa: E402
 
-RESIZE_STEPS = ("loop", "ledger", "pool_wait", "fetch", "decode", "resize_encode", "upload", "result_send")
+RESIZE_STEPS = ("loop", "slot_wait", "ledger", "pool_wait", "fetch", "decode", "resize_encode", "upload", "result_send")
 PLANNER_STEPS = ("loop", "fetch", "stage", "plan_send", "task_send")
 
 
@@ -114,9 +114,11 @@ def write(out: Path, report: dict) -> None:
              f"`{report['command']}`, {report['date']}; {report['machine']}; one worker per role, resize with "
              f"{report['slots']} slots (threads), the local stack (Kafka, S3Proxy) on the same cores.", "",
              "Wall time of each step, in ms per task (resize) or per request (planner), from the workers' "
-             "`imagefork_stage_seconds`. `loop` is the time from one message's end to the next one's start "
-             "in the same agent slot (Faust's loop, and idle time when nothing is waiting); `pool_wait` is "
-             "the pool's own queueing and hand-off.", "",
+             "`imagefork_stage_seconds`. `resize.loop` is the time a task waits from its consumer handing it "
+             "over to its start (its lane's read-ahead: a backlog shows here); `planner.loop` is the time from "
+             "one message's end to the next one's start in the same Faust agent slot (Faust's loop, and idle "
+             "time when nothing is waiting); `ledger` covers the crash-ledger row and its ack; `pool_wait` is "
+             "the pool's own queueing and hand-off; `slot_wait` the wait for one of the worker's slots.", "",
              "| step | " + " | ".join(report["runs"]) + " |", "|---|" + "---|" * len(report["runs"])]
     names = [f"resize.{s}" for s in RESIZE_STEPS] + [f"planner.{s}" for s in PLANNER_STEPS]
     for name in names:

@@ -42,8 +42,9 @@ TASK_SECONDS = Histogram("imagefork_task_duration_seconds", "A succeeded task's 
                          "time, by output format", ["format"],
                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 STAGE_SECONDS = Histogram("imagefork_stage_seconds", "Wall time of each step of a message's handling, by role and "
-                          "step (resize: ledger, pool_wait, fetch, decode, resize_encode, upload, result_send, "
-                          "loop; planner: fetch, stage, plan_send, task_send, loop); docs/breakdown.md adds them up",
+                          "step (resize: slot_wait, ledger, pool_wait, fetch, decode, resize_encode, upload, "
+                          "result_send, loop; planner: fetch, stage, plan_send, task_send, loop); "
+                          "docs/breakdown.md adds them up",
                           ["role", "stage"],
                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 COMPUTE_CPU = Counter("imagefork_compute_cpu_seconds", "CPU seconds resize spent decoding, resizing and encoding "

@@ -92,7 +92,9 @@ class Resizer:
         try:
             # a slot (interactive first; batch with what is left, and its share) while the task computes; its
             # result's send and ack wait outside, so the next task's work starts meanwhile
+            waiting = time.perf_counter()
             async with self.gate.slot(lane):
+                slot_wait = time.perf_counter() - waiting
                 if self.cancels.cancelled(task.workflowId, task.runId):
                     return self.skip(task)
                 if now_ms() >= task.deadline:
@@ -110,6 +112,7 @@ class Resizer:
                     COMPUTE_CPU.inc(stages.pop("cpu", 0.0))
                     stages["pool_wait"] = max(0.0, time.perf_counter() - begun - sum(stages.values()))
                     stages["ledger"] = begun - started
+                    stages["slot_wait"] = slot_wait
             if not outcome["ok"] and outcome["code"] == "CANCELLED":
                 return self.skip(task, started=True)
             if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
