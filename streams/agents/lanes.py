@@ -7,6 +7,7 @@ import asyncio
 from collections import deque
 from contextlib import asynccontextmanager
 
+from streams.adapters.offsets import DRAIN
 from streams.core.lanes import BATCH, INTERACTIVE, LANES, batch_every, batch_floor, next_lane
 from streams.metrics import LANE_TASKS
 
@@ -62,3 +63,22 @@ class LaneGate:
             yield
         finally:
             self._release(lane)
+
+    @asynccontextmanager
+    async def slot_unless_draining(self, lane: str):
+        """``slot``, for a message that does nothing before it has one: waiting for it is only waiting, so a
+        draining stop does not wait for it (``DRAIN.parked``), and one that gets its slot once the drain began
+        gives it back and waits to be cancelled: its offset is not committed, the partition's next owner runs it."""
+        DRAIN.parked += 1
+        parked = True
+        try:
+            async with self.slot(lane):
+                if not DRAIN.started:
+                    DRAIN.parked -= 1
+                    parked = False
+                    yield
+                    return
+            await DRAIN.hold()
+        finally:
+            if parked:
+                DRAIN.parked -= 1

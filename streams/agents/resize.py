@@ -93,7 +93,7 @@ class Resizer:
             # a slot (interactive first; batch with what is left, and its share) while the task computes; its
             # result's send and ack wait outside, so the next task's work starts meanwhile
             waiting = time.perf_counter()
-            async with self.gate.slot(lane):
+            async with self.gate.slot_unless_draining(lane):
                 slot_wait = time.perf_counter() - waiting
                 if self.cancels.cancelled(task.workflowId, task.runId):
                     return self.skip(task)

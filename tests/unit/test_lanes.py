@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from streams.adapters.lag import GroupStatus, PartitionLag, format_status, lanes_of
+from streams.adapters.offsets import DRAIN, IN_FLIGHT
 from streams.agents.lanes import LaneGate
 from streams.core.errors import RequestInvalid
 from streams.core.lanes import BATCH, INTERACTIVE, batch_floor, lane_of, next_lane
@@ -118,6 +119,39 @@ def test_a_waiter_cancelled_gives_back_its_slot():
             await first
         return gate.running
     assert asyncio.run(go()) == counts(0, 0)
+
+
+def test_a_drain_waits_for_the_task_with_a_slot_and_hands_back_those_waiting_for_one():
+    async def go():
+        gate = LaneGate("test", slots=1, share=0.5)
+        release, ran = asyncio.Event(), []
+        busy, parked, in_flight = DRAIN.busy(), DRAIN.parked, IN_FLIGHT.count()  # other tests' leftovers, if any
+
+        async def task(n: int):
+            IN_FLIGHT.begin("gate-tasks", 0, n)  # as MessagePolicy counts a message it handles
+            try:
+                async with gate.slot_unless_draining(INTERACTIVE):
+                    ran.append(n)
+                    await release.wait()
+            finally:
+                IN_FLIGHT.end("gate-tasks", 0, n)
+
+        first, second = asyncio.ensure_future(task(1)), asyncio.ensure_future(task(2))
+        await asyncio.sleep(0.01)
+        assert ran == [1] and DRAIN.busy() == busy + 1  # the one waiting for a slot is not waited for
+        DRAIN.start()
+        try:
+            release.set()
+            await asyncio.sleep(0.02)
+            assert first.done() and ran == [1] and not second.done()  # given its slot, it gives it back and waits
+            assert gate.running[INTERACTIVE] == 0 and DRAIN.busy() == busy
+            second.cancel()  # the stop: never finished, so never committed
+            await asyncio.gather(second, return_exceptions=True)
+            assert DRAIN.parked == parked and IN_FLIGHT.count() == in_flight
+        finally:
+            DRAIN.started = False
+
+    asyncio.run(go())
 
 
 def test_a_requests_priority_names_its_lane_and_its_tasks_carry_it():
