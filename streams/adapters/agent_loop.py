@@ -206,6 +206,10 @@ class AgentLoop:
             "heartbeat.interval.ms": max(500, int(config.session_timeout_s * 1000 / 5)),
             # tasks are small records: a few MB read ahead is plenty (librdkafka's default is 64 MB)
             "queued.max.messages.kbytes": 4096,
+            # a fetch brings a few records of each partition (at least one producer batch), not the whole
+            # backlog of the first: handed over partition by partition, a burst of requests ran one partition's
+            # share of every request before the next partition's, and every request ended late
+            "max.partition.fetch.bytes": 4096,
         }))
         self.offsets = Offsets()
         self.held = {topic: 0 for topic in self.lanes}  # records handed to the loop and not finished
