@@ -4,17 +4,16 @@ never the token. ``create`` prints a new token once and adds its line; ``revoke`
 ``create`` of the new token, clients moved to it, then ``revoke`` of the old one, without a restart."""
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import stat
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 # streams.core.access (hashlib, secrets) loads when a token command runs: `imagefork --help` starts without it
 from streams.config import ConfigError
+from streams.locks import exclusive
 
 
 def token_file(args) -> Path:
@@ -39,17 +38,10 @@ def _read(path: Path) -> str:
     return text
 
 
-@contextmanager
 def _locked(path: Path):
     """One change of the file at a time (two creates at once would each write the file without the other's
     line): an exclusive lock on a file beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return exclusive(path.parent / f".{path.name}.lock")
 
 
 def _write(path: Path, text: str) -> None:

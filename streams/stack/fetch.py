@@ -2,8 +2,6 @@
 the Java that runs them."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -11,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from streams.locks import exclusive
 from streams.stack.common import StackError, cache_dir, require, say
 
 KAFKA_VERSION = os.environ.get("IMAGEFORK_KAFKA_VERSION", "4.1.1")
@@ -60,22 +59,10 @@ def fetch(component: str) -> Path:
     if marker.exists():
         return libs
     # two stacks starting at once (two test workers, two `stack up`s) fetch once: the other waits here
-    with _fetch_lock():
+    with exclusive(cache_dir() / ".fetch.lock"):  # the mvn runs share ~/.m2 too
         if not marker.exists():
             _fetch(component, libs)
     return libs
-
-
-@contextlib.contextmanager
-def _fetch_lock():
-    """One fetch at a time on this machine's cache (the mvn runs share ~/.m2 too)."""
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / ".fetch.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _fetch(component: str, libs: Path) -> None:

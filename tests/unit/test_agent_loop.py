@@ -89,12 +89,18 @@ class Record:
         return None
 
 
+def on_fake_consumer(lanes: list[Lane]) -> tuple[AgentLoop, "FakeConsumer"]:
+    """A loop whose consumer is a FakeConsumer, on the running asyncio loop."""
+    loop = AgentLoop(Config.from_env({}), "resize", lanes)
+    loop.consumer.close()
+    fake = loop.consumer = FakeConsumer()
+    loop._loop = asyncio.get_running_loop()
+    return loop, fake
+
+
 def test_a_lane_reads_ahead_then_pauses_runs_its_concurrency_and_commits_only_a_finished_prefix():
     async def go():
-        loop = AgentLoop(Config.from_env({}), "resize", [Lane("tasks", 2, None), Lane("retry", 8, None)])
-        loop.consumer.close()
-        fake = loop.consumer = FakeConsumer()
-        loop._loop = asyncio.get_running_loop()
+        loop, fake = on_fake_consumer([Lane("tasks", 2, None), Lane("retry", 8, None)])
         started = []
 
         async def handle(msg, taken_at):
@@ -127,10 +133,7 @@ def test_a_lane_reads_ahead_then_pauses_runs_its_concurrency_and_commits_only_a_
 def test_a_paused_lane_reads_again_while_it_still_has_work_queued():
     """Resumed only once it ran dry, a lane's slots waited on the fetch the resume starts."""
     async def go():
-        loop = AgentLoop(Config.from_env({}), "resize", [Lane("tasks", 2, None)])
-        loop.consumer.close()
-        fake = loop.consumer = FakeConsumer()
-        loop._loop = asyncio.get_running_loop()
+        loop, fake = on_fake_consumer([Lane("tasks", 2, None)])
         gates = {}
 
         async def handle(msg, taken_at):
@@ -159,10 +162,7 @@ def test_a_paused_lane_reads_again_while_it_still_has_work_queued():
 
 def test_a_drain_hands_back_what_was_read_ahead_and_takes_nothing_new():
     async def go():
-        loop = AgentLoop(Config.from_env({}), "resize", [Lane("tasks", 1, None)])
-        loop.consumer.close()
-        fake = loop.consumer = FakeConsumer()
-        loop._loop = asyncio.get_running_loop()
+        loop, fake = on_fake_consumer([Lane("tasks", 1, None)])
         release = asyncio.Event()
 
         async def handle(msg, taken_at):
@@ -191,10 +191,7 @@ def test_a_drain_hands_back_what_was_read_ahead_and_takes_nothing_new():
 
 def test_a_revoked_partition_drops_what_it_read_ahead_lets_what_runs_finish_and_commits_it_first():
     async def go():
-        loop = AgentLoop(Config.from_env({}), "resize", [Lane("tasks", 1, None)])
-        loop.consumer.close()
-        fake = loop.consumer = FakeConsumer()
-        loop._loop = asyncio.get_running_loop()
+        loop, fake = on_fake_consumer([Lane("tasks", 1, None)])
         release, started = asyncio.Event(), []
 
         async def handle(msg, taken_at):
