@@ -115,9 +115,8 @@ def write(out: Path, report: dict) -> None:
              f"{report['slots']} slots (threads), the local stack (Kafka, S3Proxy) on the same cores.", "",
              "Wall time of each step, in ms per task (resize) or per request (planner), from the workers' "
              "`imagefork_stage_seconds`. `resize.loop` is the time a task waits from its consumer handing it "
-             "over to its start (its lane's read-ahead: a backlog shows here); `planner.loop` is the time from "
-             "one message's end to the next one's start in the same Faust agent slot (Faust's loop, and idle "
-             "time when nothing is waiting); `ledger` covers the crash-ledger row and its ack; `pool_wait` is "
+             "over to its start (its lane's read-ahead: a backlog shows here), and `planner.loop` the same for "
+             "a request; `ledger` covers the crash-ledger row and its ack; `pool_wait` is "
              "the pool's own queueing and hand-off; `slot_wait` the wait for one of the worker's slots.", "",
              "| step | " + " | ".join(report["runs"]) + " |", "|---|" + "---|" * len(report["runs"])]
     names = [f"resize.{s}" for s in RESIZE_STEPS] + [f"planner.{s}" for s in PLANNER_STEPS]

@@ -29,7 +29,7 @@ MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
 
 @dataclass(frozen=True)
 class KafkaSecurity:
-    """How every Kafka client of the project (Faust/aiokafka and confluent-kafka) connects."""
+    """How every Kafka client of the project (confluent-kafka) connects."""
     protocol: str = "PLAINTEXT"
     sasl_mechanism: str = ""
     sasl_username: str = ""
@@ -172,7 +172,7 @@ class Config:
     webhook_concurrency: int = 32  # calls under way at once (each waits out its own retries)
 
     def group_id(self, role: str) -> str:
-        """The consumer group (and Faust app id) of a role; the namespace keeps test runs apart."""
+        """The consumer group of a role; the namespace keeps test runs apart."""
         return f"{self.namespace}imagefork-{role}"
 
     @property

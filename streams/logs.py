@@ -18,7 +18,7 @@ _TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f
 
 class LineFormatter(logging.Formatter):
     """``time role[pid] LEVEL message`` for imagefork's lines and every library's alike; a library's
-    line names it (``aiokafka: ...``; librdkafka's come through ``imagefork.kafka``). Terminal control
+    line names it (``boto3: ...``; librdkafka's come through ``imagefork.kafka``). Terminal control
     codes (colours, a spinner's cursor and backspaces) are dropped: a log is text, on a TTY or in a file."""
 
     def __init__(self, role: str):
@@ -67,11 +67,10 @@ def source_of(logger: str) -> str:
 
 
 class TransientRetries(logging.Filter):
-    """A client's retry line that is normal for a moment, while the broker's group or transaction
-    coordinator loads or moves (at every broker start): aiokafka logs it at ERROR ("Group Coordinator
-    Request failed: CoordinatorNotAvailableError"), librdkafka at WARNING ("GETPID ... Coordinator load in
-    progress: retrying"). Both clients retry on their own. Such a line goes to DEBUG; one still coming
-    after ``patience_s`` shows as a WARNING."""
+    """A client's retry line that is normal for a moment, while the broker's transaction coordinator loads
+    or moves (at every broker start): librdkafka logs it at WARNING ("GETPID ... Coordinator load in
+    progress: retrying") and retries on its own. Such a line goes to DEBUG; one still coming after
+    ``patience_s`` shows as a WARNING."""
 
     def __init__(self, patience_s: float = 30.0, clock=time.monotonic):
         super().__init__()
@@ -92,17 +91,15 @@ class TransientRetries(logging.Filter):
 
 
 class BrokerAway(logging.Filter):
-    """While the broker does not answer, the Kafka clients log their reconnects (aiokafka: "Unable connect to
-    node", "Unable to update metadata", heartbeats; librdkafka: "Connect to ... failed") many times a minute
+    """While the broker does not answer, the Kafka clients log their reconnects (librdkafka: "Connect to ...
+    failed: Connection refused", "brokers are down") many times a minute
     for as long as it lasts. The first such line becomes one WARNING that says so, where, and when the broker
     last answered; the rest are dropped; one line says when it is back. The broker is watched with a TCP
     connect to the first bootstrap address every ``every_s`` (while it is there: "last seen"; while it is
     away: "back")."""
 
     FAILURES = re.compile(
-        r"Connect call failed|Connection at \S+ closed|Unable connect to node|Unable to update metadata|"
-        r"NodeNotReadyError|KafkaConnectionError|Connection refused|Unable to request metadata|"
-        r"All broker connections are down|Connect to ipv4|Connect to ipv6")
+        r"Connection refused|All broker connections are down|brokers are down|Connect to ipv4|Connect to ipv6")
 
     def __init__(self, bootstrap: str, every_s: float = 2.0, clock=time.time, reachable=None):
         super().__init__()
@@ -142,7 +139,7 @@ class BrokerAway(logging.Filter):
                                                 self.last_seen - away_since)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (record.name.startswith("aiokafka") or record.name == "imagefork.kafka"):
+        if record.name != "imagefork.kafka":
             return True
         if self.away_since is not None:
             return record.levelno < logging.WARNING  # what the clients say while it is away: said once already
@@ -166,9 +163,9 @@ class BrokerAway(logging.Filter):
 
 class RepeatedLines(logging.Filter):
     """A broker away makes the clients repeat one line many times a second (librdkafka's "Connect to
-    ... failed: Connection refused" per reconnect, aiokafka's "Unable to update metadata from [1]": 25,000
-    lines in 4 minutes in one worker's log). A library's line whose text, digits aside, was written less
-    than ``every_s`` ago is held back; the next one written says how many were."""
+    ... failed: Connection refused" per reconnect: 25,000 lines in 4 minutes in one worker's log). A library's
+    line whose text, digits aside, was written less than ``every_s`` ago is held back; the next one written
+    says how many were."""
 
     _NUMBERS = re.compile(r"\d+")
 
@@ -200,10 +197,6 @@ class RepeatedLines(logging.Filter):
 
 def is_transient(record: logging.LogRecord) -> bool:
     args = record.args if isinstance(record.args, tuple) else ()
-    if record.name.startswith("aiokafka"):  # aiokafka retries these itself
-        retried = [type(a).__name__ for a in args if isinstance(a, Exception) and getattr(a, "retriable", False)]
-        return bool(retried) and (str(record.msg).startswith("Group Coordinator Request failed")
-                                  or any("Coordinator" in name for name in retried))
     if record.name == "imagefork.kafka":  # confluent-kafka calls log(level, "%s [%s] %s", facility, client, text)
         return len(args) == 3 and args[0] == "GETPID" and str(args[2]).endswith(": retrying")
     return False
@@ -211,8 +204,7 @@ def is_transient(record: logging.LogRecord) -> bool:
 
 def setup_logging(role: str, level: str, stream=None, fmt: str = "text", bootstrap: str = "") -> logging.Handler:
     """One handler on the root logger for every line of the process: the libraries' at ``level``
-    (IMAGEFORK_LOG_LEVEL; Faust's own INFO lines only at debug), imagefork's own (ready, planned, task
-    done, warnings) at INFO or below."""
+    (IMAGEFORK_LOG_LEVEL), imagefork's own (ready, planned, task done, warnings) at INFO or below."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(role) if fmt == "json" else LineFormatter(role))
     if bootstrap:  # a worker: a broker away is one line, and its return another
@@ -227,10 +219,5 @@ def setup_logging(role: str, level: str, stream=None, fmt: str = "text", bootstr
     root.addHandler(handler)
     threshold = logging.getLevelName(level.upper())
     root.setLevel(threshold)
-    # Faust's own INFO lines (each service of its tree starting and stopping, some 25 lines each way)
-    # show at debug only; aiokafka's (group joined, partitions assigned) stay at info
-    framework = threshold if threshold <= logging.DEBUG else max(threshold, logging.WARNING)
-    logging.getLogger("faust").setLevel(framework)
-    logging.getLogger("mode").setLevel(framework)
     logging.getLogger("imagefork").setLevel(min(logging.INFO, threshold))
     return handler

@@ -1,5 +1,5 @@
-"""Run one role (the planner as a Faust worker; resize, the join and the webhook role on confluent-kafka
-loops of their own; the API), or all of them as child processes."""
+"""Run one role (the planner, resize, the join and the webhook role on confluent-kafka loops; the API), or all
+of them as child processes."""
 from __future__ import annotations
 
 import faulthandler
@@ -11,12 +11,10 @@ import subprocess
 import sys
 import time
 
-import asyncio
 
-from streams.adapters.kafka import describe_assignment, ensure_topics
+from streams.adapters.kafka import ensure_topics
 from streams.adapters.lag import register_lag
 from streams.adapters.objectstore import ObjectStore
-from streams.adapters.offsets import DRAIN
 from streams.adapters.schemas import install_resolver, publish_schemas
 from streams.config import Config, metrics_address
 from streams.core.errors import PipelineError
@@ -39,10 +37,10 @@ def run_role(role: str, config: Config) -> int:
     # before any write: a reader older than this worker finds its schemas there (a rolling deploy)
     publish_schemas(config)
     install_resolver(config)
-    # each role imports only its own modules: a join or an API process does not load Faust (start-up cost)
+    # each role imports only its own modules (start-up cost: an API process does not load Pillow, for one)
     if role == "api":  # aiohttp: the HTTP API and the dashboard (streams/api/)
         return api.run(config)
-    if role == "join":  # a transactional confluent-kafka loop, not a Faust app (streams/join/)
+    if role == "join":  # a transactional confluent-kafka loop (streams/join/)
         from streams.join import loop  # start-up: only the join's process loads it
         return loop.run(config)
     if role == "webhook":  # a confluent-kafka consumer and a pool of callers (streams/agents/webhooks.py)
@@ -51,71 +49,10 @@ def run_role(role: str, config: Config) -> int:
     if role == "resize":  # asyncio agents on a confluent-kafka consumer (streams/adapters/agent_loop.py)
         from streams.agents import resize  # start-up: only the resize role's process loads it
         return resize.run(config)
-    return run_faust_role(role, config)
-
-
-def run_faust_role(role: str, config: Config) -> int:
-    # start-up: Faust and the agents, only in the processes that run them
-    from streams.adapters.faust import create_app, declare_topics
-    from streams.adapters.http import serve
-    from streams.agents import planner
-
-    app = create_app(role, config)
-    topics = declare_topics(app, config)
-    planner.register(app, config, topics)
-    log = logging.getLogger("imagefork")
-    assigned: dict[str, str] = {}
-
-    async def ready(sender, **kwargs):
-        assigned["detail"] = describe_assignment(app.consumer.assignment())
-        log.info("imagefork ready: %s (%s)", role, assigned["detail"])
-
-    def readiness() -> tuple[bool, str]:
-        if "detail" not in assigned:
-            return False, "joining its consumer group"
-        if getattr(app, "rebalancing", False):
-            return False, "rebalancing"
-        return True, assigned["detail"]
-
-    app.on_rebalance_complete.connect(ready)
-    serve(config, role, readiness)
-    faust_worker(app, grace_s=config.shutdown_grace_s).execute_from_commandline()
-    return 0
-
-
-def faust_worker(app, grace_s: float = 0.0, **kwargs):
-    """Faust's worker for ``app``: its lines go through ``setup_logging``, not through mode's own set-up
-    (another format, colour codes, print() turned into log lines), and it has no spinner (mode's writes
-    cursor codes and backspaces even into a file). A SIGTERM or SIGINT drains first (``Drain``): no
-    message is started any more, and the work in flight has ``grace_s`` to finish before Faust stops (and
-    commits); a second signal stops at once. What is not finished is handed back to the partition's next
-    owner, never committed past."""
-    import faust  # start-up: Faust only in the processes that run it
-
-    log = logging.getLogger("imagefork")
-
-    class Worker(faust.Worker):
-        def _schedule_shutdown(self, signal_: signal.Signals) -> None:
-            if DRAIN.started or grace_s <= 0 or self._signal_stop_time:
-                return super()._schedule_shutdown(signal_)
-            DRAIN.start()
-            log.info("stopping (%s): finishing %d message(s) in flight, for up to %.0fs "
-                     "(IMAGEFORK_SHUTDOWN_GRACE_S)", signal_.name, DRAIN.busy(), grace_s)
-            asyncio.ensure_future(self._drain_then_stop(signal_), loop=self.loop)
-
-        async def _drain_then_stop(self, signal_: signal.Signals) -> None:
-            started = time.monotonic()
-            if await DRAIN.wait(grace_s):
-                log.info("stopping: the work in flight finished in %.1fs", time.monotonic() - started)
-            else:
-                log.warning("stopping: %d message(s) still in flight after %.0fs; they go back to their "
-                            "partitions' next owner", DRAIN.busy(), grace_s)
-            await asyncio.sleep(2 * app.conf.broker_commit_interval)  # the last finished offsets are committed
-            super()._schedule_shutdown(signal_)
-
-    worker = Worker(app, quiet=True, override_logging=False, **kwargs)
-    worker.spinner = None
-    return worker
+    if role == "planner":  # the same loop as resize
+        from streams.agents import planner  # start-up: only the planner's process loads it
+        return planner.run(config)
+    raise ValueError(f"unknown role {role!r}")
 
 
 def check_storage(config: Config) -> None:

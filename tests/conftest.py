@@ -90,9 +90,6 @@ LONG = {
     "tests/integration/test_faults.py::test_a_thousand_wide_request_through_the_whole_stack":
         "1,000 outputs through the stack; test_cancel.py's 500-output request and the join's 1,000-wide unit "
         "tests run in `make test`",
-    "tests/integration/test_faults.py::test_workers_leave_no_data_folder_behind":
-        "three worker starts and stops; tests/unit/test_data_dir.py keeps the folder's lock and sweep in "
-        "`make test`",
     "tests/integration/test_hosts.py::test_a_node_killed_mid_run_and_restarted_later"
     "[the leader of events partition 0]":
         "about 60 s; the hosts' link cut (test_the_seed_across_hosts_with_a_resize_host_cut_past_its_session) "

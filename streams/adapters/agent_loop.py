@@ -1,5 +1,6 @@
-"""Asyncio agents on a confluent-kafka consumer: the resize role's loop (issue 20: Faust's loop and aiokafka's
-sends were a third of a resize worker's busy time, and Faust rebalances stop every member of the group).
+"""Asyncio agents on a confluent-kafka consumer: the planner's and resize's loop. It replaced Faust (issue 20:
+Faust's loop and aiokafka's sends were a third of a resize worker's busy time, its rebalances stopped every member
+of the group, and its commits passed messages still in flight, faust-streaming #606).
 
 One consumer per process, with the ``range`` assignor: each topic's partitions are shared out evenly (the
 sticky assignors balance a member's total over all its topics, and gave one of two workers every partition
@@ -27,7 +28,7 @@ from typing import Awaitable, Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, describe_assignment, producer_config
-from streams.adapters.offsets import DRAIN
+from streams.adapters.inflight import DRAIN
 from streams.config import Config
 
 log = logging.getLogger("imagefork")
@@ -163,13 +164,34 @@ def _settle(future: asyncio.Future, error: Exception | None) -> None:
 
 
 class KafkaTopic:
-    """A topic to send to, as agents/common.send uses one (the shape of a Faust topic's)."""
+    """A topic to send to, as agents/common.send uses one."""
+
+    PARTITIONS_TTL_S = 60.0  # how long a topic's partition count is trusted before it is asked again
 
     def __init__(self, name: str, outbox: Outbox):
         self.name, self.outbox = name, outbox
+        self._partitions = (0, 0.0)  # (count, when it was learnt)
 
     def get_topic_name(self) -> str:
         return self.name
+
+    async def partition_count(self, timeout_s: float = 5.0) -> int:
+        """The topic's partitions from the producer's metadata (asked again after ``PARTITIONS_TTL_S``); 0 when
+        they cannot be known now (the caller then lets the keys decide)."""
+        count, learnt = self._partitions
+        if count and time.monotonic() - learnt < self.PARTITIONS_TTL_S:
+            return count
+        try:
+            meta = await asyncio.to_thread(self.outbox.producer.list_topics, self.name, timeout_s)
+            topic = meta.topics.get(self.name)
+            if topic is None or topic.error is not None:
+                raise KafkaException(topic.error if topic is not None else "not in the metadata")
+            count = len(topic.partitions)
+        except KafkaException as exc:
+            log.warning("partitions of %s not known (%s); its records go where their keys hash", self.name, exc)
+            return 0
+        self._partitions = (count, time.monotonic())
+        return count
 
     async def send(self, *, key: bytes | None, value: bytes | None, headers: dict | None = None,
                    partition: int | None = None, force: bool = True) -> asyncio.Future:

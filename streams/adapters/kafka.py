@@ -98,25 +98,6 @@ def security_config(config: Config) -> dict:
     return out
 
 
-def faust_credentials(config: Config):
-    """The same settings for Faust (aiokafka): None, or a faust Credentials object."""
-    import ssl
-
-    import faust
-    sec = config.kafka_security
-    context = None
-    if sec.ssl:
-        context = ssl.create_default_context(cafile=sec.ssl_cafile or None)
-        if sec.ssl_certfile:
-            context.load_cert_chain(sec.ssl_certfile, sec.ssl_keyfile)
-    if sec.sasl:
-        return faust.SASLCredentials(username=sec.sasl_username, password=sec.sasl_password,
-                                     mechanism=sec.sasl_mechanism, ssl_context=context)
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
-
-
 # librdkafka's own lines (every failed reconnect, at error level) go to this logger, not straight to
 # stderr: a worker's log shows them; a command-line user gets one line about what went wrong instead
 KAFKA_LOG = logging.getLogger("imagefork.kafka")
@@ -128,15 +109,13 @@ def client_config(config: Config, **extra) -> dict:
 
 
 def producer_config(config: Config, **extra) -> dict:
-    # murmur2_random is the Java client's (and Faust's) partitioner: a key lands
-    # on the same partition whoever produces it.
+    # murmur2_random is the Java client's partitioner: a key lands on the same partition whoever produces it
     # idempotence (which implies acks=all, said here too): a retried batch is written once
     return client_config(config, **{"partitioner": "murmur2_random", "enable.idempotence": True, "acks": "all",
                                     "linger.ms": 5, **extra})
 
 
-# the replication factor ensure_topics chose, per bootstrap address: the Faust app of the same process
-# declares its own topics (its assignor's) with it too (streams/adapters/faust.py)
+# the replication factor ensure_topics chose, per bootstrap address
 _REPLICATION: dict[str, int] = {}
 
 
@@ -335,20 +314,35 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
 
 
 def partition_for(key: bytes, partitions: int) -> int:
-    """The partition a keyed record goes to with the Java client's default partitioner, which the Faust
-    workers (aiokafka) use for every keyed record they write: murmur2 of the key."""
-    from aiokafka.partitioner import murmur2
+    """The partition a keyed record goes to with the Java client's default partitioner, which every producer
+    of ours uses (librdkafka's ``murmur2_random``): murmur2 of the key."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+def murmur2(data: bytes) -> int:
+    """The Java client's murmur2 (``org.apache.kafka.common.utils.Utils.murmur2``), as an unsigned 32-bit value;
+    its test vectors (Kafka's own, from its UtilsTest) are in tests/unit/test_cluster_config.py."""
+    m, mask, length = 0x5BD1E995, 0xFFFFFFFF, len(data)
+    h = 0x9747B28C ^ length
+    for i in range(0, length - length % 4, 4):
+        k = (int.from_bytes(data[i:i + 4], "little") * m) & mask
+        k = ((k ^ (k >> 24)) * m) & mask
+        h = ((h * m) & mask) ^ k
+    tail = length % 4
+    if tail:
+        h ^= int.from_bytes(data[length - tail:], "little")
+        h = (h * m) & mask
+    h = ((h ^ (h >> 13)) * m) & mask
+    return h ^ (h >> 15)
+
+
 def describe_assignment(partitions) -> str:
-    """``13 partitions assigned: imagefork.requests 6 + imagefork.requests.retry 6 + ...-__assignor-__leader 1``:
-    the count per topic, so a total above IMAGEFORK_PARTITIONS is no mystery (a Faust consumer also holds
-    its app's one-partition leader topic)."""
+    """``12 partitions assigned: imagefork.requests 6 + imagefork.requests.retry 6``:
+    the count per topic, so a total above IMAGEFORK_PARTITIONS is no mystery."""
     per_topic: dict[str, int] = {}
     for tp in partitions:
         per_topic[tp.topic] = per_topic.get(tp.topic, 0) + 1
-    topics = sorted(per_topic, key=lambda t: ("__" in t, t))  # Faust's own topics last
+    topics = sorted(per_topic, key=lambda t: ("__" in t, t))  # internal topics last
     listed = " + ".join(f"{t} {per_topic[t]}" for t in topics)
     total = sum(per_topic.values())
     return f"{total} partition{'s' if total != 1 else ''} assigned" + (f": {listed}" if listed else "")
@@ -356,8 +350,8 @@ def describe_assignment(partitions) -> str:
 
 @dataclass(frozen=True)
 class Topics:
-    """The topics the planner and resize agents send to and read from: Faust's (adapters/faust.py) or
-    confluent-kafka's (adapters/agent_loop.py)."""
+    """The topics the planner and resize agents send to and read from (adapters/agent_loop.KafkaTopic: or a
+    test's fakes)."""
     requests: object
     requests_batch: object
     request_retries: object

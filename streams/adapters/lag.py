@@ -24,7 +24,6 @@ from streams.metrics import LAG_SCRAPE_ERRORS
 log = logging.getLogger("imagefork")
 
 ROLES = ("planner", "resize", "join")
-FAUST_LEADER_TOPIC = "-__assignor-__leader"
 
 
 def role_topics(config: Config, role: str) -> tuple[str, ...]:
@@ -142,10 +141,8 @@ def read_groups(admin, config: Config, roles, timeout_s: float = 4.0, describe: 
                     g.error = g.error or _one_line(exc)
                     continue
                 g.state = _state_name(d.state)
-                # Faust assigns its leader a partition of "<app>-__assignor-__leader", a topic nobody writes
                 g.members = sorted((Member(m.member_id, m.client_id, m.host, tuple(sorted(
-                    (tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else None) or ()
-                    if not tp.topic.endswith(FAUST_LEADER_TOPIC))))
+                    (tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else ()) or ())))
                     for m in d.members), key=lambda m: (m.assigned, m.member_id))
         return groups
     except KafkaUnavailable:

@@ -9,16 +9,10 @@ from streams.core.models import now_ms
 from streams.core.planning import retry_delay_s
 
 log = logging.getLogger("imagefork")
-# a topic with get_topic_name() and an async send() whose result is awaited for the ack: a Faust topic
-# (the planner) or adapters/agent_loop.KafkaTopic (resize)
+# a topic with get_topic_name() and an async send() whose result is awaited for the ack
+# (adapters/agent_loop.KafkaTopic)
 TopicLike = object
-__all__ = ["log", "now_ms", "origin", "backoff_s", "send", "send_all", "SendRejected"]
-
-
-def origin(event) -> dict[str, str]:
-    """Where a consumed message came from, for logs and dead-letter headers."""
-    msg = event.message
-    return {"topic": msg.topic, "partition": str(msg.partition), "offset": str(msg.offset)}
+__all__ = ["log", "now_ms", "backoff_s", "send", "send_all", "SendRejected"]
 
 
 def backoff_s(retry, attempt: int) -> float:
@@ -31,7 +25,8 @@ class SendRejected(RuntimeError):
     """The broker refused a record for good: retrying cannot help (the policy dead-letters the input)."""
 
 
-# aiokafka errors that no retry cures; an unknown topic gets a short patience (it may be being created)
+# errors that no retry cures (the names agent_loop.send_error gives librdkafka's codes); an unknown topic gets a
+# short patience (it may be being created)
 _NEVER_RETRIED = {"MessageSizeTooLargeError", "RecordTooLargeError", "TopicAuthorizationFailedError",
                   "ClusterAuthorizationFailedError", "TransactionalIdAuthorizationFailed", "InvalidTopicError",
                   "SaslAuthenticationFailedError", "InvalidRecordError", "CorruptRecordException"}
@@ -54,7 +49,7 @@ async def send(topic: TopicLike, *, key: bytes | None, value: bytes, headers: di
             return
         except (asyncio.CancelledError, AttributeError, TypeError, NameError):
             raise
-        except Exception as exc:  # aiokafka raises several error types while a broker is away
+        except Exception as exc:  # librdkafka's delivery errors while a broker is away (agent_loop.send_error)
             kind = type(exc).__name__
             if kind in _NEVER_RETRIED or (kind == "UnknownTopicOrPartitionError"
                                           and waited >= _UNKNOWN_TOPIC_PATIENCE_S):

@@ -7,7 +7,7 @@ import asyncio
 from collections import deque
 from contextlib import asynccontextmanager
 
-from streams.adapters.offsets import DRAIN
+from streams.adapters.inflight import DRAIN
 from streams.core.lanes import BATCH, INTERACTIVE, LANES, batch_every, batch_floor, next_lane
 from streams.metrics import LANE_TASKS
 

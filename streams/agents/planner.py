@@ -8,17 +8,17 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 
-import faust
-
 from streams import serde
-from streams.adapters.faust import Topics, partition_count
+from streams.adapters.agent_loop import AgentLoop, KafkaTopic, Outbox
+from streams.adapters.http import serve
+from streams.adapters.kafka import Topics, topics_of
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.presets import PresetTable
 from streams.agents.lanes import LaneGate
 from streams.adapters.source import Fetched, fetch_http_validated
-from streams.agents.common import backoff_s, log, now_ms, send, send_all
+from streams.agents.common import TopicLike, backoff_s, log, now_ms, send, send_all
 from streams.agents.policy import (
-    Disposition, Message, MessagePolicy, Reject, RetryLater, header_int, wait_not_before,
+    Disposition, Message, MessagePolicy, Reject, RetryLater, header_int, policy_lane, wait_not_before,
 )
 from streams.config import Config
 from streams.core.errors import PipelineError, RequestInvalid, SourceForbidden
@@ -45,7 +45,7 @@ class Planner:
         self.topics = topics
         self.store = store
         self.sources = Revalidator(config, store)
-        self.presets = PresetTable(config)  # started by register(): the topic is read in a thread
+        self.presets = PresetTable(config)  # started by run(): the topic is read in a thread
         self.gate = LaneGate("planner", config.planner_concurrency, config.batch_share)
         self.next_partition = random.randrange(1 << 16)  # where this planner's next request's tasks begin
 
@@ -118,7 +118,7 @@ class Planner:
         STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
         lane = self.topics.tasks_batch if request.priority == BATCH else self.topics.tasks
         staged = [replace(task, sourceUri=source_uri, sourceSha256=sha256) for task in to_run]
-        spots = spread(len(staged), await partition_count(lane), self.next_partition)
+        spots = spread(len(staged), await lane.partition_count(), self.next_partition)
         self.next_partition += len(set(spots) - {None})  # at once: requests planned side by side get other windows
         await send_tasks(lane, staged, spots)
         STAGE_SECONDS.labels("planner", "task_send").observe(time.perf_counter() - planned)
@@ -134,7 +134,7 @@ class Planner:
         its run id and its first submission time, so its deadline counts from the first submission."""
         run_id = msg.headers.get(RUN_ID)
         attempt = max(msg.attempts, header_int(msg.headers, LEGACY_ATTEMPT, 1))
-        async with self.gate.slot(lane):  # interactive requests first; batch with what is left, and its share
+        async with self.gate.slot_unless_draining(lane):  # interactive first; batch with what is left
             return await self.handle(msg.key, msg.value, msg.where, attempt=attempt,
                                      submitted_at=header_int(msg.headers, SUBMITTED_AT, 0) or None,
                                      run_id=run_id.decode("ascii", "replace") if run_id else None,
@@ -301,7 +301,7 @@ class Revalidator:
             self.validators.popitem(last=False)
 
 
-async def send_tasks(lane: faust.TopicT, tasks: list, spots: list[int | None]) -> None:
+async def send_tasks(lane: TopicLike, tasks: list, spots: list[int | None]) -> None:
     """Send a request's tasks, largest outputs first (the longest start first, so the workflow ends sooner),
     the first to the first of ``spots`` (their partitions: ``spread``) and so on."""
     ordered = sorted(tasks, key=lambda t: t.width * t.height, reverse=True)
@@ -309,33 +309,39 @@ async def send_tasks(lane: faust.TopicT, tasks: list, spots: list[int | None]) -
                           for t in ordered], partitions=spots)
 
 
-def register(app: faust.App, config: Config, topics: Topics) -> Planner:
+def run(config: Config) -> int:
+    """The planner role: its agents on a confluent-kafka loop (adapters/agent_loop.py), until a signal."""
+    asyncio.run(_run(config))
+    return 0
+
+
+async def _run(config: Config) -> None:
+    outbox = Outbox(config, asyncio.get_running_loop())
+    topics = topics_of(config, lambda name: KafkaTopic(name, outbox))
     planner = Planner(config, topics, ObjectStore(config))
-    requests = MessagePolicy("planner", config, dead_letter=topics.dead_letter, retry_topic=topics.request_retries,
+
+    def policy(name: str) -> MessagePolicy:
+        return MessagePolicy(name, config, dead_letter=topics.dead_letter, retry_topic=topics.request_retries,
                              retry_headers=Planner.retry_headers)
-    batch = MessagePolicy("planner.batch", config, dead_letter=topics.dead_letter, retry_topic=topics.request_retries,
-                          retry_headers=Planner.retry_headers)
-    retries = MessagePolicy("planner.retry", config, dead_letter=topics.dead_letter,
-                            retry_topic=topics.request_retries, retry_headers=Planner.retry_headers)
 
-    @app.agent(topics.requests, concurrency=config.planner_concurrency, name="imagefork.planner")
-    async def plan_requests(stream):
-        await requests.consume(stream, planner.handle_message)
-
-    @app.agent(topics.requests_batch, concurrency=config.planner_concurrency, name="imagefork.planner.batch")
-    async def plan_batch(stream):  # the same slots (planner.gate): what interactive requests leave
-        await batch.consume(stream, lambda msg: planner.handle_message(msg, BATCH))
-
-    @app.agent(topics.request_retries, concurrency=64, name="imagefork.planner.retry")
-    async def release_retries(stream):
-        await retries.consume(stream, planner.release)
-
-    @app.task
-    async def prepare():
-        planner.presets.start()
-        await asyncio.to_thread(planner.store.ensure_bucket)
-
-    return planner
+    # both request lanes run up to the planner's slots at once; planner.gate shares the slots between them
+    # (interactive first; batch with what is left, and its share). A request waiting on the retry topic for its
+    # not-before time only sleeps: many wait at once
+    agents = AgentLoop(config, "planner", [
+        policy_lane(topics.requests, policy("planner"), planner.handle_message, config.planner_concurrency),
+        policy_lane(topics.requests_batch, policy("planner.batch"), lambda msg: planner.handle_message(msg, BATCH),
+                    config.planner_concurrency),
+        policy_lane(topics.request_retries, policy("planner.retry"), planner.release, 64),
+    ])
+    serve(config, "planner", agents.readiness)
+    planner.presets.start()
+    await asyncio.to_thread(planner.store.ensure_bucket)
+    try:
+        await agents.run()
+    finally:
+        left = outbox.close()
+        if left:
+            log.warning("planner: %d record(s) not delivered at the stop; their requests are planned again", left)
 
 
 def request_lane(value: bytes | None) -> str:

@@ -1,4 +1,4 @@
-"""One error policy for every Faust agent: each message ends processed, retried or dead-lettered.
+"""One error policy for every agent on a loop of ours: each message ends processed, retried or dead-lettered.
 
 An agent's handler decodes, calls the core and sends; it returns ``PROCESSED``, or a ``RetryLater`` (run it
 again later: a source that did not answer, a task that failed transiently), which the policy carries out on
@@ -15,7 +15,7 @@ the agent's retry topic with ``imagefork.attempts`` + 1 and a not-before time; o
 Dead letters keep the original key, bytes and headers, and add code, reason, source topic/partition/offset
 and attempts. If even the dead-letter topic cannot be written, the dead letter is tried again with a
 growing pause (up to a minute) for as long as the process runs: the message stays in flight, so no commit
-passes it (``adapters/offsets.py``), and a stop hands it to the partition's next owner, never dropped.
+passes it (``adapters/agent_loop.Offsets``), and a stop hands it to the partition's next owner, never dropped.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from streams.adapters.kafka import dead_letter_headers
-from streams.adapters.offsets import DRAIN, IN_FLIGHT
-from streams.agents.common import SendRejected, TopicLike, backoff_s, log, now_ms, origin, send
+from streams.adapters.inflight import DRAIN, IN_FLIGHT
+from streams.adapters.agent_loop import Lane
+from streams.agents.common import SendRejected, TopicLike, backoff_s, log, now_ms, send
 from streams.config import Config
 from streams.metrics import DEAD_LETTERS, MESSAGES, RETRIES, STAGE_SECONDS
 
@@ -78,13 +79,6 @@ def _position(msg: Message) -> tuple[str, int, int] | None:
         return None
 
 
-def message_of(event) -> Message:
-    headers = {k: (v if isinstance(v, bytes) else str(v).encode())
-               for k, v in dict(event.headers or {}).items()}
-    stamp = getattr(event.message, "timestamp", None) or 0
-    return Message(event.key, event.value, headers, origin(event), int(round(stamp * 1000)))
-
-
 def message_of_record(record) -> Message:
     """A confluent-kafka record as a :class:`Message` (adapters/agent_loop.py hands these over)."""
     headers = {k: (v if isinstance(v, bytes) else str(v or "").encode()) for k, v in record.headers() or ()}
@@ -118,20 +112,6 @@ class MessagePolicy:
         self.dead_letter_topic = dead_letter
         self.retry_topic = retry_topic
         self.retry_headers = retry_headers
-
-    async def consume(self, stream, handler: Handler) -> None:
-        done = None
-        async for event in stream.events():
-            if DRAIN.started:  # a stop is draining this process: this message stays for the next owner
-                where = _position(message_of(event))
-                if where is not None:
-                    IN_FLIGHT.begin(*where)  # Faust acks the event of a cancelled agent: never commit past it
-                DRAIN.parked += 1
-                await DRAIN.hold()
-            if done is not None:  # from the last message's end to this one's start: the loop's own time
-                STAGE_SECONDS.labels(self.agent, "loop").observe(time.perf_counter() - done)
-            await self.process(message_of(event), handler)
-            done = time.perf_counter()
 
     async def process(self, msg: Message, handler: Handler) -> Disposition:
         """Handle one message to one of its three ends. It is in flight (no commit passes it) until then;
@@ -217,3 +197,12 @@ async def wait_not_before(msg: Message, not_before_ms: int = 0) -> None:
                 await DRAIN.hold()
         finally:
             DRAIN.parked -= 1
+
+
+def policy_lane(topic: TopicLike, policy: MessagePolicy, handler: Handler, concurrency: int) -> Lane:
+    """An agent on adapters/agent_loop.py: each record of ``topic`` through ``policy`` to ``handler``, at most
+    ``concurrency`` at once; the time from the consumer's hand-over to the start is the ``loop`` stage."""
+    async def handle(record, taken_at: float) -> None:
+        STAGE_SECONDS.labels(policy.agent, "loop").observe(time.perf_counter() - taken_at)
+        await policy.process(message_of_record(record), handler)
+    return Lane(topic.get_topic_name(), concurrency, handle)

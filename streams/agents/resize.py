@@ -13,7 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 
 from streams import serde
-from streams.adapters.agent_loop import AgentLoop, KafkaTopic, Lane, Outbox
+from streams.adapters.agent_loop import AgentLoop, KafkaTopic, Outbox
 from streams.adapters.http import serve
 from streams.adapters.kafka import Topics, topics_of
 from streams.agents import resize_job
@@ -22,7 +22,7 @@ from streams.agents.common import backoff_s, log, now_ms, send
 from streams.agents.crashes import CrashLedger, Entry
 from streams.agents.lanes import LaneGate
 from streams.agents.policy import (
-    Disposition, Message, MessagePolicy, Reject, RetryLater, message_of_record, wait_not_before,
+    Disposition, Message, MessagePolicy, Reject, RetryLater, policy_lane, wait_not_before,
 )
 from streams.config import Config
 from streams.core.errors import DeadlineExceeded
@@ -248,12 +248,6 @@ async def _run(config: Config) -> None:
     policies = {name: MessagePolicy(name, config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
                 for name in ("resize", "resize.batch", "resize.retry")}
 
-    def lane(topic, policy: str, handler, concurrency: int) -> Lane:
-        async def handle(record, taken_at: float) -> None:
-            STAGE_SECONDS.labels(policy, "loop").observe(time.perf_counter() - taken_at)
-            await policies[policy].process(message_of_record(record), handler)
-        return Lane(topic.get_topic_name(), concurrency, handle)
-
     async def revoked(keys: set[tuple[str, int]]) -> None:
         for ledger in resizer.ledgers.values():
             mine = {p for t, p in keys if t == ledger.tasks_topic}
@@ -272,9 +266,9 @@ async def _run(config: Config) -> None:
     # pool process whose result is on its way to the broker while the next task starts
     slots = config.resize_slots + config.resize_processes
     agents = AgentLoop(config, "resize", [
-        lane(topics.tasks, "resize", resizer.handle, slots),
-        lane(topics.tasks_batch, "resize.batch", lambda msg: resizer.handle(msg, BATCH), slots),
-        lane(topics.retries, "resize.retry", resizer.release, 64),
+        policy_lane(topics.tasks, policies["resize"], resizer.handle, slots),
+        policy_lane(topics.tasks_batch, policies["resize.batch"], lambda msg: resizer.handle(msg, BATCH), slots),
+        policy_lane(topics.retries, policies["resize.retry"], resizer.release, 64),
     ], on_revoked=revoked, on_lost=lost)
     serve(config, "resize", agents.readiness)
     resizer.cancels.start()

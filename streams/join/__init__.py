@@ -10,8 +10,7 @@ as of the last committed transaction and resumes from the offsets committed in t
 transaction, so each workflow's final event is committed exactly once. Readers of the completed
 topic use ``isolation.level=read_committed``.
 
-Why not Faust here: faust-streaming 0.15's ``exactly_once`` duplicated final events and lost
-results under the repeated-SIGKILL test (docs/failure-semantics.md), and its table rewrote a whole JSON state
-per result (9-14 ms of CPU). This loop spends about 0.2 ms per result whatever the fan-out
-(bench/join.py).
+Why not Faust (the planner and resize ran on it before): faust-streaming 0.15's ``exactly_once`` duplicated final
+events and lost results under the repeated-SIGKILL test (docs/failure-semantics.md), and its table rewrote a whole
+JSON state per result (9-14 ms of CPU). This loop spends about 0.2 ms per result whatever the fan-out (bench/join.py).
 """

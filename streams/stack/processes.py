@@ -77,10 +77,7 @@ class WorkerProcess:
         self._reaped()
 
     def _reaped(self) -> None:
-        """The worker is gone: what it could not clean up itself (its data folder after a SIGKILL) goes."""
         _started.discard(self)
-        from streams.adapters.faust import remove_stale_data_dirs  # Faust's module: imported only once a worker ran
-        remove_stale_data_dirs()
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -131,7 +128,6 @@ def stop_kept_workers(folder: Path | str, timeout: float = 20.0) -> list[str]:
     end = time.monotonic() + timeout
     while any(process_group_members(g) for g in groups) and time.monotonic() < end:
         time.sleep(0.1)
-    killed = False
     for record in running:
         if not process_group_members(record["pid"]):
             continue
@@ -143,16 +139,12 @@ def stop_kept_workers(folder: Path | str, timeout: float = 20.0) -> list[str]:
                 pass
         try:
             os.killpg(record["pid"], signal.SIGKILL)  # the leader, if still there, and what is left of its pool
-            killed = True
         except ProcessLookupError:
             pass
     end = time.monotonic() + 10
     while any(process_group_members(g) for g in groups) and time.monotonic() < end:
         time.sleep(0.1)
     path.unlink(missing_ok=True)
-    if killed:
-        from streams.adapters.faust import remove_stale_data_dirs  # what a SIGKILLed worker could not remove
-        remove_stale_data_dirs()
     return [r["name"] for r in running]
 
 

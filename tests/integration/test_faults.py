@@ -7,7 +7,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -454,43 +453,6 @@ def test_repair_takes_only_an_object_of_the_workflows_run_written_long_enough_ag
         repairer.close()
     assert [(r.taskRef, r.runId, r.output.width, r.output.height) for r in found] == [(own, run, 10, 7)], found
     assert found[0].output.s3Uri.endswith(output_key(config.output_prefix, wf, own, "png"))
-
-
-def data_folders_of(worker) -> list[str]:
-    """The data folders a worker holds open: the one it locks for Faust (streams/adapters/faust.py: data_dir)."""
-    found = []
-    for fd in Path(f"/proc/{worker.pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if Path(target).name.startswith(f"imagefork-{worker.role}-"):
-            found.append(target)
-    return found
-
-
-def test_workers_leave_no_data_folder_behind(make_pipeline):
-    """Each Faust worker has a data folder in the temp folder. A worker that stops removes its own; a
-    SIGKILLed one cannot, so the next worker to start removes it, and so does WorkerProcess.kill, which
-    reaps it."""
-    p = make_pipeline()
-    planner = p.start("planner")
-    [folder] = data_folders_of(planner)
-    os.killpg(planner.pid, signal.SIGTERM)  # not WorkerProcess.stop: it would reap the folder itself
-    planner.proc.wait(60)
-    assert not os.path.exists(folder), "a stopped worker left its data folder"
-
-    resize = p.start("resize")
-    [folder] = data_folders_of(resize)
-    os.killpg(resize.pid, signal.SIGKILL)  # not WorkerProcess.kill: it would reap the folder itself
-    resize.proc.wait(10)
-    assert os.path.isdir(folder)  # nobody has removed it yet
-    successor = p.start("resize", name="resize-successor")
-    assert not os.path.exists(folder), "the next worker did not remove a killed worker's data folder"
-
-    [folder] = data_folders_of(successor)
-    successor.kill()
-    assert not os.path.exists(folder), "WorkerProcess.kill did not remove the killed worker's data folder"
 
 
 def readyz(port: int) -> tuple[int, dict]:

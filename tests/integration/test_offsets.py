@@ -1,4 +1,4 @@
-"""The Faust agents never commit past a message still in flight (adapters/offsets.py, issue 20): a slow
+"""The agents never commit past a message still in flight (adapters/agent_loop.Offsets, issue 20): a slow
 message at the head of a partition with faster ones behind it, and the worker killed (SIGKILL) or stopped
 (SIGTERM, a deploy) while the slow one is still being worked on. A stop drains first: the work in flight
 finishes within IMAGEFORK_SHUTDOWN_GRACE_S; what the grace or a kill cut short, the next owner reads
@@ -51,8 +51,9 @@ class SlowSource:
 def test_a_planner_stopped_with_a_slow_request_at_the_head_loses_nothing(make_pipeline, files, how):
     """One request partition: a request whose source takes 10 s, then ten quick ones, which the planner's
     other slots plan meanwhile. The planner is stopped while the slow fetch runs. Killed, or stopped with a
-    1 s grace, its successor plans the slow request again (Faust alone had committed past it: no plan, no
-    final event ever); stopped with the default grace (25 s), it finishes the slow request, then exits."""
+    1 s grace, its successor plans the slow request again (faust-streaming 0.15, the planner's loop before, had
+    committed past it: no plan, no final event ever); stopped with the default grace (25 s), it finishes the
+    slow request, then exits."""
     slow = SlowSource(10)
     grace = "1" if how == "SIGTERM past the grace" else "25"
     try:
@@ -88,7 +89,7 @@ def test_a_planner_stopped_with_a_slow_request_at_the_head_loses_nothing(make_pi
             assert slow.calls >= 2  # read again by the next planner
             assert "slow-head planned" not in log
             if how == "SIGTERM past the grace":
-                assert "still in flight after 1s" in log and took < 15, (took, log[-3000:])
+                assert "message(s) still in flight; they go back" in log and took < 15, (took, log[-3000:])
         counts = {f.workflowId: 0 for f in finals.values()}
         for f in p.finals_for(list(finals)):
             counts[f.workflowId] += 1
@@ -97,7 +98,7 @@ def test_a_planner_stopped_with_a_slow_request_at_the_head_loses_nothing(make_pi
         slow.close()
 
 
-# a stop past its grace hands back as a kill does: the planner's test shows it (one drain: worker.py, policy.py)
+# a stop past its grace hands back as a kill does: the planner's test shows it (one loop: adapters/agent_loop.py)
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM within the grace"])
 def test_a_resize_worker_stopped_with_a_big_task_at_the_head_loses_nothing(make_pipeline, files, how):
     """One task partition: a big output first (several seconds to encode), then quick tasks behind it that

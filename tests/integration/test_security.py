@@ -84,7 +84,7 @@ def test_seed_request_end_to_end_over_sasl_scram(sasl, make_pipeline, files, pro
     sec = p.config.kafka_security
     assert (p.config.bootstrap_servers, sec.protocol, sec.sasl_mechanism) == (
         sasl[BOOTSTRAP[protocol]], protocol, mechanism)
-    p.start_all()  # join (confluent-kafka), resize and planner (Faust/aiokafka), each "ready"
+    p.start_all()  # join, resize and planner, each "ready"
     follower = p.follower()
     try:
         p.submit(seed_request(files.url("sample.png")), "sasl-seed-1")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from streams.adapters.kafka import producer_config, replication_for, topic_config
+from streams.adapters.kafka import murmur2, partition_for, producer_config, replication_for, topic_config
 from streams.config import Config
 from streams.stack.local import (NODE_PORTS, PORTS, LocalStack, StackError, free_ports, kafka_properties,
                                  node_ports, port_names)
@@ -71,13 +71,16 @@ def test_replication_follows_the_brokers_unless_set():
     assert topic_config({"retention.ms": "1"}, 1) == {"retention.ms": "1"}
 
 
-def test_producers_wait_for_all_replicas_and_are_idempotent():
+def test_producers_wait_for_all_replicas_and_are_idempotent_and_partition_as_java_does():
     conf = producer_config(Config.from_env({}))
-    assert conf["acks"] == "all" and conf["enable.idempotence"] is True
-    from faust.transport.drivers import aiokafka as driver
+    assert conf["acks"] == "all" and conf["enable.idempotence"] is True and conf["partitioner"] == "murmur2_random"
 
-    from streams.adapters.faust import create_app
-    app = create_app("planner", Config.from_env({}))
-    assert app.conf.producer_acks == -1
-    extra = driver.Producer._settings_extra(app.producer)
-    assert extra["acks"] == "all" and extra["enable_idempotence"] is True
+
+@pytest.mark.parametrize("key,signed", [  # Kafka's own vectors (UtilsTest.testMurmur2), as Java's signed ints
+    (b"21", -973932308), (b"foobar", -790332482), (b"a-little-bit-long-string", -985981536),
+    (b"a-little-bit-longer-string", -1486304829), (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+    (b"abc", 479470107),
+])
+def test_murmur2_is_the_java_clients(key, signed):
+    assert murmur2(key) == signed % (1 << 32)
+    assert partition_for(key, 12) == (signed & 0x7FFFFFFF) % 12

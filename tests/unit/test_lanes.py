@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from streams.adapters.lag import GroupStatus, PartitionLag, format_status, lanes_of
-from streams.adapters.offsets import DRAIN, IN_FLIGHT
+from streams.adapters.inflight import DRAIN, IN_FLIGHT
 from streams.agents.lanes import LaneGate
 from streams.core.errors import RequestInvalid
 from streams.core.lanes import BATCH, INTERACTIVE, batch_floor, lane_of, next_lane

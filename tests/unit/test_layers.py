@@ -4,7 +4,7 @@ without a reason, no oversized file or class without one.
 Floors, lowest first: an arrow may point to its own floor or below, never up.
 - base: ``config``, ``errors``, ``serde`` (and ``segments``, ``skim``), ``metrics`` (import nothing of ours above them)
 - core: ``core/`` (pure: planning, imaging, the join's logic; no I/O)
-- adapters: ``adapters/`` (Kafka, S3, HTTP, Faust: thin)
+- adapters: ``adapters/`` (Kafka, S3, HTTP: thin)
 - agents: ``agents/``, ``join/`` (the roles)
 - shell: the rest (the worker process, the API, the CLI, the demo, the client, the local stack)
 
@@ -131,7 +131,7 @@ def test_no_arrow_points_up():
 
 
 def test_an_import_inside_a_function_says_why():
-    """Allowed for start-up cost (``imagefork --help`` should not load Faust, boto3 and Pillow) and said
+    """Allowed for start-up cost (``imagefork --help`` should not load confluent-kafka, boto3 and Pillow) and said
     beside it: a comment on the import's line or on the line just above its group of imports."""
     known, found, _edges = graph()
     silent = []

@@ -14,29 +14,32 @@ def test_one_line_when_the_broker_goes_and_one_when_it_is_back():
     handler = logging.StreamHandler(out)
     handler.addFilter(away)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
-    ours, lib = logging.getLogger("imagefork"), logging.getLogger("aiokafka")
-    for logger in (ours, lib):
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    ours, lib = logging.getLogger("imagefork"), logging.getLogger("imagefork.kafka")
+    refused = ("FAIL", "rdkafka#consumer-1", "127.0.0.1:9092/1: Connect to ipv4#127.0.0.1:9092 failed: "
+               "Connection refused (after 0ms in state CONNECT)")
+    level = lib.level
+    ours.addHandler(handler)  # librdkafka's logger (imagefork.kafka) propagates to it
+    ours.setLevel(logging.INFO)
+    lib.setLevel(logging.INFO)
     try:
-        lib.error("Unable connect to node with id 1: [Errno 111] Connect call failed")  # it answers: as is
+        lib.error("%s [%s] %s", *refused)  # it answers (one connection refused): as is
         up[0] = False
         now[0] = 1030.0
         for _ in range(50):
-            lib.error("Unable connect to node with id %s: [Errno 111] Connect call failed", 1)
-            lib.warning("Heartbeat failed for group g: coordinator (node 1) is either not started or not valid")
+            lib.error("%s [%s] %s", *refused)
+            lib.error("%s [%s] %s", "ERROR", "rdkafka#consumer-1", "1/1 brokers are down")
         ours.warning("our own lines still show")
         now[0] = 1090.0
         up[0] = True
         away.check()
-        lib.error("Unable to update metadata from [1]")  # after it is back: as it is again
+        lib.error("%s [%s] %s", "ERROR", "rdkafka#consumer-1", "1/1 brokers are down")  # it is back: as it is again
     finally:
-        for logger in (ours, lib):
-            logger.removeHandler(handler)
+        ours.removeHandler(handler)
+        lib.setLevel(level)
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("ERROR aiokafka Unable connect"), lines
+    assert lines[0].startswith("ERROR imagefork.kafka FAIL [rdkafka#consumer-1] 127.0.0.1:9092/1: Connect"), lines
     assert lines[1].startswith("WARNING imagefork Kafka at 127.0.0.1:9092 does not answer (last seen ") and \
         "30s ago" in lines[1], lines
     assert lines[2:] == ["WARNING imagefork our own lines still show",
                          "INFO imagefork Kafka at 127.0.0.1:9092 is back, after 60s away",
-                         "ERROR aiokafka Unable to update metadata from [1]"], lines
+                         "ERROR imagefork.kafka ERROR [rdkafka#consumer-1] 1/1 brokers are down"], lines

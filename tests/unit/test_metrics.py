@@ -133,9 +133,7 @@ def test_read_groups_raises_a_one_line_kafka_unavailable_when_the_cluster_is_awa
 def test_read_groups_describes_each_groups_state_and_members():
     admin = FakeAdmin(committed={"imagefork-join": {(T.events, 0): 4, (T.events, 1): 2}},
                       ends={(T.events, 0): 4, (T.events, 1): 5},
-                      # Faust's leader topic: left out
-                      members={"imagefork-join": [("join-b", "/10.0.0.2",
-                                                   [(T.events, 1), ("imagefork-join-__assignor-__leader", 0)]),
+                      members={"imagefork-join": [("join-b", "/10.0.0.2", [(T.events, 1)]),
                                                   ("join-a", "/10.0.0.1", [(T.events, 0)])]})
     planner, join = read_groups(admin, CONFIG, ["planner", "join"], describe=True)
     assert planner.state == "Empty" and planner.members == []
@@ -151,8 +149,8 @@ def test_the_status_report_shows_each_role_its_members_partitions_and_totals():
         GroupStatus("resize", "imagefork-resize",
                     [PartitionLag("imagefork.tasks", 0, 120, 125), PartitionLag("imagefork.tasks", 1, 7, 7)],
                     state="Stable", members=[
-                        Member("m-1", "faust-0.15.3", "/127.0.0.1", (("imagefork.tasks", 0),)),
-                        Member("faust-0.15.3-5f17b60e", "faust-0.15.3", "/127.0.0.2", (("imagefork.tasks", 1),))]),
+                        Member("m-1", "rdkafka", "/127.0.0.1", (("imagefork.tasks", 0),)),
+                        Member("rdkafka-5f17b60e", "rdkafka", "/127.0.0.2", (("imagefork.tasks", 1),))]),
         GroupStatus("join", "imagefork-join", state="", error="KafkaException: coordinator not available"),
     ]
     assert format_status(groups) == """\
@@ -163,9 +161,9 @@ planner  group imagefork-planner  Empty, 0 members, lag 2
   total: lag 2 over 2 partitions, committed in 1
 
 resize  group imagefork-resize  Stable, 2 members, lag 5
-  member faust-0.15.3 on /127.0.0.1 (m-1)
+  member rdkafka on /127.0.0.1 (m-1)
     imagefork.tasks  0  committed 120  end 125  lag 5
-  member faust-0.15.3 on /127.0.0.2 (5f17b60e)
+  member rdkafka on /127.0.0.2 (5f17b60e)
     imagefork.tasks  1  committed 7    end 7    lag 0
   total: lag 5 over 2 partitions, committed in 2
 
