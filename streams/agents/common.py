@@ -1,9 +1,16 @@
-"""What every agent shares: the clock, logging, and a send that rides out a broker restart."""
+"""What every agent shares: the clock, logging, a send that rides out a broker restart, and the process around
+a role's agents."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from typing import Awaitable, Callable
+
+from streams.adapters.agent_loop import AgentLoop, KafkaTopic, Outbox
+from streams.adapters.http import serve
+from streams.adapters.kafka import Topics, topics_of
+from streams.config import Config
 
 from streams.core.models import now_ms
 from streams.core.planning import retry_delay_s
@@ -12,7 +19,7 @@ log = logging.getLogger("imagefork")
 # a topic with get_topic_name() and an async send() whose result is awaited for the ack
 # (adapters/agent_loop.KafkaTopic)
 TopicLike = object
-__all__ = ["log", "now_ms", "backoff_s", "send", "send_all", "SendRejected"]
+__all__ = ["log", "now_ms", "backoff_s", "send", "send_all", "SendRejected", "run_agents"]
 
 
 def backoff_s(retry, attempt: int) -> float:
@@ -76,3 +83,24 @@ async def send_all(topic: TopicLike, records: list[tuple[bytes | None, bytes]],
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+def run_agents(config: Config, role: str,
+               setup: Callable[[Topics], Awaitable[tuple[AgentLoop, Callable[[], None]]]]) -> int:
+    """A role's process (the planner, resize): one producer and the topics that send through it; ``setup(topics)``
+    returns the role's :class:`AgentLoop` and what to close once it stopped. Its health and readiness are served,
+    and it runs until a signal (drained first: adapters/agent_loop.py)."""
+    async def main() -> None:
+        outbox = Outbox(config, asyncio.get_running_loop())
+        agents, close = await setup(topics_of(config, lambda name: KafkaTopic(name, outbox)))
+        serve(config, role, agents.readiness)
+        try:
+            await agents.run()
+        finally:
+            left = outbox.close()
+            if left:
+                log.warning("%s: %d record(s) not delivered at the stop; their inputs are read again", role, left)
+            close()
+
+    asyncio.run(main())
+    return 0

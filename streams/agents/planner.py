@@ -7,16 +7,16 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import replace
+from typing import Callable
 
 from streams import serde
-from streams.adapters.agent_loop import AgentLoop, KafkaTopic, Outbox
-from streams.adapters.http import serve
-from streams.adapters.kafka import Topics, topics_of
+from streams.adapters.agent_loop import AgentLoop
+from streams.adapters.kafka import Topics
 from streams.adapters.objectstore import ObjectStore
 from streams.adapters.presets import PresetTable
 from streams.agents.lanes import LaneGate
 from streams.adapters.source import Fetched, fetch_http_validated
-from streams.agents.common import TopicLike, backoff_s, log, now_ms, send, send_all
+from streams.agents.common import TopicLike, backoff_s, log, now_ms, run_agents, send, send_all
 from streams.agents.policy import (
     Disposition, Message, MessagePolicy, Reject, RetryLater, header_int, policy_lane, wait_not_before,
 )
@@ -311,37 +311,27 @@ async def send_tasks(lane: TopicLike, tasks: list, spots: list[int | None]) -> N
 
 def run(config: Config) -> int:
     """The planner role: its agents on a confluent-kafka loop (adapters/agent_loop.py), until a signal."""
-    asyncio.run(_run(config))
-    return 0
+    async def setup(topics: Topics) -> tuple[AgentLoop, Callable[[], None]]:
+        planner = Planner(config, topics, ObjectStore(config))
 
+        def policy(name: str) -> MessagePolicy:
+            return MessagePolicy(name, config, dead_letter=topics.dead_letter, retry_topic=topics.request_retries,
+                                 retry_headers=Planner.retry_headers)
 
-async def _run(config: Config) -> None:
-    outbox = Outbox(config, asyncio.get_running_loop())
-    topics = topics_of(config, lambda name: KafkaTopic(name, outbox))
-    planner = Planner(config, topics, ObjectStore(config))
+        # both request lanes run up to the planner's slots at once; planner.gate shares the slots between them
+        # (interactive first; batch with what is left, and its share). A request waiting on the retry topic for
+        # its not-before time only sleeps: many wait at once
+        agents = AgentLoop(config, "planner", [
+            policy_lane(topics.requests, policy("planner"), planner.handle_message, config.planner_concurrency),
+            policy_lane(topics.requests_batch, policy("planner.batch"),
+                        lambda msg: planner.handle_message(msg, BATCH), config.planner_concurrency),
+            policy_lane(topics.request_retries, policy("planner.retry"), planner.release, 64),
+        ])
+        planner.presets.start()
+        await asyncio.to_thread(planner.store.ensure_bucket)
+        return agents, lambda: None
 
-    def policy(name: str) -> MessagePolicy:
-        return MessagePolicy(name, config, dead_letter=topics.dead_letter, retry_topic=topics.request_retries,
-                             retry_headers=Planner.retry_headers)
-
-    # both request lanes run up to the planner's slots at once; planner.gate shares the slots between them
-    # (interactive first; batch with what is left, and its share). A request waiting on the retry topic for its
-    # not-before time only sleeps: many wait at once
-    agents = AgentLoop(config, "planner", [
-        policy_lane(topics.requests, policy("planner"), planner.handle_message, config.planner_concurrency),
-        policy_lane(topics.requests_batch, policy("planner.batch"), lambda msg: planner.handle_message(msg, BATCH),
-                    config.planner_concurrency),
-        policy_lane(topics.request_retries, policy("planner.retry"), planner.release, 64),
-    ])
-    serve(config, "planner", agents.readiness)
-    planner.presets.start()
-    await asyncio.to_thread(planner.store.ensure_bucket)
-    try:
-        await agents.run()
-    finally:
-        left = outbox.close()
-        if left:
-            log.warning("planner: %d record(s) not delivered at the stop; their requests are planned again", left)
+    return run_agents(config, "planner", setup)
 
 
 def request_lane(value: bytes | None) -> str:

@@ -11,14 +11,14 @@ import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
+from typing import Callable
 
 from streams import serde
-from streams.adapters.agent_loop import AgentLoop, KafkaTopic, Outbox
-from streams.adapters.http import serve
-from streams.adapters.kafka import Topics, topics_of
+from streams.adapters.agent_loop import AgentLoop
+from streams.adapters.kafka import Topics
 from streams.agents import resize_job
 from streams.agents.cancels import CancelWatch
-from streams.agents.common import backoff_s, log, now_ms, send
+from streams.agents.common import backoff_s, log, now_ms, run_agents, send
 from streams.agents.crashes import CrashLedger, Entry
 from streams.agents.lanes import LaneGate
 from streams.agents.policy import (
@@ -237,46 +237,35 @@ def _shut(pool: Executor | None, kill: bool = False) -> None:
 
 def run(config: Config) -> int:
     """The resize role: its agents on a confluent-kafka loop (adapters/agent_loop.py), until a signal."""
-    asyncio.run(_run(config))
-    return 0
+    async def setup(topics: Topics) -> tuple[AgentLoop, Callable[[], None]]:
+        resizer = Resizer(config, topics)
+        policies = {name: MessagePolicy(name, config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
+                    for name in ("resize", "resize.batch", "resize.retry")}
 
+        async def revoked(keys: set[tuple[str, int]]) -> None:
+            for ledger in resizer.ledgers.values():
+                mine = {p for t, p in keys if t == ledger.tasks_topic}
+                try:
+                    await asyncio.wait_for(ledger.release(mine), 5.0)
+                except Exception as exc:  # rows left behind only make their sources suspects for the next owner
+                    log.warning("crash-ledger rows of revoked %s partitions not tombstoned (%s: %s)",
+                                ledger.tasks_topic, type(exc).__name__, exc)
+                    ledger.forget(mine)
 
-async def _run(config: Config) -> None:
-    outbox = Outbox(config, asyncio.get_running_loop())
-    topics = topics_of(config, lambda name: KafkaTopic(name, outbox))
-    resizer = Resizer(config, topics)
-    policies = {name: MessagePolicy(name, config, dead_letter=topics.dead_letter, retry_topic=topics.retries)
-                for name in ("resize", "resize.batch", "resize.retry")}
+        def lost(keys: set[tuple[str, int]]) -> None:
+            for ledger in resizer.ledgers.values():
+                ledger.forget({p for t, p in keys if t == ledger.tasks_topic})
 
-    async def revoked(keys: set[tuple[str, int]]) -> None:
-        for ledger in resizer.ledgers.values():
-            mine = {p for t, p in keys if t == ledger.tasks_topic}
-            try:
-                await asyncio.wait_for(ledger.release(mine), 5.0)
-            except Exception as exc:  # rows left behind only make their sources suspects for the next owner
-                log.warning("crash-ledger rows of revoked %s partitions not tombstoned (%s: %s)", ledger.tasks_topic,
-                            type(exc).__name__, exc)
-                ledger.forget(mine)
+        # a lane's tasks: its slots' worth computing (resizer.gate, shared by both lanes) and, beside them, one
+        # per pool process whose result is on its way to the broker while the next task starts
+        slots = config.resize_slots + config.resize_processes
+        agents = AgentLoop(config, "resize", [
+            policy_lane(topics.tasks, policies["resize"], resizer.handle, slots),
+            policy_lane(topics.tasks_batch, policies["resize.batch"], lambda msg: resizer.handle(msg, BATCH), slots),
+            policy_lane(topics.retries, policies["resize.retry"], resizer.release, 64),
+        ], on_revoked=revoked, on_lost=lost)
+        resizer.cancels.start()
+        resizer.ensure_pool()
+        return agents, resizer.close
 
-    def lost(keys: set[tuple[str, int]]) -> None:
-        for ledger in resizer.ledgers.values():
-            ledger.forget({p for t, p in keys if t == ledger.tasks_topic})
-
-    # a lane's tasks: its slots' worth computing (resizer.gate, shared by both lanes) and, beside them, one per
-    # pool process whose result is on its way to the broker while the next task starts
-    slots = config.resize_slots + config.resize_processes
-    agents = AgentLoop(config, "resize", [
-        policy_lane(topics.tasks, policies["resize"], resizer.handle, slots),
-        policy_lane(topics.tasks_batch, policies["resize.batch"], lambda msg: resizer.handle(msg, BATCH), slots),
-        policy_lane(topics.retries, policies["resize.retry"], resizer.release, 64),
-    ], on_revoked=revoked, on_lost=lost)
-    serve(config, "resize", agents.readiness)
-    resizer.cancels.start()
-    resizer.ensure_pool()
-    try:
-        await agents.run()
-    finally:
-        left = outbox.close()
-        if left:
-            log.warning("resize: %d record(s) not delivered at the stop; their tasks run again", left)
-        resizer.close()
+    return run_agents(config, "resize", setup)
