@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streams import serde
-from streams.adapters.kafka import client_config, producer_config, read_to_end
+from streams.adapters.kafka import client_config, producer_config, read_to_end, watermarks
 from streams.adapters.schemas import install_resolver, publish_schemas
 from streams.config import Config
 from streams.core.models import Cancellation, WorkflowCompleted
@@ -47,7 +47,7 @@ class Follower:
                     continue  # workers older than the notices topic: no early answer, the rest works
                 raise SubmitError(f"topic {topic} is not there (are the workers or `imagefork topics` run?)")
             for p in meta.partitions:
-                _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                _low, high = watermarks(self.consumer, TopicPartition(topic, p))
                 assignment.append(TopicPartition(topic, p, high))
         self.consumer.assign(assignment)
         self.done: dict[str, int] = {}

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import Config
@@ -27,6 +27,30 @@ def dead_letter_headers(code: str, reason: str, where: dict[str, str]) -> dict[s
     """The headers of a dead-lettered message: why, and where it came from."""
     return {"imagefork.error.code": code.encode(), "imagefork.error.reason": reason[:1000].encode(),
             **{f"imagefork.source.{k}": str(v).encode() for k, v in where.items()}}
+
+
+# what a partition's leader answers while it moves (a topic just created, a leader election, a broker
+# restarting): asked again, the next answer is the real one
+LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                           KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.FENCED_LEADER_EPOCH,
+                           KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError.OFFSET_NOT_AVAILABLE,
+                           KafkaError.REPLICA_NOT_AVAILABLE, KafkaError._TRANSPORT})
+
+
+def watermarks(consumer, tp: TopicPartition, timeout: float = 30.0) -> tuple[int, int]:
+    """``consumer.get_watermark_offsets(tp)``, asked again while the partition's leader is moving
+    (``LEADER_MOVING``), for up to ``timeout`` seconds in all; any other error, or one that lasts, raises."""
+    give_up, delay = time.monotonic() + timeout, 0.05
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=max(0.1, give_up - time.monotonic()))
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not isinstance(err, KafkaError) or err.code() not in LEADER_MOVING \
+                    or time.monotonic() + delay > give_up:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def read_to_end(config: Config, topic: str, timeout: float = 60.0) -> list:
@@ -55,7 +79,7 @@ def committed_records(config: Config, topic: str, *, follow: bool = False, timeo
         chosen = list(meta.partitions) if partitions is None else [p for p in partitions if p in meta.partitions]
         ends = {}
         for p in chosen:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            low, high = watermarks(consumer, TopicPartition(topic, p))
             if high > low:
                 ends[p] = high
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in (chosen if follow else ends)])

@@ -16,7 +16,7 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streams import serde
-from streams.adapters.kafka import client_config, producer_config
+from streams.adapters.kafka import client_config, producer_config, watermarks
 from streams.config import Config
 from streams.errors import ImageforkError
 
@@ -99,7 +99,7 @@ class SchemaTopicResolver:
         try:
             if self._consumer is None:
                 self._consumer = self._assigned()
-            ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=self.timeout_s)[1]
+            ends = {p: watermarks(self._consumer, TopicPartition(self.topic, p), self.timeout_s)[1]
                     for p in self._next}
             give_up = time.monotonic() + self.timeout_s
             while any(self._next[p] < end for p, end in ends.items()):

@@ -10,7 +10,7 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from streams.adapters.changelog import ChangelogReader, load_state
-from streams.adapters.kafka import client_config, partition_for
+from streams.adapters.kafka import client_config, partition_for, watermarks
 from streams.config import Config
 from streams.core.join import JoinState
 from streams.core.models import now_ms
@@ -163,7 +163,7 @@ class Partitions:
         for p in parts:
             tp = TopicPartition(self.topic, p)
             try:
-                _low, high = consumer.get_watermark_offsets(tp, timeout=30)
+                _low, high = watermarks(consumer, tp)
             except KafkaException:  # the broker away (an abort across its restart): the last end we heard of
                 _low, high = consumer.get_watermark_offsets(tp, cached=True)
             if high is not None and high >= 0:

@@ -15,7 +15,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 from PIL import Image
 
 from streams import cli, serde
-from streams.adapters.kafka import client_config, ensure_topics, read_to_end
+from streams.adapters.kafka import client_config, ensure_topics, read_to_end, watermarks
 from streams.adapters.objectstore import ObjectStore
 from streams.client import Client, Follower, consume_completed
 from streams.config import Config
@@ -131,7 +131,7 @@ class Pipeline:
                     answer = self._admin.list_consumer_group_offsets([request])[group].result(30)
                     committed = {tp.partition: tp.offset for tp in answer.topic_partitions}
                     for p in parts:
-                        _low, high = probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                        _low, high = watermarks(probe, TopicPartition(topic, p))
                         state[(group, topic, p)] = (max(committed.get(p, -1), 0), high)
         finally:
             probe.close()

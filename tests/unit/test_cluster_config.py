@@ -3,8 +3,9 @@ replication the project's topics get on such a cluster."""
 import json
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from streams.adapters.kafka import murmur2, partition_for, producer_config, replication_for, topic_config
+from streams.adapters.kafka import murmur2, partition_for, producer_config, replication_for, topic_config, watermarks
 from streams.config import Config
 from streams.stack.local import (NODE_PORTS, PORTS, LocalStack, StackError, free_ports, kafka_properties,
                                  node_ports, port_names)
@@ -84,3 +85,34 @@ def test_producers_wait_for_all_replicas_and_are_idempotent_and_partition_as_jav
 def test_murmur2_is_the_java_clients(key, signed):
     assert murmur2(key) == signed % (1 << 32)
     assert partition_for(key, 12) == (signed & 0x7FFFFFFF) % 12
+
+
+class _Leaders:
+    """A consumer whose partition leader answers ``errors`` first, then its watermarks."""
+
+    def __init__(self, *errors):
+        self.errors, self.asked = list(errors), 0
+
+    def get_watermark_offsets(self, tp, timeout):
+        self.asked += 1
+        if self.errors:
+            raise KafkaException(KafkaError(self.errors.pop(0)))
+        return 0, 7
+
+
+def test_watermarks_are_asked_again_while_the_leader_moves():
+    # a topic just created, or a leader election on a cluster: NOT_LEADER, then the answer (CI saw this)
+    moving = _Leaders(KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+    assert watermarks(moving, TopicPartition("t", 1), timeout=5) == (0, 7)
+    assert moving.asked == 3
+
+
+def test_watermarks_raise_other_errors_at_once_and_a_moving_leader_after_the_timeout():
+    refused = _Leaders(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    with pytest.raises(KafkaException):
+        watermarks(refused, TopicPartition("t", 0), timeout=5)
+    assert refused.asked == 1
+    stuck = _Leaders(*[KafkaError.NOT_LEADER_FOR_PARTITION] * 100)
+    with pytest.raises(KafkaException, match="NOT_LEADER"):
+        watermarks(stuck, TopicPartition("t", 0), timeout=0.3)
+    assert 2 <= stuck.asked < 100
