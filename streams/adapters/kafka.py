@@ -218,11 +218,7 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
     The first Kafka call of every worker, so it says in one line what is wrong: credentials the
     broker refuses (or a SASL handshake it rejects) end it at once with ``KafkaUnavailable``; a
     broker that does not answer ends it after ``timeout`` seconds, saying where it looked."""
-    import logging
     import re
-    import time
-
-    from confluent_kafka import KafkaError
 
     servers = config.bootstrap_servers
     sec = config.kafka_security
@@ -332,6 +328,18 @@ def ensure_topics(config: Config, timeout: float = 30.0) -> list[str]:
                     raise KafkaUnavailable(f"Kafka at {servers} does not let {sec.sasl_username or 'this client'} "
                                            f"create topic {name}: {err.str()}") from None
                 raise
+    # the controller has the topics; the brokers learn of them a moment later: return once the metadata
+    # shows every partition of them led (a read or a write right after then finds them)
+    while created and time.monotonic() < deadline:
+        try:
+            shown = admin.list_topics(timeout=max(0.1, min(2.0, deadline - time.monotonic()))).topics
+        except KafkaException:
+            shown = {}
+        if all(name in shown and shown[name].error is None and shown[name].partitions
+               and all(p.leader >= 0 and p.error is None for p in shown[name].partitions.values())
+               for name in created):
+            break
+        time.sleep(0.05)
     # Partitions are never grown here: the events topic must keep the partition
     # count of the join table's changelog (co-partitioning): docs/operations.md.
     return created
