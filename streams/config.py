@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 
+from streams.cgroups import cpu_cores, memory_limit
 from streams.errors import ImageforkError
 
 
@@ -180,7 +181,7 @@ class Config:
         """Tasks in flight per resize process. Three per core by default: a tiny task spends a fifth of its
         time computing and the rest uploading and sending (docs/breakdown.md: one slot per core made a
         1,000-output request take 16 s, three 7.6 s)."""
-        return self.resize_concurrency or 3 * (os.cpu_count() or 1)
+        return self.resize_concurrency or 3 * cpu_cores()
 
     @property
     def memory_budget(self) -> int:
@@ -193,7 +194,7 @@ class Config:
     @property
     def resize_processes(self) -> int:
         """Processes of a process pool (and sandboxes at once): one per core at most."""
-        return max(1, min(self.resize_slots, os.cpu_count() or 1))
+        return max(1, min(self.resize_slots, cpu_cores()))
 
     @property
     def fetch_allow_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -448,23 +449,6 @@ def budget_for_limit(limit: int | None) -> int:
     if not limit:
         return MEMORY_BUDGET_DEFAULT
     return max(64 << 20, min(MEMORY_BUDGET_DEFAULT, limit - INTERPRETER_HEADROOM))
-
-
-def memory_limit(root: str = "/sys/fs/cgroup") -> int | None:
-    """This process's cgroup memory limit in bytes (v2 ``memory.max``, else v1), or None when unlimited."""
-    for path in (f"{root}/memory.max", f"{root}/memory/memory.limit_in_bytes"):
-        try:
-            text = open(path).read().strip()
-        except OSError:
-            continue
-        if text == "max":
-            return None
-        try:
-            value = int(text)
-        except ValueError:
-            continue
-        return value if 0 < value < (1 << 60) else None  # v1 says "unlimited" with a huge number
-    return None
 
 
 def metrics_address(config: "Config") -> tuple[str, int] | None:

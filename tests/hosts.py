@@ -81,9 +81,10 @@ class Host:
 
     def prefix(self) -> list[str]:
         """The argv prefix that runs a command on this host: in its cgroups (inherited by every child),
-        then in its network namespace."""
+        then in its network namespace. nsenter enters that namespace alone: ``ip netns exec`` would also
+        mount a sysfs of its own, and /sys/fs/cgroup, where a worker reads its quota, would be empty."""
         joins = "; ".join(f"echo $$ > {c}/cgroup.procs" for c in self.cgroups)
-        return ["/bin/sh", "-c", f'{joins}; exec ip netns exec {self.netns} "$@"', self.name]
+        return ["/bin/sh", "-c", f'{joins}; exec nsenter --net=/run/netns/{self.netns} "$@"', self.name]
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
         kw.setdefault("start_new_session", True)

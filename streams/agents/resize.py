@@ -24,6 +24,7 @@ from streams.agents.lanes import LaneGate
 from streams.agents.policy import (
     Disposition, Message, MessagePolicy, Reject, RetryLater, policy_lane, wait_not_before,
 )
+from streams.cgroups import cpu_cores, cpu_limit
 from streams.config import Config
 from streams.core.errors import DeadlineExceeded
 from streams.core.lanes import BATCH, INTERACTIVE, lane_of
@@ -42,6 +43,10 @@ def _process_pool(config: Config, workers: int, initializer) -> ProcessPoolExecu
 
 
 def make_pool(config: Config) -> Executor:
+    quota = cpu_limit()
+    log.info("resize: %d slots, a %s pool (%d cores%s; IMAGEFORK_RESIZE_CONCURRENCY sets the slots)",
+             config.resize_slots, config.resize_pool, cpu_cores(),
+             f": the container's quota of {quota:g}" if quota is not None else "")
     if config.resize_pool == "thread":
         resize_job.init(config)
         return ThreadPoolExecutor(max_workers=config.resize_slots, thread_name_prefix="resize")

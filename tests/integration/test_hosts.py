@@ -120,6 +120,11 @@ def test_hosts_are_separate_and_reach_each_other_only_over_their_bridge(cluster)
     busy.wait(30)
     used, wall = worker.cpu_seconds(), time.monotonic() - started
     assert used <= 0.25 * wall * 1.2 + 0.05, (used, wall)
+    # and a worker there reads it (streams/cgroups.py), as resize sizes its slots: one core's worth
+    sized = subprocess.run([*worker.prefix(), sys.executable, "-c",
+                            "from streams import cgroups; print(cgroups.cpu_limit(), cgroups.cpu_cores())"],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
+    assert sized.stdout.split() == ["0.25", "1"], sized
 
 
 def test_the_seed_across_hosts_with_a_resize_host_cut_past_its_session(cluster, pipeline):

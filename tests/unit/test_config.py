@@ -271,7 +271,8 @@ def test_a_worker_with_a_bad_setting_prints_one_line_and_exits_non_zero(variable
 
 def test_the_memory_budget_is_sized_from_the_containers_limit(tmp_path):
     """IMAGEFORK_MEMORY_BUDGET_MB=0 (the default): a 512 MB container gets 312 MiB, none 1 GiB (issue 20)."""
-    from streams.config import budget_for_limit, memory_limit
+    from streams.cgroups import memory_limit
+    from streams.config import budget_for_limit
     assert budget_for_limit(None) == 1 << 30
     assert budget_for_limit(512 << 20) == 312 << 20
     assert budget_for_limit(128 << 20) == 64 << 20 and budget_for_limit(64 << 30) == 1 << 30

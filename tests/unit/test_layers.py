@@ -2,7 +2,7 @@
 without a reason, no oversized file or class without one.
 
 Floors, lowest first: an arrow may point to its own floor or below, never up.
-- base: ``config``, ``errors``, ``serde`` (and ``segments``, ``skim``), ``metrics`` (import nothing of ours above them)
+- base: ``config`` (and ``cgroups``), ``errors``, ``serde`` (and ``segments``, ``skim``), ``metrics`` (import nothing of ours above them)
 - core: ``core/`` (pure: planning, imaging, the join's logic; no I/O)
 - adapters: ``adapters/`` (Kafka, S3, HTTP: thin)
 - agents: ``agents/``, ``join/`` (the roles)
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "streams"
 FLOORS = ("base", "core", "adapters", "agents", "shell")
-BASE = {"streams.config", "streams.errors", "streams.serde", "streams.segments", "streams.skim", "streams.metrics"}
+BASE = {"streams.cgroups", "streams.config", "streams.errors", "streams.serde", "streams.segments", "streams.skim", "streams.metrics"}
 MAX_FILE_LINES, MAX_CLASS_LINES = 500, 200
 
 
