@@ -93,8 +93,12 @@ class Resizer:
 
     async def _handle(self, msg: Message, task: ResizeTask, ledger: CrashLedger, lane: str) -> Disposition | RetryLater:
         stages: dict[str, float] = {}
-        entry = None
+        entry, begin = None, None
         try:
+            if not self.cancels.cancelled(task.workflowId, task.runId) and now_ms() < task.deadline:
+                # the source's crash-ledger row goes out now, and its ack lands while the task waits for a slot
+                begin = asyncio.ensure_future(ledger.begin(int(msg.where["partition"]), int(msg.where["offset"]),
+                                                           task.sourceUri))
             # a slot (interactive first; batch with what is left, and its share) while the task computes; its
             # result's send and ack wait outside, so the next task's work starts meanwhile
             waiting = time.perf_counter()
@@ -102,13 +106,12 @@ class Resizer:
                 slot_wait = time.perf_counter() - waiting
                 if self.cancels.cancelled(task.workflowId, task.runId):
                     return self.skip(task)
-                if now_ms() >= task.deadline:
+                if begin is None or now_ms() >= task.deadline:
                     outcome = {"ok": False, "code": DeadlineExceeded.code, "transient": False,
                                "message": "the workflow deadline passed before this task ran"}
                 else:
                     started = time.perf_counter()
-                    entry, suspect = await ledger.begin(int(msg.where["partition"]), int(msg.where["offset"]),
-                                                        task.sourceUri)
+                    entry, suspect = await begin
                     begun = time.perf_counter()
                     outcome = crashed_outcome(entry) if entry.crashes >= self.config.max_crashes else \
                         await self.run(task, entry, sandboxed=suspect, ledger=ledger)
@@ -128,6 +131,8 @@ class Resizer:
                 stages["result_send"] = time.perf_counter() - sending
             return Disposition.PROCESSED
         finally:
+            if entry is None and begin is not None:  # it never ran (cancelled, drained, past its deadline)
+                entry = await _settled(begin)
             # a task that killed its sandboxes keeps its row: a redelivery of its message (its offset not
             # committed yet when its partition moved) ends WORKER_CRASHED at once wherever it lands, and
             # its source stays a suspect there, instead of being decoded in-process
@@ -229,6 +234,15 @@ class Resizer:
         lane = self.topics.tasks_batch if lane_of(task.priority) == BATCH else self.topics.tasks
         await send(lane, key=f"{task.workflowId}/{task.taskRef}".encode(), value=msg.value, headers=msg.headers)
         return Disposition.PROCESSED
+
+
+async def _settled(begin: asyncio.Future) -> Entry | None:
+    """The entry a ledger start that was not waited for made, once it is made (None: it failed)."""
+    try:
+        entry, _suspect = await asyncio.shield(begin)
+        return entry
+    except BaseException:  # its own failure; or this task cancelled meanwhile: its row goes when idle, or stays
+        return None
 
 
 def _shut(pool: Executor | None, kill: bool = False) -> None:
