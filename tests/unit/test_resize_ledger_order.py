@@ -59,17 +59,23 @@ def _msg(offset: int):
     return SimpleNamespace(where={"partition": "0", "offset": str(offset)})
 
 
+async def _hold_the_slot(r) -> tuple[asyncio.Future, asyncio.Event]:
+    """Another task holds the worker's only slot until the event is set."""
+    release = asyncio.Event()
+
+    async def busy():
+        async with r.gate.slot_unless_draining(INTERACTIVE):
+            await release.wait()
+    holder = asyncio.ensure_future(busy())
+    await asyncio.sleep(0)
+    return holder, release
+
+
 def test_the_row_is_written_and_acked_while_the_task_waits_for_its_slot():
     async def go():
         events = []
         r, ledger = _resizer(events), _Ledger(events)
-        release = asyncio.Event()
-
-        async def busy():  # another task holds the only slot
-            async with r.gate.slot_unless_draining(INTERACTIVE):
-                await release.wait()
-        holder = asyncio.ensure_future(busy())
-        await asyncio.sleep(0)
+        holder, release = await _hold_the_slot(r)
         handled = asyncio.ensure_future(r._handle(_msg(7), _task("t7", now_ms() + 60_000), ledger, INTERACTIVE))
         await asyncio.sleep(0.05)
         assert events == [("begin", 7), ("acked", 7)]  # before any slot was free
@@ -85,13 +91,7 @@ def test_a_task_cancelled_while_it_waited_ends_its_entry_and_one_past_its_deadli
     async def go():
         events, cancelled = [], [False]
         r, ledger = _resizer(events, lambda: cancelled[0]), _Ledger(events)
-        release = asyncio.Event()
-
-        async def busy():
-            async with r.gate.slot_unless_draining(INTERACTIVE):
-                await release.wait()
-        holder = asyncio.ensure_future(busy())
-        await asyncio.sleep(0)
+        holder, release = await _hold_the_slot(r)
         handled = asyncio.ensure_future(r._handle(_msg(8), _task("t8", now_ms() + 60_000), ledger, INTERACTIVE))
         await asyncio.sleep(0.05)
         cancelled[0] = True
