@@ -44,6 +44,11 @@ def infra_cpu(infra: dict) -> dict[str, float]:
     return {name: host.cpu_seconds() for name, host in infra.items()}
 
 
+def infra_cores(infra: dict, before: dict[str, float], seconds: float) -> dict[str, float]:
+    """The cores each of the other hosts used since ``before`` (``infra_cpu``), over ``seconds``."""
+    return {k: round((v - before[k]) / seconds, 2) for k, v in infra_cpu(infra).items()}
+
+
 def pipeline_round(run: Run, host, url: str, n: int, infra: dict) -> dict:
     """Join, planner and resize on ``host``; N seed requests at once."""
     env = {**run.env, "IMAGEFORK_NAMESPACE": f"ov{uuid.uuid4().hex[:8]}."}
@@ -63,7 +68,7 @@ def pipeline_round(run: Run, host, url: str, n: int, infra: dict) -> dict:
         finals = follower.wait(ids, 900)
         seconds = time.perf_counter() - start
         cpu = host.cpu_seconds() - cpu0
-        others = {k: round((v - others0[k]) / seconds, 2) for k, v in infra_cpu(infra).items()}
+        others = infra_cores(infra, others0, seconds)
         assert all(f.status == "COMPLETED" for f in finals.values()), "pipeline run incomplete"
         follower.close()
         client.close()
@@ -82,7 +87,7 @@ def baseline_round(host, config: Config, url: str, n: int, infra: dict) -> dict:
         cpu0, others0 = host.cpu_seconds(), infra_cpu(infra)
         result = baseline(config, url, n, "thread")
         cpu = host.cpu_seconds() - cpu0
-        others = {k: round((v - others0[k]) / result["seconds"], 2) for k, v in infra_cpu(infra).items()}
+        others = infra_cores(infra, others0, result["seconds"])
     finally:
         host.release(os.getpid())
     return {"requests": n, "seconds": round(result["seconds"], 2), "requests_per_s": round(result["requests_per_s"], 3),
