@@ -34,6 +34,7 @@ from streams.config import Config
 log = logging.getLogger("imagefork")
 COMMIT_EVERY_S = 0.5
 READ_AHEAD = 4  # records a lane reads ahead, in multiples of its concurrency (see AgentLoop._flow)
+REJOIN_AFTER_S = 30.0  # lost partitions and no assignment for this long (or 3 session timeouts): join again
 # a paused lane reads again while it still holds this many times its concurrency: its slots keep work queued
 # through the fetch a resume starts (resumed only once it ran dry, two slots idled some 10 % of a bench run)
 RESUME_AT = 2
@@ -247,6 +248,7 @@ class AgentLoop:
         self._closing = threading.Event()
         self._stopped_at = 0.0  # when a second signal asked to stop at once
         self._tasks: set[asyncio.Task] = set()
+        self._lost_at = 0.0  # when partitions were last lost with none assigned since (0: not waiting)
 
     def readiness(self) -> tuple[bool, str]:
         return self.ready, self.detail
@@ -258,8 +260,7 @@ class AgentLoop:
         stop = loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signalled, sig, stop)
-        self.consumer.subscribe(list(self.lanes), on_assign=self._assigned, on_revoke=self._revoked,
-                                on_lost=self._lost)
+        self._subscribe()
         polled = loop.run_in_executor(None, self._poll_forever)  # its own thread, ends when closing is set
         done, _ = await asyncio.wait([stop, polled], return_when=asyncio.FIRST_COMPLETED)
         if polled in done:  # the consumer failed: the process ends, and its supervisor starts it again
@@ -355,6 +356,7 @@ class AgentLoop:
                     self._take(first)
                     for msg in self.consumer.consume(room - 1, 0) if room > 1 else ():
                         self._take(msg)
+                self._rejoin_if_stuck(time.monotonic())
                 if time.monotonic() - last_commit >= COMMIT_EVERY_S:
                     self._commit(asynchronous=True)
                     last_commit = time.monotonic()
@@ -364,6 +366,22 @@ class AgentLoop:
                 self.consumer.close()  # leaves the group (the revoke callback runs): the partitions move at once
             except KafkaException as exc:
                 log.warning("%s: closing the consumer: %s", self.role, exc)
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(list(self.lanes), on_assign=self._assigned, on_revoke=self._revoked,
+                                on_lost=self._lost)
+
+    def _rejoin_if_stuck(self, now: float) -> None:
+        """Partitions lost across a broker restart and no assignment since, long after the group could have
+        given one: librdkafka can stay waiting for its unassign to complete and never join again (a CI run
+        saw resize hold nothing for two minutes while the planner rejoined in 11 s; confluent-kafka-python
+        #1305). Subscribing again starts a fresh join."""
+        if self._lost_at and now - self._lost_at >= max(REJOIN_AFTER_S, 3 * self.config.session_timeout_s):
+            log.warning("%s: no partitions since they were lost %.0fs ago; joining the group again",
+                        self.role, now - self._lost_at)
+            self._lost_at = now
+            self.consumer.unsubscribe()
+            self._subscribe()
 
     def _take(self, msg) -> None:
         err = msg.error()
@@ -420,6 +438,7 @@ class AgentLoop:
         # paused when it was taken away comes back paused otherwise (lost across a broker restart, it stayed
         # paused for good); the next turn pauses again what a full lane should not read
         consumer.assign(partitions)
+        self._lost_at = 0.0
         if partitions:
             consumer.resume(partitions)
         self.paused = set()
@@ -458,6 +477,7 @@ class AgentLoop:
     def _lost(self, consumer, partitions) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         log.warning("%s: %d partitions lost (taken while this worker did not answer)", self.role, len(keys))
+        self._lost_at = time.monotonic()
         self._gone(keys)
         if self.on_lost is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self.on_lost, keys)
