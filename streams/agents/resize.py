@@ -64,6 +64,9 @@ class Resizer:
         self.config = config
         self.topics = topics
         self.pool: Executor | None = None
+        # a thread pool's tasks upload here, out of their compute slots (a process pool's upload in their job)
+        self.uploads: Executor | None = None
+        self.job_fn = resize_job.make if config.resize_pool == "thread" else resize_job.run
         # one-process pools, each running one suspect at a time, so a sandbox death has one culprit
         self.sandboxes: list[Executor | None] = [None] * config.resize_processes
         self._free_sandboxes: asyncio.Queue[int] | None = None
@@ -77,10 +80,14 @@ class Resizer:
     def ensure_pool(self) -> Executor:
         if self.pool is None:
             self.pool = make_pool(self.config)
+        if self.uploads is None and self.config.resize_pool == "thread":
+            # two uploads a slot: a slow PUT does not hold up the next task's
+            self.uploads = ThreadPoolExecutor(max_workers=2 * self.config.resize_slots, thread_name_prefix="upload")
         return self.pool
 
     def close(self) -> None:
         self.pool = _shut(self.pool)
+        self.uploads = _shut(self.uploads)
         self.sandboxes = [_shut(pool) for pool in self.sandboxes]
         self.cancels.close()
 
@@ -115,12 +122,15 @@ class Resizer:
                     begun = time.perf_counter()
                     outcome = crashed_outcome(entry) if entry.crashes >= self.config.max_crashes else \
                         await self.run(task, entry, sandboxed=suspect, ledger=ledger)
-                    add_io(outcome.pop("io", ()))
-                    stages = outcome.pop("stages", {})
+                    stages = outcome.get("stages", {})  # the upload's, outside the slot, joins them
                     COMPUTE_CPU.inc(stages.pop("cpu", 0.0))
                     stages["pool_wait"] = max(0.0, time.perf_counter() - begun - sum(stages.values()))
                     stages["ledger"] = begun - started
                     stages["slot_wait"] = slot_wait
+            if "upload" in outcome:  # made in the slot; its upload waits outside, while the next task computes
+                outcome = await asyncio.get_running_loop().run_in_executor(self.uploads, resize_job.deliver, outcome)
+            add_io(outcome.pop("io", ()))
+            outcome.pop("stages", None)
             if not outcome["ok"] and outcome["code"] == "CANCELLED":
                 return self.skip(task, started=True)
             if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
@@ -159,7 +169,7 @@ class Resizer:
         loop = asyncio.get_running_loop()
         while not sandboxed:
             try:
-                return await loop.run_in_executor(self.ensure_pool(), resize_job.run, self.job(task))
+                return await loop.run_in_executor(self.ensure_pool(), self.job_fn, self.job(task))
             except BrokenProcessPool:
                 # a pool process died (killed, or a decoder crashed): which task did it is not known,
                 # so every task it held becomes a suspect and runs once more, alone, in the sandbox
@@ -275,9 +285,9 @@ def run(config: Config) -> int:
             for ledger in resizer.ledgers.values():
                 ledger.forget({p for t, p in keys if t == ledger.tasks_topic})
 
-        # a lane's tasks: its slots' worth computing (resizer.gate, shared by both lanes) and, beside them, one
-        # per pool process whose result is on its way to the broker while the next task starts
-        slots = config.resize_slots + config.resize_processes
+        # a lane's tasks: its slots' worth computing (resizer.gate, shared by both lanes) and, beside them, as
+        # many uploading or sending their results while the next ones start
+        slots = 2 * config.resize_slots + config.resize_processes
         agents = AgentLoop(config, "resize", [
             policy_lane(topics.tasks, policies["resize"], resizer.handle, slots),
             policy_lane(topics.tasks_batch, policies["resize.batch"], lambda msg: resizer.handle(msg, BATCH), slots),

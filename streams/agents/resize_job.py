@@ -1,5 +1,7 @@
 """The CPU side of a resize task, run in a pool (one per core): read the staged
 source (decoded once per process, kept while the memory budget allows), resize and encode (core), upload.
+A process pool's job is ``run`` (all of it); a thread pool runs ``make`` in a compute slot and ``deliver`` (the
+upload) outside it.
 
 Returns a plain dict so it crosses a process boundary cheaply:
 ``{"ok": True, "output": {...}, "seconds"}`` or ``{"ok": False, "code", "message", "transient"}``, each with
@@ -15,7 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from PIL import Image
@@ -235,12 +237,28 @@ def _source(uri: str, max_box: tuple[int, int], options: SourceOptions = SourceO
 
 
 def run(task: dict[str, Any]) -> dict[str, Any]:
+    """The whole task in one call (a process pool's job, the sandbox's): made, then uploaded."""
+    return deliver(make(task))
+
+
+def make(task: dict[str, Any]) -> dict[str, Any]:
+    """The task up to its upload: its outcome, or with ``"upload"`` the output still to put (``deliver``).
+    A thread pool runs this in a compute slot and the upload outside it, so the next task computes meanwhile."""
     if _config is None:
         raise RuntimeError("resize_job.init() was not called in this process")
     stages: dict[str, float] = {}
-    outcome = _run(task, stages)
+    outcome = _make(task, stages)
     outcome["io"] = metrics.take_io()
     outcome["stages"] = stages
+    return outcome
+
+
+def deliver(outcome: dict[str, Any]) -> dict[str, Any]:
+    """``make``'s outcome with its output uploaded (if it has one to upload)."""
+    upload = outcome.pop("upload", None)
+    if upload is not None:
+        stages, io = outcome["stages"], outcome["io"]
+        outcome = {**_upload(upload, stages), "stages": stages, "io": io + metrics.take_io()}
     return outcome
 
 
@@ -251,7 +269,24 @@ def _go_on(task: dict[str, Any]) -> None:
         raise Cancelled("the workflow's run was cancelled while this task ran")
 
 
+@dataclass(frozen=True)
+class _Made:
+    """An output made and not uploaded yet."""
+    task: dict[str, Any]
+    spec: Any
+    output: TaskOutput
+    data: bytes
+    facts: dict | None
+    started: float
+
+
 def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
+    outcome = _make(task, stages)
+    upload = outcome.pop("upload", None)
+    return outcome if upload is None else _upload(upload, stages)
+
+
+def _make(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
     facts: dict | None = None
     try:
         spec = task_spec(task)
@@ -277,23 +312,37 @@ def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
         finally:
             del im
             _budget.unlease(key)
-        _go_on(task)
         output = TaskOutput(task["taskRef"], out.format, out.width, out.height, len(out.data), out.content_type,
                             _store.uri(task["outputKey"]), _store.url(task["outputKey"]), out.frames, out.applied)
+        return {"ok": True, "upload": _Made(task, spec, output, out.data, facts, started)}
+    except Exception as exc:
+        return _failed(exc, facts)
+
+
+def _upload(made: _Made, stages: dict[str, float]) -> dict[str, Any]:
+    try:
+        _go_on(made.task)
         uploading = time.perf_counter()
-        _store.put(task["outputKey"], out.data, out.content_type, metadata=_metadata(task, output))
+        _store.put(made.task["outputKey"], made.data, made.output.contentType,
+                   metadata=_metadata(made.task, made.output))
         stages["upload"] = time.perf_counter() - uploading
-        _remember(task, spec, output, facts)
-        return {"ok": True, "output": output.to_dict(), "seconds": time.perf_counter() - started, "facts": facts}
-    except PipelineError as exc:
+        _remember(made.task, made.spec, made.output, made.facts)
+        return {"ok": True, "output": made.output.to_dict(), "seconds": time.perf_counter() - made.started,
+                "facts": made.facts}
+    except Exception as exc:
+        return _failed(exc, made.facts)
+
+
+def _failed(exc: Exception, facts: dict | None) -> dict[str, Any]:
+    if isinstance(exc, PipelineError):
         return {"ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient, "facts": facts}
-    except MemoryError:
+    if isinstance(exc, MemoryError):
         gc.collect()
         err = ImageTooLarge("the image does not fit in this worker's memory")
         return {"ok": False, "code": err.code, "message": err.message, "transient": False, "facts": facts}
-    except Exception as exc:  # hostile input can raise anything from a decoder
-        return {"ok": False, "code": "INTERNAL", "message": f"{type(exc).__name__}: {str(exc)[:200]}",
-                "transient": False, "facts": facts}
+    # hostile input can raise anything from a decoder
+    return {"ok": False, "code": "INTERNAL", "message": f"{type(exc).__name__}: {str(exc)[:200]}",
+            "transient": False, "facts": facts}
 
 
 def _facts(task: dict[str, Any], source: Source, stages: dict[str, float]) -> dict | None:
