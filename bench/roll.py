@@ -32,6 +32,9 @@ from streams.client import Client, Follower, consume_completed  # noqa: E402
 from streams.demo import SAMPLE, seed_request  # noqa: E402
 from streams.stack.processes import WorkerProcess, wait_for_log  # noqa: E402
 from tests.hosts import Hosts, HostStack  # noqa: E402
+from timeline import hops, timelines  # noqa: E402
+
+SLOWEST = 12  # requests of the roll whose records are shown hop by hop
 
 
 class Load(threading.Thread):
@@ -141,6 +144,9 @@ def main() -> int:
                 ids = list(load.sent)
                 wait_join_committed(run.config)
                 finals = consume_completed(run.config, ids, timeout=120)
+                took = {wf: arrived.get(wf, float("inf")) - load.sent[wf] for wf in ids}
+                slowest = sorted((wf for wf in ids if load.phase[wf] == "roll"), key=lambda wf: -took[wf])[:SLOWEST]
+                records = timelines(run.config, set(slowest))
             finally:
                 run.stop()
         finally:
@@ -164,6 +170,9 @@ def main() -> int:
     report["steps"] = {step: {"n": len(xs), "p50": round(pct(xs, 0.5), 3), "max": round(max(xs), 3),
                               "over_3x_steady_p99": sum(x > 3 * report["steady"]["p99"] for x in xs)}
                        for step, xs in by_step.items()}
+    report["slowest"] = [{"workflow": wf, "step": load.step[wf], "seconds": round(latency[wf], 3),
+                          "ms": hops(records[wf], records[wf][0][0] if records[wf] else 0.0)} for wf in slowest]
+    kinds = ("WorkflowPlan", "tasks", "last tasks", "TaskResult", "last TaskResult", "completed")
     write_report(args.out, "roll", report,
         "# A rolling restart under steady load (bench/roll.py)\n\n"
         f"The seed request at {args.rate}/s; one host restarted every {args.every:.0f} s: the three Kafka nodes, "
@@ -176,7 +185,13 @@ def main() -> int:
         + "".join(f"| {step} | {v['n']} | {v['p50']} | {v['max']} | {v['over_3x_steady_p99']} |\n"
                   for step, v in report["steps"].items()) + "\n"
         f"p99 during the roll / steady: {report['p99_ratio']}x; lost {len(lost)}, twice {len(twice)}, "
-        f"not COMPLETED {len(bad)} of {len(ids)}.\n")
+        f"not COMPLETED {len(bad)} of {len(ids)}.\n\n"
+        f"The {len(slowest)} slowest requests of the roll, hop by hop (ms after the request's record, from the "
+        "records' Kafka timestamps; the client's wait in the last column):\n\n"
+        "| host restarted | plan | first task | last task | first result | last result | final | client s |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        + "".join(f"| {x['step']} | " + " | ".join(str(x["ms"].get(k, "-")) for k in kinds) + f" | {x['seconds']} |\n"
+                  for x in report["slowest"]))
     print(f"roll: p99 {report['roll']['p99']} s during the roll, {report['steady']['p99']} s steady "
           f"({report['p99_ratio']}x), {len(ids)} requests, {len(lost)} lost, {len(twice)} twice")
     return 0 if not (lost or twice or bad) else 1

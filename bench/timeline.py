@@ -14,15 +14,12 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-
-from confluent_kafka import Consumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from streams import serde  # noqa: E402
-from streams.adapters.kafka import ensure_topics  # noqa: E402
+from streams.adapters.kafka import ensure_topics, read_to_end  # noqa: E402
 from streams.client import Client, Follower  # noqa: E402
 from streams.config import Config  # noqa: E402
 from streams.demo import SAMPLE, seed_request  # noqa: E402
@@ -30,24 +27,31 @@ from streams.stack.local import LocalStack  # noqa: E402
 from streams.stack.processes import FileServer, WorkerProcess, wait_for_log  # noqa: E402
 
 
-def timeline(cfg: Config, wf: str) -> list[tuple[float, str]]:
-    consumer = Consumer({"bootstrap.servers": cfg.bootstrap_servers, "group.id": f"tl-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
-    events = []
+def timelines(cfg: Config, wfs: set[str], timeout: float = 120.0) -> dict[str, list[tuple[float, str]]]:
+    """Each workflow's records (request, tasks, plan and results, final event) as (Kafka record timestamp in
+    seconds, what), in time order; every topic read to its end once (adapters/kafka.read_to_end)."""
+    out: dict[str, list[tuple[float, str]]] = {wf: [] for wf in wfs}
     for topic in (cfg.topics.requests, cfg.topics.tasks, cfg.topics.events, cfg.topics.completed):
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            msg = consumer.poll(0.1)
-            if msg is None or msg.error() or not (msg.key() or b"").decode().startswith(wf):
+        for msg in read_to_end(cfg, topic, timeout):
+            wf = (msg.key() or b"").decode(errors="replace").split("/", 1)[0]
+            if wf not in out:
                 continue
             what = topic.rsplit(".", 1)[-1]
             if topic == cfg.topics.events:
                 what = serde.decode_join_event(msg.value())[0]
-            events.append((msg.timestamp()[1] / 1000, what))
-    consumer.close()
-    return sorted(events)
+            out[wf].append((msg.timestamp()[1] / 1000, what))
+    return {wf: sorted(rows) for wf, rows in out.items()}
+
+
+def hops(rows: list[tuple[float, str]], sent: float) -> dict[str, float]:
+    """ms after ``sent`` (epoch seconds) of the first record of each kind, and of the last task and result."""
+    out: dict[str, float] = {}
+    for t, what in rows:
+        out.setdefault(what, round((t - sent) * 1000))
+    for t, what in rows:
+        if what in ("tasks", "TaskResult"):
+            out[f"last {what}"] = round((t - sent) * 1000)
+    return out
 
 
 def main() -> int:
@@ -77,7 +81,7 @@ def main() -> int:
             t1 = time.time()
             e2e.append(t1 - t0)
         follower.close()
-        rows = timeline(cfg, wf)
+        rows = timelines(cfg, {wf})[wf]
         lines = ["# One seed request, end to end", "",
                  f"`.venv/bin/python bench/timeline.py --runs {args.runs}`: idle stack, one worker per role, "
                  f"{os.cpu_count()} cores. End to end as the client sees it: p50 "
