@@ -27,7 +27,9 @@ from typing import Awaitable, Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, describe_assignment, producer_config
+from streams.adapters.kafka import (
+    MAX_MESSAGE_BYTES, client_config, describe_assignment, group_timing, producer_config,
+)
 from streams.adapters.inflight import DRAIN
 from streams.config import Config
 
@@ -225,8 +227,7 @@ class AgentLoop:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "range",
-            "session.timeout.ms": int(config.session_timeout_s * 1000),
-            "heartbeat.interval.ms": max(500, int(config.session_timeout_s * 1000 / 5)),
+            **group_timing(config),
             # tasks are small records: a few MB read ahead is plenty (librdkafka's default is 64 MB)
             "queued.max.messages.kbytes": 4096,
             # a fetch brings a few records of each partition (at least one producer batch), not the whole

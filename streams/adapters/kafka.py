@@ -132,6 +132,14 @@ def client_config(config: Config, **extra) -> dict:
     return {"bootstrap.servers": config.bootstrap_servers, "logger": KAFKA_LOG, **security_config(config), **extra}
 
 
+def group_timing(config: Config) -> dict:
+    """A group member's session and heartbeat. A member learns of a rebalance (another member left or joined)
+    from its next heartbeat's answer: at a third of a 15 s session, a deploy's rebalance waited up to 3 s
+    for it (bench/roll.py: the slowest requests of a resize restart); one heartbeat a second at most."""
+    session_ms = int(config.session_timeout_s * 1000)
+    return {"session.timeout.ms": session_ms, "heartbeat.interval.ms": max(250, min(1000, session_ms // 5))}
+
+
 def producer_config(config: Config, **extra) -> dict:
     # murmur2_random is the Java client's partitioner: a key lands on the same partition whoever produces it
     # idempotence (which implies acks=all, said here too): a retried batch is written once

@@ -10,7 +10,7 @@ import time
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from streams.adapters.http import advertised_url, serve
-from streams.adapters.kafka import client_config
+from streams.adapters.kafka import client_config, group_timing
 from streams.adapters.objectstore import ObjectStore
 from streams.config import Config
 from streams.core.models import now_ms
@@ -36,8 +36,7 @@ def consumer_settings(config: Config, group: str, url: str) -> dict:
         "isolation.level": "read_committed",
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": int(config.session_timeout_s * 1000),
-        "heartbeat.interval.ms": max(500, int(config.session_timeout_s * 1000 / 5)),
+        **group_timing(config),
         "fetch.wait.max.ms": 100,
         # the group's description names each member's client id: the API finds a partition's owner there
         **({"client.id": f"{CLIENT_ID} {url}"} if url else {}),

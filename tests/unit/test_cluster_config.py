@@ -5,7 +5,9 @@ import json
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from streams.adapters.kafka import murmur2, partition_for, producer_config, replication_for, topic_config, watermarks
+from streams.adapters.kafka import (
+    group_timing, murmur2, partition_for, producer_config, replication_for, topic_config, watermarks,
+)
 from streams.config import Config
 from streams.stack.local import (NODE_PORTS, PORTS, LocalStack, StackError, free_ports, kafka_properties,
                                  node_ports, port_names)
@@ -116,3 +118,15 @@ def test_watermarks_raise_other_errors_at_once_and_a_moving_leader_after_the_tim
     with pytest.raises(KafkaException, match="NOT_LEADER"):
         watermarks(stuck, TopicPartition("t", 0), timeout=0.3)
     assert 2 <= stuck.asked < 100
+
+
+def test_a_group_member_heartbeats_once_a_second_at_most_so_a_rebalance_is_seen_soon():
+    """A member learns of a rebalance from a heartbeat's answer: at a third of a 15 s session a deploy's
+    rebalance waited up to 3 s for it (bench/roll.py)."""
+    from streams.join.loop import consumer_settings
+
+    assert group_timing(Config(session_timeout_s=15.0)) == {"session.timeout.ms": 15000, "heartbeat.interval.ms": 1000}
+    assert group_timing(Config(session_timeout_s=2.0))["heartbeat.interval.ms"] == 400  # a fifth of a short session
+    assert group_timing(Config(session_timeout_s=0.5))["heartbeat.interval.ms"] == 250
+    join = consumer_settings(Config(session_timeout_s=15.0), "g", "")
+    assert (join["session.timeout.ms"], join["heartbeat.interval.ms"]) == (15000, 1000)
