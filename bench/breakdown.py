@@ -37,7 +37,8 @@ from streams.demo import SAMPLE, seed_request  # noqa: E402
 from streams.stack.local import LocalStack  # noqa: E402
 from streams.stack.processes import FileServer, WorkerProcess, wait_for_log  # noqa: E402
 
-RESIZE_STEPS = ("loop", "slot_wait", "ledger", "pool_wait", "fetch", "decode", "resize_encode", "upload", "result_send")
+RESIZE_STEPS = ("loop", "slot_wait", "ledger", "pool_wait", "fetch", "decode", "resize_encode", "upload_wait", "upload",
+                "result_send")
 PLANNER_STEPS = ("loop", "fetch", "stage", "plan_send", "task_send")
 
 
@@ -117,7 +118,8 @@ def write(out: Path, report: dict) -> None:
              "`imagefork_stage_seconds`. `resize.loop` is the time a task waits from its consumer handing it "
              "over to its start (its lane's read-ahead: a backlog shows here), and `planner.loop` the same for "
              "a request; `ledger` covers the crash-ledger row and its ack; `pool_wait` is "
-             "the pool's own queueing and hand-off; `slot_wait` the wait for one of the worker's slots.", "",
+             "the pool's own queueing and hand-off; `slot_wait` the wait for one of the worker's slots; `upload_wait` "
+             "an output's wait, out of its slot, for one of its lane's upload threads.", "",
              "| step | " + " | ".join(report["runs"]) + " |", "|---|" + "---|" * len(report["runs"])]
     names = [f"resize.{s}" for s in RESIZE_STEPS] + [f"planner.{s}" for s in PLANNER_STEPS]
     for name in names:

@@ -178,9 +178,9 @@ class Config:
 
     @property
     def resize_slots(self) -> int:
-        """Tasks in flight per resize process. Three per core by default: a tiny task spends a fifth of its
-        time computing and the rest uploading and sending (docs/breakdown.md: one slot per core made a
-        1,000-output request take 16 s, three 7.6 s)."""
+        """Tasks computing at once per resize process (a thread pool uploads outside them). Three per core by
+        default: a task still waits in its slot (the hand-off to a pool thread, a source's first decode, the
+        crash-ledger row's ack); docs/operations.md has the sweep."""
         return self.resize_concurrency or 3 * cpu_cores()
 
     @property

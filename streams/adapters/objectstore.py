@@ -74,7 +74,8 @@ class ObjectStore:
                 retries={"max_attempts": 2, "mode": "standard"},
                 connect_timeout=connect_timeout or config.limits.connect_timeout_s,
                 read_timeout=read_timeout or config.limits.read_timeout_s,
-                max_pool_connections=32,
+                # a resize process's compute slots and upload threads (two per slot and lane) share this client
+                max_pool_connections=max(32, 5 * config.resize_slots),
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             ),

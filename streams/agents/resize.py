@@ -64,8 +64,9 @@ class Resizer:
         self.config = config
         self.topics = topics
         self.pool: Executor | None = None
-        # a thread pool's tasks upload here, out of their compute slots (a process pool's upload in their job)
-        self.uploads: Executor | None = None
+        # a thread pool's tasks upload here, out of their compute slots, one pool per lane so that interactive
+        # uploads never queue behind batch ones (a process pool's job uploads in its own process)
+        self.uploads: dict[str, Executor] = {}
         self.job_fn = resize_job.make if config.resize_pool == "thread" else resize_job.run
         # one-process pools, each running one suspect at a time, so a sandbox death has one culprit
         self.sandboxes: list[Executor | None] = [None] * config.resize_processes
@@ -80,14 +81,18 @@ class Resizer:
     def ensure_pool(self) -> Executor:
         if self.pool is None:
             self.pool = make_pool(self.config)
-        if self.uploads is None and self.config.resize_pool == "thread":
+        if not self.uploads and self.config.resize_pool == "thread":
             # two uploads a slot: a slow PUT does not hold up the next task's
-            self.uploads = ThreadPoolExecutor(max_workers=2 * self.config.resize_slots, thread_name_prefix="upload")
+            self.uploads = {lane: ThreadPoolExecutor(max_workers=2 * self.config.resize_slots,
+                                                     thread_name_prefix=f"upload-{lane}")
+                            for lane in (INTERACTIVE, BATCH)}
         return self.pool
 
     def close(self) -> None:
         self.pool = _shut(self.pool)
-        self.uploads = _shut(self.uploads)
+        for pool in self.uploads.values():
+            _shut(pool)
+        self.uploads = {}
         self.sandboxes = [_shut(pool) for pool in self.sandboxes]
         self.cancels.close()
 
@@ -128,9 +133,11 @@ class Resizer:
                     stages["ledger"] = begun - started
                     stages["slot_wait"] = slot_wait
             if "upload" in outcome:  # made in the slot; its upload waits outside, while the next task computes
-                outcome = await asyncio.get_running_loop().run_in_executor(self.uploads, resize_job.deliver, outcome)
+                outcome["made_at"] = time.perf_counter()
+                outcome = await asyncio.get_running_loop().run_in_executor(self.uploads[lane], resize_job.deliver,
+                                                                           outcome)
             add_io(outcome.pop("io", ()))
-            outcome.pop("stages", None)
+            stages = outcome.pop("stages", None) or stages
             if not outcome["ok"] and outcome["code"] == "CANCELLED":
                 return self.skip(task, started=True)
             if not outcome["ok"] and outcome["transient"] and task.attempt <= self.config.retry.max_retries:
@@ -285,9 +292,10 @@ def run(config: Config) -> int:
             for ledger in resizer.ledgers.values():
                 ledger.forget({p for t, p in keys if t == ledger.tasks_topic})
 
-        # a lane's tasks: its slots' worth computing (resizer.gate, shared by both lanes) and, beside them, as
-        # many uploading or sending their results while the next ones start
-        slots = 2 * config.resize_slots + config.resize_processes
+        # a lane's tasks: its slots' worth computing (resizer.gate, shared by both lanes) and, beside them, one
+        # per pool process and (a thread pool) one per slot, uploading or sending their results meanwhile
+        slots = config.resize_slots + config.resize_processes + \
+            (config.resize_slots if config.resize_pool == "thread" else 0)
         agents = AgentLoop(config, "resize", [
             policy_lane(topics.tasks, policies["resize"], resizer.handle, slots),
             policy_lane(topics.tasks_batch, policies["resize.batch"], lambda msg: resizer.handle(msg, BATCH), slots),

@@ -254,11 +254,14 @@ def make(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def deliver(outcome: dict[str, Any]) -> dict[str, Any]:
-    """``make``'s outcome with its output uploaded (if it has one to upload)."""
-    upload = outcome.pop("upload", None)
+    """``make``'s outcome with its output uploaded (if it has one to upload); ``"made_at"`` (perf_counter), if
+    given, times the wait for an upload thread."""
+    upload, made_at = outcome.pop("upload", None), outcome.pop("made_at", None)
     if upload is not None:
-        stages, io = outcome["stages"], outcome["io"]
-        outcome = {**_upload(upload, stages), "stages": stages, "io": io + metrics.take_io()}
+        stages = dict(outcome["stages"])  # a copy: the caller reads its own while this runs, if it stops waiting
+        if made_at is not None:
+            stages["upload_wait"] = time.perf_counter() - made_at
+        outcome = {**_upload(upload, stages), "stages": stages, "io": outcome["io"] + metrics.take_io()}
     return outcome
 
 
@@ -271,13 +274,13 @@ def _go_on(task: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class _Made:
-    """An output made and not uploaded yet."""
+    """An output made and not uploaded yet; its bytes are held in the memory budget until it is."""
     task: dict[str, Any]
     spec: Any
     output: TaskOutput
     data: bytes
     facts: dict | None
-    started: float
+    made_s: float  # its resize and encode
 
 
 def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
@@ -314,7 +317,8 @@ def _make(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
             _budget.unlease(key)
         output = TaskOutput(task["taskRef"], out.format, out.width, out.height, len(out.data), out.content_type,
                             _store.uri(task["outputKey"]), _store.url(task["outputKey"]), out.frames, out.applied)
-        return {"ok": True, "upload": _Made(task, spec, output, out.data, facts, started)}
+        _budget.reserve(len(out.data))  # released by _upload, whatever becomes of it
+        return {"ok": True, "upload": _Made(task, spec, output, out.data, facts, stages["resize_encode"])}
     except Exception as exc:
         return _failed(exc, facts)
 
@@ -327,10 +331,12 @@ def _upload(made: _Made, stages: dict[str, float]) -> dict[str, Any]:
                    metadata=_metadata(made.task, made.output))
         stages["upload"] = time.perf_counter() - uploading
         _remember(made.task, made.spec, made.output, made.facts)
-        return {"ok": True, "output": made.output.to_dict(), "seconds": time.perf_counter() - made.started,
-                "facts": made.facts}
+        return {"ok": True, "output": made.output.to_dict(), "facts": made.facts,
+                "seconds": made.made_s + time.perf_counter() - uploading}
     except Exception as exc:
         return _failed(exc, made.facts)
+    finally:
+        _budget.settle(len(made.data))
 
 
 def _failed(exc: Exception, facts: dict | None) -> dict[str, Any]:

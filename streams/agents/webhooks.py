@@ -23,7 +23,9 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from streams import serde
 from streams.adapters.agent_loop import Offsets
 from streams.adapters.http import serve
-from streams.adapters.kafka import MAX_MESSAGE_BYTES, client_config, dead_letter_headers, producer_config
+from streams.adapters.kafka import (
+    MAX_MESSAGE_BYTES, client_config, dead_letter_headers, group_timing, producer_config,
+)
 from streams.adapters.source import USER_AGENT
 from streams.adapters.webhook import Undelivered, post
 from streams.config import Config
@@ -58,7 +60,8 @@ class WebhookSender:
         self.allow = config.fetch_allow_networks
         self.consumer = Consumer(client_config(config, **{
             "group.id": config.group_id("webhook"), "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed", "partition.assignment.strategy": "cooperative-sticky"}))
+            "isolation.level": "read_committed", "partition.assignment.strategy": "cooperative-sticky",
+            **group_timing(config)}))
         self.producer = Producer(producer_config(config, **{"message.max.bytes": MAX_MESSAGE_BYTES + 65536}))
         self.pool = ThreadPoolExecutor(config.webhook_concurrency, thread_name_prefix="webhook")
         self.offsets = Offsets()

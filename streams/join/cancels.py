@@ -12,7 +12,7 @@ import threading
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from streams import serde
-from streams.adapters.kafka import client_config, dead_letter_headers, producer_config
+from streams.adapters.kafka import client_config, dead_letter_headers, group_timing, producer_config
 from streams.config import Config
 from streams.core.cancels import decode_cancellation
 from streams.metrics import DEAD_LETTERS
@@ -26,7 +26,7 @@ class CancelForwarder:
         self.topics = config.topics
         self.consumer = Consumer(client_config(config, **{
             "group.id": config.group_id("join-cancels"), "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "isolation.level": "read_committed"}))
+            "auto.offset.reset": "earliest", "isolation.level": "read_committed", **group_timing(config)}))
         self.producer = Producer(producer_config(config, **{"linger.ms": 0}))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cancels", daemon=True)

@@ -35,6 +35,7 @@ class _Store:
 
     def __init__(self, slow_key: str):
         self.slow_key, self.release, self.objects, self.events = slow_key, threading.Event(), {}, []
+        self.slow_started = threading.Event()
 
     def get(self, uri, max_bytes):
         buf = io.BytesIO()
@@ -44,6 +45,7 @@ class _Store:
     def put(self, key, data, content_type, metadata=None):
         self.events.append(("put", key))
         if key == self.slow_key:
+            self.slow_started.set()
             assert self.release.wait(10), "the slow upload was never released"
         self.objects[key] = data
         self.events.append(("stored", key))
@@ -80,7 +82,8 @@ def test_the_next_task_computes_while_the_first_ones_upload_is_on_its_way(monkey
         first = asyncio.ensure_future(r._handle(msg[0], _task("t1"), _Ledger(), INTERACTIVE))
         second = asyncio.ensure_future(r._handle(msg[1], _task("t2"), _Ledger(), INTERACTIVE))
         assert await asyncio.wait_for(second, 10) == Disposition.PROCESSED  # through the one slot, t1 still uploading
-        assert ("put", "out/t1.png") in store.events and ("stored", "out/t1.png") not in store.events
+        assert await asyncio.to_thread(store.slow_started.wait, 10)
+        assert ("stored", "out/t1.png") not in store.events
         assert ("stored", "out/t2.png") in store.events and not first.done()
         store.release.set()
         assert await asyncio.wait_for(first, 10) == Disposition.PROCESSED
@@ -103,3 +106,22 @@ def test_a_process_pool_runs_the_whole_task_in_its_job():
                                                tasks_batch=_Topic()))
     assert r.job_fn is resize_job.run
     assert resize.Resizer(Config.from_env({"IMAGEFORK_RESIZE_POOL": "thread"}), r.topics).job_fn is resize_job.make
+
+
+def test_an_output_waiting_for_its_upload_is_held_in_the_memory_budget(monkeypatch):
+    """Made and not uploaded yet, an output's bytes count in the process's memory budget (so outputs queued for
+    their upload threads cannot grow past it); its upload gives them back, and says how long it waited."""
+    import time
+
+    resize_job.init(Config.from_env({"IMAGEFORK_RESIZE_POOL": "thread"}))
+    store = _Store("nothing is slow")
+    monkeypatch.setattr(resize_job, "_store", store)
+    made = resize_job.make(_task("t3").to_dict())
+    assert made["ok"] and resize_job._budget.reserved == len(made["upload"].data) > 0
+    made["made_at"] = time.perf_counter()
+    done = resize_job.deliver(made)
+    assert done["ok"] and resize_job._budget.reserved == 0
+    assert done["output"]["bytes"] == len(store.objects["out/t3.png"])
+    assert {"upload", "upload_wait", "resize_encode"} <= done["stages"].keys()
+    assert "upload" not in made["stages"]  # the caller's own stages are not written from the upload thread
+    assert 0 <= done["seconds"] < 30
