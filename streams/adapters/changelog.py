@@ -63,6 +63,9 @@ class ChangelogReader:
     def __init__(self, client_config: dict, topic: str, settle_s: float = 15.0):
         self.topic = topic
         self.settle_s = settle_s  # how long a transaction still open on a partition is waited for
+        # the last read's waits, for its log line: seconds a previous owner's open transaction was waited
+        # for, and end look-ups asked again (a leader moving)
+        self.settled_s, self.lookups_retried = 0.0, 0
         self.client_config = client_config
         self.admin = AdminClient(client_config)
         self.consumer = Consumer({**client_config, "group.id": f"{topic}.restore", "enable.auto.commit": False,
@@ -73,6 +76,7 @@ class ChangelogReader:
     def read(self, partitions: list[int], timeout_s: float = 300.0) -> dict[int, dict[bytes, bytes]]:
         """The surviving rows per partition (a tombstone removes its key), read to the end."""
         rows: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
+        self.settled_s, self.lookups_retried = 0.0, 0
         if not partitions:
             return rows
         ends = self.settled_ends(partitions)
@@ -117,13 +121,16 @@ class ChangelogReader:
         the broker wrote its marker here: read too early, its rows would be missing from the restored
         state although its offsets say they were applied. Only the partition's owner writes to it, so
         an open transaction is the previous owner's: it ends by committing, or by its timeout."""
-        give_up = time.monotonic() + self.settle_s
+        started, waited = time.monotonic(), False
+        give_up = started + self.settle_s
         while True:
             committed = self.committed_ends(partitions)
             written = self.committed_ends(partitions, IsolationLevel.READ_UNCOMMITTED)
             open_ = [p for p in partitions if committed[p] < written[p]]
             if not open_ or time.monotonic() > give_up:
+                self.settled_s = time.monotonic() - started if waited else 0.0
                 return committed
+            waited = True
             time.sleep(0.1)
 
     def committed_ends(self, partitions: list[int],
@@ -140,6 +147,7 @@ class ChangelogReader:
             except KafkaException:  # leaders not known yet (a topic just made), or stale (a broker restarted:
                 if time.monotonic() > give_up:  # FENCED_LEADER_EPOCH): ask again with a fresh client
                     raise
+                self.lookups_retried += 1
                 time.sleep(0.5)
                 self.admin = AdminClient(self.client_config)
 

@@ -95,8 +95,11 @@ class Partitions:
         # longer walk them (a 100-500 ms pause each, bench/join.py); reference counting still frees them
         gc.collect()
         gc.freeze()
-        log.info("join: restored %d partitions (%d workflows) in %.2fs", len(parts), count,
-                 time.monotonic() - started)
+        waits = [f"{self.reader.settled_s:.2f}s waiting for a previous owner's open transaction"] \
+            if self.reader.settled_s else []
+        waits += [f"{self.reader.lookups_retried} end look-up(s) asked again"] if self.reader.lookups_retried else []
+        log.info("join: restored %d partitions (%d workflows) in %.2fs%s", len(parts), count,
+                 time.monotonic() - started, f" ({', '.join(waits)})" if waits else "")
 
     # --- the consumer's callbacks (the loop commits or aborts the open transaction around them) ----------
     def assign(self, consumer, partitions) -> list[int]:
