@@ -5,13 +5,21 @@ from __future__ import annotations
 import io
 import struct
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from streams.config import Encoding
 from streams.core.formats import FORMATS, EncoderSettings
 from streams.core.imaging.colour import SRGB_ICC
 from streams.core.imaging.metadata import metadata_params
 from streams.core.imaging.spec import OutputSpec
+
+# Pillow's writers (PNG, JPEG, TIFF...) hand their output back in blocks of ``ImageFile.MAXBLOCK`` bytes, 64 KiB
+# by default, and each block takes the GIL back: a 1200 px PNG is some 40 of them, and beside a thread running
+# Python (an upload, the consumer loop) each waits up to the switch interval for it. Measured on the seed's
+# 1200 px PNG beside a busy Python thread: 139 ms alone, 426 ms with 64 KiB blocks, 164 ms with 8 MiB
+# (docs/performance.md). A block is a bytes object sized to it and trimmed to what was written.
+ENCODE_BLOCK = 4 << 20
+ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, ENCODE_BLOCK)
 
 
 def convert_for(im: Image.Image, fmt: str, gif_colors: int = 256) -> Image.Image:
