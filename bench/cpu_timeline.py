@@ -123,31 +123,19 @@ def main() -> int:
         subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=False)
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-    from streams.adapters.kafka import ensure_topics
     from streams.client import Client, Follower
-    from streams.config import Config
-    from streams.demo import SAMPLE, seed_request
-    from streams.stack.local import LocalStack
-    from streams.stack.processes import FileServer, WorkerProcess, wait_for_log
-    from timeline import hops, timelines
+    from streams.demo import seed_request
+    from timeline import hops, idle_pipeline, timelines
 
     tmp = Path(tempfile.mkdtemp(prefix="imagefork-cputl-"))
-    stack = LocalStack(tmp / "stack")
-    env = {**stack.up(), "IMAGEFORK_FETCH_ALLOW": "127.0.0.0/8", "IMAGEFORK_NAMESPACE": "ctl."}
-    os.environ.update(env)
-    cfg = Config.from_env()
-    ensure_topics(cfg)
-    server = FileServer(SAMPLE.parent)
-    workers = {r: WorkerProcess(r, env, tmp / "logs") for r in ("join", "resize", "planner")}
-    pids = {w.pid: r for r, w in workers.items()}
-    pids.update({svc["pid"]: name for name, svc in json.loads(stack.state_file.read_text())["services"].items()})
-    pids[os.getpid()] = "client"
     runs: list[dict] = []
-    try:
-        for w in workers.values():
-            assert wait_for_log(w, "imagefork ready", 120), w.log_tail()
+    with idle_pipeline("ctl.") as pipe:
+        cfg, url = pipe.cfg, pipe.url
+        pids = {w.pid: r for r, w in pipe.workers.items()}
+        pids.update({svc["pid"]: name
+                     for name, svc in json.loads(pipe.stack.state_file.read_text())["services"].items()})
+        pids[os.getpid()] = "client"
         client, follower = Client(cfg), Follower(cfg)
-        url = server.url(SAMPLE.name)
         for _ in range(5):
             follower.wait([client.submit(seed_request(url))], 60)
         for _ in range(args.bursts):
@@ -179,11 +167,6 @@ def main() -> int:
         (ROOT / "docs" / "cpu-timeline.md").write_text(text)
         print(text)
         return 0
-    finally:
-        for w in workers.values():
-            w.stop()
-        server.close()
-        stack.down()
 
 
 if __name__ == "__main__":

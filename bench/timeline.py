@@ -14,7 +14,9 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,23 +56,38 @@ def hops(rows: list[tuple[float, str]], sent: float) -> dict[str, float]:
     return out
 
 
+@contextmanager
+def idle_pipeline(namespace: str):
+    """The local stack (its topics made), a file server for the sample and one worker per role, all ready; all
+    stopped after. Yields ``cfg``, ``url`` (the sample's), ``stack``, ``workers`` (role -> WorkerProcess)."""
+    tmp = Path(tempfile.mkdtemp(prefix="imagefork-bench-"))
+    stack = LocalStack(tmp / "stack")
+    server = workers = None
+    try:
+        env = {**stack.up(), "IMAGEFORK_FETCH_ALLOW": "127.0.0.0/8", "IMAGEFORK_NAMESPACE": namespace}
+        os.environ.update(env)
+        cfg = Config.from_env()
+        ensure_topics(cfg)
+        server = FileServer(SAMPLE.parent)
+        workers = {r: WorkerProcess(r, env, tmp / "logs") for r in ("join", "resize", "planner")}
+        for w in workers.values():
+            assert wait_for_log(w, "imagefork ready", 120), w.log_tail()
+        yield SimpleNamespace(cfg=cfg, url=server.url(SAMPLE.name), stack=stack, workers=workers)
+    finally:
+        for w in (workers or {}).values():
+            w.stop()
+        if server is not None:
+            server.close()
+        stack.down()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="imagefork-timeline-"))
-    stack = LocalStack(tmp / "stack")
-    env = {**stack.up(), "IMAGEFORK_FETCH_ALLOW": "127.0.0.0/8", "IMAGEFORK_NAMESPACE": "tl."}
-    os.environ.update(env)
-    cfg = Config.from_env()
-    ensure_topics(cfg)
-    server = FileServer(SAMPLE.parent)
-    workers = [WorkerProcess(r, env, tmp / "logs") for r in ("join", "resize", "planner")]
-    try:
-        for w in workers:
-            assert wait_for_log(w, "imagefork ready", 120), w.log_tail()
+    with idle_pipeline("tl.") as pipe:
+        cfg, url = pipe.cfg, pipe.url
         client, follower = Client(cfg), Follower(cfg)
-        url = server.url(SAMPLE.name)
         for _ in range(3):
             follower.wait([client.submit(seed_request(url))], 60)
         e2e = []
@@ -94,11 +111,6 @@ def main() -> int:
         out.write_text("\n".join(lines) + "\n")
         print(out.read_text())
         return 0
-    finally:
-        for w in workers:
-            w.stop()
-        server.close()
-        stack.down()
 
 
 if __name__ == "__main__":
