@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -33,37 +34,52 @@ _SWITCH = re.compile(r"^\s*\[(\d+)\]\s+([\d.]+):.*prev_pid=(\d+).*next_pid=(\d+)
 
 def parse_switches(text: str) -> list[tuple[int, float, int, int]]:
     """``perf script -F cpu,time,event,trace`` lines of sched_switch as (cpu, seconds, prev tid, next tid); a
-    thread's name may hold spaces ("C2 CompilerThre"), so only the numbers are read."""
-    out = []
+    thread's name may hold spaces ("C2 CompilerThre"), so only the numbers are read. Switches written some other
+    way (perf's sched_switch plugin prints ``comm:pid [prio]``) are an error, not an empty timeline."""
+    out, seen = [], 0
     for line in text.splitlines():
         m = _SWITCH.match(line)
         if m:
             out.append((int(m[1]), float(m[2]), int(m[3]), int(m[4])))
+        seen += "sched_switch" in line
+    if seen and not out:
+        raise ValueError(f"perf's sched_switch lines are not in the expected form: {text.splitlines()[0][:200]}")
     return out
 
 
 def busy(switches: Iterable[tuple[int, float, int, int]], t0: float, t1: float,
          who: Callable[[int], tuple[str, str]], bucket: float = BUCKET_S) -> tuple[dict[int, Counter], Counter]:
     """CPU ms by process in each ``bucket`` of [t0, t1] (bucket k starts at t0 + k x bucket), and by (process,
-    thread) over all of it. A CPU runs a thread from one switch to the next; tid 0 is the idle task."""
+    thread) over all of it. A CPU runs a thread from one switch to the next; tid 0 is the idle task. The recording
+    must cover the window: a CPU's first switch says what ran there before it, and what still runs after its last
+    one runs to t1."""
     per_bucket: dict[int, Counter] = defaultdict(Counter)
     per_thread: Counter = Counter()
     running: dict[int, tuple[int, float]] = {}
-    for cpu, ts, _prev, nxt in sorted(switches, key=lambda s: s[1]):
-        if cpu in running:
-            tid, since = running[cpu]
-            a, b = max(since, t0), min(ts, t1)
-            if tid and a < b:
-                role, thread = who(tid)
-                per_thread[(role, thread)] += (b - a) * 1000
-                k = int((a - t0) // bucket)
-                while a < b:
-                    end = min(b, t0 + (k + 1) * bucket)
-                    if end > a:  # a float landing on a bucket's edge moves on to the next
-                        per_bucket[k][role] += (end - a) * 1000
-                        a = end
-                    k += 1
+
+    def ran(tid: int, since: float, until: float) -> None:
+        a, b = max(since, t0), min(until, t1)
+        if not tid or a >= b:
+            return
+        role, thread = who(tid)
+        per_thread[(role, thread)] += (b - a) * 1000
+        k = int((a - t0) // bucket)
+        while a < b:
+            end = min(b, t0 + (k + 1) * bucket)
+            if end > a:  # a float landing on a bucket's edge moves on to the next
+                per_bucket[k][role] += (end - a) * 1000
+                a = end
+            k += 1
+
+    ordered = sorted(switches, key=lambda s: s[1])
+    if not ordered or ordered[0][1] > t0:
+        raise ValueError("the recording began after the window did: its first switch is later than t0")
+    for cpu, ts, prev, nxt in ordered:
+        tid, since = running.get(cpu, (prev, t0))
+        ran(tid, since, ts)
         running[cpu] = (nxt, ts)
+    for tid, since in running.values():
+        ran(tid, since, t1)
     return dict(per_bucket), per_thread
 
 
@@ -72,17 +88,47 @@ def threads_of(pids: dict[int, str]) -> dict[int, tuple[str, str]]:
     out = {}
     for pid, role in pids.items():
         try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    out[int(tid)] = (role, f.read().strip())
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    out[int(tid)] = (role, f.read().strip())
+            except OSError:  # gone since the listing
+                continue
     return out
 
 
-def record(out: Path) -> subprocess.Popen:
-    return subprocess.Popen(["perf", "record", "-q", "-k", "CLOCK_MONOTONIC", "-e", "sched:sched_switch", "-a",
-                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@contextmanager
+def recording(out: Path):
+    """``perf record`` of every CPU's switches into ``out`` while the block runs (it is recording when the block
+    starts), stopped however the block ends."""
+    log = out.with_suffix(".log")
+    with open(log, "wb") as err:
+        perf = subprocess.Popen(["perf", "record", "-q", "-k", "CLOCK_MONOTONIC", "-e", "sched:sched_switch", "-a",
+                                 "-o", str(out)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        time.sleep(0.5)  # it scans every task before it records
+        if perf.poll() is not None:
+            raise RuntimeError(f"perf record stopped at once ({perf.returncode}): {log.read_text()[-500:]}")
+        yield
+    finally:
+        if perf.poll() is None:
+            perf.send_signal(signal.SIGINT)
+            try:
+                perf.wait(30)
+            except subprocess.TimeoutExpired:
+                perf.kill()
+                perf.wait()
+
+
+@contextmanager
+def _removed(path: Path):
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def report(runs: list[dict], args) -> str:
@@ -129,7 +175,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="imagefork-cputl-"))
     runs: list[dict] = []
-    with idle_pipeline("ctl.") as pipe:
+    with idle_pipeline("ctl.") as pipe, _removed(tmp):
         cfg, url = pipe.cfg, pipe.url
         pids = {w.pid: r for r, w in pipe.workers.items()}
         pids.update({svc["pid"]: name
@@ -143,15 +189,12 @@ def main() -> int:
         time.sleep(1.0)
         for i in range(args.runs):
             data = tmp / f"sched-{i}.data"
-            perf = record(data)
-            time.sleep(0.5)  # perf is recording
-            t0, sent = time.monotonic(), time.time()
-            wf = client.submit(seed_request(url))
-            follower.wait([wf], 60)
-            t1 = time.monotonic()
-            time.sleep(0.1)
-            perf.send_signal(signal.SIGINT)
-            perf.wait(30)
+            with recording(data):
+                t0, sent = time.monotonic(), time.time()
+                wf = client.submit(seed_request(url))
+                follower.wait([wf], 60)
+                t1 = time.monotonic()
+                time.sleep(0.1)
             names = threads_of(pids)
             text = subprocess.run(["perf", "script", "-i", str(data), "-F", "cpu,time,event,trace"],
                                   capture_output=True, text=True, check=True).stdout

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,23 +63,22 @@ def idle_pipeline(namespace: str):
     stopped after. Yields ``cfg``, ``url`` (the sample's), ``stack``, ``workers`` (role -> WorkerProcess)."""
     tmp = Path(tempfile.mkdtemp(prefix="imagefork-bench-"))
     stack = LocalStack(tmp / "stack")
-    server = workers = None
-    try:
+    with ExitStack() as undo:  # undone in reverse, each step even when one before it fails
+        undo.callback(shutil.rmtree, tmp, ignore_errors=True)
+        undo.callback(stack.down)
         env = {**stack.up(), "IMAGEFORK_FETCH_ALLOW": "127.0.0.0/8", "IMAGEFORK_NAMESPACE": namespace}
         os.environ.update(env)
         cfg = Config.from_env()
         ensure_topics(cfg)
         server = FileServer(SAMPLE.parent)
-        workers = {r: WorkerProcess(r, env, tmp / "logs") for r in ("join", "resize", "planner")}
+        undo.callback(server.close)
+        workers = {}
+        for role in ("join", "resize", "planner"):
+            workers[role] = WorkerProcess(role, env, tmp / "logs")
+            undo.callback(workers[role].stop)
         for w in workers.values():
             assert wait_for_log(w, "imagefork ready", 120), w.log_tail()
         yield SimpleNamespace(cfg=cfg, url=server.url(SAMPLE.name), stack=stack, workers=workers)
-    finally:
-        for w in (workers or {}).values():
-            w.stop()
-        if server is not None:
-            server.close()
-        stack.down()
 
 
 def main() -> int:

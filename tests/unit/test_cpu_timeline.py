@@ -48,7 +48,28 @@ def test_cpu_time_is_summed_per_bucket_and_per_thread():
 def test_a_span_ending_on_a_bucket_edge_ends():
     """A float landing exactly on a bucket's edge once looped forever (its bucket was the one before)."""
     t0 = 28645.091906
-    switches = [(0, t0 + 0.01 * 3, 0, 7), (0, t0 + 0.01 * 7, 7, 0)]
+    switches = [(0, t0 - 0.001, 0, 0), (0, t0 + 0.01 * 3, 0, 7), (0, t0 + 0.01 * 7, 7, 0)]
     buckets, _ = busy(switches, t0, t0 + 1.0, lambda tid: ("x", "t"))
     assert sum(b["x"] for b in buckets.values()) == pytest.approx(40.0)
     assert all(b["x"] <= 10.0 + 1e-6 for b in buckets.values())
+
+
+def test_what_runs_across_the_windows_edges_counts_inside_it():
+    """A CPU's first switch away from a thread: it ran since the window began (the recording began before it);
+    a thread switched to and still running at the window's end: it ran until then."""
+    switches = [(1, 99.990, 0, 0), (0, 100.020, 11, 0), (1, 100.030, 0, 12)]
+    buckets, threads = busy(switches, 100.0, 100.050, WHO.__getitem__)
+    assert threads == pytest.approx({("resize", "python"): 20.0, ("join", "python"): 20.0})
+    assert buckets[0] == pytest.approx({"resize": 10.0}) and buckets[3] == pytest.approx({"join": 10.0})
+
+
+def test_a_recording_that_began_late_is_refused():
+    with pytest.raises(ValueError, match="began after"):
+        busy([(0, 100.010, 0, 11)], 100.0, 100.050, WHO.__getitem__)
+
+
+def test_switches_in_another_form_are_an_error_not_an_empty_timeline():
+    plugin = "[000] 100.000000: sched:sched_switch: python:11 [120] S ==> swapper/0:0 [120]"
+    with pytest.raises(ValueError, match="not in the expected form"):
+        parse_switches(plugin)
+    assert parse_switches("nothing recorded") == []

@@ -222,6 +222,7 @@ def test_settings_left_on_an_image_do_not_reach_another_format():
     out = Image.open(io.BytesIO(data))
     assert out.format == "TIFF" and out.size == (40, 30)
 
+
 def test_a_big_output_is_written_in_few_blocks(monkeypatch):
     """Each block a Pillow writer hands back takes the GIL again, and beside a thread running Python each of
     them may wait a switch interval for it (a 1200 px PNG went 139 -> 426 ms in 64 KiB blocks). A 1200 px

@@ -16,8 +16,11 @@ from streams.core.imaging.spec import OutputSpec
 # Pillow's writers (PNG, JPEG, TIFF...) hand their output back in blocks of ``ImageFile.MAXBLOCK`` bytes, 64 KiB
 # by default, and each block takes the GIL back: a 1200 px PNG is some 40 of them, and beside a thread running
 # Python (an upload, the consumer loop) each waits up to the switch interval for it. Measured on the seed's
-# 1200 px PNG beside a busy Python thread: 139 ms alone, 426 ms with 64 KiB blocks, 164 ms with 8 MiB
-# (docs/performance.md). A block is a bytes object sized to it and trimmed to what was written.
+# 1200 px PNG beside a busy Python thread: 139 ms alone, 426 ms with 64 KiB blocks, 197 with 1 MiB, 164 with
+# 8 MiB (docs/performance.md). 4 MiB: a PNG block is one IDAT chunk, and some readers cap a chunk's size (libpng
+# allocates at most 8,000,000 bytes for one by default). A block is a bytes object sized to it and trimmed to what
+# was written (freed at once: resize_job's mmap threshold). Images opened after this read their data in blocks of
+# the same size (``decodermaxblock``).
 ENCODE_BLOCK = 4 << 20
 ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, ENCODE_BLOCK)
 
