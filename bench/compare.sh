@@ -3,7 +3,8 @@
 # back, so drift hits both): bench/compare.sh OLD [NEW] [ROUNDS]. NEW defaults to HEAD, ROUNDS to 3. Each
 # round runs bench/pipeline.py (12 seed requests, one resize worker of 2 slots) and bench/join.py (9- and
 # 100-wide, 60,000 results: at 10,000 a run lasted about 1.5 s and measured the join's first fetch and last
-# commit more than its rate, 6,000 against 12,000 results/s for the same code) from a clone of each revision with this checkout's .venv; logs and reports go to
+# commit more than its rate, 6,000 against 12,000 results/s for the same code) from a clone of each revision
+# with this checkout's .venv; logs and reports go to
 # ${OUT:-/tmp/imagefork-compare}/, and the last lines printed are the medians and the change of each figure.
 set -eu
 old=$1 new=${2:-HEAD} rounds=${3:-3}

@@ -92,7 +92,7 @@ def reuse_runs(data: bytes, runs: int) -> tuple[list[float], list[float]]:
                      for t in plan_tasks(request, wf, source_uri="", deadline=2**62, output_prefix="out/")]
             resize_job._budget = resize_job.MemoryBudget(Config().memory_budget)  # no source cached across runs
             outcomes = []
-            into.append(cpu(lambda: outcomes.extend(resize_job._run(t, {}) for t in tasks)))
+            into.append(cpu(lambda: outcomes.extend(resize_job.run(t) for t in tasks)))
             assert all(o["ok"] for o in outcomes), outcomes
             assert all(o["output"]["reused"] == wf.startswith("again") for o in outcomes), "reuse as expected"
     return made, reused

@@ -283,12 +283,6 @@ class _Made:
     made_s: float  # its resize and encode
 
 
-def _run(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
-    outcome = _make(task, stages)
-    upload = outcome.pop("upload", None)
-    return outcome if upload is None else _upload(upload, stages)
-
-
 def _make(task: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
     facts: dict | None = None
     try:

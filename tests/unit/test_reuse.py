@@ -71,7 +71,7 @@ def tasks(wf, sizes, data=None, **doc):
 
 
 def run_all(ts):
-    return [resize_job._run(t, {}) for t in ts]
+    return [resize_job.run(t) for t in ts]
 
 
 def test_the_same_bytes_and_spec_are_copied_not_made_again(bucket):
