@@ -7,7 +7,8 @@ included, and they reach each other over that bridge only.
 - resize: N seed requests (9 outputs each, an s3:// source) submitted at once to 1, 2 and 4 resize hosts
   of ``--cpu`` cores each (0.15: small enough that the machine's two cores are not the limit); the planner
   and the join on hosts of their own without a quota. Tasks/s from the first submit to the last final
-  event, the speed-up over one host and its ratio to linear, and the CPU seconds of every other host.
+  event, the speed-up over one host and its ratio to linear, and the CPU seconds of every other host. Each
+  point runs ``--rounds`` times, there and back (1, 2, 4, then 4, 2, 1), and its fastest round counts.
 - join: 1 and 2 join hosts of ``--join-cpu`` cores each, fed synthetic plans and results (bench/join.py's)
   produced at once, faster than one join can read them: results/s and the speed-up.
 
@@ -21,6 +22,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -91,6 +93,19 @@ class Run:
         out.update(self.stack.cpu_seconds())
         return out
 
+    def workers_per_request(self, ids: list[str]) -> float:
+        """How many resize workers made some output of each of ``ids``, on average (from their logs): each
+        fetches and decodes the request's source once."""
+        done = re.compile(r"task (\S+?)/\S+ SUCCEEDED")
+        workers: dict[str, set[str]] = {}
+        for w in self.workers:
+            if w.role == "resize":
+                for line in w.log_path.read_text(errors="replace").splitlines():
+                    m = done.search(line)
+                    if m:
+                        workers.setdefault(m.group(1), set()).add(w.name)
+        return sum(len(workers.get(i, ())) for i in ids) / max(1, len(ids))
+
     def stop(self) -> None:
         for w in self.workers:
             w.terminate()
@@ -138,15 +153,26 @@ def resize_point(hosts: Hosts, stack: HostStack, log_dir: Path, n_hosts: int, cp
         client.close()
     finally:
         run.stop()
+    spread_over = run.workers_per_request(ids)
     tasks = requests * TASKS_PER_REQUEST
     resize_cpu = sum(v for k, v in used.items() if k.startswith("resize"))
     # what the run cost each host beyond its idle rate (a broker of an RF 3 cluster spends CPU idle too)
     busy = {k: round(max(0.0, v - idle.get(k, 0.0) * seconds), 2) for k, v in used.items()}
     point = {"hosts": n_hosts, "cpu_per_host": cpu, "requests": requests, "tasks": tasks, "seconds": round(seconds, 2),
              "tasks_per_s": round(tasks / seconds, 2), "requests_per_s": round(requests / seconds, 3),
-             "resize_cpu_s": round(resize_cpu, 2), "cpu_s": used, "busy_cpu_s": busy, "idle_cores": idle}
+             "resize_cpu_s": round(resize_cpu, 2), "cpu_s": used, "busy_cpu_s": busy, "idle_cores": idle,
+             "workers_per_request": round(spread_over, 2)}
     log(f"resize x{n_hosts} at {cpu} core: {point['tasks_per_s']} tasks/s ({seconds:.1f}s for {tasks}); cpu {used}")
     return point
+
+
+def best_of(points: list[dict]) -> dict:
+    """A resize point's fastest round, with every round's tasks/s beside it. The same machine gave one host
+    2.88 to 3.48 tasks/s on the same code on different hours (its CPU per task moves with what else the
+    cores and caches are doing), so one round each made the speed-up swing between 3.2x and 3.75x."""
+    best = dict(max(points, key=lambda p: p["tasks_per_s"]))
+    best["rounds_tasks_per_s"] = [p["tasks_per_s"] for p in points]
+    return best
 
 
 def join_point(hosts: Hosts, stack: HostStack, log_dir: Path, n_hosts: int, cpu: float, results: int) -> dict:
@@ -184,15 +210,18 @@ def markdown(report: dict) -> str:
     r, j = report["resize"], report["join"]
     lines = ["# Scaling across hosts (bench/scale.py)", "",
              f"Three Kafka nodes (RF 3, min.insync.replicas=2), S3Proxy and every worker on a host of its own "
-             f"(a network namespace, a CPU quota); {report['machine']}.", "",
+             f"(a network namespace, a CPU quota); {report['machine']}. Each resize point is the fastest of "
+             f"{report.get('rounds', 1)} rounds, run there and back.", "",
              "| resize hosts | core each | tasks/s | speed-up | of linear | resize CPU s | brokers CPU s (beyond idle) | S3 CPU s "
-             "| planner CPU s | join CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| planner CPU s | join CPU s | workers a request reached | every round's tasks/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r:
         cpu = p["cpu_s"]
         brokers = sum(v for k, v in p["busy_cpu_s"].items() if k.startswith("kafka"))
         lines.append(f"| {p['hosts']} | {p['cpu_per_host']} | {p['tasks_per_s']} | {p['speedup']:.2f} | "
                      f"{p['of_linear']:.0%} | {p['resize_cpu_s']} | {brokers:.1f} | {cpu.get('s3', 0):.1f} | "
-                     f"{cpu.get('planner', 0):.1f} | {cpu.get('join', 0):.1f} |")
+                     f"{cpu.get('planner', 0):.1f} | {cpu.get('join', 0):.1f} | {p.get('workers_per_request', '')} | "
+                     f"{', '.join(str(x) for x in p.get('rounds_tasks_per_s', [p['tasks_per_s']]))} |")
     lines += ["", "| join hosts | core each | results/s | speed-up | of linear | produced in s |", "|---|---|---|---|---|---|"]
     for p in j:
         lines.append(f"| {p['hosts']} | {p['cpu_per_host']} | {p['results_per_s']} | {p['speedup']:.2f} | "
@@ -257,6 +286,7 @@ def main() -> int:
     ap.add_argument("--resize-hosts", default="1,2,4")
     ap.add_argument("--requests", type=int, default=32, help="seed requests per resize point")
     ap.add_argument("--slots", type=int, default=2, help="IMAGEFORK_RESIZE_CONCURRENCY per resize host")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each resize point (its best counts)")
     ap.add_argument("--join-cpu", type=float, default=0.05, help="cores per join host")
     ap.add_argument("--join-hosts", default="1,2")
     ap.add_argument("--results", type=int, default=18000, help="synthetic results per join point")
@@ -266,13 +296,17 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="imagefork-scale-"))
-    report = {"machine": f"{os.cpu_count()} cores", "resize": [], "join": []}
+    report = {"machine": f"{os.cpu_count()} cores", "rounds": args.rounds, "resize": [], "join": []}
     with Hosts() as hosts:
         stack = HostStack(hosts, folder / "stack", brokers=3)
         try:
-            for n in [int(x) for x in args.resize_hosts.split(",")]:
-                report["resize"].append(resize_point(hosts, stack, folder / "logs", n, args.cpu, args.requests,
-                                                     args.slots))
+            counts = [int(x) for x in args.resize_hosts.split(",")]
+            rounds: dict[int, list[dict]] = {n: [] for n in counts}
+            for r in range(args.rounds):  # there and back (1, 2, 4, 4, 2, 1): a drift of the machine hits all alike
+                for n in counts if r % 2 == 0 else counts[::-1]:
+                    rounds[n].append(resize_point(hosts, stack, folder / "logs", n, args.cpu, args.requests,
+                                                  args.slots))
+            report["resize"] = [best_of(rounds[n]) for n in counts]
             for n in [int(x) for x in args.join_hosts.split(",")]:
                 report["join"].append(join_point(hosts, stack, folder / "logs", n, args.join_cpu, args.results))
         finally:

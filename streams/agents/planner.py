@@ -5,8 +5,9 @@ import asyncio
 import hashlib
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import replace
+from functools import partial
 from typing import Callable
 
 from streams import serde
@@ -27,7 +28,7 @@ from streams.core.imaging import certain_output_pixels, probe_image, target_size
 from streams.core.models import FAILED, REJECTED, PlanFailure, TaskError, TaskResult, WorkflowPlan
 from streams.core.planning import (
     make_plan, parse_request, plan_tasks, request_json, retry_split, run_id_of, staging_key, valid_workflow_id,
-    spread, with_facts,
+    Dealer, with_facts,
 )
 from streams.core.reuse import scope_prefix, source_key
 from streams.metrics import SOURCES_REVALIDATED, STAGE_SECONDS
@@ -47,7 +48,7 @@ class Planner:
         self.sources = Revalidator(config, store)
         self.presets = PresetTable(config)  # started by run(): the topic is read in a thread
         self.gate = LaneGate("planner", config.planner_concurrency, config.batch_share)
-        self.next_partition = random.randrange(1 << 16)  # where this planner's next request's tasks begin
+        self.dealers = defaultdict(partial(Dealer, random.randrange(1 << 16)))  # a task topic's (a lane's) own
 
     # --- the steps ------------------------------------------------------------
     async def handle(self, key: bytes | None, value: bytes | None, where: dict[str, str],
@@ -118,8 +119,8 @@ class Planner:
         STAGE_SECONDS.labels("planner", "plan_send").observe(planned - sending)
         lane = self.topics.tasks_batch if request.priority == BATCH else self.topics.tasks
         staged = [replace(task, sourceUri=source_uri, sourceSha256=sha256) for task in to_run]
-        spots = spread(len(staged), await lane.partition_count(), self.next_partition)
-        self.next_partition += len(set(spots) - {None})  # at once: requests planned side by side get other windows
+        # dealt at once: requests planned side by side get other windows
+        spots = self.dealers[lane.get_topic_name()].deal(len(staged), await lane.partition_count())
         await send_tasks(lane, staged, spots)
         STAGE_SECONDS.labels("planner", "task_send").observe(time.perf_counter() - planned)
         if request.retry is not None:
@@ -303,7 +304,7 @@ class Revalidator:
 
 async def send_tasks(lane: TopicLike, tasks: list, spots: list[int | None]) -> None:
     """Send a request's tasks, largest outputs first (the longest start first, so the workflow ends sooner),
-    the first to the first of ``spots`` (their partitions: ``spread``) and so on."""
+    the first to the first of ``spots`` (their partitions: ``Dealer.deal``) and so on."""
     ordered = sorted(tasks, key=lambda t: t.width * t.height, reverse=True)
     await send_all(lane, [(f"{t.workflowId}/{t.taskRef}".encode(), serde.encode("ResizeTask", t.to_dict()))
                           for t in ordered], partitions=spots)

@@ -279,19 +279,42 @@ def with_facts(tasks: list[ResizeTask], request: ImageRequest) -> list[ResizeTas
 RUN = 5  # a request's tasks per partition, at least: each worker that takes some decodes the source once
 
 
+def window(count: int, partitions: int) -> int:
+    """The partitions a request of ``count`` tasks is dealt over: the fewest that give each ``RUN`` or more."""
+    return min(partitions, max(1, -(-count // RUN)))
+
+
 def spread(count: int, partitions: int, start: int) -> list[int | None]:
-    """The partitions of a request's ``count`` tasks (largest first), dealt in turn over the fewest partitions
-    that give each at least ``RUN`` of them, from ``start`` on: the planner goes on from where its last request
-    ended, so every partition of the tasks topic, and so every resize worker, gets an even share of a stream
-    of requests. A source is fetched and decoded once by every worker that takes a task of it (about one
-    task's work at the seed's sizes): nine tasks over eight partitions took 22 % more CPU on four hosts than
-    on one, and hashing their keys left one of four workers 40 % more work than another (docs/scale.md).
-    ``partitions`` 0 (not known): the key decides."""
+    """The partitions of a request's ``count`` tasks (largest first), dealt in turn over the ``window``
+    beginning at ``start`` (``Dealer``'s). A source is fetched and decoded once by every worker that takes a
+    task of it: nine tasks over eight partitions took 22 % more CPU on four hosts than on one, and hashing
+    their keys left one of four workers 40 % more work than another. ``partitions`` 0: the key decides."""
     if partitions <= 0:
         return [None] * count
-    width = min(partitions, max(1, -(-count // RUN)))
+    width = window(count, partitions)
     turn = start // partitions  # each time round, another partition of the window takes the odd tasks
     return [(start + (turn + i) % width) % partitions for i in range(count)]
+
+
+class Dealer:
+    """Where each request's window of partitions begins, for one topic: a cursor per window width goes round
+    the partitions a window at a time, so every partition, and so every worker, gets an even share.
+    A cursor begins at a multiple of its width and steps by it: the resize workers' range assignor gives each
+    a block of neighbouring partitions, and an aligned window lies inside one block whenever the blocks are
+    multiples of its width (8 partitions, 4 workers: a seed request, over 2, reaches one worker: one decode).
+    One cursor for all widths from a random start sent each to two of them in half of bench/scale.py's runs."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed  # a planner's own (random) starting point: planners side by side deal apart
+        self.cursors: dict[int, int] = {}
+
+    def deal(self, count: int, partitions: int) -> list[int | None]:
+        if partitions <= 0:
+            return [None] * count
+        width = window(count, partitions)
+        start = self.cursors.get(width, self.seed - self.seed % width)
+        self.cursors[width] = start + width
+        return spread(count, partitions, start)
 
 
 def request_json(request: ImageRequest) -> str:

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 from streams.core.errors import RequestInvalid
 from streams.core.models import Size
 from streams.core.options import ImageOptions
-from streams.core.planning import RUN, parse_request, plan_tasks, retry_delay_s, spread
+from streams.core.planning import RUN, Dealer, parse_request, plan_tasks, retry_delay_s, spread, window
 
 SEED = {
     "fileLocation": "https://example.com/media/FJY7ud0XEAYVCS8?format=png&name=900x900",
@@ -348,30 +348,42 @@ def test_certain_output_pixels_takes_either_orientation_and_the_mode():
 
 
 @given(st.lists(st.integers(1, 1000), min_size=1, max_size=40), st.integers(1, 64), st.integers(0, 1 << 20))
-def test_a_stream_of_requests_spreads_its_tasks_evenly_over_the_partitions(counts, partitions, start):
-    # the planner goes on from where its last request ended: over a stream of requests no partition of the
-    # tasks topic has more than about one request's share more than another, whatever the requests' widths
-    load, at, share = [0] * partitions, start, 0
+def test_a_stream_of_requests_spreads_its_tasks_evenly_over_the_partitions(counts, partitions, seed):
+    # each window width goes round the partitions on its own: over a stream of requests no partition of the
+    # tasks topic has more than about one request's share of each width more than another
+    dealer, load, shares = Dealer(seed), [0] * partitions, {}
     for count in counts:
-        spots = spread(count, partitions, at)
+        spots = dealer.deal(count, partitions)
         used = set(spots)
-        at += len(used)
         assert len(spots) == count and all(0 <= p < partitions for p in spots)
-        assert len(used) == min(partitions, -(-count // RUN))  # each partition it uses gets RUN tasks or more
-        share = max(share, max(spots.count(p) for p in used))
+        assert len(used) == window(count, partitions) == min(partitions, -(-count // RUN))  # RUN or more each
+        width = len(used)
+        shares[width] = max(shares.get(width, 0), max(spots.count(p) for p in used))
         for p in spots:
             load[p] += 1
-    assert max(load) - min(load) <= 2 * share
+    assert max(load) - min(load) <= 2 * sum(shares.values())
 
 
 def test_equal_requests_load_every_partition_alike():
-    load, at = [0] * 8, 3
+    load, dealer = [0] * 8, Dealer(3)
     for _ in range(8 * 9):
-        spots = spread(9, 8, at)
-        at += len(set(spots))
-        for p in spots:
+        for p in dealer.deal(9, 8):
             load[p] += 1
     assert max(load) == min(load)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5, 12345])
+def test_windows_stay_aligned_so_a_request_stays_inside_one_range_assigned_worker(seed):
+    # the range assignor gives 4 workers of 8 partitions {0, 1}, {2, 3}, {4, 5}, {6, 7}: a seed request (9
+    # tasks, 2 partitions) reaches one worker, and decodes once, whatever the planner's seed and whatever
+    # widths came before it
+    dealer = Dealer(seed)
+    for count in (9, 3, 9, 1000, 9, 12, 9, 9, 2, 9):
+        spots = dealer.deal(count, 8)
+        if window(count, 8) == 2:
+            assert len({p // 2 for p in spots}) == 1, spots
+    firsts = [min(dealer.deal(9, 8)) for _ in range(4)]
+    assert sorted(firsts) == [0, 2, 4, 6]  # and still every worker in turn
 
 
 def test_a_request_s_tasks_are_dealt_over_the_fewest_partitions_and_unknown_partitions_leave_it_to_the_keys():
