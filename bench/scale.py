@@ -104,7 +104,9 @@ class Run:
                     m = done.search(line)
                     if m:
                         workers.setdefault(m.group(1), set()).add(w.name)
-        return sum(len(workers.get(i, ())) for i in ids) / max(1, len(ids))
+        if not any(i in workers for i in ids):
+            return None  # the workers' log lines say something else now: no figure rather than a wrong one
+        return sum(len(workers.get(i, ())) for i in ids) / len(ids)
 
     def stop(self) -> None:
         for w in self.workers:
@@ -161,7 +163,7 @@ def resize_point(hosts: Hosts, stack: HostStack, log_dir: Path, n_hosts: int, cp
     point = {"hosts": n_hosts, "cpu_per_host": cpu, "requests": requests, "tasks": tasks, "seconds": round(seconds, 2),
              "tasks_per_s": round(tasks / seconds, 2), "requests_per_s": round(requests / seconds, 3),
              "resize_cpu_s": round(resize_cpu, 2), "cpu_s": used, "busy_cpu_s": busy, "idle_cores": idle,
-             "workers_per_request": round(spread_over, 2)}
+             "workers_per_request": None if spread_over is None else round(spread_over, 2)}
     log(f"resize x{n_hosts} at {cpu} core: {point['tasks_per_s']} tasks/s ({seconds:.1f}s for {tasks}); cpu {used}")
     return point
 
@@ -211,7 +213,8 @@ def markdown(report: dict) -> str:
     lines = ["# Scaling across hosts (bench/scale.py)", "",
              f"Three Kafka nodes (RF 3, min.insync.replicas=2), S3Proxy and every worker on a host of its own "
              f"(a network namespace, a CPU quota); {report['machine']}. Each resize point is the fastest of "
-             f"{report.get('rounds', 1)} rounds, run there and back.", "",
+             f"{report.get('rounds', 1)} rounds, run there and back; its CPU columns, and the sizing below, are "
+             f"that round's.", "",
              "| resize hosts | core each | tasks/s | speed-up | of linear | resize CPU s | brokers CPU s (beyond idle) | S3 CPU s "
              "| planner CPU s | join CPU s | workers a request reached | every round's tasks/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -220,7 +223,7 @@ def markdown(report: dict) -> str:
         brokers = sum(v for k, v in p["busy_cpu_s"].items() if k.startswith("kafka"))
         lines.append(f"| {p['hosts']} | {p['cpu_per_host']} | {p['tasks_per_s']} | {p['speedup']:.2f} | "
                      f"{p['of_linear']:.0%} | {p['resize_cpu_s']} | {brokers:.1f} | {cpu.get('s3', 0):.1f} | "
-                     f"{cpu.get('planner', 0):.1f} | {cpu.get('join', 0):.1f} | {p.get('workers_per_request', '')} | "
+                     f"{cpu.get('planner', 0):.1f} | {cpu.get('join', 0):.1f} | {p.get('workers_per_request') or '-'} | "
                      f"{', '.join(str(x) for x in p.get('rounds_tasks_per_s', [p['tasks_per_s']]))} |")
     lines += ["", "| join hosts | core each | results/s | speed-up | of linear | produced in s |", "|---|---|---|---|---|---|"]
     for p in j:
@@ -234,7 +237,8 @@ def markdown(report: dict) -> str:
               f"- broker CPU: {s['broker_cpu_s_per_1000_images']:.1f} s per 1,000 images (three nodes together, "
               f"beyond their idle use of {s['broker_idle_cores']:.3f} core);",
               "- partitions per role: at least the number of processes of the role (a process with no partition "
-              "idles); the tasks topic at least the resize processes you plan to run.", ""]
+              "idles); the tasks topic at least the resize processes you plan to run, best an even number each "
+              "(a request of 6-10 outputs then reaches one worker).", ""]
     return "\n".join(lines)
 
 
@@ -286,7 +290,8 @@ def main() -> int:
     ap.add_argument("--resize-hosts", default="1,2,4")
     ap.add_argument("--requests", type=int, default=32, help="seed requests per resize point")
     ap.add_argument("--slots", type=int, default=2, help="IMAGEFORK_RESIZE_CONCURRENCY per resize host")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of each resize point (its best counts)")
+    ap.add_argument("--rounds", type=int, default=2, choices=range(1, 11), metavar="1-10",
+                    help="runs of each resize point (its fastest counts)")
     ap.add_argument("--join-cpu", type=float, default=0.05, help="cores per join host")
     ap.add_argument("--join-hosts", default="1,2")
     ap.add_argument("--results", type=int, default=18000, help="synthetic results per join point")

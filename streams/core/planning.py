@@ -297,19 +297,19 @@ def spread(count: int, partitions: int, start: int) -> list[int | None]:
 
 
 class Dealer:
-    """Where each request's window of partitions begins, for one topic: a cursor per window width goes round
-    the partitions a window at a time, so every partition, and so every worker, gets an even share.
-    A cursor begins at a multiple of its width and steps by it: the resize workers' range assignor gives each
-    a block of neighbouring partitions, and an aligned window lies inside one block whenever the blocks are
-    multiples of its width (8 partitions, 4 workers: a seed request, over 2, reaches one worker: one decode).
-    One cursor for all widths from a random start sent each to two of them in half of bench/scale.py's runs."""
+    """Where each request's window begins, for one topic: a cursor per window width goes round the partitions
+    a window at a time, so each partition gets an even share of the requests of each width (of their tasks
+    when the requests are alike). A cursor begins at a multiple of its width and steps by it: the range
+    assignor gives each worker a block of neighbouring partitions, and when the width divides the partitions
+    and the blocks, a window stays in one block (8 partitions, 4 workers: a seed request, over 2, reaches one
+    worker and is decoded once; one cursor from a random start sent each to two in half of the runs)."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed  # a planner's own (random) starting point: planners side by side deal apart
         self.cursors: dict[int, int] = {}
 
     def deal(self, count: int, partitions: int) -> list[int | None]:
-        if partitions <= 0:
+        if partitions <= 0 or count <= 0:  # not known (the keys decide), or nothing to deal: no cursor moves
             return [None] * count
         width = window(count, partitions)
         start = self.cursors.get(width, self.seed - self.seed % width)
