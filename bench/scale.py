@@ -188,8 +188,8 @@ def resize_point(hosts: Hosts, stack: HostStack, log_dir: Path, n_hosts: int, cp
 
 def best_of(points: list[dict]) -> dict:
     """A resize point's fastest round, with every round's tasks/s beside it. The same machine gave one host
-    2.88 to 3.48 tasks/s on the same code on different hours (its CPU per task moves with what else the
-    cores and caches are doing), so one round each made the speed-up swing between 3.2x and 3.75x."""
+    2.88 to 3.48 tasks/s on the same code on different hours (this machine is shared), and one round each,
+    with cold hosts besides, made the speed-up swing between 3.2x and 3.75x."""
     best = dict(max(points, key=lambda p: p["tasks_per_s"]))
     best["rounds_tasks_per_s"] = [p["tasks_per_s"] for p in points]
     return best
